@@ -1,0 +1,7 @@
+import sys
+
+sys.dont_write_bytecode = True
+
+from quiesce.cli import main  # noqa: E402
+
+main()

@@ -1,0 +1,394 @@
+"""The command line. The only module that prints for humans or picks exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, guardian, kernel
+from .errors import (
+    ExitCode,
+    FreezeExpired,
+    GuardianError,
+    NotFrozen,
+    QuiesceError,
+    UsageError,
+)
+from .freezer import Freezer, Window
+from .guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT
+from .mounts import MountTable, resolve
+from .plan import Plan, make_plan
+
+sys.dont_write_bytecode = True  # quiesce may run from a venv on a volume it freezes
+
+app = typer.Typer(
+    name="quiesce",
+    help="Consistent snapshots of mounted Linux filesystems: freeze, snapshot, thaw, back up.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Paths = Annotated[list[str], typer.Argument(help="Mount points (each the root of a mount).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+AllowSelf = Annotated[
+    bool,
+    typer.Option(
+        "--allow-self",
+        help="Allow freezing a volume quiesce itself lives on (its Python, cwd, output) or /.",
+    ),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", "-t", min=0.1, help="Deadline in seconds: the guardian thaws then."),
+]
+LeaseOpt = Annotated[
+    float,
+    typer.Option(
+        "--lease", min=0.0, help="Lease in seconds: a controller silent this long loses the freeze."
+    ),
+]
+NoSyncfs = Annotated[
+    bool, typer.Option("--no-syncfs", help="Skip the syncfs() that shortens the freeze window.")
+]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
+    if as_json:
+        data = e.to_dict()
+        window = e.details.get("window")
+        if isinstance(window, Window):
+            data["window"] = window.to_dict()
+        _emit_json(data)
+    err.print(f"[bold red]quiesce:[/] {e.message}", markup=True)
+    if e.hint:
+        err.print(f"[dim]hint:[/] {e.hint}", markup=True)
+    return typer.Exit(e.exit_code)
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.2f} ms"
+
+
+def _print_window(window: Window, title: str) -> None:
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for col in ("volume", "fstype", "state", "syncfs", "freeze", "frozen", "thaw"):
+        table.add_column(col)
+    for v in window.volumes:
+        state = v.state + (f" ({v.thawed_by})" if v.thawed_by else "")
+        table.add_row(
+            v.mount_point, v.fstype, state, _ms(v.syncfs_s), _ms(v.freeze_s),
+            _ms(v.frozen_for_s), _ms(v.thaw_s),
+        )  # fmt: skip
+    out.print(table)
+    if window.duration is not None:
+        out.print(f"freeze window: {_ms(window.duration)}")
+    for w in window.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+
+
+def _print_plan(plan: Plan) -> None:
+    table = Table(title="freeze order", title_justify="left", box=None, pad_edge=False)
+    for col in ("#", "mount point", "fstype", "source", "dev", "action"):
+        table.add_column(col)
+    for i, m in enumerate(plan.members, 1):
+        table.add_row(
+            str(i), m.name, m.volume.fstype, m.volume.source, m.volume.dev,
+            "skip" if m.skip else "freeze",
+        )  # fmt: skip
+    out.print(table)
+    out.print("thaw order: " + ", ".join(m.name for m in reversed(plan.members) if not m.skip))
+    for h in plan.hazards:
+        refused = h.refuse and not plan.allow_self
+        tag = "[red]refused[/]" if refused else "[yellow]allowed[/]"
+        out.print(f"hazard ({h.kind}, {tag}): {h.message}", markup=True)
+    for w in plan.warnings:
+        out.print(f"[yellow]warning:[/] {w}", markup=True)
+
+
+@app.command("plan")
+def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = False) -> None:
+    """Show the volumes, their freeze order and hazards. Changes nothing."""
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            if as_json:
+                _emit_json(plan.to_dict())
+            else:
+                _print_plan(plan)
+            plan.check()
+    except QuiesceError as e:
+        raise _fail(e, False) from None
+
+
+@app.command("freeze")
+def freeze_cmd(
+    paths: Paths,
+    timeout: TimeoutOpt = 60.0,
+    lease: LeaseOpt = DEFAULT_LEASE,
+    allow_self: AllowSelf = False,
+    no_syncfs: NoSyncfs = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze and return, leaving the guardian holding the freeze until `quiesce thaw`
+    or the deadline (like `fsfreeze -f`, but it can never stay frozen forever)."""
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            window = freezer.freeze()
+            freezer.hold()
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if as_json:
+        _emit_json(window.to_dict() | {"deadline_s": timeout})
+        return
+    names = ", ".join(v.mount_point for v in window.volumes if v.state == "frozen")
+    out.print(
+        f"frozen: {names}; guardian pid {window.guardian_pid} thaws in {timeout:g}s "
+        "unless you run `quiesce thaw` first"
+    )
+    for w in window.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True)
+
+
+def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
+    """Thaw through the guardian that holds it, else with a plain FITHAW."""
+    target = resolve(path, table)
+    try:
+        dev = target.volume.dev
+        name = target.mount.mount_point
+        for pid in guardian.list_guardians():
+            try:
+                status = guardian.ask(pid, {"op": "status"})
+            except GuardianError:
+                continue
+            mine = [v for v in status["volumes"] if v["dev"] == dev]
+            if not mine:
+                continue
+            if mine[0]["state"] == "frozen":
+                reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]})
+                if reply.get("ok"):
+                    return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
+                if reply.get("expired"):
+                    raise _expired_error(name, reply["expired"])
+                code = reply.get("errno", 0)
+                raise kernel.error_for(code, "thaw", name, target.mount.fstype)
+            if status.get("expired"):
+                raise _expired_error(name, status["expired"])
+        kernel.fithaw(target.fd, name, target.mount.fstype)
+        return {"path": path, "mount_point": name, "thawed_by": "FITHAW (no guardian held it)"}
+    finally:
+        target.close()
+
+
+def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
+    when = time.strftime("%H:%M:%S", time.localtime(expired.get("at", 0)))
+    return FreezeExpired(
+        f"{name} was already thawed by the guardian at {when} ({expired.get('reason')})"
+    )
+
+
+@app.command("thaw")
+def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
+    """Thaw filesystems (like `fsfreeze -u`): through the guardian holding them, else FITHAW."""
+    table = MountTable.read()
+    results, first_error = [], None
+    for p in paths:
+        try:
+            results.append(_thaw_one_volume(p, table))
+        except QuiesceError as e:
+            results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
+            first_error = first_error or e
+            if not as_json:
+                err.print(f"[bold red]quiesce:[/] {e.message}", markup=True)
+                if e.hint:
+                    err.print(f"[dim]hint:[/] {e.hint}", markup=True)
+    if as_json:
+        _emit_json({"results": results})
+    else:
+        for r in results:
+            if "error" not in r:
+                out.print(f"thawed: {r['mount_point']} ({r['thawed_by']})")
+    if first_error is not None:
+        raise typer.Exit(first_error.exit_code)
+
+
+@app.command("status")
+def status_cmd(as_json: JsonOpt = False) -> None:
+    """List what quiesce holds frozen: volumes, holder, since when, deadline and lease."""
+    states = []
+    for pid in guardian.list_guardians():
+        try:
+            states.append(guardian.ask(pid, {"op": "status"}, timeout=2.0))
+        except GuardianError:
+            continue
+    if as_json:
+        _emit_json({"guardians": states})
+        return
+    if not states:
+        out.print("nothing is frozen by quiesce")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease"):
+        table.add_column(col)
+    for s in states:
+        ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
+        if s["detached"]:
+            ctl += " (held)"
+        for v in s["volumes"]:
+            table.add_row(
+                v["mount_point"], v["state"], str(s["pid"]), ctl,
+                f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
+                f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
+                f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
+            )  # fmt: skip
+        if s.get("expired"):
+            ex = s["expired"]
+            when = time.strftime("%H:%M:%S", time.localtime(ex.get("at", 0)))
+            out.print(f"guardian {s['pid']} thawed on its own at {when}: {ex.get('reason')}")
+    out.print(table)
+
+
+def _stream_is_on(plan: Plan, fd: int) -> bool:
+    table = MountTable.read()
+    vol = table.volume_of_path(f"/proc/self/fd/{fd}")
+    return vol is not None and any(m.volume.dev == vol.dev for m in plan.members)
+
+
+_EXEC_CMD: list[str] = []  # what followed `--` on the command line (see main)
+
+
+@app.command("exec")
+def exec_cmd(
+    paths: Paths,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+    lease: LeaseOpt = DEFAULT_LEASE,
+    allow_self: AllowSelf = False,
+    no_syncfs: NoSyncfs = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze PATHS, run `-- CMD ARGS` (the snapshot), thaw, and exit with CMD's status.
+
+    CMD is killed if it outlives the deadline. If quiesce's own output goes to a file on
+    a frozen volume, CMD's output is held in memory and written after the thaw."""
+    cmd = list(_EXEC_CMD)
+    if not cmd:
+        raise _fail(
+            UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
+        )
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            buffer_out = as_json or _stream_is_on(plan, 1)
+            buffer_err = _stream_is_on(plan, 2)
+            env = os.environ | {
+                "QUIESCE_VOLUMES": "\n".join(m.name for m in plan.members if not m.skip)
+            }
+            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            window = freezer.freeze()
+            rc, cmd_out, cmd_err, killed = _run_in_window(
+                cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
+            )
+            try:
+                window = freezer.thaw()
+            finally:
+                if cmd_out:
+                    sys.stdout.buffer.write(cmd_out) if not as_json else None
+                if cmd_err:
+                    sys.stderr.buffer.write(cmd_err)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if killed:
+        raise _fail(
+            FreezeExpired(f"{cmd[0]} did not finish before the {timeout:g}s deadline: killed"),
+            as_json,
+        )
+    if as_json:
+        _emit_json(
+            window.to_dict()
+            | {
+                "command": cmd,
+                "returncode": rc,
+                "stdout": (cmd_out or b"").decode(errors="replace"),
+            }
+        )
+    else:
+        err.print(f"quiesce: freeze window {_ms(window.duration)}; {cmd[0]} exited {rc}")
+    raise typer.Exit(rc if rc >= 0 else 128 - rc)
+
+
+def _run_in_window(
+    cmd: list[str], env: dict[str, str], budget: float, buffer_out: bool, buffer_err: bool
+) -> tuple[int, bytes | None, bytes | None, bool]:
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if buffer_out else None,
+            stderr=subprocess.PIPE if buffer_err else None,
+            start_new_session=True,
+        )
+    except OSError as e:
+        return 127, None, f"quiesce: cannot run {cmd[0]}: {e.strerror}\n".encode(), False
+    try:
+        o, e = proc.communicate(timeout=max(budget, 0.01))
+        return proc.returncode, o, e, False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        o, e = proc.communicate()
+        return proc.returncode, o, e, True
+
+
+@app.command("demo")
+def demo_cmd(
+    fstype: Annotated[str, typer.Option(help="ext4, xfs or btrfs")] = "ext4",
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a loop filesystem, freeze it under a live writer, thaw, show what happened."""
+    from .demo import run_demo
+
+    try:
+        run_demo(fstype, out if not as_json else None, as_json)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # click drops `--` before we could split PATHS from CMD: split here.
+    if "exec" in args and "--" in args and args.index("exec") < args.index("--"):
+        i = args.index("--")
+        _EXEC_CMD[:] = args[i + 1 :]
+        args = args[:i]
+    try:
+        app(args=args, prog_name="quiesce")
+    except KeyboardInterrupt:
+        err.print("quiesce: interrupted")
+        sys.exit(130)
+    except QuiesceError as e:  # raised outside a command's own handler
+        err.print(f"quiesce: {e.message}")
+        sys.exit(e.exit_code)
+
+
+__all__ = ["ExitCode", "NotFrozen", "app", "main"]

@@ -1,0 +1,104 @@
+"""The provider interface: what takes the snapshot.
+
+A provider says how the group must be quiesced around its ``snapshot`` call
+(:class:`FreezeMode`), and does its slow work in ``prepare`` (outside the window) so
+that ``snapshot`` (inside the window) is only the storage call itself: no imports, no
+subprocess whose binary or output lives on a group volume, no writes to a group volume.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import UsageError
+from ..plan import GroupMember
+
+
+class FreezeMode(enum.StrEnum):
+    FIFREEZE = "fifreeze"  # quiesce freezes the group around snapshot() (block-level copies)
+    PROVIDER = "provider"  # the storage freezes the fs itself (one LV: LVM's dm suspend)
+    NONE = "none"  # atomic snapshots that must not be frozen (btrfs, zfs)
+
+
+class Consistency(enum.StrEnum):
+    APPLICATION = "application"  # writers/hooks quiesced the apps, and the fs was frozen
+    FILESYSTEM = "filesystem"  # frozen (or atomic) filesystem image: mounts without recovery
+    CRASH = "crash"  # as after a power cut: needs journal recovery, apps may be torn
+
+
+@dataclass
+class Snapshot:
+    """One snapshot of one volume, as a provider made it."""
+
+    id: str  # unique, predictable: <name>/<volume-slug>
+    provider: str
+    volume: str  # origin mount point
+    dev: str
+    fstype: str
+    created: float  # unix time
+    location: str  # clone file, subvolume path, /dev/vg/lv, pool/fs@snap, snap-0123...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Provider(ABC):
+    """Base class. Subclasses set ``name`` and implement ``snapshot`` (and usually more)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
+        return FreezeMode.FIFREEZE
+
+    def check(self, members: Sequence[GroupMember]) -> None:
+        """Refuse a group this provider cannot snapshot, before anything changes."""
+
+    def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        """Slow work outside the window: resolve devices, pick names, import libraries."""
+
+    @abstractmethod
+    def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
+        """Inside the window: take the snapshot of every member, fast."""
+
+    def after_thaw(self, snaps: list[Snapshot]) -> None:
+        """Work that must wait for the thaw (e.g. waiting for a cloud snapshot to complete)."""
+
+    def delete(self, snap: Snapshot) -> None:
+        raise UsageError(f"the {self.name} provider cannot delete snapshots")
+
+    def mount_options(self, snap: Snapshot) -> list[str]:
+        """Extra mount options the snapshot's filesystem needs (XFS: nouuid,norecovery)."""
+        return []
+
+
+_BUILTIN = {
+    "reflink": "quiesce.providers.reflink:ReflinkProvider",
+    "btrfs": "quiesce.providers.btrfs:BtrfsProvider",
+    "command": "quiesce.providers.command:CommandProvider",
+    "lvm": "quiesce.providers.lvm:LvmProvider",
+    "zfs": "quiesce.providers.zfs:ZfsProvider",
+    "ebs": "quiesce.providers.ebs:EbsProvider",
+}
+
+
+def get_provider(name: str) -> type[Provider]:
+    """The provider class for ``name``; imported lazily (boto3 costs 125 ms)."""
+    target = _BUILTIN.get(name)
+    if target is None:
+        raise UsageError(
+            f"unknown provider {name!r}", "choose one of: " + ", ".join(sorted(_BUILTIN))
+        )
+    module, _, cls = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    except ImportError as e:
+        raise UsageError(f"provider {name!r} is not available: {e}") from None
