@@ -435,7 +435,8 @@ class _Guardian:
                 elif self.lease_until is not None and now >= self.lease_until:
                     self._expire("lease")
             lease_over = self.lease_until is not None and now >= self.lease_until
-            if self.expired is None and lease_over and not self._frozen_count() and not self.pending:
+            idle = not self._frozen_count() and not self.pending
+            if self.expired is None and lease_over and idle:
                 return  # a stuck controller that froze nothing: nothing to guard
             if self.done and self._frozen_count() and self.expired is None and not self.pending:
                 self._expire("controller-finished-while-frozen")
