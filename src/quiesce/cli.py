@@ -149,11 +149,16 @@ def freeze_cmd(
     or the deadline (like `fsfreeze -f`, but it can never stay frozen forever)."""
     try:
         with make_plan(paths, allow_self=allow_self) as plan:
+            # With --allow-self our own output may go to a volume that stays frozen after
+            # we return: printing there would hang this process. Stay silent then.
+            silent = _stream_is_on(plan, 1) or _stream_is_on(plan, 2)
             freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
             window = freezer.freeze()
             freezer.hold()
     except QuiesceError as e:
         raise _fail(e, as_json) from None
+    if silent:
+        return
     if as_json:
         _emit_json(window.to_dict() | {"deadline_s": timeout})
         return
