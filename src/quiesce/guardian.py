@@ -309,7 +309,9 @@ class _Guardian:
             self.ctl.close()
             self.ctl = None
         self.controller_gone = True
-        if not self.detached and self._frozen_count():
+        # A request may still be queued or in flight: expiring now makes the worker refuse
+        # what is queued and thaw what completes.
+        if not self.detached and (self._frozen_count() or self.pending):
             self._expire(reason)
 
     def _on_client(self, conn: socket.socket) -> None:
