@@ -216,7 +216,7 @@ class Freezer:
                 except OSError as e:
                     self.window.warnings.append(f"syncfs {m.name} failed: {e.strerror}")
                 r.syncfs_s = (time.monotonic_ns() - t0) / 1e9
-        with _signals_deferred():
+        with _signals_deferred(), self._abort_on_surprise():
             for k, (m, r) in enumerate(zip(self.members, self.results, strict=True)):
                 res = self._exec.freeze(k)
                 if res.get("ok"):
@@ -230,6 +230,29 @@ class Freezer:
                 self._fail(k, m, r, res)
         _fault_point("window", self._fault)
         return self.window
+
+    @contextlib.contextmanager
+    def _abort_on_surprise(self) -> Iterator[None]:
+        """An unexpected error mid-group (lost guardian, a bug) must not leave anything
+        frozen: thaw what we know we froze, then let the guardian undo the rest."""
+        try:
+            yield
+        except QuiesceError as e:
+            if "outcomes" not in e.details:  # not already rolled back by _fail
+                self._emergency_unwind()
+            raise
+        except BaseException:
+            self._emergency_unwind()
+            raise
+
+    def _emergency_unwind(self) -> None:
+        assert self._exec is not None
+        for r in reversed(self.results):
+            if r.state == "frozen":
+                with contextlib.suppress(Exception):
+                    self._exec.thaw(self.results.index(r))
+                    r.state = "rolled-back"
+        self._finish()
 
     def _fail(self, k: int, m: GroupMember, r: VolumeResult, res: dict[str, Any]) -> None:
         assert self._exec is not None
