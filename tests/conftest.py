@@ -255,9 +255,13 @@ def writer_factory() -> Iterator[Callable[..., Writer]]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail loudly if the suite left a loop device or mount of its own behind."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = str(factory.getbasetemp())
     leftovers = [
         line for line in run("losetup", "-a", check=False).stdout.splitlines()
-        if "/pytest-" in line
+        if base in line
     ]  # fmt: skip
     if leftovers:
         print("\nLEAK: loop devices left behind:\n" + "\n".join(leftovers), file=sys.stderr)

@@ -12,8 +12,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, guardian, kernel
+from .cli_job import check_cmd, run_cmd
+from .cli_snapshot import snapshot_app
 from .errors import (
     ExitCode,
     FreezeExpired,
@@ -37,8 +40,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+app.add_typer(snapshot_app, name="snapshot")
+# markup=False: paths and messages are printed verbatim (a "[/]" in a path is not markup).
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def _say(console: Console, label: str, style: str, text: str) -> None:
+    console.print(Text.assemble((label, style), " ", text))
 
 Paths = Annotated[list[str], typer.Argument(help="Mount points (each the root of a mount).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -76,9 +85,9 @@ def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
         if isinstance(window, Window):
             data["window"] = window.to_dict()
         _emit_json(data)
-    err.print(f"[bold red]quiesce:[/] {e.message}", markup=True)
+    _say(err, "quiesce:", "bold red", e.message)
     if e.hint:
-        err.print(f"[dim]hint:[/] {e.hint}", markup=True)
+        _say(err, "hint:", "dim", e.hint)
     return typer.Exit(e.exit_code)
 
 
@@ -100,7 +109,7 @@ def _print_window(window: Window, title: str) -> None:
     if window.duration is not None:
         out.print(f"freeze window: {_ms(window.duration)}")
     for w in window.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
+        _say(err, "warning:", "yellow", w)
 
 
 def _print_plan(plan: Plan) -> None:
@@ -116,10 +125,10 @@ def _print_plan(plan: Plan) -> None:
     out.print("thaw order: " + ", ".join(m.name for m in reversed(plan.members) if not m.skip))
     for h in plan.hazards:
         refused = h.refuse and not plan.allow_self
-        tag = "[red]refused[/]" if refused else "[yellow]allowed[/]"
-        out.print(f"hazard ({h.kind}, {tag}): {h.message}", markup=True)
+        tag = "refused" if refused else "allowed"
+        _say(out, f"hazard ({h.kind}, {tag}):", "red" if refused else "yellow", h.message)
     for w in plan.warnings:
-        out.print(f"[yellow]warning:[/] {w}", markup=True)
+        _say(out, "warning:", "yellow", w)
 
 
 @app.command("plan")
@@ -162,13 +171,16 @@ def freeze_cmd(
     if as_json:
         _emit_json(window.to_dict() | {"deadline_s": timeout})
         return
+    for w in window.warnings:
+        _say(err, "warning:", "yellow", w)
     names = ", ".join(v.mount_point for v in window.volumes if v.state == "frozen")
+    if not names:
+        out.print("nothing to freeze")
+        return
     out.print(
         f"frozen: {names}; guardian pid {window.guardian_pid} thaws in {timeout:g}s "
         "unless you run `quiesce thaw` first"
     )
-    for w in window.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True)
 
 
 def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
@@ -220,9 +232,9 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
             results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
             first_error = first_error or e
             if not as_json:
-                err.print(f"[bold red]quiesce:[/] {e.message}", markup=True)
+                _say(err, "quiesce:", "bold red", e.message)
                 if e.hint:
-                    err.print(f"[dim]hint:[/] {e.hint}", markup=True)
+                    _say(err, "hint:", "dim", e.hint)
     if as_json:
         _emit_json({"results": results})
     else:
@@ -377,6 +389,10 @@ def demo_cmd(
 def version_cmd() -> None:
     """Print the version."""
     out.print(__version__)
+
+
+app.command("run")(run_cmd)
+app.command("check")(check_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,7 +112,7 @@ def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, A
             )
             say(
                 f"after the thaw the writer went on: {len(records)} records, "
-                + ("none lost, none out of order" if intact else "[red]RECORDS LOST[/]")
+                + ("none lost, none out of order" if intact else "RECORDS LOST")
             )
         if not intact or during != before:
             raise QuiesceError("demo check failed: the freeze did not hold writes or lost data")

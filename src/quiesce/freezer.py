@@ -200,6 +200,9 @@ class Freezer:
         On failure, the volumes frozen so far are thawed at once and the typed error of
         the failing volume is raised, naming every volume's outcome.
         """
+        if not self.members:  # every volume skipped (read-only): nothing to guard
+            self.window.thawed_by = None
+            return self.window
         sys.dont_write_bytecode = True  # no .pyc may land on a frozen volume
         specs = self._specs()
         if self.use_guardian:
@@ -299,7 +302,8 @@ class Freezer:
     def thaw(self, *, raise_errors: bool = True) -> Window:
         """Thaw in reverse order. Raises FreezeExpired if the guardian got there first,
         ThawFailed if a volume could not be thawed."""
-        assert self._exec is not None, "freeze() first"
+        if self._exec is None:  # nothing was frozen
+            return self.window
         failed: list[VolumeResult] = []
         with _signals_deferred():
             n = 0
@@ -370,7 +374,8 @@ class Freezer:
 
     def hold(self) -> Window:
         """Leave the group frozen under the guardian (for `quiesce freeze`)."""
-        assert self._exec is not None, "freeze() first"
+        if self._exec is None:  # nothing was frozen
+            return self.window
         self._exec.detach()
         self._exec = None
         sys.dont_write_bytecode = self._saved_bytecode

@@ -91,7 +91,14 @@ def parse_mountinfo_line(line: str) -> Mount:
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
-    return [parse_mountinfo_line(line) for line in text.splitlines() if line.strip()]
+    # Only "\n" ends a line: the kernel escapes it in paths, but not "\r", "\x85", ...
+    return [parse_mountinfo_line(line) for line in text.split("\n") if line.strip()]
+
+
+def read_mountinfo(path: str = MOUNTINFO) -> list[Mount]:
+    """Parse the live table; any byte in a path survives (surrogateescape, like os.fsdecode)."""
+    with open(path, "rb") as f:
+        return parse_mountinfo(os.fsdecode(f.read()))
 
 
 @dataclass
@@ -136,13 +143,11 @@ class MountTable:
 
     @classmethod
     def read(cls, path: str = MOUNTINFO) -> MountTable:
-        with open(path) as f:
-            return cls(parse_mountinfo(f.read()))
+        return cls(read_mountinfo(path))
 
     def refresh(self) -> None:
         """Re-read the live mount table (something was mounted since)."""
-        with open(MOUNTINFO) as f:
-            self._load(parse_mountinfo(f.read()))
+        self._load(read_mountinfo())
 
     def volume_of_mount_id(self, mnt_id: int) -> Volume | None:
         m = self.by_id.get(mnt_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,8 @@ class Provider(ABC):
     """Base class. Subclasses set ``name`` and implement ``snapshot`` (and usually more)."""
 
     name: ClassVar[str]
+    # False if snapshot() of several members is not one instant (btrfs: back to back).
+    group_atomic: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -72,12 +75,24 @@ class Provider(ABC):
     def after_thaw(self, snaps: list[Snapshot]) -> None:
         """Work that must wait for the thaw (e.g. waiting for a cloud snapshot to complete)."""
 
+    def abort(self) -> None:
+        """After a failure, and after the thaw: undo ``prepare`` (close fds, remove empty
+        files it made) and remove whatever a failed ``snapshot`` call had half made.
+        Snapshots that ``snapshot`` returned are removed with ``delete`` instead. Must not
+        raise."""
+
     def delete(self, snap: Snapshot) -> None:
         raise UsageError(f"the {self.name} provider cannot delete snapshots")
 
     def mount_options(self, snap: Snapshot) -> list[str]:
         """Extra mount options the snapshot's filesystem needs (XFS: nouuid,norecovery)."""
         return []
+
+
+def volume_slug(mount_point: str) -> str:
+    """A file-name-safe name for a volume: ``/srv/db`` -> ``srv-db``, ``/`` -> ``root``."""
+    text = re.sub(r"[^A-Za-z0-9._]+", "-", mount_point.strip("/")).strip("-.")
+    return text or "root"
 
 
 _BUILTIN = {

@@ -1,0 +1,92 @@
+"""`quiesce run JOB.toml` and `quiesce check JOB.toml`.
+
+The lead registers them on the main app: ``app.command("run")(run_cmd)`` and
+``app.command("check")(check_cmd)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import QuiesceError
+from .job import Job, load_job, run_job
+from .report import print_error, render
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (volumes, hazards, hooks, steps).")
+]
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _load(job_file: Path, as_json: bool) -> Job:
+    try:
+        return load_job(job_file)
+    except QuiesceError as e:
+        if as_json:
+            _emit_json(e.to_dict())
+        print_error(e.to_dict(), err)
+        raise typer.Exit(e.exit_code) from None
+
+
+def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False) -> None:
+    """Run a job: hooks and writers quiesce the applications, the group is frozen and
+    snapshotted, everything is released; print the report."""
+    job = _load(job_file, as_json)
+    report = run_job(job, dry_run=dry_run)
+    if as_json:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+        if report.error:
+            print_error(report.error, err)
+    else:
+        render(report, out, err)
+    raise typer.Exit(report.exit_code)
+
+
+def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
+    """Validate a job file (schema, permissions, hooks, volumes); run nothing."""
+    job = _load(job_file, as_json)
+    c = job.config
+    h = c.hooks
+    summary = {
+        "job": job.name,
+        "file": str(job_file),
+        "ok": True,
+        "volumes": list(c.volumes),
+        "provider": c.provider.type,
+        "hooks": {
+            "pre_freeze": len(h.pre_freeze),
+            "post_thaw": len(h.post_thaw),
+            "session": len(h.session),
+            "directory": [str(s) for s in job.hook_dir_scripts],
+        },
+        "writers": {k: len(v) for k, v in c.writers.model_dump().items()},
+    }
+    if as_json:
+        _emit_json(summary)
+        return
+    n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.session) + len(job.hook_dir_scripts)
+    n_writers = sum(summary["writers"].values())
+    out.print(
+        f"{escape(str(job_file))}: OK (job {escape(job.name)}: {len(c.volumes)} volume(s), "
+        f"provider {c.provider.type}, {n_hooks} hook(s), {n_writers} writer(s))"
+    )
+
+
+__all__ = ["check_cmd", "run_cmd"]

@@ -1,0 +1,1033 @@
+"""Job files: load and validate a TOML job, build its hooks and writers, run it.
+
+A job names the volumes, the provider, hooks, writers, timeouts and the fallback policy
+(docs/jobs.md). Validation reports every problem at once, each with its TOML key path
+and a hint, before anything runs. The run hands the hooks and writers to
+``snapshots.create`` as quiescers, and turns what happened into a :class:`Report`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import QuiesceError, UsageError
+from .hooks import (
+    INTERPRETERS,
+    HookContext,
+    HookDirectory,
+    HookFailed,
+    HookResult,
+    HookSpec,
+    PostThawCommands,
+    PreFreezeCommands,
+    Quiescer,
+    SessionHook,
+    SessionSpec,
+    executable_problem,
+    hook_dir_scripts,
+    permission_problem,
+)
+from .report import Phase, Report
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PROVIDERS = ("btrfs", "command", "ebs", "lvm", "reflink", "zfs")
+# Options a provider cannot do without: (example for the hint, what it is).
+REQUIRED_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
+    "command": {"create": 'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'},
+}
+CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
+
+
+# -- problems -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job file: where (TOML key path), what, and what to do."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message, "hint": self.hint}
+
+
+class JobConfigError(UsageError):
+    """The job file is invalid or unsafe; ``problems`` lists every reason."""
+
+    default_hint = "fix the job file (see docs/jobs.md), then `quiesce check JOB.toml`"
+
+    def __init__(self, file: str, problems: Sequence[Problem]) -> None:
+        n = len(problems)
+        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''}; nothing was run")
+        self.problems = list(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"problems": [p.to_dict() for p in self.problems]}
+
+
+# -- the schema ---------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _argv(value: Any) -> Any:
+    if isinstance(value, str):
+        raise PydanticCustomError(
+            "argv_string",
+            "a command is a list of arguments, not a string: quiesce runs no shell",
+        )
+    return value
+
+
+Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class CommandHookConfig(_Strict):
+    command: Argv
+    name: str | None = None
+    timeout: PositiveFloat | None = None  # default: timeouts.hook
+
+    _check_argv = field_validator("command", mode="before")(_argv)
+
+
+class SessionHookConfig(_Strict):
+    command: Argv
+    name: str | None = None
+    ready_timeout: PositiveFloat | None = None  # default: timeouts.hook
+    done_timeout: PositiveFloat | None = None
+
+    _check_argv = field_validator("command", mode="before")(_argv)
+
+
+class HooksConfig(_Strict):
+    pre_freeze: list[CommandHookConfig] = []
+    post_thaw: list[CommandHookConfig] = []
+    session: list[SessionHookConfig] = []
+    directory: str | None = None
+    directory_timeout: PositiveFloat | None = None
+
+
+class SqliteConfig(_Strict):
+    databases: Annotated[list[str], Field(min_length=1)]
+    busy_timeout: PositiveFloat = 10.0
+    checkpoint: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "TRUNCATE"
+    name: str | None = None
+
+
+class PostgresConfig(_Strict):
+    dsn: str = ""
+    checkpoint: bool = True
+    backup: bool = False
+    label: str = "quiesce"
+    timeout: PositiveFloat = 60.0
+    name: str | None = None
+
+
+class MysqlConfig(_Strict):
+    unix_socket: str | None = None
+    host: str | None = None
+    port: int = 3306
+    user: str = "root"
+    password: str | None = None
+    defaults_file: str | None = None
+    timeout: PositiveFloat = 30.0
+    name: str | None = None
+
+
+class WritersConfig(_Strict):
+    sqlite: list[SqliteConfig] = []
+    postgresql: list[PostgresConfig] = []
+    mysql: list[MysqlConfig] = []
+
+
+class TimeoutsConfig(_Strict):
+    freeze: PositiveFloat = 30.0  # the guardian's deadline, from the first freeze
+    lease: NonNegativeFloat = 5.0
+    hook: PositiveFloat = 60.0  # default for each hook and writer step
+    run: PositiveFloat = 3600.0  # the whole run (hooks are cut to what is left)
+
+
+class ProviderConfig(BaseModel):
+    """``type`` plus the provider's own options (any other key of the table)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    type: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class JobConfig(_Strict):
+    name: str | None = None
+    volumes: Annotated[list[str], Field(min_length=1)]
+    provider: ProviderConfig
+    allow_self: bool = False
+    syncfs: bool = True
+    on_hook_failure: Literal["abort", "crash-consistent"] = "abort"
+    state_dir: str | None = None
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    hooks: HooksConfig = HooksConfig()
+    writers: WritersConfig = WritersConfig()
+
+
+@dataclass
+class Job:
+    """A validated job: its config, where it came from, and its name."""
+
+    config: JobConfig
+    name: str
+    path: Path | None = None
+    hook_dir_scripts: list[Path] = field(default_factory=list)
+
+
+# -- pydantic errors -> problems ------------------------------------------------------------
+
+_TOML_TYPE = {
+    str: "string",
+    int: "integer",
+    float: "float",
+    bool: "boolean",
+    list: "array",
+    dict: "table",
+}
+_EXPECTED = {
+    "string_type": "a string",
+    "float_type": "a number",
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "int_parsing": "an integer",
+}
+_REQUIRED_HINTS = {
+    "volumes": 'volumes = ["/srv/data"] (the mount points to snapshot together)',
+    "provider": '[provider] with type = "reflink" (or ' + ", ".join(PROVIDERS) + ")",
+    "provider.type": 'type = "reflink" (one of: ' + ", ".join(PROVIDERS) + ")",
+    "command": 'command = ["/usr/local/bin/my-hook", "arg"] (an argv list; no shell)',
+    "databases": 'databases = ["/srv/db/app.sqlite"]',
+}
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class that the table at ``loc`` validates against."""
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if info is None:
+            return None
+        ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        model = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if model is None:
+            return None
+    return model if isinstance(model, type) else None
+
+
+def _toml_type(value: Any) -> str:
+    for t, name in _TOML_TYPE.items():
+        if type(value) is t:
+            return name
+    return type(value).__name__
+
+
+def _problem_from(err: dict[str, Any]) -> Problem:
+    loc = err["loc"]
+    path = _key_path(loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return Problem(path, "unknown key", hint + "allowed here: " + ", ".join(allowed))
+    if kind == "missing":
+        hint = _REQUIRED_HINTS.get(path) or _REQUIRED_HINTS.get(str(loc[-1]), "")
+        return Problem(path, "missing (required)", hint or "add this key")
+    if kind == "argv_string":
+        return Problem(
+            path,
+            err["msg"],
+            f'write {_shlex_hint(value)}; for a shell write ["/bin/sh", "-c", "..."]',
+        )
+    if kind == "literal_error":
+        return Problem(path, err["msg"].replace("Input should be", "must be"), "")
+    if kind in _EXPECTED:
+        hint = "see docs/jobs.md for this key's type"
+        if isinstance(value, str) and kind in ("float_type", "int_type", "bool_type"):
+            bare = value.strip().lower()
+            if bare in ("true", "false") or bare.replace(".", "", 1).isdigit():
+                hint = f"write it without quotes: {loc[-1]} = {bare}"
+        return Problem(
+            path, f"wrong type: expected {_EXPECTED[kind]}, got {_toml_type(value)} {value!r}", hint
+        )
+    msg = err["msg"].replace("Input should be", "must be").replace("List should", "must")
+    return Problem(path, msg, "")
+
+
+def _shlex_hint(value: Any) -> str:
+    import shlex
+
+    try:
+        return "[" + ", ".join(f'"{a}"' for a in shlex.split(str(value))) + "]"
+    except ValueError:
+        return '["/path/to/program", "arg"]'
+
+
+# -- checks that need the machine ------------------------------------------------------------
+
+
+def _file_problems(path: Path, key: str) -> list[Problem]:
+    problem = permission_problem(path)
+    return [Problem(key, problem, CHOWN_HINT.format(p=path))] if problem else []
+
+
+def _command_problems(argv: Any, key: str) -> list[Problem]:
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return []  # the schema reports it
+    problem = executable_problem(argv)
+    if problem is None:
+        return []
+    if "owned by" in problem or "writable by" in problem:
+        culprit = problem.split(" is ")[0]
+        return [Problem(key, problem, CHOWN_HINT.format(p=culprit))]
+    return [Problem(key, problem, "give the absolute path of an executable (no shell is used)")]
+
+
+def _list_of_tables(raw: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
+    cur: Any = raw
+    for k in keys:
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    return [t if isinstance(t, dict) else {} for t in cur] if isinstance(cur, list) else []
+
+
+def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
+    problems: list[Problem] = []
+    for section in ("pre_freeze", "post_thaw", "session"):
+        for i, table in enumerate(_list_of_tables(raw, "hooks", section)):
+            problems += _command_problems(table.get("command"), f"hooks.{section}[{i}].command")
+    hooks = raw.get("hooks")
+    directory = hooks.get("directory") if isinstance(hooks, dict) else None
+    scripts: list[Path] = []
+    if isinstance(directory, str):
+        d = Path(directory)
+        if not d.is_dir():
+            problems.append(
+                Problem(
+                    "hooks.directory",
+                    f"{d} is not a directory",
+                    "create it, or remove hooks.directory",
+                )
+            )
+        else:
+            problems += _file_problems(d, "hooks.directory")
+            scripts = hook_dir_scripts(d)
+            for s in scripts:
+                problems += _file_problems(s, "hooks.directory")
+    return problems, scripts
+
+
+def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
+    provider = raw.get("provider")
+    if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
+        return []
+    kind = provider["type"]
+    if kind not in PROVIDERS:
+        close = difflib.get_close_matches(kind, PROVIDERS, n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + "one of: " + ", ".join(PROVIDERS)
+        return [Problem("provider.type", f"unknown provider {kind!r}", hint)]
+    return [
+        Problem(f"provider.{opt}", f"missing: the {kind} provider needs it", example)
+        for opt, example in REQUIRED_PROVIDER_OPTIONS.get(kind, {}).items()
+        if opt not in provider
+    ]
+
+
+def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for i, table in enumerate(_list_of_tables(raw, "writers", "sqlite")):
+        dbs = table.get("databases")
+        for j, db in enumerate(dbs if isinstance(dbs, list) else []):
+            if isinstance(db, str) and not Path(db).is_file():
+                problems.append(
+                    Problem(
+                        f"writers.sqlite[{i}].databases[{j}]",
+                        f"{db} does not exist",
+                        "give the database file's path",
+                    )
+                )
+    for i, table in enumerate(_list_of_tables(raw, "writers", "mysql")):
+        f = table.get("defaults_file")
+        if isinstance(f, str):
+            if not Path(f).is_file():
+                problems.append(
+                    Problem(
+                        f"writers.mysql[{i}].defaults_file",
+                        f"{f} does not exist",
+                        "e.g. /etc/mysql/debian.cnf",
+                    )
+                )
+            else:
+                problems += _file_problems(Path(f), f"writers.mysql[{i}].defaults_file")
+    return problems
+
+
+def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
+    from .mounts import MountTable, resolve
+    from .plan import make_plan
+
+    vols = raw.get("volumes")
+    if not isinstance(vols, list):
+        return []
+    problems = []
+    table = MountTable.read()
+    for i, v in enumerate(vols):
+        if not isinstance(v, str):
+            continue  # the schema reports it
+        if not os.path.isabs(v):
+            problems.append(
+                Problem(
+                    f"volumes[{i}]",
+                    f"{v!r} is not an absolute path",
+                    "give the mount point, e.g. /srv/data",
+                )
+            )
+            continue
+        try:
+            resolve(v, table).close()
+        except QuiesceError as e:
+            problems.append(Problem(f"volumes[{i}]", e.message, e.hint))
+    if problems or not vols or not all(isinstance(v, str) for v in vols):
+        return problems
+    allow_self = raw.get("allow_self") is True
+    try:
+        with make_plan(vols, allow_self=allow_self, table=table) as plan:
+            plan.check()
+    except QuiesceError as e:
+        hint = "set allow_self = true only if nothing writes there while frozen"
+        problems.append(Problem("volumes", e.message, hint if "allow_self" in e.hint else e.hint))
+    return problems
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
+    """Read, validate and safety-check a job file; raise JobConfigError with every problem."""
+    p = Path(path)
+    shown = str(path)
+    try:
+        text = p.read_bytes()
+    except OSError as e:
+        raise UsageError(
+            f"cannot read job file {shown}: {e.strerror}", "give the path of a TOML job file"
+        ) from None
+    problems = _file_problems(p, "(job file)")
+    try:
+        raw = tomllib.loads(text.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise JobConfigError(
+            shown,
+            [
+                *problems,
+                Problem("(toml)", f"not valid TOML: {e}", "check the syntax near that line"),
+            ],
+        ) from None
+    config: JobConfig | None = None
+    try:
+        config = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        problems += [_problem_from(dict(err)) for err in e.errors()]
+    if isinstance(raw.get("name"), str) and not NAME_RE.match(raw["name"]):
+        problems.append(
+            Problem(
+                "name",
+                f"{raw['name']!r} is not a valid job name",
+                "use letters, digits, '.', '_' and '-'; it names snapshots",
+            )
+        )
+    problems += _provider_problems(raw)
+    hook_problems, scripts = _hook_problems(raw)
+    problems += hook_problems
+    problems += _writer_problems(raw)
+    if check_volumes:
+        problems += _volume_problems(raw)
+    if problems or config is None:
+        raise JobConfigError(shown, problems)
+    name = config.name or (p.stem if NAME_RE.match(p.stem) else "job")
+    return Job(config=config, name=name, path=p, hook_dir_scripts=scripts)
+
+
+# -- building the quiescers --------------------------------------------------------------------
+
+
+class _Marked:
+    """A quiescer with the report's phase marks around it (no quiescer of its own, so
+    snapshots.create counts only real hooks and writers)."""
+
+    def __init__(self, inner: Quiescer, marks: _PhaseMarks, *, first: bool, last: bool) -> None:
+        self.inner, self.marks, self.first, self.last = inner, marks, first, last
+
+    def before_freeze(self) -> None:
+        if self.first:
+            self.marks.start("pre-freeze hooks")
+        self.inner.before_freeze()
+        if self.last:
+            self.marks.end("pre-freeze hooks")
+
+    def after_thaw(self, ok: bool) -> None:
+        if self.last:
+            self.marks.start("post-thaw hooks")
+        try:
+            self.inner.after_thaw(ok)
+        finally:
+            if self.first:
+                self.marks.end("pre-freeze hooks", ok=False)  # still open: a hook failed
+                self.marks.end("post-thaw hooks")
+
+
+class _PhaseMarks:
+    """The report's "pre-freeze hooks" and "post-thaw hooks" phases."""
+
+    def __init__(self) -> None:
+        self.phases: list[Phase] = []
+        self._open: dict[str, Phase] = {}
+
+    def start(self, name: str) -> None:
+        ph = Phase.begin(name)
+        self._open[name] = ph
+        self.phases.append(ph)
+
+    def end(self, name: str, ok: bool = True) -> None:
+        ph = self._open.pop(name, None)
+        if ph is not None:
+            ph.finish(ok)
+
+    def wrap(self, quiescers: list[Quiescer]) -> list[Quiescer]:
+        n = len(quiescers)
+        return [
+            _Marked(q, self, first=i == 0, last=i == n - 1) if i in (0, n - 1) else q
+            for i, q in enumerate(quiescers)
+        ]
+
+
+_LONG_INFO = ("backup_label", "tablespace_map")  # in report.writers, not in the hook table
+
+
+class GuardedWriter:
+    """Runs a built-in writer under the job's policy, recording its steps."""
+
+    def __init__(self, ctx: HookContext, writer: Any) -> None:
+        self.ctx, self.writer = ctx, writer
+        self.held = False
+
+    def _step(self, kind: str, fn: Any, *args: Any) -> HookResult:
+        from .hooks import _Timer
+
+        r = HookResult(name=self.writer.name, kind=kind)
+        timer = _Timer(r)
+        try:
+            fn(*args)
+        except Exception as e:
+            r.status = "failed"
+            r.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        timer.stop()
+        shown = {k: v for k, v in self.writer.info.items() if k not in _LONG_INFO}
+        if shown:
+            r.output = json.dumps(shown, separators=(", ", ": "), default=str)
+        return self.ctx.record(r)
+
+    def before_freeze(self) -> None:
+        r = self._step("writer", self.writer.before_freeze)
+        if r.ok:
+            self.held = True
+        else:
+            self.ctx.failed(r, quiescing=True)
+
+    def after_thaw(self, ok: bool) -> None:
+        if not self.held:
+            return
+        self.held = False
+        r = self._step("writer-release", self.writer.after_thaw, ok)
+        if not r.ok:
+            self.ctx.failed(r, quiescing=False)
+
+
+def build_writers(config: JobConfig) -> list[Any]:
+    from .writers.mysql import MysqlWriter
+    from .writers.postgresql import PostgresWriter
+    from .writers.sqlite import SqliteWriter
+
+    w = config.writers
+    out: list[Any] = []
+    for i, s in enumerate(w.sqlite):
+        out.append(
+            SqliteWriter(
+                s.databases,
+                busy_timeout=s.busy_timeout,
+                checkpoint=s.checkpoint,
+                name=s.name or f"sqlite[{i}]",
+            )
+        )
+    for i, pg in enumerate(w.postgresql):
+        out.append(
+            PostgresWriter(
+                pg.dsn,
+                checkpoint=pg.checkpoint,
+                backup=pg.backup,
+                label=pg.label,
+                timeout=pg.timeout,
+                name=pg.name or f"postgresql[{i}]",
+            )
+        )
+    for i, m in enumerate(w.mysql):
+        out.append(
+            MysqlWriter(
+                unix_socket=m.unix_socket,
+                host=m.host,
+                port=m.port,
+                user=m.user,
+                password=m.password,
+                defaults_file=m.defaults_file,
+                timeout=m.timeout,
+                name=m.name or f"mysql[{i}]",
+            )
+        )
+    return out
+
+
+def _hook_name(h: CommandHookConfig | SessionHookConfig, kind: str, i: int) -> str:
+    """The hook's name, else its kind, index and program (the script, for interpreters)."""
+    if h.name:
+        return h.name
+    prog = Path(h.command[0]).name
+    if prog.rstrip("0123456789.") in INTERPRETERS and len(h.command) > 1:
+        prog = Path(h.command[1]).name
+    return f"{kind}[{i}] {prog}"
+
+
+def build_quiescers(
+    job: Job, ctx: HookContext, marks: _PhaseMarks | None = None, writers: Sequence[Any] = ()
+) -> list[Quiescer]:
+    """Hooks and writers in the order they quiesce; create() releases them in reverse.
+
+    Post-thaw commands come first so that they run last, on every path out. Only what
+    the job has is in the list: snapshots.create calls a run with quiescers
+    application-consistent.
+    """
+    h = job.config.hooks
+    out: list[Quiescer] = []
+    if h.post_thaw:
+        specs = [
+            HookSpec(_hook_name(x, "post_thaw", i), list(x.command), x.timeout)
+            for i, x in enumerate(h.post_thaw)
+        ]
+        out.append(PostThawCommands(ctx, specs))
+    if h.pre_freeze:
+        specs = [
+            HookSpec(_hook_name(x, "pre_freeze", i), list(x.command), x.timeout)
+            for i, x in enumerate(h.pre_freeze)
+        ]
+        out.append(PreFreezeCommands(ctx, specs))
+    if job.hook_dir_scripts:
+        out.append(HookDirectory(ctx, job.hook_dir_scripts, h.directory_timeout))
+    for i, x in enumerate(h.session):
+        name = _hook_name(x, "session", i)
+        out.append(
+            SessionHook(ctx, SessionSpec(name, list(x.command), x.ready_timeout, x.done_timeout))
+        )
+    out += [GuardedWriter(ctx, w) for w in writers]
+    return marks.wrap(out) if marks is not None and out else out
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def _wall(mono_ns: int | None, anchor: tuple[float, float]) -> float | None:
+    """A monotonic timestamp (ns) as unix time, given one (wall, monotonic) pair."""
+    if mono_ns is None:
+        return None
+    wall, mono = anchor
+    return wall + (mono_ns / 1e9 - mono)
+
+
+def _window_phases(window: dict[str, Any], anchor: tuple[float, float]) -> list[Phase]:
+    """Per-volume syncfs, freeze and thaw phases from the window's durations.
+
+    Freezes run back to back from the window's start, thaws back to back up to its
+    end (the gaps are IPC round trips of microseconds); syncfs runs just before.
+    """
+    vols = [v for v in window.get("volumes", []) if v.get("state") != "skipped"]
+    start = _wall(window.get("start_ns"), anchor)
+    end = _wall(window.get("end_ns"), anchor)
+    out: list[Phase] = []
+    if start is None:
+        return out
+    syncfs = [v for v in vols if v.get("syncfs_s") is not None]
+    t = start - sum(v["syncfs_s"] for v in syncfs)
+    for v in syncfs:
+        out.append(
+            Phase(
+                name=f"syncfs {v['mount_point']}",
+                start=t,
+                end=t + v["syncfs_s"],
+                duration_s=v["syncfs_s"],
+            )
+        )
+        t += v["syncfs_s"]
+    t = start
+    for v in vols:
+        if v.get("freeze_s") is not None:
+            out.append(
+                Phase(
+                    name=f"freeze {v['mount_point']}",
+                    start=t,
+                    end=t + v["freeze_s"],
+                    duration_s=v["freeze_s"],
+                    ok=v.get("state") != "failed",
+                )
+            )
+            t += v["freeze_s"]
+    frozen_end = t
+    if end is not None:
+        t = end
+        for v in vols:  # freeze order; thawed in reverse, so the first thaws last
+            if v.get("thaw_s") is not None:
+                out.append(
+                    Phase(
+                        name=f"thaw {v['mount_point']}",
+                        start=t - v["thaw_s"],
+                        end=t,
+                        duration_s=v["thaw_s"],
+                        ok=v.get("state") == "thawed",
+                        detail=v.get("thawed_by"),
+                    )
+                )
+                t -= v["thaw_s"]
+        out.append(
+            Phase(
+                name="provider snapshot (frozen)",
+                start=frozen_end,
+                end=t,
+                duration_s=max(t - frozen_end, 0.0),
+            )
+        )
+        out.append(
+            Phase(
+                name="freeze window",
+                start=start,
+                end=end,
+                duration_s=end - start,
+                detail=window.get("thawed_by"),
+            )
+        )
+    return out
+
+
+_SKIPPED_PHASES = {"before_freeze", "after_thaw"}  # the hooks' own marks are more precise
+
+
+def _create_phases(
+    phases: Sequence[dict[str, Any]], called: float, hooks_start: float | None
+) -> list[Phase]:
+    """snapshots.create's phases carry durations only: they ran back to back from
+    ``called`` (unix time), or, more exactly, around the moment the hooks started."""
+    out, t = [], called
+    for d in phases:
+        ph = Phase.from_any(d)
+        dur = ph.duration_s or 0.0
+        ph.start, ph.end = t, t + dur
+        t += dur
+        out.append(ph)
+    mark = next((p.start for p in out if p.name == "before_freeze"), None)
+    if hooks_start is not None and mark is not None:
+        for p in out:
+            p.start, p.end = p.start + hooks_start - mark, p.end + hooks_start - mark
+    return [p for p in out if p.name not in _SKIPPED_PHASES]
+
+
+def _fill_from_manifest(
+    report: Report,
+    manifest: Any,
+    called: float,
+    anchor: tuple[float, float],
+    hooks_start: float | None,
+) -> None:
+    report.manifest_id = manifest.id
+    report.consistency = manifest.consistency
+    report.consistency_reason = manifest.consistency_reason
+    report.freeze_mode = manifest.freeze_mode
+    report.window = manifest.window
+    report.snapshots = list(manifest.snapshots)
+    report.phases += _create_phases(manifest.phases, called, hooks_start)
+    if manifest.window:
+        report.phases += _window_phases(manifest.window, anchor)
+    report.warnings += [w for w in manifest.warnings if w not in report.warnings]
+
+
+def _degrade(manifest: Any, reasons: Sequence[str], state_dir: str | None) -> str | None:
+    """A failed hook that the policy let pass: the stored manifest must say so too."""
+    from . import snapshots
+
+    manifest.consistency = "crash"
+    manifest.consistency_reason = (
+        "only crash-consistent: " + "; ".join(reasons) + " (on_hook_failure = crash-consistent)"
+    )
+    save = getattr(snapshots, "save_manifest", None) or snapshots._write_manifest
+    try:
+        save(snapshots.state_dir_path(state_dir), manifest)
+    except Exception as e:
+        return f"could not rewrite the manifest {manifest.id} as crash-consistent: {e}"
+    return None
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+
+def _argv_text(argv: Sequence[str]) -> str:
+    import shlex
+
+    return shlex.join(argv)
+
+
+def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
+    """What the hooks and writers do before the window, and after it (in that order)."""
+    c = job.config
+    h, t = c.hooks, c.timeouts
+    before: list[str] = []
+    after: list[str] = []
+    for i, x in enumerate(h.pre_freeze):
+        before.append(
+            f"pre-freeze hook {_hook_name(x, 'pre_freeze', i)!r}: "
+            f"{_argv_text(x.command)} (timeout {x.timeout or t.hook:g}s)"
+        )
+    for s in job.hook_dir_scripts:
+        before.append(f"hook directory: {s} freeze (timeout {h.directory_timeout or t.hook:g}s)")
+        after.insert(0, f"hook directory: {s} thaw")
+    for i, x in enumerate(h.session):
+        name = _hook_name(x, "session", i)
+        before.append(
+            f"session hook {name!r}: start {_argv_text(x.command)}, send 'freeze', "
+            f"wait for 'ready' ({x.ready_timeout or t.hook:g}s)"
+        )
+        after.insert(
+            0,
+            f"session hook {name!r}: send 'thaw', wait for 'done' "
+            f"({x.done_timeout or t.hook:g}s), close its stdin",
+        )
+    for w in build_writers(c):
+        if w.kind == "sqlite":
+            dbs = ", ".join(str(d) for d in w.databases)
+            before.append(f"writer {w.name}: WAL checkpoint, then BEGIN IMMEDIATE on {dbs}")
+            after.insert(0, f"writer {w.name}: ROLLBACK (release the write lock)")
+        elif w.kind == "postgresql":
+            what = "CHECKPOINT" if w.checkpoint else "connect"
+            if w.backup:
+                what += ", pg_backup_start (session held across the window)"
+                after.insert(0, f"writer {w.name}: pg_backup_stop (backup_label in the report)")
+            before.append(f"writer {w.name}: {what}")
+        elif w.kind == "mysql":
+            before.append(f"writer {w.name}: FLUSH TABLES WITH READ LOCK (session held)")
+            after.insert(0, f"writer {w.name}: UNLOCK TABLES")
+    for i, x in enumerate(h.post_thaw):
+        after.append(
+            f"post-thaw hook {_hook_name(x, 'post_thaw', i)!r}: "
+            f"{_argv_text(x.command)} (on every path out)"
+        )
+    return before, after
+
+
+def describe_plan(job: Job, report: Report) -> None:
+    """Fill ``report.plan`` and ``report.steps`` for ``--dry-run``. Changes nothing."""
+    from .plan import make_plan
+    from .providers.base import FreezeMode, get_provider
+
+    c = job.config
+    t = c.timeouts
+    steps = report.steps
+    try:
+        plan = make_plan(list(c.volumes), allow_self=c.allow_self)
+    except QuiesceError as e:
+        report.set_error(e)
+        return
+    with plan:
+        report.plan = plan.to_dict()
+        members = [m for m in plan.members if not m.skip]
+        names = [m.name for m in members]
+        mode: str = FreezeMode.FIFREEZE
+        try:
+            provider = get_provider(c.provider.type)(**c.provider.options)
+            mode = provider.freeze_mode(members)
+            provider.check(members)
+        except QuiesceError as e:
+            report.warnings.append(f"provider {c.provider.type}: {e.message}")
+        report.freeze_mode = str(mode)
+        if plan.refused:
+            report.warnings.append(
+                "the plan is refused: " + "; ".join(h.message for h in plan.refused)
+            )
+        steps.append(f"plan: {len(plan.members)} volume(s), freeze order: {', '.join(names)}")
+        steps.append(f"provider {c.provider.type}: check and prepare (outside the window)")
+        before, after = _quiesce_steps(job)
+        steps += before
+        if mode == FreezeMode.FIFREEZE:
+            steps.append(f"start the guardian (deadline {t.freeze:g}s, lease {t.lease:g}s)")
+        if c.syncfs:
+            steps.append("syncfs: " + ", ".join(names))
+        if mode == FreezeMode.FIFREEZE:
+            steps.append("FIFREEZE in order: " + ", ".join(names))
+        elif mode == FreezeMode.PROVIDER:
+            steps.append("no FIFREEZE: the provider freezes the filesystems itself")
+        else:
+            steps.append("no FIFREEZE: the provider's snapshot is atomic")
+        steps.append(f"{c.provider.type} snapshot of the group")
+        if mode == FreezeMode.FIFREEZE:
+            steps.append("FITHAW in reverse order: " + ", ".join(reversed(names)))
+        steps += after
+        steps.append("write the manifest and the report")
+
+
+def run_job(job: Job, *, dry_run: bool = False) -> Report:
+    """Run the job (or, with ``dry_run``, describe what it would do) and return its report.
+
+    Never raises for failures of the run itself: they are in ``report.error`` and
+    ``report.exit_code``.
+    """
+    c = job.config
+    report = Report(
+        job=job.name,
+        job_file=str(job.path) if job.path else None,
+        provider=c.provider.type,
+        volumes=list(c.volumes),
+        dry_run=dry_run,
+        on_hook_failure=c.on_hook_failure,
+    )
+    if dry_run:
+        describe_plan(job, report)
+        return report.finish()
+    ctx = HookContext(
+        job=job.name,
+        volumes=list(c.volumes),
+        on_hook_failure=c.on_hook_failure,
+        default_timeout=c.timeouts.hook,
+        deadline=time.monotonic() + c.timeouts.run,
+    )
+    marks = _PhaseMarks()
+    manifest: Any = None
+    writers: list[Any] = []
+    called = time.time()
+    anchor = (time.time(), time.monotonic())
+    try:
+        from . import snapshots
+
+        writers = build_writers(c)
+        quiescers = build_quiescers(job, ctx, marks, writers)
+        called = time.time()
+        manifest = snapshots.create(
+            list(c.volumes),
+            c.provider.type,
+            job=job.name,
+            options=c.provider.options,
+            timeout=c.timeouts.freeze,
+            lease=c.timeouts.lease,
+            syncfs=c.syncfs,
+            allow_self=c.allow_self,
+            state_dir=Path(c.state_dir) if c.state_dir else None,
+            quiescers=quiescers,
+        )
+    except QuiesceError as e:
+        report.set_error(e)
+        manifest = e.details.get("manifest")
+        window = e.details.get("window")
+        if manifest is None and window is not None:
+            report.window = window.to_dict() | {
+                "start_ns": window.start_ns,
+                "end_ns": window.end_ns,
+            }
+            report.phases += _window_phases(report.window, anchor)
+    except Exception as e:  # a bug: still report what the hooks did
+        report.set_error(
+            QuiesceError(
+                f"internal error: {type(e).__name__}: {e}",
+                "please report this bug, with this report",
+            )
+        )
+    if manifest is not None:
+        if ctx.degraded:
+            problem = _degrade(manifest, ctx.degraded, c.state_dir)
+            if problem:
+                ctx.warnings.append(problem)
+        hooks_start = next((p.start for p in marks.phases if p.name == "pre-freeze hooks"), None)
+        _fill_from_manifest(report, manifest, called, anchor, hooks_start)
+    report.phases += marks.phases
+    report.hooks = [r.to_dict() for r in ctx.results]
+    report.warnings += [w for w in ctx.warnings if w not in report.warnings]
+    report.writers = [{"name": w.name, "kind": w.kind, "info": dict(w.info)} for w in writers]
+    if ctx.release_failures and report.error is None:
+        kept = f"; the snapshot {manifest.id} was kept" if manifest is not None else ""
+        report.set_error(
+            HookFailed(
+                "; ".join(ctx.release_failures) + kept,
+                "the application may still be quiesced: check it, and the hook's output",
+            )
+        )
+    return report.finish()
+
+
+__all__ = [
+    "Job",
+    "JobConfig",
+    "JobConfigError",
+    "Problem",
+    "build_quiescers",
+    "build_writers",
+    "describe_plan",
+    "load_job",
+    "run_job",
+]

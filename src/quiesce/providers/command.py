@@ -1,0 +1,243 @@
+"""command: run any storage CLI (array snapshot, replica split, cloud CLI) in the window.
+
+The command is an argv list (no shell unless you write ``["sh", "-c", "..."]``; a string
+option is split with shlex). It runs inside the freeze window, in its own process
+group, with a hard timeout: on timeout the whole group is killed and the window closes
+anyway. It learns the volumes from
+
+* environment: ``QUIESCE_VOLUMES``, ``QUIESCE_DEVICES``, ``QUIESCE_FSTYPES`` (one entry
+  per line, in the same order) and ``QUIESCE_SNAPSHOT_NAME``;
+* stdin: JSON ``{"name": ..., "volumes": [{"mount_point", "paths", "device", "fstype",
+  "dev"}]}``.
+
+Its stdout and stderr go to pipes (memory), never to a file. The **first line of its
+stdout is the snapshot id** that ``delete`` gets later (if it prints nothing, the
+snapshot name is used). Options:
+
+* ``create``: argv of the snapshot command (required); ``{name}`` is replaced by the
+  snapshot name;
+* ``delete``: argv run by ``quiesce snapshot delete``; ``{id}`` is replaced by the
+  snapshot id (also in ``QUIESCE_SNAPSHOT_ID``);
+* ``list``: argv that prints the storage's snapshot ids, one per line;
+* ``timeout``: seconds the create command may take inside the window (default 10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from ..errors import QuiesceError, UnsafePlan, UsageError
+from ..mounts import MountTable
+from ..plan import GroupMember
+from .base import FreezeMode, Provider, Snapshot, volume_slug
+
+DEFAULT_TIMEOUT = 10.0
+KEEP_OUTPUT = 4096  # bytes of stdout/stderr kept in the manifest
+
+
+def _argv(value: Any, what: str) -> list[str]:
+    if isinstance(value, str):
+        argv = shlex.split(value)
+    elif isinstance(value, list | tuple) and all(isinstance(a, str) for a in value):
+        argv = list(value)
+    else:
+        raise UsageError(f"the {what} command must be an argv list or a string, not {value!r}")
+    if not argv:
+        raise UsageError(f"the {what} command is empty")
+    return argv
+
+
+def _text(data: bytes | None) -> str:
+    return (data or b"")[-KEEP_OUTPUT:].decode(errors="replace")
+
+
+def _last_line(data: bytes | None) -> str:
+    lines = [ln for ln in _text(data).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_bounded(
+    argv: list[str], *, stdin: bytes, env: dict[str, str], timeout: float
+) -> tuple[int, bytes, bytes, bool]:
+    """Run ``argv`` in a new process group; kill the group on timeout. Output stays in
+    memory. Returns (returncode, stdout, stderr, timed_out)."""
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        raise QuiesceError(f"cannot run {argv[0]}: {e.strerror}") from None
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+        return proc.returncode, out, err, False
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        # A child that left the process group still holds the pipes: stop reading.
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait()
+        out, err = b"", b""
+    return proc.returncode, out or b"", err or b"", True
+
+
+class CommandProvider(Provider):
+    name: ClassVar[str] = "command"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._argv: list[str] = []
+        self._env: dict[str, str] = {}
+        self._stdin = b""
+        self._snaps: list[Snapshot] = []
+        self._deleted: set[str] = set()
+
+    @property
+    def timeout(self) -> float:
+        try:
+            return float(self.options.get("timeout", DEFAULT_TIMEOUT))
+        except (TypeError, ValueError):
+            raise UsageError(f"bad timeout {self.options.get('timeout')!r}") from None
+
+    def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
+        return FreezeMode.FIFREEZE
+
+    def _resolve(self, argv: list[str], members: Sequence[GroupMember]) -> list[str]:
+        exe = shutil.which(argv[0])
+        if exe is None:
+            raise UsageError(f"{argv[0]}: command not found", "give the full path of the tool")
+        exe = os.path.realpath(exe)
+        vol = MountTable.read().volume_of_path(exe)
+        for m in members:
+            if vol is not None and vol.dev == m.volume.dev:
+                raise UnsafePlan(
+                    f"the snapshot command {exe} lives on {m.name}, a volume of the group",
+                    "install the tool on a filesystem that is not frozen",
+                )
+        return [exe, *argv[1:]]
+
+    def check(self, members: Sequence[GroupMember]) -> None:
+        if "create" not in self.options:
+            raise UsageError(
+                "the command provider needs the snapshot command",
+                "--option create='mytool snapshot --name {name}'",
+            )
+        self._resolve(_argv(self.options["create"], "create"), members)
+        if self.timeout <= 0:
+            raise UsageError("the command timeout must be positive")
+
+    def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        argv = _argv(self.options["create"], "create")
+        self._argv = [a.replace("{name}", name) for a in self._resolve(argv, members)]
+        vols = [
+            {
+                "mount_point": m.name,
+                "paths": m.paths,
+                "device": m.volume.source,
+                "fstype": m.volume.fstype,
+                "dev": m.volume.dev,
+            }
+            for m in members
+        ]
+        self._env = os.environ | {
+            "QUIESCE_VOLUMES": "\n".join(v["mount_point"] for v in vols),
+            "QUIESCE_DEVICES": "\n".join(v["device"] for v in vols),
+            "QUIESCE_FSTYPES": "\n".join(v["fstype"] for v in vols),
+            "QUIESCE_SNAPSHOT_NAME": name,
+        }
+        self._stdin = json.dumps({"name": name, "volumes": vols}).encode()
+        self._snaps = [
+            Snapshot(
+                id=f"{name}/{volume_slug(m.name)}",
+                provider=self.name,
+                volume=m.name,
+                dev=m.volume.dev,
+                fstype=m.volume.fstype,
+                created=0.0,
+                location=name,
+                extra={"command": self._argv},
+            )
+            for m in members
+        ]
+
+    def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
+        t0 = time.monotonic()
+        rc, out, err, timed_out = run_bounded(
+            self._argv, stdin=self._stdin, env=self._env, timeout=self.timeout
+        )
+        took = time.monotonic() - t0
+        if timed_out:
+            raise QuiesceError(
+                f"the snapshot command {self._argv[0]} did not finish within "
+                f"{self.timeout:g}s: its process group was killed",
+                "the storage may hold a half-made snapshot: check it; raise --option timeout",
+                stdout=_text(out),
+                stderr=_text(err),
+            )
+        if rc != 0:
+            raise QuiesceError(
+                f"the snapshot command {self._argv[0]} exited with {rc}"
+                + (f": {_last_line(err)}" if _last_line(err) else ""),
+                "run it by hand to see why",
+                stdout=_text(out),
+                stderr=_text(err),
+            )
+        first = next((ln.strip() for ln in _text(out).splitlines() if ln.strip()), "")
+        now = time.time()
+        for s in self._snaps:
+            s.created = now
+            if first:
+                s.location = first
+            s.extra |= {"stdout": _text(out), "stderr": _text(err), "duration_s": took}
+        return self._snaps
+
+    def _run_aux(self, what: str, snap_id: str | None = None) -> bytes:
+        argv = _argv(self.options[what], what)
+        if snap_id is not None:
+            argv = [a.replace("{id}", snap_id) for a in argv]
+        env = os.environ | ({"QUIESCE_SNAPSHOT_ID": snap_id} if snap_id else {})
+        rc, out, err, timed_out = run_bounded(
+            argv, stdin=b"", env=env, timeout=max(self.timeout, 60.0)
+        )
+        if timed_out or rc != 0:
+            why = "timed out" if timed_out else f"exited with {rc}"
+            raise QuiesceError(f"the {what} command {argv[0]} {why}: {_last_line(err)}")
+        return out
+
+    def delete(self, snap: Snapshot) -> None:
+        if snap.location in self._deleted:
+            return  # one storage snapshot serves every volume of the group
+        if "delete" not in self.options:
+            raise UsageError(
+                f"the command provider has no delete command for {snap.location}",
+                "create with --option delete='mytool delete {id}', or drop only the record "
+                "with `quiesce snapshot delete --forget ID`",
+            )
+        self._run_aux("delete", snap.location)
+        self._deleted.add(snap.location)
+
+    def list_snapshots(self) -> list[str]:
+        """The storage's snapshot ids, from the ``list`` command (one per line)."""
+        if "list" not in self.options:
+            raise UsageError("the command provider has no list command", "--option list=...")
+        return [ln.strip() for ln in self._run_aux("list").decode().splitlines() if ln.strip()]
