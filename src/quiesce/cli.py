@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, guardian, kernel
+from .cli_backup import backup_cmd, cleanup_cmd, systemd_cmd
 from .cli_job import check_cmd, run_cmd
 from .cli_snapshot import snapshot_app
 from .errors import (
@@ -48,6 +50,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 def _say(console: Console, label: str, style: str, text: str) -> None:
     console.print(Text.assemble((label, style), " ", text))
+
 
 Paths = Annotated[list[str], typer.Argument(help="Mount points (each the root of a mount).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
@@ -317,9 +320,13 @@ def exec_cmd(
             }
             freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
             window = freezer.freeze()
-            rc, cmd_out, cmd_err, killed = _run_in_window(
-                cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
-            )
+            try:
+                rc, cmd_out, cmd_err, killed = _run_in_window(
+                    cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
+                )
+            except BaseException:  # Ctrl-C: the command is dead, thaw before anything else
+                freezer.thaw(raise_errors=False)
+                raise
             try:
                 window = freezer.thaw()
             finally:
@@ -369,6 +376,10 @@ def _run_in_window(
         os.killpg(proc.pid, 9)
         o, e = proc.communicate()
         return proc.returncode, o, e, True
+    except BaseException:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
 
 
 @app.command("demo")
@@ -393,6 +404,9 @@ def version_cmd() -> None:
 
 app.command("run")(run_cmd)
 app.command("check")(check_cmd)
+app.command("backup")(backup_cmd)
+app.command("cleanup")(cleanup_cmd)
+app.command("systemd")(systemd_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -402,14 +416,25 @@ def main(argv: list[str] | None = None) -> None:
         i = args.index("--")
         _EXEC_CMD[:] = args[i + 1 :]
         args = args[:i]
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         app(args=args, prog_name="quiesce")
-    except KeyboardInterrupt:
-        err.print("quiesce: interrupted")
-        sys.exit(130)
     except QuiesceError as e:  # raised outside a command's own handler
-        err.print(f"quiesce: {e.message}")
+        _say(err, "quiesce:", "bold red", e.message)
+        if e.hint:
+            _say(err, "hint:", "dim", e.hint)
         sys.exit(e.exit_code)
+
+
+class Interrupted(QuiesceError):
+    exit_code = 130
+    default_hint = "stopped by Ctrl-C; everything quiesce had frozen was thawed first"
+
+
+def _interrupted(_sig: int, _frame: object) -> None:
+    # A QuiesceError, not KeyboardInterrupt: click would swallow that one silently. The
+    # freezer defers signals between ioctls, so this never lands half-way through a group.
+    raise Interrupted("interrupted")
 
 
 __all__ = ["ExitCode", "NotFrozen", "app", "main"]

@@ -7,6 +7,7 @@ The lead registers them on the main app: ``app.command("run")(run_cmd)`` and
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,8 @@ def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False
     """Run a job: hooks and writers quiesce the applications, the group is frozen and
     snapshotted, everything is released; print the report."""
     job = _load(job_file, as_json)
+    # SIGTERM (systemd, cron, kill) unwinds like Ctrl-C: thaw, release every hook.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     report = run_job(job, dry_run=dry_run)
     if as_json:
         sys.stdout.write(report.to_json() + "\n")

@@ -54,9 +54,11 @@ def _say(text: str) -> None:
 
 
 def _warn(text: str) -> None:
+    from rich.text import Text
+
     from .cli import err
 
-    err.print(f"[yellow]warning:[/] {text}", markup=True)
+    err.print(Text.assemble(("warning:", "yellow"), " ", text))  # paths may hold "[...]"
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -145,15 +147,19 @@ def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
         _say("no snapshots")
         return
     from rich.table import Table
+    from rich.text import Text
 
     from .cli import out
 
     table = Table(box=None, pad_edge=False)
-    for col in ("id", "provider", "created", "volumes", "window", "consistency"):
-        table.add_column(col)
+    # ids (they carry the UTC time) are what `mount` and `delete` take: never cut them
+    for col in ("id", "provider", "window", "consistency"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("volumes", overflow="fold", min_width=16)
     for m in mans:
         vols = ", ".join(v["mount_point"] for v in m.volumes)
-        table.add_row(m.id, m.provider, m.created, vols, _ms(m.window_s), m.consistency)
+        cells = (m.id, m.provider, _ms(m.window_s), m.consistency, vols)
+        table.add_row(*(Text(c) for c in cells))  # no markup from paths
     out.print(table)
 
 

@@ -351,7 +351,8 @@ class HookContext:
 
         Quiescing steps (before the window) raise HookFailed under ``abort``; under
         ``crash-consistent`` they mark the run as only crash-consistent and go on.
-        Releasing steps (after the window) never stop the run: they become warnings.
+        Releasing steps (after the window) never stop the release of the others: they
+        are collected in ``release_failures``, and the run reports them as its error.
         """
         if not quiescing:
             self.release_failures.append(result.describe())
@@ -459,6 +460,8 @@ class HookDirectory:
         if self.done:
             return
         self.done = True
+        if not ok:
+            self.ctx.status = "failed"
         for script in self.started:
             r = self._run(script, "thaw", releasing=True)
             if not r.ok:
@@ -510,7 +513,7 @@ class _LineReader:
             stripped = line.strip()
             if stripped == word:
                 return "ok", ""
-            if stripped.startswith("error"):
+            if stripped == "error" or stripped.startswith(("error ", "error:")):
                 return "error", stripped[5:].strip(" :") or "the hook reported an error"
             self.output.add((line + "\n").encode())
 
@@ -545,9 +548,9 @@ class SessionHook:
         self.ready = False
 
     def before_freeze(self) -> None:
+        timeout = self.ctx.budget(self.spec.ready_timeout)
         self.timer = _Timer(self.result)
         self.ctx.record(self.result)
-        timeout = self.ctx.budget(self.spec.ready_timeout)
         try:
             self.proc = _spawn(self.spec.argv, self.ctx.env("pre-freeze"), stdin=subprocess.PIPE)
         except OSError as e:
@@ -615,6 +618,8 @@ class SessionHook:
         if self.proc is None or not self.ready:
             return  # never started, or already aborted by before_freeze
         self.ready = False
+        if not ok:
+            self.ctx.status = "failed"
         if ok:
             sent = self._send("thaw")
             assert self.reader is not None

@@ -418,6 +418,29 @@ def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _freezes(raw: dict[str, Any], table: Any, vols: list[str]) -> bool:
+    """Whether the job's provider FIFREEZEs these volumes (atomic ones such as zfs and
+    btrfs do not: then unfreezable filesystems and self-hazards do not matter)."""
+    from .mounts import resolve
+    from .plan import GroupMember
+    from .providers.base import FreezeMode, get_provider
+
+    provider = raw.get("provider")
+    if not isinstance(provider, dict) or provider.get("type") not in PROVIDERS:
+        return True
+    options = {k: v for k, v in provider.items() if k != "type"}
+    targets = [resolve(v, table) for v in vols]
+    try:
+        prov = get_provider(provider["type"])(**options)
+        members = [GroupMember(t.volume, [t]) for t in targets]
+        return prov.freeze_mode(members) is FreezeMode.FIFREEZE
+    except Exception:  # the provider's own problems are reported by its checks at run time
+        return True
+    finally:
+        for t in targets:
+            t.close()
+
+
 def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
     from .mounts import MountTable, resolve
     from .plan import make_plan
@@ -445,6 +468,8 @@ def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
             problems.append(Problem(f"volumes[{i}]", e.message, e.hint))
     if problems or not vols or not all(isinstance(v, str) for v in vols):
         return problems
+    if not _freezes(raw, table, vols):
+        return problems
     allow_self = raw.get("allow_self") is True
     try:
         with make_plan(vols, allow_self=allow_self, table=table) as plan:
@@ -453,6 +478,18 @@ def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
         hint = "set allow_self = true only if nothing writes there while frozen"
         problems.append(Problem("volumes", e.message, hint if "allow_self" in e.hint else e.hint))
     return problems
+
+
+def _in_file_order(problems: list[Problem], raw: dict[str, Any]) -> list[Problem]:
+    """Sort by where the top-level key stands in the file (the file's own problems first)."""
+    keys = {k: i for i, k in enumerate(raw)}
+
+    def pos(p: Problem) -> int:
+        if p.path.startswith("("):
+            return -1
+        return keys.get(re.split(r"[.\[]", p.path, maxsplit=1)[0], len(keys))
+
+    return sorted(problems, key=pos)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -499,7 +536,7 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
     if check_volumes:
         problems += _volume_problems(raw)
     if problems or config is None:
-        raise JobConfigError(shown, problems)
+        raise JobConfigError(shown, _in_file_order(problems, raw))
     name = config.name or (p.stem if NAME_RE.match(p.stem) else "job")
     return Job(config=config, name=name, path=p, hook_dir_scripts=scripts)
 

@@ -76,11 +76,11 @@ def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def _mounts_at(target: str) -> list[tuple[str, str]]:
-    """(source, fstype) of every mount stacked on ``target``, read from mountinfo."""
+    """(source, dev) of every mount stacked on ``target``, read from mountinfo."""
     from .mounts import MountTable
 
     table = MountTable.read()
-    return [(m.source, m.fstype) for m in table.mounts if m.mount_point == target]
+    return [(m.source, m.dev) for m in table.mounts if m.mount_point == target]
 
 
 def loop_devices_of(backing: str) -> list[str]:
@@ -112,11 +112,15 @@ def _undo_mount(e: dict[str, Any]) -> None:
         stacked = _mounts_at(target)
         if not stacked:
             return
-        source = stacked[-1][0]
-        expected = e.get("source")
-        if expected and source != expected and not _same_loop(source, e):
-            # Someone else's mount sits there now: not ours to remove.
-            return
+        source, dev = stacked[-1]
+        ours = (
+            not e.get("source")
+            or source == e["source"]
+            or (e.get("dev") and dev == e["dev"])
+            or _same_loop(source, e)
+        )
+        if not ours:
+            return  # someone else's mount sits there now: not ours to remove
         p = _run("umount", target)
         if p.returncode != 0 and attempt >= 20:
             p = _run("umount", "-l", target)
@@ -162,9 +166,9 @@ def _undo_dir(e: dict[str, Any]) -> None:
     except FileNotFoundError:
         pass
     except OSError as err:
-        if err.errno in (errno.ENOTEMPTY, errno.EBUSY):
-            raise JournalError(f"cannot remove {path}: {err.strerror}") from None
-        raise
+        # Something else lives there now (or is mounted on it): leave the directory.
+        if err.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+            raise
 
 
 def _undo_snapshot(e: dict[str, Any]) -> None:

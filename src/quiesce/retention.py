@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class RetentionPolicy(BaseModel):
     """The ``[retention]`` section of a job (also passed through to the target's prune)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     keep_last: int = Field(0, ge=0, description="the N newest snapshots")
     keep_hourly: int = Field(0, ge=0, description="the newest of each of the last N hours")

@@ -140,6 +140,11 @@ def _write_manifest(state: Path, man: Manifest) -> Path:
     return path
 
 
+def save_manifest(state_dir: str | Path | None, man: Manifest) -> Path:
+    """Write (or rewrite) a manifest in the state directory, atomically."""
+    return _write_manifest(state_dir_path(state_dir), man)
+
+
 def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
     """Every manifest in the state directory, oldest first (unreadable files skipped)."""
     d = _manifest_dir(state_dir_path(state_dir))
@@ -229,8 +234,13 @@ def _unique_id(job: str, state: Path, now: datetime) -> str:
     return snap_id
 
 
-def _window_dict(window: Window) -> dict[str, Any]:
-    return window.to_dict() | {"start_ns": window.start_ns, "end_ns": window.end_ns}
+def _window_dict(window: Window, snapshot_s: float) -> dict[str, Any]:
+    """Window.to_dict(), its monotonic bounds, and how long the provider call took."""
+    return window.to_dict() | {
+        "start_ns": window.start_ns,
+        "end_ns": window.end_ns,
+        "snapshot_s": round(snapshot_s, 9),
+    }
 
 
 def _ms(s: float | None) -> str:
@@ -406,7 +416,7 @@ def create(
                 created=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
                 volumes=[_volume_dict(m) for m in members],
                 snapshots=[s.to_dict() for s in made],
-                window=_window_dict(window) if window is not None else None,
+                window=_window_dict(window, snapshot_s) if window is not None else None,
                 freeze_mode=str(mode),
                 consistency=str(level),
                 consistency_reason=reason,
@@ -601,6 +611,7 @@ __all__ = [
     "load",
     "mount",
     "mounts_of",
+    "save_manifest",
     "state_dir_path",
     "umount",
 ]

@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""The freeze window of a reflink snapshot: naive script vs quiesce vs the floor.
+
+Not a test: run as root, ``python3 bench/window.py [--n 20]``. It builds an ext4 image on
+an XFS (reflink=1) loop filesystem, runs one writer profile at a time on the ext4, and
+takes N snapshots with each method, interleaved (a, b, c, a, b, c, ...):
+
+(a) the naive script: ``fsfreeze -f M; cp --reflink=always IMG SNAP; fsfreeze -u M``,
+    three processes; its window is measured from the spawn of ``fsfreeze -f`` to the
+    exit of ``fsfreeze -u`` (an upper bound by the ~1 ms exec of the first fsfreeze);
+(b) ``quiesce.snapshots.create(..., "reflink")`` (what `quiesce snapshot create
+    --provider reflink` runs); its window is the manifest's (first FIFREEZE issued ->
+    last FITHAW returned, measured by the guardian that does the ioctls);
+(c) the floor: syncfs, then FIFREEZE + FICLONE + FITHAW back to back in one process.
+
+Writer profiles: (1) "fsync": 100-byte appends, each fsync'd, 2 ms apart (a database's
+log); (2) "bulk": buffered 1 MiB pwrites cycling over a 64 MiB region, ~100 MB/s, never
+fsync'd, so tens of MB are dirty when a snapshot starts. Each writer logs every write
+that took longer than 1 ms (start, duration); a stall is charged to the snapshot whose
+operation it overlaps; "outside window" is the longest part of such a stall that falls
+outside that snapshot's freeze window (the pre-freeze syncfs, or CPU contention).
+Everything it makes is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from quiesce import kernel, snapshots
+
+FIFREEZE, FITHAW, FICLONE = kernel.FIFREEZE, kernel.FITHAW, kernel.FICLONE
+
+WRITERS = {
+    "fsync": r"""
+import json, os, signal, sys, time
+stop = False
+signal.signal(signal.SIGTERM, lambda *_: globals().__setitem__("stop", True))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+slow, n = [], 0
+print("ready", flush=True)
+while not stop:
+    t0 = time.monotonic()
+    os.write(fd, b"%099d\n" % n); os.fsync(fd); n += 1
+    d = time.monotonic() - t0
+    if d > 0.001: slow.append((t0, d))
+    time.sleep(0.002)
+print(json.dumps({"ops": n, "slow": slow}), flush=True)
+""",
+    "bulk": r"""
+import json, os, signal, sys, time
+stop = False
+signal.signal(signal.SIGTERM, lambda *_: globals().__setitem__("stop", True))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+chunk, region = b"\xa5" * (1 << 20), 64
+slow, n = [], 0
+print("ready", flush=True)
+while not stop:
+    t0 = time.monotonic()
+    os.pwrite(fd, chunk, (n % region) << 20); n += 1
+    d = time.monotonic() - t0
+    if d > 0.001: slow.append((t0, d))
+    time.sleep(0.01)
+print(json.dumps({"ops": n, "slow": slow}), flush=True)
+""",
+}
+GAP = {"fsync": 0.3, "bulk": 0.7}  # bulk: let ~64 MiB get dirty between snapshots
+METHODS = ("a", "b", "c")
+LABEL = {
+    "a": "(a) fsfreeze -f; cp --reflink; fsfreeze -u",
+    "b": "(b) quiesce snapshot --provider reflink",
+    "c": "(c) floor: syncfs; FIFREEZE+FICLONE+FITHAW",
+}
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, text=True, capture_output=True).stdout.strip()
+
+
+class Bench:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.loops: list[str] = []
+        self.mounts: list[Path] = []
+        self.parts: dict[str, list[tuple[float, float, float]]] = {"b": [], "c": []}
+
+    def setup(self) -> None:
+        outer_img = self.base / "outer.img"
+        with open(outer_img, "wb") as f:
+            f.truncate(4 << 30)
+        sh("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(outer_img))
+        self.outer = self._mount(outer_img, self.base / "outer")
+        self.image = self.outer / "inner.img"
+        with open(self.image, "wb") as f:
+            f.truncate(1 << 30)
+        sh("mkfs.ext4", "-q", "-F", str(self.image))
+        self.inner = self._mount(self.image, self.base / "inner")
+        self.state = self.base / "state"
+        self.clones = self.outer / "clones"
+        self.clones.mkdir()
+
+    def _mount(self, image: Path, mnt: Path) -> Path:
+        dev = sh("losetup", "-f", "--show", "--direct-io=on", str(image))
+        self.loops.append(dev)
+        mnt.mkdir()
+        sh("mount", dev, str(mnt))
+        self.mounts.append(mnt)
+        return mnt
+
+    def teardown(self) -> None:
+        with contextlib.suppress(OSError):  # thaw only what this script may have frozen
+            fd = os.open(self.inner, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    print(f"warning: thaw {self.inner}: {e}", file=sys.stderr)
+            finally:
+                os.close(fd)
+        # inner first: its loop device keeps the outer filesystem busy until detached
+        for mnt, dev in reversed(list(zip(self.mounts, self.loops, strict=False))):
+            for _ in range(50):
+                if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        for dev in self.loops[len(self.mounts) :]:  # attached but never mounted
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+    # -- the three methods: (window_s, op begin, op end, window begin, window end) ------
+    def naive(self, i: int) -> tuple[float, ...]:
+        snap = self.clones / f"a{i}.img"
+        t0 = time.monotonic()
+        subprocess.run(["fsfreeze", "-f", str(self.inner)], check=True)
+        try:
+            subprocess.run(["cp", "--reflink=always", str(self.image), str(snap)], check=True)
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(self.inner)], check=True)
+        t1 = time.monotonic()
+        snap.unlink()
+        return t1 - t0, t0, t1, t0, t1
+
+    def quiesce(self, i: int) -> tuple[float, ...]:
+        t0 = time.monotonic()
+        man = snapshots.create(
+            [str(self.inner)], "reflink", job="bench", options={"dest": str(self.clones)},
+            state_dir=self.state,
+        )  # fmt: skip
+        t1 = time.monotonic()
+        snapshots.delete(man.id, self.state)
+        assert man.window is not None and man.window_s is not None
+        v = man.window["volumes"][0]
+        snap = man.window["snapshot_s"]
+        self.parts["b"].append((v["freeze_s"], snap, v["frozen_for_s"] - snap, v["thaw_s"]))
+        w = man.window
+        return man.window_s, t0, t1, w["start_ns"] / 1e9, w["end_ns"] / 1e9
+
+    def floor(self, i: int) -> tuple[float, ...]:
+        snap = self.clones / f"c{i}.img"
+        t0 = time.monotonic()
+        fd = os.open(self.inner, os.O_RDONLY | os.O_DIRECTORY)
+        src = os.open(self.image, os.O_RDONLY)
+        dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            kernel.syncfs(fd)
+            f0 = time.monotonic_ns()
+            fcntl.ioctl(fd, FIFREEZE, 0)
+            fa = time.monotonic_ns()
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            finally:
+                fb = time.monotonic_ns()
+                fcntl.ioctl(fd, FITHAW, 0)
+            f1 = time.monotonic_ns()
+            self.parts["c"].append(((fa - f0) / 1e9, (fb - fa) / 1e9, (f1 - fb) / 1e9))
+        finally:
+            for x in (dst, src, fd):
+                os.close(x)
+        t1 = time.monotonic()
+        snap.unlink()
+        return (f1 - f0) / 1e9, t0, t1, f0 / 1e9, f1 / 1e9
+
+
+def rcu_grace_period_ms(n: int = 15) -> float:
+    """Median cost of synchronize_rcu(), via membarrier(MEMBARRIER_CMD_GLOBAL): each
+    FIFREEZE level (write, pagefault, fs) takes a percpu rwsem for writing, which waits
+    for one unless the fs was frozen a moment ago."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_membarrier, cmd_global = 324, 1  # x86_64
+    times = []
+    for _ in range(n):
+        time.sleep(0.05)
+        t = time.monotonic()
+        if libc.syscall(sys_membarrier, cmd_global, 0) != 0:
+            return float("nan")
+        times.append((time.monotonic() - t) * 1000)
+    return statistics.median(times)
+
+
+def dirty_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Dirty:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+def run_profile(b: Bench, profile: str, n: int) -> dict[str, dict[str, object]]:
+    target = b.inner / f"{profile}.dat"
+    w = subprocess.Popen(
+        [sys.executable, "-c", WRITERS[profile], str(target)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+    # per snapshot: (window_s, op begin, op end, window begin, window end), monotonic s
+    runs: dict[str, list[tuple[float, ...]]] = {m: [] for m in METHODS}
+    dirty: list[float] = []
+    do = {"a": b.naive, "b": b.quiesce, "c": b.floor}
+    try:
+        time.sleep(1.0)
+        for i in range(n):
+            for m in METHODS:
+                time.sleep(GAP[profile])
+                dirty.append(dirty_mb())
+                runs[m].append(do[m](i))
+    finally:
+        w.terminate()
+        out, _ = w.communicate(timeout=60)
+    report = json.loads(out.strip().splitlines()[-1])
+    result: dict[str, dict[str, object]] = {}
+    for m in METHODS:
+        windows = [r[0] for r in runs[m]]
+        stall, stall_window, outside = 0.0, 0.0, 0.0
+        for start, dur in report["slow"]:
+            for win, t0, t1, w0, w1 in runs[m]:
+                if start < t1 and start + dur > t0:
+                    if dur > stall:
+                        stall, stall_window = dur, win
+                    inside = max(0.0, min(start + dur, w1) - max(start, w0))
+                    outside = max(outside, dur - inside)
+        result[m] = {
+            "n": len(windows),
+            "median": statistics.median(windows),
+            "p95": pct(windows, 95),
+            "max": max(windows),
+            "stall": stall,
+            "stall_window": stall_window,
+            "outside": outside,
+        }
+    result["_dirty"] = {"median_mb": statistics.median(dirty), "ops": report["ops"]}
+    return result
+
+
+def ms(s: float) -> str:
+    return f"{s * 1000:8.2f} ms"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20, help="snapshots per method and profile")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root", file=sys.stderr)
+        return 2
+    base = Path(tempfile.mkdtemp(prefix="quiesce-bench-"))
+    bench = Bench(base)
+    results = {}
+    parts = {}
+    try:
+        bench.setup()
+        for profile in ("fsync", "bulk"):
+            bench.parts = {"b": [], "c": []}
+            results[profile] = run_profile(bench, profile, args.n)
+            parts[profile] = bench.parts
+    finally:
+        bench.teardown()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs; ext4 1 GiB image on XFS "
+          f"(reflink=1) loop fs, loop --direct-io=on; {args.n} snapshots per method")  # fmt: skip
+    for profile, res in results.items():
+        d = res["_dirty"]
+        print(f"\nwriter profile: {profile} ({d['ops']} writes; Dirty before a snapshot, "
+              f"median: {d['median_mb']:.1f} MB system-wide)")  # fmt: skip
+        print(f"  {'method':45} {'median':>11} {'p95':>11} {'max':>11} "
+              f"{'longest stall':>14} {'(its window)':>12} {'outside window':>14}")  # fmt: skip
+        for m in METHODS:
+            r = res[m]
+            stall, win, out = ms(r["stall"]), ms(r["stall_window"]), ms(r["outside"])
+            print(f"  {LABEL[m]:45} {ms(r['median'])} {ms(r['p95'])} {ms(r['max'])} "
+                  f"{stall:>14} {win} {out:>14}")  # fmt: skip
+        a, b, c = res["a"], res["b"], res["c"]
+        print(f"  (b)/(a): median {b['median'] / a['median']:.3f}, p95 {b['p95'] / a['p95']:.3f}"
+              f"    (b)/(c): median {b['median'] / c['median']:.3f}, "
+              f"p95 {b['p95'] / c['p95']:.3f}")  # fmt: skip
+        med = [statistics.median(x) * 1000 for x in zip(*parts[profile]["b"], strict=True)]
+        print(f"  (b) median parts: FIFREEZE {med[0]:.2f} ms, provider snapshot (FICLONE) "
+              f"{med[1]:.2f} ms, guardian round trips (freeze reply + thaw request) "
+              f"{med[2]:.2f} ms, FITHAW {med[3]:.2f} ms")  # fmt: skip
+        med = [statistics.median(x) * 1000 for x in zip(*parts[profile]["c"], strict=True)]
+        print(f"  (c) median parts: FIFREEZE {med[0]:.2f} ms, FICLONE {med[1]:.2f} ms, "
+              f"FITHAW {med[2]:.2f} ms")  # fmt: skip
+    print(f"\none RCU grace period (membarrier GLOBAL), median: {rcu_grace_period_ms():.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The ``[backup]`` section of a job file.
+
+Strict like the rest of the job schema (job.py): unknown keys and wrong types are
+problems with their key path. Password *values* never appear in a job file: it names a
+file or an environment variable that holds one.
+
+    [backup]
+    target = "restic"                  # restic | borg | tar
+    repository = "/srv/backup/restic"  # restic/borg repository (tar: `directory`)
+    password_file = "/etc/quiesce/restic.pass"
+    tags = ["nightly"]
+    verify = "sample"                  # none | repository | sample | full
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+DEFAULT_MOUNT_ROOT = "/run/quiesce/backup"
+
+Verify = Literal["none", "repository", "sample", "full"]
+
+
+class BackupConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    target: Literal["restic", "borg", "tar"]
+    # restic / borg
+    repository: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None  # the NAME of an environment variable holding it
+    init: bool = False  # create the repository on first use
+    host: str | None = None  # default: this machine's hostname
+    tags: list[Annotated[str, Field(min_length=1)]] = []
+    archive: str = "{job}-{time}"  # borg archive name; tar file name stem
+    compression: str | None = None  # borg: "zstd,3"; tar: "zstd" (default) or "gzip"
+    exclude: list[str] = []
+    extra_args: list[str] = []  # appended to the target's backup command
+    # tar
+    directory: str | None = None  # tar: where the .tar.zst and .sha256 files go
+    command: list[Annotated[str, Field(min_length=1)]] | None = None  # tar: stream to stdin
+    sha256_dir: str | None = None  # tar with `command`: where the .sha256 goes
+    # the phase
+    mount_root: str = DEFAULT_MOUNT_ROOT  # stable paths: <mount_root>/<job>/<volume>
+    verify: Verify = "sample"
+    sample_files: PositiveInt = 20
+    verify_dir: str = "/var/tmp"  # restores for verification go to a temp dir here
+    prune: bool = True  # pass [retention] to the target's forget --prune / prune
+    timeout: PositiveFloat | None = None  # the backup command's own deadline (seconds)
+    delete_snapshot: bool = False  # delete the snapshot after a good backup
+
+    @model_validator(mode="after")
+    def _target_needs(self) -> BackupConfig:
+        problems = semantic_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def semantic_problems(raw: dict[str, Any]) -> list[str]:
+    """What a target needs beyond the types (also run on a table that has type errors,
+    so that one report lists everything)."""
+    target = raw.get("target")
+    problems = []
+    if target in ("restic", "borg") and not raw.get("repository"):
+        problems.append(f"the {target} target needs `repository`")
+    if target == "tar":
+        if bool(raw.get("directory")) == bool(raw.get("command")):
+            problems.append("the tar target needs exactly one of `directory` or `command`")
+        if raw.get("compression") not in (None, "zstd", "gzip"):
+            problems.append("tar compression must be 'zstd' or 'gzip'")
+        if raw.get("command") and raw.get("verify", "sample") in ("sample", "full"):
+            problems.append(
+                "a tar stream sent to a command cannot be read back: use verify = "
+                "'none' or 'repository', or write to `directory`"
+            )
+    if raw.get("password_file") and raw.get("password_env"):
+        problems.append("give either `password_file` or `password_env`, not both")
+    return problems
+
+
+__all__ = ["DEFAULT_MOUNT_ROOT", "BackupConfig", "Verify", "semantic_problems"]

@@ -1,0 +1,319 @@
+"""The backup phase of a run: mount the snapshot, back it up, verify, unmount, prune.
+
+Also what ``quiesce backup JOB.toml`` runs on the newest existing snapshot. Every
+mount, loop device and scratch directory is journaled (journal.py) before it is made;
+the snapshot is *held* (its mount entries name it) while the backup reads it, so
+retention never deletes it underneath. A failed verification stops the pruning: the
+older snapshots and backups are all that is known to be good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExitCode, QuiesceError, UsageError
+from ..journal import Journal, cleanup, held_snapshot_ids, state_dir
+from ..retention import RetentionPolicy, decide
+from .base import BackupResult, ProgressFn, Target
+from .config import BackupConfig
+from .mount import mounted_snapshots
+from .verify import VerifyResult, verify
+
+
+class VerifyFailed(QuiesceError):
+    exit_code = ExitCode.FAILURE
+    default_hint = (
+        "the backup does not match the snapshot: the snapshot and older backups were kept; "
+        "check the target's storage, then run `quiesce backup JOB.toml` again"
+    )
+
+
+class BackupBusy(UsageError):
+    default_hint = "wait for the other backup of this job to finish"
+
+
+@dataclass
+class BackupReport:
+    """What the backup phase did; ``to_dict`` goes into the run's report as ``backup``."""
+
+    job: str
+    target: str
+    snapshot: str | None = None  # the manifest id backed up
+    ok: bool = True
+    exit_code: int = ExitCode.OK
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    result: BackupResult | None = None
+    verify: VerifyResult | None = None
+    retention: dict[str, Any] | None = None
+    cleanup: dict[str, Any] | None = None  # what crashed runs had left (removed first)
+    warnings: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    duration_s: float = 0.0
+
+    def set_error(self, e: QuiesceError) -> None:
+        self.ok = False
+        self.exit_code = e.exit_code
+        self.error = e.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "target": self.target,
+            "snapshot": self.snapshot,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "phases": self.phases,
+            "mounts": self.mounts,
+            "backup": self.result.to_dict() if self.result else None,
+            "verify": self.verify.to_dict() if self.verify else None,
+            "retention": self.retention,
+            "cleanup": self.cleanup,
+            "warnings": self.warnings,
+            "error": self.error,
+            "duration_s": round(self.duration_s, 6),
+        }
+
+
+class _Phases:
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        self.into = into
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, detail: str | None = None) -> Iterator[dict[str, Any]]:
+        rec: dict[str, Any] = {"name": name, "start": time.time(), "ok": False}
+        if detail:
+            rec["detail"] = detail
+        t0 = time.monotonic()
+        try:
+            yield rec
+            rec["ok"] = True
+        finally:
+            rec["duration_s"] = round(time.monotonic() - t0, 6)
+            rec["end"] = rec["start"] + rec["duration_s"]
+            self.into.append(rec)
+
+
+def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
+    """The target object for a job's ``[backup]`` section."""
+    if cfg.target == "restic":
+        from .restic import from_config as restic
+
+        return restic(cfg, job, cache_dir=state / "cache" / "restic")
+    if cfg.target == "borg":
+        from .borg import from_config as borg
+
+        return borg(cfg, job, base_dir=state / "borg")
+    from .tar import from_config as tar
+
+    return tar(cfg, job)
+
+
+@contextlib.contextmanager
+def job_lock(state: Path, job: str) -> Iterator[None]:
+    """One backup per job at a time: the stable mount paths are the job's."""
+    d = state / "locks"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(d / f"backup-{job}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupBusy(f"another backup of job {job} is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
+    """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
+    from .. import snapshots
+
+    mans = [m for m in snapshots.list_manifests(state) if m.job == job]
+    if not mans:
+        raise UsageError(
+            f"job {job} has no snapshot to back up",
+            "take one first: `quiesce run JOB.toml` (or `quiesce snapshot create`)",
+        )
+    return mans[-1]
+
+
+def _created(man: Any) -> datetime:
+    return datetime.fromisoformat(str(man.created).replace("Z", "+00:00"))
+
+
+def _held(state: Path, manifests: list[Any]) -> set[str]:
+    """Manifests a live run is reading, or that are mounted anywhere."""
+    from .. import snapshots
+
+    held = set(held_snapshot_ids(state))
+    for man in manifests:
+        if any(snapshots.mounts_of(s) for s in man.snapshot_objects()):
+            held.add(man.id)
+    return held
+
+
+def apply_snapshot_retention(
+    job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
+) -> dict[str, Any]:
+    """Delete the job's snapshots that ``policy`` does not keep (never a held one)."""
+    from .. import snapshots
+
+    mans = [m for m in snapshots.list_manifests(state) if m.job == job]
+    held = _held(state, mans) | set(keep)
+    decision = decide({m.id: _created(m) for m in mans}, policy, held)
+    deleted, failed = [], []
+    for snap_id in decision.delete:
+        try:
+            snapshots.delete(snap_id, state)
+            deleted.append(snap_id)
+        except QuiesceError as e:  # mounted meanwhile, storage error: keep going
+            failed.append(f"{snap_id}: {e.message}")
+    return {"kept": decision.keep, "deleted": deleted, "failed": failed, "held": sorted(held)}
+
+
+def run_backup(
+    manifest: Any,
+    cfg: BackupConfig,
+    *,
+    job: str,
+    state: str | Path | None = None,
+    retention: RetentionPolicy | None = None,
+    progress: ProgressFn | None = None,
+    rng: random.Random | None = None,
+) -> BackupReport:
+    """Back up the snapshot of ``manifest`` to ``cfg``'s target. Never raises for the
+    run's own failures: they are in ``report.error`` (like job.run_job)."""
+    state_path = state_dir(state)
+    report = BackupReport(job=job, target=cfg.target, snapshot=getattr(manifest, "id", None))
+    phase = _Phases(report.phases)
+    t0 = time.monotonic()
+    try:
+        with job_lock(state_path, job):
+            with phase("cleanup"):
+                left = cleanup(state_path)
+                if left.removed or left.errors:
+                    report.cleanup = left.to_dict()
+                    report.warnings += [f"cleanup: {e}" for e in left.errors]
+            _backup_and_verify(manifest, cfg, job, state_path, report, phase, progress, rng)
+            policy = retention or RetentionPolicy()
+            if report.ok and (cfg.delete_snapshot or not policy.empty):
+                with phase("retention"):
+                    report.retention = _snapshot_retention(manifest, cfg, policy, job, state_path)
+                    report.warnings += [f"retention: {f}" for f in report.retention["failed"]]
+            if report.ok and cfg.prune and not policy.empty:
+                with phase("prune", f"{cfg.target} forget/prune"):
+                    pruned = make_target(cfg, job, state_path).forget_prune(policy)
+                    report.retention = (report.retention or {}) | {"target": pruned.to_dict()}
+    except QuiesceError as e:
+        report.set_error(e)
+    report.duration_s = time.monotonic() - t0
+    return report
+
+
+def _snapshot_retention(
+    manifest: Any, cfg: BackupConfig, policy: RetentionPolicy, job: str, state: Path
+) -> dict[str, Any]:
+    """Delete the snapshot just backed up (``delete_snapshot``), then apply ``policy``
+    to the job's other snapshots; the one just backed up is never pruned by policy."""
+    from .. import snapshots
+
+    out: dict[str, Any] = {"kept": {}, "deleted": [], "failed": [], "held": []}
+    if cfg.delete_snapshot:
+        try:
+            snapshots.delete(manifest.id, state)
+            out["deleted"].append(manifest.id)
+        except QuiesceError as e:
+            out["failed"].append(f"{manifest.id}: {e.message}")
+    if not policy.empty:
+        more = apply_snapshot_retention(job, policy, state, keep={manifest.id})
+        out["kept"] = more["kept"]
+        out["deleted"] += more["deleted"]
+        out["failed"] += more["failed"]
+        out["held"] = more["held"]
+    return out
+
+
+def _backup_and_verify(
+    manifest: Any,
+    cfg: BackupConfig,
+    job: str,
+    state: Path,
+    report: BackupReport,
+    phase: _Phases,
+    progress: ProgressFn | None,
+    rng: random.Random | None,
+) -> None:
+    from ..providers.base import get_provider
+
+    snaps = manifest.snapshot_objects()
+    provider = get_provider(manifest.provider)(**(manifest.options or {}))
+    target = make_target(cfg, job, state)
+    if cfg.init:
+        with phase("init"):
+            target.init()
+    with Journal.open(state, job=job) as journal, contextlib.ExitStack() as mounts:
+        with phase("mount") as rec:
+            mounted = mounts.enter_context(
+                mounted_snapshots(
+                    snaps,
+                    job=job,
+                    journal=journal,
+                    root=cfg.mount_root,
+                    provider=provider,
+                    holds=manifest.id,
+                )
+            )
+            rec["detail"] = ", ".join(str(m.path) for m in mounted)
+        try:
+            report.mounts = [m.to_dict() for m in mounted]
+            for m in mounted:
+                report.warnings += m.warnings
+            root = Path(cfg.mount_root) / job
+            names = [m.slug for m in mounted]
+            with phase("backup", f"{cfg.target} of {len(names)} volume(s)"):
+                report.result = target.backup(
+                    root,
+                    paths=names,
+                    tags=[*cfg.tags, f"quiesce-snapshot={manifest.id}"],
+                    host=cfg.host or socket.gethostname(),
+                    time=_created(manifest),
+                    progress=progress,
+                    timeout=cfg.timeout,
+                )
+            if cfg.verify != "none":
+                with phase("verify", cfg.verify):
+                    report.verify = verify(
+                        target, report.result, root, names, cfg.verify,
+                        sample_files=cfg.sample_files, temp_root=cfg.verify_dir,
+                        journal=journal, rng=rng,
+                    )  # fmt: skip
+                if not report.verify.ok:
+                    shown = "; ".join(report.verify.mismatches[:3]) or report.verify.detail
+                    report.set_error(
+                        VerifyFailed(f"verification ({cfg.verify}) of the backup failed: {shown}")
+                    )
+        finally:
+            with phase("umount"):
+                mounts.close()
+
+
+__all__ = [
+    "BackupBusy",
+    "BackupReport",
+    "VerifyFailed",
+    "apply_snapshot_retention",
+    "make_target",
+    "newest_snapshot",
+    "run_backup",
+]

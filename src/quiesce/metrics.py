@@ -1,0 +1,155 @@
+"""Prometheus textfile-collector output (node_exporter ``--collector.textfile.directory``).
+
+One file may hold several jobs: the samples of other jobs are kept, ours are replaced.
+The file is written to a temporary name in the same directory, fsync'd and renamed, so
+node_exporter never reads half a file; a lock file serialises jobs that share one.
+``last_success_timestamp_seconds`` survives a failed run (alert on its age).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "quiesce_"
+# name -> help text (all gauges)
+METRICS: dict[str, str] = {
+    "last_run_timestamp_seconds": "Unix time when the last run of the job finished.",
+    "last_run_success": "1 if the last run of the job succeeded, else 0.",
+    "last_success_timestamp_seconds": "Unix time when a run of the job last succeeded.",
+    "run_duration_seconds": "Duration of the last run, from start to report.",
+    "freeze_window_seconds": "Freeze window of the last run: first FIFREEZE to last FITHAW.",
+    "backup_bytes": "Bytes of file content the last backup processed.",
+    "backup_added_bytes": "New bytes the last backup stored in the target (after dedup).",
+    "backup_files": "Files the last backup processed.",
+    "backup_duration_seconds": "Duration of the last backup phase (the target's command).",
+    "verify_success": "1 if the last backup was verified good, 0 if it failed verification.",
+}
+_SAMPLE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{job="(?P<job>(?:[^"\\]|\\.)*)"\} (?P<v>\S+)'
+)
+
+
+@dataclass
+class RunMetrics:
+    """What one run reports. ``None`` means "not measured this run" (no sample)."""
+
+    job: str
+    success: bool
+    finished: float | None = None  # unix time; default: now
+    duration_s: float | None = None
+    freeze_window_s: float | None = None
+    backup_bytes: int | None = None
+    backup_added_bytes: int | None = None
+    backup_files: int | None = None
+    backup_duration_s: float | None = None
+    verify_ok: bool | None = None
+
+    def samples(self, previous_success: float | None) -> dict[str, float]:
+        now = self.finished if self.finished is not None else time.time()
+        out: dict[str, float | None] = {
+            "last_run_timestamp_seconds": now,
+            "last_run_success": 1.0 if self.success else 0.0,
+            "last_success_timestamp_seconds": now if self.success else previous_success,
+            "run_duration_seconds": self.duration_s,
+            "freeze_window_seconds": self.freeze_window_s,
+            "backup_bytes": self.backup_bytes,
+            "backup_added_bytes": self.backup_added_bytes,
+            "backup_files": self.backup_files,
+            "backup_duration_seconds": self.backup_duration_s,
+            "verify_success": None if self.verify_ok is None else float(self.verify_ok),
+        }
+        return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def unescape_label(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def format_value(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+
+
+def parse(text: str) -> dict[str, dict[str, float]]:
+    """Our own samples in ``text``: job -> {metric (without prefix) -> value}."""
+    jobs: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or not m.group("name").startswith(PREFIX):
+            continue
+        name = m.group("name")[len(PREFIX) :]
+        if name not in METRICS:
+            continue
+        with contextlib.suppress(ValueError):
+            jobs.setdefault(unescape_label(m.group("job")), {})[name] = float(m.group("v"))
+    return jobs
+
+
+def render(jobs: Mapping[str, Mapping[str, float]]) -> str:
+    """The exposition text: HELP and TYPE once per metric, one sample per job."""
+    lines = []
+    for name, help_text in METRICS.items():
+        rows = [(job, vals[name]) for job, vals in sorted(jobs.items()) if name in vals]
+        if not rows:
+            continue
+        lines.append(f"# HELP {PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {PREFIX}{name} gauge")
+        for job, value in rows:
+            lines.append(f'{PREFIX}{name}{{job="{escape_label(job)}"}} {format_value(value)}')
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_textfile(path: str | Path, run: RunMetrics) -> str:
+    """Replace ``run.job``'s samples in the file at ``path``, atomically. Returns the text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        try:
+            jobs = parse(path.read_text())
+        except FileNotFoundError:
+            jobs = {}
+        previous = jobs.get(run.job, {}).get("last_success_timestamp_seconds")
+        jobs[run.job] = run.samples(previous)
+        text = render(jobs)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # node_exporter runs as its own user
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+    return text
+
+
+__all__ = ["METRICS", "RunMetrics", "parse", "render", "write_textfile"]

@@ -1,0 +1,83 @@
+"""Throwaway database servers for the writer tests, on loop filesystems.
+
+Never the system services: each server gets its own data directory, socket and log in
+directories the test made. The loop filesystems live under a world-traversable temp
+directory (pytest's own is 0700), because the servers run as the postgres/mysql users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import LoopFactory
+
+SETUP_HINT = "run `bash scripts/db-setup.sh` (installs Debian's postgresql and mariadb-server)"
+
+
+def pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def mariadb_bin() -> dict[str, str] | None:
+    tools = {}
+    for tool in ("mariadbd", "mariadb-install-db"):
+        path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
+                                      else None)  # fmt: skip
+        if path is None:
+            return None
+        tools[tool] = path
+    return tools
+
+
+@contextlib.contextmanager
+def open_loops() -> Iterator[LoopFactory]:
+    """conftest's LoopFactory in a directory other users can traverse; torn down after."""
+    base = Path(tempfile.mkdtemp(prefix="quiesce-db-", dir="/tmp"))
+    base.chmod(0o755)
+    factory = LoopFactory(base)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def shared_dir(owner: str) -> Path:
+    """A temp dir (sockets, logs, pid files) owned by a server's user, outside any volume."""
+    d = Path(tempfile.mkdtemp(prefix=f"quiesce-{owner}-", dir="/tmp"))
+    shutil.chown(d, owner, owner)
+    d.chmod(0o755)
+    return d
+
+
+def as_user(user: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    return p
+
+
+def wait_for_path(path: Path, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def need(condition: bool, what: str) -> None:
+    if not condition:
+        pytest.skip(f"{what} not installed: {SETUP_HINT}")

@@ -1,0 +1,284 @@
+"""Job files: the schema, the safety checks and `quiesce check`/`--dry-run`.
+
+Every bad input is reported with its TOML key path, message and hint, all at once,
+with exit code 2 (ExitCode.USAGE), and nothing runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import is_writable
+from helpers.jobtools import PY, write_job
+
+from quiesce.errors import ExitCode
+from quiesce.job import JobConfigError, load_job
+
+pytestmark = pytest.mark.timeout(60)
+
+GOOD = """
+volumes = ["{vol}"]
+[provider]
+type = "command"
+create = ["true"]
+"""
+
+
+def problems(path: Path, check_volumes: bool = False) -> list[tuple[str, str, str]]:
+    with pytest.raises(JobConfigError) as e:
+        load_job(path, check_volumes=check_volumes)
+    assert e.value.exit_code == ExitCode.USAGE == 2
+    return [(p.path, p.message, p.hint) for p in e.value.problems]
+
+
+BAD = [
+    (  # unknown key, with a suggestion
+        'volumes = ["/v"]\non_hook_falure = "abort"\n[provider]\ntype = "reflink"\n',
+        ("on_hook_falure", "unknown key",
+         "did you mean 'on_hook_failure'? allowed here: allow_self, hooks, name, "
+         "on_hook_failure, provider, state_dir, syncfs, timeouts, volumes, writers"),
+    ),
+    (  # wrong type
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n[timeouts]\nfreeze = "30"\n',
+        ("timeouts.freeze", "wrong type: expected a number, got string '30'",
+         "write it without quotes: freeze = 30"),
+    ),
+    (
+        'volumes = "/v"\n[provider]\ntype = "reflink"\n',
+        ("volumes", "wrong type: expected an array, got string '/v'",
+         "see docs/jobs.md for this key's type"),
+    ),
+    (  # missing provider option
+        'volumes = ["/v"]\n[provider]\ntype = "command"\n',
+        ("provider.create", "missing: the command provider needs it",
+         'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'),
+    ),
+    (
+        'volumes = ["/v"]\n[provider]\ntype = "reflinc"\n',
+        ("provider.type", "unknown provider 'reflinc'",
+         "did you mean 'reflink'? one of: btrfs, command, ebs, lvm, reflink, zfs"),
+    ),
+    (
+        '[provider]\ntype = "reflink"\n',
+        ("volumes", "missing (required)",
+         'volumes = ["/srv/data"] (the mount points to snapshot together)'),
+    ),
+    (  # nonexistent hook
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n'
+        '[[hooks.pre_freeze]]\ncommand = ["/usr/local/bin/no-such-hook"]\n',
+        ("hooks.pre_freeze[0].command", "/usr/local/bin/no-such-hook does not exist",
+         "give the absolute path of an executable (no shell is used)"),
+    ),
+    (
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n'
+        '[[hooks.session]]\ncommand = ["no-such-hook-anywhere"]\n',
+        ("hooks.session[0].command", "no-such-hook-anywhere does not exist on PATH",
+         "give the absolute path of an executable (no shell is used)"),
+    ),
+    (  # a string command would need a shell
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n'
+        '[[hooks.post_thaw]]\ncommand = "systemctl start app"\n',
+        ("hooks.post_thaw[0].command",
+         "a command is a list of arguments, not a string: quiesce runs no shell",
+         'write ["systemctl", "start", "app"]; for a shell write ["/bin/sh", "-c", "..."]'),
+    ),
+    (
+        'volumes = ["/v"]\non_hook_failure = "ignore"\n[provider]\ntype = "reflink"\n',
+        ("on_hook_failure", "must be 'abort' or 'crash-consistent'", ""),
+    ),
+    (
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n[[writers.sqlite]]\nbusy_timeout = 5\n',
+        ("writers.sqlite[0].databases", "missing (required)",
+         'databases = ["/srv/db/app.sqlite"]'),
+    ),
+    (
+        'volumes = ["/v"]\n[provider\ntype = "reflink"\n',
+        ("(toml)", "not valid TOML: Expected ']' at the end of a table declaration "
+         "(at line 2, column 10)", "check the syntax near that line"),
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD, ids=[e[0] for _, e in BAD])
+def test_bad_input_is_reported_with_key_path_message_and_hint(tmp_path, text, expected):
+    assert problems(write_job(tmp_path, text)) == [expected]
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    job = write_job(
+        tmp_path,
+        """
+volumes = ["relative/path"]
+colour = "blue"
+[provider]
+type = "command"
+[timeouts]
+hook = -1
+[[hooks.pre_freeze]]
+command = ["/no/such/hook"]
+""",
+    )
+    found = problems(job, check_volumes=True)
+    assert [p[0] for p in found] == [
+        "volumes[0]", "colour", "provider.create", "timeouts.hook",
+        "hooks.pre_freeze[0].command",
+    ]  # fmt: skip
+    assert found[0][1] == "'relative/path' is not an absolute path"
+    assert found[3][1] == "must be greater than 0"
+
+
+def test_job_file_writable_by_others_is_refused(tmp_path):
+    job = write_job(tmp_path, GOOD.format(vol="/v"), mode=0o666)
+    assert problems(job) == [(
+        "(job file)", f"{job} is writable by others (mode 0666)",
+        f"make it root's and writable only by root: chown root:root {job} && chmod go-w {job}",
+    )]  # fmt: skip
+
+
+def test_job_file_owned_by_another_user_is_refused(tmp_path):
+    job = write_job(tmp_path, GOOD.format(vol="/v"))
+    os.chown(job, 65534, 65534)
+    assert problems(job)[0][:2] == ("(job file)", f"{job} is owned by uid 65534, not root")
+
+
+def test_hook_script_writable_by_its_group_is_refused(tmp_path):
+    script = tmp_path / "pre.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o775)
+    job = write_job(tmp_path, GOOD.format(vol="/v") + (
+        f'[[hooks.pre_freeze]]\ncommand = ["{script}"]\n'
+        f'[[hooks.post_thaw]]\ncommand = ["/bin/sh", "{script}"]\n'
+    ))  # fmt: skip
+    message = f"{script} is writable by its group (mode 0775)"
+    assert [p[:2] for p in problems(job)] == [
+        ("hooks.pre_freeze[0].command", message),
+        ("hooks.post_thaw[0].command", message),  # the script an interpreter runs, too
+    ]
+
+
+def test_hook_directory_script_owned_by_another_user_is_refused(tmp_path):
+    hookdir = tmp_path / "hooks.d"
+    hookdir.mkdir()
+    script = hookdir / "10-app"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    os.chown(script, 65534, 0)
+    job = write_job(tmp_path, GOOD.format(vol="/v") + f'[hooks]\ndirectory = "{hookdir}"\n')
+    assert [p[:2] for p in problems(job)] == [
+        ("hooks.directory", f"{script} is owned by uid 65534, not root")
+    ]
+
+
+def test_good_job_loads_with_defaults(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    job = load_job(write_job(tmp_path, GOOD.format(vol=fs.path), name="db-nightly.toml"))
+    assert job.name == "db-nightly"
+    c = job.config
+    assert (c.on_hook_failure, c.timeouts.freeze, c.timeouts.hook) == ("abort", 30.0, 60.0)
+    assert c.provider.options == {"create": ["true"]}
+
+
+def quiesce(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quiesce", *args], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_check_cli_prints_every_problem_and_exits_2(tmp_path):
+    job = write_job(tmp_path, 'volumes = ["/v"]\n[provider]\ntype = "command"\nextra = 1\n'
+                    '[[hooks.pre_freeze]]\ncommand = ["/no/hook"]\n')  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == 2
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert lines[0] == f"quiesce: {job}: 3 problems; nothing was run"
+    assert "  provider.create: missing: the command provider needs it" in lines
+    assert "  hooks.pre_freeze[0].command: /no/hook does not exist" in lines
+    assert "  volumes[0]: /v: no such file or directory" in lines
+    assert lines[-1].startswith("hint: fix the job file")
+    j = json.loads(quiesce("check", str(job), "--json").stdout)
+    assert j["exit_code"] == 2 and len(j["problems"]) == 3
+
+
+def test_run_refuses_an_invalid_job_and_runs_nothing(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    ran = tmp_path / "ran"
+    job = write_job(
+        tmp_path,
+        f"""
+volumes = ["{fs.path}"]
+[provider]
+type = "command"
+create = ["true"]
+[[hooks.pre_freeze]]
+command = ["touch", "{ran}"]
+[timeouts]
+freeze = 0
+""",
+    )
+    p = quiesce("run", str(job))
+    assert p.returncode == 2
+    assert "  timeouts.freeze: must be greater than 0" in p.stderr.splitlines()
+    assert not ran.exists()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(loopfs, tmp_path):
+    outer = loopfs("xfs")
+    inner = loopfs("ext4", image_dir=outer.mountpoint)
+    ran = tmp_path / "ran"
+    job = write_job(
+        tmp_path,
+        f"""
+name = "pair"
+volumes = ["{outer.path}", "{inner.path}"]
+state_dir = "{tmp_path / "state"}"
+[provider]
+type = "command"
+create = ["touch", "{ran}"]
+[[hooks.pre_freeze]]
+name = "pause-app"
+command = ["touch", "{ran}"]
+[[hooks.post_thaw]]
+name = "resume-app"
+command = ["{PY}", "-c", "pass"]
+""",
+    )
+    p = quiesce("run", str(job), "--dry-run", "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["dry_run"] is True
+    order = [m["mount_point"] for m in report["plan"]["order"]]
+    assert order == [inner.path, outer.path]  # the loop image's fs freezes first
+    steps = report["steps"]
+    assert f"FIFREEZE in order: {inner.path}, {outer.path}" in steps
+    assert f"FITHAW in reverse order: {outer.path}, {inner.path}" in steps
+    assert any(s.startswith("pre-freeze hook 'pause-app': touch ") for s in steps)
+    assert steps.index(f"FITHAW in reverse order: {outer.path}, {inner.path}") < next(
+        i for i, s in enumerate(steps) if s.startswith("post-thaw hook 'resume-app'")
+    )
+    human = quiesce("run", str(job), "--dry-run")
+    assert human.returncode == 0
+    assert "freeze order" in human.stdout and "FIFREEZE in order" in human.stdout
+    assert not ran.exists() and not (tmp_path / "state").exists()
+    assert is_writable(inner.path) and is_writable(outer.path)
+
+
+def test_dry_run_shows_refused_hazards(tmp_path):
+    """/ holds quiesce itself: the plan is refused, and the dry run says so."""
+    job = write_job(tmp_path, GOOD.format(vol="/"))
+    p = quiesce("check", str(job))
+    assert p.returncode == 2
+    assert "  volumes: / is the root filesystem" in p.stderr
+
+
+def test_unfreezable_volume_is_refused_only_when_the_provider_freezes(loopfs, tmp_path):
+    tmpfs = loopfs.tmpfs()
+    job = write_job(tmp_path, f'volumes = ["{tmpfs}"]\n[provider]\ntype = "reflink"\n')
+    assert [p[:2] for p in problems(job, check_volumes=True)] == [
+        ("volumes", f"{tmpfs} is tmpfs, which cannot be frozen")
+    ]
+    atomic = write_job(tmp_path, f'volumes = ["{tmpfs}"]\n[provider]\ntype = "zfs"\n', "z.toml")
+    assert load_job(atomic).config.provider.type == "zfs"  # zfs never freezes: no problem

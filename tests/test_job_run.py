@@ -1,0 +1,241 @@
+"""`quiesce run JOB.toml` end to end on real loop filesystems: the report, the policy,
+post-thaw hooks on every path out, and a controller killed inside the window."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import is_writable
+from helpers.jobtools import (
+    PY,
+    events,
+    lock_is_free,
+    process_state,
+    session_argv,
+    toml_list,
+    wait_for,
+    write_job,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def quiesce(*args: str, env: dict[str, str] | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "quiesce", *args], capture_output=True, text=True,
+        timeout=timeout, env=os.environ | (env or {}),
+    )  # fmt: skip
+
+
+def marker_hook(path: Path) -> list[str]:
+    """A hook that appends its phase and status to ``path`` (outside the volumes)."""
+    code = (
+        "import os,sys; open(sys.argv[1],'a').write("
+        "os.environ['QUIESCE_PHASE']+' '+os.environ['QUIESCE_STATUS']+'\\n')"
+    )
+    return [PY, "-c", code, str(path)]
+
+
+def job_text(fs_path: str, tmp: Path, *, create: list[str], extra: str = "") -> str:
+    return f"""
+name = "t1"
+volumes = ["{fs_path}"]
+state_dir = "{tmp / "state"}"
+{extra}
+[provider]
+type = "command"
+create = {toml_list(create)}
+"""
+
+
+def test_run_reports_phases_hooks_window_and_snapshot(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log = tmp_path / "hooks.log"
+    inside = tmp_path / "inside"
+    # The snapshot command proves it ran while the volume was frozen: a write probe
+    # (in a child, with a timeout) must fail.
+    probe = (
+        "import sys; from subprocess import DEVNULL as N, Popen, TimeoutExpired\n"
+        "p = Popen(['touch', sys.argv[1] + '/probe'], stdout=N, stderr=N)\n"
+        "try: p.wait(0.3); sys.exit(1)\nexcept TimeoutExpired: pass\n"
+        "open(sys.argv[2],'w').write('frozen'); print('snap-1')"
+    )
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=[PY, "-c", probe, fs.path,
+        str(inside)], extra=f"""
+[[hooks.pre_freeze]]
+name = "pause"
+command = {toml_list(marker_hook(log))}
+
+[[hooks.post_thaw]]
+name = "resume"
+command = {toml_list(marker_hook(log))}
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 0, p.stderr + p.stdout
+    report = json.loads(p.stdout)
+    assert inside.read_text() == "frozen"
+    assert log.read_text().split("\n")[:2] == ["pre-freeze ok", "post-thaw ok"]
+    assert report["ok"] and report["exit_code"] == 0 and report["error"] is None
+    assert report["consistency"] == "application"
+    assert [h["kind"] for h in report["hooks"]] == ["pre-freeze", "post-thaw"]
+    assert all(h["status"] == "ok" for h in report["hooks"])
+    names = [ph["name"] for ph in report["phases"]]
+    for wanted in ("plan", "pre-freeze hooks", f"syncfs {fs.path}", f"freeze {fs.path}",
+                   "provider snapshot (frozen)", f"thaw {fs.path}", "post-thaw hooks",
+                   "freeze window"):  # fmt: skip
+        assert wanted in names, names
+    for ph in report["phases"]:
+        assert ph["start"] <= ph["end"] and ph["duration_s"] >= 0, ph
+    order = {n: i for i, n in enumerate(names)}
+    assert order["pre-freeze hooks"] < order[f"freeze {fs.path}"] < order["post-thaw hooks"]
+    assert report["window"]["window_s"] >= 0.3
+    assert report["window"]["thawed_by"] == "controller"
+    assert report["snapshots"] and report["snapshots"][0]["provider"] == "command"
+    manifest = json.loads((tmp_path / "state/snapshots" / f"{report['manifest_id']}.json")
+                          .read_text())  # fmt: skip
+    assert manifest["consistency"] == "application"
+    assert is_writable(fs.path)
+
+
+def test_pre_freeze_failure_aborts_before_the_freeze_and_post_thaw_still_runs(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log, snapped = tmp_path / "hooks.log", tmp_path / "snapped"
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["touch", str(snapped)],
+        extra=f"""
+[[hooks.pre_freeze]]
+name = "broken"
+command = ["{PY}", "-c", "import sys; print('app says no'); sys.exit(3)"]
+
+[[hooks.post_thaw]]
+command = {toml_list(marker_hook(log))}
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 1, p.stderr
+    report = json.loads(p.stdout)
+    assert report["error"]["error"] == "HookFailed"
+    assert report["error"]["message"] == (
+        "pre-freeze 'broken': exit 3; nothing was snapshotted"
+    )  # fmt: skip
+    assert "quiesce: pre-freeze 'broken': exit 3; nothing was snapshotted" in p.stderr
+    broken = report["hooks"][0]
+    assert (broken["status"], broken["returncode"]) == ("failed", 3)
+    assert broken["output"].strip() == "app says no"
+    assert log.read_text() == "post-thaw failed\n"  # released, told the run failed
+    assert not snapped.exists()  # the provider never ran: nothing was frozen
+    assert not list((tmp_path / "state").glob("snapshots/*.json"))
+    assert is_writable(fs.path)
+
+
+def test_crash_consistent_policy_snapshots_anyway_and_says_so(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["true"], extra="""
+on_hook_failure = "crash-consistent"
+
+[[hooks.pre_freeze]]
+name = "slow"
+command = ["sleep", "30"]
+timeout = 0.5
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["hooks"][0]["status"] == "timeout"
+    assert report["consistency"] == "crash"
+    reason = report["consistency_reason"]
+    assert reason.startswith("only crash-consistent: pre-freeze 'slow': timed out after 0.5s")
+    assert any("only crash-consistent" in w for w in report["warnings"])
+    manifest = json.loads(
+        (tmp_path / "state/snapshots" / f"{report['manifest_id']}.json").read_text()
+    )
+    assert (manifest["consistency"], manifest["consistency_reason"]) == ("crash", reason)
+    human = quiesce("run", str(job))
+    assert human.returncode == 0
+    assert "consistency: crash (only crash-consistent: pre-freeze 'slow'" in human.stdout
+
+
+def test_guardian_thaw_still_runs_post_thaw_hooks(loopfs, tmp_path):
+    """The snapshot outlives the freeze deadline: the guardian thaws, the run fails with
+    EXPIRED, and the post-thaw hook runs anyway (the bug Velero and others shipped)."""
+    fs = loopfs("ext4")
+    log = tmp_path / "hooks.log"
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["sleep", "2.5"], extra=f"""
+[timeouts]
+freeze = 1
+
+[[hooks.post_thaw]]
+command = {toml_list(marker_hook(log))}
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 9, p.stderr  # ExitCode.EXPIRED
+    report = json.loads(p.stdout)
+    assert report["error"]["error"] == "FreezeExpired"
+    assert report["window"]["thawed_by"] == "guardian"
+    assert log.read_text() == "post-thaw failed\n"
+    assert is_writable(fs.path)
+
+
+def test_sigkill_of_the_controller_in_the_window_releases_the_session_hook(loopfs, tmp_path):
+    """QUIESCE_FAULT=window stops the controller inside the window; SIGKILL it there.
+    The guardian thaws, and the session hook sees EOF and releases its lock."""
+    fs = loopfs("ext4")
+    lock, log = tmp_path / "app.lock", tmp_path / "session.log"
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["true"], extra=f"""
+[[hooks.session]]
+name = "db-lock"
+command = {toml_list(session_argv(lock, log))}
+ready_timeout = 10
+"""))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quiesce", "run", str(job), "--json"],
+        env=os.environ | {"QUIESCE_FAULT": "window"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: process_state(proc.pid) == "T", timeout=30), events(log)
+        assert events(log) == ["started", "locked"]
+        assert not lock_is_free(lock, timeout=0.2)  # held across the window
+        assert not is_writable(fs.path, timeout=0.3)  # frozen
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert is_writable(fs.path, timeout=10)  # the guardian thawed
+        assert lock_is_free(lock, timeout=10)  # the hook saw EOF and let go
+        assert wait_for(lambda: "released-eof" in events(log))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_during_the_snapshot_unwinds_everything(loopfs, tmp_path):
+    """systemd or cron stopping a run: thaw, EOF to the session hook, post-thaw hooks."""
+    fs = loopfs("ext4")
+    lock, log, hooks = tmp_path / "app.lock", tmp_path / "session.log", tmp_path / "hooks.log"
+    started = tmp_path / "snapshot-started"
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=[
+        "/bin/sh", "-c", f"touch {started}; sleep 5"], extra=f"""
+[[hooks.session]]
+command = {toml_list(session_argv(lock, log))}
+
+[[hooks.post_thaw]]
+command = {toml_list(marker_hook(hooks))}
+"""))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "quiesce", "run", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert wait_for(started.exists, timeout=30)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err  # like Ctrl-C
+    assert is_writable(fs.path)
+    assert events(log) == ["started", "locked", "released-eof"]
+    assert hooks.read_text() == "post-thaw failed\n"

@@ -1,0 +1,72 @@
+"""Prometheus textfile output: format, atomic replace, several jobs in one file."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+from quiesce.metrics import METRICS, RunMetrics, parse, write_textfile
+
+# The text exposition format, strictly: comments, or `name{labels} value`.
+LINE = re.compile(
+    r'^(# (HELP|TYPE) quiesce_[a-z_]+ .+|quiesce_[a-z_]+\{job="([^"\\]|\\.)*"\} '
+    r"(-?[0-9.e+-]+|NaN|\+Inf|-Inf))$"
+)
+
+
+def _check_format(text: str) -> None:
+    assert text.endswith("\n")
+    seen_type = set()
+    for line in text.splitlines():
+        assert LINE.match(line), line
+        if line.startswith("# TYPE"):
+            name = line.split()[2]
+            assert name not in seen_type, f"duplicate TYPE for {name}"
+            assert line.endswith(" gauge")
+            seen_type.add(name)
+        elif not line.startswith("#"):
+            assert line.split("{")[0] in seen_type, "sample before its TYPE line"
+
+
+def test_success_then_failure_keeps_last_success(tmp_path: Path) -> None:
+    f = tmp_path / "tf" / "quiesce.prom"
+    ok = RunMetrics(
+        "db", True, finished=1000.0, duration_s=12.5, freeze_window_s=0.0042,
+        backup_bytes=2 << 30, backup_added_bytes=123, backup_files=4000,
+        backup_duration_s=10.25, verify_ok=True,
+    )  # fmt: skip
+    text = write_textfile(f, ok)
+    _check_format(text)
+    assert 'quiesce_freeze_window_seconds{job="db"} 0.0042' in text
+    assert 'quiesce_backup_bytes{job="db"} 2147483648' in text
+    assert set(parse(text)["db"]) == set(METRICS)
+    text = write_textfile(f, RunMetrics("db", False, finished=2000.0, duration_s=1.0))
+    _check_format(text)
+    db = parse(f.read_text())["db"]
+    assert db["last_run_success"] == 0
+    assert db["last_run_timestamp_seconds"] == 2000
+    assert db["last_success_timestamp_seconds"] == 1000  # survives the failure
+    assert "backup_bytes" not in db  # not measured this run: no stale sample
+    assert oct(os.stat(f).st_mode & 0o777) == "0o644"
+    assert [p.name for p in f.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_jobs_share_a_file_and_odd_names_are_escaped(tmp_path: Path) -> None:
+    f = tmp_path / "quiesce.prom"
+    names = [f'job"{i}\\x' for i in range(8)]
+    threads = [
+        threading.Thread(target=write_textfile, args=(f, RunMetrics(n, True, duration_s=i)))
+        for i, n in enumerate(names)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    text = f.read_text()
+    _check_format(text)
+    jobs = parse(text)
+    assert set(jobs) == set(names)  # concurrent writers lost nothing
+    assert jobs[names[3]]["run_duration_seconds"] == 3
+    assert text.count("# TYPE quiesce_last_run_success gauge") == 1

@@ -1,0 +1,185 @@
+"""snapshots.create: phases, unwinding, manifests and the state directory.
+
+A recording provider stands in for the storage (it makes no snapshot, it records what
+was asked of it, and when); the loop filesystems, the freeze and the guardian are real.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import pytest
+from conftest import is_writable
+from helpers.snaptools import Recorder
+
+from quiesce import snapshots
+from quiesce.errors import FreezeExpired, QuiesceError, UnsafePlan, UsageError
+from quiesce.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot
+
+
+class FakeProvider(Provider):
+    name: ClassVar[str] = "fake"
+
+    def __init__(self, log: list[str], mode: FreezeMode = FreezeMode.FIFREEZE, **kw: Any):
+        super().__init__()
+        self.log, self.mode, self.kw = log, mode, kw
+
+    def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
+        return self.mode
+
+    def check(self, members: Sequence[GroupMember]) -> None:
+        self.log.append("check")
+
+    def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        self.log.append("prepare")
+        self.snap_name = name
+
+    def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
+        self.log.append("snapshot")
+        if "probe" in self.kw:
+            # short when a freeze is expected (it must time out), generous otherwise
+            self.writable_inside = is_writable(members[0].name, timeout=self.kw["probe"])
+        if "sleep" in self.kw:
+            time.sleep(self.kw["sleep"])
+        if "fail" in self.kw:
+            raise QuiesceError(self.kw["fail"])
+        return [
+            Snapshot(f"{self.snap_name}/v{i}", "fake", m.name, m.volume.dev, m.volume.fstype,
+                     time.time(), f"/nowhere/{i}")
+            for i, m in enumerate(members)
+        ]  # fmt: skip
+
+    def after_thaw(self, snaps: list[Snapshot]) -> None:
+        self.log.append("after_thaw")
+        if "fail_after" in self.kw:
+            raise QuiesceError("not completed")
+
+    def abort(self) -> None:
+        self.log.append("abort")
+
+    def delete(self, snap: Snapshot) -> None:
+        self.log.append(f"delete {snap.location}")
+
+
+def test_phases_hooks_and_manifest(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log: list[str] = []
+    prov = FakeProvider(log, probe=0.3)
+    hooks = [Recorder("db", log), Recorder("wal", log)]
+    man = snapshots.create([fs.path], prov, job="nightly", state_dir=tmp_path, quiescers=hooks)
+    assert log == [
+        "check", "prepare", "db.before_freeze", "wal.before_freeze", "snapshot",
+        "wal.after_thaw(True)", "db.after_thaw(True)", "after_thaw",
+    ]  # fmt: skip
+    assert prov.writable_inside is False  # the snapshot ran inside the freeze
+    assert re.fullmatch(r"nightly-\d{8}T\d{6}Z", man.id)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", man.created)
+    assert man.consistency == "application" and "2 application hook(s)" in man.consistency_reason
+    assert man.window["thawed_by"] == "controller" and man.window_s > 0
+    assert [p["phase"] for p in man.phases] == [
+        "plan", "check", "prepare", "before_freeze", "window", "after_thaw",
+        "provider_after_thaw",
+    ]  # fmt: skip
+    assert man.volumes[0]["mount_point"] == fs.path and man.freeze_mode == "fifreeze"
+    assert (tmp_path / "snapshots" / f"{man.id}.json").is_file()
+    assert snapshots.load(man.id, tmp_path).to_dict() == man.to_dict()
+
+
+def test_snapshot_failure_thaws_releases_and_cleans_up(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log: list[str] = []
+    with pytest.raises(QuiesceError, match="array offline; the group was thawed"):
+        snapshots.create(
+            [fs.path], FakeProvider(log, fail="array offline"), state_dir=tmp_path,
+            quiescers=[Recorder("app", log)],
+        )  # fmt: skip
+    assert log[-3:] == ["snapshot", "app.after_thaw(False)", "abort"]
+    assert is_writable(fs.path)
+    assert not (tmp_path / "snapshots").exists()
+
+
+def test_hook_failure_releases_started_hooks_in_reverse(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log: list[str] = []
+    hooks = [Recorder("a", log), Recorder("b", log, fail_before=True), Recorder("c", log)]
+    with pytest.raises(RuntimeError, match="b could not quiesce"):
+        snapshots.create([fs.path], FakeProvider(log), state_dir=tmp_path, quiescers=hooks)
+    assert log == [
+        "check", "prepare", "a.before_freeze", "b.before_freeze",
+        "b.after_thaw(False)", "a.after_thaw(False)", "abort",
+    ]  # fmt: skip
+
+
+def test_expired_window_deletes_the_snapshot(loopfs, tmp_path):
+    """The guardian thaws at the deadline while the provider is still busy: whatever it
+    made is not consistent and is deleted."""
+    fs = loopfs("ext4")
+    log: list[str] = []
+    with pytest.raises(FreezeExpired):
+        snapshots.create([fs.path], FakeProvider(log, sleep=1.0), timeout=0.3, state_dir=tmp_path)
+    assert log[-2:] == ["delete /nowhere/0", "abort"]
+    assert is_writable(fs.path)
+    assert snapshots.list_manifests(tmp_path) == []
+
+
+def test_after_thaw_failure_deletes_the_snapshot(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    log: list[str] = []
+    with pytest.raises(QuiesceError, match="not completed"):
+        snapshots.create([fs.path], FakeProvider(log, fail_after=True), state_dir=tmp_path)
+    assert log[-3:] == ["after_thaw", "delete /nowhere/0", "abort"]
+    assert snapshots.list_manifests(tmp_path) == []
+
+
+def test_state_dir_on_a_group_volume_is_refused_before_anything(loopfs):
+    fs = loopfs("ext4")
+    log: list[str] = []
+    with pytest.raises(UnsafePlan, match="state directory"):
+        snapshots.create([fs.path], FakeProvider(log), state_dir=fs.mountpoint / "state")
+    assert log == []
+    assert not (fs.mountpoint / "state").exists()
+
+
+def test_atomic_provider_is_not_frozen_and_ids_stay_unique(loopfs, tmp_path, monkeypatch):
+    monkeypatch.delenv(snapshots.STATE_ENV, raising=False)
+    assert snapshots.state_dir_path() == snapshots.DEFAULT_STATE_DIR
+    monkeypatch.setenv(snapshots.STATE_ENV, str(tmp_path))
+    fs = loopfs("ext4")
+    log: list[str] = []
+    prov = FakeProvider(log, FreezeMode.NONE, probe=10.0)
+    first = snapshots.create([fs.path], prov, job="j")
+    assert prov.writable_inside is True
+    assert first.window is None and first.freeze_mode == "none"
+    assert first.consistency == "filesystem" and "without a freeze" in first.consistency_reason
+    second = snapshots.create([fs.path], FakeProvider(log, FreezeMode.NONE), job="j")
+    assert second.id != first.id
+    assert [m.id for m in snapshots.list_manifests()] == [first.id, second.id]
+
+
+def test_bad_names_are_refused(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    with pytest.raises(UsageError, match="bad job name"):
+        snapshots.create([fs.path], FakeProvider([]), job="../x", state_dir=tmp_path)
+    with pytest.raises(UsageError, match="not a snapshot id"):
+        snapshots.load("../../etc/passwd", tmp_path)
+    with pytest.raises(UsageError, match="no snapshot"):
+        snapshots.delete("nope", tmp_path)
+
+
+def test_release_failure_keeps_the_snapshot_and_says_so(loopfs, tmp_path):
+    """The snapshot is good; an application that did not resume is still an error."""
+    fs = loopfs("ext4")
+    log: list[str] = []
+    hooks = [Recorder("a", log), Recorder("b", log, fail_after=True)]
+    with pytest.raises(QuiesceError, match="b could not resume") as err:
+        snapshots.create(
+            [fs.path], FakeProvider(log, FreezeMode.NONE), state_dir=tmp_path, quiescers=hooks
+        )
+    assert log[-3:] == ["b.after_thaw(True)", "a.after_thaw(True)", "after_thaw"]
+    man = err.value.details["manifest"]
+    assert [m.id for m in snapshots.list_manifests(tmp_path)] == [man.id]
+    assert any("b could not resume" in w for w in man.warnings)

@@ -1,0 +1,152 @@
+"""The MariaDB writer against a real throwaway server on a loop filesystem.
+
+FLUSH TABLES WITH READ LOCK is held by the writer's session across the window (no
+commit can happen), released right after the thaw; a fresh mariadbd started on a
+writable clone of the snapshot's datadir holds every committed row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers.dbtools import mariadb_bin, need, open_loops, shared_dir, wait_for_path
+from helpers.jobtools import mounted_image
+
+from quiesce import snapshots
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Server:
+    """mariadbd as the mysql user; socket, pid file and error log outside the datadir."""
+
+    def __init__(self, tools: dict[str, str], datadir: Path, run_dir: Path, name: str) -> None:
+        self.tools, self.datadir, self.run_dir, self.name = tools, datadir, run_dir, name
+        self.socket = run_dir / f"{name}.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def install(self) -> None:
+        self.datadir.mkdir()
+        shutil.chown(self.datadir, "mysql", "mysql")
+        subprocess.run(
+            [self.tools["mariadb-install-db"], "--no-defaults", "--user=mysql",
+             f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
+             "--skip-test-db", "--skip-name-resolve"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.tools["mariadbd"], "--no-defaults", "--user=mysql",
+             f"--datadir={self.datadir}", f"--socket={self.socket}",
+             f"--pid-file={self.run_dir / self.name}.pid",
+             f"--log-error={self.run_dir / self.name}.err", "--skip-networking",
+             "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=16M",
+             "--skip-log-bin", "--innodb-flush-log-at-trx-commit=1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_path(self.socket, 60, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a clean shutdown
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
+    tools = mariadb_bin()
+    need(tools is not None, "MariaDB server binaries")
+    assert tools is not None
+    pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
+    from quiesce.writers.mysql import MysqlWriter
+
+    run_dir = shared_dir("mysql")
+    with open_loops() as loops:
+        outer = loops("xfs")
+        inner = loops("ext4", 320, image_dir=outer.mountpoint)
+        inner.mountpoint.chmod(0o755)
+        db = Server(tools, inner.mountpoint / "data", run_dir, "origin")
+        clone: Server | None = None
+        try:
+            db.install()
+            db.start()
+
+            def connect(server: Server):  # type: ignore[no-untyped-def]
+                return pymysql.connect(unix_socket=str(server.socket), user="root",
+                                       autocommit=True)  # fmt: skip
+
+            with connect(db) as c, c.cursor() as cur:
+                cur.execute("CREATE DATABASE app")
+                cur.execute("CREATE TABLE app.t (seq INT PRIMARY KEY, pad TEXT) ENGINE=InnoDB")
+            acked: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def write() -> None:  # one committed row per transaction, acked after COMMIT
+                with connect(db) as c, c.cursor() as cur:
+                    seq = 0
+                    while not stop.is_set():
+                        cur.execute("INSERT INTO app.t VALUES (%s, REPEAT('x', 500))", (seq + 1,))
+                        seq += 1
+                        acked.append((time.monotonic(), seq))
+
+            t = threading.Thread(target=write, daemon=True)
+            t.start()
+            while len(acked) < 100:
+                time.sleep(0.01)
+
+            class Timed(MysqlWriter):
+                locked_at = released_at = 0.0
+
+                def before_freeze(self) -> None:
+                    super().before_freeze()
+                    self.locked_at = time.monotonic()
+
+                def after_thaw(self, ok: bool) -> None:
+                    self.released_at = time.monotonic()
+                    time.sleep(0.3)  # hold a little longer: the writer must stay blocked
+                    super().after_thaw(ok)
+
+            writer = Timed(unix_socket=str(db.socket), user="root", timeout=20)
+            manifest = snapshots.create(
+                [inner.path], "reflink", job="mysql", options={"dest": str(outer.mountpoint)},
+                state_dir=tmp_path / "state", quiescers=[writer],
+            )  # fmt: skip
+            n_before = len(acked)
+            time.sleep(0.3)
+            stop.set()
+            t.join(timeout=30)
+            assert len(acked) > n_before  # released: the writer goes on
+            assert writer.info["locked"] is False
+            locked = [s for when, s in acked if writer.locked_at + 0.05 < when
+                      < writer.released_at + 0.25]  # fmt: skip
+            assert locked == []  # no commit while the lock was held
+            before_lock = max(s for when, s in acked if when < writer.locked_at)
+            db.stop()
+
+            with mounted_image(manifest.snapshots[0]["location"], loops.base / "clone") as m:
+                clone = Server(tools, m / "data", run_dir, "clone")
+                clone.start()
+                with connect(clone) as c, c.cursor() as cur:
+                    cur.execute("SELECT COUNT(*), MAX(seq) FROM app.t")
+                    n, top = cur.fetchone()
+                clone.stop()
+            assert n == top  # whole transactions, no gaps
+            assert n >= before_lock >= 100
+            print(f"rows: acked before the lock {before_lock}, in the snapshot {n}")
+        finally:
+            stop_all = [s for s in (clone, db) if s is not None]
+            for server in stop_all:
+                with contextlib.suppress(Exception):
+                    server.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""The SQLite writer: WAL checkpoint, then BEGIN IMMEDIATE held across the window."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers.jobtools import HELPERS, mounted_image
+
+from quiesce import snapshots
+from quiesce.writers import WriterError
+from quiesce.writers.sqlite import SqliteWriter
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class SqliteWriterProcess:
+    """tests/helpers/sqlite_writer.py: one committed row per transaction, acked."""
+
+    def __init__(self, db: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HELPERS / "sqlite_writer.py"), str(db)],
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.acks: list[tuple[float, int]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("ack "):
+                self.acks.append((time.monotonic(), int(line.split()[1])))
+
+    def acked_before(self, t: float) -> int:
+        return max((seq for when, seq in self.acks if when < t), default=0)
+
+    def wait_for_acks(self, n: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acks) < n:
+            assert time.monotonic() < deadline, f"only {len(self.acks)} commits"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.thread.join(timeout=10)
+
+
+class Timed:
+    """Records when the wrapped writer held its lock."""
+
+    def __init__(self, inner: SqliteWriter) -> None:
+        self.inner = inner
+        self.locked_at = self.released_at = 0.0
+
+    def before_freeze(self) -> None:
+        self.inner.before_freeze()
+        self.locked_at = time.monotonic()
+
+    def after_thaw(self, ok: bool) -> None:
+        self.released_at = time.monotonic()
+        self.inner.after_thaw(ok)
+
+
+def test_snapshot_holds_every_row_committed_before_the_lock(loopfs, tmp_path):
+    outer = loopfs("xfs")
+    inner = loopfs("ext4", image_dir=outer.mountpoint)
+    db = inner.mountpoint / "app.sqlite"
+    writer = SqliteWriterProcess(db)
+    try:
+        writer.wait_for_acks(50)
+        timed = Timed(SqliteWriter([db], busy_timeout=10))
+        manifest = snapshots.create(
+            [inner.path], "reflink", job="sqlite", options={"dest": str(outer.mountpoint)},
+            state_dir=tmp_path / "state", quiescers=[timed],
+        )  # fmt: skip
+        writer.wait_for_acks(len(writer.acks) + 20)  # it goes on after the release
+    finally:
+        writer.stop()
+    assert manifest.consistency == "application"
+    assert timed.inner.info[str(db)]["journal_mode"] == "wal"
+    committed_before_lock = writer.acked_before(timed.locked_at)
+    assert committed_before_lock >= 50
+    clone = manifest.snapshots[0]["location"]
+    with mounted_image(clone, tmp_path / "snap") as snap:
+        conn = sqlite3.connect(snap / "app.sqlite")
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM t ORDER BY seq")]
+        finally:
+            conn.close()
+    assert seqs == list(range(1, len(seqs) + 1))  # committed transactions, whole
+    assert len(seqs) >= committed_before_lock
+    # Nothing committed while the lock was held: the snapshot ends where the lock began.
+    assert len(seqs) <= writer.acked_before(timed.released_at + 0.5)
+
+
+def test_lock_blocks_other_writers_until_released(tmp_path):
+    db = tmp_path / "x.sqlite"
+    setup = sqlite3.connect(db)
+    setup.execute("CREATE TABLE t (x)")
+    setup.commit()
+    setup.close()
+    w = SqliteWriter([db], busy_timeout=1)
+    w.before_freeze()
+    other = sqlite3.connect(db, timeout=0.2)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            other.execute("INSERT INTO t VALUES (1)")
+        assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)  # readers go on
+        w.after_thaw(True)
+        other.execute("INSERT INTO t VALUES (1)")
+        other.commit()
+    finally:
+        other.close()
+
+
+def test_missing_database_is_an_error_and_not_created(tmp_path):
+    db = tmp_path / "nope.sqlite"
+    w = SqliteWriter([db])
+    with pytest.raises(WriterError, match=r"^sqlite: cannot open .*nope.sqlite: unable to open"):
+        w.before_freeze()
+    assert not db.exists()

@@ -1,0 +1,184 @@
+"""Boot a Debian kernel under qemu (software emulation) with the host root, run one scenario.
+
+virtme-ng (``vng``) exports the host's / read-only over 9p, with in-memory overlays on
+/etc, /tmp, /var..., so a scenario can make loop devices, VGs and pools in guest memory
+without touching the host. Everything the tier needs is installed by
+``bash scripts/vm-setup.sh``; without it the tests are skipped, never failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VM_DIR = Path(os.environ.get("QUIESCE_VM_DIR", "/opt/quiesce-vm"))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SETUP_HINT = "run `bash scripts/vm-setup.sh` as root to install the VM test tier"
+
+
+def _newest(pattern: str) -> Path | None:
+    found = sorted(glob.glob(pattern), key=_version_key)
+    return Path(found[-1]) if found else None
+
+
+def _version_key(path: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", os.path.basename(path))]
+
+
+def kernel_image(series: str) -> Path | None:
+    """The vmlinuz of Debian's ``series`` kernel ("6.1" installed, "6.12" extracted)."""
+    pattern = {
+        "6.1": "/boot/vmlinuz-6.1.*",
+        "6.12": str(VM_DIR / "kernel-6.12/boot/vmlinuz-6.12.*"),
+    }[series]
+    return _newest(pattern)
+
+
+def kernel_release(image: Path) -> str:
+    return image.name.removeprefix("vmlinuz-")
+
+
+def module_dir(image: Path) -> Path:
+    """Where the modules of ``image`` live: /lib/modules, or beside the extracted kernel."""
+    rel = kernel_release(image)
+    if image.parent == Path("/boot"):
+        return Path("/lib/modules") / rel
+    return image.parent.parent / "lib/modules" / rel
+
+
+def vng_binary() -> Path | None:
+    for cand in (VM_DIR / "venv/bin/vng", *(Path(p) / "vng" for p in os.get_exec_path())):
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def missing(series: str, modules: tuple[str, ...] = (), tools: tuple[str, ...] = ()) -> str | None:
+    """Why the VM tier cannot run for ``series`` here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the VM tier needs root"
+    if vng_binary() is None:
+        return f"virtme-ng (vng) is not installed; {SETUP_HINT}"
+    if not any(Path(d, "qemu-system-x86_64").exists() for d in os.get_exec_path()):
+        return f"qemu-system-x86_64 is not installed; {SETUP_HINT}"
+    image = kernel_image(series)
+    if image is None:
+        return f"Debian's {series} kernel is not available; {SETUP_HINT}"
+    for mod in modules:
+        if not any(module_dir(image).rglob(f"{mod}.ko*")):
+            return f"kernel module {mod} for {kernel_release(image)} is missing; {SETUP_HINT}"
+    for tool in tools:
+        if not any(Path(d, tool).exists() for d in (*os.get_exec_path(), "/sbin", "/usr/sbin")):
+            return f"{tool} is not installed; {SETUP_HINT}"
+    return None
+
+
+def guest_python() -> str:
+    """The interpreter the guest runs: Debian's /usr/bin/python3 (>= 3.11) starts in ~3 s
+    under emulation; a pyenv/venv one with many site-packages takes ~15 s over 9p."""
+    system = "/usr/bin/python3"
+    if os.path.exists(system):
+        p = subprocess.run(
+            [system, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+            capture_output=True,
+            text=True,
+        )
+        if p.stdout.strip() == "True":
+            return system
+    return os.path.realpath(sys.executable)
+
+
+@dataclass
+class VmResult:
+    """One scenario's outcome: its exit code and its share of the VM's output."""
+
+    script: str
+    returncode: int
+    output: str
+    kernel: str
+    boot_seconds: float  # wall time of the whole VM run this scenario was part of
+    results: dict[str, str] = field(default_factory=dict)  # RESULT key=value lines
+
+    def explain(self) -> str:
+        return f"{self.script}: exit {self.returncode} on {self.kernel}:\n{self.output[-12000:]}"
+
+
+_BEGIN = "=== quiesce-vm scenario {} begin"
+_END = re.compile(r"^=== quiesce-vm scenario (\S+) exit (\d+)$", re.MULTILINE)
+
+
+def run_scenarios(
+    series: str, scripts: list[str], *, timeout: float = 600, memory: str = "2G"
+) -> dict[str, VmResult]:
+    """Boot Debian's ``series`` kernel once and run each ``tests/vm/<script>`` in turn,
+    as root, in a fresh interpreter with ``-B`` and the repo's ``src`` on PYTHONPATH
+    (the host root is the guest root, so it imports this working tree).
+
+    A scenario that did not report (the VM died or timed out) gets returncode -1.
+    """
+    image = kernel_image(series)
+    vng = vng_binary()
+    assert image is not None and vng is not None, missing(series)
+    env_prefix = (
+        f"env PYTHONPATH={shlex.quote(str(REPO / 'src'))} PYTHONDONTWRITEBYTECODE=1 "
+        f"{shlex.quote(guest_python())} -B -s"
+    )
+    steps = []
+    for script in scripts:
+        steps.append(
+            f"echo {shlex.quote(_BEGIN.format(script))}; "
+            f"{env_prefix} {shlex.quote(str(HERE / script))} 2>&1; "
+            f'echo "=== quiesce-vm scenario {script} exit $?"'
+        )
+    argv = [
+        str(vng),
+        "--force-9p",
+        "--disable-kvm",
+        "--memory",
+        memory,
+        "--cwd",
+        "/",
+        "--run",
+        str(image),
+        "--exec",
+        "; ".join(steps),
+    ]
+    env = dict(os.environ)
+    env["PATH"] = f"{vng.parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    t0 = time.monotonic()
+    try:
+        # Output through a pipe: vng garbles a redirect to a file (test-infra.md).
+        p = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            env=env,
+            cwd="/",
+        )
+        out = p.stdout
+    except subprocess.TimeoutExpired as e:
+        raw = e.stdout or b""
+        out = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        out += f"\n=== VM timed out after {timeout:g}s"
+    seconds = time.monotonic() - t0
+    codes = {m.group(1): int(m.group(2)) for m in _END.finditer(out)}
+    results = {}
+    for script in scripts:
+        begin = out.find(_BEGIN.format(script))
+        end = out.find(f"=== quiesce-vm scenario {script} exit")
+        part = out[begin:end] if begin >= 0 and end >= 0 else out
+        kv = dict(m.groups() for m in re.finditer(r"^RESULT (\S+)=(.*?)\s*$", part, re.MULTILINE))
+        results[script] = VmResult(script, codes.get(script, -1), part, image.name, seconds, kv)
+    return results
