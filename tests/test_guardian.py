@@ -463,12 +463,6 @@ def test_cli_thaws_a_plain_fsfreeze_with_fithaw(rig: Rig) -> None:
     rig.check_writers()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: cli._thaw_one_volume stops at the first guardian (pid order) that "
-    "knows the volume; a guardian that expired on it earlier lingers 600 s and answers "
-    "first, so `quiesce thaw` exits 9 and leaves the current holder's freeze in place",
-)
 def test_cli_thaw_reaches_the_current_holder_past_an_expired_guardian(rig: Rig) -> None:
     vol = rig.volumes(1)[0]
     old = cli("freeze", "--json", "--timeout", "0.5", vol.path)
@@ -483,12 +477,6 @@ def test_cli_thaw_reaches_the_current_holder_past_an_expired_guardian(rig: Rig) 
     assert is_writable(vol.path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: after an expiry the passed deadline/lease stays in _next_timeout(), "
-    "so select() gets timeout 0 and the guardian spins a CPU until it exits "
-    "(up to LINGER_AFTER_EXPIRY=600 s for a held freeze)",
-)
 def test_guardian_is_idle_after_it_thawed_on_its_own(rig: Rig) -> None:
     vol = rig.volumes(1)[0]
     r = cli("freeze", "--json", "--timeout", "0.5", vol.path)
@@ -500,12 +488,6 @@ def test_guardian_is_idle_after_it_thawed_on_its_own(rig: Rig) -> None:
     assert used < 0.15, f"the lingering guardian used {used:.2f} s CPU in 1.5 s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: after it thawed a held freeze on its own, the guardian lingers "
-    "LINGER_AFTER_EXPIRY=600 s with the volume fds still open, so `umount` of the "
-    "thawed fs fails with EBUSY (target is busy) for 10 minutes",
-)
 def test_expired_held_freeze_does_not_pin_the_mount(rig: Rig) -> None:
     vol = rig.volumes(1)[0]
     r = cli("freeze", "--json", "--timeout", "0.5", vol.path)

@@ -44,7 +44,9 @@ app = typer.Typer(
 )
 app.add_typer(snapshot_app, name="snapshot")
 # markup=False: paths and messages are printed verbatim (a "[/]" in a path is not markup).
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Not a terminal (a log, a pipe): don't cut paths at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
@@ -187,11 +189,12 @@ def freeze_cmd(
 
 
 def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
-    """Thaw through the guardian that holds it, else with a plain FITHAW."""
+    """Thaw through the guardian that holds it frozen, else with a plain FITHAW."""
     target = resolve(path, table)
     try:
         dev = target.volume.dev
         name = target.mount.mount_point
+        expired_here: dict[str, Any] | None = None
         for pid in guardian.list_guardians():
             try:
                 status = guardian.ask(pid, {"op": "status"})
@@ -200,17 +203,23 @@ def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
             mine = [v for v in status["volumes"] if v["dev"] == dev]
             if not mine:
                 continue
-            if mine[0]["state"] == "frozen":
-                reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]})
-                if reply.get("ok"):
-                    return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
-                if reply.get("expired"):
-                    raise _expired_error(name, reply["expired"])
-                code = reply.get("errno", 0)
-                raise kernel.error_for(code, "thaw", name, target.mount.fstype)
-            if status.get("expired"):
-                raise _expired_error(name, status["expired"])
-        kernel.fithaw(target.fd, name, target.mount.fstype)
+            if mine[0]["state"] != "frozen":
+                # A guardian that already gave this volume up; another may hold it now.
+                if status.get("expired"):
+                    expired_here = status["expired"]
+                continue
+            reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]})
+            if reply.get("ok"):
+                return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
+            if reply.get("expired"):
+                raise _expired_error(name, reply["expired"])
+            raise kernel.error_for(reply.get("errno", 0), "thaw", name, target.mount.fstype)
+        try:
+            kernel.fithaw(target.fd, name, target.mount.fstype)
+        except NotFrozen:
+            if expired_here is not None:
+                raise _expired_error(name, expired_here) from None
+            raise
         return {"path": path, "mount_point": name, "thawed_by": "FITHAW (no guardian held it)"}
     finally:
         target.close()

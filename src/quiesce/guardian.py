@@ -205,6 +205,7 @@ class _Guardian:
                 else:
                     if code in (0, errno.EINVAL):
                         v.state = "thawed"
+                        self._release(v)
                     else:
                         v.state = "frozen"  # still ours; emergency thaw will retry
                 self._event(job.op, volume=v.spec.name, errno=code)
@@ -219,6 +220,14 @@ class _Guardian:
         if job.reply is not None:
             _send(job.reply, {"id": job.req_id, **res})
 
+    @staticmethod
+    def _release(v: _VolState) -> None:
+        """Close a thawed volume's fd: a lingering guardian must not keep it busy (umount)."""
+        if v.spec.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(v.spec.fd)
+            v.spec.fd = -1
+
     # -- the emergency thaw -------------------------------------------------------------
     def _thaw_indices(self, indices: Sequence[int], why: dict[str, Any]) -> None:
         for i in indices:
@@ -229,6 +238,8 @@ class _Guardian:
             code = kernel.thaw_errno(v.spec.fd)
             v.deferred_thaw = False
             v.state = "thawed" if code in (0, errno.EINVAL) else "frozen"
+            if v.state == "thawed":
+                self._release(v)
             held = (_now() - v.frozen_at) / 1e9 if v.frozen_at else 0.0
             entry = {
                 "volume": v.spec.name,
@@ -378,7 +389,14 @@ class _Guardian:
 
     # -- loop ----------------------------------------------------------------------------
     def _next_timeout(self) -> float | None:
-        t = [x for x in (self.deadline, self.lease_until, self.linger_until) if x is not None]
+        """Sleep until the next timer that can still do something (never spin)."""
+        if self.expired is not None:
+            t = [self.linger_until]
+        elif self._frozen_count() or self.pending:
+            t = [self.deadline, self.lease_until]
+        else:
+            t = [self.lease_until]  # a silent controller with nothing frozen: just leave
+        t = [x for x in t if x is not None]
         if not t:
             return None
         return max(0.0, (min(t) - _now()) / 1e9)
@@ -544,19 +562,18 @@ class GuardianHandle:
 
     def poll_expired(self) -> dict[str, Any] | None:
         """Non-blocking: has the guardian thawed on its own?"""
-        if self.expired is None:
-            self.sock.setblocking(False)
+        # MSG_DONTWAIT, not setblocking(False): the lease thread sends on this socket.
+        while self.expired is None:
             try:
-                while True:
-                    msg = _recv(self.sock)
-                    if msg is None:
-                        break
-                    if msg.get("event") == "expired":
-                        self.expired = msg
-            except (BlockingIOError, OSError, ValueError):
-                pass
-            finally:
-                self.sock.setblocking(True)
+                data = self.sock.recv(_MAX_MSG, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not data:
+                break
+            with contextlib.suppress(ValueError):
+                msg = json.loads(data)
+                if msg.get("event") == "expired":
+                    self.expired = msg
         return self.expired
 
     def freeze(self, idx: int) -> dict[str, Any]:

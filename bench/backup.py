@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Does backing up *from the snapshot* cost throughput, and do incremental runs reread?
+
+One run, on a generated tree (default 2 GiB in ~9,600 files of mixed sizes) on a loop
+ext4 whose image lives on a loop XFS (reflink=1):
+
+  A. ``restic backup DIR`` alone, on the live volume (its own repository);
+  B. quiesce's backup phase with the restic target (``backup.phase.run_backup``: mount
+     the reflink snapshot read-only at the stable path, restic backup, unmount), after
+     the snapshot exists (``snapshots.create``, not timed);
+
+first on the full tree, then incrementally after rewriting 1% of the files (a new
+snapshot for B). Page caches are cold for both: the live volume is remounted before
+each A run (its loop device uses direct I/O), and B reads a fresh clone each time.
+Throughput = bytes restic processed / wall time (B: the whole phase, mount to unmount).
+"Read from the volume" is the read traffic on the host XFS's loop device during the
+run: what really came off the storage. Targets: B >= 0.9x A on both runs, and the
+incremental run reads only about the changed files.
+
+Everything it makes (loop filesystems, repositories, state) is removed in ``finally``.
+
+    sudo python3 bench/backup.py [--size-gib 2] [--workdir /var/tmp] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quiesce import snapshots
+from quiesce.backup.config import BackupConfig
+from quiesce.backup.phase import run_backup
+
+MiB = 1 << 20
+PASSWORD = "bench"
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
+    return subprocess.run(
+        cmd, check=True, text=True, capture_output=True, env=env and os.environ | env
+    ).stdout
+
+
+def read_bytes(device: str) -> int:
+    """Bytes read through a block device so far (/sys/block/X/stat: sectors read)."""
+    fields = Path(f"/sys/block/{Path(device).name}/stat").read_text().split()
+    return int(fields[2]) * 512
+
+
+@dataclass
+class Loop:
+    image: Path
+    device: str
+    mnt: Path
+
+
+def make_loop(image: Path, size: int, mkfs: list[str], mnt: Path, direct_io: bool) -> Loop:
+    with open(image, "wb") as f:
+        f.truncate(size)
+    sh(*mkfs, str(image))
+    args = ["losetup", "-f", "--show"] + (["--direct-io=on"] if direct_io else []) + [str(image)]
+    dev = sh(*args).strip()
+    mnt.mkdir()
+    sh("mount", dev, str(mnt))
+    return Loop(image, dev, mnt)
+
+
+def generate(root: Path, total: int, seed: int = 7) -> list[Path]:
+    """~8,000 small (0-16 KiB), ~1,500 medium (16 KiB-1 MiB), the rest large (1-32 MiB)."""
+    rng = random.Random(seed)
+    files, written, n = [], 0, 0
+    small, medium = 8000 * total // (2 << 30), 1500 * total // (2 << 30)
+
+    def size_of(i: int) -> int:
+        if i < small:
+            return rng.randint(0, 16 << 10)
+        if i < small + medium:
+            return rng.randint(16 << 10, 1 << 20)
+        return rng.randint(1 << 20, 32 << 20)
+
+    while written < total:
+        size = min(size_of(n), total - written)
+        d = root / f"d{n % 40:02d}" / f"s{n % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"f{n:05d}.bin"
+        with open(p, "wb") as f:
+            left = size
+            while left:
+                chunk = os.urandom(min(left, 4 * MiB))  # incompressible, no dedup
+                f.write(chunk)
+                left -= len(chunk)
+        files.append(p)
+        written += size
+        n += 1
+    return files
+
+
+def change(files: list[Path], fraction: float, seed: int = 11) -> list[Path]:
+    rng = random.Random(seed)
+    picked = rng.sample(files, max(1, int(len(files) * fraction)))
+    for p in picked:
+        size = p.stat().st_size
+        with open(p, "r+b") as f:
+            f.write(os.urandom(min(size, 4096)) if size else b"")
+    return picked
+
+
+def restic_alone(repo: Path, cache: Path, source: Path, outer_dev: str) -> dict[str, Any]:
+    env = {
+        "RESTIC_REPOSITORY": str(repo),
+        "RESTIC_PASSWORD": PASSWORD,
+        "RESTIC_CACHE_DIR": str(cache),
+    }
+    before = read_bytes(outer_dev)
+    t0 = time.monotonic()
+    p = subprocess.run(
+        ["restic", "backup", "--json", "--host", "bench", str(source)],
+        env=os.environ | env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    summary = next(json.loads(ln) for ln in reversed(p.stdout.splitlines()) if '"summary"' in ln)
+    return {
+        "wall_s": wall,
+        "bytes": summary["total_bytes_processed"],
+        "files": summary["total_files_processed"],
+        "files_new": summary["files_new"],
+        "files_changed": summary["files_changed"],
+        "files_unmodified": summary["files_unmodified"],
+        "data_added": summary["data_added"],
+        "read_from_volume": read_bytes(outer_dev) - before,
+    }
+
+
+def quiesce_phase(
+    origin: Loop, state: Path, cfg: BackupConfig, outer_dev: str
+) -> tuple[dict[str, Any], float | None]:
+    man = snapshots.create([str(origin.mnt)], "reflink", job="bench", state_dir=state)
+    before = read_bytes(outer_dev)
+    t0 = time.monotonic()
+    rep = run_backup(man, cfg, job="bench", state=state)
+    wall = time.monotonic() - t0
+    if not rep.ok or rep.result is None:
+        raise SystemExit(f"quiesce backup failed: {rep.error}")
+    r = rep.result
+    phases = {p["name"]: p["duration_s"] for p in rep.phases}
+    snapshots.delete(man.id, state)  # keep the host XFS small; the next run clones anew
+    return {
+        "wall_s": wall,
+        "restic_s": r.duration_s,
+        "mount_s": phases.get("mount"),
+        "umount_s": phases.get("umount"),
+        "bytes": r.bytes,
+        "files": r.files,
+        "files_new": r.files_new,
+        "files_changed": r.files_changed,
+        "files_unmodified": r.files_unmodified,
+        "data_added": r.bytes_added,
+        "read_from_volume": read_bytes(outer_dev) - before,
+        "stable_path": rep.mounts[0]["path"],
+    }, man.window_s
+
+
+def remount(origin: Loop) -> None:
+    """Drop the live volume's page cache (the loop device does direct I/O)."""
+    sh("umount", str(origin.mnt))
+    sh("mount", origin.device, str(origin.mnt))
+
+
+def fmt(n: float) -> str:
+    return f"{n / MiB:,.1f} MiB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--change", type=float, default=0.01, help="fraction of files rewritten")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (loop devices, mounts, FIFREEZE)", file=sys.stderr)
+        return 2
+    total = int(args.size_gib * (1 << 30))
+    base = Path(tempfile.mkdtemp(prefix="quiesce-bench-backup-", dir=args.workdir))
+    loops: list[Loop] = []
+    results: dict[str, Any] = {"tree_bytes": total}
+    try:
+        outer = make_loop(
+            base / "host-xfs.img", 3 * total + (1 << 30),
+            ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"], base / "host", direct_io=False,
+        )  # fmt: skip
+        loops.append(outer)
+        origin = make_loop(
+            outer.mnt / "data-ext4.img", int(total * 1.3) + (512 << 20),
+            ["mkfs.ext4", "-q", "-F"], base / "data", direct_io=True,
+        )  # fmt: skip
+        loops.append(origin)
+        t0 = time.monotonic()
+        files = generate(origin.mnt / "tree", total)
+        os.sync()
+        results["files"] = len(files)
+        results["generate_s"] = round(time.monotonic() - t0, 1)
+        print(f"tree: {len(files)} files, {fmt(total)} on {origin.device} (ext4 on XFS)")
+        for repo in ("repo-restic", "repo-quiesce"):
+            sh("restic", "init", "-q", env={"RESTIC_REPOSITORY": str(base / repo),
+                                             "RESTIC_PASSWORD": PASSWORD})  # fmt: skip
+        state = base / "state"
+        os.environ["BENCH_PW"] = PASSWORD
+        cfg = BackupConfig(
+            target="restic", repository=str(base / "repo-quiesce"), password_env="BENCH_PW",
+            host="bench", verify="none", prune=False, mount_root=str(base / "stable"),
+        )  # fmt: skip
+        for label in ("first", "incremental"):
+            if label == "incremental":
+                changed = change(files, args.change)
+                os.sync()
+                results["changed_files"] = len(changed)
+                results["changed_files_bytes"] = sum(p.stat().st_size for p in changed)
+            remount(origin)
+            a = restic_alone(
+                base / "repo-restic", base / "cache-a", origin.mnt / "tree", outer.device
+            )
+            b, window = quiesce_phase(origin, state, cfg, outer.device)
+            a["throughput"] = a["bytes"] / a["wall_s"]
+            b["throughput"] = b["bytes"] / b["wall_s"]
+            results[label] = {
+                "restic_alone": a,
+                "quiesce": b,
+                "freeze_window_s": window,
+                "ratio": b["throughput"] / a["throughput"],
+            }
+        report(results)
+        if args.json:
+            print(json.dumps(results, indent=2, default=str))
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            from quiesce.journal import cleanup
+
+            cleanup(base / "state")
+        for lp in reversed(loops):
+            subprocess.run(["umount", str(lp.mnt)], capture_output=True)
+            subprocess.run(["losetup", "-d", lp.device], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def report(r: dict[str, Any]) -> None:
+    print(
+        f"\n{'run':<12} {'who':<14} {'wall':>8} {'processed':>12} {'throughput':>13} "
+        f"{'new':>6} {'changed':>8} {'unmodified':>10} {'added':>11} {'read from vol':>14}"
+    )
+    for label in ("first", "incremental"):
+        for who, key in (("restic alone", "restic_alone"), ("quiesce phase", "quiesce")):
+            x = r[label][key]
+            print(
+                f"{label:<12} {who:<14} {x['wall_s']:>7.2f}s {fmt(x['bytes']):>12} "
+                f"{fmt(x['throughput']) + '/s':>13} {x['files_new']:>6} {x['files_changed']:>8} "
+                f"{x['files_unmodified']:>10} {fmt(x['data_added'] or 0):>11} "
+                f"{fmt(x['read_from_volume']):>14}"
+            )
+    for label in ("first", "incremental"):
+        q = r[label]["quiesce"]
+        ok = "OK" if r[label]["ratio"] >= 0.9 else "BELOW TARGET"
+        print(
+            f"{label}: quiesce/restic throughput = {r[label]['ratio']:.2f}x (target >= 0.9: "
+            f"{ok}); quiesce's phase = mount {q['mount_s'] * 1000:.0f} ms + restic "
+            f"{q['restic_s']:.2f} s + umount {q['umount_s'] * 1000:.0f} ms; snapshot's freeze "
+            f"window {r[label]['freeze_window_s'] * 1000:.1f} ms (not in the phase)"
+        )
+    inc = r["incremental"]["quiesce"]
+    print(
+        f"incremental: {r['changed_files']} files changed ({args_pct(r)}, "
+        f"{fmt(r['changed_files_bytes'])} in total); restic skipped "
+        f"{inc['files_unmodified']} unchanged files on the stable path {inc['stable_path']}; "
+        f"read {fmt(inc['read_from_volume'])} from the snapshot of a "
+        f"{fmt(r['tree_bytes'])} tree"
+    )
+
+
+def args_pct(r: dict[str, Any]) -> str:
+    return f"{100 * r['changed_files'] / r['files']:.1f}% of {r['files']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
