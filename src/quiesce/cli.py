@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Annotated, Any
@@ -15,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, guardian, kernel
+from . import __version__, guardian, kernel, proc
 from .cli_backup import backup_cmd, cleanup_cmd, systemd_cmd
 from .cli_job import check_cmd, run_cmd
 from .cli_snapshot import snapshot_app
@@ -367,28 +366,21 @@ def exec_cmd(
 def _run_in_window(
     cmd: list[str], env: dict[str, str], budget: float, buffer_out: bool, buffer_err: bool
 ) -> tuple[int, bytes | None, bytes | None, bool]:
+    """The snapshot command: killed with its process group at the deadline. A stream
+    that would land on a frozen volume is held in memory (64 MiB at most) instead."""
     try:
-        proc = subprocess.Popen(
+        done = proc.run_bounded(
             cmd,
+            timeout=max(budget, 0.01),
             env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if buffer_out else None,
-            stderr=subprocess.PIPE if buffer_err else None,
-            start_new_session=True,
+            capture_stdout=buffer_out,
+            capture_stderr=buffer_err,
+            limit=64 << 20,
+            cwd=os.getcwd(),
         )
     except OSError as e:
         return 127, None, f"quiesce: cannot run {cmd[0]}: {e.strerror}\n".encode(), False
-    try:
-        o, e = proc.communicate(timeout=max(budget, 0.01))
-        return proc.returncode, o, e, False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        o, e = proc.communicate()
-        return proc.returncode, o, e, True
-    except BaseException:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        raise
+    return done.returncode, done.stdout, done.stderr, done.timed_out
 
 
 @app.command("demo")

@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import selectors
 import shutil
-import signal
 import stat
 import subprocess
 import threading
@@ -33,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import proc
 from .errors import ExitCode, QuiesceError
+from .proc import OUTPUT_LIMIT, BoundedOutput, kill_group
 
-OUTPUT_LIMIT = 8192  # bytes of output kept per hook (head and tail)
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of a hook's process group
 INTERPRETERS = frozenset({"sh", "bash", "dash", "python3", "python", "perl", "ruby", "env"})
 _SKIPPED_SUFFIXES = (
@@ -62,35 +61,6 @@ class RunTimeout(QuiesceError):
 
 
 # -- results -----------------------------------------------------------------------------
-
-
-class BoundedOutput:
-    """Keeps the first and last ``limit/2`` bytes of a stream and counts the rest."""
-
-    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
-        self.half = limit // 2
-        self.head = bytearray()
-        self.tail = bytearray()
-        self.total = 0
-        self.lock = threading.Lock()
-
-    def add(self, data: bytes) -> None:
-        with self.lock:
-            self.total += len(data)
-            room = self.half - len(self.head)
-            if room > 0:
-                self.head += data[:room]
-                data = data[room:]
-            if data:
-                self.tail += data
-                if len(self.tail) > self.half:
-                    del self.tail[: len(self.tail) - self.half]
-
-    def text(self) -> str:
-        with self.lock:
-            dropped = self.total - len(self.head) - len(self.tail)
-            middle = f"\n[... {dropped} bytes dropped ...]\n".encode() if dropped > 0 else b""
-            return bytes(self.head + middle + self.tail).decode(errors="replace")
 
 
 @dataclass
@@ -205,21 +175,6 @@ def hook_dir_scripts(directory: Path) -> list[Path]:
 # -- one-shot commands ----------------------------------------------------------------------
 
 
-def kill_group(proc: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
-    """SIGTERM the hook's whole process group, then SIGKILL it after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # Stragglers that left the group keep nothing of ours but maybe the pipes.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _spawn(argv: Sequence[str], env: Mapping[str, str], *, stdin: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         list(argv),
@@ -245,50 +200,21 @@ def run_command(
     """Run one hook to completion; never raises for the hook's own failures."""
     result = HookResult(name=name, kind=kind, argv=list(argv))
     timer = _Timer(result)
-    output = BoundedOutput(limit)
     try:
-        proc = _spawn(argv, env, stdin=subprocess.DEVNULL)
+        done = proc.run_bounded(
+            argv, timeout=timeout, env=env, merge_stderr=True, limit=limit, grace=KILL_GRACE
+        )
     except OSError as e:
         result.status, result.error = "error", f"cannot run {argv[0]}: {e.strerror}"
         return timer.stop()
-    assert proc.stdout is not None
-    deadline = time.monotonic() + max(timeout, 0.0)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    timed_out = False
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            events = sel.select(timeout=min(left, 0.5))
-            if events:
-                data = os.read(proc.stdout.fileno(), 65536)
-                if not data:
-                    break  # EOF: every holder of the pipe closed it
-                output.add(data)
-            elif proc.poll() is not None and not sel.select(timeout=0.2):
-                break  # exited; a background child holding the pipe got a moment to finish
-        if timed_out:
-            kill_group(proc)
-        else:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                kill_group(proc)
-    finally:
-        sel.close()
-        proc.stdout.close()
-    result.returncode = proc.returncode
-    result.output = output.text()
-    if timed_out:
+    result.returncode = done.returncode
+    result.output = done.stdout.decode(errors="replace")
+    if done.timed_out:
         result.status = "timeout"
         result.error = f"timed out after {timeout:g}s; its process group was killed"
-    elif proc.returncode != 0:
+    elif done.returncode != 0:
         result.status = "failed"
-        rc = proc.returncode
+        rc = done.returncode
         result.error = f"exit {rc}" if rc > 0 else f"killed by signal {-rc}"
     return timer.stop()
 
@@ -597,7 +523,7 @@ class SessionHook:
         try:
             self.proc.wait(timeout=self.ctx.budget(timeout, releasing=True))
         except subprocess.TimeoutExpired:
-            kill_group(self.proc)
+            kill_group(self.proc, KILL_GRACE)
             self.ctx.warnings.append(
                 f"session hook {self.spec.name!r} did not exit after EOF: its process group "
                 "was killed"

@@ -24,17 +24,15 @@ snapshot name is used). Options:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from .. import proc
 from ..errors import QuiesceError, UnsafePlan, UsageError
 from ..mounts import MountTable
 from ..plan import GroupMember
@@ -66,39 +64,14 @@ def _last_line(data: bytes | None) -> str:
 
 
 def run_bounded(
-    argv: list[str], *, stdin: bytes, env: dict[str, str], timeout: float
+    argv: list[str], *, stdin: bytes, env: dict[str, str], timeout: float, limit: int = 1 << 20
 ) -> tuple[int, bytes, bytes, bool]:
-    """Run ``argv`` in a new process group; kill the group on timeout. Output stays in
-    memory. Returns (returncode, stdout, stderr, timed_out)."""
+    """(returncode, stdout, stderr, timed_out) of ``argv``, its group killed on timeout."""
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+        done = proc.run_bounded(argv, timeout=timeout, env=env, input=stdin, limit=limit)
     except OSError as e:
         raise QuiesceError(f"cannot run {argv[0]}: {e.strerror}") from None
-    try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-        return proc.returncode, out, err, False
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        out, err = proc.communicate(timeout=2.0)
-    except subprocess.TimeoutExpired:
-        # A child that left the process group still holds the pipes: stop reading.
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        proc.wait()
-        out, err = b"", b""
-    return proc.returncode, out or b"", err or b"", True
+    return done.returncode, done.stdout, done.stderr, done.timed_out
 
 
 class CommandProvider(Provider):
@@ -217,7 +190,7 @@ class CommandProvider(Provider):
             argv = [a.replace("{id}", snap_id) for a in argv]
         env = os.environ | ({"QUIESCE_SNAPSHOT_ID": snap_id} if snap_id else {})
         rc, out, err, timed_out = run_bounded(
-            argv, stdin=b"", env=env, timeout=max(self.timeout, 60.0)
+            argv, stdin=b"", env=env, timeout=max(self.timeout, 60.0), limit=64 << 20
         )
         if timed_out or rc != 0:
             why = "timed out" if timed_out else f"exited with {rc}"
