@@ -29,7 +29,9 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,13 +118,23 @@ def change(files: list[Path], fraction: float, seed: int = 11) -> list[Path]:
     return picked
 
 
+def _cpu() -> tuple[float, float]:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime, ru.ru_stime
+
+
+def _cpu_since(before: tuple[float, float]) -> dict[str, float]:
+    now = _cpu()
+    return {"user_s": now[0] - before[0], "sys_s": now[1] - before[1]}
+
+
 def restic_alone(repo: Path, cache: Path, source: Path, outer_dev: str) -> dict[str, Any]:
     env = {
         "RESTIC_REPOSITORY": str(repo),
         "RESTIC_PASSWORD": PASSWORD,
         "RESTIC_CACHE_DIR": str(cache),
     }
-    before = read_bytes(outer_dev)
+    before, cpu = read_bytes(outer_dev), _cpu()
     t0 = time.monotonic()
     p = subprocess.run(
         ["restic", "backup", "--json", "--host", "bench", str(source)],
@@ -132,6 +144,7 @@ def restic_alone(repo: Path, cache: Path, source: Path, outer_dev: str) -> dict[
     summary = next(json.loads(ln) for ln in reversed(p.stdout.splitlines()) if '"summary"' in ln)
     return {
         "wall_s": wall,
+        **_cpu_since(cpu),
         "bytes": summary["total_bytes_processed"],
         "files": summary["total_files_processed"],
         "files_new": summary["files_new"],
@@ -142,11 +155,10 @@ def restic_alone(repo: Path, cache: Path, source: Path, outer_dev: str) -> dict[
     }
 
 
-def quiesce_phase(
-    origin: Loop, state: Path, cfg: BackupConfig, outer_dev: str
-) -> tuple[dict[str, Any], float | None]:
+def quiesce_phase(origin: Loop, state: Path, cfg: BackupConfig, outer_dev: str) -> dict[str, Any]:
     man = snapshots.create([str(origin.mnt)], "reflink", job="bench", state_dir=state)
-    before = read_bytes(outer_dev)
+    os.sync()
+    before, cpu = read_bytes(outer_dev), _cpu()
     t0 = time.monotonic()
     rep = run_backup(man, cfg, job="bench", state=state)
     wall = time.monotonic() - t0
@@ -154,9 +166,9 @@ def quiesce_phase(
         raise SystemExit(f"quiesce backup failed: {rep.error}")
     r = rep.result
     phases = {p["name"]: p["duration_s"] for p in rep.phases}
-    snapshots.delete(man.id, state)  # keep the host XFS small; the next run clones anew
-    return {
+    out = {
         "wall_s": wall,
+        **_cpu_since(cpu),
         "restic_s": r.duration_s,
         "mount_s": phases.get("mount"),
         "umount_s": phases.get("umount"),
@@ -168,7 +180,10 @@ def quiesce_phase(
         "data_added": r.bytes_added,
         "read_from_volume": read_bytes(outer_dev) - before,
         "stable_path": rep.mounts[0]["path"],
-    }, man.window_s
+        "freeze_window_s": man.window_s,
+    }
+    snapshots.delete(man.id, state)  # keep the host XFS small; the next run clones anew
+    return out
 
 
 def remount(origin: Loop) -> None:
@@ -181,11 +196,35 @@ def fmt(n: float) -> str:
     return f"{n / MiB:,.1f} MiB"
 
 
+def init_repo(path: Path) -> Path:
+    sh("restic", "init", "-q", env={"RESTIC_REPOSITORY": str(path), "RESTIC_PASSWORD": PASSWORD})
+    return path
+
+
+def run_pair(
+    i: int, origin: Loop, outer: Loop, base: Path, repos: tuple[Path, Path], cfg: BackupConfig
+) -> dict[str, Any]:
+    """A (restic alone) and B (quiesce phase), in alternating order, caches cold."""
+    out: dict[str, Any] = {}
+    for who in ("A", "B") if i % 2 == 0 else ("B", "A"):
+        if who == "A":
+            remount(origin)
+            os.sync()  # no writeback of the previous run in this one
+            x = restic_alone(repos[0], base / "cache-a", origin.mnt / "tree", outer.device)
+        else:
+            x = quiesce_phase(origin, base / "state", cfg, outer.device)
+        x["throughput"] = x["bytes"] / x["wall_s"]
+        out[who] = x
+    out["order"] = "A,B" if i % 2 == 0 else "B,A"
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--change", type=float, default=0.01, help="fraction of files rewritten")
+    ap.add_argument("--repeat", type=int, default=3, help="pairs per kind of run (medians)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -194,7 +233,7 @@ def main() -> int:
     total = int(args.size_gib * (1 << 30))
     base = Path(tempfile.mkdtemp(prefix="quiesce-bench-backup-", dir=args.workdir))
     loops: list[Loop] = []
-    results: dict[str, Any] = {"tree_bytes": total}
+    results: dict[str, Any] = {"tree_bytes": total, "first": [], "incremental": []}
     try:
         outer = make_loop(
             base / "host-xfs.img", 3 * total + (1 << 30),
@@ -212,34 +251,27 @@ def main() -> int:
         results["files"] = len(files)
         results["generate_s"] = round(time.monotonic() - t0, 1)
         print(f"tree: {len(files)} files, {fmt(total)} on {origin.device} (ext4 on XFS)")
-        for repo in ("repo-restic", "repo-quiesce"):
-            sh("restic", "init", "-q", env={"RESTIC_REPOSITORY": str(base / repo),
-                                             "RESTIC_PASSWORD": PASSWORD})  # fmt: skip
-        state = base / "state"
         os.environ["BENCH_PW"] = PASSWORD
         cfg = BackupConfig(
-            target="restic", repository=str(base / "repo-quiesce"), password_env="BENCH_PW",
-            host="bench", verify="none", prune=False, mount_root=str(base / "stable"),
+            target="restic", repository="-", password_env="BENCH_PW", host="bench",
+            verify="none", prune=False, mount_root=str(base / "stable"),
         )  # fmt: skip
-        for label in ("first", "incremental"):
-            if label == "incremental":
-                changed = change(files, args.change)
-                os.sync()
-                results["changed_files"] = len(changed)
-                results["changed_files_bytes"] = sum(p.stat().st_size for p in changed)
-            remount(origin)
-            a = restic_alone(
-                base / "repo-restic", base / "cache-a", origin.mnt / "tree", outer.device
-            )
-            b, window = quiesce_phase(origin, state, cfg, outer.device)
-            a["throughput"] = a["bytes"] / a["wall_s"]
-            b["throughput"] = b["bytes"] / b["wall_s"]
-            results[label] = {
-                "restic_alone": a,
-                "quiesce": b,
-                "freeze_window_s": window,
-                "ratio": b["throughput"] / a["throughput"],
-            }
+        repos: tuple[Path, Path] = (base, base)
+        for i in range(args.repeat):  # full backups into fresh repositories
+            for r in repos:
+                if r != base:
+                    shutil.rmtree(r)
+            repos = (init_repo(base / f"repo-a{i}"), init_repo(base / f"repo-b{i}"))
+            run_cfg = cfg.model_copy(update={"repository": str(repos[1])})
+            results["first"].append(run_pair(i, origin, outer, base, repos, run_cfg))
+        changed_total = []
+        for i in range(args.repeat):  # 1% changed, against the last full backups
+            changed = change(files, args.change, seed=11 + i)
+            changed_total.append(sum(p.stat().st_size for p in changed))
+            os.sync()
+            results["incremental"].append(run_pair(i, origin, outer, base, repos, run_cfg))
+        results["changed_files"] = len(changed)
+        results["changed_files_bytes"] = changed_total
         report(results)
         if args.json:
             print(json.dumps(results, indent=2, default=str))
@@ -257,39 +289,44 @@ def main() -> int:
 
 def report(r: dict[str, Any]) -> None:
     print(
-        f"\n{'run':<12} {'who':<14} {'wall':>8} {'processed':>12} {'throughput':>13} "
-        f"{'new':>6} {'changed':>8} {'unmodified':>10} {'added':>11} {'read from vol':>14}"
+        f"\n{'run':<14} {'who':<14} {'wall':>8} {'user+sys':>11} {'throughput':>13} {'new':>5} "
+        f"{'changed':>7} {'unmodified':>10} {'added':>11} {'read from vol':>14}"
     )
     for label in ("first", "incremental"):
-        for who, key in (("restic alone", "restic_alone"), ("quiesce phase", "quiesce")):
-            x = r[label][key]
-            print(
-                f"{label:<12} {who:<14} {x['wall_s']:>7.2f}s {fmt(x['bytes']):>12} "
-                f"{fmt(x['throughput']) + '/s':>13} {x['files_new']:>6} {x['files_changed']:>8} "
-                f"{x['files_unmodified']:>10} {fmt(x['data_added'] or 0):>11} "
-                f"{fmt(x['read_from_volume']):>14}"
-            )
+        for i, pair in enumerate(r[label]):
+            for who, name in (("A", "restic alone"), ("B", "quiesce phase")):
+                x = pair[who]
+                print(
+                    f"{label + ' #' + str(i + 1):<14} {name:<14} {x['wall_s']:>7.2f}s "
+                    f"{x['user_s']:>5.1f}+{x['sys_s']:>4.1f}s {fmt(x['throughput']) + '/s':>13} "
+                    f"{x['files_new']:>5} "
+                    f"{x['files_changed']:>7} {x['files_unmodified']:>10} "
+                    f"{fmt(x['data_added'] or 0):>11} {fmt(x['read_from_volume']):>14}"
+                )
+    print()
     for label in ("first", "incremental"):
-        q = r[label]["quiesce"]
-        ok = "OK" if r[label]["ratio"] >= 0.9 else "BELOW TARGET"
+        pairs = r[label]
+        a = statistics.median(p["A"]["throughput"] for p in pairs)
+        b = statistics.median(p["B"]["throughput"] for p in pairs)
+        cpu_a = statistics.median(p["A"]["user_s"] + p["A"]["sys_s"] for p in pairs)
+        cpu_b = statistics.median(p["B"]["user_s"] + p["B"]["sys_s"] for p in pairs)
+        per_pair = ", ".join(f"{p['B']['throughput'] / p['A']['throughput']:.2f}" for p in pairs)
+        ok = "OK" if b / a >= 0.9 else "BELOW TARGET"
+        q = pairs[-1]["B"]
         print(
-            f"{label}: quiesce/restic throughput = {r[label]['ratio']:.2f}x (target >= 0.9: "
-            f"{ok}); quiesce's phase = mount {q['mount_s'] * 1000:.0f} ms + restic "
-            f"{q['restic_s']:.2f} s + umount {q['umount_s'] * 1000:.0f} ms; snapshot's freeze "
-            f"window {r[label]['freeze_window_s'] * 1000:.1f} ms (not in the phase)"
+            f"{label}: median throughput restic alone {fmt(a)}/s, quiesce phase {fmt(b)}/s: "
+            f"ratio {b / a:.2f}x (target >= 0.9: {ok}; per pair {per_pair}); median CPU "
+            f"{cpu_a:.1f} s vs {cpu_b:.1f} s; quiesce's phase = mount "
+            f"{q['mount_s'] * 1000:.0f} ms + restic {q['restic_s']:.2f} s + umount "
+            f"{q['umount_s'] * 1000:.0f} ms"
         )
-    inc = r["incremental"]["quiesce"]
+    inc = r["incremental"][-1]["B"]
     print(
-        f"incremental: {r['changed_files']} files changed ({args_pct(r)}, "
-        f"{fmt(r['changed_files_bytes'])} in total); restic skipped "
-        f"{inc['files_unmodified']} unchanged files on the stable path {inc['stable_path']}; "
-        f"read {fmt(inc['read_from_volume'])} from the snapshot of a "
-        f"{fmt(r['tree_bytes'])} tree"
+        f"incremental: {r['changed_files']} of {r['files']} files rewritten per run "
+        f"({fmt(statistics.median(r['changed_files_bytes']))} of file data); restic skipped "
+        f"{inc['files_unmodified']} unchanged files (stable path {inc['stable_path']}) and "
+        f"read {fmt(inc['read_from_volume'])} from the snapshot of a {fmt(r['tree_bytes'])} tree"
     )
-
-
-def args_pct(r: dict[str, Any]) -> str:
-    return f"{100 * r['changed_files'] / r['files']:.1f}% of {r['files']}"
 
 
 if __name__ == "__main__":

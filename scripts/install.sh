@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Install everything quiesce and its tests need on a fresh Debian 12 machine (run as root).
-# Idempotent: a second run only checks.
+# Install quiesce on a fresh Debian 12 machine (run as root). Idempotent.
+#   bash scripts/install.sh          the tool, its filesystem tools and backup targets (demo)
+#   bash scripts/install.sh --test   also everything the whole test suite needs:
+#       db-setup.sh    postgresql, mariadb-server   (database writer tests)
+#       vm-setup.sh    qemu, Debian kernels, lvm2, zfs (the VM tier: LVM and ZFS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+tests=0
+[ "${1:-}" = "--test" ] && tests=1
 
 need_apt=()
-for pkg in e2fsprogs xfsprogs btrfs-progs util-linux restic; do
+for pkg in e2fsprogs xfsprogs btrfs-progs util-linux sqlite3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install.sh: apt-get install ${need_apt[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+bash scripts/backup-setup.sh
 
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+if [ "$tests" = 1 ]; then
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,writers,ebs]'
+  bash scripts/db-setup.sh
+  bash scripts/vm-setup.sh
+else
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
+fi
 echo "install.sh: ready ($(python3 -m quiesce version))"

@@ -111,3 +111,30 @@ def test_crash_consistent_ext4_clone_mounts_without_replay_and_says_so(loopfs, t
     assert loop_devices_of(str(clone)) == []
     # the clone itself was never written (read-only loop device): still needs recovery
     assert "needs_recovery" in sh("dumpe2fs", "-h", str(clone)).stdout
+
+
+@pytest.mark.parametrize("block", [1024, 4096])
+def test_direct_io_only_where_the_filesystem_block_size_allows(loopfs, tmp_path, block):
+    """A reflinked file's direct I/O alignment (4 KiB on XFS) becomes the loop device's
+    sector size: a 4 KiB-block ext4 gets direct I/O, a 1 KiB-block one a buffered device."""
+    host = loopfs("xfs")
+    image = host.mountpoint / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    sh("mkfs.ext4", "-q", "-F", "-b", str(block), "-d", str(Path(__file__).parent / "helpers"),
+       str(image))  # fmt: skip
+    clone = host.mountpoint / "clone.img"
+    with open(image, "rb") as src, open(clone, "wb") as dst:
+        kernel.ficlone(dst.fileno(), src.fileno())
+    target = tmp_path / "run" / "j" / "v"
+    with Journal.open(tmp_path / "state", job="j") as j:
+        mv = mount_readonly(str(clone), target, journal=j, root=tmp_path / "run")
+        try:
+            dio = Path(f"/sys/block/{Path(mv.source).name}/loop/dio").read_text().strip()
+            assert dio == ("1" if block == 4096 else "0")
+            assert (target / "backup_tree.py").read_bytes() == (
+                Path(__file__).parent / "helpers" / "backup_tree.py"
+            ).read_bytes()
+        finally:
+            unmount(mv, j)
+    assert loop_devices_of(str(clone)) == []

@@ -141,3 +141,35 @@ def test_bad_backup_section_lists_every_problem(tmp_path):
     assert "backup.verfy: unknown key" in p.stderr and "did you mean 'verify'" in p.stderr
     assert "retention.keep_daily: wrong type" in p.stderr
     assert "the restic target needs `repository`" in p.stderr
+
+
+def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
+    """job.run_job (the snapshot) + backup.phase.after_run, as `quiesce run` will call it."""
+    from quiesce.backup.phase import after_run
+    from quiesce.job import load_job, run_job
+
+    pair = image_on_reflink_host(loopfs, "ext4")
+    make_tree(pair.inner.mountpoint / "d", n_files=5)
+    job_file = tmp_path / "j.toml"
+    job_file.write_text(
+        f'name = "j"\nvolumes = ["{pair.inner.path}"]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[provider]\ntype = "reflink"\n'
+    )
+    job_file.chmod(0o600)
+    report = run_job(load_job(job_file))
+    assert report.error is None and report.manifest_id
+    man = snapshots.load(report.manifest_id, tmp_path / "state")
+    cfg = BackupConfig(
+        target="tar", directory=str(tmp_path / "tars"), verify="full",
+        mount_root=str(tmp_path / "run"), verify_dir=str(tmp_path),
+    )  # fmt: skip
+    prom = tmp_path / "q.prom"
+    bk = after_run(
+        report, man, job="j", backup=cfg, metrics_file=str(prom), state=tmp_path / "state"
+    )
+    assert bk is not None and bk.ok and report.error is None, bk.error
+    names = [p.name for p in report.phases]
+    assert "backup: backup" in names and "backup: verify" in names
+    m = parse(prom.read_text())["j"]
+    assert m["last_run_success"] == 1 and m["freeze_window_seconds"] == report.window_s
+    assert m["backup_files"] == bk.result.files

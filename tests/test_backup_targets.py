@@ -217,3 +217,44 @@ def test_tar_file_is_renamed_only_when_complete(tmp_path: Path) -> None:
     with pytest.raises(BackupError, match="tar exit"):
         t.backup(root, paths=VOLUMES)
     assert list((tmp_path / "tars").iterdir()) == []
+
+
+def test_sigterm_while_a_child_starts_never_orphans_it() -> None:
+    """systemd's SIGTERM can land while Popen is still starting restic: the child must
+    still be killed (a race: many tries, the signal sent at spread-out moments)."""
+    import signal
+    import threading
+    import time
+    import uuid
+
+    from quiesce.backup.base import run_child
+
+    mark = f"QUIESCE_TEST_MARK={uuid.uuid4().hex}"
+
+    def survivors() -> list[str]:
+        found = []
+        for env in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if mark.encode() in env.read_bytes().split(b"\0"):
+                    found.append(env.parent.name)
+            except OSError:
+                pass
+        return found
+
+    def stop(_s: int, _f: object) -> None:
+        raise SystemExit(143)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        for i in range(60):
+            delay = (i % 20) * 0.0002
+            t = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM))
+            with pytest.raises(SystemExit):
+                t.start()
+                run_child(["sleep", "30"], env=dict([mark.split("=", 1)]))
+                time.sleep(5)  # (only if the signal came before the child started)
+            t.join()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    time.sleep(0.2)
+    assert survivors() == []

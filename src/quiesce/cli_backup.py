@@ -9,6 +9,7 @@ The lead registers them on the main app::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from .errors import ExitCode, QuiesceError, UsageError
 
@@ -58,73 +58,6 @@ def _terminate_as_exit() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
-
-
-def _size(n: float | None) -> str:
-    from .backup.progress import human_bytes
-
-    return human_bytes(n)
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
-
-
-def print_backup_report(data: dict[str, Any], console: Console, errors: Console) -> None:
-    """The human rendering of a BackupReport.to_dict()."""
-    console.print(
-        f"[bold]backup of {escape(str(data.get('snapshot')))}[/] "
-        f"(job {escape(data['job'])}, target {data['target']})"
-    )
-    if data.get("phases"):
-        table = Table(box=None, pad_edge=False)
-        for col in ("phase", "duration", "", "detail"):
-            table.add_column(col)
-        for p in data["phases"]:
-            ok = "" if p.get("ok") else "[red]failed[/]"
-            table.add_row(p["name"], _ms(p.get("duration_s")), ok, escape(p.get("detail") or ""))
-        console.print(table)
-    b = data.get("backup")
-    if b:
-        rate = _size(b.get("throughput_bps")) + "/s"
-        console.print(
-            f"backed up {_size(b['bytes'])} in {b['files']} files in {_ms(b['duration_s'])} "
-            f"({rate}): {escape(str(b['snapshot_id']))}"
-        )
-        if b.get("files_unmodified") is not None and b["target"] != "tar":
-            console.print(
-                f"  new {b.get('files_new')}, changed {b.get('files_changed')}, unchanged "
-                f"(not reread) {b.get('files_unmodified')}; stored {_size(b.get('bytes_added'))}"
-            )
-    v = data.get("verify")
-    if v:
-        colour, word = ("green", "ok") if v["ok"] else ("red", "FAILED")
-        console.print(
-            f"verify ({v['mode']}): [{colour}]{word}[/] in {_ms(v['duration_s'])}"
-            + (f", {v['files_checked']} files, {_size(v['bytes_compared'])} compared")
-            * (v["mode"] in ("sample", "full"))
-        )
-        for m in v.get("mismatches", [])[:10]:
-            errors.print(f"  [red]differs:[/] {escape(m)}")
-    r = data.get("retention") or {}
-    snaps = r.get("snapshots") or r
-    if snaps.get("deleted") or snaps.get("kept"):
-        console.print(
-            f"retention: kept {len(snaps.get('kept') or {})} snapshot(s), deleted "
-            f"{len(snaps.get('deleted') or [])}"
-            + (f" (held: {', '.join(snaps['held'])})" if snaps.get("held") else "")
-        )
-    if r.get("target"):
-        console.print(
-            f"{data['target']} prune: kept {len(r['target']['kept'])}, "
-            f"removed {len(r['target']['removed'])}"
-        )
-    for w in data.get("warnings", []):
-        errors.print(f"[yellow]warning:[/] {escape(w)}")
-    if data.get("error"):
-        from .report import print_error
-
-        print_error(data["error"], errors)
 
 
 def metrics_for(report: dict[str, Any], job: str, freeze_window: float | None) -> Any:
@@ -172,10 +105,20 @@ def backup_cmd(
         man = snapshots.load(snapshot, state) if snapshot else newest_snapshot(job.name, state)
     except QuiesceError as e:
         raise _fail(e, as_json) from None
-    with progress_for(err, "backup") as progress:
-        report = run_backup(
-            man, job.backup, job=job.name, state=state, retention=job.retention, progress=progress
-        )
+    try:
+        with progress_for(err, "backup") as progress:
+            report = run_backup(
+                man, job.backup, job=job.name, state=state, retention=job.retention,
+                progress=progress,
+            )  # fmt: skip
+    except (SystemExit, KeyboardInterrupt):
+        err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
+        if job.metrics_file:
+            from .metrics import RunMetrics, write_textfile
+
+            with contextlib.suppress(OSError):
+                write_textfile(job.metrics_file, RunMetrics(job.name, False))
+        raise
     data = report.to_dict()
     if job.metrics_file:
         from .metrics import write_textfile
@@ -187,6 +130,8 @@ def backup_cmd(
     if as_json:
         _emit_json(data)
     else:
+        from .backup.render import print_backup_report
+
         print_backup_report(data, out, err)
     raise typer.Exit(report.exit_code)
 
@@ -326,4 +271,4 @@ def systemd_cmd(
     out.print(f"enable it with: systemctl enable --now {timer}")
 
 
-__all__ = ["backup_cmd", "cleanup_cmd", "print_backup_report", "systemd_cmd"]
+__all__ = ["backup_cmd", "cleanup_cmd", "systemd_cmd"]

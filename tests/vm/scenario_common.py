@@ -83,7 +83,7 @@ class PairWriter(threading.Thread):
     ``acked`` is the last n that is durable in every file.
     """
 
-    def __init__(self, files: Sequence[str | Path], interval: float = 0.005) -> None:
+    def __init__(self, files: Sequence[str | Path], interval: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.files = [Path(f) for f in files]
         self.interval = interval

@@ -31,7 +31,7 @@ from scenario_common import (
 )
 
 from quiesce import kernel, snapshots
-from quiesce.errors import QuiesceError, UnsafePlan
+from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.plan import make_plan
 from quiesce.providers.lvm import LvmProvider, kernel_nests_dm_freeze
 
@@ -57,6 +57,7 @@ def one_lv() -> None:
     t0 = time.monotonic()
     man = snapshots.create(["/tmp/q/a"], "lvm", job="vm61", state_dir=STATE, timeout=120)
     result("lvm61_one_lv_create_s", f"{time.monotonic() - t0:.2f}")
+    log("phases: " + ", ".join(f"{x['phase']} {x['duration_s']:.1f}s" for x in man.phases))
     time.sleep(0.5)
     writer.stop()
     expect(not writer.errors, f"writer had no errors ({writer.errors})")
@@ -80,6 +81,13 @@ def one_lv() -> None:
         check_records(records("/tmp/q/snap-a/records.log"), acked, "LV snapshot")
     finally:
         sh("umount", "/tmp/q/snap-a")
+    with make_plan(["/tmp/q/a"]) as plan:
+        try:
+            LvmProvider().prepare(plan.members, man.id)
+        except UsageError as e:
+            expect("already exists" in e.message, f"same name refused: {e.message}")
+        else:
+            raise AssertionError("prepare accepted an existing snapshot LV name")
     listed = [s.location for s in LvmProvider().list_snapshots()]
     expect(snap.location in listed, f"list_snapshots finds it ({listed})")
     snapshots.delete(man.id, STATE)

@@ -26,8 +26,10 @@ from scenario_common import (
 
 from quiesce import kernel, snapshots
 from quiesce.errors import UsageError
+from quiesce.mounts import MountTable, resolve
+from quiesce.plan import GroupMember
 from quiesce.providers.base import Snapshot
-from quiesce.providers.zfs import ZfsProvider
+from quiesce.providers.zfs import LIST_FIELDS, ZfsProvider
 
 POOL = "qz"
 STATE = "/tmp/quiesce-state"
@@ -87,9 +89,21 @@ def group_snapshot() -> None:
 
     listed = {s.location for s in prov.list_snapshots()}
     expect(set(names) <= listed, f"list_snapshots finds both ({sorted(listed)})")
-    raw = sh("zfs", "list", "-H", "-p", "-t", "snapshot", "-o", "name,quiesce:name").stdout
+    raw = sh("zfs", "list", "-H", "-p", "-t", "snapshot", "-o", ",".join(LIST_FIELDS)).stdout
     log(f"zfs list -H -p:\n{raw.rstrip()}")
-    result("zfs_list_sample", raw.strip().splitlines()[0].replace("\t", "\\t"))
+
+    # a second snapshot under the same name is refused in prepare, before the window
+    table = MountTable.read()
+    targets = [resolve(p, table) for p in ("/tmp/q/one", "/tmp/q/two")]
+    try:
+        ZfsProvider().prepare([GroupMember(t.volume, [t]) for t in targets], man.id)
+    except UsageError as e:
+        expect("already exists" in e.message, f"same name refused: {e.message}")
+    else:
+        raise AssertionError("prepare accepted an existing snapshot name")
+    finally:
+        for t in targets:
+            t.close()
 
     # delete refuses what quiesce did not make, and never destroys a dataset
     sh("zfs", "snapshot", f"{POOL}/one@manual")

@@ -233,18 +233,39 @@ def run_child(
     if env:
         full_env.update(env)
     t0 = time.monotonic()
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            env=full_env,
-            cwd=cwd,
-            stdin=stdin,
-            stdout=stdout if stdout is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # A SIGTERM (systemd stop) inside Popen would orphan the child: it is held until
+        # ``proc`` is set, and delivered inside this try, which kills the child's group.
+        with signals_deferred():
+            proc = subprocess.Popen(
+                list(argv),
+                env=full_env,
+                cwd=cwd,
+                stdin=stdin,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        return _supervise(proc, t0, timeout, on_stdout_line, on_stderr_line)
     except FileNotFoundError:
-        raise TargetNotInstalled(f"{argv[0]} is not installed") from None
+        if proc is None:
+            raise TargetNotInstalled(f"{argv[0]} is not installed") from None
+        kill_group(proc)
+        raise
+    except BaseException:
+        if proc is not None:
+            kill_group(proc)
+        raise
+
+
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    t0: float,
+    timeout: float | None,
+    on_stdout_line: Callable[[str], None] | None,
+    on_stderr_line: Callable[[str], None] | None,
+) -> ChildResult:
     out_lines: list[str] = []
     err_lines: list[str] = []
 
@@ -270,14 +291,31 @@ def run_child(
     except subprocess.TimeoutExpired:
         timed_out = True
         kill_group(proc)
-    except BaseException:
-        kill_group(proc)
-        raise
     for t in threads:
         t.join(timeout=10)
     return ChildResult(
         proc.returncode, "".join(out_lines), "".join(err_lines), time.monotonic() - t0, timed_out
     )
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a child is being started; deliver them afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {sig: signal.signal(sig, lambda s, _f: got.append(s)) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in got:
+            os.kill(os.getpid(), sig)
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -329,4 +367,5 @@ __all__ = [
     "require",
     "run_child",
     "secret_env",
+    "signals_deferred",
 ]

@@ -104,20 +104,57 @@ def is_mount_point(path: Path, table: MountTable | None = None) -> bool:
     return any(m.mount_point == str(path) for m in table.mounts)
 
 
-def _attach_readonly(journal: Journal, location: str) -> tuple[str, int]:
-    backing = os.path.realpath(location)
-    eid = journal.intent("loop", backing=backing)
+def probe(source: str) -> dict[str, str]:
+    """blkid's view of the superblock on a device or image file (TYPE, BLOCK_SIZE, ...)."""
+    p = _run("blkid", "-p", "-o", "export", source)
+    return dict(
+        line.split("=", 1) for line in p.stdout.splitlines() if "=" in line
+    )  # fmt: skip
+
+
+def _losetup(backing: str, *extra: str) -> str:
     last = ""
     for attempt in range(20):  # parallel losetup -f can race for the same free device
-        p = _run("losetup", "--find", "--show", "--read-only", backing)
+        p = _run("losetup", "--find", "--show", "--read-only", *extra, backing)
         if p.returncode == 0:
-            device = p.stdout.strip()
-            journal.update(eid, device=device)
-            return device, eid
+            return p.stdout.strip()
         last = p.stderr.strip()
         time.sleep(0.05 * (attempt + 1))
-    journal.undo(eid)
-    raise MountError(f"cannot attach {location} to a loop device: {last}")
+    raise MountError(f"cannot attach {backing} to a loop device: {last}")
+
+
+def _sector_size(device: str) -> int:
+    path = Path("/sys/block") / Path(device).name / "queue" / "logical_block_size"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 512
+
+
+def _attach_readonly(journal: Journal, location: str, fs_block: int | None) -> tuple[str, int]:
+    """A read-only loop device, with direct I/O when the filesystem allows it.
+
+    Direct I/O keeps the snapshot's data out of the page cache twice (measured: buffered
+    costs restic 2-3x the system CPU time on a 2 GiB tree). But a reflinked file's
+    direct I/O alignment is the host filesystem's block size, which becomes the loop
+    device's sector size: a filesystem with smaller blocks (a 1 KiB-block ext4, an XFS
+    with 512-byte sectors) cannot be mounted on it, so it gets a buffered device.
+    """
+    backing = os.path.realpath(location)
+    eid = journal.intent("loop", backing=backing)
+    try:
+        device = _losetup(backing, "--direct-io=on")
+        journal.update(eid, device=device)
+        if fs_block is None or _sector_size(device) > fs_block:
+            journal.undo(eid)
+            eid = journal.intent("loop", backing=backing)
+            device = _losetup(backing)
+            journal.update(eid, device=device)
+    except BaseException:
+        with contextlib.suppress(QuiesceError, OSError):
+            journal.undo(eid)
+        raise
+    return device, eid
 
 
 def _make_dirs(journal: Journal, path: Path, upto: Path) -> list[int]:
@@ -164,9 +201,11 @@ def mount_readonly(
         mode = os.stat(location).st_mode if loc.exists() else 0
         bind = stat.S_ISDIR(mode)
         if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            source, eid = _attach_readonly(journal, location)
+            sb = probe(location)
+            fstype = fstype or sb.get("TYPE") or probe_fstype(location)
+            block = sb.get("BLOCK_SIZE")
+            source, eid = _attach_readonly(journal, location, int(block) if block else None)
             entries.append(eid)
-            fstype = fstype or probe_fstype(source)
             backing = os.path.realpath(location)
         elif bind:
             source, backing = location, None

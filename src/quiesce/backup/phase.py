@@ -308,10 +308,67 @@ def _backup_and_verify(
                 mounts.close()
 
 
+def after_run(
+    report: Any,
+    manifest: Any,
+    *,
+    job: str,
+    backup: BackupConfig | None,
+    retention: RetentionPolicy | None = None,
+    metrics_file: str | None = None,
+    state: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> BackupReport | None:
+    """What ``quiesce run`` does after the snapshot (job.run_job calls this last):
+    the backup phase if the job has ``[backup]`` and the snapshot succeeded, then the
+    metrics file. Mutates ``report`` (a report.Report): ``backup``, phases, warnings,
+    and the error/exit code of a failed backup."""
+    from ..report import Phase
+
+    bk = None
+    if backup is not None and manifest is not None and report.error is None:
+        bk = run_backup(
+            manifest, backup, job=job, state=state, retention=retention, progress=progress
+        )
+        if hasattr(report, "backup"):
+            report.backup = bk.to_dict()
+        report.phases += [Phase.from_any(p | {"name": f"backup: {p['name']}"}) for p in bk.phases]
+        report.warnings += [w for w in bk.warnings if w not in report.warnings]
+        if bk.error is not None:
+            report.ok = False
+            report.exit_code = bk.exit_code
+            report.error = bk.error
+    if metrics_file:
+        from ..metrics import RunMetrics, write_textfile
+
+        r = bk.result if bk is not None else None
+        v = bk.verify if bk is not None else None
+        duration = time.monotonic() - report.t0 if hasattr(report, "t0") else None
+        try:
+            write_textfile(
+                metrics_file,
+                RunMetrics(
+                    job=job,
+                    success=report.error is None,
+                    duration_s=duration,
+                    freeze_window_s=report.window_s,
+                    backup_bytes=r.bytes if r else None,
+                    backup_added_bytes=r.bytes_added if r else None,
+                    backup_files=r.files if r else None,
+                    backup_duration_s=r.duration_s if r else None,
+                    verify_ok=None if v is None or v.mode == "none" else v.ok,
+                ),
+            )
+        except OSError as e:
+            report.warnings.append(f"cannot write the metrics file {metrics_file}: {e.strerror}")
+    return bk
+
+
 __all__ = [
     "BackupBusy",
     "BackupReport",
     "VerifyFailed",
+    "after_run",
     "apply_snapshot_retention",
     "make_target",
     "newest_snapshot",

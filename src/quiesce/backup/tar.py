@@ -35,6 +35,7 @@ from .base import (
     TargetSnapshot,
     kill_group,
     require,
+    signals_deferred,
 )
 from .borg import TIME_FORMAT, archive_name
 
@@ -126,77 +127,83 @@ class TarTarget(Target):
         tar_argv = [*TAR_CREATE, f"--directory={source_dir}"]
         tar_argv += [f"--exclude={p}" for p in self.exclude] + self.extra_args + ["--", *names]
 
-        sink: IO[bytes]
         part: Path | None = None
+        sink: IO[bytes] | None = None
         sink_proc: subprocess.Popen[bytes] | None = None
+        procs: list[subprocess.Popen[bytes]] = []
         sink_err_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finally)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            part = self.directory / f".{file_name}.part"
-            sink = open(part, "wb")  # noqa: SIM115 (closed in finally)
-        else:
-            assert self.command is not None
-            argv = [a.replace("{name}", file_name) for a in self.command]
-            try:
-                sink_proc = subprocess.Popen(
-                    argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=sink_err_file, start_new_session=True,
-                )  # fmt: skip
-            except FileNotFoundError:
-                raise UsageError(f"the tar command {argv[0]} was not found") from None
-            assert sink_proc.stdin is not None
-            sink = sink_proc.stdin
-        t0 = _time.monotonic()
-        tar = subprocess.Popen(
-            tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        )
-        comp = subprocess.Popen(
-            compress, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )  # fmt: skip
         counted = [0]
         digest = hashlib.sha256()
         written = [0]
         failures: list[str] = []
-
-        def feed() -> None:  # tar -> (count) -> compressor
-            assert tar.stdout is not None and comp.stdin is not None
-            try:
-                while chunk := tar.stdout.read(CHUNK):
-                    counted[0] += len(chunk)
-                    comp.stdin.write(chunk)
-            except (BrokenPipeError, ValueError, OSError) as e:
-                failures.append(f"feeding the compressor: {e}")
-            finally:
-                with contextlib.suppress(OSError, BrokenPipeError):
-                    comp.stdin.close()
-
-        def drain() -> None:  # compressor -> (hash) -> file or command
-            assert comp.stdout is not None
-            try:
-                while chunk := comp.stdout.read(CHUNK):
-                    digest.update(chunk)
-                    sink.write(chunk)
-                    written[0] += len(chunk)
-            except (BrokenPipeError, OSError) as e:
-                failures.append(f"writing the stream: {e}")
-
         errs: dict[str, list[bytes]] = {"tar": [], "comp": []}
-
-        def collect(stream: IO[bytes] | None, into: list[bytes]) -> None:
-            if stream is not None:
-                into.extend(stream)
-
-        threads = [
-            threading.Thread(target=feed, daemon=True),
-            threading.Thread(target=collect, args=(tar.stderr, errs["tar"]), daemon=True),
-            threading.Thread(target=collect, args=(comp.stderr, errs["comp"]), daemon=True),
-        ]
-        drainer = threading.Thread(target=drain, daemon=True)
-        for th in [*threads, drainer]:
-            th.start()
-        procs = [tar, comp] + ([sink_proc] if sink_proc else [])
+        t0 = _time.monotonic()
         try:
+            # A SIGTERM while a child starts would orphan it: held until ``procs`` has it.
+            with signals_deferred():
+                if self.directory is not None:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    part = self.directory / f".{file_name}.part"
+                    sink = open(part, "wb")  # noqa: SIM115 (closed below)
+                else:
+                    assert self.command is not None
+                    argv = [a.replace("{name}", file_name) for a in self.command]
+                    try:
+                        sink_proc = subprocess.Popen(
+                            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=sink_err_file, start_new_session=True,
+                        )  # fmt: skip
+                    except FileNotFoundError:
+                        raise UsageError(f"the tar command {argv[0]} was not found") from None
+                    procs.append(sink_proc)
+                    assert sink_proc.stdin is not None
+                    sink = sink_proc.stdin
+                tar = subprocess.Popen(
+                    tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )  # fmt: skip
+                procs.append(tar)
+                comp = subprocess.Popen(
+                    compress, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, start_new_session=True,
+                )  # fmt: skip
+                procs.append(comp)
+            out = sink
+
+            def feed() -> None:  # tar -> (count) -> compressor
+                assert tar.stdout is not None and comp.stdin is not None
+                try:
+                    while chunk := tar.stdout.read(CHUNK):
+                        counted[0] += len(chunk)
+                        comp.stdin.write(chunk)
+                except (BrokenPipeError, ValueError, OSError) as e:
+                    failures.append(f"feeding the compressor: {e}")
+                finally:
+                    with contextlib.suppress(OSError, BrokenPipeError):
+                        comp.stdin.close()
+
+            def drain() -> None:  # compressor -> (hash) -> file or command
+                assert comp.stdout is not None
+                try:
+                    while chunk := comp.stdout.read(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written[0] += len(chunk)
+                except (BrokenPipeError, OSError) as e:
+                    failures.append(f"writing the stream: {e}")
+
+            def collect(stream: IO[bytes] | None, into: list[bytes]) -> None:
+                if stream is not None:
+                    into.extend(stream)
+
+            threads = [
+                threading.Thread(target=feed, daemon=True),
+                threading.Thread(target=collect, args=(tar.stderr, errs["tar"]), daemon=True),
+                threading.Thread(target=collect, args=(comp.stderr, errs["comp"]), daemon=True),
+            ]
+            drainer = threading.Thread(target=drain, daemon=True)
+            for th in [*threads, drainer]:
+                th.start()
             deadline = None if timeout is None else t0 + timeout
             while drainer.is_alive():
                 drainer.join(0.5)
@@ -210,8 +217,6 @@ class TarTarget(Target):
                         )
                     )
                 if deadline is not None and _time.monotonic() > deadline:
-                    for p in procs:
-                        kill_group(p)
                     raise BackupError(
                         f"tar did not finish within {timeout:g}s and was killed",
                         "raise [backup] timeout",
@@ -225,9 +230,9 @@ class TarTarget(Target):
             tar_err = b"".join(errs["tar"]).decode(errors="replace")
             comp_err = b"".join(errs["comp"]).decode(errors="replace")
             if self.directory is not None:
-                sink.flush()
-                os.fsync(sink.fileno())
-            sink.close()
+                out.flush()
+                os.fsync(out.fileno())
+            out.close()
             sink_rc = 0
             sink_err = ""
             if sink_proc is not None:
@@ -247,8 +252,9 @@ class TarTarget(Target):
             for p in procs:
                 if p.poll() is None:
                     kill_group(p)
-            with contextlib.suppress(OSError):
-                sink.close()
+            if sink is not None:
+                with contextlib.suppress(OSError):
+                    sink.close()
             if part is not None:
                 with contextlib.suppress(FileNotFoundError):
                     part.unlink()

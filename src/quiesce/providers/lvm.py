@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +70,25 @@ def split_dm_name(dm_name: str) -> tuple[str, str] | None:
             return vg.replace("--", "-"), lv.replace("--", "-")
         i += 1
     return None
+
+
+def join_dm_name(vg: str, lv: str, layer: str = "") -> str:
+    """The dm device name LVM gives ``vg/lv`` (and a layer: ``real``, ``cow``)."""
+    return "-".join(x.replace("-", "--") for x in (vg, lv, layer) if x)
+
+
+def orphan_layers(
+    dm_names: Iterable[str], vg: str, origin: str, snaps: Sequence[str], origin_is_origin: bool
+) -> list[str]:
+    """dm devices that a failed ``lvcreate -s`` of ``vg/origin`` can leave behind with
+    no LV to own them: the snapshots' devices and ``-cow`` layers, and the origin's
+    ``-real`` layer unless the origin still has other snapshots (measured on 6.1:
+    "Failed to revert logical volume ... Manual intervention required")."""
+    present = set(dm_names)
+    wanted = [join_dm_name(vg, s, layer) for s in snaps for layer in ("", "cow")]
+    if not origin_is_origin:
+        wanted.append(join_dm_name(vg, origin, "real"))
+    return [n for n in wanted if n in present]
 
 
 def dm_name_of(dev: str, sys_root: str = "/sys") -> str | None:
@@ -213,7 +232,9 @@ class LvmProvider(Provider):
         self._planned: list[_Planned] = []
         self._name = ""
         self._lvremove = ""
-        self._leftovers: list[str] = []  # LVs a failed snapshot() could not remove yet
+        self._dmsetup = ""
+        self._failed: list[_Planned] = []  # what a failed snapshot() made, to clean up
+        self._leftovers: list[str] = []  # what could not be removed yet (LVs, dm devices)
 
     # -- resolve -------------------------------------------------------------------------
     def lvs(self, *select: str) -> list[LvInfo]:
@@ -222,7 +243,7 @@ class LvmProvider(Provider):
         p = _run(argv)
         if p.returncode != 0:
             raise QuiesceError(
-                f"lvs failed: {p.stderr.strip().splitlines()[-1:] or p.returncode}",
+                f"lvs failed: {_first_cause(p.stderr) if p.stderr.strip() else p.returncode}",
                 "check that lvm2 works: run `lvs` as root",
             )
         return parse_lvs_json(p.stdout)
@@ -282,6 +303,7 @@ class LvmProvider(Provider):
         existing = {lv.full_name for lv in rows}
         lvcreate = _tool("lvcreate")
         self._lvremove = _tool("lvremove")
+        self._dmsetup = _tool("dmsetup")
         planned: list[_Planned] = []
         need: dict[str, int] = {}
         for m, lv in zip(members, origins, strict=True):
@@ -308,9 +330,9 @@ class LvmProvider(Provider):
         self._planned = planned
 
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
-        """Run the prepared lvcreate commands. On a failure, remove every LV this call
+        """Run the prepared lvcreate commands. On a failure, remove everything this call
         made (the failed one may be half made) before raising; what cannot be removed
-        inside the window (a held freeze blocks the dm suspend) is left to abort()."""
+        inside the window is retried by abort() after the thaw."""
         done: list[_Planned] = []
         snaps: list[Snapshot] = []
         for p in self._planned:
@@ -321,15 +343,17 @@ class LvmProvider(Provider):
             except subprocess.TimeoutExpired:
                 failed, why = True, f"timed out after {self.timeout:g}s"
             if failed:
-                made = [f"{q.origin.vg}/{q.snap_lv}" for q in [*done, p]]
-                self._leftovers = [lv for lv in made if not self._remove(lv)]
+                self._failed = [*done, p]
+                self._leftovers = self._clean_up(self._failed)
                 raise QuiesceError(
-                    f"lvcreate --snapshot of {p.origin.full_name} failed: "
-                    f"{why.splitlines()[-1] if why else 'no message'}"
+                    f"lvcreate --snapshot of {p.origin.full_name} failed: {_first_cause(why)}"
                     + (
-                        f"; {', '.join(self._leftovers)} not removed yet" if self._leftovers else ""
+                        f"; not removed yet: {', '.join(self._leftovers)}"
+                        if self._leftovers
+                        else ""
                     ),
-                    "see `lvs -a` and dmesg; EBUSY here means something else holds a freeze",
+                    "see `lvs -a`, `dmsetup ls` and dmesg; EBUSY means something else holds "
+                    "a freeze of that filesystem",
                     stderr=why,
                 )
             done.append(p)
@@ -337,8 +361,35 @@ class LvmProvider(Provider):
         return snaps
 
     def abort(self) -> None:
-        """After the thaw: remove the LVs a failed snapshot() left behind."""
-        self._leftovers = [lv for lv in self._leftovers if not self._remove(lv)]
+        """After the thaw: remove what a failed snapshot() left behind. Never raises."""
+        if self._failed and self._leftovers:
+            try:
+                self._leftovers = self._clean_up(self._failed)
+            except Exception as e:  # abort() must not raise
+                self._leftovers.append(f"(cleanup error: {e})")
+
+    def _clean_up(self, made: Sequence[_Planned]) -> list[str]:
+        """lvremove the snapshot LVs of ``made``, then dmsetup remove the dm layers a
+        failed lvcreate orphaned. Returns what is still there."""
+        left = [
+            f"{q.origin.vg}/{q.snap_lv}"
+            for q in made
+            if not self._remove(f"{q.origin.vg}/{q.snap_lv}")
+        ]
+        try:
+            rows = {(r.vg, r.lv): r for r in self.lvs()}
+        except QuiesceError:
+            return [*left, "dm layers not checked (lvs failed)"]
+        p = _run([self._dmsetup or _tool("dmsetup"), "info", "-c", "--noheadings", "-o", "name"])
+        names = p.stdout.split() if p.returncode == 0 else []
+        for q in made:
+            origin = rows.get((q.origin.vg, q.origin.lv))
+            is_origin = origin is not None and origin.attr[:1] in ("o", "O")
+            for dm in orphan_layers(names, q.origin.vg, q.origin.lv, [q.snap_lv], is_origin):
+                gone = _run([self._dmsetup or _tool("dmsetup"), "remove", dm]).returncode == 0
+                if not gone:
+                    left.append(f"dm device {dm}")
+        return left
 
     def _snapshot_record(self, p: _Planned) -> Snapshot:
         lv = p.origin
@@ -420,6 +471,15 @@ class LvmProvider(Provider):
                 )
             )
         return out
+
+
+def _first_cause(stderr: str) -> str:
+    """The line of lvcreate's stderr that says what went wrong (not "Aborting.")."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "failed" in ln.lower() or "busy" in ln.lower():
+            return ln
+    return lines[-1] if lines else "no message"
 
 
 def _lv_time(text: str) -> float:

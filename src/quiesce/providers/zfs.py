@@ -107,11 +107,10 @@ class ZfsProvider(Provider):
         """``zfs list -H -p -t snapshot`` rows (of ``targets`` only, if given)."""
         argv = [_tool(), "list", "-H", "-p", "-t", "snapshot", "-o", ",".join(LIST_FIELDS)]
         p = _run([*argv, *targets], self.timeout)
-        if p.returncode != 0:
-            if targets and "does not exist" in p.stderr:
-                return []
+        errors = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        if p.returncode != 0 and not (targets and all("does not exist" in e for e in errors)):
             raise QuiesceError(f"zfs list failed: {p.stderr.strip()}", "is the pool imported?")
-        return parse_zfs_list(p.stdout)
+        return parse_zfs_list(p.stdout)  # the named ones that exist
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
         """Pick the snapshot names, refuse ones that exist, build the commands."""
@@ -120,9 +119,8 @@ class ZfsProvider(Provider):
         self._planned = [
             _Planned(m, m.volume.source, f"{m.volume.source}@{suffix}") for m in members
         ]
-        wanted = {p.snap for p in self._planned}
         datasets = [p.dataset for p in self._planned]
-        clash = [r["name"] for r in self.list_rows(*datasets) if r["name"] in wanted]
+        clash = [r["name"] for r in self.list_rows(*(p.snap for p in self._planned))]
         if clash:
             raise UsageError(
                 f"snapshot {', '.join(clash)} already exists",
