@@ -172,3 +172,37 @@ def test_bad_size_refused_in_check() -> None:
 
 def test_registered_as_builtin() -> None:
     assert get_provider("lvm") is LvmProvider
+
+
+def test_snapshot_mount_of_an_lvm_snapshot_block_device(tmp_path: Path) -> None:
+    """A loop device stands in for /dev/vg/<snap> (no device-mapper on this host): the
+    manifest is what the lvm provider writes; ``snapshot mount`` should mount it ro."""
+    from conftest import losetup, run
+
+    from quiesce import snapshots
+
+    image = tmp_path / "snap.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    run("mkfs.ext4", "-q", "-F", str(image))
+    dev = losetup(image)
+    target = tmp_path / "mnt"
+    state = tmp_path / "state"
+    snap = {
+        "id": "t-20260101T000000Z/srv-a", "provider": "lvm", "volume": "/srv/a",
+        "dev": "254:0", "fstype": "ext4", "created": 0.0, "location": dev,
+        "extra": {"vg": "vgq", "lv": "a-t-20260101T000000Z", "origin": "vgq/a", "thin": False},
+    }  # fmt: skip
+    man = snapshots.Manifest(
+        id="t-20260101T000000Z", job="t", provider="lvm", created="2026-01-01T00:00:00Z",
+        volumes=[], snapshots=[snap], window=None, freeze_mode="provider",
+        consistency="filesystem", consistency_reason="test", phases=[],
+    )  # fmt: skip
+    (state / "snapshots").mkdir(parents=True)
+    (state / "snapshots" / f"{man.id}.json").write_text(man.to_json())
+    try:
+        assert snapshots.mount(man.id, target, state_dir=state) == [str(target)]
+        assert "ro" in run("findmnt", "-n", "-o", "OPTIONS", str(target)).stdout.split(",")
+    finally:
+        run("umount", str(target), check=False)
+        run("losetup", "-d", dev, check=False)

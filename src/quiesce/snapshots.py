@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -476,12 +477,25 @@ def _slug(snap: Snapshot) -> str:
     return snap.id.split("/", 1)[-1]
 
 
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def mounts_of(snap: Snapshot, table: MountTable | None = None) -> list[str]:
     """Where ``snap`` is mounted now (a loop mount of its image, a bind mount of its dir)."""
     table = table or MountTable.read()
     loc = Path(snap.location)
     found: list[str] = []
-    if loc.is_file():
+    if _is_block_device(loc):
+        rdev = os.stat(loc).st_rdev
+        dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+        found.extend(m.mount_point for m in table.mounts if m.dev == dev)
+    elif not loc.is_absolute():  # a dataset snapshot (pool/fs@snap): mounted by name
+        found.extend(m.mount_point for m in table.mounts if m.source == snap.location)
+    elif loc.is_file():
         real = os.path.realpath(loc)
         for m in table.mounts:
             backing = loop_backing_file(m.source)
@@ -515,7 +529,9 @@ def mount(snap_id: str, directory: str | Path, state_dir: str | Path | None = No
             continue
         seen.add(snap.location)
         loc = Path(snap.location)
-        if not (loc.is_file() or loc.is_dir()):
+        block = _is_block_device(loc)
+        dataset = not loc.is_absolute() and "@" in snap.location
+        if not (block or dataset or loc.is_file() or loc.is_dir()):
             raise UsageError(
                 f"{snap.id} ({man.provider}: {snap.location}) cannot be mounted on this host",
                 "mount it with the storage's own tools",
@@ -527,7 +543,9 @@ def mount(snap_id: str, directory: str | Path, state_dir: str | Path | None = No
         target.mkdir(parents=True, exist_ok=True)
         opts = ",".join(["ro", "nosuid", "nodev", "noexec", *prov.mount_options(snap)])
         try:
-            if loc.is_file():
+            if block or dataset:  # an LV snapshot /dev/vg/lv, a ZFS pool/fs@snap
+                _run("mount", "-t", snap.fstype, "-o", opts, snap.location, str(target))
+            elif loc.is_file():
                 _run("mount", "-t", snap.fstype, "-o", f"loop,{opts}", str(loc), str(target))
             else:
                 _run("mount", "--bind", "-o", opts, str(loc), str(target))
