@@ -23,6 +23,8 @@ from helpers.jobtools import (
     write_job,
 )
 
+from quiesce.errors import ExitCode
+
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -116,7 +118,7 @@ command = ["{PY}", "-c", "import sys; print('app says no'); sys.exit(3)"]
 command = {toml_list(marker_hook(log))}
 """))  # fmt: skip
     p = quiesce("run", str(job), "--json")
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == ExitCode.HOOK, p.stderr
     report = json.loads(p.stdout)
     assert report["error"]["error"] == "HookFailed"
     assert report["error"]["message"] == (

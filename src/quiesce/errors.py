@@ -23,6 +23,8 @@ class ExitCode:
     THAW_FAILED = 8  # a thaw failed after retries: a volume may still be frozen
     EXPIRED = 9  # the guardian thawed before the controller did (deadline, lease, death)
     GUARDIAN = 10  # the guardian could not be started or reached
+    HOOK = 11  # a hook or writer failed or timed out (policy "abort"): nothing kept
+    BACKUP = 12  # the snapshot was made, but the backup or its verification failed
 
 
 class QuiesceError(Exception):

@@ -46,7 +46,7 @@ _SKIPPED_SUFFIXES = (
 class HookFailed(QuiesceError):
     """A hook or writer failed or timed out and the policy is ``abort``."""
 
-    exit_code = ExitCode.FAILURE
+    exit_code = ExitCode.HOOK
     default_hint = (
         "see the hook's output in the report; to snapshot anyway (only crash-consistent), "
         'set on_hook_failure = "crash-consistent"'
@@ -56,7 +56,7 @@ class HookFailed(QuiesceError):
 class RunTimeout(QuiesceError):
     """The whole run's time budget (timeouts.run) was used up."""
 
-    exit_code = ExitCode.FAILURE
+    exit_code = ExitCode.HOOK
     default_hint = "raise timeouts.run in the job file, or shorten the hooks"
 
 

@@ -16,7 +16,7 @@ from ..errors import ExitCode, QuiesceError
 class WriterError(QuiesceError):
     """A built-in writer could not quiesce (or release) its application."""
 
-    exit_code = ExitCode.FAILURE
+    exit_code = ExitCode.HOOK
     default_hint = "check that the server is running and that the job's connection settings work"
 
 
