@@ -118,7 +118,7 @@ def test_cli_backup_with_tar_metrics_and_a_failed_verification(loopfs, tmp_path)
         "[retention]\nkeep_last = 1\n",
     )  # fmt: skip
     p = _quiesce("backup", str(job))
-    assert p.returncode == 1
+    assert p.returncode == 12  # ExitCode.BACKUP
     assert "verification (full) of the backup failed" in p.stderr
     assert "skip.log: missing from the restore" in p.stderr
     assert sorted(m.id for m in snapshots.list_manifests(state)) == sorted([first.id, second.id])
@@ -173,3 +173,51 @@ def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
     m = parse(prom.read_text())["j"]
     assert m["last_run_success"] == 1 and m["freeze_window_seconds"] == report.window_s
     assert m["backup_files"] == bk.result.files
+
+
+def test_after_run_without_backup_still_applies_snapshot_retention(loopfs, tmp_path):
+    from quiesce.backup.phase import after_run
+    from quiesce.job import load_job, run_job
+
+    pair = image_on_reflink_host(loopfs, "ext4")
+    job_file = tmp_path / "j.toml"
+    job_file.write_text(
+        f'name = "j"\nvolumes = ["{pair.inner.path}"]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[provider]\ntype = "reflink"\n'
+    )
+    job_file.chmod(0o600)
+    ids = []
+    for _ in range(3):
+        report = run_job(load_job(job_file))
+        man = snapshots.load(report.manifest_id, tmp_path / "state")
+        after_run(
+            report, man, job="j", backup=None, retention=RetentionPolicy(keep_last=2),
+            state=tmp_path / "state",
+        )  # fmt: skip
+        ids.append(man.id)
+    assert [m.id for m in snapshots.list_manifests(tmp_path / "state")] == ids[1:]
+    assert "retention" in [p.name for p in report.phases]
+
+
+def test_quiesce_run_snapshots_then_backs_up_and_reports_it(loopfs, tmp_path):
+    """`quiesce run` does everything: snapshot, then the [backup] section, in one report."""
+    pair = image_on_reflink_host(loopfs, "xfs")
+    make_tree(pair.inner.mountpoint / "data", n_files=10)
+    job = _job(
+        tmp_path, pair.inner.path,
+        f'target = "tar"\ndirectory = "{tmp_path / "tars"}"\nverify = "full"\n',
+        "[retention]\nkeep_last = 1\n",
+    )  # fmt: skip
+    p = _quiesce("run", "--json", str(job))
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["ok"] and report["manifest_id"]
+    assert report["backup"]["ok"] is True
+    assert report["backup"]["verify"]["ok"] is True
+    assert any(ph["name"].startswith("backup: ") for ph in report["phases"])
+    assert len(list((tmp_path / "tars").glob("*.tar.zst"))) == 1
+    metrics = parse((tmp_path / "textfile" / "quiesce.prom").read_text())
+    assert metrics["nightly"]["last_run_success"] == 1
+    assert metrics["nightly"]["freeze_window_seconds"] > 0
+    [man] = snapshots.list_manifests(tmp_path / "state")
+    assert man.id == report["manifest_id"]

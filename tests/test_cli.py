@@ -261,7 +261,7 @@ def _demo_loops() -> set[str]:
 
 def test_demo_cleans_up() -> None:
     before = _demo_loops()
-    proc = quiesce_cli("demo", timeout=120)
+    proc = quiesce_cli("demo", "--simple", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     made = re.search(r"on /dev/loop\d+, mounted at (\S+)", proc.stdout)
     assert made, proc.stdout

@@ -39,8 +39,9 @@ BAD = [
     (  # unknown key, with a suggestion
         'volumes = ["/v"]\non_hook_falure = "abort"\n[provider]\ntype = "reflink"\n',
         ("on_hook_falure", "unknown key",
-         "did you mean 'on_hook_failure'? allowed here: allow_self, hooks, name, "
-         "on_hook_failure, provider, state_dir, syncfs, timeouts, volumes, writers"),
+         "did you mean 'on_hook_failure'? allowed here: allow_self, backup, hooks, "
+         "metrics_file, name, on_hook_failure, provider, retention, state_dir, syncfs, "
+         "timeouts, volumes, writers"),
     ),
     (  # wrong type
         'volumes = ["/v"]\n[provider]\ntype = "reflink"\n[timeouts]\nfreeze = "30"\n',

@@ -385,14 +385,25 @@ def _run_in_window(
 
 @app.command("demo")
 def demo_cmd(
-    fstype: Annotated[str, typer.Option(help="ext4, xfs or btrfs")] = "ext4",
+    simple: Annotated[
+        bool, typer.Option("--simple", help="Only freeze a filesystem under a live writer.")
+    ] = False,
+    fstype: Annotated[str, typer.Option(help="With --simple: ext4, xfs or btrfs")] = "ext4",
     as_json: JsonOpt = False,
 ) -> None:
-    """Make a loop filesystem, freeze it under a live writer, thaw, show what happened."""
-    from .demo import run_demo
-
+    """The whole job on a throwaway filesystem: an SQLite writer, freeze, reflink snapshot,
+    thaw, restic backup, verify, retention, restore and check. Removes all it made."""
     try:
-        run_demo(fstype, out if not as_json else None, as_json)
+        if simple:
+            from .demo import run_demo
+
+            run_demo(fstype, out if not as_json else None, as_json)
+        else:
+            from .demo_full import run_full_demo
+
+            # The demo's own lines carry rich markup (and only paths it made itself).
+            styled = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+            run_full_demo(styled if not as_json else None, as_json)
     except QuiesceError as e:
         raise _fail(e, as_json) from None
 

@@ -30,6 +30,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .backup.config import BackupConfig
+from .backup.phase import after_run
 from .errors import QuiesceError, UsageError
 from .hooks import (
     INTERPRETERS,
@@ -48,6 +50,7 @@ from .hooks import (
     permission_problem,
 )
 from .report import Phase, Report
+from .retention import RetentionPolicy
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROVIDERS = ("btrfs", "command", "ebs", "lvm", "reflink", "zfs")
@@ -196,6 +199,9 @@ class JobConfig(_Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     hooks: HooksConfig = HooksConfig()
     writers: WritersConfig = WritersConfig()
+    backup: BackupConfig | None = None  # where the snapshot is backed up (restic/borg/tar)
+    retention: RetentionPolicy = RetentionPolicy()
+    metrics_file: str | None = None  # Prometheus textfile-collector output
 
 
 @dataclass
@@ -1054,6 +1060,15 @@ def run_job(job: Job, *, dry_run: bool = False) -> Report:
                 "the application may still be quiesced: check it, and the hook's output",
             )
         )
+    after_run(
+        report,
+        manifest,
+        job=job.name,
+        backup=c.backup,
+        retention=c.retention,
+        metrics_file=c.metrics_file,
+        state=c.state_dir,
+    )
     return report.finish()
 
 

@@ -93,6 +93,7 @@ class Report(BaseModel):
     plan: dict[str, Any] | None = None  # dry run: volumes in order, hazards
     steps: list[str] = []  # dry run: what a run would do, in order
     warnings: list[str] = []
+    backup: dict[str, Any] | None = None  # the backup phase (backup.phase.BackupReport)
     error: dict[str, Any] | None = None
     t0: float = Field(default_factory=time.monotonic, exclude=True)
 
@@ -171,6 +172,10 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
         colour = {"application": "green", "filesystem": "green"}.get(report.consistency, "yellow")
         why = f" ({report.consistency_reason})" if report.consistency_reason else ""
         out.print(f"consistency: [{colour}]{report.consistency}[/]{escape(why)}")
+    if report.backup:
+        from .backup.render import print_backup_report
+
+        print_backup_report(report.backup, out, err)
     for w in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}")
     if report.error:

@@ -15,17 +15,19 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from ..errors import QuiesceError, UsageError
+from ..errors import ExitCode, QuiesceError, UsageError
 from ..retention import RetentionPolicy
 
 
 class BackupError(QuiesceError):
+    exit_code = ExitCode.BACKUP
     default_hint = (
         "see the target's message; the snapshot was kept: retry with `quiesce backup JOB.toml`"
     )
@@ -199,6 +201,9 @@ def secret_env(
     return {}
 
 
+KEPT_LINES = 500
+
+
 @dataclass
 class ChildResult:
     returncode: int
@@ -266,10 +271,12 @@ def _supervise(
     on_stdout_line: Callable[[str], None] | None,
     on_stderr_line: Callable[[str], None] | None,
 ) -> ChildResult:
-    out_lines: list[str] = []
-    err_lines: list[str] = []
+    # A stream that a callback consumes (restic's progress, borg's per-file status: one
+    # line per file of a first backup) keeps only its tail, for error messages.
+    out_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stdout_line else None)
+    err_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stderr_line else None)
 
-    def pump(stream: IO[bytes], sink: list[str], cb: Callable[[str], None] | None) -> None:
+    def pump(stream: IO[bytes], sink: deque[str], cb: Callable[[str], None] | None) -> None:
         for raw in stream:
             line = raw.decode(errors="replace")
             sink.append(line)

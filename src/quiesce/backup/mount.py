@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import QuiesceError, UsageError
+from ..errors import ExitCode, QuiesceError, UsageError
 from ..journal import Journal
 from ..mounts import MountTable
 from ..providers.base import Provider, Snapshot, volume_slug
@@ -49,6 +49,7 @@ NO_REPLAY: dict[str, list[str]] = {
 
 
 class MountError(QuiesceError):
+    exit_code = ExitCode.BACKUP
     default_hint = "see the kernel log (dmesg) for the filesystem's own message"
 
 

@@ -31,7 +31,7 @@ from .verify import VerifyResult, verify
 
 
 class VerifyFailed(QuiesceError):
-    exit_code = ExitCode.FAILURE
+    exit_code = ExitCode.BACKUP
     default_hint = (
         "the backup does not match the snapshot: the snapshot and older backups were kept; "
         "check the target's storage, then run `quiesce backup JOB.toml` again"
@@ -338,6 +338,17 @@ def after_run(
             report.ok = False
             report.exit_code = bk.exit_code
             report.error = bk.error
+    elif manifest is not None and report.error is None and retention and not retention.empty:
+        # no [backup]: [retention] still prunes the job's snapshots (never the new one)
+        phase = Phase.begin("retention")
+        try:
+            kept = apply_snapshot_retention(job, retention, state_dir(state), keep={manifest.id})
+            report.warnings += [f"retention: {f}" for f in kept["failed"]]
+            phase.detail = f"deleted {len(kept['deleted'])} snapshot(s)"
+            report.phases.append(phase.finish(ok=not kept["failed"]))
+        except QuiesceError as e:
+            report.warnings.append(f"retention: {e.message}")
+            report.phases.append(phase.finish(ok=False))
     if metrics_file:
         from ..metrics import RunMetrics, write_textfile
 
