@@ -13,7 +13,6 @@ import errno
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from . import kernel
 from .errors import FreezeExpired, QuiesceError, ThawFailed
 from .guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, GuardedVolume, GuardianHandle
 from .plan import GroupMember, Plan, make_plan
+from .proc import signals_deferred
 
 FAULT_ENV = "QUIESCE_FAULT"
 """Fault injection for tests: ``QUIESCE_FAULT=<phase>`` makes the controller SIGSTOP
@@ -119,26 +119,6 @@ class _InProcess:
         pass
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Ctrl-C or SIGTERM between two ioctls must not leave half a group frozen: hold
-    them until the loop is done, then deliver them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, lambda s, _f: got.append(s))
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig in got:
-            os.kill(os.getpid(), sig)
-
-
 def _fault_point(phase: str, wanted: str | None) -> None:
     if wanted == phase:
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -219,7 +199,7 @@ class Freezer:
                 except OSError as e:
                     self.window.warnings.append(f"syncfs {m.name} failed: {e.strerror}")
                 r.syncfs_s = (time.monotonic_ns() - t0) / 1e9
-        with _signals_deferred(), self._abort_on_surprise():
+        with signals_deferred(), self._abort_on_surprise():
             for k, (m, r) in enumerate(zip(self.members, self.results, strict=True)):
                 res = self._exec.freeze(k)
                 if res.get("ok"):
@@ -305,7 +285,7 @@ class Freezer:
         if self._exec is None:  # nothing was frozen
             return self.window
         failed: list[VolumeResult] = []
-        with _signals_deferred():
+        with signals_deferred():
             n = 0
             for k in range(len(self.results) - 1, -1, -1):
                 r = self.results[k]

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
@@ -66,6 +66,27 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
     # Stragglers that left the group keep nothing of ours but maybe the pipes.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM across a step that must not be cut in half (a group of
+    ioctls, starting a child that must be tracked); deliver them right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {
+        sig: signal.signal(sig, lambda s, _f: got.append(s))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in got:
+            os.kill(os.getpid(), sig)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from ..errors import ExitCode, QuiesceError, UsageError
+from ..proc import kill_group as _kill_group
+from ..proc import signals_deferred
 from ..retention import RetentionPolicy
 
 
@@ -305,36 +306,9 @@ def _supervise(
     )
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while a child is being started; deliver them afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {sig: signal.signal(sig, lambda s, _f: got.append(s)) for sig in SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig in got:
-            os.kill(os.getpid(), sig)
-
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM the child's process group, then SIGKILL after a grace period."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the child's process group, SIGKILL after 5 s (restic/borg save state)."""
+    _kill_group(proc, grace=5.0)
 
 
 def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> None:
