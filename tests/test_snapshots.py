@@ -6,14 +6,18 @@ was asked of it, and when); the loop filesystems, the freeze and the guardian ar
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
 from conftest import is_writable
-from helpers.snaptools import Recorder
+from helpers.snaptools import Recorder, image_on_reflink_host
 
 from quiesce import snapshots
 from quiesce.errors import FreezeExpired, QuiesceError, UnsafePlan, UsageError
@@ -183,3 +187,39 @@ def test_release_failure_keeps_the_snapshot_and_says_so(loopfs, tmp_path):
     man = err.value.details["manifest"]
     assert [m.id for m in snapshots.list_manifests(tmp_path)] == [man.id]
     assert any("b could not resume" in w for w in man.warnings)
+
+
+def test_sigkill_mid_create_leaves_a_clone_that_cleanup_removes(loopfs, tmp_path):
+    """A run killed inside the window: the guardian thaws, the clone file it had made is
+    in the journal, and `quiesce cleanup` removes it (no manifest refers to it)."""
+    pair = image_on_reflink_host(loopfs, "ext4")
+    state = tmp_path / "state"
+    before = set(pair.outer.mountpoint.iterdir())
+    env = {**os.environ, "QUIESCE_FAULT": "window", "QUIESCE_STATE_DIR": str(state)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quiesce", "snapshot", "create", "--provider", "reflink",
+         "--job", "killed", pair.inner.path],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the controller never reached the window")
+        left = set(pair.outer.mountpoint.iterdir()) - before
+        assert len(left) == 1, left  # the empty clone, made in prepare
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert is_writable(pair.inner.path)
+    assert snapshots.list_manifests(state) == []
+    p = subprocess.run(
+        [sys.executable, "-m", "quiesce", "cleanup", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert set(pair.outer.mountpoint.iterdir()) == before

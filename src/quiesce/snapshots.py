@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from . import kernel
 from .errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
 from .freezer import Freezer, Window
+from .journal import Journal
 from .mounts import MountTable, loop_backing_file, resolve
 from .plan import GroupMember, Plan, make_plan
 from .providers.base import Consistency, FreezeMode, Provider, Snapshot, get_provider
@@ -393,6 +394,9 @@ def create(
         started: list[Quiescer] = []
         made: list[Snapshot] = []
         errors: list[str] = []
+        fresh_state = not state.exists()
+        journal = Journal.open(state, job=job)  # outside the group: checked above
+        prov.journal = journal
         try:
             with phases("prepare"):
                 prov.prepare(members, snap_id)
@@ -426,12 +430,23 @@ def create(
                 warnings=[*plan.warnings, *(window.warnings if window else []), *errors],
             )
             _write_manifest(state, man)
+            for entry in journal.open_entries():  # the manifest owns them now
+                journal.commit(entry.id)
         except BaseException as e:
             _release(started, False, errors)
             _discard(prov, made, errors)
+            errors += journal.rollback()
             if errors:
                 _annotate(e, "while unwinding: " + "; ".join(errors))
+            journal.close()
+            if fresh_state:  # a failed first run leaves no empty state directory behind
+                for d in (journal.path.parent, state):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
             raise
+        finally:
+            journal.close()
+            prov.journal = None
     if errors:  # the snapshot is good, but an application was not released cleanly
         raise QuiesceError(
             "; ".join(errors),

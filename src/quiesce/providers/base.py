@@ -58,6 +58,9 @@ class Provider(ABC):
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        # Set by snapshots.create: record every file/snapshot *before* making it, so that
+        # `quiesce cleanup` can remove what a killed run left (journal.Journal).
+        self.journal: Any = None
 
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
         return FreezeMode.FIFREEZE

@@ -117,7 +117,14 @@ class ReflinkProvider(Provider):
                 c = _Clone(m, backing, dest)
                 self._clones.append(c)
                 c.src_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
-                c.dst_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                eid = self.journal.intent("file", path=dest) if self.journal else None
+                try:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    c.dst_fd = os.open(dest, flags, 0o600)
+                except FileExistsError:
+                    if eid is not None:
+                        self.journal.done(eid)  # not ours: cleanup must never remove it
+                    raise
                 c.created = True
                 c.snap = Snapshot(
                     id=f"{name}/{slug}",
