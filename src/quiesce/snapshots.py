@@ -509,7 +509,12 @@ def mounts_of(snap: Snapshot, table: MountTable | None = None) -> list[str]:
         dev = f"{os.major(rdev)}:{os.minor(rdev)}"
         found.extend(m.mount_point for m in table.mounts if m.dev == dev)
     elif not loc.is_absolute():  # a dataset snapshot (pool/fs@snap): mounted by name
-        found.extend(m.mount_point for m in table.mounts if m.source == snap.location)
+        # ZFS's own automounts under .zfs/snapshot/ come and go; `zfs destroy` unmounts them.
+        found.extend(
+            m.mount_point
+            for m in table.mounts
+            if m.source == snap.location and "/.zfs/snapshot/" not in m.mount_point
+        )
     elif loc.is_file():
         real = os.path.realpath(loc)
         for m in table.mounts:
