@@ -125,18 +125,17 @@ def _fs_error(err: OSError, op: str, name: str, fstype: str) -> QuiesceError:
 
 def fifreeze(fd: int, name: str = "", fstype: str = "") -> None:
     """Freeze the filesystem of ``fd``; raises AlreadyFrozen on EBUSY (never ours to thaw)."""
-    try:
-        fcntl.ioctl(fd, FIFREEZE, 0)
-    except OSError as e:
-        raise _fs_error(e, "freeze", name or f"fd {fd}", fstype) from None
+    code = freeze_errno(fd)
+    if code:
+        raise error_for(code, "freeze", name or f"fd {fd}", fstype)
 
 
 def fithaw(fd: int, name: str = "", fstype: str = "") -> None:
-    """Thaw the filesystem of ``fd``; raises NotFrozen on EINVAL."""
+    """Thaw the filesystem of ``fd`` (one attempt); raises NotFrozen on EINVAL."""
     try:
         fcntl.ioctl(fd, FITHAW, 0)
     except OSError as e:
-        raise _fs_error(e, "thaw", name or f"fd {fd}", fstype) from None
+        raise error_for(e.errno or errno.EIO, "thaw", name or f"fd {fd}", fstype) from None
 
 
 def syncfs(fd: int) -> None:
