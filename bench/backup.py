@@ -207,9 +207,11 @@ def run_pair(
     """A (restic alone) and B (quiesce phase), in alternating order, caches cold."""
     out: dict[str, Any] = {}
     for who in ("A", "B") if i % 2 == 0 else ("B", "A"):
+        # No writeback of the previous run's repository in this one: without it the
+        # second run of a pair is throttled writing its own repository (dirty limits).
+        os.sync()
         if who == "A":
             remount(origin)
-            os.sync()  # no writeback of the previous run in this one
             x = restic_alone(repos[0], base / "cache-a", origin.mnt / "tree", outer.device)
         else:
             x = quiesce_phase(origin, base / "state", cfg, outer.device)
