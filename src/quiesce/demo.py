@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import proc
 from .errors import QuiesceError, UsageError
 from .freezer import freeze
 
@@ -41,12 +42,7 @@ print(seq, stall)
 
 
 def _run(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, check=True, text=True, capture_output=True).stdout
-    except FileNotFoundError:
-        raise UsageError(f"{cmd[0]} is not installed", "run scripts/install.sh") from None
-    except subprocess.CalledProcessError as e:
-        raise QuiesceError(f"{' '.join(cmd)} failed: {e.stderr.strip()}") from None
+    return proc.check_tool(*cmd)
 
 
 def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from . import proc
 from .errors import QuiesceError, UsageError
 
 WRITER = r"""
@@ -55,10 +56,7 @@ NEEDS = {
 
 
 def _run(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, check=True, text=True, capture_output=True).stdout
-    except subprocess.CalledProcessError as e:
-        raise QuiesceError(f"{' '.join(cmd)} failed: {e.stderr.strip()}") from None
+    return proc.check_tool(*cmd)
 
 
 class _Rows:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import proc
 from .errors import QuiesceError, UnsafePlan
 
 DEFAULT_STATE_DIR = Path("/var/lib/quiesce")
@@ -72,7 +73,7 @@ class JournalError(QuiesceError):
 
 
 def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, text=True, capture_output=True, timeout=timeout, check=False)
+    return proc.run_tool(*cmd, timeout=timeout)
 
 
 def _mounts_at(target: str) -> list[tuple[str, str]]:

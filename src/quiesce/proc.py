@@ -17,7 +17,31 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from .errors import QuiesceError, UsageError
+
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
+
+
+def run_tool(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """An admin tool outside the window (mount, losetup, lvs, zfs): text output captured,
+    stdin closed; the caller judges the exit status."""
+    return subprocess.run(
+        cmd, text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        check=False,
+    )  # fmt: skip
+
+
+def check_tool(*cmd: str, timeout: float = 120, hint: str | None = None) -> str:
+    """:func:`run_tool` that must succeed: its stdout, else a QuiesceError with stderr."""
+    try:
+        p = run_tool(*cmd, timeout=timeout)
+    except FileNotFoundError:
+        raise UsageError(f"{cmd[0]} is not installed", "run scripts/install.sh") from None
+    if p.returncode != 0:
+        raise QuiesceError(
+            f"{' '.join(cmd)} failed: {p.stderr.strip() or f'exit {p.returncode}'}", hint
+        )
+    return p.stdout
 
 
 class BoundedOutput:

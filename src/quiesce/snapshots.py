@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import kernel
+from . import kernel, proc
 from .errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
 from .freezer import Freezer, Window
 from .journal import Journal
@@ -480,12 +480,7 @@ def _provider_for(man: Manifest) -> Provider:
 
 
 def _run(*cmd: str) -> None:
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise QuiesceError(
-            f"{' '.join(cmd)} failed: {p.stderr.strip() or p.returncode}",
-            "see the kernel log (dmesg) for the filesystem's own message",
-        )
+    proc.check_tool(*cmd, hint="see the kernel log (dmesg) for the filesystem's own message")
 
 
 def _slug(snap: Snapshot) -> str:

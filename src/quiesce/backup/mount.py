@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import proc
 from ..errors import ExitCode, QuiesceError, UsageError
 from ..journal import Journal
 from ..mounts import MountTable
@@ -88,7 +89,7 @@ def stable_path(job: str, slug: str, root: str | Path = DEFAULT_MOUNT_ROOT) -> P
 
 
 def _run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, text=True, capture_output=True, timeout=timeout, check=False)
+    return proc.run_tool(*cmd, timeout=timeout)
 
 
 def probe_fstype(source: str) -> str:

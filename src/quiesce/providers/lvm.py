@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import proc
 from ..errors import QuiesceError, UnsafePlan, UsageError
 from ..plan import GroupMember
 from .base import FreezeMode, Provider, Snapshot, volume_slug
@@ -206,9 +207,7 @@ class _Planned:
 
 
 def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    return proc.run_tool(*argv, timeout=timeout)
 
 
 def _tool(name: str) -> str:

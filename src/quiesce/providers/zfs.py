@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import proc
 from ..errors import QuiesceError, UsageError
 from ..plan import GroupMember
 from .base import Consistency, FreezeMode, Provider, Snapshot, volume_slug
@@ -72,9 +73,7 @@ def _tool() -> str:
 
 
 def _run(argv: list[str], timeout: float = ZFS_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    return proc.run_tool(*argv, timeout=timeout)
 
 
 class ZfsProvider(Provider):
