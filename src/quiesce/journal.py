@@ -32,6 +32,7 @@ from typing import Any
 
 from . import proc
 from .errors import QuiesceError, UnsafePlan
+from .kernel import fsync_dir as _fsync_dir
 
 DEFAULT_STATE_DIR = Path("/var/lib/quiesce")
 STATE_DIR_ENV = "QUIESCE_STATE_DIR"
@@ -324,14 +325,6 @@ class Journal:
         errors = self.close()
         if errors and exc[0] is None:
             raise JournalError("cleanup after the run failed: " + "; ".join(errors))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe(fields: dict[str, Any]) -> str:

@@ -191,3 +191,12 @@ def freeze_errno(fd: int) -> int:
 def error_for(code: int, op: str, name: str, fstype: str = "") -> QuiesceError:
     """The typed error for an errno returned by freeze_errno/thaw_errno."""
     return _fs_error(OSError(code, os.strerror(code)), op, name, fstype)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in ``path`` durable (fsync of the directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

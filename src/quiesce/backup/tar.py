@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from ..errors import UsageError
+from ..kernel import fsync_dir as _fsync_dir
 from ..retention import RetentionPolicy, as_datetime, decide
 from .base import (
     BackupError,
@@ -398,14 +399,6 @@ def _eta(t0: float, done: int, total: int) -> float | None:
     if done <= 0 or total <= 0 or elapsed <= 0:
         return None
     return max(total - done, 0) / (done / elapsed)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def from_config(cfg: Any, job: str) -> TarTarget:
