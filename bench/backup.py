@@ -17,6 +17,18 @@ Throughput = bytes restic processed / wall time (B: the whole phase, mount to un
 run: what really came off the storage. Targets: B >= 0.9x A on both runs, and the
 incremental run reads only about the changed files.
 
+Guest memory is made steady first. On a VM whose balloon reports free pages to the host
+(virtio-balloon free page reporting, ``/sys/module/page_reporting``), every page the
+guest frees is handed back and its next first touch costs a host page fault, billed as
+guest *system* time. Which of two runs gets the returned pages and which gets pages
+still backed depends on what the run before it freed (A drops the live volume's cache
+by remounting; B does not), not on the backup path: measured on this VM, B's system CPU
+was 7-10.5 s vs A's 4.6-7.6 s (B/A 0.65-0.93), and with reporting paused and memory
+pre-touched both take 9.9-10.5 s wall with 3.9-4.5 s system time, B/A 1.00. So the
+bench pauses reporting (page_reporting_order above the largest buddy order), touches the
+free memory once, and restores the setting at the end; ``--keep-page-reporting``
+measures with it on.
+
 Everything it makes (loop filesystems, repositories, state) is removed in ``finally``.
 
     sudo python3 bench/backup.py [--size-gib 2] [--workdir /var/tmp] [--json]
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import mmap
 import os
 import random
 import resource
@@ -36,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,6 +206,41 @@ def remount(origin: Loop) -> None:
     sh("mount", origin.device, str(origin.mnt))
 
 
+PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+@contextlib.contextmanager
+def steady_guest_memory(enabled: bool) -> Iterator[str]:
+    """Pause free page reporting and back the guest's free memory, restored afterwards."""
+    if not enabled or not PAGE_REPORTING_ORDER.exists():
+        yield "as found (free page reporting not paused)"
+        return
+    saved = PAGE_REPORTING_ORDER.read_text().strip()
+    PAGE_REPORTING_ORDER.write_text("11")  # > MAX_PAGE_ORDER (10): no free block qualifies
+    try:
+        avail = next(
+            int(ln.split()[1]) * 1024
+            for ln in Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemAvailable:")
+        )
+        size = max(0, avail - (2 << 30)) // (1 << 21) * (1 << 21)
+        t0 = time.monotonic()
+        if size:
+            with mmap.mmap(-1, size) as m:
+                try:
+                    m.madvise(MADV_POPULATE_WRITE)
+                except OSError:
+                    for off in range(0, size, mmap.PAGESIZE):
+                        m[off] = 1
+        yield (
+            f"free page reporting paused (order {saved} -> 11), {size / (1 << 30):.1f} GiB "
+            f"pre-touched in {time.monotonic() - t0:.1f} s"
+        )
+    finally:
+        PAGE_REPORTING_ORDER.write_text(saved)
+
+
 def fmt(n: float) -> str:
     return f"{n / MiB:,.1f} MiB"
 
@@ -228,6 +277,10 @@ def main() -> int:
     ap.add_argument("--change", type=float, default=0.01, help="fraction of files rewritten")
     ap.add_argument("--repeat", type=int, default=3, help="pairs per kind of run (medians)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--keep-page-reporting", action="store_true",
+        help="leave the VM balloon's free page reporting on (runs then differ by host faults)",
+    )  # fmt: skip
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (loop devices, mounts, FIFREEZE)", file=sys.stderr)
@@ -236,6 +289,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="quiesce-bench-backup-", dir=args.workdir))
     loops: list[Loop] = []
     results: dict[str, Any] = {"tree_bytes": total, "first": [], "incremental": []}
+    stack = contextlib.ExitStack()
     try:
         outer = make_loop(
             base / "host-xfs.img", 3 * total + (1 << 30),
@@ -258,6 +312,8 @@ def main() -> int:
             target="restic", repository="-", password_env="BENCH_PW", host="bench",
             verify="none", prune=False, mount_root=str(base / "stable"),
         )  # fmt: skip
+        results["memory"] = stack.enter_context(steady_guest_memory(not args.keep_page_reporting))
+        print(f"guest memory: {results['memory']}")
         repos: tuple[Path, Path] = (base, base)
         for i in range(args.repeat):  # full backups into fresh repositories
             for r in repos:
@@ -279,6 +335,7 @@ def main() -> int:
             print(json.dumps(results, indent=2, default=str))
         return 0
     finally:
+        stack.close()
         with contextlib.suppress(Exception):
             from quiesce.journal import cleanup
 
