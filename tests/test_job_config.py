@@ -97,6 +97,11 @@ BAD = [
          'databases = ["/srv/db/app.sqlite"]'),
     ),
     (
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n'
+        '[[writers.mysql]]\nunix_socket = "/run/mysqld/mysqld.sock"\nlock = "ftwrl"\n',
+        ("writers.mysql[0].lock", "must be 'auto', 'backup_stage' or 'flush_tables'", ""),
+    ),
+    (
         'volumes = ["/v"]\n[provider\ntype = "reflink"\n',
         ("(toml)", "not valid TOML: Expected ']' at the end of a table declaration "
          "(at line 2, column 10)", "check the syntax near that line"),

@@ -1,8 +1,8 @@
 """The MariaDB writer against a real throwaway server on a loop filesystem.
 
-FLUSH TABLES WITH READ LOCK is held by the writer's session across the window (no
-commit can happen), released right after the thaw; a fresh mariadbd started on a
-writable clone of the snapshot's datadir holds every committed row.
+The commit lock (BACKUP STAGE BLOCK_COMMIT on this MariaDB) is held by the writer's
+session across the window (no commit can happen), released right after the thaw; a
+fresh mariadbd started on a writable clone of the snapshot's datadir holds every committed row.
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
             t.join(timeout=30)
             assert len(acked) > n_before  # released: the writer goes on
             assert writer.info["locked"] is False
+            assert writer.info["lock"] == "backup_stage"  # "auto" on MariaDB 10.11
             locked = [s for when, s in acked if writer.locked_at + 0.05 < when
                       < writer.released_at + 0.25]  # fmt: skip
             assert locked == []  # no commit while the lock was held
@@ -150,3 +151,107 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
                 with contextlib.suppress(Exception):
                     server.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("10.11.19-MariaDB-0+deb12u1", True),
+        ("10.4.1-MariaDB-log", True),
+        ("11.4.2-MariaDB", True),
+        ("10.4.0-MariaDB", False),
+        ("10.3.39-MariaDB-0+deb10u1", False),
+        ("8.0.36", False),  # MySQL: no BACKUP STAGE
+        ("8.4.0-0ubuntu0.24.04.1", False),
+    ],
+)
+def test_backup_stage_is_chosen_only_where_the_server_has_it(version, expected):
+    from quiesce.writers.mysql import MysqlWriter, has_backup_stage
+
+    assert has_backup_stage(version) is expected
+    auto = MysqlWriter(lock="auto")._lock_mode(version)
+    assert auto == ("backup_stage" if expected else "flush_tables")
+    if not expected:
+        from quiesce.writers import WriterError
+
+        with pytest.raises(WriterError, match="has no BACKUP STAGE"):
+            MysqlWriter(lock="backup_stage")._lock_mode(version)
+
+
+def test_backup_stage_goes_past_a_running_write_that_flush_tables_waits_for():
+    """With a 6 s INSERT running, FTWRL gives up after lock_wait_timeout (naming the
+    cause and lock = "backup_stage"); BACKUP STAGE BLOCK_COMMIT is taken at once and
+    still blocks commits to InnoDB and MyISAM tables until it is released."""
+    tools = mariadb_bin()
+    need(tools is not None, "MariaDB server binaries")
+    assert tools is not None
+    pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
+    from quiesce.writers import WriterError
+    from quiesce.writers.mysql import MysqlWriter
+
+    run_dir = shared_dir("mysql")
+    db = Server(tools, run_dir / "data", run_dir, "locks")  # mysql must reach its datadir
+    try:
+        db.install()
+        db.start()
+
+        def connect():  # type: ignore[no-untyped-def]
+            return pymysql.connect(unix_socket=str(db.socket), user="root", autocommit=True)
+
+        with connect() as c, c.cursor() as cur:
+            cur.execute("CREATE DATABASE app")
+            cur.execute("CREATE TABLE app.t (x INT PRIMARY KEY) ENGINE=InnoDB")
+            cur.execute("CREATE TABLE app.m (x INT) ENGINE=MyISAM")
+
+        def long_insert(key: int) -> threading.Thread:
+            def run() -> None:
+                with connect() as c, c.cursor() as cur:
+                    cur.execute(f"INSERT INTO app.t SELECT {key} + SLEEP(6)")
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            time.sleep(0.5)  # the statement is running
+            return t
+
+        def commit_blocked(table: str, value: int) -> bool:
+            with connect() as c, c.cursor() as cur:
+                cur.execute("SET SESSION lock_wait_timeout = 1")
+                try:
+                    cur.execute(f"INSERT INTO app.{table} VALUES ({value})")
+                except pymysql.err.OperationalError as e:
+                    assert e.args[0] == 1205  # lock wait timeout
+                    return True
+                return False
+
+        running = long_insert(100)
+        ftwrl = MysqlWriter(unix_socket=str(db.socket), timeout=2, lock="flush_tables")
+        t0 = time.monotonic()
+        with pytest.raises(WriterError) as err:
+            ftwrl.before_freeze()
+        assert time.monotonic() - t0 >= 1.9
+        assert "FLUSH TABLES WITH READ LOCK waited longer than timeout = 2 s" in err.value.message
+        assert 'lock = "backup_stage"' in (err.value.hint or "")
+        assert ftwrl.conn is None  # closed: nothing held
+        running.join(timeout=30)
+
+        running = long_insert(200)
+        stage = MysqlWriter(unix_socket=str(db.socket), timeout=2, lock="auto")
+        t0 = time.monotonic()
+        stage.before_freeze()
+        try:
+            assert time.monotonic() - t0 < 1.5  # did not wait for the INSERT
+            assert stage.info["lock"] == "backup_stage"
+            assert commit_blocked("t", 1)
+            assert commit_blocked("m", 1)
+        finally:
+            stage.after_thaw(True)
+        assert stage.info["locked"] is False
+        assert not commit_blocked("t", 2)  # released
+        assert not commit_blocked("m", 2)
+        running.join(timeout=30)
+        with connect() as c, c.cursor() as cur:
+            cur.execute("SELECT x FROM app.t ORDER BY x")
+            assert [r[0] for r in cur.fetchall()] == [2, 100, 200]  # every INSERT committed
+    finally:
+        db.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -161,6 +161,7 @@ class MysqlConfig(_Strict):
     password: str | None = None
     defaults_file: str | None = None
     timeout: PositiveFloat = 30.0
+    lock: Literal["auto", "backup_stage", "flush_tables"] = "auto"
     name: str | None = None
 
 
@@ -679,6 +680,7 @@ def build_writers(config: JobConfig) -> list[Any]:
                 password=m.password,
                 defaults_file=m.defaults_file,
                 timeout=m.timeout,
+                lock=m.lock,
                 name=m.name or f"mysql[{i}]",
             )
         )
@@ -916,8 +918,14 @@ def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
                 after.insert(0, f"writer {w.name}: pg_backup_stop (backup_label in the report)")
             before.append(f"writer {w.name}: {what}")
         elif w.kind == "mysql":
-            before.append(f"writer {w.name}: FLUSH TABLES WITH READ LOCK (session held)")
-            after.insert(0, f"writer {w.name}: UNLOCK TABLES")
+            take, release = {
+                "auto": ("BACKUP STAGE BLOCK_COMMIT on MariaDB >= 10.4.1, else FLUSH TABLES "
+                         "WITH READ LOCK", "BACKUP STAGE END / UNLOCK TABLES"),
+                "backup_stage": ("BACKUP STAGE START, BLOCK_COMMIT", "BACKUP STAGE END"),
+                "flush_tables": ("FLUSH TABLES WITH READ LOCK", "UNLOCK TABLES"),
+            }[w.lock]  # fmt: skip
+            before.append(f"writer {w.name}: {take} (session held)")
+            after.insert(0, f"writer {w.name}: {release}")
     for i, x in enumerate(h.post_thaw):
         after.append(
             f"post-thaw hook {_hook_name(x, 'post_thaw', i)!r}: "
