@@ -37,6 +37,7 @@ app = typer.Typer(
     name="quiesce",
     help="Consistent snapshots of mounted Linux filesystems: freeze, snapshot, thaw, back up.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # docstrings wrap; [backup] and `x` read as written
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

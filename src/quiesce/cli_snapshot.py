@@ -20,6 +20,7 @@ snapshot_app = typer.Typer(
     name="snapshot",
     help="Take a consistent snapshot with a provider, and manage the snapshots it made.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",  # docstrings wrap; [backup] and `x` read as written
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
