@@ -69,8 +69,10 @@ class Timed:
 
 
 def test_snapshot_holds_every_row_committed_before_the_lock(loopfs, tmp_path):
-    outer = loopfs("xfs")
-    inner = loopfs("ext4", image_dir=outer.mountpoint)
+    # The writer fills ~5 MB/s, and a TRUNCATE checkpoint may wait up to busy_timeout
+    # for it: room for a minute of it (sparse images cost nothing).
+    outer = loopfs("xfs", size_mb=1024)
+    inner = loopfs("ext4", size_mb=512, image_dir=outer.mountpoint)
     db = inner.mountpoint / "app.sqlite"
     writer = SqliteWriterProcess(db)
     try:
