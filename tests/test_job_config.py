@@ -102,6 +102,16 @@ BAD = [
         ("writers.mysql[0].lock", "must be 'auto', 'backup_stage' or 'flush_tables'", ""),
     ),
     (
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n[backup]\ntarget = "restic"\n'
+        'repository = "/srv/restic"\npassword_file = "/no/such/restic-password"\n',
+        ("backup.password_file", "/no/such/restic-password does not exist",
+         "create it (mode 600, owned by root) or name another file"),
+    ),
+    (
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n[backup]\ntarget = "tar"\n',
+        ("backup", "the tar target needs exactly one of `directory` or `command`", ""),
+    ),
+    (
         'volumes = ["/v"]\n[provider\ntype = "reflink"\n',
         ("(toml)", "not valid TOML: Expected ']' at the end of a table declaration "
          "(at line 2, column 10)", "check the syntax near that line"),
@@ -135,6 +145,24 @@ command = ["/no/such/hook"]
     ]  # fmt: skip
     assert found[0][1] == "'relative/path' is not an absolute path"
     assert found[3][1] == "must be greater than 0"
+
+
+def test_backup_needs_are_listed_with_its_type_errors(tmp_path, monkeypatch):
+    """pydantic stops before [backup]'s own check when the table has a type error;
+    `quiesce check` still lists both, and a target program that is not installed."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no restic on it
+    job = write_job(
+        tmp_path,
+        'volumes = ["/v"]\n[provider]\ntype = "reflink"\n'
+        '[backup]\ntarget = "restic"\nsample_files = "5"\n',
+    )
+    assert problems(job) == [
+        ("backup.sample_files", "wrong type: expected an integer, got string '5'",
+         "write it without quotes: sample_files = 5"),
+        ("backup", "the restic target needs `repository`", ""),
+        ("backup.target", "restic is not installed",
+         "apt-get install restic (or scripts/backup-setup.sh)"),
+    ]  # fmt: skip
 
 
 def test_job_file_writable_by_others_is_refused(tmp_path):

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import shutil
 import time
 import tomllib
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .backup.config import BackupConfig
+from .backup.config import BackupConfig, semantic_problems
 from .backup.phase import after_run
 from .errors import QuiesceError, UsageError
 from .hooks import (
@@ -305,6 +306,8 @@ def _problem_from(err: dict[str, Any]) -> Problem:
         )
     if kind == "literal_error":
         return Problem(path, err["msg"].replace("Input should be", "must be"), "")
+    if kind == "value_error":
+        return Problem(path, str(err["msg"]).removeprefix("Value error, "), "")
     if kind in _EXPECTED:
         hint = "see docs/jobs.md for this key's type"
         if isinstance(value, str) and kind in ("float_type", "int_type", "bool_type"):
@@ -425,6 +428,37 @@ def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _backup_problems(raw: dict[str, Any]) -> list[Problem]:
+    """What [backup] needs beyond its types (listed even when the table also has type
+    errors, which stop pydantic before the model's own check), and what the machine
+    must have for it: the target's program and the password file."""
+    section = raw.get("backup")
+    if not isinstance(section, dict):
+        return []
+    problems = [Problem("backup", m, "") for m in semantic_problems(section)]
+    program = {"restic": ("restic", "restic"), "borg": ("borg", "borgbackup")}
+    if section.get("target") in program:
+        binary, package = program[section["target"]]
+        if shutil.which(binary) is None:
+            problems.append(
+                Problem(
+                    "backup.target",
+                    f"{binary} is not installed",
+                    f"apt-get install {package} (or scripts/backup-setup.sh)",
+                )
+            )
+    f = section.get("password_file")
+    if isinstance(f, str) and f and not Path(f).is_file():
+        problems.append(
+            Problem(
+                "backup.password_file",
+                f"{f} does not exist",
+                "create it (mode 600, owned by root) or name another file",
+            )
+        )
+    return problems
+
+
 def _freezes(raw: dict[str, Any], table: Any, vols: list[str]) -> bool:
     """Whether the job's provider FIFREEZEs these volumes (atomic ones such as zfs and
     btrfs do not: then unfreezable filesystems and self-hazards do not matter)."""
@@ -527,7 +561,11 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
     try:
         config = JobConfig.model_validate(raw)
     except ValidationError as e:
-        problems += [_problem_from(dict(err)) for err in e.errors()]
+        problems += [
+            _problem_from(dict(err))
+            for err in e.errors()
+            if not (err["type"] == "value_error" and tuple(err["loc"]) == ("backup",))
+        ]
     if isinstance(raw.get("name"), str) and not NAME_RE.match(raw["name"]):
         problems.append(
             Problem(
@@ -540,6 +578,7 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
     hook_problems, scripts = _hook_problems(raw)
     problems += hook_problems
     problems += _writer_problems(raw)
+    problems += _backup_problems(raw)
     if check_volumes:
         problems += _volume_problems(raw)
     if problems or config is None:

@@ -169,6 +169,28 @@ def require(binary: str, package: str) -> str:
     return path
 
 
+def password_file_path(password_file: str, what: str) -> Path:
+    """The password file named in the job, which the child will read itself."""
+    p = Path(password_file)
+    if not p.is_file():
+        raise UsageError(
+            f"the {what} password file {password_file} does not exist",
+            "create it (mode 600, owned by root) or name another in the job",
+        )
+    return p
+
+
+def password_from_env(password_env: str, what: str) -> str:
+    """The value of the variable named in the job (never put in an argv, message or log)."""
+    value = os.environ.get(password_env)
+    if value is None:
+        raise UsageError(
+            f"the environment variable {password_env} (the {what} password) is not set",
+            "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
+        )
+    return value
+
+
 def secret_env(
     *,
     password_file: str | None,
@@ -177,28 +199,12 @@ def secret_env(
     value_var: str,
     what: str,
 ) -> dict[str, str]:
-    """The child's environment entries for a password named in the job.
-
-    ``password_file``: the child reads the file itself (``file_var``).
-    ``password_env``: the name of a variable in *our* environment whose value is passed
-    as ``value_var``. The value is never put in an argv, a message or a log.
-    """
+    """The child's environment entries for a password named in the job: the file's path
+    as ``file_var``, or the named variable's value as ``value_var``."""
     if password_file:
-        p = Path(password_file)
-        if not p.is_file():
-            raise UsageError(
-                f"the {what} password file {password_file} does not exist",
-                "create it (mode 600, owned by root) or name another in the job",
-            )
-        return {file_var: str(p)}
+        return {file_var: str(password_file_path(password_file, what))}
     if password_env:
-        value = os.environ.get(password_env)
-        if value is None:
-            raise UsageError(
-                f"the environment variable {password_env} (the {what} password) is not set",
-                "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
-            )
-        return {value_var: value}
+        return {value_var: password_from_env(password_env, what)}
     return {}
 
 

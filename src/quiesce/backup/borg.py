@@ -31,6 +31,8 @@ from .base import (
     Target,
     TargetSnapshot,
     check_child,
+    password_file_path,
+    password_from_env,
     require,
     run_child,
 )
@@ -81,8 +83,6 @@ class BorgTarget(Target):
 
     # -- plumbing ----------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        import os
-
         env = {
             "BORG_REPO": self.repository,
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "no",
@@ -91,22 +91,11 @@ class BorgTarget(Target):
         if self.base_dir:
             env["BORG_BASE_DIR"] = self.base_dir
         if self.password_file:
-            if not Path(self.password_file).is_file():
-                raise UsageError(
-                    f"the borg password file {self.password_file} does not exist",
-                    "create it (mode 600, owned by root) or name another in the job",
-                )
+            path = password_file_path(self.password_file, "borg")
             # borg splits this with shlex and runs it without a shell
-            env["BORG_PASSCOMMAND"] = "cat -- " + shlex.quote(self.password_file)
+            env["BORG_PASSCOMMAND"] = "cat -- " + shlex.quote(str(path))
         elif self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise UsageError(
-                    f"the environment variable {self.password_env} (the borg passphrase) "
-                    "is not set",
-                    "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
-                )
-            env["BORG_PASSPHRASE"] = value
+            env["BORG_PASSPHRASE"] = password_from_env(self.password_env, "borg")
         return env
 
     def _run(self, *args: str, what: str, timeout: float | None = None, **kw: Any):
