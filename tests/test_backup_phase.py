@@ -144,7 +144,7 @@ def test_bad_backup_section_lists_every_problem(tmp_path):
 
 
 def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
-    """job.run_job (the snapshot) + backup.phase.after_run, as `quiesce run` will call it."""
+    """job.run_job (the snapshot) + backup.phase.after_run, as `quiesce run` calls it."""
     from quiesce.backup.phase import after_run
     from quiesce.job import load_job, run_job
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -408,6 +409,11 @@ def test_cli_held_freeze_shows_in_status_and_thaws(rig: Rig) -> None:
     held = json.loads(out)
     gpid = rig.track(held["guardian_pid"])
     assert [v["state"] for v in held["volumes"]] == ["frozen", "frozen"]
+    # The OOM killer never picks the one process that can thaw them, where the guardian
+    # may say so (CAP_SYS_RESOURCE; this sandbox withholds it: then it keeps its score).
+    caps = int(re.search(r"CapEff:\s*(\w+)", Path("/proc/self/status").read_text())[1], 16)
+    want = "-1000" if caps & (1 << 24) else Path("/proc/self/oom_score_adj").read_text().strip()
+    assert Path(f"/proc/{gpid}/oom_score_adj").read_text().strip() == want
 
     st = json.loads(cli("status", "--json").stdout)
     (g,) = [g for g in st["guardians"] if g["pid"] == gpid]

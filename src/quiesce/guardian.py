@@ -479,6 +479,15 @@ def _detach_child(keep: set[int]) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     os.chdir("/")
+    # The OOM killer must never pick the process whose death could leave volumes frozen
+    # (dirty pages that cannot be written back pile up while a volume is frozen). Needs
+    # CAP_SYS_RESOURCE; without it the guardian keeps the score it inherited.
+    with contextlib.suppress(OSError):
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"-1000")
+        finally:
+            os.close(fd)
 
 
 class GuardianHandle:

@@ -35,6 +35,7 @@ CAPABILITIES = [
     "CAP_FSETID",
     "CAP_KILL",  # kill a timed-out hook's process group
     "CAP_IPC_LOCK",  # LVM locks its memory while it suspends a device
+    "CAP_SYS_RESOURCE",  # the guardian sets its oom_score_adj to -1000
 ]
 
 
