@@ -29,6 +29,7 @@ TAKE = {
     "flush_tables": ("FLUSH TABLES WITH READ LOCK",),
 }
 RELEASE = {"backup_stage": "BACKUP STAGE END", "flush_tables": "UNLOCK TABLES"}
+ER_LOCK_WAIT_TIMEOUT = 1205
 
 
 def has_backup_stage(version: str) -> bool:
@@ -68,7 +69,8 @@ class MysqlWriter(Writer):
                 cur.execute(query)
                 return cur.fetchall()
         except Exception as e:
-            raise WriterError(f"mysql: {query} failed: {e}") from None
+            code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+            raise WriterError(f"mysql: {query} failed: {e}", code=code) from None
 
     def before_freeze(self) -> None:
         pymysql = need_module("pymysql", "PyMySQL")
@@ -99,7 +101,7 @@ class MysqlWriter(Writer):
                 try:
                     self._sql(statement)
                 except WriterError as e:
-                    if "1205" not in e.message:  # ER_LOCK_WAIT_TIMEOUT
+                    if e.details.get("code") != ER_LOCK_WAIT_TIMEOUT:
                         raise
                     raise WriterError(
                         f"mysql: {statement} waited longer than timeout = "
