@@ -457,6 +457,36 @@ def test_cli_held_freeze_ends_at_its_deadline(rig: Rig) -> None:
     rig.check_writers(min_stall=0.5)
 
 
+def test_a_second_run_is_told_which_quiesce_run_holds_the_volume(rig: Rig) -> None:
+    """EBUSY from another quiesce run's freeze names that run and how to end it; the
+    held freeze is untouched, and a stranger's freeze is still "someone else"."""
+    a, b = rig.volumes(2)
+    r = cli("freeze", "--json", "--timeout", "30", b.path)
+    assert r.returncode == 0, r.stderr
+    gpid = rig.track(json.loads(r.stdout)["guardian_pid"])
+    second = cli("exec", a.path, b.path, "--", "true")
+    assert second.returncode == 5, second.stderr  # BUSY
+    first_line, hint = second.stderr.splitlines()[:2]
+    assert first_line.startswith(
+        f"quiesce: {b.path} ({b.fstype}) is already frozen by another quiesce run "
+        f"(guardian {gpid}, held by `quiesce freeze`); its guardian thaws it within "
+    ), first_line
+    assert f"rolled back: {a.path} thawed" in first_line
+    assert hint == f"hint: wait for that run to finish, or end it now with `quiesce thaw {b.path}`"
+    assert is_writable(a.path) and not is_writable(b.path, timeout=0.5)
+    assert cli("thaw", b.path).returncode == 0
+    assert is_writable(b.path)
+
+    b.freeze_externally()
+    try:
+        stranger = cli("exec", b.path, "--", "true")
+        assert stranger.returncode == 5
+        assert "is already frozen by someone else (EBUSY)" in stranger.stderr
+    finally:
+        b.thaw_externally()
+    rig.check_writers()
+
+
 def test_cli_thaws_a_plain_fsfreeze_with_fithaw(rig: Rig) -> None:
     vol = rig.volumes(1)[0]
     vol.freeze_externally()

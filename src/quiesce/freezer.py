@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import kernel
-from .errors import FreezeExpired, QuiesceError, ThawFailed
-from .guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, GuardedVolume, GuardianHandle
+from .errors import AlreadyFrozen, FreezeExpired, QuiesceError, ThawFailed
+from .guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, GuardedVolume, GuardianHandle, holder_of
 from .plan import GroupMember, Plan, make_plan
 from .proc import signals_deferred
 
@@ -122,6 +122,21 @@ class _InProcess:
 def _fault_point(phase: str, wanted: str | None) -> None:
     if wanted == phase:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _second_run(m: GroupMember, ours: int | None) -> AlreadyFrozen | None:
+    """An EBUSY from another quiesce run's freeze, told as such (whose, for how long)."""
+    st = holder_of(m.volume.dev, exclude=ours)
+    if st is None:
+        return None
+    who = "held by `quiesce freeze`" if st["detached"] else f"run pid {st['controller_pid']}"
+    left = st.get("deadline_remaining_s")
+    until = f"; its guardian thaws it within {max(left, 0):.0f} s" if left is not None else ""
+    return AlreadyFrozen(
+        f"{m.name} ({m.volume.fstype}) is already frozen by another quiesce run "
+        f"(guardian {st['pid']}, {who}){until}",
+        f"wait for that run to finish, or end it now with `quiesce thaw {m.name}`",
+    )
 
 
 class Freezer:
@@ -266,7 +281,11 @@ class Freezer:
                 ).message
                 rolled.append(f"{rj.mount_point} STILL FROZEN ({rj.error})")
         self.window.end_ns = time.monotonic_ns()
+        ours = self.window.guardian_pid
         self._finish()
+        if r.state == "foreign":  # after the rollback: asking costs no window time
+            cause = _second_run(m, ours) or cause
+            r.error = cause.message
         if rolled:
             cause.message += "; rolled back: " + ", ".join(rolled)
             cause.args = (cause.message,)

@@ -632,6 +632,21 @@ def list_guardians() -> list[int]:
     return sorted(pids)
 
 
+def holder_of(dev: str, *, exclude: int | None = None) -> dict[str, Any] | None:
+    """The status of another live guardian holding the volume ``dev`` frozen, if any:
+    an EBUSY that is a second quiesce run, not a stranger's freeze."""
+    for pid in list_guardians():
+        if pid in (exclude, os.getpid()):
+            continue
+        try:
+            st = ask(pid, {"op": "status"}, timeout=1.0)
+        except GuardianError:
+            continue
+        if any(v.get("dev") == dev and v.get("state") == "frozen" for v in st["volumes"]):
+            return st
+    return None
+
+
 def ask(pid: int, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One request to the guardian ``pid`` over its abstract socket."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
