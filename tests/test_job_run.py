@@ -241,3 +241,44 @@ command = {toml_list(marker_hook(hooks))}
     assert is_writable(fs.path)
     assert events(log) == ["started", "locked", "released-eof"]
     assert hooks.read_text() == "post-thaw failed\n"
+
+
+def test_a_second_run_of_the_same_job_runs_nothing_while_the_first_is_running(loopfs, tmp_path):
+    """The first run holds its job lock from before its hooks to after its backup; a
+    second run exits 5 at once naming the first's pid, with no hook run and no freeze.
+    SIGKILL of the first drops the lock with the process: the next run goes ahead."""
+    fs = loopfs("ext4")
+    log, gate = tmp_path / "hooks.log", tmp_path / "gate"
+    wait_gate = [PY, "-c",
+                 "import os,sys,time\n"
+                 "open(sys.argv[1],'a').write('pre-freeze\\n')\n"
+                 "while not os.path.exists(sys.argv[2]): time.sleep(0.05)",
+                 str(log), str(gate)]  # fmt: skip
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["true"], extra=f"""
+[[hooks.pre_freeze]]
+command = {toml_list(wait_gate)}
+"""))  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "quiesce", "run", str(job)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert wait_for(lambda: log.exists() and log.read_text() == "pre-freeze\n", 30)
+        second = quiesce("run", str(job), "--json")
+        assert second.returncode == ExitCode.BUSY == 5, second.stderr
+        report = json.loads(second.stdout)
+        assert report["error"]["message"] == f"another run of job t1 is running (pid {first.pid})"
+        assert report["hooks"] == [] and report["window"] is None
+        assert "quiesce: another run of job t1 is running" in second.stderr
+        assert log.read_text() == "pre-freeze\n"  # the second ran no hook
+        assert is_writable(fs.path)
+
+        first.kill()  # SIGKILL in its pre-freeze hook: the kernel drops the flock
+        first.wait(timeout=10)
+        gate.touch()
+        third = quiesce("run", str(job))
+        assert third.returncode == 0, third.stderr
+        assert log.read_text() == "pre-freeze\n" * 2
+    finally:
+        gate.touch()
+        if first.poll() is None:
+            first.kill()
+        first.communicate(timeout=30)

@@ -8,6 +8,7 @@ and a hint, before anything runs. The run hands the hooks and writers to
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -50,6 +51,8 @@ from .hooks import (
     hook_dir_scripts,
     permission_problem,
 )
+from .joblock import JobBusy, job_lock
+from .journal import state_dir
 from .report import Phase, Report
 from .retention import RetentionPolicy
 
@@ -895,7 +898,7 @@ def _fill_from_manifest(
     report.warnings += [w for w in manifest.warnings if w not in report.warnings]
 
 
-def _degrade(manifest: Any, reasons: Sequence[str], state_dir: str | None) -> str | None:
+def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:
     """A failed hook that the policy let pass: the stored manifest must say so too."""
     from . import snapshots
 
@@ -905,7 +908,7 @@ def _degrade(manifest: Any, reasons: Sequence[str], state_dir: str | None) -> st
     )
     save = getattr(snapshots, "save_manifest", None) or snapshots._write_manifest
     try:
-        save(snapshots.state_dir_path(state_dir), manifest)
+        save(snapshots.state_dir_path(state), manifest)
     except Exception as e:
         return f"could not rewrite the manifest {manifest.id} as crash-consistent: {e}"
     return None
@@ -1041,6 +1044,26 @@ def run_job(job: Job, *, dry_run: bool = False) -> Report:
     if dry_run:
         describe_plan(job, report)
         return report.finish()
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(job_lock(state_dir(c.state_dir), job.name))
+    except JobBusy as e:  # nothing was run: no hook, no writer, no freeze
+        report.set_error(e)
+        return report.finish()
+    except OSError as e:
+        report.set_error(
+            QuiesceError(
+                f"cannot use the state directory {state_dir(c.state_dir)}: {e.strerror}",
+                "set state_dir in the job (or QUIESCE_STATE_DIR) to a writable directory",
+            )
+        )
+        return report.finish()
+    with lock:
+        return _run_locked(job, report)
+
+
+def _run_locked(job: Job, report: Report) -> Report:
+    c = job.config
     ctx = HookContext(
         job=job.name,
         volumes=list(c.volumes),

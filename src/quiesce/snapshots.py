@@ -26,13 +26,13 @@ from typing import Any, Protocol
 from . import kernel, proc
 from .errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
 from .freezer import Freezer, Window
-from .journal import Journal
+from .journal import DEFAULT_STATE_DIR, STATE_DIR_ENV, Journal
+from .journal import state_dir as journal_state_dir
 from .mounts import MountTable, loop_backing_file, resolve
 from .plan import GroupMember, Plan, make_plan
 from .providers.base import Consistency, FreezeMode, Provider, Snapshot, get_provider
 
-STATE_ENV = "QUIESCE_STATE_DIR"
-DEFAULT_STATE_DIR = Path("/var/lib/quiesce")
+STATE_ENV = STATE_DIR_ENV
 MANIFEST_VERSION = 1
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -91,12 +91,7 @@ class Manifest:
 # -- the state directory -----------------------------------------------------------------
 
 
-def state_dir_path(state_dir: str | Path | None = None) -> Path:
-    """``state_dir``, else $QUIESCE_STATE_DIR, else /var/lib/quiesce."""
-    if state_dir is not None:
-        return Path(state_dir)
-    env = os.environ.get(STATE_ENV)
-    return Path(env) if env else DEFAULT_STATE_DIR
+state_dir_path = journal_state_dir  # the argument, else $QUIESCE_STATE_DIR, else the default
 
 
 def _manifest_dir(state: Path) -> Path:
@@ -636,6 +631,8 @@ def delete(snap_id: str, state_dir: str | Path | None = None, *, forget: bool = 
 
 
 __all__ = [
+    "DEFAULT_STATE_DIR",
+    "STATE_ENV",
     "Manifest",
     "Quiescer",
     "create",

@@ -10,8 +10,6 @@ older snapshots and backups are all that is known to be good.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import random
 import socket
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExitCode, QuiesceError, UsageError
+from ..joblock import job_lock
 from ..journal import Journal, cleanup, held_snapshot_ids, state_dir
 from ..retention import RetentionPolicy, decide
 from .base import BackupResult, ProgressFn, Target
@@ -36,10 +35,6 @@ class VerifyFailed(QuiesceError):
         "the backup does not match the snapshot: the snapshot and older backups were kept; "
         "check the target's storage, then run `quiesce backup JOB.toml` again"
     )
-
-
-class BackupBusy(UsageError):
-    default_hint = "wait for the other backup of this job to finish"
 
 
 @dataclass
@@ -119,22 +114,6 @@ def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
     return tar(cfg, job)
 
 
-@contextlib.contextmanager
-def job_lock(state: Path, job: str) -> Iterator[None]:
-    """One backup per job at a time: the stable mount paths are the job's."""
-    d = state / "locks"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(d / f"backup-{job}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackupBusy(f"another backup of job {job} is running") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
     """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
     from .. import snapshots
@@ -199,7 +178,7 @@ def run_backup(
     phase = _Phases(report.phases)
     t0 = time.monotonic()
     try:
-        with job_lock(state_path, job):
+        with job_lock(state_path, job, "backup"):
             with phase("cleanup"):
                 left = cleanup(state_path)
                 if left.removed or left.errors:
@@ -376,7 +355,6 @@ def after_run(
 
 
 __all__ = [
-    "BackupBusy",
     "BackupReport",
     "VerifyFailed",
     "after_run",
