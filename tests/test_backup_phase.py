@@ -146,7 +146,8 @@ def test_bad_backup_section_lists_every_problem(tmp_path):
 def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
     """job.run_job (the snapshot) + backup.phase.after_run, as `quiesce run` calls it."""
     from quiesce.backup.phase import after_run
-    from quiesce.job import load_job, run_job
+    from quiesce.job import run_job
+    from quiesce.jobconfig import load_job
 
     pair = image_on_reflink_host(loopfs, "ext4")
     make_tree(pair.inner.mountpoint / "d", n_files=5)
@@ -177,7 +178,8 @@ def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
 
 def test_after_run_without_backup_still_applies_snapshot_retention(loopfs, tmp_path):
     from quiesce.backup.phase import after_run
-    from quiesce.job import load_job, run_job
+    from quiesce.job import run_job
+    from quiesce.jobconfig import load_job
 
     pair = image_on_reflink_host(loopfs, "ext4")
     job_file = tmp_path / "j.toml"

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import QuiesceError
-from .job import Job, load_job, run_job
+from .job import run_job
+from .jobconfig import Job, load_job
 from .report import print_error, render
 
 out = Console(highlight=False, soft_wrap=True)

@@ -207,7 +207,8 @@ def _one_run(
     from . import snapshots
     from .backup.phase import run_backup
     from .backup.progress import progress_for
-    from .job import load_job, run_job
+    from .job import run_job
+    from .jobconfig import load_job
     from .retention import RetentionPolicy
 
     job = load_job(job_file)
