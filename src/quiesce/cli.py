@@ -30,6 +30,7 @@ from .freezer import Freezer, Window
 from .guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT
 from .mounts import MountTable, resolve
 from .plan import Plan, make_plan
+from .units import human_duration
 
 sys.dont_write_bytecode = True  # quiesce may run from a venv on a volume it freezes
 
@@ -96,10 +97,6 @@ def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.2f} ms"
-
-
 def _print_window(window: Window, title: str) -> None:
     table = Table(title=title, title_justify="left", box=None, pad_edge=False)
     for col in ("volume", "fstype", "state", "syncfs", "freeze", "frozen", "thaw"):
@@ -107,12 +104,12 @@ def _print_window(window: Window, title: str) -> None:
     for v in window.volumes:
         state = v.state + (f" ({v.thawed_by})" if v.thawed_by else "")
         table.add_row(
-            v.mount_point, v.fstype, state, _ms(v.syncfs_s), _ms(v.freeze_s),
-            _ms(v.frozen_for_s), _ms(v.thaw_s),
+            v.mount_point, v.fstype, state, human_duration(v.syncfs_s), human_duration(v.freeze_s),
+            human_duration(v.frozen_for_s), human_duration(v.thaw_s),
         )  # fmt: skip
     out.print(table)
     if window.duration is not None:
-        out.print(f"freeze window: {_ms(window.duration)}")
+        out.print(f"freeze window: {human_duration(window.duration)}")
     for w in window.warnings:
         _say(err, "warning:", "yellow", w)
 
@@ -360,7 +357,7 @@ def exec_cmd(
             }
         )
     else:
-        err.print(f"quiesce: freeze window {_ms(window.duration)}; {cmd[0]} exited {rc}")
+        err.print(f"quiesce: freeze window {human_duration(window.duration)}; {cmd[0]} exited {rc}")
     raise typer.Exit(rc if rc >= 0 else 128 - rc)
 
 

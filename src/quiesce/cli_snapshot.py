@@ -15,6 +15,7 @@ import typer
 
 from . import snapshots
 from .errors import QuiesceError, UsageError
+from .units import human_duration
 
 snapshot_app = typer.Typer(
     name="snapshot",
@@ -79,10 +80,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.2f} ms"
-
-
 @snapshot_app.command("create")
 def create_cmd(
     paths: Annotated[list[str], typer.Argument(help="Mount points of the group.")],
@@ -131,7 +128,7 @@ def create_cmd(
     for s in man.snapshots:
         _say(f"  {s['volume']}: {s['location']}")
     if man.window is not None:
-        _say(f"freeze window: {_ms(man.window_s)}")
+        _say(f"freeze window: {human_duration(man.window_s)}")
     _say(f"consistency: {man.consistency_reason}")
     for w in man.warnings:
         _warn(w)
@@ -159,7 +156,7 @@ def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
     table.add_column("volumes", overflow="fold", min_width=16)
     for m in mans:
         vols = ", ".join(v["mount_point"] for v in m.volumes)
-        cells = (m.id, m.provider, _ms(m.window_s), m.consistency, vols)
+        cells = (m.id, m.provider, human_duration(m.window_s), m.consistency, vols)
         table.add_row(*(Text(c) for c in cells))  # no markup from paths
     out.print(table)
 

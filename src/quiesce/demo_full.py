@@ -29,6 +29,7 @@ from rich.markup import escape
 
 from . import proc
 from .errors import QuiesceError, UsageError
+from .units import human_bytes, human_duration
 
 WRITER = r"""
 import sqlite3, sys, time
@@ -81,16 +82,6 @@ class _Rows:
     @property
     def total(self) -> int:
         return self.acks[-1][1] if self.acks else 0
-
-
-def _ms(s: float | None) -> str:
-    return "?" if s is None else f"{s * 1000:.2f} ms"
-
-
-def _size(n: float | None) -> str:
-    from .backup.progress import human_bytes
-
-    return human_bytes(n)
 
 
 def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
@@ -222,8 +213,10 @@ def _one_run(
     vol = (window.get("volumes") or [{}])[0]
     say(
         f"{n + 2}. run {n}: sqlite lock -> freeze -> reflink clone -> thaw: freeze window "
-        f"[bold]{_ms(window.get('window_s'))}[/] (FIFREEZE {_ms(vol.get('freeze_s'))}, "
-        f"clone {_ms(window.get('snapshot_s'))}, frozen {_ms(vol.get('frozen_for_s'))}), "
+        f"[bold]{human_duration(window.get('window_s'))}[/] "
+        f"(FIFREEZE {human_duration(vol.get('freeze_s'))}, "
+        f"clone {human_duration(window.get('snapshot_s'))}, "
+        f"frozen {human_duration(vol.get('frozen_for_s'))}), "
         f"snapshot {escape(man.id)} ({man.consistency}-consistent)"
     )
     with progress_for(console, f"restic backup {n}", interval=5.0) as progress:
@@ -238,7 +231,8 @@ def _one_run(
     mount = bk.mounts[0]
     say(
         f"   backup: mounted read-only at {escape(mount['path'])} ({mount['options']}), "
-        f"restic stored {_size(r.bytes_added)} of {_size(r.bytes)} in {r.duration_s:.1f} s "
+        f"restic stored {human_bytes(r.bytes_added)} of {human_bytes(r.bytes)} "
+        f"in {human_duration(r.duration_s)} "
         f"(unchanged files not reread: {r.files_unmodified} of {r.files})"
     )
     say(

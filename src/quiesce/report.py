@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import ExitCode, QuiesceError
+from .units import human_duration
 
 OUTPUT_SHOWN = 400  # characters of hook output in the human rendering (JSON has more)
 
@@ -116,10 +117,6 @@ class Report(BaseModel):
         return self.model_dump_json(indent=2)
 
 
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
-
-
 def _clock(t: float | None) -> str:
     if t is None:
         return "-"
@@ -148,7 +145,7 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
                 p.name,
                 _clock(p.start),
                 _clock(p.end),
-                _ms(p.duration_s),
+                human_duration(p.duration_s),
                 "" if p.ok else "[red]failed[/]",
             )
         out.print(table)
@@ -161,13 +158,17 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
             detail = h.get("error") or ""
             text = _short(((detail + "\n") if detail else "") + (h.get("output") or ""))
             table.add_row(
-                h["kind"], escape(h["name"]), status, _ms(h.get("duration_s")), escape(text)
+                h["kind"],
+                escape(h["name"]),
+                status,
+                human_duration(h.get("duration_s")),
+                escape(text),
             )
         out.print(table)
     for s in report.snapshots:
         out.print(escape(f"snapshot: {s.get('id')} ({s.get('location', '')})"))
     if report.window_s is not None:
-        out.print(f"freeze window: {_ms(report.window_s)}")
+        out.print(f"freeze window: {human_duration(report.window_s)}")
     if report.consistency:
         colour = {"application": "green", "filesystem": "green"}.get(report.consistency, "yellow")
         why = f" ({report.consistency_reason})" if report.consistency_reason else ""
@@ -181,7 +182,7 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
     if report.error:
         print_error(report.error, err)
     elif not report.dry_run:
-        out.print(f"done in {_ms(report.duration_s)}")
+        out.print(f"done in {human_duration(report.duration_s)}")
 
 
 def _render_plan(report: Report, out: Console) -> None:

@@ -31,6 +31,7 @@ from .journal import state_dir as journal_state_dir
 from .mounts import MountTable, loop_backing_file, resolve
 from .plan import GroupMember, Plan, make_plan
 from .providers.base import Consistency, FreezeMode, Provider, Snapshot, get_provider
+from .units import human_duration
 
 STATE_ENV = STATE_DIR_ENV
 MANIFEST_VERSION = 1
@@ -240,10 +241,6 @@ def _window_dict(window: Window, snapshot_s: float) -> dict[str, Any]:
     }
 
 
-def _ms(s: float | None) -> str:
-    return "?" if s is None else f"{s * 1000:.2f} ms"
-
-
 def _consistency(
     mode: FreezeMode,
     prov: Provider,
@@ -264,7 +261,8 @@ def _consistency(
         frozen = [v.mount_point for v in window.volumes if v.state == "thawed"]
         skipped = [v.mount_point for v in window.volumes if v.state == "skipped"]
         reason = (
-            f"{len(frozen)} volume(s) frozen together with FIFREEZE for {_ms(window.duration)} "
+            f"{len(frozen)} volume(s) frozen together with FIFREEZE for "
+            f"{human_duration(window.duration)} "
             f"around the {prov.name} snapshot: one instant, no journal recovery needed"
         )
         if skipped:
@@ -277,7 +275,7 @@ def _consistency(
     )
     if len(snaps) > 1 and not prov.group_atomic:
         reason = (
-            f"{len(snaps)} snapshots taken back to back over {_ms(snapshot_s)}: each is "
+            f"{len(snaps)} snapshots taken back to back over {human_duration(snapshot_s)}: each is "
             f"filesystem-consistent ({how}), but the group is not one atomic instant"
         )
         return (Consistency.APPLICATION, reason + app) if hooks else (Consistency.CRASH, reason)
@@ -295,7 +293,7 @@ def _annotate(e: BaseException, note: str) -> None:
 def _window_note(window: Window) -> str:
     states = {v.mount_point: v.state for v in window.volumes}
     if all(s in ("thawed", "skipped") for s in states.values()):
-        return f"the group was thawed (window {_ms(window.duration)})"
+        return f"the group was thawed (window {human_duration(window.duration)})"
     return "volume states after the thaw: " + ", ".join(f"{k} {v}" for k, v in states.items())
 
 
@@ -327,7 +325,9 @@ def _take(
     except BaseException as e:
         t1 = time.monotonic()
         window = freezer.thaw(raise_errors=False)
-        _annotate(e, f"{_window_note(window)} after the snapshot failed in {_ms(t1 - t0)}")
+        _annotate(
+            e, f"{_window_note(window)} after the snapshot failed in {human_duration(t1 - t0)}"
+        )
         raise
     t1 = time.monotonic()
     return freezer.thaw(), t1 - t0

@@ -22,17 +22,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from ..units import human_bytes
 from .base import ProgressFn, ProgressUpdate
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class PlainProgress:
@@ -105,4 +96,4 @@ def progress_for(
     yield PlainProgress(console.file, label, interval)
 
 
-__all__ = ["PlainProgress", "RichProgress", "human_bytes", "progress_for"]
+__all__ = ["PlainProgress", "RichProgress", "progress_for"]

@@ -13,20 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .progress import human_bytes
+from ..units import human_bytes, human_duration
 
 
 def _say(console: Console, text: Any) -> None:
     """Markup on, whatever the console's default (the main CLI's consoles have it off)."""
     console.print(text, markup=True)
-
-
-def _size(n: float | None) -> str:
-    return human_bytes(n)
-
-
-def _ms(s: float | None) -> str:
-    return "-" if s is None else f"{s * 1000:.1f} ms" if s < 10 else f"{s:.1f} s"
 
 
 def print_backup_report(data: dict[str, Any], console: Console, errors: Console) -> None:
@@ -42,29 +34,33 @@ def print_backup_report(data: dict[str, Any], console: Console, errors: Console)
             table.add_column(col)
         for p in data["phases"]:
             ok = Text("") if p.get("ok") else Text("failed", style="red")
-            table.add_row(p["name"], _ms(p.get("duration_s")), ok, Text(p.get("detail") or ""))
+            table.add_row(
+                p["name"], human_duration(p.get("duration_s")), ok, Text(p.get("detail") or "")
+            )
         _say(console, table)
     b = data.get("backup")
     if b:
-        rate = _size(b.get("throughput_bps")) + "/s"
+        rate = human_bytes(b.get("throughput_bps")) + "/s"
         _say(
             console,
-            f"backed up {_size(b['bytes'])} in {b['files']} files in {_ms(b['duration_s'])} "
+            f"backed up {human_bytes(b['bytes'])} in {b['files']} file(s) in "
+            f"{human_duration(b['duration_s'])} "
             f"({rate}): {escape(str(b['snapshot_id']))}",
         )
         if b.get("files_unmodified") is not None and b["target"] != "tar":
             _say(
                 console,
                 f"  new {b.get('files_new')}, changed {b.get('files_changed')}, unchanged "
-                f"(not reread) {b.get('files_unmodified')}; stored {_size(b.get('bytes_added'))}",
+                f"(not reread) {b.get('files_unmodified')}; "
+                f"stored {human_bytes(b.get('bytes_added'))}",
             )
     v = data.get("verify")
     if v:
         colour, word = ("green", "ok") if v["ok"] else ("red", "FAILED")
         _say(
             console,
-            f"verify ({v['mode']}): [{colour}]{word}[/] in {_ms(v['duration_s'])}"
-            + (f", {v['files_checked']} files, {_size(v['bytes_compared'])} compared")
+            f"verify ({v['mode']}): [{colour}]{word}[/] in {human_duration(v['duration_s'])}"
+            + (f", {v['files_checked']} files, {human_bytes(v['bytes_compared'])} compared")
             * (v["mode"] in ("sample", "full")),
         )
         for m in v.get("mismatches", [])[:10]:
