@@ -176,7 +176,7 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
     if report.backup:
         from .backup.render import print_backup_report
 
-        print_backup_report(report.backup, out, err)
+        print_backup_report(report.backup, out, err, phases=False)
     for w in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}")
     if report.error:

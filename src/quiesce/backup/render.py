@@ -21,14 +21,17 @@ def _say(console: Console, text: Any) -> None:
     console.print(text, markup=True)
 
 
-def print_backup_report(data: dict[str, Any], console: Console, errors: Console) -> None:
-    """The human rendering of a BackupReport.to_dict()."""
+def print_backup_report(
+    data: dict[str, Any], console: Console, errors: Console, *, phases: bool = True
+) -> None:
+    """The human rendering of a BackupReport.to_dict(); ``phases=False`` inside a run's
+    report, whose own phase table lists them already."""
     _say(
         console,
         f"[bold]backup of {escape(str(data.get('snapshot')))}[/] "
         f"(job {escape(data['job'])}, target {data['target']})",
     )
-    if data.get("phases"):
+    if phases and data.get("phases"):
         table = Table(box=None, pad_edge=False)
         for col in ("phase", "duration", "", "detail"):
             table.add_column(col)
@@ -60,7 +63,7 @@ def print_backup_report(data: dict[str, Any], console: Console, errors: Console)
         _say(
             console,
             f"verify ({v['mode']}): [{colour}]{word}[/] in {human_duration(v['duration_s'])}"
-            + (f", {v['files_checked']} files, {human_bytes(v['bytes_compared'])} compared")
+            + (f", {v['files_checked']} file(s), {human_bytes(v['bytes_compared'])} compared")
             * (v["mode"] in ("sample", "full")),
         )
         for m in v.get("mismatches", [])[:10]:
