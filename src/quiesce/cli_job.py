@@ -1,7 +1,7 @@
-"""`quiesce run JOB.toml` and `quiesce check JOB.toml`.
+"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli.py).
 
-The lead registers them on the main app: ``app.command("run")(run_cmd)`` and
-``app.command("check")(check_cmd)``.
+The job machinery (pydantic schema, writers, backup targets) is imported when one of
+these commands runs, so that `quiesce thaw` and `quiesce status` start fast.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .errors import QuiesceError
-from .job import run_job
-from .jobconfig import Job, load_job
-from .report import print_error, render
+
+if TYPE_CHECKING:
+    from .jobconfig import Job
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -37,6 +37,9 @@ def _emit_json(data: Any) -> None:
 
 
 def _load(job_file: Path, as_json: bool) -> Job:
+    from .jobconfig import load_job
+    from .report import print_error
+
     try:
         return load_job(job_file)
     except QuiesceError as e:
@@ -49,6 +52,9 @@ def _load(job_file: Path, as_json: bool) -> Job:
 def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False) -> None:
     """Run a job: hooks and writers quiesce the applications, the group is frozen and
     snapshotted, everything is released; print the report."""
+    from .job import run_job
+    from .report import print_error, render
+
     job = _load(job_file, as_json)
     # SIGTERM (systemd, cron, kill) unwinds like Ctrl-C: thaw, release every hook.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
