@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from rich.text import Text
 
 from . import __version__, guardian, kernel, proc
 from .cli_backup import backup_cmd, cleanup_cmd, systemd_cmd
+from .cli_common import JsonOpt, console, emit_json
 from .cli_job import check_cmd, run_cmd
 from .cli_snapshot import snapshot_app
 from .errors import (
@@ -44,19 +44,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(snapshot_app, name="snapshot")
-# markup=False: paths and messages are printed verbatim (a "[/]" in a path is not markup).
-# Not a terminal (a log, a pipe): don't cut paths at 80 columns.
-_WIDTH = None if sys.stdout.isatty() else 200
-out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+out = console()
+err = console(stderr=True)
 
 
-def _say(console: Console, label: str, style: str, text: str) -> None:
-    console.print(Text.assemble((label, style), " ", text))
+def _say(to: Console, label: str, style: str, text: str) -> None:
+    to.print(Text.assemble((label, style), " ", text))
 
 
 Paths = Annotated[list[str], typer.Argument(help="Mount points (each the root of a mount).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 AllowSelf = Annotated[
     bool,
     typer.Option(
@@ -79,18 +75,13 @@ NoSyncfs = Annotated[
 ]
 
 
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
 def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
     if as_json:
         data = e.to_dict()
         window = e.details.get("window")
         if isinstance(window, Window):
             data["window"] = window.to_dict()
-        _emit_json(data)
+        emit_json(data)
     _say(err, "quiesce:", "bold red", e.message)
     if e.hint:
         _say(err, "hint:", "dim", e.hint)
@@ -139,7 +130,7 @@ def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = Fal
     try:
         with make_plan(paths, allow_self=allow_self) as plan:
             if as_json:
-                _emit_json(plan.to_dict())
+                emit_json(plan.to_dict())
             else:
                 _print_plan(plan)
             plan.check()
@@ -171,7 +162,7 @@ def freeze_cmd(
     if silent:
         return
     if as_json:
-        _emit_json(window.to_dict() | {"deadline_s": timeout})
+        emit_json(window.to_dict() | {"deadline_s": timeout})
         return
     for w in window.warnings:
         _say(err, "warning:", "yellow", w)
@@ -245,7 +236,7 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
                 if e.hint:
                     _say(err, "hint:", "dim", e.hint)
     if as_json:
-        _emit_json({"results": results})
+        emit_json({"results": results})
     else:
         for r in results:
             if "error" not in r:
@@ -264,7 +255,7 @@ def status_cmd(as_json: JsonOpt = False) -> None:
         except GuardianError:
             continue
     if as_json:
-        _emit_json({"guardians": states})
+        emit_json({"guardians": states})
         return
     if not states:
         out.print("nothing is frozen by quiesce")
@@ -348,7 +339,7 @@ def exec_cmd(
             as_json,
         )
     if as_json:
-        _emit_json(
+        emit_json(
             window.to_dict()
             | {
                 "command": cmd,
@@ -400,7 +391,7 @@ def demo_cmd(
             from .demo_full import run_full_demo
 
             # The demo's own lines carry rich markup (and only paths it made itself).
-            styled = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+            styled = console(markup=True)
             run_full_demo(styled if not as_json else None, as_json)
     except QuiesceError as e:
         raise _fail(e, as_json) from None

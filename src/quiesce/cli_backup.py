@@ -10,24 +10,20 @@ The lead registers them on the main app::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from .cli_common import JobFile, JsonOpt, console, emit_json
 from .errors import ExitCode, QuiesceError, UsageError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = console(markup=True)  # reports are rendered with rich markup
+err = console(stderr=True, markup=True)
 
-JobFile = Annotated[Path, typer.Argument(help="The job file (TOML).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StateDir = Annotated[
     Path | None,
     typer.Option(
@@ -37,16 +33,11 @@ StateDir = Annotated[
 ]
 
 
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
-
 def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
     from .report import print_error
 
     if as_json:
-        _emit_json(e.to_dict())
+        emit_json(e.to_dict())
     print_error(e.to_dict(), err)
     return typer.Exit(e.exit_code)
 
@@ -128,7 +119,7 @@ def backup_cmd(
         except OSError as e:
             data["warnings"].append(f"cannot write {job.metrics_file}: {e.strerror}")
     if as_json:
-        _emit_json(data)
+        emit_json(data)
     else:
         from .backup.render import print_backup_report
 
@@ -149,7 +140,7 @@ def cleanup_cmd(
 
     rep = cleanup(state_dir_opt, dry_run=dry_run)
     if as_json:
-        _emit_json(rep.to_dict() | {"dry_run": dry_run})
+        emit_json(rep.to_dict() | {"dry_run": dry_run})
     else:
         verb = "would remove" if dry_run else "removed"
         for r in rep.removed:

@@ -6,34 +6,26 @@ these commands runs, so that `quiesce thaw` and `quiesce status` start fast.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from .cli_common import JobFile, JsonOpt, console, emit_json
 from .errors import QuiesceError
 
 if TYPE_CHECKING:
     from .jobconfig import Job
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = console(markup=True)  # reports are rendered with rich markup
+err = console(stderr=True, markup=True)
 
-JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print the plan (volumes, hazards, hooks, steps).")
 ]
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def _load(job_file: Path, as_json: bool) -> Job:
@@ -44,7 +36,7 @@ def _load(job_file: Path, as_json: bool) -> Job:
         return load_job(job_file)
     except QuiesceError as e:
         if as_json:
-            _emit_json(e.to_dict())
+            emit_json(e.to_dict())
         print_error(e.to_dict(), err)
         raise typer.Exit(e.exit_code) from None
 
@@ -89,7 +81,7 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
         "writers": {k: len(v) for k, v in c.writers.model_dump().items()},
     }
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
         return
     n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.session) + len(job.hook_dir_scripts)
     n_writers = sum(summary["writers"].values())

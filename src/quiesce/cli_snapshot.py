@@ -7,13 +7,13 @@ helpers of cli.py are imported when called (cli.py imports this module).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from . import snapshots
+from .cli_common import JsonOpt, emit_json
 from .errors import QuiesceError, UsageError
 from .units import human_duration
 
@@ -27,7 +27,6 @@ snapshot_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 StateDir = Annotated[
     Path | None,
     typer.Option(
@@ -42,11 +41,6 @@ def _fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
     from .cli import _fail as cli_fail
 
     return cli_fail(e, as_json)
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 def _say(text: str) -> None:
@@ -122,7 +116,7 @@ def create_cmd(
     except QuiesceError as e:
         raise _fail(e, as_json) from None
     if as_json:
-        _emit_json(man.to_dict())
+        emit_json(man.to_dict())
         return
     _say(f"snapshot {man.id} ({man.provider}, {man.consistency}-consistent)")
     for s in man.snapshots:
@@ -139,7 +133,7 @@ def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
     """List the snapshots recorded in the state directory."""
     mans = snapshots.list_manifests(state_dir)
     if as_json:
-        _emit_json({"snapshots": [m.to_dict() for m in mans]})
+        emit_json({"snapshots": [m.to_dict() for m in mans]})
         return
     if not mans:
         _say("no snapshots")
