@@ -1,11 +1,5 @@
-"""`quiesce backup JOB.toml`, `quiesce cleanup` and `quiesce systemd JOB.toml`.
-
-The lead registers them on the main app::
-
-    app.command("backup")(backup_cmd)
-    app.command("cleanup")(cleanup_cmd)
-    app.command("systemd")(systemd_cmd)
-"""
+"""`quiesce backup JOB.toml`, `quiesce cleanup` and `quiesce systemd JOB.toml`
+(registered by cli.py)."""
 
 from __future__ import annotations
 
