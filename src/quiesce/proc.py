@@ -22,21 +22,35 @@ from .errors import QuiesceError, UsageError
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 
 
+class ToolTimedOut(QuiesceError):
+    """An admin tool outlived its timeout and was killed (a hung device, a stuck pool)."""
+
+    default_hint = "the storage may be hung: check `dmesg` and the device, then retry"
+
+
 def run_tool(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """An admin tool outside the window (mount, losetup, lvs, zfs): text output captured,
-    stdin closed; the caller judges the exit status."""
-    return subprocess.run(
-        cmd, text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        check=False,
-    )  # fmt: skip
+    stdin closed; the caller judges the exit status. ToolTimedOut after ``timeout``."""
+    try:
+        return subprocess.run(
+            cmd, text=True, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise ToolTimedOut(
+            f"{' '.join(cmd)} did not finish in {timeout:g} s and was killed"
+        ) from None
 
 
-def check_tool(*cmd: str, timeout: float = 120, hint: str | None = None) -> str:
+def check_tool(
+    *cmd: str, timeout: float = 120, hint: str | None = None, package: str | None = None
+) -> str:
     """:func:`run_tool` that must succeed: its stdout, else a QuiesceError with stderr."""
     try:
         p = run_tool(*cmd, timeout=timeout)
     except FileNotFoundError:
-        raise UsageError(f"{cmd[0]} is not installed", "run scripts/install.sh") from None
+        how = f"apt-get install {package}" if package else "run scripts/install.sh"
+        raise UsageError(f"{cmd[0]} is not installed", how) from None
     if p.returncode != 0:
         raise QuiesceError(
             f"{' '.join(cmd)} failed: {p.stderr.strip() or f'exit {p.returncode}'}", hint

@@ -13,12 +13,12 @@ import errno
 import fcntl
 import os
 import struct
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import proc
 from ..errors import QuiesceError, UsageError
 from ..mounts import MountTable, Target
 from ..plan import GroupMember
@@ -188,11 +188,4 @@ class BtrfsProvider(Provider):
 
 
 def _delete_subvolume(path: str) -> None:
-    try:
-        p = subprocess.run(
-            ["btrfs", "subvolume", "delete", path], capture_output=True, text=True, timeout=120
-        )
-    except FileNotFoundError:
-        raise UsageError("btrfs is not installed", "apt-get install btrfs-progs") from None
-    if p.returncode != 0:
-        raise QuiesceError(f"btrfs subvolume delete {path} failed: {p.stderr.strip()}")
+    proc.check_tool("btrfs", "subvolume", "delete", path, package="btrfs-progs")

@@ -339,7 +339,7 @@ class LvmProvider(Provider):
                 res = _run(p.argv, timeout=self.timeout)
                 failed = res.returncode != 0
                 why = res.stderr.strip()
-            except subprocess.TimeoutExpired:
+            except proc.ToolTimedOut:
                 failed, why = True, f"timed out after {self.timeout:g}s"
             if failed:
                 self._failed = [*done, p]
