@@ -271,3 +271,14 @@ def test_demo_cleans_up() -> None:
     assert mnt not in run("findmnt", "-rn", "-o", "TARGET").stdout.split()
     assert str(Path(mnt).parent) not in run("losetup", "-a").stdout
     assert not Path(mnt).parent.exists()
+
+
+def test_help_lists_every_documented_exit_code():
+    from quiesce.cli import app
+    from quiesce.errors import ExitCode
+
+    codes = {v for k, v in vars(ExitCode).items() if k.isupper()}
+    listed = {int(n) for n in re.findall(r"(\d+) [a-z]", app.info.epilog or "")}
+    assert listed == codes
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert {int(n) for n in re.findall(r"^\| (\d+) \|", readme, re.M)} == codes

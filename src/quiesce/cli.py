@@ -39,6 +39,13 @@ app = typer.Typer(
     help="Consistent snapshots of mounted Linux filesystems: freeze, snapshot, thaw, back up.",
     no_args_is_help=True,
     rich_markup_mode="markdown",  # docstrings wrap; [backup] and `x` read as written
+    epilog=(
+        "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 not root, 4 cannot be frozen, "
+        "5 busy (frozen by someone else, or the job is running), 6 unsafe plan, "
+        "7 not frozen, 8 thaw failed, 9 the guardian thawed first, 10 guardian error, "
+        "11 hook or writer failed, 12 backup or verification failed. "
+        "Docs: README.md, docs/jobs.md, docs/operations.md."
+    ),
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

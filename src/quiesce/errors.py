@@ -17,7 +17,7 @@ class ExitCode:
     USAGE = 2  # bad path, not a mount root, bad arguments or config
     PERMISSION = 3  # not root / no CAP_SYS_ADMIN
     UNSUPPORTED = 4  # filesystem cannot be frozen (tmpfs, overlay, fuse, ...)
-    BUSY = 5  # already frozen by someone else (or by a dm/LVM suspend)
+    BUSY = 5  # already frozen by someone else (or a dm/LVM suspend); the job is running
     UNSAFE = 6  # plan refused: would freeze quiesce itself or /
     NOT_FROZEN = 7  # thaw of a filesystem that is not frozen
     THAW_FAILED = 8  # a thaw failed after retries: a volume may still be frozen
