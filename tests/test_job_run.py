@@ -270,10 +270,19 @@ command = {toml_list(wait_gate)}
         assert "quiesce: another run of job t1 is running" in second.stderr
         assert log.read_text() == "pre-freeze\n"  # the second ran no hook
         assert is_writable(fs.path)
+        env = {"QUIESCE_STATE_DIR": str(tmp_path / "state")}
+        st = json.loads(quiesce("status", "--json", env=env).stdout)
+        assert [(j["what"], j["job"], j["pid"]) for j in st["running"]] == [
+            ("run", "t1", first.pid)
+        ]
+        human = quiesce("status", env=env).stdout
+        assert "job t1: run running since " in human and f"(pid {first.pid})" in human
 
         first.kill()  # SIGKILL in its pre-freeze hook: the kernel drops the flock
         first.wait(timeout=10)
         gate.touch()
+        st = json.loads(quiesce("status", "--json", env=env).stdout)
+        assert st["running"] == []  # the kernel dropped the dead run's lock
         third = quiesce("run", str(job))
         assert third.returncode == 0, third.stderr
         assert log.read_text() == "pre-freeze\n" * 2

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
@@ -254,16 +255,24 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
 
 @app.command("status")
 def status_cmd(as_json: JsonOpt = False) -> None:
-    """List what quiesce holds frozen: volumes, holder, since when, deadline and lease."""
+    """List what quiesce holds frozen (volumes, holder, since when, deadline and lease)
+    and the jobs running now."""
+    from .joblock import running
+    from .journal import state_dir
+
     states = []
     for pid in guardian.list_guardians():
         try:
             states.append(guardian.ask(pid, {"op": "status"}, timeout=2.0))
         except GuardianError:
             continue
+    jobs = running(state_dir())
     if as_json:
-        emit_json({"guardians": states})
+        emit_json({"guardians": states, "running": [asdict(j) for j in jobs]})
         return
+    for j in jobs:
+        since = time.strftime("%H:%M:%S", time.localtime(j.since))
+        out.print(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
     if not states:
         out.print("nothing is frozen by quiesce")
         return

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExitCode, QuiesceError
@@ -42,4 +43,46 @@ def job_lock(state: Path, job: str, what: str = "run") -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["JobBusy", "job_lock"]
+@dataclass(frozen=True)
+class Running:
+    what: str  # "run" or "backup"
+    job: str
+    pid: int
+    since: float  # unix time the lock was taken
+
+
+def running(state: Path) -> list[Running]:
+    """The locks held in ``<state>/locks`` now: what (run, backup), job, pid, since when.
+    Read from /proc/locks, so looking never takes a lock a starting run would miss."""
+    held: dict[int, list[tuple[int, int, int]]] = {}  # inode -> (major, minor, pid)
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[4].isdigit():
+                    major, minor, inode = parts[5].split(":")
+                    held.setdefault(int(inode), []).append(
+                        (int(major, 16), int(minor, 16), int(parts[4]))
+                    )
+    except (OSError, ValueError):
+        return []
+    out: list[Running] = []
+    for lock in sorted((state / "locks").glob("*-*.lock")):
+        try:
+            st = lock.stat()
+        except OSError:
+            continue
+        holders = held.get(st.st_ino, [])
+        # /proc/locks names the superblock's device; btrfs's stat() a subvolume's: then
+        # the inode alone decides, if only one lock has it
+        same = [
+            p for ma, mi, p in holders if (ma, mi) == (os.major(st.st_dev), os.minor(st.st_dev))
+        ]
+        pid = same[0] if same else holders[0][2] if len(holders) == 1 else None
+        if pid is not None:
+            what, _, job = lock.stem.partition("-")
+            out.append(Running(what, job, pid, st.st_mtime))
+    return out
+
+
+__all__ = ["JobBusy", "Running", "job_lock", "running"]
