@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, guardian, kernel, proc
-from .cli_backup import backup_cmd, cleanup_cmd, systemd_cmd
+from .cli_backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
 from .cli_common import JsonOpt, console, emit_json
 from .cli_job import check_cmd, run_cmd
 from .cli_snapshot import snapshot_app
@@ -422,6 +422,7 @@ def version_cmd() -> None:
 app.command("run")(run_cmd)
 app.command("check")(check_cmd)
 app.command("backup")(backup_cmd)
+app.command("restore")(restore_cmd)
 app.command("cleanup")(cleanup_cmd)
 app.command("systemd")(systemd_cmd)
 

@@ -121,6 +121,50 @@ def backup_cmd(
     raise typer.Exit(report.exit_code)
 
 
+def restore_cmd(
+    job_file: JobFile,
+    dest: Annotated[Path, typer.Argument(help="A new or empty directory to restore into.")],
+    backup_id: Annotated[
+        str | None,
+        typer.Option("--backup", help="This backup (an id, or its prefix), not the newest."),
+    ] = None,
+    volumes: Annotated[
+        list[str] | None,
+        typer.Option("--volume", help="Only this volume, by its slug (srv-db for /srv/db)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
+    slug (/srv/db as DIR/srv-db). Never writes into a directory that is not empty."""
+    from .backup.jobfile import load_backup_job
+    from .backup.restore import restore
+    from .journal import state_dir
+
+    _terminate_as_exit()
+    try:
+        job = load_backup_job(job_file)
+        if job.backup is None:
+            raise UsageError(
+                f"job {job.name} has no [backup] section", "there is nothing to restore from"
+            )
+        res = restore(
+            job.backup, job=job.name, state=state_dir(job.state_dir), dest=dest.absolute(),
+            backup_id=backup_id, volumes=volumes or (),
+        )  # fmt: skip
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if as_json:
+        emit_json(res.to_dict())
+        return
+    from .units import human_bytes, human_duration
+
+    out.print(
+        f"restored {res.target} backup {escape(res.backup_id)} ({res.backup_time}) of job "
+        f"{escape(job.name)} to {escape(res.dest)}: {', '.join(res.volumes)}; {res.files} "
+        f"file(s), {human_bytes(res.bytes)} in {human_duration(res.duration_s)}"
+    )
+
+
 def cleanup_cmd(
     state_dir_opt: StateDir = None,
     dry_run: Annotated[
@@ -256,4 +300,9 @@ def systemd_cmd(
     out.print(f"enable it with: systemctl enable --now {timer}")
 
 
-__all__ = ["backup_cmd", "cleanup_cmd", "systemd_cmd"]
+__all__ = [
+    "backup_cmd",
+    "cleanup_cmd",
+    "restore_cmd",
+    "systemd_cmd",
+]
