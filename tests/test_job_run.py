@@ -77,10 +77,23 @@ command = {toml_list(marker_hook(log))}
 [[hooks.post_thaw]]
 name = "resume"
 command = {toml_list(marker_hook(log))}
+
+[[hooks.after_run]]
+name = "ping"
+command = {toml_list(after_run_hook(tmp_path / "told.json"))}
+
+[[hooks.after_run]]
+name = "flaky-monitor"
+command = ["{PY}", "-c", "raise SystemExit(7)"]
 """))  # fmt: skip
     p = quiesce("run", str(job), "--json")
-    assert p.returncode == 0, p.stderr + p.stdout
+    assert p.returncode == 0, p.stderr + p.stdout  # a failed after-run hook is a warning
     report = json.loads(p.stdout)
+    note = json.loads((tmp_path / "told.json").read_text())
+    assert (note["status"], note["exit_code"], note["error"]) == ("ok", "0", "")
+    assert note["snapshot"] == report["manifest_id"] == note["report"]["manifest_id"]
+    assert "after-run 'flaky-monitor': exit 7" in report["warnings"]
+    report["hooks"] = report["hooks"][:-2]  # the rest of this test is about the snapshot
     assert inside.read_text() == "frozen"
     assert log.read_text().split("\n")[:2] == ["pre-freeze ok", "post-thaw ok"]
     assert report["ok"] and report["exit_code"] == 0 and report["error"] is None
@@ -105,9 +118,21 @@ command = {toml_list(marker_hook(log))}
     assert is_writable(fs.path)
 
 
+def after_run_hook(path: Path) -> list[str]:
+    """A hook that writes what it was told (environment, the report on stdin) to ``path``."""
+    code = (
+        "import json,os,sys; e=os.environ; json.dump({'phase': e['QUIESCE_PHASE'], "
+        "'status': e['QUIESCE_STATUS'], 'exit_code': e['QUIESCE_EXIT_CODE'], "
+        "'error': e['QUIESCE_ERROR'], 'snapshot': e['QUIESCE_SNAPSHOT'], "
+        "'report': json.load(sys.stdin)}, open(sys.argv[1], 'w'))"
+    )
+    return [PY, "-c", code, str(path)]
+
+
 def test_pre_freeze_failure_aborts_before_the_freeze_and_post_thaw_still_runs(loopfs, tmp_path):
     fs = loopfs("ext4")
     log, snapped = tmp_path / "hooks.log", tmp_path / "snapped"
+    told = tmp_path / "told.json"
     job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["touch", str(snapped)],
         extra=f"""
 [[hooks.pre_freeze]]
@@ -116,6 +141,10 @@ command = ["{PY}", "-c", "import sys; print('app says no'); sys.exit(3)"]
 
 [[hooks.post_thaw]]
 command = {toml_list(marker_hook(log))}
+
+[[hooks.after_run]]
+name = "notify"
+command = {toml_list(after_run_hook(told))}
 """))  # fmt: skip
     p = quiesce("run", str(job), "--json")
     assert p.returncode == ExitCode.HOOK, p.stderr
@@ -129,6 +158,12 @@ command = {toml_list(marker_hook(log))}
     assert (broken["status"], broken["returncode"]) == ("failed", 3)
     assert broken["output"].strip() == "app says no"
     assert log.read_text() == "post-thaw failed\n"  # released, told the run failed
+    # the after-run hook came last and was told everything, the report on its stdin
+    assert [h["kind"] for h in report["hooks"]][-1] == "after-run"
+    note = json.loads(told.read_text())
+    assert (note["phase"], note["status"], note["exit_code"]) == ("after-run", "failed", "11")
+    assert note["error"] == "pre-freeze 'broken': exit 3; nothing was snapshotted"
+    assert note["report"]["error"]["error"] == "HookFailed" and note["snapshot"] == ""
     assert not snapped.exists()  # the provider never ran: nothing was frozen
     assert not list((tmp_path / "state").glob("snapshots/*.json"))
     assert is_writable(fs.path)

@@ -75,6 +75,7 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
         "hooks": {
             "pre_freeze": len(h.pre_freeze),
             "post_thaw": len(h.post_thaw),
+            "after_run": len(h.after_run),
             "session": len(h.session),
             "directory": [str(s) for s in job.hook_dir_scripts],
         },
@@ -83,7 +84,8 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(summary)
         return
-    n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.session) + len(job.hook_dir_scripts)
+    n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.after_run) + len(h.session)
+    n_hooks += len(job.hook_dir_scripts)
     n_writers = sum(summary["writers"].values())
     out.print(
         f"{escape(str(job_file))}: OK (job {escape(job.name)}: {len(c.volumes)} volume(s), "

@@ -196,14 +196,16 @@ def run_command(
     timeout: float,
     env: Mapping[str, str],
     limit: int = OUTPUT_LIMIT,
+    stdin: bytes | None = None,
 ) -> HookResult:
     """Run one hook to completion; never raises for the hook's own failures."""
     result = HookResult(name=name, kind=kind, argv=list(argv))
     timer = _Timer(result)
     try:
         done = proc.run_bounded(
-            argv, timeout=timeout, env=env, merge_stderr=True, limit=limit, grace=KILL_GRACE
-        )
+            argv, timeout=timeout, env=env, merge_stderr=True, limit=limit, grace=KILL_GRACE,
+            input=stdin,
+        )  # fmt: skip
     except OSError as e:
         result.status, result.error = "error", f"cannot run {argv[0]}: {e.strerror}"
         return timer.stop()

@@ -27,6 +27,7 @@ from .hooks import (
     Quiescer,
     SessionHook,
     SessionSpec,
+    run_command,
 )
 from .jobconfig import (
     CommandHookConfig,
@@ -424,6 +425,11 @@ def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
             f"post-thaw hook {_hook_name(x, 'post_thaw', i)!r}: "
             f"{_argv_text(x.command)} (on every path out)"
         )
+    for i, x in enumerate(h.after_run):
+        after.append(
+            f"after-run hook {_hook_name(x, 'after_run', i)!r}: "
+            f"{_argv_text(x.command)} (last, on every outcome; the report on stdin)"
+        )
     return before, after
 
 
@@ -590,7 +596,33 @@ def _run_locked(job: Job, report: Report) -> Report:
         metrics_file=c.metrics_file,
         state=c.state_dir,
     )
-    return report.finish()
+    report.finish()
+    _after_run_hooks(job, ctx, report)
+    return report
+
+
+def _after_run_hooks(job: Job, ctx: HookContext, report: Report) -> None:
+    """``hooks.after_run``: last, on every outcome, told how the run went (environment,
+    and the report as JSON on stdin) so that they can notify or ping a monitor. Their
+    failure is a warning: the run's own outcome stands."""
+    specs = job.config.hooks.after_run
+    if not specs:
+        return
+    env = ctx.env("after-run") | {
+        "QUIESCE_STATUS": "ok" if report.ok else "failed",
+        "QUIESCE_EXIT_CODE": str(report.exit_code),
+        "QUIESCE_ERROR": (report.error or {}).get("message", ""),
+        "QUIESCE_SNAPSHOT": report.manifest_id or "",
+    }
+    stdin = report.to_json().encode()
+    for i, h in enumerate(specs):
+        r = run_command(
+            list(h.command), name=_hook_name(h, "after_run", i), kind="after-run",
+            timeout=h.timeout or job.config.timeouts.hook, env=env, stdin=stdin,
+        )  # fmt: skip
+        report.hooks.append(r.to_dict())
+        if not r.ok:
+            report.warnings.append(r.describe())
 
 
 __all__ = [

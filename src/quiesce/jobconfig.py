@@ -117,6 +117,7 @@ class SessionHookConfig(_Strict):
 class HooksConfig(_Strict):
     pre_freeze: list[CommandHookConfig] = []
     post_thaw: list[CommandHookConfig] = []
+    after_run: list[CommandHookConfig] = []  # last, on every outcome: notify, monitor
     session: list[SessionHookConfig] = []
     directory: str | None = None
     directory_timeout: PositiveFloat | None = None
@@ -343,7 +344,7 @@ def _list_of_tables(raw: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
 
 def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
     problems: list[Problem] = []
-    for section in ("pre_freeze", "post_thaw", "session"):
+    for section in ("pre_freeze", "post_thaw", "session", "after_run"):
         for i, table in enumerate(_list_of_tables(raw, "hooks", section)):
             problems += _command_problems(table.get("command"), f"hooks.{section}[{i}].command")
     hooks = raw.get("hooks")
