@@ -8,6 +8,7 @@ a job wraps them so that its ``on_hook_failure`` policy applies.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from ..errors import ExitCode, QuiesceError
@@ -21,13 +22,22 @@ class WriterError(QuiesceError):
 
 
 class Writer:
-    """Base: a name for the report and what the writer learned (``info``)."""
+    """Base: a name for the report, what the writer learned (``info``), and the server
+    connection (``conn``) whose session holds the lock, if the writer has one."""
 
     kind: str = "writer"
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.info: dict[str, Any] = {}
+        self.conn: Any = None
+
+    def _close(self) -> None:
+        """Close the session (which releases whatever it still holds); never raises."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def before_freeze(self) -> None:
         raise NotImplementedError

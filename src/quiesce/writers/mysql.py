@@ -17,7 +17,6 @@ first where the server has it. ``lock_wait_timeout`` bounds either wait.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any, Literal
 
@@ -61,7 +60,6 @@ class MysqlWriter(Writer):
         self.unix_socket, self.host, self.port = unix_socket, host, port
         self.user, self.password, self.defaults_file = user, password, defaults_file
         self.timeout = timeout
-        self.conn: Any = None
 
     def _sql(self, query: str) -> Any:
         try:
@@ -138,9 +136,3 @@ class MysqlWriter(Writer):
             self.info["locked"] = False
         finally:
             self._close()
-
-    def _close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()

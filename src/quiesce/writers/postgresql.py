@@ -10,7 +10,6 @@ when the volumes cannot be captured at one instant, or for archive-based PITR.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from . import Writer, WriterError, need_module
@@ -32,7 +31,6 @@ class PostgresWriter(Writer):
         super().__init__(name or "postgresql")
         self.dsn, self.checkpoint, self.backup = dsn, checkpoint, backup
         self.label, self.timeout = label, timeout
-        self.conn: Any = None
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         try:
@@ -87,9 +85,3 @@ class PostgresWriter(Writer):
             # not ok: closing the session aborts the backup on the server
         finally:
             self._close()
-
-    def _close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
