@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.dbtools import mariadb_bin, need, open_loops, shared_dir, wait_for_path
+from helpers.dbtools import (
+    mariadb_bin,
+    need,
+    open_loops,
+    shared_dir,
+    start_row_writer,
+    wait_for_path,
+)
 from helpers.jobtools import mounted_image
 
 from quiesce import snapshots
@@ -89,21 +96,12 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
             with connect(db) as c, c.cursor() as cur:
                 cur.execute("CREATE DATABASE app")
                 cur.execute("CREATE TABLE app.t (seq INT PRIMARY KEY, pad TEXT) ENGINE=InnoDB")
-            acked: list[tuple[float, int]] = []
-            stop = threading.Event()
-
-            def write() -> None:  # one committed row per transaction, acked after COMMIT
-                with connect(db) as c, c.cursor() as cur:
-                    seq = 0
-                    while not stop.is_set():
-                        cur.execute("INSERT INTO app.t VALUES (%s, REPEAT('x', 500))", (seq + 1,))
-                        seq += 1
-                        acked.append((time.monotonic(), seq))
-
-            t = threading.Thread(target=write, daemon=True)
-            t.start()
-            while len(acked) < 100:
-                time.sleep(0.01)
+            acked, stop, t = start_row_writer(
+                lambda: connect(db),
+                lambda c, n: c.cursor().execute(
+                    "INSERT INTO app.t VALUES (%s, REPEAT('x', 500))", (n,)
+                ),
+            )
 
             class Timed(MysqlWriter):
                 locked_at = released_at = 0.0

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir
+from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
 from helpers.jobtools import mounted_image
 
 from quiesce import snapshots
@@ -75,21 +73,10 @@ def test_snapshot_of_a_live_cluster_starts_and_holds_every_committed_row(tmp_pat
             db.start()
             with psycopg.connect(db.dsn, autocommit=True) as conn:
                 conn.execute("CREATE TABLE t (seq int PRIMARY KEY, pad text)")
-            acked: list[tuple[float, int]] = []
-            stop = threading.Event()
-
-            def write() -> None:  # one committed row per transaction, acked after COMMIT
-                with psycopg.connect(db.dsn, autocommit=True) as c:
-                    seq = 0
-                    while not stop.is_set():
-                        c.execute("INSERT INTO t VALUES (%s, repeat('x', 500))", (seq + 1,))
-                        seq += 1
-                        acked.append((time.monotonic(), seq))
-
-            t = threading.Thread(target=write, daemon=True)
-            t.start()
-            while len(acked) < 100:
-                time.sleep(0.01)
+            acked, stop, t = start_row_writer(
+                lambda: psycopg.connect(db.dsn, autocommit=True),
+                lambda c, n: c.execute("INSERT INTO t VALUES (%s, repeat('x', 500))", (n,)),
+            )
             writer = PostgresWriter(db.dsn, backup=True, label="quiesce-test", timeout=30)
             manifest = snapshots.create(
                 [inner.path], "reflink", job="pg", options={"dest": str(outer.mountpoint)},

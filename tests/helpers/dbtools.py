@@ -13,9 +13,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import LoopFactory
@@ -81,3 +83,27 @@ def wait_for_path(path: Path, timeout: float = 60, proc: subprocess.Popen | None
 def need(condition: bool, what: str) -> None:
     if not condition:
         pytest.skip(f"{what} not installed: {SETUP_HINT}")
+
+
+def start_row_writer(
+    connect: Callable[[], Any], insert: Callable[[Any, int], None], first: int = 100
+) -> tuple[list[tuple[float, int]], threading.Event, threading.Thread]:
+    """A client thread committing one row per transaction (``insert(conn, seq)`` in
+    autocommit), each acked as (monotonic time, seq) after its COMMIT; returns once
+    ``first`` rows are acked. Stop it with ``stop.set(); thread.join()``."""
+    acked: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        with connect() as conn:
+            seq = 0
+            while not stop.is_set():
+                insert(conn, seq + 1)
+                seq += 1
+                acked.append((time.monotonic(), seq))
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    while len(acked) < first:
+        time.sleep(0.01)
+    return acked, stop, thread
