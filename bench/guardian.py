@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import quiesce
-from quiesce import guardian, kernel
-from quiesce.freezer import FAULT_ENV, Freezer
+from quiesce.freezing import guardian
+from quiesce.freezing.freezer import FAULT_ENV, Freezer
+from quiesce.sys import kernel
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROLLER = REPO / "tests" / "helpers" / "controller.py"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from quiesce.demo_full import run_full_demo
+from quiesce.cli.demo.full import run_full_demo
 
 
 def _ours(text: str) -> list[str]:

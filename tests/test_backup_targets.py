@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from helpers.backup_tree import change_some, make_tree
 
-from quiesce.backup.base import BackupError, ProgressUpdate, Target
-from quiesce.backup.borg import BorgTarget
-from quiesce.backup.restic import ResticTarget
-from quiesce.backup.tar import TarTarget
+from quiesce.backup.targets.base import BackupError, ProgressUpdate, Target
+from quiesce.backup.targets.borg import BorgTarget
+from quiesce.backup.targets.restic import ResticTarget
+from quiesce.backup.targets.tar import TarTarget
 from quiesce.backup.verify import verify
 from quiesce.errors import UsageError
-from quiesce.retention import RetentionPolicy
+from quiesce.state.retention import RetentionPolicy
 
 PASSWORD = "correct horse battery staple 7f3a"
 VOLUMES = ["vol-a", "vol-b"]
@@ -227,7 +227,7 @@ def test_sigterm_while_a_child_starts_never_orphans_it() -> None:
     import time
     import uuid
 
-    from quiesce.backup.base import run_child
+    from quiesce.backup.targets.base import run_child
 
     mark = f"QUIESCE_TEST_MARK={uuid.uuid4().hex}"
 

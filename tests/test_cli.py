@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import LoopFS, is_writable, run, thaw_quietly
 
-from quiesce import guardian
 from quiesce.errors import ExitCode
+from quiesce.freezing import guardian
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 NO_SYS_ADMIN = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin"]
@@ -274,7 +274,7 @@ def test_demo_cleans_up() -> None:
 
 
 def test_help_lists_every_documented_exit_code():
-    from quiesce.cli import app
+    from quiesce.cli.app import app
     from quiesce.errors import ExitCode
 
     codes = {v for k, v in vars(ExitCode).items() if k.isupper()}

@@ -24,7 +24,8 @@ from pathlib import Path
 from conftest import Writer
 from helpers.snaptools import image_on_reflink_host, read_records, sh
 
-from quiesce import kernel, snapshots
+from quiesce.snapshot import engine as snapshots
+from quiesce.sys import kernel
 
 
 def _wait_for_acks(w: Writer, n: int = 30, timeout: float = 10.0) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from conftest import HELPERS, LoopFS, Writer, is_writable, thaw_quietly
 
-from quiesce import guardian
 from quiesce.errors import FreezeExpired, GuardianError
-from quiesce.freezer import FAULT_ENV, freeze
+from quiesce.freezing import guardian
+from quiesce.freezing.freezer import FAULT_ENV, freeze
 
 CONTROLLER = HELPERS / "controller.py"
 WAIT_S = 30.0  # generous bound for "the controller reached its fault point"

@@ -11,8 +11,7 @@ import pytest
 from conftest import is_writable
 from helpers.jobtools import PY, events, lock_is_free, pid_alive, session_argv, wait_for
 
-from quiesce import snapshots
-from quiesce.hooks import (
+from quiesce.apps.hooks import (
     OUTPUT_LIMIT,
     HookContext,
     HookDirectory,
@@ -22,6 +21,7 @@ from quiesce.hooks import (
     held,
     run_command,
 )
+from quiesce.snapshot import engine as snapshots
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,7 +88,7 @@ def test_hook_directory_freezes_in_name_order_and_thaws_after(loopfs, tmp_path):
         script = hookdir / name
         script.write_text(f'#!/bin/sh\necho "{name} $1" >> {log}\n')
         script.chmod(0o644 if name == "15-notexec" else 0o755)
-    from quiesce.hooks import hook_dir_scripts
+    from quiesce.apps.hooks import hook_dir_scripts
 
     scripts = hook_dir_scripts(hookdir)
     assert [s.name for s in scripts] == ["10-first", "20-second"]

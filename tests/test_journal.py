@@ -16,7 +16,7 @@ import pytest
 from conftest import HELPERS, is_writable
 from helpers.snaptools import image_on_reflink_host, sh
 
-from quiesce.journal import Journal, cleanup, held_snapshot_ids, journal_dir, loop_devices_of
+from quiesce.state.journal import Journal, cleanup, held_snapshot_ids, journal_dir, loop_devices_of
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -94,7 +94,7 @@ def test_sigkill_during_backup_then_cleanup_leaves_nothing(loopfs, tmp_path: Pat
 
 LIVE = """
 import sys, time
-from quiesce.journal import Journal
+from quiesce.state.journal import Journal
 j = Journal.open(sys.argv[1], job="live")
 j.intent("file", path=sys.argv[2])
 j.intent("dir", path=sys.argv[3], holds="snap-1")
@@ -181,8 +181,8 @@ def test_journal_close_rolls_back_what_the_run_did_not_remove(tmp_path: Path) ->
 def test_sigterm_during_quiesce_backup_unwinds_by_itself(loopfs, tmp_path: Path) -> None:
     """systemd's stop (SIGTERM) in the middle of restic: the run unmounts, detaches, kills
     restic, closes its journal and records the failure in the metrics file."""
-    from quiesce import snapshots
-    from quiesce.metrics import parse
+    from quiesce.integrations.metrics import parse
+    from quiesce.snapshot import engine as snapshots
 
     pair = image_on_reflink_host(loopfs, "ext4")
     tree = pair.inner.mountpoint / "t"

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quiesce.errors import NotADirectory, NotAMountRoot, PathNotFound
-from quiesce.mounts import (
+from quiesce.sys.mounts import (
     Mount,
     MountinfoError,
     MountTable,

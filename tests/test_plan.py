@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import quiesce
 from quiesce.errors import UnsafePlan, UnsupportedFilesystem, UsageError
-from quiesce.plan import backing_chain, freeze_order
+from quiesce.freezing.plan import backing_chain, freeze_order
 
 # -- pure functions: property tests -----------------------------------------------------------
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from quiesce import proc
 from quiesce.errors import QuiesceError, UsageError
+from quiesce.sys import proc
 
 
 def test_a_hung_tool_is_killed_and_reported_as_a_typed_error(tmp_path):

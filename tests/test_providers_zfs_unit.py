@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from quiesce.errors import UsageError
-from quiesce.mounts import Mount, Target, Volume
-from quiesce.plan import GroupMember
+from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Snapshot, get_provider
 from quiesce.providers.zfs import (
     LIST_FIELDS,
@@ -18,6 +17,7 @@ from quiesce.providers.zfs import (
     pool_of,
     snapshot_suffix,
 )
+from quiesce.sys.mounts import Mount, Target, Volume
 
 ZFS_LIST = (  # two rows as printed in the VM, plus one snapshot quiesce did not make
     "qz/one@vmzfs-20261126T075816Z\t1795679897\t0\t25088\tvmzfs-20261126T075816Z\n"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quiesce.retention import BUCKETS, RetentionPolicy, decide
+from quiesce.state.retention import BUCKETS, RetentionPolicy, decide
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

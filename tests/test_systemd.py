@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers.snaptools import image_on_reflink_host
 
-from quiesce.systemd import UnitSpec, render
+from quiesce.integrations.systemd import UnitSpec, render
 
 
 def _quiesce(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from helpers.dbtools import (
 )
 from helpers.jobtools import mounted_image
 
-from quiesce import snapshots
+from quiesce.snapshot import engine as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,7 +76,7 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
     need(tools is not None, "MariaDB server binaries")
     assert tools is not None
     pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
-    from quiesce.writers.mysql import MysqlWriter
+    from quiesce.apps.writers.mysql import MysqlWriter
 
     run_dir = shared_dir("mysql")
     with open_loops() as loops:
@@ -164,13 +164,13 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
     ],
 )
 def test_backup_stage_is_chosen_only_where_the_server_has_it(version, expected):
-    from quiesce.writers.mysql import MysqlWriter, has_backup_stage
+    from quiesce.apps.writers.mysql import MysqlWriter, has_backup_stage
 
     assert has_backup_stage(version) is expected
     auto = MysqlWriter(lock="auto")._lock_mode(version)
     assert auto == ("backup_stage" if expected else "flush_tables")
     if not expected:
-        from quiesce.writers import WriterError
+        from quiesce.apps.writers import WriterError
 
         with pytest.raises(WriterError, match="has no BACKUP STAGE"):
             MysqlWriter(lock="backup_stage")._lock_mode(version)
@@ -184,8 +184,8 @@ def test_backup_stage_goes_past_a_running_write_that_flush_tables_waits_for():
     need(tools is not None, "MariaDB server binaries")
     assert tools is not None
     pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
-    from quiesce.writers import WriterError
-    from quiesce.writers.mysql import MysqlWriter
+    from quiesce.apps.writers import WriterError
+    from quiesce.apps.writers.mysql import MysqlWriter
 
     run_dir = shared_dir("mysql")
     db = Server(tools, run_dir / "data", run_dir, "locks")  # mysql must reach its datadir

@@ -16,7 +16,7 @@ import pytest
 from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
 from helpers.jobtools import mounted_image
 
-from quiesce import snapshots
+from quiesce.snapshot import engine as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -59,7 +59,7 @@ def test_snapshot_of_a_live_cluster_starts_and_holds_every_committed_row(tmp_pat
     bin_dir = pg_bin()
     need(bin_dir is not None, "PostgreSQL server binaries")
     psycopg = pytest.importorskip("psycopg", reason="pip install 'quiesce[writers]'")
-    from quiesce.writers.postgresql import PostgresWriter
+    from quiesce.apps.writers.postgresql import PostgresWriter
 
     run_dir = shared_dir("postgres")
     with open_loops() as loops:

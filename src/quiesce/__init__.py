@@ -6,7 +6,7 @@ with freeze(["/srv/db", "/srv/wal"], timeout=10) as window:
 print(window.duration)
 """
 
-from .errors import (
+from quiesce.errors import (
     AlreadyFrozen,
     ExitCode,
     FreezeExpired,
@@ -22,8 +22,8 @@ from .errors import (
     UnsupportedFilesystem,
     UsageError,
 )
-from .freezer import Freezer, VolumeResult, Window, freeze
-from .plan import Plan, make_plan
+from quiesce.freezing.freezer import Freezer, VolumeResult, Window, freeze
+from quiesce.freezing.plan import Plan, make_plan
 
 __version__ = "0.1.0"
 

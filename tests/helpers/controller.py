@@ -25,7 +25,7 @@ import sys
 import time
 
 import quiesce
-from quiesce.guardian import GuardedVolume, GuardianHandle
+from quiesce.freezing.guardian import GuardedVolume, GuardianHandle
 
 
 def run_freezer(args: argparse.Namespace) -> int:

@@ -24,12 +24,13 @@ from scenario_common import (
     sh,
 )
 
-from quiesce import kernel, snapshots
 from quiesce.errors import UsageError
-from quiesce.mounts import MountTable, resolve
-from quiesce.plan import GroupMember
+from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import Snapshot
 from quiesce.providers.zfs import LIST_FIELDS, ZfsProvider
+from quiesce.snapshot import engine as snapshots
+from quiesce.sys import kernel
+from quiesce.sys.mounts import MountTable, resolve
 
 POOL = "qz"
 STATE = "/tmp/quiesce-state"

@@ -6,10 +6,16 @@ The pieces, each usable alone: :mod:`.mount` (read-only mounts at stable paths),
 :mod:`.verify`, and :mod:`.phase` (the whole phase, as ``quiesce backup`` runs it).
 """
 
-from .base import BackupError, BackupResult, CheckResult, PruneResult, Target
-from .config import BackupConfig
-from .phase import BackupReport, VerifyFailed, make_target, newest_snapshot, run_backup
-from .verify import VerifyResult, verify
+from quiesce.backup.config import BackupConfig
+from quiesce.backup.phase import (
+    BackupReport,
+    VerifyFailed,
+    make_target,
+    newest_snapshot,
+    run_backup,
+)
+from quiesce.backup.targets.base import BackupError, BackupResult, CheckResult, PruneResult, Target
+from quiesce.backup.verify import VerifyResult, verify
 
 __all__ = [
     "BackupConfig",

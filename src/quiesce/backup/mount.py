@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import proc
-from ..errors import ExitCode, QuiesceError, UsageError
-from ..journal import Journal
-from ..mounts import MountTable
-from ..providers.base import Provider, Snapshot, volume_slug
-from .config import DEFAULT_MOUNT_ROOT
+from quiesce.backup.config import DEFAULT_MOUNT_ROOT
+from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.providers.base import Provider, Snapshot, volume_slug
+from quiesce.state.journal import Journal
+from quiesce.sys import proc
+from quiesce.sys.mounts import MountTable
 
 SAFE_OPTIONS = ["ro", "nosuid", "nodev", "noexec"]
 DEFAULT_OPTIONS: dict[str, list[str]] = {

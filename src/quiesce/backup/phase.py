@@ -19,14 +19,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExitCode, QuiesceError, UsageError
-from ..joblock import job_lock
-from ..journal import Journal, cleanup, held_snapshot_ids, state_dir
-from ..retention import RetentionPolicy, decide
-from .base import BackupResult, ProgressFn, Target
-from .config import BackupConfig
-from .mount import mounted_snapshots
-from .verify import VerifyResult, verify
+from quiesce.backup.config import BackupConfig
+from quiesce.backup.mount import mounted_snapshots
+from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
+from quiesce.backup.verify import VerifyResult, verify
+from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.state.journal import Journal, cleanup, held_snapshot_ids, state_dir
+from quiesce.state.locks import job_lock
+from quiesce.state.retention import RetentionPolicy, decide
 
 
 class VerifyFailed(QuiesceError):
@@ -102,21 +102,21 @@ class _Phases:
 def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
     """The target object for a job's ``[backup]`` section."""
     if cfg.target == "restic":
-        from .restic import from_config as restic
+        from quiesce.backup.targets.restic import from_config as restic
 
         return restic(cfg, job, cache_dir=state / "cache" / "restic")
     if cfg.target == "borg":
-        from .borg import from_config as borg
+        from quiesce.backup.targets.borg import from_config as borg
 
         return borg(cfg, job, base_dir=state / "borg")
-    from .tar import from_config as tar
+    from quiesce.backup.targets.tar import from_config as tar
 
     return tar(cfg, job)
 
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
     """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
-    from .. import snapshots
+    from quiesce.snapshot import engine as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
     if not mans:
@@ -133,7 +133,7 @@ def _created(man: Any) -> datetime:
 
 def _held(state: Path, manifests: list[Any]) -> set[str]:
     """Manifests a live run is reading, or that are mounted anywhere."""
-    from .. import snapshots
+    from quiesce.snapshot import engine as snapshots
 
     held = set(held_snapshot_ids(state))
     for man in manifests:
@@ -146,7 +146,7 @@ def apply_snapshot_retention(
     job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
 ) -> dict[str, Any]:
     """Delete the job's snapshots that ``policy`` does not keep (never a held one)."""
-    from .. import snapshots
+    from quiesce.snapshot import engine as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
     held = _held(state, mans) | set(keep)
@@ -205,7 +205,7 @@ def _snapshot_retention(
 ) -> dict[str, Any]:
     """Delete the snapshot just backed up (``delete_snapshot``), then apply ``policy``
     to the job's other snapshots; the one just backed up is never pruned by policy."""
-    from .. import snapshots
+    from quiesce.snapshot import engine as snapshots
 
     out: dict[str, Any] = {"kept": {}, "deleted": [], "failed": [], "held": []}
     if cfg.delete_snapshot:
@@ -233,7 +233,7 @@ def _backup_and_verify(
     progress: ProgressFn | None,
     rng: random.Random | None,
 ) -> None:
-    from ..providers.base import get_provider
+    from quiesce.providers.base import get_provider
 
     snaps = manifest.snapshot_objects()
     provider = get_provider(manifest.provider)(**(manifest.options or {}))
@@ -302,7 +302,7 @@ def after_run(
     the backup phase if the job has ``[backup]`` and the snapshot succeeded, then the
     metrics file. Mutates ``report`` (a report.Report): ``backup``, phases, warnings,
     and the error/exit code of a failed backup."""
-    from ..report import Phase
+    from quiesce.job.report import Phase
 
     bk = None
     if backup is not None and manifest is not None and report.error is None:
@@ -329,7 +329,7 @@ def after_run(
             report.warnings.append(f"retention: {e.message}")
             report.phases.append(phase.finish(ok=False))
     if metrics_file:
-        from ..metrics import RunMetrics, write_textfile
+        from quiesce.integrations.metrics import RunMetrics, write_textfile
 
         r = bk.result if bk is not None else None
         v = bk.verify if bk is not None else None

@@ -22,8 +22,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..units import human_bytes
-from .base import ProgressFn, ProgressUpdate
+from quiesce.backup.targets.base import ProgressFn, ProgressUpdate
+from quiesce.sys.units import human_bytes
 
 
 class PlainProgress:

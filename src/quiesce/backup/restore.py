@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .base import BackupError, Target, TargetSnapshot
-from .config import BackupConfig
-from .phase import make_target
+from quiesce.backup.config import BackupConfig
+from quiesce.backup.phase import make_target
+from quiesce.backup.targets.base import BackupError, Target, TargetSnapshot
+from quiesce.errors import UsageError
 
 
 @dataclass

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..journal import Journal
-from .base import BackupResult, Target
+from quiesce.backup.targets.base import BackupResult, Target
+from quiesce.state.journal import Journal
 
 MODES = ("none", "repository", "sample", "full")
 CHUNK = 1 << 20

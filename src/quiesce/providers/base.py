@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import UsageError
-from ..plan import GroupMember
+from quiesce.errors import UsageError
+from quiesce.freezing.plan import GroupMember
 
 
 class FreezeMode(enum.StrEnum):

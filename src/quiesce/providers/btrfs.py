@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .. import proc
-from ..errors import QuiesceError, UsageError
-from ..mounts import MountTable, Target
-from ..plan import GroupMember
-from .base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.sys import proc
+from quiesce.sys.mounts import MountTable, Target
 
 # include/uapi/linux/btrfs.h
 BTRFS_SUBVOL_NAME_MAX = 4039

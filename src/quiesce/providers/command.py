@@ -32,11 +32,11 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from .. import proc
-from ..errors import QuiesceError, UnsafePlan, UsageError
-from ..mounts import MountTable
-from ..plan import GroupMember
-from .base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.sys import proc
+from quiesce.sys.mounts import MountTable
 
 DEFAULT_TIMEOUT = 10.0
 KEEP_OUTPUT = 4096  # bytes of stdout/stderr kept in the manifest

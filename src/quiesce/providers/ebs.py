@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import QuiesceError, UsageError
-from ..plan import GroupMember
-from .base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 
 _NVME_PART = re.compile(r"^(nvme\d+n\d+)p\d+$")
 _SD_PART = re.compile(r"^((?:xv|s)d[a-z]+)\d+$")

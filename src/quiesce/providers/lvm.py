@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import proc
-from ..errors import QuiesceError, UnsafePlan, UsageError
-from ..plan import GroupMember
-from .base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
 DEFAULT_SIZE = "20%ORIGIN"

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .. import kernel
-from ..errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
-from ..mounts import MountTable, Volume, loop_backing_file
-from ..plan import GroupMember
-from .base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.sys import kernel
+from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 
 REFLINK_HINT = (
     "the image must live on a filesystem with reflink support: XFS made with "

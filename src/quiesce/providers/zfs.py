@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import proc
-from ..errors import QuiesceError, UsageError
-from ..plan import GroupMember
-from .base import Consistency, FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.errors import QuiesceError, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.sys import proc
 
 JOB_PROPERTY = "quiesce:name"  # user property set on every snapshot quiesce makes
 LIST_FIELDS = ("name", "creation", "used", "referenced", JOB_PROPERTY)

@@ -1,0 +1,1 @@
+"""Layer apps: quiescing applications around the window: hooks and database writers."""

@@ -1,0 +1,62 @@
+"""Built-in writers: quiescers for applications quiesce knows (SQLite, PostgreSQL, MariaDB).
+
+Each writer is a :class:`quiesce.hooks.Quiescer`: ``before_freeze()`` takes the
+application's lock (raising :class:`WriterError` if it cannot) and ``after_thaw(ok)``
+releases it. They work on their own with ``snapshots.create(..., quiescers=[...])``;
+a job wraps them so that its ``on_hook_failure`` policy applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from quiesce.errors import ExitCode, QuiesceError
+
+
+class WriterError(QuiesceError):
+    """A built-in writer could not quiesce (or release) its application."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = "check that the server is running and that the job's connection settings work"
+
+
+class Writer:
+    """Base: a name for the report, what the writer learned (``info``), and the server
+    connection (``conn``) whose session holds the lock, if the writer has one."""
+
+    kind: str = "writer"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.info: dict[str, Any] = {}
+        self.conn: Any = None
+
+    def _close(self) -> None:
+        """Close the session (which releases whatever it still holds); never raises."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def before_freeze(self) -> None:
+        raise NotImplementedError
+
+    def after_thaw(self, ok: bool) -> None:
+        raise NotImplementedError
+
+
+def need_module(module: str, package: str) -> Any:
+    """Import a client library, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise WriterError(
+            f"the {package} client library is not installed",
+            f"pip install 'quiesce[writers]' (or: pip install {package})",
+        ) from None
+
+
+__all__ = ["Writer", "WriterError", "need_module"]

@@ -1,0 +1,138 @@
+"""MySQL / MariaDB: a commit lock held by a session across the window.
+
+The lock lives only as long as the connection, so this writer keeps it open from
+before the freeze until right after the thaw (a one-shot hook cannot: AWS's sample
+script released the lock when its client exited, before the snapshot). While it is
+held no transaction commits and non-transactional tables are flushed and closed;
+InnoDB recovers the rest from its redo log.
+
+Two locks give that. ``BACKUP STAGE START`` + ``BLOCK_COMMIT`` (MariaDB >= 10.4.1,
+the sequence MariaDB documents for storage snapshots) blocks only commits and lets
+running write statements go on; ``FLUSH TABLES WITH READ LOCK`` (MySQL, older
+MariaDB) must first wait for every running write statement, and every client queues
+behind it meanwhile (measured on 10.11: with a 4 s INSERT running, FTWRL gave up after
+its 2 s lock_wait_timeout; BLOCK_COMMIT took 2 ms). ``lock = "auto"`` picks the
+first where the server has it. ``lock_wait_timeout`` bounds either wait.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from quiesce.apps.writers import Writer, WriterError, need_module
+
+LockMode = Literal["auto", "backup_stage", "flush_tables"]
+TAKE = {
+    "backup_stage": ("BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"),
+    "flush_tables": ("FLUSH TABLES WITH READ LOCK",),
+}
+RELEASE = {"backup_stage": "BACKUP STAGE END", "flush_tables": "UNLOCK TABLES"}
+ER_LOCK_WAIT_TIMEOUT = 1205
+
+
+def has_backup_stage(version: str) -> bool:
+    """BACKUP STAGE exists on MariaDB from 10.4.1 (``SELECT VERSION()`` names MariaDB)."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return "mariadb" in version.lower() and m is not None and tuple(map(int, m.groups())) >= (
+        10, 4, 1,
+    )  # fmt: skip
+
+
+class MysqlWriter(Writer):
+    kind = "mysql"
+
+    def __init__(
+        self,
+        *,
+        unix_socket: str | None = None,
+        host: str | None = None,
+        port: int = 3306,
+        user: str = "root",
+        password: str | None = None,
+        defaults_file: str | None = None,
+        timeout: float = 30.0,
+        lock: LockMode = "auto",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name or "mysql")
+        self.lock = lock
+        self.unix_socket, self.host, self.port = unix_socket, host, port
+        self.user, self.password, self.defaults_file = user, password, defaults_file
+        self.timeout = timeout
+
+    def _sql(self, query: str) -> Any:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(query)
+                return cur.fetchall()
+        except Exception as e:
+            code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+            raise WriterError(f"mysql: {query} failed: {e}", code=code) from None
+
+    def before_freeze(self) -> None:
+        pymysql = need_module("pymysql", "PyMySQL")
+        kw: dict[str, Any] = {
+            "user": self.user,
+            "connect_timeout": max(int(self.timeout), 1),
+            "read_timeout": int(self.timeout) + 5,
+            "write_timeout": int(self.timeout) + 5,
+            "autocommit": True,
+        }
+        if self.unix_socket:
+            kw["unix_socket"] = self.unix_socket
+        else:
+            kw["host"], kw["port"] = self.host or "localhost", self.port
+        if self.password is not None:
+            kw["password"] = self.password
+        if self.defaults_file:
+            kw["read_default_file"] = self.defaults_file
+        try:
+            self.conn = pymysql.connect(**kw)
+        except Exception as e:
+            raise WriterError(f"mysql: cannot connect: {e}") from None
+        try:
+            self._sql(f"SET SESSION lock_wait_timeout = {max(int(self.timeout), 1)}")
+            version = self.info["server_version"] = self._sql("SELECT VERSION()")[0][0]
+            mode = self._lock_mode(version)
+            for statement in TAKE[mode]:
+                try:
+                    self._sql(statement)
+                except WriterError as e:
+                    if e.details.get("code") != ER_LOCK_WAIT_TIMEOUT:
+                        raise
+                    raise WriterError(
+                        f"mysql: {statement} waited longer than timeout = "
+                        f"{self.timeout:g} s for the lock",
+                        "a long write statement or DDL held it; run the job when it is done"
+                        + (
+                            ', or use lock = "backup_stage" (MariaDB >= 10.4.1), which lets '
+                            "running statements go on"
+                            if mode == "flush_tables"
+                            else ""
+                        ),
+                    ) from None
+            self.info["lock"] = mode
+            self.info["locked"] = True
+        except BaseException:
+            self._close()
+            raise
+
+    def _lock_mode(self, version: str) -> str:
+        if self.lock == "auto":
+            return "backup_stage" if has_backup_stage(version) else "flush_tables"
+        if self.lock == "backup_stage" and not has_backup_stage(version):
+            raise WriterError(
+                f"mysql: the server ({version}) has no BACKUP STAGE",
+                'it needs MariaDB 10.4.1 or newer: set lock = "flush_tables" or "auto"',
+            )
+        return self.lock
+
+    def after_thaw(self, ok: bool) -> None:
+        if self.conn is None:
+            return
+        try:
+            self._sql(RELEASE[self.info.get("lock", "flush_tables")])
+            self.info["locked"] = False
+        finally:
+            self._close()

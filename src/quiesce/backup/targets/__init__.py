@@ -1,0 +1,1 @@
+"""Backup targets behind one interface: restic, borg, tar."""

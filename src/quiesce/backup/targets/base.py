@@ -1,0 +1,358 @@
+"""The target interface, its results, and the child-process plumbing the targets share.
+
+A target takes a directory (the job's stable mount root) and the names of the volumes
+mounted under it, and stores one backup of all of them: one restic snapshot, one borg
+archive, one tar stream. Secrets reach the child only through its environment (never
+its argv, which ``ps`` shows to everyone), and no message ever contains them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.state.retention import RetentionPolicy
+from quiesce.sys.proc import kill_group as _kill_group
+from quiesce.sys.proc import signals_deferred
+
+
+class BackupError(QuiesceError):
+    exit_code = ExitCode.BACKUP
+    default_hint = (
+        "see the target's message; the snapshot was kept: retry with `quiesce backup JOB.toml`"
+    )
+
+
+class TargetNotInstalled(UsageError):
+    default_hint = "run scripts/backup-setup.sh (apt-get install restic borgbackup zstd)"
+
+
+@dataclass
+class ProgressUpdate:
+    """One progress sample, whatever the target reports (fields it lacks stay None)."""
+
+    bytes_done: int = 0
+    total_bytes: int | None = None
+    files_done: int = 0
+    total_files: int | None = None
+    eta_s: float | None = None
+    current: str | None = None
+
+
+ProgressFn = Callable[[ProgressUpdate], None]
+
+
+@dataclass
+class BackupResult:
+    """One backup: what the target stored and how long it took."""
+
+    target: str
+    snapshot_id: str  # restic snapshot id, borg archive name, tar file name
+    bytes: int  # bytes of file content the target processed
+    files: int
+    duration_s: float
+    bytes_added: int | None = None  # new data stored in the repository (after dedup)
+    files_new: int | None = None
+    files_changed: int | None = None
+    files_unmodified: int | None = None  # not reread thanks to the stable path
+    location: str | None = None  # where the backup is (repo, file)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes / self.duration_s if self.duration_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"throughput_bps": round(self.throughput, 1)}
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    duration_s: float
+    output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PruneResult:
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TargetSnapshot:
+    """One backup as the target lists it."""
+
+    id: str
+    time: datetime
+    paths: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    host: str | None = None
+
+
+class Target(ABC):
+    """restic, borg or tar: one backup per call, stored where the job says."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def backup(
+        self,
+        source_dir: Path,
+        *,
+        paths: Sequence[str] | None = None,
+        tags: Sequence[str] = (),
+        host: str | None = None,
+        time: datetime | None = None,
+        label: str | None = None,
+        progress: ProgressFn | None = None,
+        timeout: float | None = None,
+    ) -> BackupResult:
+        """Back up ``paths`` (names relative to ``source_dir``; default: all of it)."""
+
+    @abstractmethod
+    def check(self) -> CheckResult:
+        """The target's own integrity check (restic check, borg check, sha256 + decode)."""
+
+    @abstractmethod
+    def restore(self, snapshot_id: str, dest: Path, paths: Sequence[str] | None = None) -> Path:
+        """Restore into ``dest`` so that ``dest/<rel>`` is ``source_dir/<rel>`` of the backup.
+
+        ``paths`` are names relative to the backup's ``source_dir``. Returns ``dest``.
+        """
+
+    @abstractmethod
+    def snapshots(self) -> list[TargetSnapshot]:
+        """The backups this target holds for this job."""
+
+    @abstractmethod
+    def forget_prune(self, policy: RetentionPolicy) -> PruneResult:
+        """Apply the retention policy to the target's backups and free their space."""
+
+    def init(self) -> None:
+        """Create the repository if it does not exist yet (restic init, borg init)."""
+
+    def exists(self) -> bool:
+        return True
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def require(binary: str, package: str) -> str:
+    import shutil
+
+    path = shutil.which(binary)
+    if path is None:
+        raise TargetNotInstalled(
+            f"{binary} is not installed", f"apt-get install {package} (or scripts/backup-setup.sh)"
+        )
+    return path
+
+
+def password_file_path(password_file: str, what: str) -> Path:
+    """The password file named in the job, which the child will read itself."""
+    p = Path(password_file)
+    if not p.is_file():
+        raise UsageError(
+            f"the {what} password file {password_file} does not exist",
+            "create it (mode 600, owned by root) or name another in the job",
+        )
+    return p
+
+
+def password_from_env(password_env: str, what: str) -> str:
+    """The value of the variable named in the job (never put in an argv, message or log)."""
+    value = os.environ.get(password_env)
+    if value is None:
+        raise UsageError(
+            f"the environment variable {password_env} (the {what} password) is not set",
+            "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
+        )
+    return value
+
+
+def secret_env(
+    *,
+    password_file: str | None,
+    password_env: str | None,
+    file_var: str,
+    value_var: str,
+    what: str,
+) -> dict[str, str]:
+    """The child's environment entries for a password named in the job: the file's path
+    as ``file_var``, or the named variable's value as ``value_var``."""
+    if password_file:
+        return {file_var: str(password_file_path(password_file, what))}
+    if password_env:
+        return {value_var: password_from_env(password_env, what)}
+    return {}
+
+
+KEPT_LINES = 500
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+
+
+def _tail(text: str, limit: int = 2000) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "[...] " + text[-limit:]
+
+
+def run_child(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    on_stdout_line: Callable[[str], None] | None = None,
+    on_stderr_line: Callable[[str], None] | None = None,
+    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = None,
+) -> ChildResult:
+    """Run a child in its own process group; kill the group on timeout or interrupt.
+
+    Lines are handed to the callbacks as they come (live progress); everything is also
+    kept in memory (and the caller shows only the tail of stderr).
+    """
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    t0 = time.monotonic()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        # A SIGTERM (systemd stop) inside Popen would orphan the child: it is held until
+        # ``proc`` is set, and delivered inside this try, which kills the child's group.
+        with signals_deferred():
+            proc = subprocess.Popen(
+                list(argv),
+                env=full_env,
+                cwd=cwd,
+                stdin=stdin,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        return _supervise(proc, t0, timeout, on_stdout_line, on_stderr_line)
+    except FileNotFoundError:
+        if proc is None:
+            raise TargetNotInstalled(f"{argv[0]} is not installed") from None
+        kill_group(proc)
+        raise
+    except BaseException:
+        if proc is not None:
+            kill_group(proc)
+        raise
+
+
+def _supervise(
+    proc: subprocess.Popen[bytes],
+    t0: float,
+    timeout: float | None,
+    on_stdout_line: Callable[[str], None] | None,
+    on_stderr_line: Callable[[str], None] | None,
+) -> ChildResult:
+    # A stream that a callback consumes (restic's progress, borg's per-file status: one
+    # line per file of a first backup) keeps only its tail, for error messages.
+    out_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stdout_line else None)
+    err_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stderr_line else None)
+
+    def pump(stream: IO[bytes], sink: deque[str], cb: Callable[[str], None] | None) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace")
+            sink.append(line)
+            if cb is not None:
+                with contextlib.suppress(Exception):  # a display bug must not stop a backup
+                    cb(line.rstrip("\n"))
+
+    threads = []
+    if proc.stdout is not None:
+        threads.append(threading.Thread(target=pump, args=(proc.stdout, out_lines, on_stdout_line)))
+    assert proc.stderr is not None
+    threads.append(threading.Thread(target=pump, args=(proc.stderr, err_lines, on_stderr_line)))
+    for t in threads:
+        t.daemon = True
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        kill_group(proc)
+    for t in threads:
+        t.join(timeout=10)
+    return ChildResult(
+        proc.returncode, "".join(out_lines), "".join(err_lines), time.monotonic() - t0, timed_out
+    )
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the child's process group, SIGKILL after 5 s (restic/borg save state)."""
+    _kill_group(proc, grace=5.0)
+
+
+def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> None:
+    if res.timed_out:
+        raise BackupError(
+            f"{what} did not finish within its timeout and was killed",
+            "raise [backup] timeout, or check why the target is slow",
+        )
+    if res.returncode not in ok_codes:
+        raise BackupError(f"{what} failed (exit {res.returncode}): {_tail(res.stderr, 600)}")
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[list[float]]:
+    """``with timed() as t: ...`` then ``t[0]`` is the duration in seconds."""
+    box = [0.0]
+    t0 = time.monotonic()
+    try:
+        yield box
+    finally:
+        box[0] = time.monotonic() - t0
+
+
+__all__ = [
+    "BackupError",
+    "BackupResult",
+    "CheckResult",
+    "ChildResult",
+    "ProgressFn",
+    "ProgressUpdate",
+    "PruneResult",
+    "Target",
+    "TargetNotInstalled",
+    "TargetSnapshot",
+    "check_child",
+    "kill_group",
+    "require",
+    "run_child",
+    "secret_env",
+    "signals_deferred",
+]

@@ -1,0 +1,460 @@
+"""The command line. The only module that prints for humans or picks exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from quiesce import __version__
+from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
+from quiesce.cli.common import JsonOpt, console, emit_json
+from quiesce.cli.job import check_cmd, run_cmd
+from quiesce.cli.snapshot import snapshot_app
+from quiesce.errors import (
+    ExitCode,
+    FreezeExpired,
+    GuardianError,
+    NotFrozen,
+    QuiesceError,
+    UsageError,
+)
+from quiesce.freezing import guardian
+from quiesce.freezing.freezer import Freezer, Window
+from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT
+from quiesce.freezing.plan import Plan, make_plan
+from quiesce.sys import kernel, proc
+from quiesce.sys.mounts import MountTable, resolve
+from quiesce.sys.units import human_duration
+
+sys.dont_write_bytecode = True  # quiesce may run from a venv on a volume it freezes
+
+app = typer.Typer(
+    name="quiesce",
+    help="Consistent snapshots of mounted Linux filesystems: freeze, snapshot, thaw, back up.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",  # docstrings wrap; [backup] and `x` read as written
+    epilog=(
+        "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 not root, 4 cannot be frozen, "
+        "5 busy (frozen by someone else, or the job is running), 6 unsafe plan, "
+        "7 not frozen, 8 thaw failed, 9 the guardian thawed first, 10 guardian error, "
+        "11 hook or writer failed, 12 backup or verification failed. "
+        "Docs: README.md, docs/jobs.md, docs/operations.md."
+    ),
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(snapshot_app, name="snapshot")
+out = console()
+err = console(stderr=True)
+
+
+def _say(to: Console, label: str, style: str, text: str) -> None:
+    to.print(Text.assemble((label, style), " ", text))
+
+
+Paths = Annotated[list[str], typer.Argument(help="Mount points (each the root of a mount).")]
+AllowSelf = Annotated[
+    bool,
+    typer.Option(
+        "--allow-self",
+        help="Allow freezing a volume quiesce itself lives on (its Python, cwd, output) or /.",
+    ),
+]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", "-t", min=0.1, help="Deadline in seconds: the guardian thaws then."),
+]
+LeaseOpt = Annotated[
+    float,
+    typer.Option(
+        "--lease", min=0.0, help="Lease in seconds: a controller silent this long loses the freeze."
+    ),
+]
+NoSyncfs = Annotated[
+    bool, typer.Option("--no-syncfs", help="Skip the syncfs() that shortens the freeze window.")
+]
+
+
+def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
+    if as_json:
+        data = e.to_dict()
+        window = e.details.get("window")
+        if isinstance(window, Window):
+            data["window"] = window.to_dict()
+        emit_json(data)
+    _say(err, "quiesce:", "bold red", e.message)
+    if e.hint:
+        _say(err, "hint:", "dim", e.hint)
+    return typer.Exit(e.exit_code)
+
+
+def _print_window(window: Window, title: str) -> None:
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for col in ("volume", "fstype", "state", "syncfs", "freeze", "frozen", "thaw"):
+        table.add_column(col)
+    for v in window.volumes:
+        state = v.state + (f" ({v.thawed_by})" if v.thawed_by else "")
+        table.add_row(
+            v.mount_point, v.fstype, state, human_duration(v.syncfs_s), human_duration(v.freeze_s),
+            human_duration(v.frozen_for_s), human_duration(v.thaw_s),
+        )  # fmt: skip
+    out.print(table)
+    if window.duration is not None:
+        out.print(f"freeze window: {human_duration(window.duration)}")
+    for w in window.warnings:
+        _say(err, "warning:", "yellow", w)
+
+
+def _print_plan(plan: Plan) -> None:
+    table = Table(title="freeze order", title_justify="left", box=None, pad_edge=False)
+    for col in ("#", "mount point", "fstype", "source", "dev", "action"):
+        table.add_column(col)
+    for i, m in enumerate(plan.members, 1):
+        table.add_row(
+            str(i), m.name, m.volume.fstype, m.volume.source, m.volume.dev,
+            "skip" if m.skip else "freeze",
+        )  # fmt: skip
+    out.print(table)
+    out.print("thaw order: " + ", ".join(m.name for m in reversed(plan.members) if not m.skip))
+    for h in plan.hazards:
+        refused = h.refuse and not plan.allow_self
+        tag = "refused" if refused else "allowed"
+        _say(out, f"hazard ({h.kind}, {tag}):", "red" if refused else "yellow", h.message)
+    for w in plan.warnings:
+        _say(out, "warning:", "yellow", w)
+
+
+@app.command("plan")
+def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = False) -> None:
+    """Show the volumes, their freeze order and hazards. Changes nothing."""
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            if as_json:
+                emit_json(plan.to_dict())
+            else:
+                _print_plan(plan)
+            plan.check()
+    except QuiesceError as e:
+        raise _fail(e, False) from None
+
+
+@app.command("freeze")
+def freeze_cmd(
+    paths: Paths,
+    timeout: TimeoutOpt = 60.0,
+    lease: LeaseOpt = DEFAULT_LEASE,
+    allow_self: AllowSelf = False,
+    no_syncfs: NoSyncfs = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze and return, leaving the guardian holding the freeze until `quiesce thaw`
+    or the deadline (like `fsfreeze -f`, but it can never stay frozen forever)."""
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            # With --allow-self our own output may go to a volume that stays frozen after
+            # we return: printing there would hang this process. Stay silent then.
+            silent = _stream_is_on(plan, 1) or _stream_is_on(plan, 2)
+            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            window = freezer.freeze()
+            freezer.hold()
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if silent:
+        return
+    if as_json:
+        emit_json(window.to_dict() | {"deadline_s": timeout})
+        return
+    for w in window.warnings:
+        _say(err, "warning:", "yellow", w)
+    names = ", ".join(v.mount_point for v in window.volumes if v.state == "frozen")
+    if not names:
+        out.print("nothing to freeze")
+        return
+    out.print(
+        f"frozen: {names}; guardian pid {window.guardian_pid} thaws in {timeout:g}s "
+        "unless you run `quiesce thaw` first"
+    )
+
+
+def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
+    """Thaw through the guardian that holds it frozen, else with a plain FITHAW."""
+    target = resolve(path, table)
+    try:
+        dev = target.volume.dev
+        name = target.mount.mount_point
+        expired_here: dict[str, Any] | None = None
+        for pid in guardian.list_guardians():
+            try:
+                status = guardian.ask(pid, {"op": "status"})
+            except GuardianError:
+                continue
+            mine = [v for v in status["volumes"] if v["dev"] == dev]
+            if not mine:
+                continue
+            if mine[0]["state"] != "frozen":
+                # A guardian that already gave this volume up; another may hold it now.
+                if status.get("expired"):
+                    expired_here = status["expired"]
+                continue
+            reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]})
+            if reply.get("ok"):
+                return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
+            if reply.get("expired"):
+                raise _expired_error(name, reply["expired"])
+            raise kernel.error_for(reply.get("errno", 0), "thaw", name, target.mount.fstype)
+        try:
+            kernel.fithaw(target.fd, name, target.mount.fstype)
+        except NotFrozen:
+            if expired_here is not None:
+                raise _expired_error(name, expired_here) from None
+            raise
+        return {"path": path, "mount_point": name, "thawed_by": "FITHAW (no guardian held it)"}
+    finally:
+        target.close()
+
+
+def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
+    when = time.strftime("%H:%M:%S", time.localtime(expired.get("at", 0)))
+    return FreezeExpired(
+        f"{name} was already thawed by the guardian at {when} ({expired.get('reason')})"
+    )
+
+
+@app.command("thaw")
+def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
+    """Thaw filesystems (like `fsfreeze -u`): through the guardian holding them, else FITHAW."""
+    table = MountTable.read()
+    results, first_error = [], None
+    for p in paths:
+        try:
+            results.append(_thaw_one_volume(p, table))
+        except QuiesceError as e:
+            results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
+            first_error = first_error or e
+            if not as_json:
+                _say(err, "quiesce:", "bold red", e.message)
+                if e.hint:
+                    _say(err, "hint:", "dim", e.hint)
+    if as_json:
+        emit_json({"results": results})
+    else:
+        for r in results:
+            if "error" not in r:
+                out.print(f"thawed: {r['mount_point']} ({r['thawed_by']})")
+    if first_error is not None:
+        raise typer.Exit(first_error.exit_code)
+
+
+@app.command("status")
+def status_cmd(as_json: JsonOpt = False) -> None:
+    """List what quiesce holds frozen (volumes, holder, since when, deadline and lease)
+    and the jobs running now."""
+    from quiesce.state.journal import state_dir
+    from quiesce.state.locks import running
+
+    states = []
+    for pid in guardian.list_guardians():
+        try:
+            states.append(guardian.ask(pid, {"op": "status"}, timeout=2.0))
+        except GuardianError:
+            continue
+    jobs = running(state_dir())
+    if as_json:
+        emit_json({"guardians": states, "running": [asdict(j) for j in jobs]})
+        return
+    for j in jobs:
+        since = time.strftime("%H:%M:%S", time.localtime(j.since))
+        out.print(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
+    if not states:
+        out.print("nothing is frozen by quiesce")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease"):
+        table.add_column(col)
+    for s in states:
+        ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
+        if s["detached"]:
+            ctl += " (held)"
+        for v in s["volumes"]:
+            table.add_row(
+                v["mount_point"], v["state"], str(s["pid"]), ctl,
+                f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
+                f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
+                f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
+            )  # fmt: skip
+        if s.get("expired"):
+            ex = s["expired"]
+            when = time.strftime("%H:%M:%S", time.localtime(ex.get("at", 0)))
+            out.print(f"guardian {s['pid']} thawed on its own at {when}: {ex.get('reason')}")
+    out.print(table)
+
+
+def _stream_is_on(plan: Plan, fd: int) -> bool:
+    table = MountTable.read()
+    vol = table.volume_of_path(f"/proc/self/fd/{fd}")
+    return vol is not None and any(m.volume.dev == vol.dev for m in plan.members)
+
+
+_EXEC_CMD: list[str] = []  # what followed `--` on the command line (see main)
+
+
+@app.command("exec")
+def exec_cmd(
+    paths: Paths,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+    lease: LeaseOpt = DEFAULT_LEASE,
+    allow_self: AllowSelf = False,
+    no_syncfs: NoSyncfs = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Freeze PATHS, run `-- CMD ARGS` (the snapshot), thaw, and exit with CMD's status.
+
+    CMD is killed if it outlives the deadline. If quiesce's own output goes to a file on
+    a frozen volume, CMD's output is held in memory and written after the thaw."""
+    cmd = list(_EXEC_CMD)
+    if not cmd:
+        raise _fail(
+            UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
+        )
+    try:
+        with make_plan(paths, allow_self=allow_self) as plan:
+            buffer_out = as_json or _stream_is_on(plan, 1)
+            buffer_err = _stream_is_on(plan, 2)
+            env = os.environ | {
+                "QUIESCE_VOLUMES": "\n".join(m.name for m in plan.members if not m.skip)
+            }
+            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            window = freezer.freeze()
+            try:
+                rc, cmd_out, cmd_err, killed = _run_in_window(
+                    cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
+                )
+            except BaseException:  # Ctrl-C: the command is dead, thaw before anything else
+                freezer.thaw(raise_errors=False)
+                raise
+            try:
+                window = freezer.thaw()
+            finally:
+                if cmd_out:
+                    sys.stdout.buffer.write(cmd_out) if not as_json else None
+                if cmd_err:
+                    sys.stderr.buffer.write(cmd_err)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if killed:
+        raise _fail(
+            FreezeExpired(f"{cmd[0]} did not finish before the {timeout:g}s deadline: killed"),
+            as_json,
+        )
+    if as_json:
+        emit_json(
+            window.to_dict()
+            | {
+                "command": cmd,
+                "returncode": rc,
+                "stdout": (cmd_out or b"").decode(errors="replace"),
+            }
+        )
+    else:
+        err.print(f"quiesce: freeze window {human_duration(window.duration)}; {cmd[0]} exited {rc}")
+    raise typer.Exit(rc if rc >= 0 else 128 - rc)
+
+
+def _run_in_window(
+    cmd: list[str], env: dict[str, str], budget: float, buffer_out: bool, buffer_err: bool
+) -> tuple[int, bytes | None, bytes | None, bool]:
+    """The snapshot command: killed with its process group at the deadline. A stream
+    that would land on a frozen volume is held in memory (64 MiB at most) instead."""
+    try:
+        done = proc.run_bounded(
+            cmd,
+            timeout=max(budget, 0.01),
+            env=env,
+            capture_stdout=buffer_out,
+            capture_stderr=buffer_err,
+            limit=64 << 20,
+            cwd=os.getcwd(),
+        )
+    except OSError as e:
+        return 127, None, f"quiesce: cannot run {cmd[0]}: {e.strerror}\n".encode(), False
+    return done.returncode, done.stdout, done.stderr, done.timed_out
+
+
+@app.command("demo")
+def demo_cmd(
+    simple: Annotated[
+        bool, typer.Option("--simple", help="Only freeze a filesystem under a live writer.")
+    ] = False,
+    fstype: Annotated[str, typer.Option(help="With --simple: ext4, xfs or btrfs")] = "ext4",
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole job on a throwaway filesystem: an SQLite writer, freeze, reflink snapshot,
+    thaw, restic backup, verify, retention, restore and check. Removes all it made."""
+    try:
+        if simple:
+            from quiesce.cli.demo.simple import run_demo
+
+            run_demo(fstype, out if not as_json else None, as_json)
+        else:
+            from quiesce.cli.demo.full import run_full_demo
+
+            # The demo's own lines carry rich markup (and only paths it made itself).
+            styled = console(markup=True)
+            run_full_demo(styled if not as_json else None, as_json)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+app.command("run")(run_cmd)
+app.command("check")(check_cmd)
+app.command("backup")(backup_cmd)
+app.command("restore")(restore_cmd)
+app.command("cleanup")(cleanup_cmd)
+app.command("systemd")(systemd_cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # click drops `--` before we could split PATHS from CMD: split here.
+    if "exec" in args and "--" in args and args.index("exec") < args.index("--"):
+        i = args.index("--")
+        _EXEC_CMD[:] = args[i + 1 :]
+        args = args[:i]
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        app(args=args, prog_name="quiesce")
+    except QuiesceError as e:  # raised outside a command's own handler
+        _say(err, "quiesce:", "bold red", e.message)
+        if e.hint:
+            _say(err, "hint:", "dim", e.hint)
+        sys.exit(e.exit_code)
+
+
+class Interrupted(QuiesceError):
+    exit_code = 130
+    default_hint = "stopped by Ctrl-C; everything quiesce had frozen was thawed first"
+
+
+def _interrupted(_sig: int, _frame: object) -> None:
+    # A QuiesceError, not KeyboardInterrupt: click would swallow that one silently. The
+    # freezer defers signals between ioctls, so this never lands half-way through a group.
+    raise Interrupted("interrupted")
+
+
+__all__ = ["ExitCode", "NotFrozen", "app", "main"]

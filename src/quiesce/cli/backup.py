@@ -1,0 +1,308 @@
+"""`quiesce backup JOB.toml`, `quiesce cleanup` and `quiesce systemd JOB.toml`
+(registered by cli.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from quiesce.cli.common import JobFile, JsonOpt, console, emit_json
+from quiesce.errors import ExitCode, QuiesceError, UsageError
+
+out = console(markup=True)  # reports are rendered with rich markup
+err = console(stderr=True, markup=True)
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="State directory (default: $QUIESCE_STATE_DIR or /var/lib/quiesce).",
+    ),
+]
+
+
+def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
+    from quiesce.job.report import print_error
+
+    if as_json:
+        emit_json(e.to_dict())
+    print_error(e.to_dict(), err)
+    return typer.Exit(e.exit_code)
+
+
+def _terminate_as_exit() -> None:
+    """SIGTERM (systemd stop, timeout) unwinds like Ctrl-C: unmount, detach, kill children."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def metrics_for(report: dict[str, Any], job: str, freeze_window: float | None) -> Any:
+    from quiesce.integrations.metrics import RunMetrics
+
+    b = report.get("backup") or {}
+    v = report.get("verify")
+    return RunMetrics(
+        job=job,
+        success=bool(report.get("ok")),
+        duration_s=report.get("duration_s"),
+        freeze_window_s=freeze_window,
+        backup_bytes=b.get("bytes"),
+        backup_added_bytes=b.get("bytes_added"),
+        backup_files=b.get("files"),
+        backup_duration_s=b.get("duration_s"),
+        verify_ok=None if not v or v.get("mode") == "none" else bool(v.get("ok")),
+    )
+
+
+def backup_cmd(
+    job_file: JobFile,
+    snapshot: Annotated[
+        str | None, typer.Option("--snapshot", help="Back up this snapshot id, not the newest.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Back up the job's newest snapshot: mount it read-only at a stable path, run the
+    [backup] target, verify, unmount, and apply [retention]."""
+    from quiesce.backup.phase import newest_snapshot, run_backup
+    from quiesce.backup.progress import progress_for
+    from quiesce.job.backupjob import load_backup_job
+    from quiesce.snapshot import engine as snapshots
+    from quiesce.state.journal import state_dir
+
+    _terminate_as_exit()
+    try:
+        job = load_backup_job(job_file)
+        if job.backup is None:
+            raise UsageError(
+                f"job {job.name} has no [backup] section",
+                '[backup] with target = "restic", repository = ..., password_file = ...',
+            )
+        state = state_dir(job.state_dir)
+        man = snapshots.load(snapshot, state) if snapshot else newest_snapshot(job.name, state)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    try:
+        with progress_for(err, "backup") as progress:
+            report = run_backup(
+                man, job.backup, job=job.name, state=state, retention=job.retention,
+                progress=progress,
+            )  # fmt: skip
+    except (SystemExit, KeyboardInterrupt):
+        err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
+        if job.metrics_file:
+            from quiesce.integrations.metrics import RunMetrics, write_textfile
+
+            with contextlib.suppress(OSError):
+                write_textfile(job.metrics_file, RunMetrics(job.name, False))
+        raise
+    data = report.to_dict()
+    if job.metrics_file:
+        from quiesce.integrations.metrics import write_textfile
+
+        try:
+            write_textfile(job.metrics_file, metrics_for(data, job.name, man.window_s))
+        except OSError as e:
+            data["warnings"].append(f"cannot write {job.metrics_file}: {e.strerror}")
+    if as_json:
+        emit_json(data)
+    else:
+        from quiesce.cli.render_backup import print_backup_report
+
+        print_backup_report(data, out, err)
+    raise typer.Exit(report.exit_code)
+
+
+def restore_cmd(
+    job_file: JobFile,
+    dest: Annotated[Path, typer.Argument(help="A new or empty directory to restore into.")],
+    backup_id: Annotated[
+        str | None,
+        typer.Option("--backup", help="This backup (an id, or its prefix), not the newest."),
+    ] = None,
+    volumes: Annotated[
+        list[str] | None,
+        typer.Option("--volume", help="Only this volume, by its slug (srv-db for /srv/db)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
+    slug (/srv/db as DIR/srv-db). Never writes into a directory that is not empty."""
+    from quiesce.backup.restore import restore
+    from quiesce.job.backupjob import load_backup_job
+    from quiesce.state.journal import state_dir
+
+    _terminate_as_exit()
+    try:
+        job = load_backup_job(job_file)
+        if job.backup is None:
+            raise UsageError(
+                f"job {job.name} has no [backup] section", "there is nothing to restore from"
+            )
+        res = restore(
+            job.backup, job=job.name, state=state_dir(job.state_dir), dest=dest.absolute(),
+            backup_id=backup_id, volumes=volumes or (),
+        )  # fmt: skip
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
+    if as_json:
+        emit_json(res.to_dict())
+        return
+    from quiesce.sys.units import human_bytes, human_duration
+
+    out.print(
+        f"restored {res.target} backup {escape(res.backup_id)} ({res.backup_time}) of job "
+        f"{escape(job.name)} to {escape(res.dest)}: {', '.join(res.volumes)}; {res.files} "
+        f"file(s), {human_bytes(res.bytes)} in {human_duration(res.duration_s)}"
+    )
+
+
+def cleanup_cmd(
+    state_dir_opt: StateDir = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only list what would be removed.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
+    dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
+    from quiesce.state.journal import cleanup
+
+    rep = cleanup(state_dir_opt, dry_run=dry_run)
+    if as_json:
+        emit_json(rep.to_dict() | {"dry_run": dry_run})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        for r in rep.removed:
+            what = r.get("target") or r.get("path") or r.get("device") or r.get("backing") or ""
+            if r["kind"] == "loop" and r.get("device"):
+                what = f"{r['device']} ({r.get('backing')})"
+            out.print(f"{verb} {r['kind']}: {escape(str(what))} (run {r['run']})")
+        for s in rep.skipped_live:
+            out.print(f"left alone: run {s} is still running")
+        if not rep.removed and not rep.errors:
+            out.print("nothing to clean up")
+        for e in rep.errors:
+            err.print(f"[bold red]quiesce:[/] {escape(e)}")
+    if rep.errors:
+        if not as_json:
+            err.print("[dim]hint:[/] fix the cause (a busy mount?) and run `quiesce cleanup` again")
+        raise typer.Exit(ExitCode.FAILURE)
+
+
+def _local(path: str | None) -> str | None:
+    """A local filesystem path (restic/borg repositories may be URLs or ssh://)."""
+    if not path or not path.startswith("/"):
+        return None
+    return path
+
+
+def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: str | None) -> Any:
+    """What the job writes: the units' ReadWritePaths and their timeout."""
+    from quiesce.integrations.systemd import UnitSpec
+    from quiesce.state.journal import state_dir
+    from quiesce.sys.mounts import MountTable, loop_backing_file
+
+    rw = [*job.volumes, str(state_dir(job.state_dir))]
+    optional: list[str] = []
+    table = MountTable.read()
+    dest = job.provider_options.get("dest")
+    if job.provider == "reflink":
+        if dest:
+            rw.append(str(dest))
+        for v in job.volumes:  # clones go next to the image by default
+            vol = table.volume_of_path(v)
+            backing = loop_backing_file(vol.source) if vol else None
+            if backing and not dest:
+                rw.append(os.path.dirname(backing))
+    if job.provider == "lvm":
+        optional += ["/etc/lvm", "/run/lvm", "/run/lock"]
+    b = job.backup
+    timeout = job.run_timeout or 3600.0
+    if b is not None:
+        if not b.mount_root.startswith("/run/quiesce/"):  # else RuntimeDirectory= has it
+            rw.append(b.mount_root)
+        for p in (_local(b.repository), b.directory, b.sha256_dir):
+            if p:
+                rw.append(p)
+        if b.verify in ("sample", "full"):
+            rw.append(b.verify_dir)
+        timeout += b.timeout or 12 * 3600
+    if job.metrics_file:
+        rw.append(str(Path(job.metrics_file).parent))
+    return UnitSpec(
+        job=job.name,
+        job_file=Path(job.path),
+        on_calendar=on_calendar,
+        randomized_delay=randomized_delay,
+        timeout_s=timeout + 600,
+        rw_paths=[p for p in dict.fromkeys(rw) if os.path.exists(p)],
+        rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
+        environment_file=env_file,
+    )
+
+
+def systemd_cmd(
+    job_file: JobFile,
+    install: Annotated[
+        bool, typer.Option("--install", help="Write the units to /etc/systemd/system.")
+    ] = False,
+    on_calendar: Annotated[
+        str, typer.Option("--on-calendar", help="When to run (systemd.time(7)).")
+    ] = "daily",
+    randomized_delay: Annotated[
+        str, typer.Option("--randomized-delay", help="RandomizedDelaySec= of the timer.")
+    ] = "15min",
+    environment_file: Annotated[
+        str | None,
+        typer.Option("--environment-file", help="EnvironmentFile= (e.g. the password variable)."),
+    ] = None,
+    unit_dir: Annotated[
+        Path, typer.Option("--unit-dir", hidden=True, help="Where --install writes.")
+    ] = Path("/etc/systemd/system"),
+) -> None:
+    """Print (or install with --install) a hardened service + timer pair for the job."""
+    from quiesce.integrations.systemd import check_calendar, render
+    from quiesce.integrations.systemd import install as install_units
+    from quiesce.job.backupjob import load_backup_job
+
+    try:
+        job = load_backup_job(job_file)
+        check_calendar(on_calendar)
+        spec = unit_spec(
+            job,
+            on_calendar=on_calendar,
+            randomized_delay=randomized_delay,
+            env_file=environment_file,
+        )
+        units = render(spec)
+        if not install:
+            for name, text in units.items():
+                out.print(f"# {unit_dir / name}", markup=False)
+                out.print(text, markup=False)
+            return
+        written = install_units(units, unit_dir)
+    except QuiesceError as e:
+        raise _fail(e, False) from None
+    except OSError as e:
+        raise _fail(QuiesceError(f"cannot write the units: {e}"), False) from None
+    for p in written:
+        out.print(f"wrote {p}")
+    timer = next(n for n in units if n.endswith(".timer"))
+    out.print(f"enable it with: systemctl enable --now {timer}")
+
+
+__all__ = [
+    "backup_cmd",
+    "cleanup_cmd",
+    "restore_cmd",
+    "systemd_cmd",
+]

@@ -1,0 +1,1 @@
+"""The built-in demos (`quiesce demo`, `quiesce demo --simple`)."""

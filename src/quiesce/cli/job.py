@@ -1,0 +1,96 @@
+"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli.py).
+
+The job machinery (pydantic schema, writers, backup targets) is imported when one of
+these commands runs, so that `quiesce thaw` and `quiesce status` start fast.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+
+from quiesce.cli.common import JobFile, JsonOpt, console, emit_json
+from quiesce.errors import QuiesceError
+
+if TYPE_CHECKING:
+    from quiesce.job.schema import Job
+
+out = console(markup=True)  # reports are rendered with rich markup
+err = console(stderr=True, markup=True)
+
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (volumes, hazards, hooks, steps).")
+]
+
+
+def _load(job_file: Path, as_json: bool) -> Job:
+    from quiesce.job.report import print_error
+    from quiesce.job.schema import load_job
+
+    try:
+        return load_job(job_file)
+    except QuiesceError as e:
+        if as_json:
+            emit_json(e.to_dict())
+        print_error(e.to_dict(), err)
+        raise typer.Exit(e.exit_code) from None
+
+
+def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False) -> None:
+    """Run a job: hooks and writers quiesce the applications, the group is frozen and
+    snapshotted, everything is released; print the report."""
+    from quiesce.job.report import print_error, render
+    from quiesce.job.run import run_job
+
+    job = _load(job_file, as_json)
+    # SIGTERM (systemd, cron, kill) unwinds like Ctrl-C: thaw, release every hook.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    report = run_job(job, dry_run=dry_run)
+    if as_json:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+        if report.error:
+            print_error(report.error, err)
+    else:
+        render(report, out, err)
+    raise typer.Exit(report.exit_code)
+
+
+def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
+    """Validate a job file (schema, permissions, hooks, volumes); run nothing."""
+    job = _load(job_file, as_json)
+    c = job.config
+    h = c.hooks
+    summary = {
+        "job": job.name,
+        "file": str(job_file),
+        "ok": True,
+        "volumes": list(c.volumes),
+        "provider": c.provider.type,
+        "hooks": {
+            "pre_freeze": len(h.pre_freeze),
+            "post_thaw": len(h.post_thaw),
+            "after_run": len(h.after_run),
+            "session": len(h.session),
+            "directory": [str(s) for s in job.hook_dir_scripts],
+        },
+        "writers": {k: len(v) for k, v in c.writers.model_dump().items()},
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.after_run) + len(h.session)
+    n_hooks += len(job.hook_dir_scripts)
+    n_writers = sum(summary["writers"].values())
+    out.print(
+        f"{escape(str(job_file))}: OK (job {escape(job.name)}: {len(c.volumes)} volume(s), "
+        f"provider {c.provider.type}, {n_hooks} hook(s), {n_writers} writer(s))"
+    )
+
+
+__all__ = ["check_cmd", "run_cmd"]

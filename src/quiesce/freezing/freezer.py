@@ -1,0 +1,426 @@
+"""Freeze a group in plan order, roll back on partial failure, thaw in reverse.
+
+The ioctls go through the guardian (see guardian.py) unless ``guardian=False``. Inside
+the window this module writes nothing to any filesystem: no logging, no bytecode
+(``sys.dont_write_bytecode``), no temp files; everything it learns goes into the
+:class:`Window` that the caller reads after the thaw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quiesce.errors import AlreadyFrozen, FreezeExpired, QuiesceError, ThawFailed
+from quiesce.freezing.guardian import (
+    DEFAULT_LEASE,
+    DEFAULT_TIMEOUT,
+    GuardedVolume,
+    GuardianHandle,
+    holder_of,
+)
+from quiesce.freezing.plan import GroupMember, Plan, make_plan
+from quiesce.sys import kernel
+from quiesce.sys.proc import signals_deferred
+
+FAULT_ENV = "QUIESCE_FAULT"
+"""Fault injection for tests: ``QUIESCE_FAULT=<phase>`` makes the controller SIGSTOP
+itself at that phase so a test can SIGKILL it there, deterministically. Phases:
+``prepare`` (guardian started, nothing frozen), ``freeze:N`` (after the N-th freeze),
+``window`` (all frozen), ``thaw:N`` (after the N-th thaw)."""
+
+
+@dataclass
+class VolumeResult:
+    """What happened to one volume of the group."""
+
+    mount_point: str
+    paths: list[str]
+    dev: str
+    fstype: str
+    state: str = "pending"
+    # pending frozen thawed skipped foreign failed not-attempted rolled-back thaw-failed
+    thawed_by: str | None = None  # "controller" | "guardian" | "someone-else"
+    syncfs_s: float | None = None
+    freeze_s: float | None = None
+    thaw_s: float | None = None
+    frozen_for_s: float | None = None
+    error: str | None = None
+    _frozen_ns: int | None = field(default=None, repr=False)
+
+
+@dataclass
+class Window:
+    """The freeze window of one group: per-volume results and the stall writers felt."""
+
+    volumes: list[VolumeResult]
+    start_ns: int | None = None  # first FIFREEZE issued
+    end_ns: int | None = None  # last FITHAW returned
+    thawed_by: str | None = None
+    expired_reason: str | None = None
+    guardian_pid: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the first freeze to the last thaw (so far, while open)."""
+        if self.start_ns is None:
+            return None
+        end = self.end_ns if self.end_ns is not None else time.monotonic_ns()
+        return (end - self.start_ns) / 1e9
+
+    @property
+    def frozen(self) -> list[VolumeResult]:
+        return [v for v in self.volumes if v.state == "frozen"]
+
+    def to_dict(self) -> dict[str, Any]:
+        vols = []
+        for v in self.volumes:
+            d = asdict(v)
+            d.pop("_frozen_ns", None)
+            vols.append(d)
+        return {
+            "window_s": self.duration,
+            "thawed_by": self.thawed_by,
+            "expired_reason": self.expired_reason,
+            "guardian_pid": self.guardian_pid,
+            "volumes": vols,
+            "warnings": self.warnings,
+        }
+
+
+class _InProcess:
+    """The executor without a guardian: same answers, no watchdog."""
+
+    pid = None
+    expired = None
+
+    def __init__(self, vols: Sequence[GuardedVolume]) -> None:
+        self.vols = vols
+
+    def freeze(self, idx: int) -> dict[str, Any]:
+        t0 = time.monotonic_ns()
+        code = kernel.freeze_errno(self.vols[idx].fd)
+        return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
+
+    def thaw(self, idx: int) -> dict[str, Any]:
+        t0 = time.monotonic_ns()
+        code = kernel.thaw_errno(self.vols[idx].fd)
+        return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
+
+    def poll_expired(self) -> None:
+        return None
+
+    def detach(self) -> None:
+        raise QuiesceError("a held freeze needs the guardian", "use guardian=True")
+
+    def close(self) -> None:
+        pass
+
+
+def _fault_point(phase: str, wanted: str | None) -> None:
+    if wanted == phase:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _second_run(m: GroupMember, ours: int | None) -> AlreadyFrozen | None:
+    """An EBUSY from another quiesce run's freeze, told as such (whose, for how long)."""
+    st = holder_of(m.volume.dev, exclude=ours)
+    if st is None:
+        return None
+    who = "held by `quiesce freeze`" if st["detached"] else f"run pid {st['controller_pid']}"
+    left = st.get("deadline_remaining_s")
+    until = f"; its guardian thaws it within {max(left, 0):.0f} s" if left is not None else ""
+    return AlreadyFrozen(
+        f"{m.name} ({m.volume.fstype}) is already frozen by another quiesce run "
+        f"(guardian {st['pid']}, {who}){until}",
+        f"wait for that run to finish, or end it now with `quiesce thaw {m.name}`",
+    )
+
+
+class Freezer:
+    """Freezes and thaws one plan's group. Use :func:`freeze` unless you need the parts."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        lease: float = DEFAULT_LEASE,
+        syncfs: bool = True,
+        guardian: bool = True,
+    ) -> None:
+        plan.check()
+        self.plan = plan
+        self.timeout = timeout
+        self.lease = lease
+        self.syncfs = syncfs
+        self.use_guardian = guardian
+        self.members: list[GroupMember] = [m for m in plan.members if not m.skip]
+        self.results = [
+            VolumeResult(m.name, m.paths, m.volume.dev, m.volume.fstype) for m in self.members
+        ]
+        self.window = Window(
+            volumes=[*self.results],
+            warnings=[*plan.warnings],
+        )
+        for m in plan.members:
+            if m.skip:
+                self.window.volumes.append(
+                    VolumeResult(m.name, m.paths, m.volume.dev, m.volume.fstype, state="skipped",
+                                 error=m.skip)
+                )  # fmt: skip
+        self._exec: GuardianHandle | _InProcess | None = None
+        self._fault = os.environ.get(FAULT_ENV) or None
+        self._saved_bytecode = sys.dont_write_bytecode
+
+    def _specs(self) -> list[GuardedVolume]:
+        index = {m.volume.dev: i for i, m in enumerate(self.members)}
+        return [
+            GuardedVolume(
+                fd=m.fd,
+                name=m.name,
+                fstype=m.volume.fstype,
+                dev=m.volume.dev,
+                inners=frozenset(index[d] for d in self.plan.inners(m.volume.dev) if d in index),
+            )
+            for m in self.members
+        ]
+
+    # -- freeze --------------------------------------------------------------------------
+    def freeze(self) -> Window:
+        """Prepare (guardian, syncfs), then freeze every volume in plan order.
+
+        On failure, the volumes frozen so far are thawed at once and the typed error of
+        the failing volume is raised, naming every volume's outcome.
+        """
+        if not self.members:  # every volume skipped (read-only): nothing to guard
+            self.window.thawed_by = None
+            return self.window
+        sys.dont_write_bytecode = True  # no .pyc may land on a frozen volume
+        specs = self._specs()
+        if self.use_guardian:
+            self._exec = GuardianHandle.start(specs, timeout=self.timeout, lease=self.lease)
+            self.window.guardian_pid = self._exec.pid
+        else:
+            self._exec = _InProcess(specs)
+        _fault_point("prepare", self._fault)
+        if self.syncfs:
+            for m, r in zip(self.members, self.results, strict=True):
+                t0 = time.monotonic_ns()
+                try:
+                    kernel.syncfs(m.fd)
+                except OSError as e:
+                    self.window.warnings.append(f"syncfs {m.name} failed: {e.strerror}")
+                r.syncfs_s = (time.monotonic_ns() - t0) / 1e9
+        with signals_deferred(), self._abort_on_surprise():
+            for k, (m, r) in enumerate(zip(self.members, self.results, strict=True)):
+                res = self._exec.freeze(k)
+                if res.get("ok"):
+                    r.state = "frozen"
+                    r.freeze_s = (res["end"] - res["start"]) / 1e9
+                    r._frozen_ns = res["end"]
+                    if self.window.start_ns is None:
+                        self.window.start_ns = res["start"]
+                    _fault_point(f"freeze:{k + 1}", self._fault)
+                    continue
+                self._fail(k, m, r, res)
+        _fault_point("window", self._fault)
+        return self.window
+
+    @contextlib.contextmanager
+    def _abort_on_surprise(self) -> Iterator[None]:
+        """An unexpected error mid-group (lost guardian, a bug) must not leave anything
+        frozen: thaw what we know we froze, then let the guardian undo the rest."""
+        try:
+            yield
+        except QuiesceError as e:
+            if "outcomes" not in e.details:  # not already rolled back by _fail
+                self._emergency_unwind()
+            raise
+        except BaseException:
+            self._emergency_unwind()
+            raise
+
+    def _emergency_unwind(self) -> None:
+        assert self._exec is not None
+        for r in reversed(self.results):
+            if r.state == "frozen":
+                with contextlib.suppress(Exception):
+                    self._exec.thaw(self.results.index(r))
+                    r.state = "rolled-back"
+        self._finish()
+
+    def _fail(self, k: int, m: GroupMember, r: VolumeResult, res: dict[str, Any]) -> None:
+        assert self._exec is not None
+        if res.get("expired"):
+            cause: QuiesceError = FreezeExpired(
+                f"the guardian thawed the group while {m.name} was being frozen "
+                f"({res['expired'].get('reason')})"
+            )
+        else:
+            code = res.get("errno", errno.EIO)
+            cause = kernel.error_for(code, "freeze", m.name, m.volume.fstype)
+            r.state = "foreign" if code == errno.EBUSY else "failed"
+        r.error = cause.message
+        for j in range(k + 1, len(self.results)):
+            self.results[j].state = "not-attempted"
+        rolled = []
+        for j in range(k - 1, -1, -1):
+            back = self._exec.thaw(j)
+            rj = self.results[j]
+            if back.get("ok") or back.get("expired"):
+                rj.state = "rolled-back"
+                rj.thawed_by = "guardian" if back.get("expired") else "controller"
+                rolled.append(f"{rj.mount_point} thawed")
+            else:
+                rj.state = "thaw-failed"
+                rj.error = kernel.error_for(
+                    back.get("errno", errno.EIO), "thaw", rj.mount_point
+                ).message
+                rolled.append(f"{rj.mount_point} STILL FROZEN ({rj.error})")
+        self.window.end_ns = time.monotonic_ns()
+        ours = self.window.guardian_pid
+        self._finish()
+        if r.state == "foreign":  # after the rollback: asking costs no window time
+            cause = _second_run(m, ours) or cause
+            r.error = cause.message
+        if rolled:
+            cause.message += "; rolled back: " + ", ".join(rolled)
+            cause.args = (cause.message,)
+        cause.details["window"] = self.window
+        cause.details["outcomes"] = {v.mount_point: v.state for v in self.results}
+        raise cause
+
+    # -- thaw ----------------------------------------------------------------------------
+    def expired(self) -> dict[str, Any] | None:
+        """The guardian's story if it has thawed on its own (deadline, lease), else None."""
+        return self._exec.poll_expired() if self._exec is not None else None
+
+    def thaw(self, *, raise_errors: bool = True) -> Window:
+        """Thaw in reverse order. Raises FreezeExpired if the guardian got there first,
+        ThawFailed if a volume could not be thawed."""
+        if self._exec is None:  # nothing was frozen
+            return self.window
+        failed: list[VolumeResult] = []
+        with signals_deferred():
+            n = 0
+            for k in range(len(self.results) - 1, -1, -1):
+                r = self.results[k]
+                if r.state != "frozen":
+                    continue
+                res = self._exec.thaw(k)
+                n += 1
+                if res.get("expired"):
+                    continue  # filled in below from the guardian's account
+                code = res.get("errno", errno.EIO)
+                if res.get("ok"):
+                    r.state, r.thawed_by = "thawed", "controller"
+                elif code == errno.EINVAL:
+                    r.state, r.thawed_by = "thawed", "someone-else"
+                    self.window.warnings.append(
+                        f"{r.mount_point} was thawed by someone else during the window: "
+                        "a snapshot taken after that is not consistent"
+                    )
+                else:
+                    r.state = "thaw-failed"
+                    r.error = kernel.error_for(code, "thaw", r.mount_point, r.fstype).message
+                    failed.append(r)
+                    continue
+                r.thaw_s = (res["end"] - res["start"]) / 1e9
+                if r._frozen_ns is not None:
+                    r.frozen_for_s = (res["start"] - r._frozen_ns) / 1e9
+                self.window.end_ns = res["end"]
+                _fault_point(f"thaw:{n}", self._fault)
+        expired = self._exec.expired
+        self._finish()
+        if expired:
+            self._apply_expiry(expired)
+        else:
+            self.window.thawed_by = "controller"
+        if not raise_errors:
+            return self.window
+        if failed:
+            raise ThawFailed(
+                "; ".join(f"{r.mount_point}: {r.error}" for r in failed), window=self.window
+            )
+        if expired:
+            raise FreezeExpired(
+                f"the guardian thawed {', '.join(r.mount_point for r in self.results)} before "
+                f"quiesce did ({expired.get('reason')}; timeout {self.timeout:g}s, "
+                f"lease {self.lease:g}s)",
+                window=self.window,
+            )
+        return self.window
+
+    def _apply_expiry(self, expired: dict[str, Any]) -> None:
+        self.window.thawed_by = "guardian"
+        self.window.expired_reason = expired.get("reason")
+        by_dev = {t.get("dev"): t for t in expired.get("thawed", [])}
+        for r in self.results:
+            if r.state != "frozen":
+                continue
+            r.state, r.thawed_by = "thawed", "guardian"
+            t = by_dev.get(r.dev)
+            if t:
+                r.frozen_for_s = t.get("held_s")
+                end = t.get("end")
+                if end and (self.window.end_ns is None or end > self.window.end_ns):
+                    self.window.end_ns = end
+        if self.window.end_ns is None:
+            self.window.end_ns = time.monotonic_ns()
+
+    def hold(self) -> Window:
+        """Leave the group frozen under the guardian (for `quiesce freeze`)."""
+        if self._exec is None:  # nothing was frozen
+            return self.window
+        self._exec.detach()
+        self._exec = None
+        sys.dont_write_bytecode = self._saved_bytecode
+        return self.window
+
+    def _finish(self) -> None:
+        if self._exec is not None:
+            self._exec.close()
+        sys.dont_write_bytecode = self._saved_bytecode
+
+
+@contextlib.contextmanager
+def freeze(
+    paths: str | Sequence[str],
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    lease: float = DEFAULT_LEASE,
+    allow_self: bool = False,
+    syncfs: bool = True,
+    guardian: bool = True,
+) -> Iterator[Window]:
+    """Freeze the filesystems mounted at ``paths`` as one group; thaw on exit.
+
+    The guardian thaws the group if ``timeout`` seconds pass after the first freeze, if
+    this process stops renewing its ``lease``, or if it dies. Leaving the block after
+    such a thaw raises :class:`FreezeExpired`: whatever was snapshotted after it is not
+    consistent. Thaws on exceptions and KeyboardInterrupt too.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [os.fspath(paths)]
+    with make_plan([os.fspath(p) for p in paths], allow_self=allow_self) as plan:
+        freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=syncfs, guardian=guardian)
+        window = freezer.freeze()
+        try:
+            yield window
+        except BaseException as exc:
+            try:
+                freezer.thaw(raise_errors=False)
+            finally:
+                if any(r.state == "thaw-failed" for r in window.volumes):
+                    exc.add_note("quiesce: some volumes could not be thawed; see quiesce status")
+            raise
+        freezer.thaw()

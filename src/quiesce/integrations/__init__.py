@@ -1,0 +1,1 @@
+"""Layer integrations: systemd units and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Layer snapshot: the create engine, manifests, consistency, snapshot mounts and deletion."""

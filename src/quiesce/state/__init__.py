@@ -1,0 +1,1 @@
+"""Layer state: the root-only state directory, the cleanup journal, locks and retention."""
