@@ -1,6 +1,6 @@
 """Freeze a group in plan order, roll back on partial failure, thaw in reverse.
 
-The ioctls go through the guardian (see guardian.py) unless ``guardian=False``. Inside
+The ioctls go through the guardian (see guardian/) unless ``guardian=False``. Inside
 the window this module writes nothing to any filesystem: no logging, no bytecode
 (``sys.dont_write_bytecode``), no temp files; everything it learns goes into the
 :class:`Window` that the caller reads after the thaw.

@@ -24,27 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import queue
 import selectors
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiesce.errors import GuardianError
+from quiesce.freezing.guardian.protocol import peer_uid, recv, send, socket_name
 from quiesce.sys import kernel
 
-SOCKET_PREFIX = "quiesce-guardian-"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_LEASE = 5.0
 LINGER_AFTER_EXPIRY = 600.0  # a detached guardian keeps its story for `status`/`thaw`
-_MAX_MSG = 65536
 
 
 def _now() -> int:
@@ -80,22 +74,6 @@ class _Job:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def _send(sock: socket.socket, msg: dict[str, Any]) -> bool:
-    try:
-        sock.send(json.dumps(msg).encode())
-        return True
-    except OSError:
-        return False
-
-
-def _recv(sock: socket.socket) -> dict[str, Any] | None:
-    """One message, or None at EOF."""
-    data = sock.recv(_MAX_MSG)
-    if not data:
-        return None
-    return json.loads(data)
-
-
 def _kmsg(line: str) -> None:
     """Best effort: one line in the kernel log, where an admin looks after a stall."""
     try:
@@ -106,12 +84,6 @@ def _kmsg(line: str) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
 
 
 class _Guardian:
@@ -148,7 +120,7 @@ class _Guardian:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind("\0" + SOCKET_PREFIX + str(os.getpid()))
+        self.listener.bind(socket_name(os.getpid()))
         self.listener.listen(8)
         self.listener.setblocking(False)
 
@@ -218,7 +190,7 @@ class _Guardian:
         if thaw_after:
             self._thaw_indices(sorted(set(thaw_after), reverse=True), self.expired or {})
         if job.reply is not None:
-            _send(job.reply, {"id": job.req_id, **res})
+            send(job.reply, {"id": job.req_id, **res})
 
     @staticmethod
     def _release(v: _VolState) -> None:
@@ -275,16 +247,16 @@ class _Guardian:
         self._event("expired", reason=reason)
         self._thaw_indices(now_ids, self.expired)
         if self.ctl is not None:
-            _send(self.ctl, {"event": "expired", **self.expired})
+            send(self.ctl, {"event": "expired", **self.expired})
         self.linger_until = _now() + int(LINGER_AFTER_EXPIRY * 1e9)
 
     # -- requests ----------------------------------------------------------------------
     def _submit(self, op: str, idx: int, reply: Any, req_id: Any) -> None:
         if not 0 <= idx < len(self.vols):
-            _send(reply, {"id": req_id, "ok": False, "error": f"no volume {idx}"})
+            send(reply, {"id": req_id, "ok": False, "error": f"no volume {idx}"})
             return
         if self.expired is not None:
-            _send(reply, {"id": req_id, "ok": False, "expired": self.expired})
+            send(reply, {"id": req_id, "ok": False, "expired": self.expired})
             return
         self.pending += 1
         self.jobs.put(_Job(op, idx, reply, req_id))
@@ -292,7 +264,7 @@ class _Guardian:
     def _on_controller(self) -> None:
         assert self.ctl is not None
         try:
-            msg = _recv(self.ctl)
+            msg = recv(self.ctl)
         except (OSError, ValueError):
             msg = None
         if msg is None:
@@ -306,12 +278,12 @@ class _Guardian:
         elif op == "detach":
             self.detached = True
             self.lease_until = None
-            _send(self.ctl, {"id": msg.get("id"), "ok": True})
+            send(self.ctl, {"id": msg.get("id"), "ok": True})
         elif op == "done":
             self.done = True
-            _send(self.ctl, {"id": msg.get("id"), "ok": True})
+            send(self.ctl, {"id": msg.get("id"), "ok": True})
         elif op == "status":
-            _send(self.ctl, {"id": msg.get("id"), **self.status()})
+            send(self.ctl, {"id": msg.get("id"), **self.status()})
         # "renew" needs no answer: receiving it renewed the lease
 
     def _controller_died(self, reason: str) -> None:
@@ -327,7 +299,7 @@ class _Guardian:
 
     def _on_client(self, conn: socket.socket) -> None:
         try:
-            msg = _recv(conn)
+            msg = recv(conn)
         except (OSError, ValueError):
             msg = None
         if msg is None:
@@ -336,7 +308,7 @@ class _Guardian:
             return
         op = msg.get("op")
         if op == "status":
-            _send(conn, {"id": msg.get("id"), **self.status()})
+            send(conn, {"id": msg.get("id"), **self.status()})
         elif op == "thaw":
             devs = set(msg.get("devs", []))
             idxs = [
@@ -344,7 +316,7 @@ class _Guardian:
                 if self.vols[i].spec.dev in devs and self.vols[i].state == "frozen"
             ]  # fmt: skip
             if self.expired is not None or not idxs:
-                _send(
+                send(
                     conn,
                     {
                         "id": msg.get("id"),
@@ -357,7 +329,7 @@ class _Guardian:
             for n, i in enumerate(idxs):
                 self._submit("thaw", i, conn if n == len(idxs) - 1 else None, msg.get("id"))
         else:
-            _send(conn, {"id": msg.get("id"), "ok": False, "error": f"unknown op {op!r}"})
+            send(conn, {"id": msg.get("id"), "ok": False, "error": f"unknown op {op!r}"})
 
     def status(self) -> dict[str, Any]:
         now = _now()
@@ -425,7 +397,7 @@ class _Guardian:
             self.sel.register(pidfd, selectors.EVENT_READ, "pidfd")
         except (OSError, AttributeError):
             pidfd = None
-        _send(self.ctl, {"ready": True, "pid": os.getpid()})
+        send(self.ctl, {"ready": True, "pid": os.getpid()})
         while True:
             for key, _ in self.sel.select(self._next_timeout()):
                 tag = key.data
@@ -437,7 +409,7 @@ class _Guardian:
                 elif tag == "listen":
                     with contextlib.suppress(OSError):
                         conn, _ = self.listener.accept()
-                        if _peer_uid(conn) != 0:
+                        if peer_uid(conn) != 0:
                             conn.close()
                         else:
                             self.sel.register(conn, selectors.EVENT_READ, "client")
@@ -490,177 +462,19 @@ def _detach_child(keep: set[int]) -> None:
             os.close(fd)
 
 
-class GuardianHandle:
-    """The controller's end of a guardian: ask it to freeze and thaw, renew its lease."""
-
-    def __init__(self, pid: int, sock: socket.socket, lease: float) -> None:
-        self.pid = pid
-        self.sock = sock
-        self.lease = lease
-        self.expired: dict[str, Any] | None = None
-        self._ids = 0
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
-        if lease > 0:
-            self._renewer = threading.Thread(target=self._renew, name="quiesce-lease", daemon=True)
-            self._renewer.start()
-
-    @classmethod
-    def start(
-        cls,
-        vols: Sequence[GuardedVolume],
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        lease: float = DEFAULT_LEASE,
-    ) -> GuardianHandle:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        controller = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the guardian
-            code = 0
-            try:
-                parent.close()
-                _detach_child({child.fileno(), *(v.fd for v in vols)})
-                _Guardian(child, vols, timeout, lease, controller).run()
-            except BaseException:
-                code = 70
-            finally:
-                os._exit(code)
-        child.close()
-        parent.settimeout(10.0)
-        try:
-            hello = _recv(parent)
-        except (OSError, ValueError) as e:
-            hello = None
-            why = str(e)
-        else:
-            why = "it exited"
-        parent.settimeout(None)
-        if not hello or not hello.get("ready"):
-            parent.close()
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            raise GuardianError(f"the guardian process did not start: {why}")
-        return cls(pid, parent, lease)
-
-    def _renew(self) -> None:
-        interval = max(self.lease / 4, 0.05)
-        while not self._stop.wait(interval):
-            if not _send(self.sock, {"op": "renew"}):
-                return
-
-    def request(self, op: str, **kw: Any) -> dict[str, Any]:
-        self._ids += 1
-        rid = self._ids
-        if not _send(self.sock, {"id": rid, "op": op, **kw}):
-            raise GuardianError("the guardian is gone (socket closed)", "check `dmesg`")
-        while True:
-            try:
-                msg = _recv(self.sock)
-            except (OSError, ValueError) as e:
-                raise GuardianError(f"lost the guardian: {e}", "check `dmesg`") from None
-            if msg is None:
-                raise GuardianError("the guardian exited unexpectedly", "check `dmesg`")
-            if msg.get("event") == "expired":
-                self.expired = msg
-                continue
-            if msg.get("id") == rid:
-                if msg.get("expired"):
-                    self.expired = msg["expired"]
-                return msg
-
-    def poll_expired(self) -> dict[str, Any] | None:
-        """Non-blocking: has the guardian thawed on its own?"""
-        # MSG_DONTWAIT, not setblocking(False): the lease thread sends on this socket.
-        while self.expired is None:
-            try:
-                data = self.sock.recv(_MAX_MSG, socket.MSG_DONTWAIT)
-            except OSError:
-                break
-            if not data:
-                break
-            with contextlib.suppress(ValueError):
-                msg = json.loads(data)
-                if msg.get("event") == "expired":
-                    self.expired = msg
-        return self.expired
-
-    def freeze(self, idx: int) -> dict[str, Any]:
-        return self.request("freeze", vol=idx)
-
-    def thaw(self, idx: int) -> dict[str, Any]:
-        return self.request("thaw", vol=idx)
-
-    def detach(self) -> None:
-        """Hand the freeze over: the guardian keeps it until `quiesce thaw` or the deadline."""
-        self._stop.set()
-        self.request("detach")
-        self.sock.close()
-
-    def close(self) -> None:
-        """Tell the guardian we are done (it exits) and reap it."""
-        self._stop.set()
-        with contextlib.suppress(OSError, GuardianError):
-            self.request("done")
-        self.sock.close()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid:
-                return
-            time.sleep(0.002)
-
-
-# -- clients: `quiesce status` and `quiesce thaw` ---------------------------------------------
-
-
-def list_guardians() -> list[int]:
-    """Pids of live guardians, found by their abstract socket names in /proc/net/unix."""
-    pids: set[int] = set()
+def serve(
+    ctl: socket.socket,
+    vols: Sequence[GuardedVolume],
+    timeout: float,
+    lease: float,
+    controller_pid: int,
+) -> None:
+    """The forked child's whole life: detach, guard, ``_exit``. Never returns."""
+    code = 0
     try:
-        with open("/proc/net/unix") as f:
-            for line in f:
-                name = line.split()[-1] if line.strip() else ""
-                if name.startswith("@" + SOCKET_PREFIX):
-                    with contextlib.suppress(ValueError):
-                        pids.add(int(name[len(SOCKET_PREFIX) + 1 :]))
-    except OSError:
-        pass
-    return sorted(pids)
-
-
-def holder_of(dev: str, *, exclude: int | None = None) -> dict[str, Any] | None:
-    """The status of another live guardian holding the volume ``dev`` frozen, if any:
-    an EBUSY that is a second quiesce run, not a stranger's freeze."""
-    for pid in list_guardians():
-        if pid in (exclude, os.getpid()):
-            continue
-        try:
-            st = ask(pid, {"op": "status"}, timeout=1.0)
-        except GuardianError:
-            continue
-        if any(v.get("dev") == dev and v.get("state") == "frozen" for v in st["volumes"]):
-            return st
-    return None
-
-
-def ask(pid: int, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """One request to the guardian ``pid`` over its abstract socket."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(timeout)
-    try:
-        s.connect("\0" + SOCKET_PREFIX + str(pid))
-        s.send(json.dumps({"id": 1, **msg}).encode())
-        reply = _recv(s)
-    except (OSError, ValueError) as e:
-        raise GuardianError(
-            f"guardian {pid} did not answer: {e}", "it may have just exited"
-        ) from None
+        _detach_child({ctl.fileno(), *(v.fd for v in vols)})
+        _Guardian(ctl, vols, timeout, lease, controller_pid).run()
+    except BaseException:
+        code = 70
     finally:
-        s.close()
-    if reply is None:
-        raise GuardianError(f"guardian {pid} closed the connection", "run as root")
-    return reply
+        os._exit(code)
