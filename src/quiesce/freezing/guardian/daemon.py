@@ -8,12 +8,16 @@ the controller's request: it then knows exactly what "we" froze, even if the con
 dies in the middle of an ioctl. It thaws, in safe reverse order, everything it froze when
 
 * the deadline passes (counted from the first freeze),
-* the lease is not renewed in time (a stopped or stuck controller), or
-* the controller dies (socket EOF or pidfd), including SIGKILL.
+* the lease is not renewed in time (a stopped or stuck controller),
+* the controller dies (socket EOF or pidfd), including SIGKILL, or
+* anything goes wrong inside the guardian itself (an exception anywhere: the last line
+  of defence in :func:`serve`).
 
-It keeps what it has to say in memory, answers ``status`` and ``thaw`` over an abstract
-unix socket (no file on any filesystem, root peers only), and writes one line to the
-kernel log (/dev/kmsg) when it had to thaw on its own.
+It keeps what it has to say in memory, answers ``status``, ``thaw`` and ``forget`` over
+a unix socket in a root-only directory (see protocol.py; root peers only, every request
+checked before use), and writes one line to the kernel log (/dev/kmsg) and to syslog
+(/dev/log, which reaches the journal even where a unit hides /dev/kmsg) when it had to
+thaw on its own.
 
 Threads: the main thread runs the event loop and the emergency thaw; one worker thread
 runs the requested ioctls serially, so that a FIFREEZE stuck in the kernel (a writer in
@@ -29,16 +33,34 @@ import queue
 import selectors
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiesce.freezing.guardian.protocol import peer_uid, recv, send, socket_name
+from quiesce.freezing.guardian.protocol import (
+    CLIENT_OPS,
+    CONTROLLER_OPS,
+    FAULT_ENV,
+    MAX_MSG,
+    ProtocolError,
+    Request,
+    error_reply,
+    parse_request,
+    peer_uid,
+    send,
+    socket_address,
+    socket_file,
+)
 from quiesce.sys import kernel
 
-LINGER_AFTER_EXPIRY = 600.0  # a detached guardian keeps its story for `status`/`thaw`
+LINGER_AFTER_EXPIRY = 600.0  # a finished guardian keeps its story for `status`/`thaw`
+MAX_CLIENTS = 32  # beyond this, the oldest client connection is dropped
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_TEST_ENV = "QUIESCE_TEST_SYSLOG"  # honoured only under pytest (PYTEST_CURRENT_TEST)
+_SYSLOG_PRI = 3 * 8 + 4  # LOG_DAEMON | LOG_WARNING
 
 
 def _now() -> int:
@@ -63,6 +85,7 @@ class _VolState:
     frozen_at: int | None = None
     frozen_wall: float | None = None
     deferred_thaw: bool = False  # expiry came while an ioctl was in flight
+    superseded: bool = False  # a newer freeze of this volume began: our story is old
 
 
 @dataclass
@@ -72,6 +95,10 @@ class _Job:
     reply: Any  # socket to answer on
     req_id: Any
     result: dict[str, Any] = field(default_factory=dict)
+
+
+class _InjectedFault(RuntimeError):
+    """QUIESCE_FAULT=guardian:raise: proves the last line of defence in tests."""
 
 
 def _kmsg(line: str) -> None:
@@ -86,6 +113,41 @@ def _kmsg(line: str) -> None:
         pass
 
 
+def _syslog_target() -> str:
+    """/dev/log, or a test's own socket: a root-owned socket, and only under pytest."""
+    path = os.environ.get(SYSLOG_TEST_ENV)
+    if path and os.environ.get("PYTEST_CURRENT_TEST"):
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_uid == 0:
+                return path
+    return SYSLOG_SOCKET
+
+
+class _Syslog:
+    """One datagram per line to the syslog socket (journald or a syslog daemon).
+
+    The socket is made at start-up (no fd may be missing at the moment that matters), and
+    sends never wait: a syslog daemon stuck on a frozen /var/log must not stall us.
+    """
+
+    def __init__(self) -> None:
+        self.target = _syslog_target()
+        try:
+            self.sock: socket.socket | None = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+            )
+        except OSError:
+            self.sock = None
+
+    def write(self, line: str) -> None:
+        if self.sock is None:
+            return
+        msg = f"<{_SYSLOG_PRI}>quiesce-guardian[{os.getpid()}]: {line}"
+        with contextlib.suppress(OSError):
+            self.sock.sendto(msg.encode(), socket.MSG_DONTWAIT, self.target)
+
+
 class _Guardian:
     """Runs in the forked child. Never returns: the caller ``os._exit``s."""
 
@@ -96,6 +158,7 @@ class _Guardian:
         timeout: float,
         lease: float,
         controller_pid: int,
+        dir_fd: int,
     ) -> None:
         self.ctl: socket.socket | None = ctl
         self.vols = [_VolState(v) for v in vols]
@@ -117,22 +180,46 @@ class _Guardian:
         self.finished: queue.Queue[_Job] = queue.Queue()
         self.busy: int | None = None  # index of the in-flight job
         self.pending = 0
+        self.crash: str | None = None  # the worker thread's exception, for the main thread
+        self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
+        self.retry_delay = 1.0
+        self.fault = os.environ.get(FAULT_ENV) == "guardian:raise"
+        self.syslog = _Syslog()
+        self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
+        self.dir_fd = dir_fd
+        # A file with our pid in its name is a dead guardian's: pids are unique.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_file(os.getpid()), dir_fd=dir_fd)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(socket_name(os.getpid()))
+        self.listener.bind(socket_address(dir_fd, os.getpid()))
         self.listener.listen(8)
         self.listener.setblocking(False)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _event(self, what: str, **kw: Any) -> None:
         self.events.append({"t": time.time(), "event": what, **kw})
+        del self.events[:-200]
+
+    def _record(self, line: str) -> None:
+        """The one line an admin must be able to find: kernel log and syslog."""
+        _kmsg(line)
+        self.syslog.write(line)
 
     def _frozen_count(self) -> int:
         return sum(1 for v in self.vols if v.state in ("frozen", "freezing", "thawing"))
 
     # -- worker thread -----------------------------------------------------------------
     def _worker(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # tell the main thread: it thaws and leaves
+            self.crash = f"ioctl thread: {type(e).__name__}: {e}"
+            with contextlib.suppress(OSError):
+                os.write(self.wake_w, b"x")
+
+    def _work(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -190,7 +277,7 @@ class _Guardian:
         if thaw_after:
             self._thaw_indices(sorted(set(thaw_after), reverse=True), self.expired or {})
         if job.reply is not None:
-            send(job.reply, {"id": job.req_id, **res})
+            self._answer(job.reply, {"id": job.req_id, **res})
 
     @staticmethod
     def _release(v: _VolState) -> None:
@@ -204,7 +291,7 @@ class _Guardian:
     def _thaw_indices(self, indices: Sequence[int], why: dict[str, Any]) -> None:
         for i in indices:
             v = self.vols[i]
-            if v.state != "frozen":
+            if v.state not in ("frozen", "thawing"):
                 v.deferred_thaw = False
                 continue
             code = kernel.thaw_errno(v.spec.fd)
@@ -222,7 +309,7 @@ class _Guardian:
             }
             why.setdefault("thawed", []).append(entry)
             self._event("guardian-thaw", **entry)
-            _kmsg(
+            self._record(
                 f"thawed {v.spec.name} ({why.get('reason')}) after {held:.3f}s frozen"
                 + ("" if code in (0, errno.EINVAL) else f"; FITHAW failed: errno {code}")
             )
@@ -238,7 +325,7 @@ class _Guardian:
             defer = set(self.vols[busy].spec.inners) if busy is not None else set()
             now_ids = []
             for i in range(len(self.vols) - 1, -1, -1):
-                if self.vols[i].state != "frozen":
+                if self.vols[i].state not in ("frozen", "thawing"):
                     continue
                 if i in defer:
                     self.vols[i].deferred_thaw = True
@@ -247,16 +334,76 @@ class _Guardian:
         self._event("expired", reason=reason)
         self._thaw_indices(now_ids, self.expired)
         if self.ctl is not None:
-            send(self.ctl, {"event": "expired", **self.expired})
+            send(self.ctl, {"event": "expired", **self.expired}, wait=False)
         self.linger_until = _now() + int(LINGER_AFTER_EXPIRY * 1e9)
 
+    def last_resort(self, exc: BaseException) -> None:
+        """Something unexpected broke the guardian: thaw everything it froze, now.
+
+        Kept to the bare minimum (no event loop, no replies but one to the controller)
+        so that the bug that brought us here is unlikely to be met again."""
+        reason = f"guardian-error ({type(exc).__name__})"
+        with contextlib.suppress(BaseException):
+            self._record(f"internal error: {type(exc).__name__}: {exc}"[:400])
+        try:
+            if self.expired is None:
+                self._expire(reason)
+            else:
+                busy = self.busy
+                defer = set(self.vols[busy].spec.inners) if busy is not None else set()
+                idx = [
+                    i for i in range(len(self.vols) - 1, -1, -1)
+                    if self.vols[i].state in ("frozen", "thawing") and i not in defer
+                ]  # fmt: skip
+                self._thaw_indices(idx, self.expired)
+        except BaseException:
+            # Even the bookkeeping failed: plain FITHAWs of what we know we froze.
+            for v in reversed(self.vols):
+                if v.state in ("frozen", "thawing") and v.spec.fd >= 0:
+                    with contextlib.suppress(BaseException):
+                        kernel.thaw_errno(v.spec.fd)
+                        v.state = "thawed"
+        # An ioctl still in flight decides the rest: wait for it while its thread lives.
+        worker = getattr(self, "worker_thread", None)
+        while self.pending > 0 and worker is not None and worker.is_alive():
+            try:
+                job = self.finished.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.pending -= 1
+            v = self.vols[job.idx]
+            if job.op == "freeze" and job.result.get("errno") == 0:
+                v.state = "frozen"  # ours: the FIFREEZE completed
+            elif job.op == "freeze" and "errno" in job.result:
+                v.state = "foreign" if job.result["errno"] == errno.EBUSY else "failed"
+        # Nothing is in flight any more (or its thread is dead): whatever we know we
+        # froze is thawed now, inner volumes included.
+        for i in range(len(self.vols) - 1, -1, -1):
+            v = self.vols[i]
+            if v.state in ("frozen", "thawing"):
+                with contextlib.suppress(BaseException):
+                    self._thaw_indices([i], self.expired or {"reason": reason})
+
     # -- requests ----------------------------------------------------------------------
+    def _answer(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        """Never wait for a reader: a client that does not read loses its connection."""
+        if conn is self.ctl:
+            send(conn, msg, wait=False)
+        elif conn in self.clients and not send(conn, msg, wait=False):
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        if self.clients.pop(conn, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(conn)
+        conn.close()
+
     def _submit(self, op: str, idx: int, reply: Any, req_id: Any) -> None:
         if not 0 <= idx < len(self.vols):
-            send(reply, {"id": req_id, "ok": False, "error": f"no volume {idx}"})
+            self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {idx}"})
             return
         if self.expired is not None:
-            send(reply, {"id": req_id, "ok": False, "expired": self.expired})
+            self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
             return
         self.pending += 1
         self.jobs.put(_Job(op, idx, reply, req_id))
@@ -264,26 +411,31 @@ class _Guardian:
     def _on_controller(self) -> None:
         assert self.ctl is not None
         try:
-            msg = recv(self.ctl)
-        except (OSError, ValueError):
-            msg = None
-        if msg is None:
+            data = self.ctl.recv(MAX_MSG)
+        except OSError:
+            data = b""
+        if not data:
             self._controller_died("controller-died")
             return
-        if self.lease_ns:
+        if self.lease_ns:  # any message is a sign of life
             self.lease_until = _now() + self.lease_ns
-        op = msg.get("op")
-        if op in ("freeze", "thaw"):
-            self._submit(op, int(msg["vol"]), self.ctl, msg.get("id"))
-        elif op == "detach":
+        try:
+            req = parse_request(data, CONTROLLER_OPS)
+        except ProtocolError as e:
+            self._answer(self.ctl, error_reply(e))
+            return
+        if req.op in ("freeze", "thaw"):
+            assert req.vol is not None
+            self._submit(req.op, req.vol, self.ctl, req.id)
+        elif req.op == "detach":
             self.detached = True
             self.lease_until = None
-            send(self.ctl, {"id": msg.get("id"), "ok": True})
-        elif op == "done":
+            self._answer(self.ctl, {"id": req.id, "ok": True})
+        elif req.op == "done":
             self.done = True
-            send(self.ctl, {"id": msg.get("id"), "ok": True})
-        elif op == "status":
-            send(self.ctl, {"id": msg.get("id"), **self.status()})
+            self._answer(self.ctl, {"id": req.id, "ok": True})
+        elif req.op == "status":
+            self._answer(self.ctl, {"id": req.id, **self.status()})
         # "renew" needs no answer: receiving it renewed the lease
 
     def _controller_died(self, reason: str) -> None:
@@ -297,57 +449,103 @@ class _Guardian:
         if not self.detached and (self._frozen_count() or self.pending):
             self._expire(reason)
 
-    def _on_client(self, conn: socket.socket) -> None:
+    def _accept(self) -> None:
         try:
-            msg = recv(conn)
-        except (OSError, ValueError):
-            msg = None
-        if msg is None:
-            self.sel.unregister(conn)
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            root = peer_uid(conn) == 0
+        except OSError:
+            root = False
+        if not root:
             conn.close()
             return
-        op = msg.get("op")
-        if op == "status":
-            send(conn, {"id": msg.get("id"), **self.status()})
-        elif op == "thaw":
-            devs = set(msg.get("devs", []))
-            idxs = [
-                i for i in range(len(self.vols) - 1, -1, -1)
-                if self.vols[i].spec.dev in devs and self.vols[i].state == "frozen"
-            ]  # fmt: skip
-            if self.expired is not None or not idxs:
-                send(
-                    conn,
-                    {
-                        "id": msg.get("id"),
-                        "ok": False,
-                        "expired": self.expired,
-                        "error": None if self.expired else "not frozen by this guardian",
-                    },
-                )
-                return
-            for n, i in enumerate(idxs):
-                self._submit("thaw", i, conn if n == len(idxs) - 1 else None, msg.get("id"))
-        else:
-            send(conn, {"id": msg.get("id"), "ok": False, "error": f"unknown op {op!r}"})
+        if len(self.clients) >= MAX_CLIENTS:
+            self._drop(min(self.clients, key=self.clients.__getitem__))
+        self.clients[conn] = _now()
+        self.sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _on_client(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(MAX_MSG, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        if self.fault:
+            raise _InjectedFault("injected by QUIESCE_FAULT=guardian:raise")
+        try:
+            req = parse_request(data, CLIENT_OPS)
+        except ProtocolError as e:
+            self._answer(conn, error_reply(e))
+            return
+        if req.op == "status":
+            self._answer(conn, {"id": req.id, **self.status()})
+        elif req.op == "thaw":
+            self._client_thaw(conn, req)
+        elif req.op == "forget":
+            self._forget(conn, req)
+
+    def _client_thaw(self, conn: socket.socket, req: Request) -> None:
+        devs = set(req.devs)
+        idxs = [
+            i for i in range(len(self.vols) - 1, -1, -1)
+            if self.vols[i].spec.dev in devs and self.vols[i].state == "frozen"
+        ]  # fmt: skip
+        if self.expired is not None or not idxs:
+            self._answer(
+                conn,
+                {
+                    "id": req.id,
+                    "ok": False,
+                    "expired": self.expired,
+                    "error": None if self.expired else "not frozen by this guardian",
+                },
+            )
+            return
+        for n, i in enumerate(idxs):
+            self._submit("thaw", i, conn if n == len(idxs) - 1 else None, req.id)
+
+    def _forget(self, conn: socket.socket, req: Request) -> None:
+        """A newer freeze of these volumes began: a finished guardian's story is history
+        that must not answer for it. A guardian still on duty ignores this."""
+        if self.expired is None:
+            self._answer(conn, {"id": req.id, "ok": False, "error": "still guarding"})
+            return
+        n = 0
+        for v in self.vols:
+            if v.spec.dev in req.devs and not v.superseded:
+                v.superseded, n = True, n + 1
+        self._answer(conn, {"id": req.id, "ok": True, "forgotten": n})
 
     def status(self) -> dict[str, Any]:
         now = _now()
+        finished = self.expired is not None
         return {
             "pid": os.getpid(),
             "controller_pid": self.controller_pid,
             "controller_alive": not self.controller_gone,
             "detached": self.detached,
+            "finished": finished,
             "started": self.started_wall,
-            "deadline_remaining_s": (self.deadline - now) / 1e9 if self.deadline else None,
+            "deadline_remaining_s": (self.deadline - now) / 1e9
+            if self.deadline and not finished
+            else None,
             "timeout_s": self.timeout_ns / 1e9,
-            "lease_remaining_s": (self.lease_until - now) / 1e9 if self.lease_until else None,
+            "lease_remaining_s": (self.lease_until - now) / 1e9
+            if self.lease_until and not finished
+            else None,
             "volumes": [
                 {
                     "mount_point": v.spec.name,
                     "dev": v.spec.dev,
                     "fstype": v.spec.fstype,
                     "state": v.state,
+                    "superseded": v.superseded,
                     "frozen_since": v.frozen_wall,
                     "frozen_for_s": (now - v.frozen_at) / 1e9
                     if v.frozen_at and v.state == "frozen"
@@ -360,10 +558,26 @@ class _Guardian:
         }
 
     # -- loop ----------------------------------------------------------------------------
+    def _retry_failed_thaws(self) -> None:
+        """After an expiry, a volume whose FITHAW failed is still ours: retry, backing off."""
+        if self.expired is None or self.pending or self.retry_at is None:
+            return
+        if _now() < self.retry_at:
+            return
+        stuck = [i for i in range(len(self.vols) - 1, -1, -1) if self.vols[i].state == "frozen"]
+        if stuck:
+            self._thaw_indices(stuck, self.expired)
+        self.retry_delay = min(self.retry_delay * 2, 60.0)
+        still = any(v.state == "frozen" for v in self.vols)
+        self.retry_at = _now() + int(self.retry_delay * 1e9) if still else None
+
     def _next_timeout(self) -> float | None:
         """Sleep until the next timer that can still do something (never spin)."""
         if self.expired is not None:
-            t = [self.linger_until]
+            if self.retry_at is None and any(v.state == "frozen" for v in self.vols):
+                self.retry_at = _now() + int(self.retry_delay * 1e9)
+            over = self.linger_until is not None and _now() >= self.linger_until
+            t = [None if over else self.linger_until, self.retry_at]
         elif self._frozen_count() or self.pending:
             t = [self.deadline, self.lease_until]
         else:
@@ -380,14 +594,17 @@ class _Guardian:
             return True
         if self.expired is not None:
             over = self.linger_until is not None and _now() >= self.linger_until
-            return over or (self.ctl is None and not self.detached)
+            told = [v for v in self.vols if v.state == "thawed"]
+            stale = self.ctl is None and all(v.superseded for v in told)
+            return over or stale or (self.ctl is None and not self.detached)
         if self.controller_gone and not self.detached:
             return True
         # A held freeze that was thawed through `quiesce thaw`: nothing left to guard.
         return self.detached and any(v.state == "thawed" for v in self.vols)
 
     def run(self) -> None:
-        threading.Thread(target=self._worker, name="ioctl", daemon=True).start()
+        self.worker_thread = threading.Thread(target=self._worker, name="ioctl", daemon=True)
+        self.worker_thread.start()
         assert self.ctl is not None
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -407,19 +624,17 @@ class _Guardian:
                     self.sel.unregister(key.fileobj)
                     self._controller_died("controller-died")
                 elif tag == "listen":
-                    with contextlib.suppress(OSError):
-                        conn, _ = self.listener.accept()
-                        if peer_uid(conn) != 0:
-                            conn.close()
-                        else:
-                            self.sel.register(conn, selectors.EVENT_READ, "client")
-                elif tag == "client":
+                    self._accept()
+                elif tag == "client" and key.fileobj in self.clients:
                     self._on_client(key.fileobj)  # type: ignore[arg-type]
                 elif tag == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
+                    if self.crash is not None:
+                        raise RuntimeError(self.crash)
                     while not self.finished.empty():
                         self._complete(self.finished.get())
+            self._retry_failed_thaws()
             now = _now()
             if self.expired is None and self._frozen_count():
                 if self.deadline is not None and now >= self.deadline:
@@ -434,6 +649,11 @@ class _Guardian:
                 self._expire("controller-finished-while-frozen")
             if self._should_exit():
                 return
+
+    def remove_socket(self) -> None:
+        """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
+        with contextlib.suppress(OSError):
+            os.unlink(socket_file(os.getpid()), dir_fd=self.dir_fd)
 
 
 def _detach_child(keep: set[int]) -> None:
@@ -468,13 +688,25 @@ def serve(
     timeout: float,
     lease: float,
     controller_pid: int,
+    dir_fd: int,
 ) -> None:
-    """The forked child's whole life: detach, guard, ``_exit``. Never returns."""
+    """The forked child's whole life: detach, guard, ``_exit``. Never returns.
+
+    Any exception once the guardian exists ends in :meth:`_Guardian.last_resort`: the
+    emergency thaw of what it froze, recorded, then exit 70."""
     code = 0
+    guardian: _Guardian | None = None
     try:
-        _detach_child({ctl.fileno(), *(v.fd for v in vols)})
-        _Guardian(ctl, vols, timeout, lease, controller_pid).run()
-    except BaseException:
+        _detach_child({ctl.fileno(), dir_fd, *(v.fd for v in vols)})
+        guardian = _Guardian(ctl, vols, timeout, lease, controller_pid, dir_fd)
+        guardian.run()
+    except BaseException as e:
         code = 70
+        if guardian is not None:
+            with contextlib.suppress(BaseException):
+                guardian.last_resort(e)
     finally:
+        if guardian is not None:
+            with contextlib.suppress(BaseException):
+                guardian.remove_socket()
         os._exit(code)

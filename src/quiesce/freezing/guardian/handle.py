@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import select
+import signal
 import socket
 import threading
 import time
@@ -12,14 +13,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from quiesce.errors import GuardianError
+from quiesce.freezing.guardian import client
 from quiesce.freezing.guardian.daemon import GuardedVolume, serve
 from quiesce.freezing.guardian.protocol import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
     MAX_MSG,
+    ProtocolError,
+    check_seconds,
+    decode,
+    open_run_dir,
     recv,
     send,
 )
+
+THAW_REPLY_S = 5.0  # a thaw is sub-millisecond; a guardian this late is stopped or stuck
 
 
 class GuardianHandle:
@@ -30,6 +38,7 @@ class GuardianHandle:
         self.sock = sock
         self.lease = lease
         self.expired: dict[str, Any] | None = None
+        self.lost: str | None = None  # why the guardian can no longer be believed
         self._ids = 0
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -45,12 +54,19 @@ class GuardianHandle:
         timeout: float = DEFAULT_TIMEOUT,
         lease: float = DEFAULT_LEASE,
     ) -> GuardianHandle:
+        timeout = check_seconds("timeout", timeout)
+        lease = check_seconds("lease", lease, zero_ok=True)
+        dir_fd = open_run_dir(create=True)
+        assert dir_fd is not None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         controller = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the guardian
-            parent.close()
-            serve(child, vols, timeout, lease, controller)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the guardian
+                parent.close()
+                serve(child, vols, timeout, lease, controller, dir_fd)
+        finally:
+            os.close(dir_fd)
         child.close()
         parent.settimeout(10.0)
         try:
@@ -66,6 +82,8 @@ class GuardianHandle:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
             raise GuardianError(f"the guardian process did not start: {why}")
+        # Before anything is frozen: finished guardians must not answer for this freeze.
+        client.supersede(sorted({v.dev for v in vols}), exclude=pid)
         return cls(pid, parent, lease)
 
     def _renew(self) -> None:
@@ -74,20 +92,38 @@ class GuardianHandle:
             if not send(self.sock, {"op": "renew"}):
                 return
 
-    def request(self, op: str, **kw: Any) -> dict[str, Any]:
+    def _take(self, msg: dict[str, Any]) -> None:
+        if msg.get("event") == "expired":
+            self.expired = msg
+
+    def request(self, op: str, *, within: float | None = None, **kw: Any) -> dict[str, Any]:
+        """One request and its reply; ``within`` seconds at most (None: as long as it takes,
+        for a FIFREEZE that must flush). GuardianError if the guardian is lost."""
+        if self.lost is not None:
+            raise GuardianError(f"the guardian is lost: {self.lost}", "check `dmesg`")
         self._ids += 1
         rid = self._ids
         if not send(self.sock, {"id": rid, "op": op, **kw}):
+            self.lost = "its socket is closed"
             raise GuardianError("the guardian is gone (socket closed)", "check `dmesg`")
+        end = None if within is None else time.monotonic() + within
         while True:
+            if end is not None:
+                left = end - time.monotonic()
+                ready, _, _ = select.select([self.sock], [], [], max(left, 0))
+                if not ready:
+                    self.lost = f"no answer to {op} within {within:g}s"
+                    raise GuardianError(f"the guardian did not answer {op} in time")
             try:
                 msg = recv(self.sock)
             except (OSError, ValueError) as e:
+                self.lost = str(e)
                 raise GuardianError(f"lost the guardian: {e}", "check `dmesg`") from None
             if msg is None:
+                self.lost = "it exited"
                 raise GuardianError("the guardian exited unexpectedly", "check `dmesg`")
             if msg.get("event") == "expired":
-                self.expired = msg
+                self._take(msg)
                 continue
             if msg.get("id") == rid:
                 if msg.get("expired"):
@@ -104,29 +140,32 @@ class GuardianHandle:
                 break
             if not data:
                 break
-            with contextlib.suppress(ValueError):
-                msg = json.loads(data)
-                if msg.get("event") == "expired":
-                    self.expired = msg
+            with contextlib.suppress(ProtocolError):
+                self._take(decode(data))
         return self.expired
 
     def freeze(self, idx: int) -> dict[str, Any]:
         return self.request("freeze", vol=idx)
 
     def thaw(self, idx: int) -> dict[str, Any]:
-        return self.request("thaw", vol=idx)
+        return self.request("thaw", within=THAW_REPLY_S, vol=idx)
 
     def detach(self) -> None:
         """Hand the freeze over: the guardian keeps it until `quiesce thaw` or the deadline."""
         self._stop.set()
-        self.request("detach")
+        self.request("detach", within=THAW_REPLY_S)
         self.sock.close()
 
     def close(self) -> None:
-        """Tell the guardian we are done (it exits) and reap it."""
+        """Tell the guardian we are done (it exits) and reap it. A guardian we gave up on
+        is killed: it is our child, and it must not thaw later what it no longer holds."""
         self._stop.set()
-        with contextlib.suppress(OSError, GuardianError):
-            self.request("done")
+        if self.lost is None:
+            with contextlib.suppress(OSError, GuardianError):
+                self.request("done", within=THAW_REPLY_S)
+        if self.lost is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
         self.sock.close()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
