@@ -18,12 +18,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quiesce.errors import AlreadyFrozen, FreezeExpired, QuiesceError, ThawFailed
+from quiesce.errors import AlreadyFrozen, FreezeExpired, GuardianError, QuiesceError, ThawFailed
 from quiesce.freezing.guardian import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
     GuardedVolume,
     GuardianHandle,
+    check_seconds,
     holder_of,
 )
 from quiesce.freezing.plan import GroupMember, Plan, make_plan
@@ -34,7 +35,8 @@ FAULT_ENV = "QUIESCE_FAULT"
 """Fault injection for tests: ``QUIESCE_FAULT=<phase>`` makes the controller SIGSTOP
 itself at that phase so a test can SIGKILL it there, deterministically. Phases:
 ``prepare`` (guardian started, nothing frozen), ``freeze:N`` (after the N-th freeze),
-``window`` (all frozen), ``thaw:N`` (after the N-th thaw)."""
+``window`` (all frozen), ``thaw:N`` (after the N-th thaw), ``fail`` (a freeze failed, before
+the rollback). ``guardian:raise`` makes the guardian raise on its next client request."""
 
 
 @dataclass
@@ -159,8 +161,8 @@ class Freezer:
     ) -> None:
         plan.check()
         self.plan = plan
-        self.timeout = timeout
-        self.lease = lease
+        self.timeout = check_seconds("timeout", timeout)
+        self.lease = check_seconds("lease", lease, zero_ok=True)
         self.syncfs = syncfs
         self.use_guardian = guardian
         self.members: list[GroupMember] = [m for m in plan.members if not m.skip]
@@ -251,12 +253,36 @@ class Freezer:
 
     def _emergency_unwind(self) -> None:
         assert self._exec is not None
-        for r in reversed(self.results):
+        for k in range(len(self.results) - 1, -1, -1):
+            r = self.results[k]
             if r.state == "frozen":
                 with contextlib.suppress(Exception):
-                    self._exec.thaw(self.results.index(r))
-                    r.state = "rolled-back"
+                    res = self._thaw_member(k)
+                    if res.get("ok") or res.get("expired"):
+                        r.state = "rolled-back"
         self._finish()
+
+    def _thaw_member(self, k: int) -> dict[str, Any]:
+        """Thaw volume ``k`` through the guardian; if the guardian is lost (dead, stopped,
+        not answering), with our own FITHAW on the fd we hold. Only for a volume we froze
+        (state "frozen": never one that answered EBUSY), and never after the guardian
+        said it thawed on its own (someone else may have frozen it since)."""
+        assert self._exec is not None
+        try:
+            return self._exec.thaw(k)
+        except GuardianError as e:
+            if self.results[k].state != "frozen":
+                raise
+            expired = self._exec.poll_expired()
+            if expired:
+                return {"ok": False, "expired": expired}
+            m = self.members[k]
+            t0 = time.monotonic_ns()
+            code = kernel.thaw_errno(m.fd)
+            note = f"the guardian was lost ({e.message}): {m.name} thawed with quiesce's own FITHAW"
+            if note not in self.window.warnings:
+                self.window.warnings.append(note)
+            return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
 
     def _fail(self, k: int, m: GroupMember, r: VolumeResult, res: dict[str, Any]) -> None:
         assert self._exec is not None
@@ -273,8 +299,9 @@ class Freezer:
         for j in range(k + 1, len(self.results)):
             self.results[j].state = "not-attempted"
         rolled = []
+        _fault_point("fail", self._fault)
         for j in range(k - 1, -1, -1):
-            back = self._exec.thaw(j)
+            back = self._thaw_member(j)
             rj = self.results[j]
             if back.get("ok") or back.get("expired"):
                 rj.state = "rolled-back"
@@ -316,7 +343,7 @@ class Freezer:
                 r = self.results[k]
                 if r.state != "frozen":
                     continue
-                res = self._exec.thaw(k)
+                res = self._thaw_member(k)
                 n += 1
                 if res.get("expired"):
                     continue  # filled in below from the guardian's account
