@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -24,12 +25,14 @@ from quiesce.errors import (
     FreezeExpired,
     GuardianError,
     NotFrozen,
+    PermissionDenied,
     QuiesceError,
     UsageError,
 )
 from quiesce.freezing import guardian
 from quiesce.freezing.freezer import Freezer, Window
-from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT
+from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds
+from quiesce.freezing.guardian.client import THAW_S
 from quiesce.freezing.plan import Plan, make_plan
 from quiesce.sys import kernel, proc
 from quiesce.sys.mounts import MountTable, resolve
@@ -72,12 +75,15 @@ AllowSelf = Annotated[
 ]
 TimeoutOpt = Annotated[
     float,
-    typer.Option("--timeout", "-t", min=0.1, help="Deadline in seconds: the guardian thaws then."),
+    typer.Option(
+        "--timeout", "-t", help="Deadline in seconds (0.1 to 86400): the guardian thaws then."
+    ),
 ]
 LeaseOpt = Annotated[
     float,
     typer.Option(
-        "--lease", min=0.0, help="Lease in seconds: a controller silent this long loses the freeze."
+        "--lease",
+        help="Lease in seconds (0: none): a controller silent this long loses the freeze.",
     ),
 ]
 NoSyncfs = Annotated[
@@ -96,6 +102,15 @@ def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
     if e.hint:
         _say(err, "hint:", "dim", e.hint)
     return typer.Exit(e.exit_code)
+
+
+def _check_durations(timeout: float, lease: float, as_json: bool) -> None:
+    """--timeout inf or nan would pass typer's min=: refuse it here, naming the flag."""
+    try:
+        check_seconds("--timeout", timeout)
+        check_seconds("--lease", lease, zero_ok=True)
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
 
 
 def _print_window(window: Window, title: str) -> None:
@@ -159,6 +174,7 @@ def freeze_cmd(
 ) -> None:
     """Freeze and return, leaving the guardian holding the freeze until `quiesce thaw`
     or the deadline (like `fsfreeze -f`, but it can never stay frozen forever)."""
+    _check_durations(timeout, lease, as_json)
     try:
         with make_plan(paths, allow_self=allow_self) as plan:
             # With --allow-self our own output may go to a volume that stays frozen after
@@ -187,40 +203,63 @@ def freeze_cmd(
 
 
 def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
-    """Thaw through the guardian that holds it frozen, else with a plain FITHAW."""
+    """Thaw through the guardian on duty that holds it frozen, else with a plain FITHAW.
+
+    Only guardians whose socket is root's and whose answer fits are believed; one that
+    does not answer in time is passed over, and our own FITHAW says so. A finished
+    guardian is history: it is never asked to thaw, and its story is told only when the
+    volume turns out not to be frozen."""
     target = resolve(path, table)
     try:
         dev = target.volume.dev
         name = target.mount.mount_point
-        expired_here: dict[str, Any] | None = None
-        for pid in guardian.list_guardians():
+        fstype = target.mount.fstype
+        seen = guardian.survey()
+        for st in seen.active:
+            if not any(v["dev"] == dev and v["state"] == "frozen" for v in st["volumes"]):
+                continue
+            pid = st["pid"]
             try:
-                status = guardian.ask(pid, {"op": "status"})
-            except GuardianError:
-                continue
-            mine = [v for v in status["volumes"] if v["dev"] == dev]
-            if not mine:
-                continue
-            if mine[0]["state"] != "frozen":
-                # A guardian that already gave this volume up; another may hold it now.
-                if status.get("expired"):
-                    expired_here = status["expired"]
-                continue
-            reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]})
+                reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]}, timeout=THAW_S)
+            except GuardianError as e:
+                return _own_fithaw(path, target, f"guardian {pid} did not answer: {e.message}")
             if reply.get("ok"):
                 return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
             if reply.get("expired"):
                 raise _expired_error(name, reply["expired"])
-            raise kernel.error_for(reply.get("errno", 0), "thaw", name, target.mount.fstype)
+            raise kernel.error_for(reply.get("errno") or errno.EIO, "thaw", name, fstype)
+        why = "no guardian held it"
+        if seen.silent:
+            why += "; not answering: " + ", ".join(
+                f"guardian {p} ({w})" for p, w in sorted(seen.silent.items())
+            )
         try:
-            kernel.fithaw(target.fd, name, target.mount.fstype)
+            return _own_fithaw(path, target, why)
         except NotFrozen:
-            if expired_here is not None:
-                raise _expired_error(name, expired_here) from None
+            story = _history_of(dev, seen.finished)
+            if story is not None:
+                raise _expired_error(name, story) from None
             raise
-        return {"path": path, "mount_point": name, "thawed_by": "FITHAW (no guardian held it)"}
     finally:
         target.close()
+
+
+def _own_fithaw(path: str, target: Any, why: str) -> dict[str, Any]:
+    kernel.fithaw(target.fd, target.mount.mount_point, target.mount.fstype)
+    return {"path": path, "mount_point": target.mount.mount_point, "thawed_by": f"FITHAW ({why})"}
+
+
+def _history_of(dev: str, finished: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest finished guardian's expiry that thawed ``dev`` and was not superseded
+    by a later freeze of it."""
+    best = None
+    for st in finished:
+        if any(v["dev"] == dev and not v.get("superseded") for v in st["volumes"]):
+            ex = st["expired"]
+            thawed = ex and any(isinstance(t, dict) and t.get("dev") == dev for t in ex["thawed"])
+            if thawed and (best is None or (ex.get("at") or 0) > (best.get("at") or 0)):
+                best = ex
+    return best
 
 
 def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
@@ -257,46 +296,68 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
 
 @app.command("status")
 def status_cmd(as_json: JsonOpt = False) -> None:
-    """List what quiesce holds frozen (volumes, holder, since when, deadline and lease)
-    and the jobs running now."""
+    """List what quiesce holds frozen (volumes, holder, since when, deadline and lease),
+    what its guardians thawed on their own lately, and the jobs running now."""
     from quiesce.state.journal import state_dir
     from quiesce.state.locks import running
 
-    states = []
-    for pid in guardian.list_guardians():
-        try:
-            states.append(guardian.ask(pid, {"op": "status"}, timeout=2.0))
-        except GuardianError:
-            continue
+    try:
+        if os.geteuid() != 0:
+            raise PermissionDenied(
+                "cannot tell what quiesce has frozen: only root can ask its guardians",
+                "run `quiesce status` as root",
+            )
+        seen = guardian.survey()
+    except QuiesceError as e:
+        raise _fail(e, as_json) from None
     jobs = running(state_dir())
     if as_json:
-        emit_json({"guardians": states, "running": [asdict(j) for j in jobs]})
+        emit_json(
+            {
+                "guardians": seen.active,
+                "history": seen.finished,
+                "not_answering": [{"pid": p, "why": w} for p, w in sorted(seen.silent.items())],
+                "running": [asdict(j) for j in jobs],
+            }
+        )
         return
     for j in jobs:
         since = time.strftime("%H:%M:%S", time.localtime(j.since))
         out.print(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
-    if not states:
+    for p, w in sorted(seen.silent.items()):
+        _say(err, "warning:", "yellow", f"guardian {p} did not answer: {w}")
+    if not seen.active:
         out.print("nothing is frozen by quiesce")
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease"):
-        table.add_column(col)
-    for s in states:
-        ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
-        if s["detached"]:
-            ctl += " (held)"
-        for v in s["volumes"]:
-            table.add_row(
-                v["mount_point"], v["state"], str(s["pid"]), ctl,
-                f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
-                f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
-                f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
-            )  # fmt: skip
-        if s.get("expired"):
-            ex = s["expired"]
-            when = time.strftime("%H:%M:%S", time.localtime(ex.get("at", 0)))
-            out.print(f"guardian {s['pid']} thawed on its own at {when}: {ex.get('reason')}")
-    out.print(table)
+    else:
+        table = Table(box=None, pad_edge=False)
+        cols = ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease")
+        for col in cols:
+            table.add_column(col)
+        for s in seen.active:
+            ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
+            if s["detached"]:
+                ctl += " (held)"
+            for v in s["volumes"]:
+                table.add_row(
+                    v["mount_point"], v["state"], str(s["pid"]), ctl,
+                    f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
+                    f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
+                    f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
+                )  # fmt: skip
+        out.print(table)
+    now = time.time()
+    for s in seen.finished:
+        ex = s["expired"] or {}
+        at = ex.get("at") or now
+        when = time.strftime("%H:%M:%S", time.localtime(at))
+        for t in ex.get("thawed", []):
+            if not isinstance(t, dict):
+                continue
+            fail = "" if t.get("errno") in (0, 22) else f", FITHAW FAILED (errno {t.get('errno')})"
+            out.print(
+                f"history: {t.get('volume')} thawed by {ex.get('reason')} at {when}, "
+                f"{now - at:.0f} s ago (guardian {s['pid']}){fail}"
+            )
 
 
 def _stream_is_on(plan: Plan, fd: int) -> bool:
@@ -322,6 +383,7 @@ def exec_cmd(
     CMD is killed if it outlives the deadline. If quiesce's own output goes to a file on
     a frozen volume, CMD's output is held in memory and written after the thaw."""
     cmd = list(_EXEC_CMD)
+    _check_durations(timeout, lease, as_json)
     if not cmd:
         raise _fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
