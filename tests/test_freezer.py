@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
-from conftest import LoopFS, Writer, is_writable
+from conftest import HELPERS, LoopFS, Writer, is_writable
 
 import quiesce
+import quiesce.freezing.guardian
 from quiesce.errors import UnsafePlan
+from quiesce.freezing.freezer import FAULT_ENV
 
 DIRTY_MB = 48
 
@@ -128,3 +134,109 @@ def test_make_plan_reports_the_self_hazard(loopfs) -> None:
             plan.check()
     finally:
         os.chdir(here)
+
+
+# -- the controller thaws by itself when the guardian is lost -----------------------------------
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    """Exited or a zombie (a dead guardian stays our unreaped child until close())."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_killed_guardian_does_not_leave_the_group_frozen(loopfs) -> None:
+    """SIGKILL (no emergency thaw possible) while the body runs: leaving the block thaws
+    with the controller's own FITHAW on the fds it holds, in reverse order, and says so."""
+    a: LoopFS = loopfs("ext4")
+    b: LoopFS = loopfs("ext4")
+    with quiesce.freeze([a.path, b.path], timeout=30, lease=30) as window:
+        assert window.guardian_pid is not None
+        os.kill(window.guardian_pid, signal.SIGKILL)
+        assert _gone(window.guardian_pid)
+        assert not is_writable(a.path, timeout=0.3), "the guardian's death thawed it?"
+    assert is_writable(a.path) and is_writable(b.path)
+    assert [(v.state, v.thawed_by) for v in window.volumes] == [("thawed", "controller")] * 2
+    assert window.thawed_by == "controller"
+    lost = [w for w in window.warnings if w.startswith("the guardian was lost")]
+    assert len(lost) == 2 and all("thawed with quiesce's own FITHAW" in w for w in lost), lost
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_guardian_costs_a_bounded_wait_then_the_controller_thaws(loopfs) -> None:
+    fs: LoopFS = loopfs("ext4")
+    with quiesce.freeze(fs.path, timeout=30, lease=30) as window:
+        gpid = window.guardian_pid
+        assert gpid is not None
+        os.kill(gpid, signal.SIGSTOP)
+        t0 = time.monotonic()
+    took = time.monotonic() - t0
+    try:
+        assert is_writable(fs.path)
+        assert [(v.state, v.thawed_by) for v in window.volumes] == [("thawed", "controller")]
+        assert 4.0 < took < 10.0, took  # THAW_REPLY_S, then our own FITHAW
+        # It must not wake up later and "thaw" what someone else froze since: killed.
+        assert _gone(gpid), "the stopped guardian was left behind"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gpid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_rollback_without_a_guardian_never_thaws_the_foreign_volume(loopfs) -> None:
+    """The last volume is a stranger's freeze (EBUSY). The controller stops after that
+    failure (fault point 'fail'), its guardian is SIGKILLed, then it resumes: it rolls
+    back the two volumes it froze with its own FITHAW and leaves the stranger's alone."""
+    vols = [loopfs("ext4") for _ in range(3)]
+    with quiesce.make_plan([v.path for v in vols]) as plan:
+        order = [m.name for m in plan.members]
+    foreign = next(v for v in vols if v.path == order[-1])
+    foreign.freeze_externally()
+    proc = subprocess.Popen(
+        [sys.executable, str(HELPERS / "controller.py"), "--lease", "60", *order],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, FAULT_ENV: "fail"},
+    )
+    gpid = None
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] in ("T", "t"):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        gpid = next(
+            p for p in quiesce.freezing.guardian.list_guardians()
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        )  # fmt: skip
+        assert not is_writable(order[0], timeout=0.3)
+        os.kill(gpid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 5, err  # AlreadyFrozen
+        data = json.loads(out)
+        outcome = [(v["state"], v["thawed_by"]) for v in data["window"]["volumes"]]
+        assert outcome == [("rolled-back", "controller")] * 2 + [("foreign", None)], outcome
+        assert any(w.startswith("the guardian was lost") for w in data["window"]["warnings"])
+        assert is_writable(order[0]) and is_writable(order[1])
+        assert not is_writable(foreign.path, timeout=0.5), "a stranger's freeze was thawed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        if gpid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gpid, signal.SIGKILL)
+        foreign.thaw_externally()
+    assert is_writable(foreign.path)
