@@ -119,8 +119,8 @@ def _exchange(
                 silent[pid] = e.message
                 continue
             except OSError as e:
-                if e.errno in (errno.ECONNREFUSED, errno.ENOENT) and not _alive(pid):
-                    continue  # it has just exited
+                if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                    continue  # a dead guardian's socket (names appear only once listening)
                 silent[pid] = f"cannot connect: {e.strerror}"
                 continue
             socks[pid] = s

@@ -50,6 +50,7 @@ from quiesce.freezing.guardian.protocol import (
     error_reply,
     parse_request,
     peer_uid,
+    pid_of,
     send,
     socket_address,
     socket_file,
@@ -189,13 +190,17 @@ class _Guardian:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
         self.dir_fd = dir_fd
-        # A file with our pid in its name is a dead guardian's: pids are unique.
+        _sweep_stale(dir_fd)
+        # Bound and listening under a temporary name, then renamed into place: a client
+        # that finds the real name and gets ECONNREFUSED knows the socket is stale.
+        name = socket_file(os.getpid())
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_file(os.getpid()), dir_fd=dir_fd)
+            os.unlink(name + ".new", dir_fd=dir_fd)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(socket_address(dir_fd, os.getpid()))
+        self.listener.bind(socket_address(dir_fd, os.getpid()) + ".new")
         self.listener.listen(8)
         self.listener.setblocking(False)
+        os.rename(name + ".new", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
     # -- bookkeeping -------------------------------------------------------------------
     def _event(self, what: str, **kw: Any) -> None:
@@ -654,6 +659,32 @@ class _Guardian:
         """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
         with contextlib.suppress(OSError):
             os.unlink(socket_file(os.getpid()), dir_fd=self.dir_fd)
+
+
+def _sweep_stale(dir_fd: int) -> None:
+    """Remove the sockets of guardians that died without removing them (SIGKILL): a
+    socket nobody listens on refuses connections; a half-made one's owner is dead."""
+    for name in os.listdir(dir_fd):
+        base = name.removesuffix(".new")
+        pid = pid_of(base)
+        if pid is None:
+            continue
+        if name != base:
+            stale = not os.path.exists(f"/proc/{pid}")
+        else:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
+            try:
+                probe.connect(f"/proc/self/fd/{dir_fd}/{name}")
+                stale = False
+            except ConnectionRefusedError:
+                stale = True
+            except OSError:
+                stale = False
+            finally:
+                probe.close()
+        if stale:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
 
 
 def _detach_child(keep: set[int]) -> None:
