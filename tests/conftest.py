@@ -46,6 +46,15 @@ def losetup(image: Path) -> str:
     raise RuntimeError(f"losetup failed: {p.stderr}")
 
 
+def wait_detached(device: str, timeout: float = 5.0) -> None:
+    """`losetup -d` of a device still open (a mount copy in another mount namespace that a
+    just-killed process held) only sets autoclear: the detach follows shortly after."""
+    backing = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+    end = time.monotonic() + timeout
+    while backing.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
 def thaw_quietly(path: str) -> None:
     """Teardown only: thaw a filesystem this test created (EINVAL = it was not frozen)."""
     with contextlib.suppress(OSError):
@@ -165,6 +174,8 @@ class LoopFactory:
             else:
                 run("umount", "-l", fs.path, check=False)
             run("losetup", "-d", fs.device, check=False)
+        for fs in self.made:
+            wait_detached(fs.device)
 
 
 @pytest.fixture

@@ -444,12 +444,22 @@ def test_unsafe_socket_directory_is_refused(rig: Rig, tmp_path: Path, case: str)
         assert sorted(os.listdir(bad)) == before, "the refused directory was changed"
 
 
-def test_socket_directory_is_made_root_only_and_stale_sockets_are_ignored(
+def test_socket_directory_is_made_root_only_and_stale_sockets_are_swept(
     rig: Rig, tmp_path: Path
 ) -> None:
     vol = rig.volumes(1)[0]
-    run = tmp_path / "private" / "quiesce"
     (tmp_path / "private").mkdir(mode=0o700)
+    fresh = tmp_path / "private" / "fresh"
+    env = {**os.environ, guardian.RUN_DIR_ENV: str(fresh)}
+    assert cli("status", env=env).stdout.strip() == "nothing is frozen by quiesce"
+    assert not fresh.exists(), "looking created the directory"
+    gpid = hold(rig, vol.path, env=env)
+    st_ = os.lstat(fresh)
+    assert stat.S_ISDIR(st_.st_mode) and st_.st_uid == 0 and stat.S_IMODE(st_.st_mode) == 0o700
+    assert cli("thaw", vol.path, env=env).returncode == 0
+    assert wait_gone(gpid) and os.listdir(fresh) == []
+
+    run = tmp_path / "private" / "quiesce"
     env = {**os.environ, guardian.RUN_DIR_ENV: str(run)}
     # A stale socket file of a dead pid (a SIGKILLed guardian) and one of a live process
     # that does not listen: neither may slow or confuse anything. The directory exists
@@ -462,6 +472,7 @@ def test_socket_directory_is_made_root_only_and_stale_sockets_are_ignored(
         s.bind(str(run / f"guardian-{pid}.sock"))
         s.close()
     gpid = hold(rig, vol.path, env=env)
+    assert sorted(os.listdir(run)) == [f"guardian-{gpid}.sock"], "stale sockets not swept"
     st_ = os.lstat(run)
     assert stat.S_ISDIR(st_.st_mode) and st_.st_uid == 0 and stat.S_IMODE(st_.st_mode) == 0o700
     assert (run / f"guardian-{gpid}.sock").exists()
@@ -506,6 +517,41 @@ def test_an_expired_guardian_never_answers_for_a_newer_freeze(rig: Rig) -> None:
     assert wait_gone(g_old), "the superseded guardian lingers"
     assert is_writable(vol.path)
     rig.check_writers()
+
+
+# -- 10. the emergency record reaches syslog where /dev/kmsg is hidden --------------------
+
+
+@pytest.mark.timeout(60)
+def test_emergency_thaw_record_reaches_syslog_with_kmsg_hidden(rig: Rig, tmp_path: Path) -> None:
+    """The generated unit has ProtectKernelLogs=yes: /dev/kmsg is out of reach there. The
+    same here in a private mount namespace (/dev/null over /dev/kmsg); the guardian's
+    line must still arrive on the syslog socket (a test socket standing in for /dev/log)."""
+    vol = rig.volumes(1)[0]
+    log_path = tmp_path / "log.sock"
+    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log.bind(str(log_path))
+    log.settimeout(15)
+    env = {**os.environ, "QUIESCE_TEST_SYSLOG": str(log_path)}
+    script = (
+        'mount --bind /dev/null /dev/kmsg && exec "$0" -m quiesce freeze --json --timeout 0.5 "$1"'
+    )
+    try:
+        r = subprocess.run(
+            ["unshare", "-m", "--propagation", "slave", "sh", "-c", script, sys.executable,
+             vol.path],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        gpid = rig.track(json.loads(r.stdout)["guardian_pid"])
+        data = log.recv(4096).decode()
+    finally:
+        log.close()
+    head = f"<28>quiesce-guardian[{gpid}]: thawed {vol.path} (deadline) after "
+    assert data.startswith(head) and data.endswith("s frozen"), data
+    assert is_writable(vol.path)
+    assert kmsg_lines(gpid) == [], "the kernel log was reachable: the test proves nothing"
+    rig.check_writers(min_stall=0.2)
 
 
 # -- 11. status as non-root; durations ------------------------------------------------------
