@@ -92,3 +92,22 @@ def test_bad_calendar_and_paths_with_spaces(tmp_path: Path) -> None:
     assert f"run '{tmp_path / 'a b.toml'}'" in s
     with pytest.raises(Exception, match="bad job name"):
         render(UnitSpec(job="../etc", job_file=job))
+
+
+def test_unit_keeps_the_guardians_records_and_sockets_reachable(tmp_path: Path) -> None:
+    """ProtectKernelLogs=yes hides /dev/kmsg, so the guardian's emergency-thaw line must
+    reach the journal through /dev/log: AF_UNIX allowed, /dev and /run/systemd not hidden.
+    Its sockets live in /run/quiesce, which the unit makes root-only (0700)."""
+    from quiesce.freezing.guardian import RUN_DIR
+    from quiesce.freezing.guardian.daemon import SYSLOG_SOCKET
+
+    s = render(UnitSpec(job="j", job_file=tmp_path / "j.toml"))["quiesce-j.service"]
+    assert _values(s, "ProtectKernelLogs") == ["yes"]
+    assert "AF_UNIX" in _values(s, "RestrictAddressFamilies")[0].split()
+    assert _values(s, "PrivateDevices") == ["no"]
+    hidden = " ".join(_values(s, "InaccessiblePaths") + _values(s, "TemporaryFileSystem"))
+    assert "/dev" not in hidden and "/run" not in hidden
+    assert SYSLOG_SOCKET == "/dev/log"
+    assert _values(s, "RuntimeDirectory") == [Path(RUN_DIR).name]
+    assert Path(RUN_DIR).parent == Path("/run")
+    assert _values(s, "RuntimeDirectoryMode") == ["0700"]

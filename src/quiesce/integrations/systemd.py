@@ -114,6 +114,7 @@ def render(spec: UnitSpec) -> dict[str, str]:
     service += [
         "StateDirectory=quiesce",
         "StateDirectoryMode=0700",
+        "# /run/quiesce: the guardians' sockets (root-only, see freezing/guardian/protocol.py).",
         "RuntimeDirectory=quiesce",
         "RuntimeDirectoryMode=0700",
         "RuntimeDirectoryPreserve=yes",
@@ -136,6 +137,8 @@ def render(spec: UnitSpec) -> dict[str, str]:
         "PrivateDevices=no",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
+        "# /dev/kmsg is out of reach with this: the guardian's emergency-thaw record goes to",
+        "# the journal through /dev/log (AF_UNIX, below) as well as to the kernel log.",
         "ProtectKernelLogs=yes",
         "ProtectControlGroups=yes",
         "ProtectClock=yes",

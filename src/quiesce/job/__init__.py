@@ -1,1 +1,2 @@
-"""Layer job: the job schema and its validation, building quiescers, running the phases, the report."""
+"""Layer job: the job schema and its validation, building quiescers, running the phases,
+the report."""
