@@ -54,9 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce import snapshot as snapshots
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import run_backup
-from quiesce.snapshot import engine as snapshots
 
 MiB = 1 << 20
 PASSWORD = "bench"

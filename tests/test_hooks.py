@@ -11,6 +11,7 @@ import pytest
 from conftest import is_writable
 from helpers.jobtools import PY, events, lock_is_free, pid_alive, session_argv, wait_for
 
+from quiesce import snapshot as snapshots
 from quiesce.apps.hooks import (
     OUTPUT_LIMIT,
     HookContext,
@@ -21,7 +22,6 @@ from quiesce.apps.hooks import (
     held,
     run_command,
 )
-from quiesce.snapshot import engine as snapshots
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,8 @@ from conftest import is_writable
 from helpers.jobtools import PY, write_job
 
 from quiesce.errors import ExitCode
-from quiesce.job.schema import JobConfigError, load_job
+from quiesce.job.schema import JobConfigError
+from quiesce.job.validate import load_job
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -181,8 +181,8 @@ def test_journal_close_rolls_back_what_the_run_did_not_remove(tmp_path: Path) ->
 def test_sigterm_during_quiesce_backup_unwinds_by_itself(loopfs, tmp_path: Path) -> None:
     """systemd's stop (SIGTERM) in the middle of restic: the run unmounts, detaches, kills
     restic, closes its journal and records the failure in the metrics file."""
-    from quiesce.integrations.metrics import parse
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
+    from quiesce.job.metrics import parse
 
     pair = image_on_reflink_host(loopfs, "ext4")
     tree = pair.inner.mountpoint / "t"

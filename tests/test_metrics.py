@@ -7,7 +7,7 @@ import re
 import threading
 from pathlib import Path
 
-from quiesce.integrations.metrics import METRICS, RunMetrics, parse, write_textfile
+from quiesce.job.metrics import METRICS, RunMetrics, parse, write_textfile
 
 # The text exposition format, strictly: comments, or `name{labels} value`.
 LINE = re.compile(

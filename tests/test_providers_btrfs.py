@@ -15,11 +15,11 @@ import pytest
 from helpers.snaptools import Recorder, sh
 from typer.testing import CliRunner
 
+from quiesce import snapshot as snapshots
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import UsageError
 from quiesce.providers.base import volume_slug
 from quiesce.providers.btrfs import BTRFS_IOC_SNAP_CREATE_V2, snap_create_args
-from quiesce.snapshot import engine as snapshots
 
 
 @pytest.fixture

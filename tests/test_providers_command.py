@@ -15,11 +15,11 @@ import pytest
 from conftest import is_writable
 from typer.testing import CliRunner
 
+from quiesce import snapshot as snapshots
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.providers.base import Snapshot
 from quiesce.providers.command import CommandProvider
-from quiesce.snapshot import engine as snapshots
 
 # Prints the snapshot id first, then what it was given; the timestamp proves it ran
 # inside the window (CLOCK_MONOTONIC is shared by every process).

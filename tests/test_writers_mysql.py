@@ -25,7 +25,7 @@ from helpers.dbtools import (
 )
 from helpers.jobtools import mounted_image
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -16,7 +16,7 @@ import pytest
 from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
 from helpers.jobtools import mounted_image
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 

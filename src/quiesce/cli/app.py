@@ -16,7 +16,7 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
-from quiesce.cli.common import JsonOpt, console, emit_json
+from quiesce.cli.common import JsonOpt, console, emit_json, err, fail, out
 from quiesce.cli.job import check_cmd, run_cmd
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import (
@@ -54,8 +54,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(snapshot_app, name="snapshot")
-out = console()
-err = console(stderr=True)
 
 
 def _say(to: Console, label: str, style: str, text: str) -> None:
@@ -83,19 +81,6 @@ LeaseOpt = Annotated[
 NoSyncfs = Annotated[
     bool, typer.Option("--no-syncfs", help="Skip the syncfs() that shortens the freeze window.")
 ]
-
-
-def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
-    if as_json:
-        data = e.to_dict()
-        window = e.details.get("window")
-        if isinstance(window, Window):
-            data["window"] = window.to_dict()
-        emit_json(data)
-    _say(err, "quiesce:", "bold red", e.message)
-    if e.hint:
-        _say(err, "hint:", "dim", e.hint)
-    return typer.Exit(e.exit_code)
 
 
 def _print_window(window: Window, title: str) -> None:
@@ -145,7 +130,7 @@ def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = Fal
                 _print_plan(plan)
             plan.check()
     except QuiesceError as e:
-        raise _fail(e, False) from None
+        raise fail(e, False) from None
 
 
 @app.command("freeze")
@@ -168,7 +153,7 @@ def freeze_cmd(
             window = freezer.freeze()
             freezer.hold()
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if silent:
         return
     if as_json:
@@ -323,7 +308,7 @@ def exec_cmd(
     a frozen volume, CMD's output is held in memory and written after the thaw."""
     cmd = list(_EXEC_CMD)
     if not cmd:
-        raise _fail(
+        raise fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
         )
     try:
@@ -350,9 +335,9 @@ def exec_cmd(
                 if cmd_err:
                     sys.stderr.buffer.write(cmd_err)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if killed:
-        raise _fail(
+        raise fail(
             FreezeExpired(f"{cmd[0]} did not finish before the {timeout:g}s deadline: killed"),
             as_json,
         )
@@ -412,7 +397,7 @@ def demo_cmd(
             styled = console(markup=True)
             run_full_demo(styled if not as_json else None, as_json)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
 
 
 @app.command("version")

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from quiesce.cli.common import JsonOpt, emit_json
+from quiesce import snapshot as snapshots
+from quiesce.cli.common import JsonOpt, emit_json, err, fail, out
 from quiesce.errors import QuiesceError, UsageError
-from quiesce.snapshot import engine as snapshots
 from quiesce.sys.units import human_duration
 
 snapshot_app = typer.Typer(
@@ -37,22 +37,12 @@ StateDir = Annotated[
 ]
 
 
-def _fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
-    from quiesce.cli.app import _fail as cli_fail
-
-    return cli_fail(e, as_json)
-
-
 def _say(text: str) -> None:
-    from quiesce.cli.app import out
-
     out.print(text, markup=False)
 
 
 def _warn(text: str) -> None:
     from rich.text import Text
-
-    from quiesce.cli.app import err
 
     err.print(Text.assemble(("warning:", "yellow"), " ", text))  # paths may hold "[...]"
 
@@ -114,7 +104,7 @@ def create_cmd(
             state_dir=state_dir,
         )
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(man.to_dict())
         return
@@ -141,8 +131,6 @@ def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from quiesce.cli.app import out
-
     table = Table(box=None, pad_edge=False)
     # ids (they carry the UTC time) are what `mount` and `delete` take: never cut them
     for col in ("id", "provider", "window", "consistency"):
@@ -165,7 +153,7 @@ def mount_cmd(
     try:
         points = snapshots.mount(snap_id, directory, state_dir)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for p in points:
         _say(f"mounted {snap_id} at {p} (read-only)")
 
@@ -178,7 +166,7 @@ def umount_cmd(
     try:
         points = snapshots.umount(target, state_dir)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for p in points:
         _say(f"unmounted {p}")
 
@@ -195,5 +183,5 @@ def delete_cmd(
     try:
         man = snapshots.delete(snap_id, state_dir, forget=forget)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     _say(f"{'forgot' if forget else 'deleted'} {man.id}")

@@ -1,1 +1,2 @@
-"""Layer freezing: the plan (order, hazards), the freezer, and the guardian that guarantees the thaw."""
+"""Layer freezing: the plan (order, hazards), the freezer, and the guardian that
+guarantees the thaw."""

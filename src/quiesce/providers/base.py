@@ -9,7 +9,6 @@ subprocess whose binary or output lives on a group volume, no writes to a group 
 from __future__ import annotations
 
 import enum
-import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -96,27 +95,3 @@ def volume_slug(mount_point: str) -> str:
     """A file-name-safe name for a volume: ``/srv/db`` -> ``srv-db``, ``/`` -> ``root``."""
     text = re.sub(r"[^A-Za-z0-9._]+", "-", mount_point.strip("/")).strip("-.")
     return text or "root"
-
-
-_BUILTIN = {
-    "reflink": "quiesce.providers.reflink:ReflinkProvider",
-    "btrfs": "quiesce.providers.btrfs:BtrfsProvider",
-    "command": "quiesce.providers.command:CommandProvider",
-    "lvm": "quiesce.providers.lvm:LvmProvider",
-    "zfs": "quiesce.providers.zfs:ZfsProvider",
-    "ebs": "quiesce.providers.ebs:EbsProvider",
-}
-
-
-def get_provider(name: str) -> type[Provider]:
-    """The provider class for ``name``; imported lazily (boto3 costs 125 ms)."""
-    target = _BUILTIN.get(name)
-    if target is None:
-        raise UsageError(
-            f"unknown provider {name!r}", "choose one of: " + ", ".join(sorted(_BUILTIN))
-        )
-    module, _, cls = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
-    except ImportError as e:
-        raise UsageError(f"provider {name!r} is not available: {e}") from None

@@ -174,7 +174,8 @@ def _undo_dir(e: dict[str, Any]) -> None:
 
 
 def _undo_snapshot(e: dict[str, Any]) -> None:
-    from quiesce.providers.base import Snapshot, get_provider
+    from quiesce.providers.base import Snapshot
+    from quiesce.providers.registry import get_provider
 
     snap = Snapshot(**e["snapshot"])
     provider = get_provider(e["provider"])(**e.get("options", {}))

@@ -1,1 +1,2 @@
-"""Layer sys: the kernel and the OS: mountinfo, FIFREEZE/FITHAW/FICLONE/syncfs, the one child-process runner, units."""
+"""Layer sys: the kernel and the OS: mountinfo, FIFREEZE/FITHAW/FICLONE/syncfs, the one
+child-process runner, units."""

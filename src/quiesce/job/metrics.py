@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PREFIX = "quiesce_"
 # name -> help text (all gauges)
@@ -67,6 +68,31 @@ class RunMetrics:
             "verify_success": None if self.verify_ok is None else float(self.verify_ok),
         }
         return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def run_metrics(
+    job: str,
+    *,
+    success: bool,
+    duration_s: float | None,
+    freeze_window_s: float | None,
+    backup: Mapping[str, Any] | None,
+) -> RunMetrics:
+    """The one mapping from what a run (or ``quiesce backup``) did to its metrics;
+    ``backup`` is a BackupReport's ``to_dict()``, or None when no backup ran."""
+    b = (backup or {}).get("backup") or {}
+    v = (backup or {}).get("verify")
+    return RunMetrics(
+        job=job,
+        success=success,
+        duration_s=duration_s,
+        freeze_window_s=freeze_window_s,
+        backup_bytes=b.get("bytes"),
+        backup_added_bytes=b.get("bytes_added"),
+        backup_files=b.get("files"),
+        backup_duration_s=b.get("duration_s"),
+        verify_ok=None if not v or v.get("mode") == "none" else bool(v.get("ok")),
+    )
 
 
 def escape_label(value: str) -> str:
@@ -152,4 +178,4 @@ def write_textfile(path: str | Path, run: RunMetrics) -> str:
     return text
 
 
-__all__ = ["METRICS", "RunMetrics", "parse", "render", "write_textfile"]
+__all__ = ["METRICS", "RunMetrics", "parse", "render", "run_metrics", "write_textfile"]
