@@ -13,7 +13,6 @@ from helpers.jobtools import PY, events, lock_is_free, pid_alive, session_argv, 
 
 from quiesce import snapshot as snapshots
 from quiesce.apps.hooks import (
-    OUTPUT_LIMIT,
     HookContext,
     HookDirectory,
     HookFailed,
@@ -22,6 +21,7 @@ from quiesce.apps.hooks import (
     held,
     run_command,
 )
+from quiesce.sys.proc import OUTPUT_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
