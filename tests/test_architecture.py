@@ -154,3 +154,17 @@ def test_the_checker_sees_lazy_and_relative_upward_imports():
     assert "quiesce.job.run" in found
     assert "quiesce.sys.engine" in found
     assert all((_layer(m) or 0) > LAYERS.index("sys") for m in found - {"quiesce.sys.engine"})
+
+
+@pytest.mark.parametrize(
+    "package", ["quiesce", "quiesce.snapshot", "quiesce.backup", "quiesce.job", "quiesce.providers"]
+)
+def test_exports_are_not_shadowed_by_submodules(package):
+    """Importing a submodule sets it as an attribute of its package: an exported function
+    named like a submodule (``quiesce.snapshot.mount``) would turn into that module."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    assert not set(getattr(pkg, "__all__", ())) & submodules

@@ -22,7 +22,7 @@ from quiesce.backup.targets.base import BackupError, ProgressUpdate, Target
 from quiesce.backup.targets.borg import BorgTarget
 from quiesce.backup.targets.restic import ResticTarget
 from quiesce.backup.targets.tar import TarTarget
-from quiesce.backup.verify import verify
+from quiesce.backup.verification import verify
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy
 

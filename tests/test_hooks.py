@@ -41,10 +41,11 @@ def create(fs, tmp_path: Path, quiescers, snap_argv: list[str] | None = None):
 
 
 def test_command_success_captures_stdout_and_stderr():
-    r = run(["/bin/sh", "-c", "echo out; echo err >&2"])
+    r = run(["/bin/sh", "-c", "echo out; sleep 0.2; echo err >&2"])
     assert (r.status, r.returncode, r.error) == ("ok", 0, None)
     assert r.output.split() == ["out", "err"]
-    assert r.duration_s >= 0 and r.end >= r.start
+    assert 0.2 <= r.duration_s < 10  # the sleep is inside the measured step
+    assert r.end - r.start == pytest.approx(r.duration_s)
 
 
 def test_command_nonzero_exit_is_a_failure():

@@ -165,6 +165,7 @@ def test_a_failed_undo_keeps_the_journal_for_the_next_cleanup(tmp_path: Path) ->
     assert p.returncode == 1 and "false exited 1" in p.stderr
 
 
+@pytest.mark.timeout(15)  # a hang on the empty journal dir fails here, not at 120 s
 def test_journal_close_rolls_back_what_the_run_did_not_remove(tmp_path: Path) -> None:
     f = tmp_path / "leak"
     with pytest.raises(RuntimeError), Journal.open(tmp_path / "state") as j:
@@ -173,9 +174,8 @@ def test_journal_close_rolls_back_what_the_run_did_not_remove(tmp_path: Path) ->
         raise RuntimeError("the run failed")
     assert not f.exists()
     assert list(journal_dir(tmp_path / "state").iterdir()) == []
-    t0 = time.monotonic()
-    assert cleanup(tmp_path / "state").removed == []
-    assert time.monotonic() - t0 < 30  # (no hang on an empty journal dir)
+    rep = cleanup(tmp_path / "state")
+    assert (rep.removed, rep.errors) == ([], [])
 
 
 def test_sigterm_during_quiesce_backup_unwinds_by_itself(loopfs, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ to a target (restic, borg, tar), verify, unmount, prune; and restore.
 
 The pieces, each usable alone: :mod:`.mount` (read-only mounts at stable paths),
 :mod:`.targets` (restic / borg / tar behind :class:`~.targets.base.Target`),
-:mod:`.verify`, :mod:`.restore`, and :mod:`.phase` (the whole phase, as
+:mod:`.verification`, :mod:`.restoring`, and :mod:`.phase` (the whole phase, as
 ``quiesce backup`` runs it). Names are imported on first use.
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
         newest_snapshot,
         run_backup,
     )
-    from quiesce.backup.restore import restore
+    from quiesce.backup.restoring import restore
     from quiesce.backup.targets.base import (
         BackupError,
         BackupResult,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
         PruneResult,
         Target,
     )
-    from quiesce.backup.verify import VerifyResult, verify
+    from quiesce.backup.verification import VerifyResult, verify
 
 __getattr__ = lazy_exports(
     __name__,
@@ -43,12 +43,12 @@ __getattr__ = lazy_exports(
         "PruneResult": ".targets.base:PruneResult",
         "Target": ".targets.base:Target",
         "VerifyFailed": ".phase:VerifyFailed",
-        "VerifyResult": ".verify:VerifyResult",
+        "VerifyResult": ".verification:VerifyResult",
         "make_target": ".phase:make_target",
         "newest_snapshot": ".phase:newest_snapshot",
-        "restore": ".restore:restore",
+        "restore": ".restoring:restore",
         "run_backup": ".phase:run_backup",
-        "verify": ".verify:verify",
+        "verify": ".verification:verify",
     },
 )
 

@@ -22,7 +22,7 @@ from typing import Any
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
-from quiesce.backup.verify import VerifyResult, verify
+from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.state.journal import Journal, cleanup, held_snapshot_ids, state_dir
 from quiesce.state.locks import job_lock

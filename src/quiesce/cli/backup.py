@@ -109,7 +109,7 @@ def restore_cmd(
 ) -> None:
     """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
     slug (/srv/db as DIR/srv-db). Never writes into a directory that is not empty."""
-    from quiesce.backup.restore import restore
+    from quiesce.backup.restoring import restore
     from quiesce.job.backupjob import load_backup_job
     from quiesce.state.journal import state_dir
 

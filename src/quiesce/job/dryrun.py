@@ -41,24 +41,9 @@ def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
             f"({x.done_timeout or t.hook:g}s), close its stdin",
         )
     for w in build_writers(c):
-        if w.kind == "sqlite":
-            dbs = ", ".join(str(d) for d in w.databases)
-            before.append(f"writer {w.name}: WAL checkpoint, then BEGIN IMMEDIATE on {dbs}")
-            after.insert(0, f"writer {w.name}: ROLLBACK (release the write lock)")
-        elif w.kind == "postgresql":
-            what = "CHECKPOINT" if w.checkpoint else "connect"
-            if w.backup:
-                what += ", pg_backup_start (session held across the window)"
-                after.insert(0, f"writer {w.name}: pg_backup_stop (backup_label in the report)")
-            before.append(f"writer {w.name}: {what}")
-        elif w.kind == "mysql":
-            take, release = {
-                "auto": ("BACKUP STAGE BLOCK_COMMIT on MariaDB >= 10.4.1, else FLUSH TABLES "
-                         "WITH READ LOCK", "BACKUP STAGE END / UNLOCK TABLES"),
-                "backup_stage": ("BACKUP STAGE START, BLOCK_COMMIT", "BACKUP STAGE END"),
-                "flush_tables": ("FLUSH TABLES WITH READ LOCK", "UNLOCK TABLES"),
-            }[w.lock]  # fmt: skip
-            before.append(f"writer {w.name}: {take} (session held)")
+        take, release = w.describe()
+        before.append(f"writer {w.name}: {take}")
+        if release:
             after.insert(0, f"writer {w.name}: {release}")
     for i, x in enumerate(h.post_thaw):
         after.append(

@@ -6,7 +6,8 @@
 - :mod:`.consistency`: the level a snapshot actually achieved, and why;
 - :class:`Manifest` (:mod:`.manifest`) and its store in the state directory
   (:func:`list_manifests`, :func:`load`, :func:`save_manifest`);
-- :func:`mount`, :func:`umount`, :func:`mounts_of` (:mod:`.mount`), :func:`delete`.
+- :func:`mount`, :func:`umount`, :func:`mounts_of` (:mod:`.mounting`), :func:`delete`
+  (:mod:`.deleting`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING
 from quiesce.sys.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from quiesce.snapshot.delete import delete
+    from quiesce.snapshot.deleting import delete
     from quiesce.snapshot.engine import create
     from quiesce.snapshot.manifest import MANIFEST_VERSION, Manifest
-    from quiesce.snapshot.mount import mount, mounts_of, umount
+    from quiesce.snapshot.mounting import mount, mounts_of, umount
     from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, held
     from quiesce.snapshot.store import (
         DEFAULT_STATE_DIR,
@@ -40,15 +41,15 @@ __getattr__ = lazy_exports(
         "QuiescerStack": ".quiescers:QuiescerStack",
         "STATE_ENV": ".store:STATE_ENV",
         "create": ".engine:create",
-        "delete": ".delete:delete",
+        "delete": ".deleting:delete",
         "held": ".quiescers:held",
         "list_manifests": ".store:list_manifests",
         "load": ".store:load",
-        "mount": ".mount:mount",
-        "mounts_of": ".mount:mounts_of",
+        "mount": ".mounting:mount",
+        "mounts_of": ".mounting:mounts_of",
         "save_manifest": ".store:save_manifest",
         "state_dir_path": ".store:state_dir_path",
-        "umount": ".mount:umount",
+        "umount": ".mounting:umount",
     },
 )
 

@@ -105,8 +105,7 @@ def _window_dict(window: Window, snapshot_s: float) -> dict[str, Any]:
 
 def _annotate(e: BaseException, note: str) -> None:
     if isinstance(e, QuiesceError):
-        e.message += f"; {note}"
-        e.args = (e.message,)
+        e.add_context(note)
     else:
         e.add_note(f"quiesce: {note}")
 

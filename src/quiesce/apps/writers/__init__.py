@@ -1,6 +1,6 @@
 """Built-in writers: quiescers for applications quiesce knows (SQLite, PostgreSQL, MariaDB).
 
-Each writer is a :class:`quiesce.hooks.Quiescer`: ``before_freeze()`` takes the
+Each writer is a :class:`quiesce.snapshot.Quiescer`: ``before_freeze()`` takes the
 application's lock (raising :class:`WriterError` if it cannot) and ``after_thaw(ok)``
 releases it. They work on their own with ``snapshots.create(..., quiescers=[...])``;
 a job wraps them so that its ``on_hook_failure`` policy applies.
@@ -43,6 +43,10 @@ class Writer:
         raise NotImplementedError
 
     def after_thaw(self, ok: bool) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> tuple[str, str | None]:
+        """What it does before the window, and after it (None: nothing), for --dry-run."""
         raise NotImplementedError
 
 

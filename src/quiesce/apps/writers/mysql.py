@@ -70,6 +70,17 @@ class MysqlWriter(Writer):
             code = e.args[0] if e.args and isinstance(e.args[0], int) else None
             raise WriterError(f"mysql: {query} failed: {e}", code=code) from None
 
+    def describe(self) -> tuple[str, str | None]:
+        take, release = {
+            "auto": (
+                "BACKUP STAGE BLOCK_COMMIT on MariaDB >= 10.4.1, else FLUSH TABLES WITH READ LOCK",
+                "BACKUP STAGE END / UNLOCK TABLES",
+            ),
+            "backup_stage": ("BACKUP STAGE START, BLOCK_COMMIT", "BACKUP STAGE END"),
+            "flush_tables": ("FLUSH TABLES WITH READ LOCK", "UNLOCK TABLES"),
+        }[self.lock]
+        return f"{take} (session held)", release
+
     def before_freeze(self) -> None:
         pymysql = need_module("pymysql", "PyMySQL")
         kw: dict[str, Any] = {

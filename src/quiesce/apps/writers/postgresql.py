@@ -38,6 +38,15 @@ class PostgresWriter(Writer):
         except Exception as e:
             raise WriterError(f"postgresql: {query.split('(')[0]} failed: {e}".strip()) from None
 
+    def describe(self) -> tuple[str, str | None]:
+        what = "CHECKPOINT" if self.checkpoint else "connect"
+        if not self.backup:
+            return what, None
+        return (
+            what + ", pg_backup_start (session held across the window)",
+            "pg_backup_stop (backup_label in the report)",
+        )
+
     def before_freeze(self) -> None:
         psycopg = need_module("psycopg", "psycopg[binary]")
         try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from quiesce.errors import UsageError
 from quiesce.snapshot.manifest import Manifest
-from quiesce.snapshot.mount import mounts_of, provider_for
+from quiesce.snapshot.mounting import mounts_of, provider_for
 from quiesce.snapshot.store import _manifest_path, load, save_manifest, state_dir_path
 from quiesce.sys.mounts import MountTable
 
