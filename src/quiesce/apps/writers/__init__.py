@@ -9,9 +9,15 @@ a job wraps them so that its ``on_hook_failure`` policy applies.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.sys.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from quiesce.apps.writers.mysql import MysqlWriter
+    from quiesce.apps.writers.postgresql import PostgresWriter
+    from quiesce.apps.writers.sqlite import SqliteWriter
 
 
 class WriterError(QuiesceError):
@@ -63,4 +69,20 @@ def need_module(module: str, package: str) -> Any:
         ) from None
 
 
-__all__ = ["Writer", "WriterError", "need_module"]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "MysqlWriter": ".mysql:MysqlWriter",
+        "PostgresWriter": ".postgresql:PostgresWriter",
+        "SqliteWriter": ".sqlite:SqliteWriter",
+    },
+)
+
+__all__ = [
+    "MysqlWriter",
+    "PostgresWriter",
+    "SqliteWriter",
+    "Writer",
+    "WriterError",
+    "need_module",
+]
