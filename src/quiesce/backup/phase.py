@@ -236,7 +236,7 @@ def _backup_and_verify(
     from quiesce.providers.registry import get_provider
 
     snaps = manifest.snapshot_objects()
-    provider = get_provider(manifest.provider)(**(manifest.options or {}))
+    provider = get_provider(manifest.provider).from_record(manifest.options)
     target = make_target(cfg, job, state)
     if cfg.init:
         with phase("init"):

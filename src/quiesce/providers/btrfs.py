@@ -14,13 +14,14 @@ import fcntl
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import BtrfsOptions
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable, Target
 
@@ -53,14 +54,19 @@ class _Job:
 
 
 class BtrfsProvider(Provider):
-    """Options: ``dest`` (snapshot directory on the same btrfs; default
+    """Options (:class:`BtrfsOptions`): ``dest`` (snapshot directory on the same btrfs; default
     ``<mount point>/.snapshots``)."""
 
     name: ClassVar[str] = "btrfs"
     group_atomic: ClassVar[bool] = False
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    Options: ClassVar[type[BtrfsOptions]] = BtrfsOptions
+    config: BtrfsOptions
+
+    def __init__(
+        self, options: BtrfsOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
         self._jobs: list[_Job] = []
         self._made: list[str] = []  # made by a snapshot() call that has not returned
         self._new_dirs: list[str] = []
@@ -82,7 +88,7 @@ class BtrfsProvider(Provider):
         return out
 
     def _dest(self, t: Target) -> str:
-        dest = self.options.get("dest")
+        dest = self.config.dest
         return os.path.abspath(dest) if dest else os.path.join(t.mount.mount_point, ".snapshots")
 
     def check(self, members: Sequence[GroupMember]) -> None:
@@ -108,6 +114,7 @@ class BtrfsProvider(Provider):
                 raise UsageError(
                     f"the snapshot directory {dest} is not on the btrfs of {t.path}",
                     "a btrfs snapshot stays on its filesystem: choose --option dest=DIR there",
+                    option="dest",
                 )
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:

@@ -17,28 +17,27 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import LVM_EXTENTS_RE as _EXTENTS
+from quiesce.providers.options import LVM_SIZE_RE as _SIZE
+from quiesce.providers.options import LvmOptions
 from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
-DEFAULT_SIZE = "20%ORIGIN"
 LVS_FIELDS = (
     "vg_name,lv_name,lv_attr,lv_size,pool_lv,origin,lv_tags,lv_time,"
     "lv_kernel_major,lv_kernel_minor,vg_free"
 )
 NESTING_SINCE = (6, 8)
-LVCREATE_TIMEOUT = 60.0
 
-_SIZE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
-_EXTENTS = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
 _LV_NAME_BAD = re.compile(r"[^A-Za-z0-9+_.-]")
 
 
@@ -218,16 +217,22 @@ def _tool(name: str) -> str:
 
 
 class LvmProvider(Provider):
-    """Options: ``size`` (thick snapshots: ``20%ORIGIN`` default, or ``512M``),
-    ``kernel`` (release to decide nesting for; default: the running kernel)."""
+    """Options (:class:`LvmOptions`): ``size`` (thick snapshots: ``20%ORIGIN`` default, or
+    ``512M``), ``kernel`` (release to decide nesting for; default: the running kernel),
+    ``lvcreate_timeout``."""
 
     name = "lvm"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.size = str(options.get("size") or DEFAULT_SIZE)
-        self.kernel_release = str(options.get("kernel") or platform.release())
-        self.timeout = float(options.get("lvcreate_timeout") or LVCREATE_TIMEOUT)
+    Options: ClassVar[type[LvmOptions]] = LvmOptions
+    config: LvmOptions
+
+    def __init__(
+        self, options: LvmOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
+        self.size = self.config.size
+        self.kernel_release = self.config.kernel or platform.release()
+        self.timeout = self.config.lvcreate_timeout
         self._planned: list[_Planned] = []
         self._name = ""
         self._lvremove = ""

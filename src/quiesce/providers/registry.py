@@ -7,6 +7,7 @@ import importlib
 
 from quiesce.errors import UsageError
 from quiesce.providers.base import Provider
+from quiesce.providers.options import ProviderOptions, options_model
 
 _BUILTIN = {
     "reflink": "quiesce.providers.reflink:ReflinkProvider",
@@ -31,4 +32,9 @@ def get_provider(name: str) -> type[Provider]:
         raise UsageError(f"provider {name!r} is not available: {e}") from None
 
 
-__all__ = ["PROVIDERS", "get_provider"]
+def get_options(name: str) -> type[ProviderOptions]:
+    """The option model of provider ``name``, without importing the provider."""
+    return options_model(name)
+
+
+__all__ = ["PROVIDERS", "get_options", "get_provider"]

@@ -14,7 +14,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from quiesce.errors import QuiesceError, UnsupportedFilesystem, UsageError
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan
 from quiesce.providers.base import FreezeMode, Provider, Snapshot
+from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.consistency import consistency
 from quiesce.snapshot.manifest import Manifest
@@ -58,12 +59,18 @@ class _Phases:
             )
 
 
-def _make_provider(provider: str | Provider, options: dict[str, Any] | None) -> Provider:
+def _make_provider(
+    provider: str | Provider, options: ProviderOptions | Mapping[str, Any] | None
+) -> Provider:
+    """The provider, its options validated (unknown keys refused) before anything runs."""
     if isinstance(provider, Provider):
         if options:
-            provider.options.update(options)
+            raise UsageError(
+                f"options given twice: to the {provider.name} provider and to create()",
+                "give them to the provider's constructor only",
+            )
         return provider
-    return get_provider(provider)(**(options or {}))
+    return get_provider(provider)(options)
 
 
 def _plain_plan(paths: Sequence[str]) -> Plan:
@@ -174,7 +181,7 @@ def create(
     provider: str | Provider,
     *,
     job: str = "adhoc",
-    options: dict[str, Any] | None = None,
+    options: ProviderOptions | Mapping[str, Any] | None = None,
     timeout: float = 30.0,
     lease: float = 5.0,
     syncfs: bool = True,

@@ -18,7 +18,9 @@ from quiesce.sys.mounts import MountTable, loop_backing_file
 
 
 def provider_for(man: Manifest) -> Provider:
-    return get_provider(man.provider)(**man.options)
+    """The provider that made ``man``, from its recorded options; keys this version does
+    not take are dropped (Provider.from_record): an old snapshot stays deletable."""
+    return get_provider(man.provider).from_record(man.options)
 
 
 def _run(*cmd: str) -> None:
