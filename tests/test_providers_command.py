@@ -148,4 +148,4 @@ def test_cli_create_list_delete(loopfs, tmp_path):
     r = runner.invoke(snapshot_app, ["delete", man["id"]], env=env)
     assert r.exit_code == 2 and "no delete command" in r.stderr and "hint:" in r.stderr
     r = runner.invoke(snapshot_app, ["create", "-p", "command", fs.path], env=env)
-    assert r.exit_code == 2 and "needs the snapshot command" in r.stderr
+    assert r.exit_code == 2 and "--option create: required by provider command" in r.stderr

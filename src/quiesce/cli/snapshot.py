@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +16,9 @@ from quiesce import snapshot as snapshots
 from quiesce.cli.common import JsonOpt, emit_json, err, fail, out
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.sys.units import human_duration
+
+if TYPE_CHECKING:
+    from quiesce.providers.options import ProviderOptions
 
 snapshot_app = typer.Typer(
     name="snapshot",
@@ -48,7 +51,8 @@ def _warn(text: str) -> None:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``k=v`` pairs; a value that is a JSON list or object is parsed (argv lists)."""
+    """``k=v`` pairs; a value that is a JSON list or object is parsed (argv lists). Other
+    values stay strings: the provider's option model coerces them (``"5"`` -> 5.0)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -62,6 +66,19 @@ def parse_options(items: list[str]) -> dict[str, Any]:
                 raise UsageError(f"option {key}: {value!r} is not valid JSON") from None
         options[key] = parsed
     return options
+
+
+def provider_options(provider: str, items: list[str]) -> ProviderOptions:
+    """``--option`` flags validated against the provider's option model, before anything
+    runs; an unknown key or a bad value is told in flag syntax (``--option dset: ...``)."""
+    from quiesce.providers.options import ProviderOptionsError
+    from quiesce.providers.registry import get_options
+
+    model = get_options(provider)
+    try:
+        return model.parse(parse_options(items))
+    except ProviderOptionsError as e:
+        raise e.for_flags() from None
 
 
 @snapshot_app.command("create")
@@ -96,7 +113,7 @@ def create_cmd(
             paths,
             provider,
             job=job,
-            options=parse_options(option or []),
+            options=provider_options(provider, option or []),
             timeout=timeout,
             lease=lease,
             syncfs=not no_syncfs,
