@@ -59,6 +59,16 @@ BAD = [
         ("provider.create", "missing: the command provider needs it",
          'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'),
     ),
+    (  # a provider option of the wrong type (TOML types are strict)
+        'volumes = ["/v"]\n[provider]\ntype = "zfs"\ntimeout = "30"\n',
+        ("provider.timeout", "wrong type: expected a number, got string '30'",
+         "write it without quotes: timeout = 30"),
+    ),
+    (  # a provider option with a bad value
+        'volumes = ["/v"]\n[provider]\ntype = "lvm"\nsize = "huge"\n',
+        ("provider.size", "bad LVM snapshot size 'huge': give an absolute size (512M, 2G) "
+         "or extents (20%ORIGIN, 10%VG, 50%FREE)", ""),
+    ),
     (
         'volumes = ["/v"]\n[provider]\ntype = "reflinc"\n',
         ("provider.type", "unknown provider 'reflinc'",
@@ -229,13 +239,14 @@ def test_check_cli_prints_every_problem_and_exits_2(tmp_path):
     assert p.returncode == 2
     assert p.stdout == ""
     lines = p.stderr.splitlines()
-    assert lines[0] == f"quiesce: {job}: 3 problems; nothing was run"
+    assert lines[0] == f"quiesce: {job}: 4 problems; nothing was run"
     assert "  provider.create: missing: the command provider needs it" in lines
+    assert "  provider.extra: unknown key" in lines
     assert "  hooks.pre_freeze[0].command: /no/hook does not exist" in lines
     assert "  volumes[0]: /v: no such file or directory" in lines
     assert lines[-1].startswith("hint: fix the job file")
     j = json.loads(quiesce("check", str(job), "--json").stdout)
-    assert j["exit_code"] == 2 and len(j["problems"]) == 3
+    assert j["exit_code"] == 2 and len(j["problems"]) == 4
 
 
 def test_run_refuses_an_invalid_job_and_runs_nothing(loopfs, tmp_path):
@@ -316,4 +327,72 @@ def test_unfreezable_volume_is_refused_only_when_the_provider_freezes(loopfs, tm
         ("volumes", f"{tmpfs} is tmpfs, which cannot be frozen")
     ]
     atomic = write_job(tmp_path, f'volumes = ["{tmpfs}"]\n[provider]\ntype = "zfs"\n', "z.toml")
-    assert load_job(atomic).config.provider.type == "zfs"  # zfs never freezes: no problem
+    # zfs never freezes: no freeze problem; its own check refuses a volume that is no dataset
+    assert [p[:2] for p in problems(atomic, check_volumes=True)] == [
+        ("provider", f"{tmpfs} is tmpfs, not a ZFS dataset")
+    ]
+
+
+# -- provider options: the provider's typed model, at their TOML keys -------------------------
+
+PROVIDER_TYPOS = {  # provider: (typo, meant, value, allowed keys)
+    "reflink": ("dset", "dest", '"/x"', "dest"),
+    "btrfs": ("dst", "dest", '"/x"', "dest"),
+    "lvm": ("lvcreate_timout", "lvcreate_timeout", "30", "kernel, lvcreate_timeout, size"),
+    "zfs": ("timout", "timeout", "30", "timeout"),
+    "ebs": ("wait_dealy", "wait_delay", "5",
+            "copy_tags, description, instance_id, profile, region, sysfs_root, tags, wait, "
+            "wait_attempts, wait_delay"),
+    "command": ("timout", "timeout", "30", "create, delete, list, timeout"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PROVIDER_TYPOS))
+def test_a_typo_in_provider_is_refused_at_its_key(tmp_path, name):
+    typo, meant, value, allowed = PROVIDER_TYPOS[name]
+    create = 'create = ["true"]\n' if name == "command" else ""
+    job = write_job(
+        tmp_path, f'volumes = ["/v"]\n[provider]\ntype = "{name}"\n{create}{typo} = {value}\n'
+    )
+    assert problems(job) == [
+        (f"provider.{typo}", "unknown key", f"did you mean '{meant}'? allowed here: {allowed}")
+    ]
+
+
+def test_a_job_built_in_python_refuses_a_provider_typo():
+    from pydantic import ValidationError
+
+    from quiesce.job.schema import JobConfig
+
+    with pytest.raises(ValidationError, match=r"provider\.dset: Extra inputs are not permitted"):
+        JobConfig(volumes=["/v"], provider={"type": "reflink", "dset": "/x"})
+    c = JobConfig(volumes=["/v"], provider={"type": "reflink", "dest": "/x"})
+    assert str(c.provider.settings.dest) == "/x" and c.provider.options == {"dest": "/x"}
+
+
+def test_check_runs_the_provider_check_dest_on_another_filesystem(loopfs, tmp_path):
+    """A reflink clone directory on another filesystem than the image failed only the run
+    (exit 2, after the plan); `quiesce check` now refuses it at provider.dest."""
+    from helpers.snaptools import image_on_reflink_host
+
+    pair = image_on_reflink_host(loopfs)
+    elsewhere = tmp_path / "clones"
+    elsewhere.mkdir()
+    state = tmp_path / "state"
+    job = write_job(
+        tmp_path,
+        f'volumes = ["{pair.inner.path}"]\nstate_dir = "{state}"\n'
+        f'[provider]\ntype = "reflink"\ndest = "{elsewhere}"\n',
+    )
+    p = quiesce("check", str(job))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0] == f"quiesce: {job}: 1 problem; nothing was run"
+    assert lines[1].startswith(f"  provider.dest: cannot clone {pair.inner.image} into {elsewhere}")
+    assert 'dest = "DIR"' in p.stderr and "--option" not in p.stderr  # the job's syntax
+    assert list(elsewhere.iterdir()) == [] and not state.exists()
+    assert is_writable(pair.inner.path)
+    ok = write_job(
+        tmp_path, f'volumes = ["{pair.inner.path}"]\n[provider]\ntype = "reflink"\n', "ok.toml"
+    )
+    assert load_job(ok).config.provider.type == "reflink"

@@ -17,12 +17,15 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveFloat,
+    ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from quiesce.backup.config import BackupConfig
 from quiesce.errors import UsageError
+from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
 from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
 
@@ -146,7 +149,10 @@ class TimeoutsConfig(_Strict):
 
 
 class ProviderConfig(BaseModel):
-    """``type`` plus the provider's own options (any other key of the table)."""
+    """``type`` plus the provider's own options: every other key of the table, checked
+    against that provider's option model (providers/options.py: unknown keys refused,
+    TOML types strict). validate.py reports each bad key at its TOML path; this check
+    makes a JobConfig built in Python refuse them too."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     type: str
@@ -154,6 +160,26 @@ class ProviderConfig(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def settings(self) -> ProviderOptions:
+        """The options as the provider's typed model."""
+        return options_model(self.type).model_validate(self.options, strict=True)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "ProviderConfig":
+        if self.type not in OPTIONS:
+            return self  # validate.py lists the known providers
+        try:
+            OPTIONS[self.type].model_validate(self.options, strict=True)
+        except ValidationError as e:
+            said = "; ".join(f"provider.{_loc(err['loc'])}: {err['msg']}" for err in e.errors())
+            raise ValueError(said) from None
+        return self
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 class JobConfig(_Strict):

@@ -8,14 +8,16 @@ A job file (:func:`load_job`) and a :class:`JobConfig` built in Python
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import json
 import os
 import re
 import shutil
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,11 +25,13 @@ from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
+from quiesce.providers.options import OPTIONS, ProviderOptions
 
-# Options a provider cannot do without: (example for the hint, what it is).
-REQUIRED_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
-    "command": {"create": 'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'},
-}
+if TYPE_CHECKING:
+    from quiesce.freezing.plan import GroupMember
+    from quiesce.providers.base import Provider
+    from quiesce.sys.mounts import MountTable
+
 CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
 
 # -- pydantic errors -> problems ------------------------------------------------------------
@@ -197,7 +201,34 @@ def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
     return problems, scripts
 
 
+def _provider_options(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The options of ``[provider]`` (every key but ``type``), None without a known type."""
+    provider = raw.get("provider")
+    if not isinstance(provider, dict) or provider.get("type") not in PROVIDERS:
+        return None
+    return {k: v for k, v in provider.items() if k != "type"}
+
+
+def _option_problem(kind: str, model: type[ProviderOptions], err: dict[str, Any]) -> Problem:
+    """A pydantic error of the provider's option model, at its TOML key."""
+    loc = ("provider", *err["loc"])
+    path = _key_path(loc)
+    if err["type"] == "extra_forbidden":
+        allowed = sorted(model.model_fields)
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        listed = ", ".join(allowed) or f"nothing (the {kind} provider takes no options)"
+        return Problem(path, "unknown key", hint + "allowed here: " + listed)
+    if err["type"] == "missing":
+        info = model.model_fields.get(str(err["loc"][-1]))
+        example = info.examples[0] if info is not None and info.examples else None
+        hint = f"{err['loc'][-1]} = {json.dumps(example)}" if example else "add this key"
+        return Problem(path, f"missing: the {kind} provider needs it", hint)
+    return _problem_from({**err, "loc": loc})
+
+
 def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
+    """``type`` is a provider, and every other key is one of its options, typed."""
     provider = raw.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
         return []
@@ -206,11 +237,12 @@ def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
         close = difflib.get_close_matches(kind, PROVIDERS, n=1)
         hint = (f"did you mean {close[0]!r}? " if close else "") + "one of: " + ", ".join(PROVIDERS)
         return [Problem("provider.type", f"unknown provider {kind!r}", hint)]
-    return [
-        Problem(f"provider.{opt}", f"missing: the {kind} provider needs it", example)
-        for opt, example in REQUIRED_PROVIDER_OPTIONS.get(kind, {}).items()
-        if opt not in provider
-    ]
+    model = OPTIONS[kind]
+    try:
+        model.model_validate(_provider_options(raw), strict=True)
+    except ValidationError as e:
+        return [_option_problem(kind, model, dict(err)) for err in e.errors()]
+    return []
 
 
 def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
@@ -273,32 +305,59 @@ def _backup_problems(raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def _freezes(raw: dict[str, Any], table: Any, vols: list[str]) -> bool:
-    """Whether the job's provider FIFREEZEs these volumes (atomic ones such as zfs and
-    btrfs do not: then unfreezable filesystems and self-hazards do not matter)."""
+@contextlib.contextmanager
+def _members(vols: list[str], table: MountTable) -> Iterator[list[GroupMember]]:
+    """The group as the run sees it (one member per filesystem), its targets closed after."""
     from quiesce.freezing.plan import GroupMember
-    from quiesce.providers.base import FreezeMode
-    from quiesce.providers.registry import get_provider
     from quiesce.sys.mounts import resolve
 
-    provider = raw.get("provider")
-    if not isinstance(provider, dict) or provider.get("type") not in PROVIDERS:
-        return True
-    options = {k: v for k, v in provider.items() if k != "type"}
-    targets = [resolve(v, table) for v in vols]
+    members: dict[str, GroupMember] = {}
     try:
-        prov = get_provider(provider["type"])(**options)
-        members = [GroupMember(t.volume, [t]) for t in targets]
-        return prov.freeze_mode(members) is FreezeMode.FIFREEZE
-    except Exception:  # the provider's own problems are reported by its checks at run time
-        return True
+        for v in vols:
+            t = resolve(v, table)
+            if t.volume.dev in members:
+                members[t.volume.dev].targets.append(t)
+            else:
+                members[t.volume.dev] = GroupMember(t.volume, [t])
+        yield list(members.values())
     finally:
-        for t in targets:
-            t.close()
+        for m in members.values():
+            for t in m.targets:
+                t.close()
+
+
+def _provider(raw: dict[str, Any]) -> Provider | None:
+    """The job's provider, or None when ``[provider]`` has problems of its own."""
+    from quiesce.providers.registry import get_provider
+
+    options = _provider_options(raw)
+    if options is None or _provider_problems(raw):
+        return None
+    try:
+        return get_provider(raw["provider"]["type"])(options)
+    except QuiesceError:  # not installed: the run says so
+        return None
+
+
+_FLAG = re.compile(r"--option (\w+)=('[^']*'|[^\s),;]+)")
+
+
+def _toml_hint(hint: str) -> str:
+    """A provider's hint in the job's syntax: ``--option dest=DIR`` -> ``dest = "DIR"``."""
+    return _FLAG.sub(lambda m: f"{m[1]} = {json.dumps(m[2].strip(chr(39)))}", hint)
+
+
+def _check_problem(e: QuiesceError) -> Problem:
+    """What the provider's own check refused, at the option it names (``provider.dest``)."""
+    option = e.details.get("option")
+    return Problem(f"provider.{option}" if option else "provider", e.message, _toml_hint(e.hint))
 
 
 def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
+    """The volumes resolve, the plan is safe (when the provider freezes), and the
+    provider's own check passes: what the run's check phase would refuse, before it runs."""
     from quiesce.freezing.plan import make_plan
+    from quiesce.providers.base import FreezeMode
     from quiesce.sys.mounts import MountTable, resolve
 
     vols = raw.get("volumes")
@@ -324,15 +383,27 @@ def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
             problems.append(Problem(f"volumes[{i}]", e.message, e.hint))
     if problems or not vols or not all(isinstance(v, str) for v in vols):
         return problems
-    if not _freezes(raw, table, vols):
-        return problems
-    allow_self = raw.get("allow_self") is True
-    try:
-        with make_plan(vols, allow_self=allow_self, table=table) as plan:
-            plan.check()
-    except QuiesceError as e:
-        hint = "set allow_self = true only if nothing writes there while frozen"
-        problems.append(Problem("volumes", e.message, hint if "allow_self" in e.hint else e.hint))
+    prov = _provider(raw)
+    with _members(vols, table) as members:
+        try:
+            freezes = prov is None or prov.freeze_mode(members) is FreezeMode.FIFREEZE
+        except QuiesceError:
+            freezes = True
+        if freezes:  # atomic providers (zfs, btrfs) never freeze: no freeze hazards
+            allow_self = raw.get("allow_self") is True
+            try:
+                with make_plan(vols, allow_self=allow_self, table=table) as plan:
+                    plan.check()
+            except QuiesceError as e:
+                hint = "set allow_self = true only if nothing writes there while frozen"
+                problems.append(
+                    Problem("volumes", e.message, hint if "allow_self" in e.hint else e.hint)
+                )
+        if prov is not None and not problems:
+            try:
+                prov.check(members)
+            except QuiesceError as e:
+                problems.append(_check_problem(e))
     return problems
 
 
@@ -347,6 +418,10 @@ def _in_file_order(problems: list[Problem], raw: dict[str, Any]) -> list[Problem
 
     return sorted(problems, key=pos)
 
+
+# Tables whose model check (a value_error at the table) is listed key by key by
+# _backup_problems and _provider_problems, even when pydantic stops before it.
+_LISTED_APART = {("backup",), ("provider",)}
 
 # -- loading ---------------------------------------------------------------------------------
 
@@ -400,7 +475,7 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
         problems += [
             _problem_from(dict(err))
             for err in e.errors()
-            if not (err["type"] == "value_error" and tuple(err["loc"]) == ("backup",))
+            if not (err["type"] == "value_error" and tuple(err["loc"]) in _LISTED_APART)
         ]
     more, scripts = _machine_problems(raw, check_volumes)
     problems += more
