@@ -99,6 +99,24 @@ def test_stored_options_load_leniently_for_mount_and_delete() -> None:
         get_provider("command").from_record({"old_key": 1})
 
 
+def test_a_manifest_with_old_keys_still_gives_its_provider() -> None:
+    from types import SimpleNamespace
+
+    from quiesce.snapshot.mount import provider_for
+
+    man = SimpleNamespace(provider="reflink", options={"dest": "/srv/c", "compress": True})
+    assert provider_for(man).config == ReflinkOptions(dest="/srv/c")  # type: ignore[arg-type]
+
+
+def test_options_given_twice_are_refused(tmp_path: Path) -> None:
+    from quiesce import snapshot
+
+    prov = get_provider("reflink")()
+    with pytest.raises(UsageError, match="options given twice"):
+        snapshot.create([str(tmp_path)], prov, options={"dest": "/x"}, state_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
 def test_importing_the_models_does_not_import_boto3() -> None:
     code = (
         "import sys\nfrom quiesce.providers import EbsOptions, get_provider\n"
@@ -139,6 +157,14 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     },
     "command": {"create": _argv, "delete": _argv, "list": _argv, "timeout": _pos},
 }
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_word.filter(lambda k: k.strip() == k), _word, max_size=5))
+def test_tags_from_the_command_line_form(tags: dict[str, str]) -> None:
+    text = ",".join(f"{k}={v}" for k, v in tags.items())
+    assert EbsOptions.parse(tags=text).tags == tags
+    assert EbsOptions.parse(tags=tags).tags == tags
 
 
 def test_the_strategies_cover_every_key() -> None:
