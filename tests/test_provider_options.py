@@ -167,6 +167,25 @@ def test_tags_from_the_command_line_form(tags: dict[str, str]) -> None:
     assert EbsOptions.parse(tags=tags).tags == tags
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(_size, st.text(alphabet="0123456789.%kMGbsORIGNVFEP ", max_size=10)))
+def test_lvm_size_refused_by_the_model_exactly_when_lvcreate_args_refuse_it(size: str) -> None:
+    """The model refuses a size before anything runs; size_args builds lvcreate's
+    arguments at run time: they must agree on every string."""
+    from quiesce.providers.lvm import size_args
+
+    try:
+        size_args(size)
+        valid = True
+    except UsageError:
+        valid = False
+    try:
+        LvmOptions.parse(size=size)
+        assert valid, size
+    except ProviderOptionsError:
+        assert not valid, size
+
+
 def test_the_strategies_cover_every_key() -> None:
     assert {n: sorted(v) for n, v in VALID.items()} == {
         n: sorted(m.model_fields) for n, m in OPTIONS.items()

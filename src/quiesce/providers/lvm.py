@@ -26,18 +26,20 @@ from typing import Any, ClassVar
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
-from quiesce.providers.options import LVM_EXTENTS_RE as _EXTENTS
-from quiesce.providers.options import LVM_SIZE_RE as _SIZE
 from quiesce.providers.options import LvmOptions
 from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
+DEFAULT_SIZE = "20%ORIGIN"
 LVS_FIELDS = (
     "vg_name,lv_name,lv_attr,lv_size,pool_lv,origin,lv_tags,lv_time,"
     "lv_kernel_major,lv_kernel_minor,vg_free"
 )
 NESTING_SINCE = (6, 8)
+LVCREATE_TIMEOUT = 60.0
 
+_SIZE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
+_EXTENTS = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
 _LV_NAME_BAD = re.compile(r"[^A-Za-z0-9+_.-]")
 
 

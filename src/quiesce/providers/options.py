@@ -72,12 +72,12 @@ def _to_tags(value: Any) -> Any:
     return tags
 
 
-LVM_SIZE_RE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
-LVM_EXTENTS_RE = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
+_LVM_SIZE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
+_LVM_EXTENTS = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
 
 
 def _lvm_size(value: str) -> str:
-    if not (LVM_EXTENTS_RE.fullmatch(value) or LVM_SIZE_RE.fullmatch(value)):
+    if not (_LVM_EXTENTS.fullmatch(value) or _LVM_SIZE.fullmatch(value)):
         raise PydanticCustomError(
             "lvm_size",
             f"bad LVM snapshot size {value!r}: give an absolute size (512M, 2G) or extents "
