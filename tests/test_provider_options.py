@@ -102,7 +102,7 @@ def test_stored_options_load_leniently_for_mount_and_delete() -> None:
 def test_a_manifest_with_old_keys_still_gives_its_provider() -> None:
     from types import SimpleNamespace
 
-    from quiesce.snapshot.mount import provider_for
+    from quiesce.snapshot.mounting import provider_for
 
     man = SimpleNamespace(provider="reflink", options={"dest": "/srv/c", "compress": True})
     assert provider_for(man).config == ReflinkOptions(dest="/srv/c")  # type: ignore[arg-type]
