@@ -23,9 +23,9 @@ from quiesce.job.metrics import run_metrics, write_textfile
 from quiesce.job.report import Phase, Report
 from quiesce.job.schema import Job
 from quiesce.job.timeline import fill_from_manifest, window_phases
-from quiesce.state.journal import state_dir
 from quiesce.state.locks import JobBusy, job_lock
 from quiesce.state.retention import RetentionPolicy
+from quiesce.state.statedir import state_dir
 
 
 def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:

@@ -6,20 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
-from quiesce.freezing.plan import GroupMember
+from quiesce.errors import QuiesceError, UsageError
 from quiesce.snapshot.manifest import Manifest
-from quiesce.state.journal import DEFAULT_STATE_DIR, STATE_DIR_ENV
-from quiesce.state.journal import state_dir as journal_state_dir
-from quiesce.sys.mounts import MountTable
+from quiesce.state.statedir import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from quiesce.state.statedir import state_dir as state_dir_path
 
 STATE_ENV = STATE_DIR_ENV
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-state_dir_path = journal_state_dir  # the argument, else $QUIESCE_STATE_DIR, else the default
 
 
 def _manifest_dir(state: Path) -> Path:
@@ -30,25 +26,6 @@ def _manifest_path(state: Path, snap_id: str) -> Path:
     if not _ID_RE.fullmatch(snap_id):
         raise UsageError(f"{snap_id!r} is not a snapshot id", "see `quiesce snapshot list`")
     return _manifest_dir(state) / f"{snap_id}.json"
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _refuse_state_on_group(state: Path, members: Sequence[GroupMember]) -> None:
-    """The manifest is written there: a group volume would be frozen or snapshotted."""
-    table = MountTable.read()
-    vol = table.volume_of_path(str(_existing_ancestor(state)))
-    for m in members:
-        if vol is not None and vol.dev == m.volume.dev:
-            raise UnsafePlan(
-                f"the state directory {state} is on {m.name}, a volume of the group",
-                f"set {STATE_ENV} (or --state-dir) to a directory on another filesystem",
-            )
 
 
 def _write_manifest(state: Path, man: Manifest) -> Path:
