@@ -149,7 +149,10 @@ def cleanup_cmd(
     dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
     from quiesce.snapshot.cleanup import cleanup
 
-    rep = cleanup(state_dir_opt, dry_run=dry_run)
+    try:
+        rep = cleanup(state_dir_opt, dry_run=dry_run)
+    except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(rep.to_dict() | {"dry_run": dry_run})
     else:

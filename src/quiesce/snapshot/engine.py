@@ -30,7 +30,7 @@ from quiesce.snapshot.manifest import Manifest
 from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, quiesces
 from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
-from quiesce.state.statedir import refuse_state_on_group
+from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, resolve
 from quiesce.sys.units import human_duration
@@ -193,6 +193,7 @@ def create(
         members = plan.members
         with phases("check"):
             mode = prov.freeze_mode(members)
+            checked_state_dir(state)  # root's alone, or nothing is made
             refuse_state_on_group(state, members)
             if mode is FreezeMode.FIFREEZE:
                 plan.check()

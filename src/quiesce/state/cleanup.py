@@ -8,19 +8,18 @@ snapshot layer passes ``snapshot``; see :func:`quiesce.snapshot.cleanup.cleanup`
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError
-from quiesce.state.journal import parse
-from quiesce.state.statedir import journal_dir
+from quiesce.state.journal import Entry, parse_lines
+from quiesce.state.statedir import checked_subdir, open_state_file
 from quiesce.state.undo import UndoFn, describe, undo_entry
 
 
@@ -40,23 +39,35 @@ class CleanupReport:
         }
 
 
-@contextlib.contextmanager
-def _lock_if_dead(path: Path) -> Iterator[int | None]:
-    """Yield an fd with the journal's lock if its run is dead, else None."""
+def _open_journals(directory: Path) -> list[tuple[Path, int]]:
+    """Every journal, opened and checked (O_NOFOLLOW, root's alone), newest first. One
+    that fails the check refuses the whole cleanup before anything is undone."""
+    opened: list[tuple[Path, int]] = []
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield None
-        return
+        for path in directory.glob("*.jsonl"):
+            try:
+                fd = open_state_file(path, os.O_RDWR | os.O_APPEND)
+            except FileNotFoundError:
+                continue  # its run ended meanwhile
+            opened.append((path, fd))
+    except BaseException:
+        for _, fd in opened:
+            os.close(fd)
+        raise
+    return sorted(opened, key=lambda pf: os.fstat(pf[1]).st_mtime, reverse=True)
+
+
+def _dead(fd: int) -> bool:
+    """Take the journal's lock if its run is dead (the kernel dropped the run's lock)."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None
-            return
-        yield fd
-    finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read(fd: int) -> tuple[dict[str, Any], dict[int, Entry]]:
+    return parse_lines(os.pread(fd, os.fstat(fd).st_size, 0).splitlines())
 
 
 def cleanup(
@@ -69,21 +80,25 @@ def cleanup(
 
     Runs that still hold their journal's lock are left alone. Safe to run any number of
     times, also concurrently with new runs. ``undo`` adds actions of higher layers.
+    Refuses (UntrustedState, exit 2) before undoing anything if the state directory or
+    a journal could have been written by someone other than root.
     """
     extra = dict(undo or {})
-    directory = journal_dir(state)
+    directory = checked_subdir(state, "journal")
     report = CleanupReport()
     if not directory.is_dir():
         return report
-    paths = sorted(directory.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in paths:
-        with _lock_if_dead(path) as fd:
-            if fd is None:
-                if path.exists():
-                    report.skipped_live.append(path.stem)
+    journals = _open_journals(directory)
+    try:
+        for path, fd in journals:
+            alive = not _dead(fd)
+            if os.fstat(fd).st_nlink == 0:
+                continue  # its run finished and removed it meanwhile
+            if alive:
+                report.skipped_live.append(path.stem)
                 continue
             report.journals.append(path.stem)
-            _header, entries = parse(path)
+            _header, entries = _read(fd)
             failed = False
             for entry in sorted(entries.values(), key=lambda e: e.id, reverse=True):
                 if entry.state != "open":
@@ -103,24 +118,31 @@ def cleanup(
                 report.removed.append(what)
             if not failed and not dry_run:
                 path.unlink()
+    finally:
+        for _, fd in journals:
+            os.close(fd)
     return report
 
 
 def held_snapshot_ids(state: str | Path | None = None) -> set[str]:
     """Snapshot ids that a live run holds (is reading): retention must not delete them."""
     held: set[str] = set()
-    directory = journal_dir(state)
+    directory = checked_subdir(state, "journal")
     if not directory.is_dir():
         return held
-    for path in directory.glob("*.jsonl"):
-        with _lock_if_dead(path) as fd:
-            if fd is not None:
+    journals = _open_journals(directory)
+    try:
+        for _path, fd in journals:
+            if _dead(fd):
+                fcntl.flock(fd, fcntl.LOCK_UN)
                 continue  # dead run: its holds are void
-        with contextlib.suppress(OSError):
-            _h, entries = parse(path)
+            _h, entries = _read(fd)
             for e in entries.values():
                 if e.state == "open" and e.fields.get("holds"):
                     held.add(str(e.fields["holds"]))
+    finally:
+        for _, fd in journals:
+            os.close(fd)
     return held
 
 

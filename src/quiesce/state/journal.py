@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError
-from quiesce.state.statedir import journal_dir
+from quiesce.state.statedir import checked_subdir, read_state_file
 from quiesce.state.undo import KINDS, JournalError, UndoFn, describe, undo_entry
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
 
@@ -66,13 +66,12 @@ class Journal:
     ) -> Journal:
         """Create and lock a fresh journal for this process. ``undo`` adds the actions of
         higher layers (the snapshot layer's ``snapshot``) for :meth:`rollback`."""
-        directory = journal_dir(state)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory = checked_subdir(state, "journal", create=True)
         run = run or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         path = directory / f"{run}.jsonl"
         # Locked under a name cleanup ignores, then renamed: cleanup never sees it unlocked.
         tmp = directory / f".{run}.new"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         j = cls(path=path, run=run, fd=fd, undo_actions=dict(undo or {}))
@@ -191,9 +190,8 @@ def parse_lines(lines: Any) -> tuple[dict[str, Any], dict[int, Entry]]:
 
 
 def parse(path: Path) -> tuple[dict[str, Any], dict[int, Entry]]:
-    """Read a journal file: its header and entries (a torn last line is ignored)."""
-    with open(path, "rb") as f:
-        return parse_lines(f)
+    """Read a journal file, refused unless root's alone (a torn last line is ignored)."""
+    return parse_lines(read_state_file(path).splitlines())
 
 
 __all__ = ["Entry", "Journal", "JournalError", "parse", "parse_lines"]
