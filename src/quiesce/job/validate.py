@@ -23,6 +23,7 @@ from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
+from quiesce.sys.trust import TrustError, open_checked, read_all
 
 # Options a provider cannot do without: (example for the hint, what it is).
 REQUIRED_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
@@ -377,12 +378,22 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
     p = Path(path)
     shown = str(path)
     try:
-        text = p.read_bytes()
-    except OSError as e:
+        # Read from the fd that was checked (with every directory above it): no window
+        # between the check and the read for another user to swap the file.
+        checked = open_checked(p, follow=True)
+        try:
+            text = read_all(checked.fd)
+        finally:
+            os.close(checked.fd)
+    except (OSError, TrustError) as e:
+        why = e.strerror if isinstance(e, OSError) else e.message
         raise UsageError(
-            f"cannot read job file {shown}: {e.strerror}", "give the path of a TOML job file"
+            f"cannot read job file {shown}: {why}", "give the path of a TOML job file"
         ) from None
-    problems = _file_problems(p, "(job file)")
+    problems = []
+    if checked.problem:
+        culprit = checked.culprit
+        problems.append(Problem("(job file)", checked.problem, CHOWN_HINT.format(p=culprit)))
     try:
         raw = tomllib.loads(text.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
