@@ -374,3 +374,26 @@ def test_manifests_and_locks_are_checked_too(tmp_path: Path) -> None:
     with pytest.raises(UntrustedState), job_lock(state, "j"):
         pass
     assert target.read_text() == "keep me"
+
+
+def test_what_quiesce_creates_in_the_state_dir_is_private(tmp_path: Path) -> None:
+    """Under umask 022: the state directory (and any parent quiesce makes for it), its
+    journal and locks directories are 0700, journals and lock files 0600."""
+    from quiesce.state.locks import job_lock
+
+    state = tmp_path / "var" / "quiesce"
+    old = os.umask(0o022)
+    try:
+        with Journal.open(state, job="p") as j, job_lock(state, "p"):
+            modes = {
+                p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o7777
+                for p in [tmp_path / "var", *sorted(state.rglob("*")), state]
+            }
+            assert j.path.exists()
+    finally:
+        os.umask(old)
+    assert modes == {
+        "var": 0o700, "var/quiesce": 0o700, "var/quiesce/journal": 0o700,
+        "var/quiesce/locks": 0o700, f"var/quiesce/journal/{j.run}.jsonl": 0o600,
+        "var/quiesce/locks/run-p.lock": 0o600,
+    }  # fmt: skip

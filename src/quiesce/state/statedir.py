@@ -14,7 +14,6 @@ manifest write would then hang the run inside its own window, or land in the sna
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,13 @@ from pathlib import Path
 from quiesce.errors import UnsafePlan
 from quiesce.freezing.plan import GroupMember
 from quiesce.sys.mounts import MountTable
-from quiesce.sys.trust import TrustError, open_checked, open_trusted, read_all
+from quiesce.sys.trust import (
+    TrustError,
+    make_private_dirs,
+    open_checked,
+    open_trusted,
+    read_all,
+)
 
 DEFAULT_STATE_DIR = Path("/var/lib/quiesce")
 STATE_DIR_ENV = "QUIESCE_STATE_DIR"
@@ -64,19 +69,10 @@ def _check_dir(path: Path, what: str, *, as_parent: bool = False) -> None:
 
 
 def _make_private_dirs(path: Path) -> None:
-    """mkdir the missing components of ``path``, each 0700 (whatever the umask)."""
-    missing = []
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    _check_dir(probe, f"the state directory {path}", as_parent=True)  # before making a thing
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue  # made meanwhile: the check below looks at it
-        os.chmod(d, 0o700)
+    """mkdir the missing components of ``path``, each 0700 (whatever the umask), once the
+    directory they go into passed the check (a refusal makes nothing)."""
+    _check_dir(_existing_ancestor(path), f"the state directory {path}", as_parent=True)
+    make_private_dirs(path)
 
 
 def checked_state_dir(state: str | Path | None = None, *, create: bool = False) -> Path:
@@ -105,8 +101,7 @@ def checked_subdir(state: str | Path | None, name: str, *, create: bool = False)
     if not os.path.lexists(sub):
         if not create:
             return sub
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(sub, 0o700)
+        make_private_dirs(sub)
     _check_dir(sub, f"the state directory {base}")
     return sub
 

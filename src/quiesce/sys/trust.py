@@ -202,6 +202,29 @@ def trust_problem(path: str | Path, *, follow: bool = True, directory: bool = Fa
     return checked.problem
 
 
+def make_private_dirs(path: str | Path) -> list[Path]:
+    """mkdir the missing components of ``path``, each 0700 whatever the umask (what
+    quiesce creates is private); returns the directories made, outermost first."""
+    missing: list[Path] = []
+    probe = Path(os.path.abspath(path))
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: not ours
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)  # a umask such as 0277 would have taken root's own bits
+        finally:
+            os.close(fd)
+        made.append(d)
+    return made
+
+
 def read_all(fd: int) -> bytes:
     """Everything from ``fd``'s current offset to its end."""
     chunks = []
@@ -213,6 +236,7 @@ def read_all(fd: int) -> bytes:
 __all__ = [
     "Checked",
     "TrustError",
+    "make_private_dirs",
     "object_problem",
     "open_checked",
     "open_trusted",
