@@ -383,3 +383,22 @@ def test_a_link_to_a_job_file_is_checked_where_it_leads(tmp_path):
     assert [p[:2] for p in problems(link)] == [
         ("(job file)", f"{d} is owned by uid 65534, not root (it holds {real})"),
     ]
+
+
+def test_state_dir_another_user_can_write_is_a_problem_of_the_job(tmp_path):
+    """`quiesce check` names the TOML key; `quiesce run` refuses it before any hook runs."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o1777)
+    ran = tmp_path / "ran"
+    hook = f'[[hooks.pre_freeze]]\ncommand = ["/usr/bin/touch", "{ran}"]\n'
+    job = write_job(tmp_path, f'state_dir = "{state}"\n' + GOOD.format(vol="/v") + hook)
+    found = problems(job)
+    assert [p[:2] for p in found] == [
+        ("state_dir", f"refusing the state directory {state}: {state} is writable by others "
+         "(mode 1777)"),
+    ]  # fmt: skip
+    assert "--state-dir" in found[0][2]
+    p = quiesce("run", str(job))
+    assert p.returncode == 2 and "  state_dir: refusing the state directory" in p.stderr
+    assert not ran.exists()

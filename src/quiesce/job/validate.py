@@ -23,6 +23,7 @@ from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
+from quiesce.state.statedir import UntrustedState, checked_state_dir
 from quiesce.sys.trust import TrustError, open_checked, read_all
 
 # Options a provider cannot do without: (example for the hint, what it is).
@@ -198,6 +199,19 @@ def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
     return problems, scripts
 
 
+def _state_dir_problems(raw: dict[str, Any]) -> list[Problem]:
+    """The state directory steers what root deletes and runs: refuse one (or a parent)
+    that another user could write, before the run would."""
+    explicit = raw.get("state_dir")
+    if explicit is not None and not isinstance(explicit, str):
+        return []  # the schema reports it
+    try:
+        checked_state_dir(explicit or None)
+    except UntrustedState as e:
+        return [Problem("state_dir", e.message, e.hint)]
+    return []
+
+
 def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
     provider = raw.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
@@ -364,6 +378,7 @@ def _machine_problems(raw: dict[str, Any], check_volumes: bool) -> tuple[list[Pr
             )
         )
     problems += _provider_problems(raw)
+    problems += _state_dir_problems(raw)
     hook_problems, scripts = _hook_problems(raw)
     problems += hook_problems
     problems += _writer_problems(raw)
