@@ -57,7 +57,14 @@ def _hint(culprit: str) -> str:
 
 
 def _refuse(e: TrustError, what: str) -> UntrustedState:
-    return UntrustedState(f"refusing {what}: {e.message}", _hint(e.culprit), culprit=e.culprit)
+    hint = _hint(e.culprit)
+    if e.message.endswith(("is a symbolic link", "is not a regular file or directory")):
+        hint = (
+            f"remove {e.culprit} if root did not make it (quiesce follows no links in the "
+            f"state directory), or set --state-dir (or ${STATE_DIR_ENV}) to a root-only "
+            "directory"
+        )
+    return UntrustedState(f"refusing {what}: {e.message}", hint, culprit=e.culprit)
 
 
 def _check_dir(path: Path, what: str, *, as_parent: bool = False) -> None:
