@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError
-from quiesce.state.journal import Entry, parse_lines
+from quiesce.state.journal import Entry, parse
 from quiesce.state.statedir import checked_subdir, open_state_file
 from quiesce.state.undo import UndoFn, describe, undo_entry
 
@@ -67,7 +67,7 @@ def _dead(fd: int) -> bool:
 
 
 def _read(fd: int) -> tuple[dict[str, Any], dict[int, Entry]]:
-    return parse_lines(os.pread(fd, os.fstat(fd).st_size, 0).splitlines())
+    return parse(os.pread(fd, os.fstat(fd).st_size, 0))
 
 
 def cleanup(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError
-from quiesce.state.statedir import checked_subdir, read_state_file
+from quiesce.state.statedir import checked_subdir
 from quiesce.state.undo import KINDS, JournalError, UndoFn, describe, undo_entry
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
 
@@ -163,11 +163,12 @@ class Journal:
             raise JournalError("cleanup after the run failed: " + "; ".join(errors))
 
 
-def parse_lines(lines: Any) -> tuple[dict[str, Any], dict[int, Entry]]:
-    """A journal's header and entries from its lines (a torn last line is ignored)."""
+def parse(data: bytes) -> tuple[dict[str, Any], dict[int, Entry]]:
+    """A journal's header and entries from its bytes (a torn last line is ignored). Read
+    them from an fd that passed the trust check (``state.statedir.open_state_file``)."""
     header: dict[str, Any] = {}
     entries: dict[int, Entry] = {}
-    for raw in lines:
+    for raw in data.splitlines():
         try:
             rec = json.loads(raw)
         except ValueError:
@@ -189,9 +190,4 @@ def parse_lines(lines: Any) -> tuple[dict[str, Any], dict[int, Entry]]:
     return header, entries
 
 
-def parse(path: Path) -> tuple[dict[str, Any], dict[int, Entry]]:
-    """Read a journal file, refused unless root's alone (a torn last line is ignored)."""
-    return parse_lines(read_state_file(path).splitlines())
-
-
-__all__ = ["Entry", "Journal", "JournalError", "parse", "parse_lines"]
+__all__ = ["Entry", "Journal", "JournalError", "parse"]
