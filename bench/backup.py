@@ -337,7 +337,7 @@ def main() -> int:
     finally:
         stack.close()
         with contextlib.suppress(Exception):
-            from quiesce.state.journal import cleanup
+            from quiesce.snapshot.cleanup import cleanup
 
             cleanup(base / "state")
         for lp in reversed(loops):

@@ -16,8 +16,8 @@ from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import run_backup
 from quiesce.backup.targets.restic import ResticTarget
 from quiesce.job.metrics import parse
-from quiesce.state.journal import journal_dir
 from quiesce.state.retention import RetentionPolicy
+from quiesce.state.statedir import journal_dir
 
 
 def _quiesce(*args: str) -> subprocess.CompletedProcess[str]:

@@ -258,3 +258,30 @@ def test_sigterm_while_a_child_starts_never_orphans_it() -> None:
         signal.signal(signal.SIGTERM, old)
     time.sleep(0.2)
     assert survivors() == []
+
+
+def _mode(p: Path | str) -> int:
+    return os.stat(p).st_mode & 0o7777
+
+
+def test_tar_archive_and_sha256_are_private_under_umask_022(tmp_path: Path) -> None:
+    """A backup holds copies of root-only files: whatever quiesce creates for it is
+    0700/0600 whatever the umask (under 022 it was 0755/0644, world-readable)."""
+    root, _ = _source(tmp_path)
+    (root / "vol-a" / "secret").write_text("root only")
+    (root / "vol-a" / "secret").chmod(0o600)
+    tars, sums = tmp_path / "tars" / "nightly", tmp_path / "sums" / "nightly"
+    old = os.umask(0o022)
+    try:
+        result = TarTarget(directory=tars, job="t1").backup(root, paths=VOLUMES)
+        streamed = TarTarget(
+            command=["dd", f"of={tmp_path}/{{name}}", "status=none"], sha256_dir=sums, job="t1"
+        ).backup(root, paths=VOLUMES)
+    finally:
+        os.umask(old)
+    name = result.snapshot_id
+    assert sorted(p.name for p in tars.iterdir()) == [name, f"{name}.sha256"]  # no .part
+    assert (_mode(tars.parent), _mode(tars)) == (0o700, 0o700)
+    assert (_mode(result.location), _mode(tars / f"{name}.sha256")) == (0o600, 0o600)
+    assert (_mode(sums.parent), _mode(sums)) == (0o700, 0o700)
+    assert _mode(sums / f"{streamed.snapshot_id}.sha256") == 0o600

@@ -396,3 +396,88 @@ def test_check_runs_the_provider_check_dest_on_another_filesystem(loopfs, tmp_pa
         tmp_path, f'volumes = ["{pair.inner.path}"]\n[provider]\ntype = "reflink"\n', "ok.toml"
     )
     assert load_job(ok).config.provider.type == "reflink"
+
+
+# -- every directory above a job file or hook script is checked too -----------------------
+
+
+def _nobody_dir(tmp_path: Path, name: str = "nobody") -> Path:
+    """A directory uid 65534 owns: it could swap anything in it after a check."""
+    d = tmp_path / name
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    return d
+
+
+def test_hook_script_in_a_directory_another_user_owns_is_refused(tmp_path):
+    """A root-owned 0755 script passes by itself, but its directory's owner can replace it
+    between `quiesce check` and the run: `quiesce check` exits 2 and names the TOML key."""
+    d = _nobody_dir(tmp_path)
+    script = d / "pre.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)  # root's, 0755
+    job = write_job(tmp_path, GOOD.format(vol="/v") + (
+        f'[[hooks.pre_freeze]]\ncommand = ["{script}"]\n'
+        f'[[hooks.post_thaw]]\ncommand = ["/bin/sh", "{script}"]\n'
+    ))  # fmt: skip
+    message = f"{d} is owned by uid 65534, not root (it holds {script})"
+    hint = f"make it root's and writable only by root: chown root:root {d} && chmod go-w {d}"
+    assert problems(job) == [
+        ("hooks.pre_freeze[0].command", message, hint),
+        ("hooks.post_thaw[0].command", message, hint),
+    ]
+    p = quiesce("check", str(job))
+    assert p.returncode == 2
+    assert f"  hooks.pre_freeze[0].command: {message}" in p.stderr.splitlines()
+
+
+def test_hook_directory_inside_a_directory_another_user_owns_is_refused(tmp_path):
+    hookdir = _nobody_dir(tmp_path) / "hooks.d"
+    hookdir.mkdir()
+    job = write_job(tmp_path, GOOD.format(vol="/v") + f'[hooks]\ndirectory = "{hookdir}"\n')
+    assert [p[:2] for p in problems(job)] == [
+        ("hooks.directory", f"{hookdir.parent} is owned by uid 65534, not root (it holds "
+         f"{hookdir})"),
+    ]  # fmt: skip
+
+
+def test_job_file_in_a_directory_another_user_owns_is_refused(tmp_path):
+    d = _nobody_dir(tmp_path)
+    job = write_job(d, GOOD.format(vol="/v"))
+    assert problems(job) == [(
+        "(job file)", f"{d} is owned by uid 65534, not root (it holds {job})",
+        f"make it root's and writable only by root: chown root:root {d} && chmod go-w {d}",
+    )]  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == 2 and "(job file)" in p.stderr
+
+
+def test_a_link_to_a_job_file_is_checked_where_it_leads(tmp_path):
+    """A root-owned symlink in a good directory, leading into another user's directory:
+    the directory the link leads to is checked, not only the link's."""
+    d = _nobody_dir(tmp_path)
+    real = write_job(d, GOOD.format(vol="/v"))
+    link = tmp_path / "job.toml"
+    link.symlink_to(real)
+    assert [p[:2] for p in problems(link)] == [
+        ("(job file)", f"{d} is owned by uid 65534, not root (it holds {real})"),
+    ]
+
+
+def test_state_dir_another_user_can_write_is_a_problem_of_the_job(tmp_path):
+    """`quiesce check` names the TOML key; `quiesce run` refuses it before any hook runs."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o1777)
+    ran = tmp_path / "ran"
+    hook = f'[[hooks.pre_freeze]]\ncommand = ["/usr/bin/touch", "{ran}"]\n'
+    job = write_job(tmp_path, f'state_dir = "{state}"\n' + GOOD.format(vol="/v") + hook)
+    found = problems(job)
+    assert [p[:2] for p in found] == [
+        ("state_dir", f"refusing the state directory {state}: {state} is writable by others "
+         "(mode 1777)"),
+    ]  # fmt: skip
+    assert "--state-dir" in found[0][2]
+    p = quiesce("run", str(job))
+    assert p.returncode == 2 and "  state_dir: refusing the state directory" in p.stderr
+    assert not ran.exists()

@@ -1,7 +1,7 @@
 """The backup phase of a run: mount the snapshot, back it up, verify, unmount, prune.
 
 Also what ``quiesce backup JOB.toml`` runs on the newest existing snapshot. Every
-mount, loop device and scratch directory is journaled (journal.py) before it is made;
+mount, loop device and scratch directory is journaled (state/journal.py) before it is made;
 the snapshot is *held* (its mount entries name it) while the backup reads it, so
 retention never deletes it underneath. A failed verification stops the pruning: the
 older snapshots and backups are all that is known to be good.
@@ -24,9 +24,12 @@ from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
 from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-from quiesce.state.journal import Journal, cleanup, held_snapshot_ids, state_dir
+from quiesce.snapshot.cleanup import cleanup
+from quiesce.state.cleanup import held_snapshot_ids
+from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy, decide
+from quiesce.state.statedir import state_dir
 
 
 class VerifyFailed(QuiesceError):

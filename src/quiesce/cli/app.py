@@ -244,8 +244,8 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
 def status_cmd(as_json: JsonOpt = False) -> None:
     """List what quiesce holds frozen (volumes, holder, since when, deadline and lease)
     and the jobs running now."""
-    from quiesce.state.journal import state_dir
     from quiesce.state.locks import running
+    from quiesce.state.statedir import state_dir
 
     states = []
     for pid in guardian.list_guardians():

@@ -45,7 +45,7 @@ def backup_cmd(
     from quiesce.backup.phase import newest_snapshot, run_backup
     from quiesce.backup.progress import progress_for
     from quiesce.job.backupjob import load_backup_job
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
 
     _terminate_as_exit()
     try:
@@ -111,7 +111,7 @@ def restore_cmd(
     slug (/srv/db as DIR/srv-db). Never writes into a directory that is not empty."""
     from quiesce.backup.restoring import restore
     from quiesce.job.backupjob import load_backup_job
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
 
     _terminate_as_exit()
     try:
@@ -147,9 +147,12 @@ def cleanup_cmd(
 ) -> None:
     """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
     dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
-    from quiesce.state.journal import cleanup
+    from quiesce.snapshot.cleanup import cleanup
 
-    rep = cleanup(state_dir_opt, dry_run=dry_run)
+    try:
+        rep = cleanup(state_dir_opt, dry_run=dry_run)
+    except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(rep.to_dict() | {"dry_run": dry_run})
     else:
@@ -186,7 +189,7 @@ def _local(path: str | None) -> str | None:
 def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: str | None) -> Any:
     """What the job writes: the units' ReadWritePaths and their timeout."""
     from quiesce.integrations.systemd import UnitSpec
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
     from quiesce.sys.mounts import MountTable, loop_backing_file
 
     rw = [*job.volumes, str(state_dir(job.state_dir))]

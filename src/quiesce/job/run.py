@@ -23,9 +23,9 @@ from quiesce.job.metrics import run_metrics, write_textfile
 from quiesce.job.report import Phase, Report
 from quiesce.job.schema import Job
 from quiesce.job.timeline import fill_from_manifest, window_phases
-from quiesce.state.journal import state_dir
 from quiesce.state.locks import JobBusy, job_lock
 from quiesce.state.retention import RetentionPolicy
+from quiesce.state.statedir import UntrustedState, state_dir
 
 
 def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:
@@ -64,7 +64,7 @@ def run_job(job: Job, *, dry_run: bool = False) -> Report:
     lock = contextlib.ExitStack()
     try:
         lock.enter_context(job_lock(state_dir(c.state_dir), job.name))
-    except JobBusy as e:  # nothing was run: no hook, no writer, no freeze
+    except (JobBusy, UntrustedState) as e:  # nothing was run: no hook, no writer, no freeze
         report.set_error(e)
         return report.finish()
     except OSError as e:

@@ -26,6 +26,8 @@ from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
 from quiesce.providers.options import OPTIONS, ProviderOptions
+from quiesce.state.statedir import UntrustedState, checked_state_dir
+from quiesce.sys.trust import TrustError, open_checked, read_all
 
 if TYPE_CHECKING:
     from quiesce.freezing.plan import GroupMember
@@ -225,6 +227,19 @@ def _option_problem(kind: str, model: type[ProviderOptions], err: dict[str, Any]
         hint = f"{err['loc'][-1]} = {json.dumps(example)}" if example else "add this key"
         return Problem(path, f"missing: the {kind} provider needs it", hint)
     return _problem_from({**err, "loc": loc})
+
+
+def _state_dir_problems(raw: dict[str, Any]) -> list[Problem]:
+    """The state directory steers what root deletes and runs: refuse one (or a parent)
+    that another user could write, before the run would."""
+    explicit = raw.get("state_dir")
+    if explicit is not None and not isinstance(explicit, str):
+        return []  # the schema reports it
+    try:
+        checked_state_dir(explicit or None)
+    except UntrustedState as e:
+        return [Problem("state_dir", e.message, e.hint)]
+    return []
 
 
 def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
@@ -438,6 +453,7 @@ def _machine_problems(raw: dict[str, Any], check_volumes: bool) -> tuple[list[Pr
             )
         )
     problems += _provider_problems(raw)
+    problems += _state_dir_problems(raw)
     hook_problems, scripts = _hook_problems(raw)
     problems += hook_problems
     problems += _writer_problems(raw)
@@ -452,12 +468,22 @@ def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
     p = Path(path)
     shown = str(path)
     try:
-        text = p.read_bytes()
-    except OSError as e:
+        # Read from the fd that was checked (with every directory above it): no window
+        # between the check and the read for another user to swap the file.
+        checked = open_checked(p, follow=True)
+        try:
+            text = read_all(checked.fd)
+        finally:
+            os.close(checked.fd)
+    except (OSError, TrustError) as e:
+        why = e.strerror if isinstance(e, OSError) else e.message
         raise UsageError(
-            f"cannot read job file {shown}: {e.strerror}", "give the path of a TOML job file"
+            f"cannot read job file {shown}: {why}", "give the path of a TOML job file"
         ) from None
-    problems = _file_problems(p, "(job file)")
+    problems = []
+    if checked.problem:
+        culprit = checked.culprit
+        problems.append(Problem("(job file)", checked.problem, CHOWN_HINT.format(p=culprit)))
     try:
         raw = tomllib.loads(text.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -25,16 +25,13 @@ from quiesce.freezing.plan import GroupMember, Plan, make_plan
 from quiesce.providers.base import FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
+from quiesce.snapshot.cleanup import UNDO
 from quiesce.snapshot.consistency import consistency
 from quiesce.snapshot.manifest import Manifest
 from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, quiesces
-from quiesce.snapshot.store import (
-    _refuse_state_on_group,
-    _unique_id,
-    _write_manifest,
-    state_dir_path,
-)
+from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
+from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, resolve
 from quiesce.sys.units import human_duration
@@ -203,7 +200,8 @@ def create(
         members = plan.members
         with phases("check"):
             mode = prov.freeze_mode(members)
-            _refuse_state_on_group(state, members)
+            checked_state_dir(state)  # root's alone, or nothing is made
+            refuse_state_on_group(state, members)
             if mode is FreezeMode.FIFREEZE:
                 plan.check()
             prov.check(members)
@@ -213,7 +211,7 @@ def create(
         made: list[Snapshot] = []
         errors: list[str] = []
         fresh_state = not state.exists()
-        journal = Journal.open(state, job=job)  # outside the group: checked above
+        journal = Journal.open(state, job=job, undo=UNDO)  # outside the group: checked above
         prov.journal = journal
         try:
             with phases("prepare"):

@@ -1,25 +1,29 @@
 """Manifests in the state directory: ``<state>/snapshots/<id>.json``, written atomically
-after the thaw, never on a volume of the group."""
+after the thaw, never on a volume of the group. A manifest names what a provider deletes
+(with options), so one is read only after the state directory and the file itself passed
+the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-from collections.abc import Sequence
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
-from quiesce.freezing.plan import GroupMember
+from quiesce.errors import QuiesceError, UsageError
 from quiesce.snapshot.manifest import Manifest
-from quiesce.state.journal import DEFAULT_STATE_DIR, STATE_DIR_ENV
-from quiesce.state.journal import state_dir as journal_state_dir
-from quiesce.sys.mounts import MountTable
+from quiesce.state.statedir import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    checked_subdir,
+    read_state_file,
+)
+from quiesce.state.statedir import state_dir as state_dir_path
 
 STATE_ENV = STATE_DIR_ENV
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-state_dir_path = journal_state_dir  # the argument, else $QUIESCE_STATE_DIR, else the default
 
 
 def _manifest_dir(state: Path) -> Path:
@@ -32,36 +36,22 @@ def _manifest_path(state: Path, snap_id: str) -> Path:
     return _manifest_dir(state) / f"{snap_id}.json"
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _refuse_state_on_group(state: Path, members: Sequence[GroupMember]) -> None:
-    """The manifest is written there: a group volume would be frozen or snapshotted."""
-    table = MountTable.read()
-    vol = table.volume_of_path(str(_existing_ancestor(state)))
-    for m in members:
-        if vol is not None and vol.dev == m.volume.dev:
-            raise UnsafePlan(
-                f"the state directory {state} is on {m.name}, a volume of the group",
-                f"set {STATE_ENV} (or --state-dir) to a directory on another filesystem",
-            )
-
-
 def _write_manifest(state: Path, man: Manifest) -> Path:
-    """Atomically (temp file + rename), after the thaw."""
-    d = _manifest_dir(state)
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Atomically (a private temp file with an unpredictable name, O_EXCL, then rename),
+    after the thaw."""
+    d = checked_subdir(state, "snapshots", create=True)
     path = d / f"{man.id}.json"
-    tmp = d / f".{man.id}.json.tmp"
-    with open(tmp, "w") as f:
-        f.write(man.to_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{man.id}.", suffix=".tmp")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(man.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -72,24 +62,25 @@ def save_manifest(state_dir: str | Path | None, man: Manifest) -> Path:
 
 def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
     """Every manifest in the state directory, oldest first (unreadable files skipped)."""
-    d = _manifest_dir(state_dir_path(state_dir))
+    d = checked_subdir(state_dir, "snapshots")
     out = []
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
         with contextlib.suppress(OSError, ValueError, TypeError):
-            out.append(Manifest.from_json(p.read_text()))
+            out.append(Manifest.from_json(read_state_file(p).decode()))
     return sorted(out, key=lambda m: (m.created, m.id))
 
 
 def load(snap_id: str, state_dir: str | Path | None = None) -> Manifest:
     state = state_dir_path(state_dir)
     path = _manifest_path(state, snap_id)
+    checked_subdir(state, "snapshots")
     try:
-        return Manifest.from_json(path.read_text())
+        return Manifest.from_json(read_state_file(path).decode())
     except FileNotFoundError:
         raise UsageError(
             f"no snapshot {snap_id!r} in {_manifest_dir(state)}", "see `quiesce snapshot list`"
         ) from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise QuiesceError(f"manifest {path} is unreadable: {e}") from None
 
 

@@ -1,13 +1,16 @@
 """Whether quiesce, running as root, may run a hook: like sudo and cron, the code it runs
-must be root's and writable by nobody else."""
+must be root's and writable by nobody else, and so must every directory above it (else
+its owner could swap the file after the check). The check is :mod:`quiesce.sys.trust`'s,
+made through the opened file and each parent's fd."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import stat
 from collections.abc import Sequence
 from pathlib import Path
+
+from quiesce.sys.trust import trust_problem
 
 INTERPRETERS = frozenset({"sh", "bash", "dash", "python3", "python", "perl", "ruby", "env"})
 
@@ -24,19 +27,11 @@ def resolve_executable(argv0: str) -> Path | None:
 def permission_problem(path: Path) -> str | None:
     """Why quiesce (running as root) must not trust ``path``, or None if it may.
 
-    Like sudo and cron: the file must be owned by root and writable by nobody else,
-    otherwise any user who can write it runs code as root at the next run.
+    Like sudo and cron: the file (or directory) and every directory above it must be
+    owned by root and writable by nobody else (a root-owned sticky parent such as /tmp
+    passes), otherwise another user runs code as root at the next run.
     """
-    try:
-        st = path.stat()
-    except OSError as e:
-        return f"cannot stat {path}: {e.strerror}"
-    if st.st_uid != 0:
-        return f"{path} is owned by uid {st.st_uid}, not root"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        who = "others" if st.st_mode & stat.S_IWOTH else "its group"
-        return f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
+    return trust_problem(path, follow=True)
 
 
 def executable_problem(argv: Sequence[str]) -> str | None:

@@ -288,7 +288,7 @@ def _restore_and_check(
 
 
 def _teardown(base: Path, mounted: list[Path], loops: list[str]) -> None:
-    from quiesce.state.journal import cleanup
+    from quiesce.snapshot.cleanup import cleanup
 
     with contextlib.suppress(Exception):
         cleanup(base / "state")  # whatever a failed backup left mounted
