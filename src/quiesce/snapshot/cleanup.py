@@ -18,7 +18,7 @@ from quiesce.state.undo import UndoFn
 def undo_snapshot(e: dict[str, Any]) -> None:
     """Delete the snapshot an entry names, through its provider (a no-op if it is gone)."""
     snap = Snapshot(**e["snapshot"])
-    provider = get_provider(e["provider"])(**e.get("options", {}))
+    provider = get_provider(e["provider"]).from_record(e.get("options"))
     provider.delete(snap)
 
 
