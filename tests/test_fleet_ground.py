@@ -1,0 +1,235 @@
+"""The fleet test ground: simulated hosts reached by Ansible over real SSH (issue 13).
+
+Each host is an sshd of the test's own in a mount namespace of its own, with its own
+loop-image filesystem (tests/helpers/fleet.py). These tests prove the ground itself: it
+comes up and goes away leaving nothing, Ansible reaches every host and each host sees only
+its own volumes, a cut taken with overlapping freezes is consistent (and, as the negative
+control, one taken host by host is caught), and the quiesce.fleet collection builds,
+installs and runs against it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.fleet import SRC, Fleet, _alive, freeze_host, mnt_ns_of, pids_in_ns
+from helpers.fleet_writer import (
+    HoppingWriter,
+    check_cut,
+    snapshot_one_by_one,
+    snapshot_overlapping,
+)
+
+import quiesce
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTION = ROOT / "ansible_collections" / "quiesce" / "fleet"
+TRIES = 10
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists() or not shutil.which("nsenter"),
+    reason="needs root, Debian's sshd and nsenter (scripts/fleet-setup.sh)",
+)
+
+
+class TestFailedHere(Exception):
+    """Raised inside a live fleet to prove that teardown runs on failure."""
+
+
+def say(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print past pytest's capture: the numbers are part of what these tests report."""
+    with capsys.disabled():
+        print(f"\n  [fleet] {text}", end="")
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """Three hosts for the module; torn down (and checked empty) at its end."""
+    with Fleet(3) as f:
+        yield f
+
+
+def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Teardown after a failure, with a filesystem frozen and a writer blocked on it."""
+    f = Fleet(3)
+    with pytest.raises(TestFailedHere), f:
+        own_ns = mnt_ns_of("self")
+        namespaces = {h.ns for h in f.hosts}
+        assert len(namespaces) == 3 and own_ns not in namespaces
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        assert "/srv/fleet" not in mountinfo, "a host's mount leaked into the machine's table"
+        for h in f.hosts:
+            inside = h.run("cat", "/proc/self/mountinfo").stdout
+            assert f" {h.data.mountpoint} " in inside
+            assert f" - {h.data.fstype} {h.data.device} " in inside
+            others = [o.data.mountpoint for o in f.hosts if o is not h]
+            assert not any(o in inside for o in others)
+        attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        assert all(str(h.data.image) in attached for h in f.hosts)
+        w = f.start_writer()
+        w.wait_for(30)
+        freeze_host(f.hosts[1])  # the writer blocks on its next record for host 1
+        sshd_pids = [h.pid for h in f.hosts]
+        images = [str(h.data.image) for h in f.hosts]
+        raise TestFailedHere  # close() runs from __exit__, with host 1 frozen
+    assert f.leftovers() == []
+    attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert not any(image in attached for image in images)
+    assert not any(_alive(pid) for pid in sshd_pids)
+    assert all(pids_in_ns(ns) == [] for ns in namespaces)
+    assert not f.base.exists()
+    say(capsys, f"ground up {f.timings['up_s']:.2f} s, down {f.timings['down_s']:.2f} s")
+
+
+def test_ansible_reaches_every_host_over_ssh_and_each_sees_only_its_own_volume(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pongs = fleet.ansible("ping")
+    assert {h: r.get("ping") for h, r in pongs.items()} == {h.name: "pong" for h in fleet.hosts}
+
+    seen = fleet.ansible("command", "cat /proc/self/mountinfo")
+    for h in fleet.hosts:
+        inside = seen[h.name]["stdout"]
+        assert f" {h.data.mountpoint} " in inside
+        others = [o.data.mountpoint for o in fleet.hosts if o is not h]
+        assert not any(o in inside for o in others), f"{h.name} sees another host's volume"
+        # It was sshd that ran it: our key, from loopback, to this host's own address.
+        log = (h.dir / "sshd.log").read_text()
+        assert "Accepted publickey for root from 127.0.0.1" in log
+
+    play = fleet.base / "noop.yml"
+    play.write_text(
+        "- hosts: fleet\n  gather_facts: false\n  tasks:\n    - ansible.builtin.ping:\n"
+    )
+    t0 = time.monotonic()
+    p, _ = fleet.playbook(play)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    for h in fleet.hosts:
+        assert f"{h.name}" in p.stdout and "ok=1" in p.stdout
+    say(capsys, f"no-op play across {fleet.n} hosts: {took:.2f} s")
+
+
+def test_overlapping_freezes_give_a_consistent_cut_every_time(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = fleet.start_writer("overlap.log")
+    windows = []
+    for _ in range(TRIES):
+        w.wait_for(15)
+        t0 = time.monotonic()
+        copies, window = snapshot_overlapping(fleet.hosts, "overlap.log")
+        cut = check_cut(copies)
+        windows.append(window)
+        assert cut.consistent, f"records missing below {cut.highest}: {cut.missing[:10]}"
+        # Not a trivially empty cut: everything acked before the first freeze is in it,
+        # and nothing beyond the one record that may have been in flight.
+        assert cut.prefix >= w.acked_before(t0) >= 15
+        assert cut.highest <= w.acked + 1
+    stats = w.stop()
+    say(
+        capsys,
+        f"overlapping: {TRIES}/{TRIES} consistent; window {min(windows):.3f}-"
+        f"{max(windows):.3f} s; {stats['records']:.0f} records, "
+        f"median {stats['median_s'] * 1e3:.2f} ms",
+    )
+
+
+def test_negative_control_host_by_host_freezes_are_caught(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checker can fail: the same writer, cut one host at a time, breaks the prefix."""
+    w = fleet.start_writer("control.log")
+    caught = 0
+    holes = []
+    for _ in range(TRIES):
+        w.wait_for(15)
+        copies, _ = snapshot_one_by_one(fleet.hosts, "control.log")
+        cut = check_cut(copies)
+        caught += not cut.consistent
+        holes.append(len(cut.missing))
+    w.stop()
+    rate = caught / TRIES
+    say(capsys, f"negative control: {caught}/{TRIES} cuts inconsistent ({rate:.0%}); holes {holes}")
+    assert rate >= 0.5
+
+
+def test_writer_reaches_hosts_fastest_through_nsenter(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Why the writer's agents run under nsenter: the per-record cost over ssh is higher."""
+    numbers = {}
+    for transport in ("nsenter", "ssh"):
+        w = HoppingWriter(fleet.hosts, f"{transport}.log", transport=transport, ssh_key=fleet.key)
+        try:
+            w.wait_for(300)
+        finally:
+            numbers[transport] = w.stop()
+    ns, ssh = numbers["nsenter"], numbers["ssh"]
+    say(
+        capsys,
+        "per record (write+fsync+ack) median/p99: "
+        f"nsenter {ns['median_s'] * 1e3:.2f}/{ns['p99_s'] * 1e3:.2f} ms, "
+        f"ssh {ssh['median_s'] * 1e3:.2f}/{ssh['p99_s'] * 1e3:.2f} ms",
+    )
+    assert ns["median_s"] < ssh["median_s"]
+
+
+def test_collection_builds_installs_and_info_runs_on_every_host(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = fleet.base / "galaxy"
+    out.mkdir()
+    t0 = time.monotonic()
+    p = fleet.ansible_cli(
+        "galaxy", "collection", "build", str(COLLECTION), "--output-path", str(out)
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    tarball = out / f"quiesce-fleet-{_galaxy_version()}.tar.gz"
+    assert tarball.is_file()
+    installed = out / "collections"
+    p = fleet.ansible_cli(
+        "galaxy", "collection", "install", "--offline", "-p", str(installed), str(tarball)
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (installed / "ansible_collections/quiesce/fleet/plugins/modules/info.py").is_file()
+    env = {"ANSIBLE_COLLECTIONS_PATH": str(installed), "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"}
+
+    results = fleet.ansible("quiesce.fleet.info", "paths={{ quiesce_volumes }}", **env)
+    for h in fleet.hosts:
+        r = results[h.name]
+        assert r["quiesce_version"] == quiesce.__version__
+        assert r["quiesce_path"] == str(SRC / "quiesce"), "not the worktree's quiesce"
+        [vol] = r["volumes"]
+        assert (vol["mount_point"], vol["fstype"], vol["dev"]) == (
+            h.data.mountpoint,
+            h.data.fstype,
+            h.data.dev,
+        )
+
+    every = fleet.ansible("quiesce.fleet.info", **env)
+    for h in fleet.hosts:
+        points = [v["mount_point"] for v in every[h.name]["volumes"]]
+        assert h.data.mountpoint in points
+        assert not any(o.data.mountpoint in points for o in fleet.hosts if o is not h)
+
+    p, last = fleet.playbook("quiesce.fleet.info", "-e", "target=fleet", **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for h in fleet.hosts:
+        assert h.data.mountpoint in last[h.name]["msg"]
+    say(capsys, f"collection build+install+3 runs: {time.monotonic() - t0:.2f} s")
+
+
+def _galaxy_version() -> str:
+    for line in (COLLECTION / "galaxy.yml").read_text().splitlines():
+        if line.startswith("version:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("galaxy.yml has no version")
