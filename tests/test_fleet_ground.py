@@ -18,7 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.fleet import SRC, Fleet, _alive, freeze_host, mnt_ns_of, pids_in_ns
+from helpers.fleet import (
+    PYTHON,
+    SRC,
+    Fleet,
+    Host,
+    _alive,
+    freeze_host,
+    mnt_ns_of,
+    pids_in_ns,
+    thaw_host,
+)
 from helpers.fleet_writer import (
     HoppingWriter,
     check_cut,
@@ -38,7 +48,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class TestFailedHere(Exception):
+class FailedHere(Exception):
     """Raised inside a live fleet to prove that teardown runs on failure."""
 
 
@@ -60,7 +70,7 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
 ) -> None:
     """Teardown after a failure, with a filesystem frozen and a writer blocked on it."""
     f = Fleet(3)
-    with pytest.raises(TestFailedHere), f:
+    with pytest.raises(FailedHere), f:
         own_ns = mnt_ns_of("self")
         namespaces = {h.ns for h in f.hosts}
         assert len(namespaces) == 3 and own_ns not in namespaces
@@ -72,6 +82,9 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
             assert f" - {h.data.fstype} {h.data.device} " in inside
             others = [o.data.mountpoint for o in f.hosts if o is not h]
             assert not any(o in inside for o in others)
+            # Born with a copy of the machine's table, it keeps no other test's loop mount.
+            loops = [ln for ln in inside.splitlines() if " /dev/loop" in ln]
+            assert loops and all(f" {h.data.device} " in ln for ln in loops), loops
         attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         assert all(str(h.data.image) in attached for h in f.hosts)
         w = f.start_writer()
@@ -79,7 +92,7 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
         freeze_host(f.hosts[1])  # the writer blocks on its next record for host 1
         sshd_pids = [h.pid for h in f.hosts]
         images = [str(h.data.image) for h in f.hosts]
-        raise TestFailedHere  # close() runs from __exit__, with host 1 frozen
+        raise FailedHere  # close() runs from __exit__, with host 1 frozen
     assert f.leftovers() == []
     attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert not any(image in attached for image in images)
@@ -87,6 +100,36 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
     assert all(pids_in_ns(ns) == [] for ns in namespaces)
     assert not f.base.exists()
     say(capsys, f"ground up {f.timings['up_s']:.2f} s, down {f.timings['down_s']:.2f} s")
+
+
+def _probe_write(host: Host) -> subprocess.Popen[str]:
+    """A child that writes and fsyncs a file on the host's data volume (blocks while frozen)."""
+    code = (
+        "import os,sys; fd=os.open(sys.argv[1], os.O_CREAT|os.O_WRONLY|os.O_APPEND); "
+        "os.write(fd, b'x'); os.fsync(fd)"
+    )
+    return host.popen(PYTHON, "-I", "-S", "-c", code, f"{host.data.mountpoint}/probe")
+
+
+def test_a_freeze_of_the_ground_ends_by_itself(fleet: Fleet) -> None:
+    """The ground's own freezes end at their deadline, and when the test's pipe closes."""
+    h = fleet.hosts[0]
+    freeze_host(h, deadline=0.6)
+    probe = _probe_write(h)
+    with pytest.raises(subprocess.TimeoutExpired):
+        probe.wait(timeout=0.3)  # blocked: the filesystem is frozen
+    assert probe.wait(timeout=10) == 0  # the holder thawed at its deadline
+    with pytest.raises(RuntimeError, match="thawed deadline"):
+        thaw_host(h)  # a cut taken across that deadline must not pass for consistent
+
+    freeze_host(h)
+    holder, h.holder = h.holder, None
+    assert holder is not None and holder.stdin is not None and holder.stdout is not None
+    holder.stdin.close()  # what the test process dying looks like to the holder
+    assert holder.stdout.readline().startswith("thawed eof")
+    assert holder.wait(timeout=10) == 0
+    holder.stdout.close()
+    assert _probe_write(h).wait(timeout=10) == 0
 
 
 def test_ansible_reaches_every_host_over_ssh_and_each_sees_only_its_own_volume(
@@ -215,17 +258,18 @@ def test_collection_builds_installs_and_info_runs_on_every_host(
             h.data.dev,
         )
 
-    every = fleet.ansible("quiesce.fleet.info", **env)
-    for h in fleet.hosts:
-        points = [v["mount_point"] for v in every[h.name]["volumes"]]
-        assert h.data.mountpoint in points
-        assert not any(o.data.mountpoint in points for o in fleet.hosts if o is not h)
-
-    p, last = fleet.playbook("quiesce.fleet.info", "-e", "target=fleet", **env)
+    # The collection's playbook, by FQCN; with no paths the module reports every
+    # block-backed volume the host sees: its own data volume, no other host's.
+    p, last = fleet.playbook(
+        "quiesce.fleet.info", "-e", '{"target": "fleet", "quiesce_volumes": []}', **env
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     for h in fleet.hosts:
-        assert h.data.mountpoint in last[h.name]["msg"]
-    say(capsys, f"collection build+install+3 runs: {time.monotonic() - t0:.2f} s")
+        shown = last[h.name]["msg"]
+        assert shown.startswith(f"quiesce {quiesce.__version__}: ")
+        assert f"'{h.data.mountpoint}'" in shown
+        assert not any(o.data.mountpoint in shown for o in fleet.hosts if o is not h)
+    say(capsys, f"collection build+install+2 runs: {time.monotonic() - t0:.2f} s")
 
 
 def _galaxy_version() -> str:

@@ -72,6 +72,47 @@ sys.exit(rc)
 """
 
 
+# Runs inside a host's namespace and holds a freeze: the test ground's own dead man's
+# switch. It freezes (same device check as above), says "frozen", then thaws on "thaw", on
+# EOF (the test process died: its pipe closed) or at the deadline, whichever comes first,
+# and says "thawed <why>". So a killed test never leaves a fixture filesystem frozen.
+_HOLDER = r"""
+import errno, fcntl, os, select, sys
+deadline = float(sys.argv[1])
+fds = []
+def thaw_all():
+    bad = []
+    for fd in reversed(fds):
+        try:
+            fcntl.ioctl(fd, 0xC0045878, 0)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                bad.append(errno.errorcode.get(e.errno, str(e.errno)))
+    return bad
+for arg in sys.argv[2:]:
+    path, dev = arg.rsplit("=", 1)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    if "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev)) != dev:
+        thaw_all()
+        print("refused: %s is not on %s" % (path, dev), flush=True)
+        sys.exit(3)
+    try:
+        fcntl.ioctl(fd, 0xC0045877, 0)
+    except OSError as e:
+        thaw_all()
+        print("freeze %s: %s" % (path, errno.errorcode.get(e.errno, e.errno)), flush=True)
+        sys.exit(4)
+    fds.append(fd)
+print("frozen", flush=True)
+ready, _, _ = select.select([sys.stdin], [], [], deadline)
+why = "deadline" if not ready else ("thaw" if sys.stdin.readline() == "thaw\n" else "eof")
+bad = thaw_all()
+print("thawed %s %s" % (why, " ".join(bad)), flush=True)
+sys.exit(4 if bad else 0)
+"""
+
+
 def run(
     *cmd: str, check: bool = True, timeout: float = 60, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
@@ -150,6 +191,7 @@ class Host:
     ns_fd: int  # /proc/<sshd>/ns/mnt, held open until the namespace is cleaned
     ns: str  # "mnt:[inode]"
     volumes: list[HostFS] = field(default_factory=list)
+    holder: subprocess.Popen[str] | None = None  # the freeze holder while frozen
 
     @property
     def name(self) -> str:
@@ -197,18 +239,57 @@ class Host:
         return p.stdout
 
 
-def freeze_host(host: Host, volumes: Sequence[HostFS] | None = None) -> None:
-    """FIFREEZE the host's fixture filesystems, inside its namespace (never anything else)."""
-    p = host.ioctl("freeze", volumes)
-    if p.returncode != 0:
-        raise RuntimeError(f"{host.name}: freeze failed: {p.stderr.strip()}")
+def freeze_host(
+    host: Host, volumes: Sequence[HostFS] | None = None, *, deadline: float = 30.0
+) -> None:
+    """FIFREEZE the host's fixture filesystems, inside its namespace (never anything else).
+
+    A holder process keeps the freeze and thaws by itself at ``deadline`` (s) or when this
+    process dies; :func:`thaw_host` tells it to thaw.
+    """
+    if host.holder is not None:
+        raise RuntimeError(f"{host.name}: already frozen by this test")
+    args = [f"{v.mountpoint}={v.dev}" for v in (volumes or host.volumes)]
+    p = host.popen(
+        PYTHON, "-I", "-S", "-c", _HOLDER, str(deadline), *args,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if line != "frozen\n":
+        p.wait(timeout=10)
+        raise RuntimeError(f"{host.name}: freeze failed: {line.strip()}")
+    host.holder = p
 
 
-def thaw_host(host: Host, volumes: Sequence[HostFS] | None = None, *, quiet: bool = False) -> None:
-    """FITHAW them; ``quiet`` (teardown) ignores EINVAL, i.e. one that was not frozen."""
-    p = host.ioctl("thaw-quiet" if quiet else "thaw", volumes)
-    if p.returncode != 0:
-        raise RuntimeError(f"{host.name}: thaw failed: {p.stderr.strip()}")
+def thaw_host(host: Host, *, quiet: bool = False) -> None:
+    """Thaw what :func:`freeze_host` froze; raise if its holder had already thawed.
+
+    ``quiet`` (teardown) also FITHAWs every fixture filesystem of the host directly,
+    ignoring EINVAL (not frozen), and raises only on a real failure.
+    """
+    p, host.holder = host.holder, None
+    problem = ""
+    if p is not None:
+        assert p.stdin is not None and p.stdout is not None
+        try:
+            p.stdin.write("thaw\n")
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        line = p.stdout.readline().strip()
+        p.wait(timeout=30)
+        p.stdout.close()
+        if line != "thawed thaw" or p.returncode != 0:
+            problem = f"holder: {line or 'no answer'} (rc={p.returncode})"
+    if quiet:
+        q = host.ioctl("thaw-quiet")
+        if q.returncode != 0:
+            problem += f" thaw: {q.stderr.strip()}"
+    elif p is None:
+        raise RuntimeError(f"{host.name}: not frozen by this test")
+    if problem and not (quiet and problem.startswith("holder: thawed ")):
+        raise RuntimeError(f"{host.name}: {problem.strip()}")
 
 
 class Fleet:
@@ -334,11 +415,36 @@ class Fleet:
 
     def _mount_host(self, host: Host) -> None:
         i = host.index
+        self._drop_foreign_mounts(host)
         # A tmpfs over /srv (inside the namespace only) holds the mount points, so nothing
         # is created on the machine's own root filesystem.
         host.run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", f"qfleet-{i}", "/srv")
         fstype = self.fstypes[i % len(self.fstypes)]
         host.volumes.append(self._make_fs(host, "data", fstype))
+
+    def _drop_foreign_mounts(self, host: Host) -> None:
+        """Lazily unmount, in this namespace only, the loop and /tmp mounts it was born with.
+
+        unshare copies the machine's whole mount table, including the loop filesystems of
+        tests running at that moment; holding them would keep their loop devices attached
+        (a deferred detach) until this namespace dies. Private propagation keeps the
+        unmount from reaching the machine's table. What the fleet itself needs (the
+        interpreter, the worktree, its temp dir) is never dropped.
+        """
+        from quiesce.sys.mounts import parse_mountinfo
+
+        needed = [PYTHON, str(SRC), str(self.base), "/proc", "/dev", "/sys"]
+        drop = []
+        for m in parse_mountinfo(host.run("cat", "/proc/self/mountinfo").stdout):
+            point = m.mount_point
+            if not (m.source.startswith("/dev/loop") or point.startswith("/tmp/")):
+                continue
+            if any(n == point or n.startswith(point.rstrip("/") + "/") for n in needed):
+                continue
+            drop.append(point)
+        drop.sort(key=lambda p: p.count("/"), reverse=True)
+        if drop:
+            host.run("umount", "-l", *drop, check=False)
 
     def _wait_listening(self, proc: subprocess.Popen[bytes], address: str, port: int) -> bool:
         """Wait until sshd (after unshare's exec) accepts connections; False if it exited."""
@@ -497,7 +603,7 @@ class Fleet:
                 errors.append(f"{what}: {e}")
 
         for h in self.hosts:  # 1. thaw first: nothing below may wait on a frozen fs
-            step(f"{h.name} thaw", thaw_host, h, None, quiet=True)
+            step(f"{h.name} thaw", thaw_host, h, quiet=True)
         for w in self.writers:  # 2. the writers' agents hold files open on the volumes
             step("writer stop", w.stop)
         step("ssh masters", self._close_ssh_masters)
