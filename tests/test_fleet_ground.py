@@ -10,6 +10,8 @@ installs and runs against it.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -43,8 +45,11 @@ COLLECTION = ROOT / "ansible_collections" / "quiesce" / "fleet"
 TRIES = 10
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists() or not shutil.which("nsenter"),
-    reason="needs root, Debian's sshd and nsenter (scripts/fleet-setup.sh)",
+    os.geteuid() != 0
+    or not Path("/usr/sbin/sshd").exists()
+    or not shutil.which("nsenter")
+    or importlib.util.find_spec("ansible") is None,
+    reason="needs root, Debian's sshd, nsenter and ansible-core (scripts/fleet-setup.sh)",
 )
 
 
@@ -130,6 +135,34 @@ def test_a_freeze_of_the_ground_ends_by_itself(fleet: Fleet) -> None:
     assert holder.wait(timeout=10) == 0
     holder.stdout.close()
     assert _probe_write(h).wait(timeout=10) == 0
+
+
+def test_a_killed_test_process_leaves_nothing_frozen(fleet: Fleet) -> None:
+    """SIGKILL (no teardown at all) while a host is frozen under the writer: it unwinds."""
+    child = subprocess.Popen(
+        [PYTHON, str(ROOT / "tests" / "helpers" / "fleet_crash.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    try:
+        assert child.stdout is not None
+        made = json.loads(child.stdout.readline())
+        assert made["stalled"], "host 0 was not frozen under the writer"
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    left: list[str] = ["?"]
+    while left and time.monotonic() < deadline:
+        attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        left = [f"loop {i}" for i in made["images"] if i in attached]
+        left += [f"sshd {p}" for p in made["sshd"] if _alive(p)]
+        left += [f"process in {ns}" for ns in made["ns"] if pids_in_ns(ns)]
+        time.sleep(0.1)
+    # A filesystem frozen when its namespace died would keep its loop attached for good.
+    assert left == []
+    shutil.rmtree(made["base"])  # only the temp dir (images, keys) outlives a SIGKILL
 
 
 def test_ansible_reaches_every_host_over_ssh_and_each_sees_only_its_own_volume(

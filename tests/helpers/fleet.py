@@ -302,7 +302,7 @@ class Fleet:
         self.writers: list[Any] = []  # fleet_writer.HoppingWriter, stopped before unmounting
         self.base = Path(tempfile.mkdtemp(prefix="qfleet-", dir="/tmp"))
         self.made_privsep = False
-        self.loop_devices: list[str] = []
+        self.loop_devices: list[tuple[str, Path]] = []  # (device, image)
         self.images: list[Path] = []
         self.namespaces: list[str] = []
         self.started_pids: list[int] = []
@@ -380,6 +380,10 @@ class Fleet:
             log = open(hdir / "sshd.log", "ab")  # noqa: SIM115 (sshd keeps it)
             proc = subprocess.Popen(
                 [
+                    # If the test process dies, sshd gets SIGTERM (and the namespace goes).
+                    "setpriv",
+                    "--pdeathsig",
+                    "TERM",
                     "unshare",
                     "-m",
                     "--propagation",
@@ -466,12 +470,17 @@ class Fleet:
             f.truncate(max(size_mb or 0, MIN_SIZE_MB[fstype]) * 1024 * 1024)
         self.images.append(image)
         device = _losetup(image)
-        self.loop_devices.append(device)
+        self.loop_devices.append((device, image))
         rdev = os.stat(device).st_rdev
         mountpoint = f"{host.root}/{name}"
         host.run(*MKFS[fstype], device)
         host.run("mkdir", "-p", mountpoint)
         host.run("mount", device, mountpoint)
+        # Detach now: busy, the kernel only marks it autoclear, so the loop goes away by
+        # itself once the filesystem is unmounted, even if the namespace just dies.
+        run("losetup", "-d", device)
+        if loop_backing(device) != str(image):
+            raise RuntimeError(f"{device} detached although {mountpoint} is mounted")
         fs = HostFS(name, fstype, image, device, f"{os.major(rdev)}:{os.minor(rdev)}", mountpoint)
         return fs
 
@@ -613,8 +622,8 @@ class Fleet:
             step(f"{h.name} unmount", self._unmount_host, h)
             with contextlib.suppress(OSError):
                 os.close(h.ns_fd)
-        for dev in reversed(self.loop_devices):  # 5. loops, then files
-            step(f"losetup -d {dev}", _detach, dev)
+        for dev, image in reversed(self.loop_devices):  # 5. loops (autocleared by now)
+            step(f"losetup -d {dev}", _detach, dev, image)
         step("remove temp dir", shutil.rmtree, self.base)
         if self.made_privsep:
             with contextlib.suppress(OSError):
@@ -703,7 +712,19 @@ def _losetup(image: Path) -> str:
     raise RuntimeError(f"losetup failed: {p.stderr if p else ''}")
 
 
-def _detach(device: str) -> None:
+def loop_backing(device: str) -> str | None:
+    """The image behind a loop device now, or None if it is detached."""
+    try:
+        text = Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+    return text.removesuffix(" (deleted)") or None
+
+
+def _detach(device: str, image: Path) -> None:
+    """Detach ``device`` only if it is still ours: once autocleared, its number is anyone's."""
+    if loop_backing(device) != str(image):
+        return
     p = run("losetup", "-d", device, check=False)
-    if p.returncode != 0 and "No such device" not in p.stderr:
+    if p.returncode != 0 and loop_backing(device) == str(image):
         raise RuntimeError(p.stderr.strip())
