@@ -18,6 +18,11 @@ Teardown (:meth:`Fleet.close`, also on failure): thaw every fixture filesystem (
 "not frozen", ignored), stop the writers, close Ansible's ssh masters, end every process
 in the namespaces by pid, unmount inside them, drop the namespaces, detach the loops,
 remove the temp dir, then check that nothing is left (loops, mounts, processes, dirs).
+
+If the test process is SIGKILLed, nothing runs in it, so the ground unwinds by itself:
+a freeze is held by a process inside the namespace that thaws when its pipe from the test
+closes (or at a deadline); sshd has a parent-death signal; the loops are autoclear once
+mounted. The namespaces then die with nothing frozen, and only the temp dir remains.
 """
 
 from __future__ import annotations
@@ -44,13 +49,13 @@ MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
 PYTHON = os.path.realpath(sys.executable)  # not a pyenv shim: it is spawned per ioctl
 SRC = Path(__file__).resolve().parents[2] / "src"
 
-# Runs inside a host's namespace. It refuses a path whose filesystem is not the fixture's
-# loop device (so a missing mount can never make it freeze /), and with "thaw-quiet" it
-# ignores EINVAL (not frozen). Exit 3 = refused, 4 = ioctl failed.
+# Runs inside a host's namespace: a plain FITHAW (teardown). It refuses a path whose
+# filesystem is not the fixture's loop device (a missing mount must never lead to an ioctl
+# on /), and with "thaw-quiet" it ignores EINVAL (not frozen). Exit 3 = refused, 4 = failed.
 _IOCTL = r"""
 import errno, fcntl, os, sys
 op = sys.argv[1]
-cmd = {"freeze": 0xC0045877, "thaw": 0xC0045878, "thaw-quiet": 0xC0045878}[op]
+cmd = {"thaw": 0xC0045878, "thaw-quiet": 0xC0045878}[op]
 rc = 0
 for arg in sys.argv[2:]:
     path, dev = arg.rsplit("=", 1)
@@ -303,7 +308,6 @@ class Fleet:
         self.base = Path(tempfile.mkdtemp(prefix="qfleet-", dir="/tmp"))
         self.made_privsep = False
         self.loop_devices: list[tuple[str, Path]] = []  # (device, image)
-        self.images: list[Path] = []
         self.namespaces: list[str] = []
         self.started_pids: list[int] = []
         self.timings: dict[str, float] = {}
@@ -468,7 +472,6 @@ class Fleet:
         image = host.dir / f"{name}-{fstype}.img"
         with open(image, "wb") as f:
             f.truncate(max(size_mb or 0, MIN_SIZE_MB[fstype]) * 1024 * 1024)
-        self.images.append(image)
         device = _losetup(image)
         self.loop_devices.append((device, image))
         rdev = os.stat(device).st_rdev
