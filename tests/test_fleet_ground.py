@@ -25,7 +25,7 @@ from helpers.fleet import (
     SRC,
     Fleet,
     Host,
-    _alive,
+    alive,
     freeze_host,
     mnt_ns_of,
     pids_in_ns,
@@ -101,7 +101,7 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
     assert f.leftovers() == []
     attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert not any(image in attached for image in images)
-    assert not any(_alive(pid) for pid in sshd_pids)
+    assert not any(alive(pid) for pid in sshd_pids)
     assert all(pids_in_ns(ns) == [] for ns in namespaces)
     assert not f.base.exists()
     say(capsys, f"ground up {f.timings['up_s']:.2f} s, down {f.timings['down_s']:.2f} s")
@@ -157,7 +157,7 @@ def test_a_killed_test_process_leaves_nothing_frozen(fleet: Fleet) -> None:
     while left and time.monotonic() < deadline:
         attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
         left = [f"loop {i}" for i in made["images"] if i in attached]
-        left += [f"sshd {p}" for p in made["sshd"] if _alive(p)]
+        left += [f"sshd {p}" for p in made["sshd"] if alive(p)]
         left += [f"process in {ns}" for ns in made["ns"] if pids_in_ns(ns)]
         time.sleep(0.1)
     # A filesystem frozen when its namespace died would keep its loop attached for good.
@@ -192,6 +192,20 @@ def test_ansible_reaches_every_host_over_ssh_and_each_sees_only_its_own_volume(
     for h in fleet.hosts:
         assert f"{h.name}" in p.stdout and "ok=1" in p.stdout
     say(capsys, f"no-op play across {fleet.n} hosts: {took:.2f} s")
+
+
+def test_check_cut_judges_prefixes() -> None:
+    """The checker itself, on hand-made cuts of three hosts (record n lives on host n % 3)."""
+    cut = check_cut([b"3\n6\n", b"1\n4\n", b"2\n5\n"])
+    assert cut.consistent and cut.prefix == cut.highest == 6
+    # Host 0 captured before record 6, host 1 after record 7: 6 missing below 7.
+    cut = check_cut([b"3\n", b"1\n4\n7\n", b"2\n5\n"])
+    assert not cut.consistent and cut.missing == [6] and cut.prefix == 5
+    # A record cut short (no newline yet) is not a record.
+    assert check_cut([b"3\n", b"1\n4", b"2\n"]).highest == 3
+    assert check_cut([b"", b"", b""]).consistent
+    with pytest.raises(ValueError, match="misplaced"):
+        check_cut([b"1\n", b"", b""])
 
 
 def test_overlapping_freezes_give_a_consistent_cut_every_time(

@@ -154,16 +154,16 @@ def end_pids(pids: Sequence[int], grace: float = 3.0) -> list[int]:
     deadline = time.monotonic() + grace
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
+        alive = [p for p in alive if alive(p)]
         time.sleep(0.02)
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.05)
-    return [p for p in alive if _alive(p)]
+    return [p for p in alive if alive(p)]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True unless the pid is gone or a zombie (reaped by whoever started it)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -674,7 +674,7 @@ class Fleet:
         left += [f"loop: {ln}" for ln in attached.splitlines() if str(self.base) in ln]
         for ns in self.namespaces:
             left += [f"process {pid} in {ns}" for pid in pids_in_ns(ns)]
-        left += [f"process {pid}" for pid in self.started_pids if _alive(pid)]
+        left += [f"process {pid}" for pid in self.started_pids if alive(pid)]
         mountinfo = Path("/proc/self/mountinfo").read_text()
         left += [
             f"mount: {ln}"
