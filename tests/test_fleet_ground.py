@@ -98,7 +98,7 @@ def test_ground_comes_up_isolated_and_goes_down_leaving_nothing(
         sshd_pids = [h.pid for h in f.hosts]
         images = [str(h.data.image) for h in f.hosts]
         raise FailedHere  # close() runs from __exit__, with host 1 frozen
-    assert f.leftovers() == []
+    assert f.teardown_errors == [] and f.leftovers() == []
     attached = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert not any(image in attached for image in images)
     assert not any(alive(pid) for pid in sshd_pids)

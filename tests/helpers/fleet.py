@@ -152,15 +152,15 @@ def end_pids(pids: Sequence[int], grace: float = 3.0) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if alive(p)]
+    living = list(pids)
+    while living and time.monotonic() < deadline:
+        living = [p for p in living if alive(p)]
         time.sleep(0.02)
-    for pid in alive:
+    for pid in living:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     time.sleep(0.05)
-    return [p for p in alive if alive(p)]
+    return [p for p in living if alive(p)]
 
 
 def alive(pid: int) -> bool:
@@ -312,6 +312,7 @@ class Fleet:
         self.started_pids: list[int] = []
         self.timings: dict[str, float] = {}
         self.closed = False
+        self.teardown_errors: list[str] = []  # what close() could not do
 
     # -- building ---------------------------------------------------------------------
 
@@ -606,7 +607,7 @@ class Fleet:
             return
         self.closed = True
         t0 = time.monotonic()
-        errors: list[str] = []
+        errors = self.teardown_errors
 
         def step(what: str, fn: Any, *a: Any, **kw: Any) -> None:
             try:
