@@ -32,7 +32,6 @@ from helpers.fleet import (
     thaw_host,
 )
 from helpers.fleet_writer import (
-    HoppingWriter,
     check_cut,
     snapshot_one_by_one,
     snapshot_overlapping,
@@ -250,27 +249,6 @@ def test_negative_control_host_by_host_freezes_are_caught(
     rate = caught / TRIES
     say(capsys, f"negative control: {caught}/{TRIES} cuts inconsistent ({rate:.0%}); holes {holes}")
     assert rate >= 0.5
-
-
-def test_writer_reaches_hosts_fastest_through_nsenter(
-    fleet: Fleet, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Why the writer's agents run under nsenter: the per-record cost over ssh is higher."""
-    numbers = {}
-    for transport in ("nsenter", "ssh"):
-        w = HoppingWriter(fleet.hosts, f"{transport}.log", transport=transport, ssh_key=fleet.key)
-        try:
-            w.wait_for(300)
-        finally:
-            numbers[transport] = w.stop()
-    ns, ssh = numbers["nsenter"], numbers["ssh"]
-    say(
-        capsys,
-        "per record (write+fsync+ack) median/p99: "
-        f"nsenter {ns['median_s'] * 1e3:.2f}/{ns['p99_s'] * 1e3:.2f} ms, "
-        f"ssh {ssh['median_s'] * 1e3:.2f}/{ssh['p99_s'] * 1e3:.2f} ms",
-    )
-    assert ns["median_s"] < ssh["median_s"]
 
 
 def test_collection_builds_installs_and_info_runs_on_every_host(
