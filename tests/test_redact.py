@@ -15,6 +15,7 @@ from quiesce.sys.redact import (
     redact_data,
     redact_url,
     register_secret,
+    register_url_secrets,
 )
 
 # RFC 3986 userinfo characters (a raw '@' too: users write it; ':' only in the password)
@@ -70,9 +71,10 @@ def test_redaction_is_idempotent(text):
 
 def test_worked_examples():
     assert redact_url("rest:https://user:pass@host/") == "rest:https://user:***@host/"
-    assert redact_url("s3:https://AKIA:wJal/x@s3.example.com/b") == (
-        "s3:https://AKIA:wJal/x@s3.example.com/b"  # '/' ends the userinfo: no password
-    )
+    aws = "s3:https://AKIA:wJal/rXUtn@s3.example.com/b"  # a '/' in the secret key
+    assert redact_url(aws) == aws  # in free text, '/' ends RFC 3986's userinfo: no guess
+    register_url_secrets(aws)  # but a repository the job names is parsed to its last '@'
+    assert redact(f"repo {aws}: denied") == "repo s3:https://AKIA:***@s3.example.com/b: denied"
     assert redact_url("s3:https://AKIA:wJalr@s3.example.com/b") == (
         "s3:https://AKIA:***@s3.example.com/b"
     )
@@ -82,9 +84,13 @@ def test_worked_examples():
     assert redact_url("host=/run/postgresql user=app password='se cret' dbname=x") == (
         "host=/run/postgresql user=app password=*** dbname=x"
     )
-    for plain in ("/srv/backup/restic", "borg@host:repo", "s3:s3.amazonaws.com/bucket",
-                  "rest:https://host:8000/", "RESTIC_PASSWORD_FILE=/etc/quiesce/pw"):  # fmt: skip
-        assert redact_url(plain) == plain
+    plain = ["ssh://borg@host:22/./repo", "/srv/backup/restic", "borg@host:repo",
+             "s3:s3.amazonaws.com/bucket", "rest:https://host:8000/",
+             "sftp:user@host:/srv/restic", "RESTIC_PASSWORD_FILE=/etc/quiesce/pw"]  # fmt: skip
+    for url in plain:
+        assert redact_url(url) == url
+        register_url_secrets(url)  # nothing to remember
+        assert redact(url) == url
 
 
 def test_registered_secrets_and_secret_environment_values_are_scrubbed(monkeypatch):
@@ -110,3 +116,23 @@ def test_secret_names():
         assert is_secret_name(name), name
     for name in ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "PGHOST", "QUIESCE_JOB", "PWD"):
         assert not is_secret_name(name), name
+
+
+@settings(max_examples=300)
+@given(schemes, users, st.text(_UNRESERVED + "!$&'()+,;=%:@/", min_size=1, max_size=24),
+       hosts, paths)  # fmt: skip
+def test_a_repository_password_with_a_slash_never_survives_once_registered(
+    scheme, user, pw, host, path
+):
+    """AWS secret keys have '/': a repository the job names is parsed to its last '@'."""
+    import quiesce.sys.redact as r
+
+    saved = set(r._secrets)
+    try:
+        url = f"{scheme}{user}:{pw}@{host}{path}"
+        register_url_secrets(url)
+        shown = redact(f"Fatal: {url} is unreachable")
+        assert pw not in shown
+    finally:
+        r._secrets.clear()
+        r._secrets.update(saved)

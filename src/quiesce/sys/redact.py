@@ -105,9 +105,37 @@ def register_secret(value: str | None) -> None:
                 _secrets.add(v)
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _job_url_password(text: str) -> str | None:
+    """The password of one URL as a job names it (a repository): ``backend:`` or
+    ``scheme:``, then ``//`` or ``scheme://`` (or neither: ``sftp:user:pw@host:/x``),
+    then ``user:password@host``, the password running to the last '@' even with a '/'
+    in it (AWS secret keys have them; RFC 3986 wants them percent-encoded)."""
+    m = _SCHEME.match(text)
+    if m is None:
+        return None
+    rest = text[m.end() :]
+    m = re.match(r"(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//", rest)
+    rest = rest[m.end() :] if m else rest
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if not at or not colon or not password or any(c in user for c in "/@ \t\n"):
+        return None
+    return password if not any(c.isspace() for c in password + host) else None
+
+
 def register_url_secrets(text: str | None) -> None:
-    """Remember the passwords of the URLs in ``text`` (a repository, a DSN)."""
-    for pw in url_passwords(text or ""):
+    """Remember the passwords of a URL (a repository, a DSN) that the job names: from
+    then on they are scrubbed wherever they appear, even where :func:`redact_url`, which
+    must not guess in free text, would not recognise them."""
+    text = (text or "").strip()
+    found = url_passwords(text)
+    whole = _job_url_password(text)
+    if whole:
+        found.append(whole)
+    for pw in found:
         register_secret(pw)
 
 

@@ -28,7 +28,6 @@ from quiesce.sys.proc import signals_deferred
 from quiesce.sys.redact import (
     redact,
     redact_data,
-    redact_url,
     register_secret,
     register_secret_file,
 )
@@ -77,7 +76,7 @@ class BackupResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.location = redact_url(self.location) if self.location else self.location
+        self.location = redact(self.location) if self.location else self.location
         self.extra = redact_data(self.extra)
 
     @property
