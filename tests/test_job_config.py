@@ -481,3 +481,166 @@ def test_state_dir_another_user_can_write_is_a_problem_of_the_job(tmp_path):
     p = quiesce("run", str(job))
     assert p.returncode == 2 and "  state_dir: refusing the state directory" in p.stderr
     assert not ran.exists()
+
+
+# -- secrets never in a job file ------------------------------------------------------------
+
+MYSQL_PASSWORD_HINT = (
+    'use defaults_file = "/etc/mysql/debian.cnf" (a root-owned 0600 option file with the '
+    'password) or password_env = "NAME" (an environment variable quiesce reads)'
+)
+IN_THE_FILE = (
+    "a password does not belong in the job file (anyone who can read it, a backup of /etc, "
+    "a config repository would have it)"
+)
+SECRET_HINT = (
+    "put it in a root-owned 0600 file and pass the file's path (e.g. PGPASSFILE, "
+    "RESTIC_PASSWORD_FILE), or let the hook read it itself"
+)
+PG_HINT = (
+    "remove it; use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
+    'password_env = "NAME" (an environment variable quiesce reads)'
+)
+SECRET_BAD = [
+    (
+        '[[writers.mysql]]\nunix_socket = "/run/mysqld/mysqld.sock"\npassword = "x"\n',
+        [("writers.mysql[0].password", IN_THE_FILE, MYSQL_PASSWORD_HINT)],
+    ),
+    (
+        '[[writers.mysql]]\npassword_env = "not a name"\n',
+        [("writers.mysql[0].password_env", "'not a name' is not an environment variable's name",
+          'the NAME of the variable that holds the password: password_env = "DB_PW"')],
+    ),
+    (
+        '[[writers.postgresql]]\ndsn = "host=/run/postgresql user=app password=pgsecret"\n'
+        '[[writers.postgresql]]\ndsn = "postgresql://app:pgsecret@db.example/app"\n',
+        [("writers.postgresql[0].dsn",
+          "the dsn carries a password: host=/run/postgresql user=app password=***", PG_HINT),
+         ("writers.postgresql[1].dsn",
+          "the dsn carries a password: postgresql://app:***@db.example/app", PG_HINT)],
+    ),
+    (
+        '[backup]\ntarget = "tar"\ndirectory = "/srv/tars"\npassphrase = "x"\n',
+        [("backup.passphrase", IN_THE_FILE,
+          'use password_file = "/etc/quiesce/restic.pass" (root-owned, mode 600) or '
+          'password_env = "NAME" (an environment variable quiesce reads)')],
+    ),
+    (
+        '[[hooks.pre_freeze]]\ncommand = ["/bin/true"]\n'
+        'env = { PGHOST = "/run/postgresql", PGPASSWORD = "pgsecret", QUIESCE_JOB = "x", '
+        '"1BAD" = "y", RESTIC_PASSWORD_FILE = "/etc/quiesce/pw", '
+        'RESTIC_REPOSITORY = "rest:https://u:pgsecret@h/" }\n'
+        "[hooks]\n",
+        [("hooks.pre_freeze[0].env.PGPASSWORD", "a secret does not belong in the job file",
+          SECRET_HINT),
+         ("hooks.pre_freeze[0].env.QUIESCE_JOB", "quiesce sets the QUIESCE_* variables itself",
+          "use another name"),
+         ("hooks.pre_freeze[0].env.1BAD", "'1BAD' is not a valid variable name",
+          "use letters, digits, '_'"),
+         ("hooks.pre_freeze[0].env.RESTIC_REPOSITORY",
+          "the value carries a password (user:pass@ or password=)",
+          "put the password in a root-owned 0600 file the hook reads")],
+    ),
+    (
+        '[[hooks.session]]\ncommand = ["/bin/true"]\nenv = { PORT = 5432 }\n',
+        [("hooks.session[0].env.PORT", "wrong type: expected a string, got integer 5432",
+          "see docs/jobs.md for this key's type")],
+    ),
+    (
+        '[hooks]\ndirectory_env = { API_TOKEN = "tok" }\n',
+        [("hooks.directory_env.API_TOKEN", "a secret does not belong in the job file",
+          SECRET_HINT)],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), SECRET_BAD)
+def test_secrets_in_the_job_file_are_refused(tmp_path, text, expected):
+    job = write_job(tmp_path, GOOD.format(vol="/v") + text)
+    assert problems(job) == expected
+    with pytest.raises(JobConfigError) as e:
+        load_job(job, check_volumes=False)
+    shown = json.dumps(e.value.to_dict())
+    assert "pgsecret" not in shown
+
+
+def test_check_refuses_a_mysql_password_with_exit_2_naming_the_key(tmp_path):
+    job = write_job(tmp_path, GOOD.format(vol="/v") + (
+        '[[writers.mysql]]\nunix_socket = "/run/mysqld/mysqld.sock"\npassword = "s3cret-pw"\n'
+    ))  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == ExitCode.USAGE == 2
+    assert f"  writers.mysql[0].password: {IN_THE_FILE}" in p.stderr.splitlines()
+    assert f"    hint: {MYSQL_PASSWORD_HINT}" in p.stderr.splitlines()
+    assert "s3cret-pw" not in p.stderr + p.stdout
+
+
+def test_an_unset_writer_password_env_stops_the_run_before_anything_runs(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    ran = tmp_path / "ran"
+    job = write_job(tmp_path, f"""
+name = "pw"
+volumes = ["{fs.path}"]
+state_dir = "{tmp_path / "state"}"
+[provider]
+type = "command"
+create = ["touch", "{ran}"]
+[[hooks.pre_freeze]]
+command = ["touch", "{ran}"]
+[[writers.mysql]]
+unix_socket = "/run/mysqld/mysqld.sock"
+password_env = "QUIESCE_TEST_UNSET_DB_PW"
+""")  # fmt: skip
+    p = quiesce("run", str(job))
+    assert p.returncode == ExitCode.USAGE, p.stderr
+    assert (
+        "quiesce: writers.mysql[0].password_env: the environment variable "
+        "QUIESCE_TEST_UNSET_DB_PW is not set"
+    ) in p.stderr
+    dry = quiesce("run", str(job), "--dry-run")
+    assert dry.returncode == ExitCode.USAGE, dry.stderr
+    assert "quiesce: writers.mysql[0].password_env: the environment variable" in dry.stderr
+    assert not ran.exists()
+    assert is_writable(fs.path)
+
+
+def test_check_json_shows_the_repository_without_its_password(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "restic").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "restic").chmod(0o755)
+    job = write_job(tmp_path, GOOD.format(vol=fs.path) + (
+        '[backup]\ntarget = "restic"\nrepository = "rest:https://bk:r3po-pass@backup.example/"\n'
+        'password_env = "RESTIC_PW"\n'
+    ))  # fmt: skip
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    p = subprocess.run([sys.executable, "-m", "quiesce", "check", "--json", str(job)],
+                       capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["backup"] == {
+        "target": "restic", "repository": "rest:https://bk:***@backup.example/",
+    }  # fmt: skip
+    assert "r3po-pass" not in p.stdout + p.stderr
+
+
+def test_a_bare_hook_name_must_be_on_the_hooks_path(tmp_path, monkeypatch):
+    """Hooks run with the hooks' PATH (or their env table's), not quiesce's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "my-hook").write_text("#!/bin/sh\n")
+    (bin_dir / "my-hook").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    job = write_job(
+        tmp_path, GOOD.format(vol="/v") + '[[hooks.pre_freeze]]\ncommand = ["my-hook"]\n'
+    )
+    assert problems(job) == [(
+        "hooks.pre_freeze[0].command",
+        "my-hook is not on a hook's PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+        "/sbin:/bin)",
+        "give its absolute path, or set PATH in the hook's env table",
+    )]  # fmt: skip
+    ok = write_job(tmp_path, GOOD.format(vol="/v") + (
+        f'[[hooks.pre_freeze]]\ncommand = ["my-hook"]\nenv = {{ PATH = "{bin_dir}:/usr/bin" }}\n'
+    ), name="ok.toml")  # fmt: skip
+    assert load_job(ok, check_volumes=False).config.hooks.pre_freeze[0].env["PATH"]

@@ -30,6 +30,7 @@ from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.state.statedir import state_dir
+from quiesce.sys.redact import redact_data
 
 
 class VerifyFailed(QuiesceError):
@@ -65,6 +66,10 @@ class BackupReport:
         self.error = e.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
+        """Redacted: the target's output, errors and repository may carry a password."""
+        return redact_data(self._fields())
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "job": self.job,
             "target": self.target,

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from quiesce.errors import QuiesceError
+from quiesce.sys.redact import redact_data
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]
@@ -29,7 +30,9 @@ def console(*, stderr: bool = False, markup: bool = False) -> Console:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """JSON on stdout, redacted: nothing quiesce prints carries a password."""
+    data = redact_data(json.loads(json.dumps(data, default=str)))
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
 
 
@@ -40,6 +43,7 @@ err = console(stderr=True)
 def print_error(error: dict[str, Any], to: Console | None = None) -> None:
     """``quiesce: <message>``, each job-file problem with its hint, then ``hint: <hint>``."""
     to = to or err
+    error = redact_data(error)
     to.print(Text.assemble(("quiesce:", "bold red"), " ", error["message"]))
     for p in error.get("problems", []):
         to.print(f"  {p['path']}: {p['message']}", markup=False)

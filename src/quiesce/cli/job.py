@@ -73,6 +73,11 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
             "directory": [str(s) for s in job.hook_dir_scripts],
         },
         "writers": {k: len(v) for k, v in c.writers.model_dump().items()},
+        "backup": (
+            {"target": c.backup.target, "repository": c.backup.repository or c.backup.directory}
+            if c.backup is not None
+            else None
+        ),
     }
     if as_json:
         emit_json(summary)

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from quiesce.cli.common import print_error
 from quiesce.job.report import Report
+from quiesce.sys.redact import redact_url
 from quiesce.sys.units import human_bytes, human_duration
 
 OUTPUT_SHOWN = 400  # characters of hook output in the human rendering (JSON has more)
@@ -136,7 +137,8 @@ def print_backup_report(
             console,
             f"backed up {human_bytes(b['bytes'])} in {b['files']} file(s) in "
             f"{human_duration(b['duration_s'])} "
-            f"({rate}): {escape(str(b['snapshot_id']))}",
+            f"({rate}): {escape(str(b['snapshot_id']))}"
+            + (f" in {escape(redact_url(str(b['location'])))}" if b.get("location") else ""),
         )
         if b.get("files_unmodified") is not None and b["target"] != "tar":
             _say(

@@ -4,6 +4,7 @@ each writer guarded by the job's failure policy, with the report's phase marks."
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from quiesce.apps.hooks import (
     SessionSpec,
     StepTimer,
 )
+from quiesce.errors import UsageError
 from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
 from quiesce.snapshot.quiescers import Quiescer
+from quiesce.sys.redact import redact, register_secret
 
 
 class _Marked:
@@ -92,11 +95,11 @@ class GuardedWriter:
             fn(*args)
         except Exception as e:
             r.status = "failed"
-            r.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            r.error = redact(getattr(e, "message", None) or f"{type(e).__name__}: {e}")
         timer.stop()
         shown = {k: v for k, v in self.writer.info.items() if k not in _LONG_INFO}
         if shown:
-            r.output = json.dumps(shown, separators=(", ", ": "), default=str)
+            r.output = redact(json.dumps(shown, separators=(", ", ": "), default=str))
         return self.ctx.record(r)
 
     def before_freeze(self) -> None:
@@ -115,7 +118,25 @@ class GuardedWriter:
             self.ctx.failed(r, quiescing=False)
 
 
+def writer_password(password_env: str | None, key: str) -> str | None:
+    """The value of the variable a writer's ``password_env`` names (read here, passed to
+    the client library in memory: never an argv, a file or a hook's environment), and
+    remembered as a secret so that no report shows it."""
+    if password_env is None:
+        return None
+    value = os.environ.get(password_env)
+    if value is None:
+        raise UsageError(
+            f"{key}: the environment variable {password_env} is not set",
+            "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
+        )
+    register_secret(value)
+    return value
+
+
 def build_writers(config: JobConfig) -> list[Any]:
+    """The job's built-in writers; a UsageError (nothing has run yet) if a writer's
+    ``password_env`` is not set."""
     from quiesce.apps.writers.mysql import MysqlWriter
     from quiesce.apps.writers.postgresql import PostgresWriter
     from quiesce.apps.writers.sqlite import SqliteWriter
@@ -139,6 +160,7 @@ def build_writers(config: JobConfig) -> list[Any]:
                 backup=pg.backup,
                 label=pg.label,
                 timeout=pg.timeout,
+                password=writer_password(pg.password_env, f"writers.postgresql[{i}].password_env"),
                 name=pg.name or f"postgresql[{i}]",
             )
         )
@@ -149,7 +171,7 @@ def build_writers(config: JobConfig) -> list[Any]:
                 host=m.host,
                 port=m.port,
                 user=m.user,
-                password=m.password,
+                password=writer_password(m.password_env, f"writers.mysql[{i}].password_env"),
                 defaults_file=m.defaults_file,
                 timeout=m.timeout,
                 lock=m.lock,
@@ -182,25 +204,31 @@ def build_quiescers(
     out: list[Quiescer] = []
     if h.post_thaw:
         specs = [
-            HookSpec(hook_name(x, "post_thaw", i), list(x.command), x.timeout)
+            HookSpec(hook_name(x, "post_thaw", i), list(x.command), x.timeout, dict(x.env))
             for i, x in enumerate(h.post_thaw)
         ]
         out.append(PostThawCommands(ctx, specs))
     if h.pre_freeze:
         specs = [
-            HookSpec(hook_name(x, "pre_freeze", i), list(x.command), x.timeout)
+            HookSpec(hook_name(x, "pre_freeze", i), list(x.command), x.timeout, dict(x.env))
             for i, x in enumerate(h.pre_freeze)
         ]
         out.append(PreFreezeCommands(ctx, specs))
     if job.hook_dir_scripts:
-        out.append(HookDirectory(ctx, job.hook_dir_scripts, h.directory_timeout))
+        out.append(HookDirectory(ctx, job.hook_dir_scripts, h.directory_timeout, h.directory_env))
     for i, x in enumerate(h.session):
         name = hook_name(x, "session", i)
-        out.append(
-            SessionHook(ctx, SessionSpec(name, list(x.command), x.ready_timeout, x.done_timeout))
-        )
+        spec = SessionSpec(name, list(x.command), x.ready_timeout, x.done_timeout, dict(x.env))
+        out.append(SessionHook(ctx, spec))
     out += [GuardedWriter(ctx, w) for w in writers]
     return marks.wrap(out) if marks is not None and out else out
 
 
-__all__ = ["GuardedWriter", "PhaseMarks", "build_quiescers", "build_writers", "hook_name"]
+__all__ = [
+    "GuardedWriter",
+    "PhaseMarks",
+    "build_quiescers",
+    "build_writers",
+    "hook_name",
+    "writer_password",
+]

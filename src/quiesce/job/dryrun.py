@@ -90,7 +90,11 @@ def describe_plan(job: Job, report: Report) -> None:
             )
         steps.append(f"plan: {len(plan.members)} volume(s), freeze order: {', '.join(names)}")
         steps.append(f"provider {c.provider.type}: check and prepare (outside the window)")
-        before, after = _quiesce_steps(job)
+        try:
+            before, after = _quiesce_steps(job)
+        except QuiesceError as e:  # a writer's password_env is not set: the run would stop
+            report.set_error(e)
+            return
         steps += before
         if mode == FreezeMode.FIFREEZE:
             steps.append(f"start the guardian (deadline {t.freeze:g}s, lease {t.lease:g}s)")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce.sys.redact import redact
+
 PREFIX = "quiesce_"
 # name -> help text (all gauges)
 METRICS: dict[str, str] = {
@@ -100,6 +102,8 @@ def run_metrics(
 
 
 def escape_label(value: str) -> str:
+    """A label value as the exposition format quotes it, redacted (metrics are public)."""
+    value = redact(value)
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 

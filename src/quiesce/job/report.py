@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.sys.redact import known_secrets, redact, redact_data
 
 
 class Phase(BaseModel):
@@ -63,7 +64,12 @@ class Phase(BaseModel):
 
 
 class Report(BaseModel):
-    """Everything a run did. ``exit_code`` follows errors.ExitCode."""
+    """Everything a run did. ``exit_code`` follows errors.ExitCode.
+
+    Redacted (quiesce.sys.redact) when finished and whenever it is serialised: hook and
+    target output, errors and repository URLs may carry a password, and the report goes
+    to stdout, to the ``after_run`` hooks' stdin and into monitoring.
+    """
 
     job: str
     job_file: str | None = None
@@ -101,7 +107,23 @@ class Report(BaseModel):
         self.duration_s = time.monotonic() - self.t0
         self.finished = self.started + self.duration_s
         self.phases.sort(key=lambda p: p.start if p.start is not None else float("inf"))
+        self.redact()
         return self
+
+    def redact(self) -> None:
+        """Mask credentials and known secrets in every string the report holds, so that
+        the human rendering shows what the JSON shows."""
+        secrets = known_secrets()
+        for name, value in list(self.__dict__.items()):
+            if isinstance(value, str | list | dict) and name != "phases":
+                setattr(self, name, redact_data(value, secrets=secrets))
+        for p in self.phases:
+            p.name = redact(p.name, secrets=secrets)
+            p.detail = redact(p.detail, secrets=secrets) if p.detail else p.detail
+
+    @model_serializer(mode="wrap")
+    def _redacted(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return redact_data(handler(self))
 
     @property
     def window_s(self) -> float | None:

@@ -26,6 +26,7 @@ from quiesce.job.timeline import fill_from_manifest, window_phases
 from quiesce.state.locks import JobBusy, job_lock
 from quiesce.state.retention import RetentionPolicy
 from quiesce.state.statedir import UntrustedState, state_dir
+from quiesce.sys.redact import redact
 
 
 def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:
@@ -219,17 +220,18 @@ def _after_run_hooks(job: Job, ctx: HookContext, report: Report) -> None:
     specs = job.config.hooks.after_run
     if not specs:
         return
-    env = ctx.env("after-run") | {
+    told = {
         "QUIESCE_STATUS": "ok" if report.ok else "failed",
         "QUIESCE_EXIT_CODE": str(report.exit_code),
-        "QUIESCE_ERROR": (report.error or {}).get("message", ""),
+        "QUIESCE_ERROR": redact((report.error or {}).get("message", "")),
         "QUIESCE_SNAPSHOT": report.manifest_id or "",
     }
-    stdin = report.to_json().encode()
+    stdin = report.to_json().encode()  # redacted (Report's serializer)
     for i, h in enumerate(specs):
         r = run_command(
             list(h.command), name=hook_name(h, "after_run", i), kind="after-run",
-            timeout=h.timeout or job.config.timeouts.hook, env=env, stdin=stdin,
+            timeout=h.timeout or job.config.timeouts.hook,
+            env=ctx.env("after-run", h.env) | told, stdin=stdin,
         )  # fmt: skip
         report.hooks.append(r.to_dict())
         if not r.ok:

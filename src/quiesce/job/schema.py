@@ -28,6 +28,7 @@ from quiesce.errors import UsageError
 from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
 from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
+from quiesce.sys.redact import redact, redact_data
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # -- problems -----------------------------------------------------------------------------
@@ -42,10 +43,12 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        text = f"{self.path}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        return redact(text)
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "message": self.message, "hint": self.hint}
+        """Redacted: a message may quote a value of the job file (a URL, a dsn)."""
+        return redact_data({"path": self.path, "message": self.message, "hint": self.hint})
 
 
 class JobConfigError(UsageError):
@@ -79,12 +82,16 @@ def _argv(value: Any) -> Any:
 
 
 Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+# A hook's own environment variables, on top of the clean base (apps.hooks.context):
+# hooks inherit nothing else from quiesce, whose environment holds its passwords.
+HookEnv = dict[str, str]
 
 
 class CommandHookConfig(_Strict):
     command: Argv
     name: str | None = None
     timeout: PositiveFloat | None = None  # default: timeouts.hook
+    env: HookEnv = {}
 
     _check_argv = field_validator("command", mode="before")(_argv)
 
@@ -94,6 +101,7 @@ class SessionHookConfig(_Strict):
     name: str | None = None
     ready_timeout: PositiveFloat | None = None  # default: timeouts.hook
     done_timeout: PositiveFloat | None = None
+    env: HookEnv = {}
 
     _check_argv = field_validator("command", mode="before")(_argv)
 
@@ -105,6 +113,7 @@ class HooksConfig(_Strict):
     session: list[SessionHookConfig] = []
     directory: str | None = None
     directory_timeout: PositiveFloat | None = None
+    directory_env: HookEnv = {}  # the hook directory's scripts' own variables
 
 
 class SqliteConfig(_Strict):
@@ -114,8 +123,13 @@ class SqliteConfig(_Strict):
     name: str | None = None
 
 
+# Passwords never go in a job file: a writer names an environment variable that holds
+# one (password_env), or uses the client's own file (~/.pgpass, a MySQL option file).
+
+
 class PostgresConfig(_Strict):
-    dsn: str = ""
+    dsn: str = ""  # without password= or user:pass@ (validate.py refuses them)
+    password_env: str | None = None  # the NAME of an environment variable holding it
     checkpoint: bool = True
     backup: bool = False
     label: str = "quiesce"
@@ -128,8 +142,8 @@ class MysqlConfig(_Strict):
     host: str | None = None
     port: int = 3306
     user: str = "root"
-    password: str | None = None
-    defaults_file: str | None = None
+    password_env: str | None = None  # the NAME of an environment variable holding it
+    defaults_file: str | None = None  # a root-owned 0600 option file ([client] password=)
     timeout: PositiveFloat = 30.0
     lock: Literal["auto", "backup_stage", "flush_tables"] = "auto"
     name: str | None = None
@@ -212,6 +226,7 @@ __all__ = [
     "NAME_RE",
     "PROVIDERS",
     "CommandHookConfig",
+    "HookEnv",
     "HooksConfig",
     "Job",
     "JobConfig",

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_problem
+from quiesce.apps.hooks.context import SAFE_PATH
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
 from quiesce.providers.options import OPTIONS, ProviderOptions
 from quiesce.state.statedir import UntrustedState, checked_state_dir
+from quiesce.sys.redact import has_credentials, holds_secret_value, redact
 from quiesce.sys.trust import TrustError, open_checked, read_all
 
 if TYPE_CHECKING:
@@ -35,6 +37,17 @@ if TYPE_CHECKING:
     from quiesce.sys.mounts import MountTable
 
 CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Where a password goes instead of the job file, by the table that tried to hold one.
+_PASSWORD_HINTS = {
+    "writers.mysql": 'use defaults_file = "/etc/mysql/debian.cnf" (a root-owned 0600 option '
+    'file with the password) or password_env = "NAME" (an environment variable quiesce reads)',
+    "writers.postgresql": "use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
+    'password_env = "NAME" (an environment variable quiesce reads)',
+    "backup": 'use password_file = "/etc/quiesce/restic.pass" (root-owned, mode 600) or '
+    'password_env = "NAME" (an environment variable quiesce reads)',
+}
+_SECRET_KEYS = ("password", "passwd", "passphrase", "secret")
 
 # -- pydantic errors -> problems ------------------------------------------------------------
 
@@ -109,6 +122,14 @@ def _problem_from(err: dict[str, Any]) -> Problem:
     path = _key_path(loc)
     kind = err["type"]
     value = err.get("input")
+    if kind == "extra_forbidden" and str(loc[-1]).lower() in _SECRET_KEYS:
+        table = re.sub(r"\[\d+\]", "", _key_path(loc[:-1]))
+        return Problem(
+            path,
+            "a password does not belong in the job file (anyone who can read it, a backup "
+            "of /etc, a config repository would have it)",
+            _PASSWORD_HINTS.get(table, 'name an environment variable: password_env = "NAME"'),
+        )
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
         allowed = sorted(model.model_fields) if model else []
@@ -158,10 +179,21 @@ def _file_problems(path: Path, key: str) -> list[Problem]:
     return [Problem(key, problem, CHOWN_HINT.format(p=path))] if problem else []
 
 
-def _command_problems(argv: Any, key: str) -> list[Problem]:
+def _command_problems(argv: Any, key: str, env: Any = None) -> list[Problem]:
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         return []  # the schema reports it
     problem = executable_problem(argv)
+    path = env.get("PATH") if isinstance(env, dict) else None
+    path = path if isinstance(path, str) else SAFE_PATH
+    if problem is None and "/" not in argv[0] and shutil.which(argv[0], path=path) is None:
+        # a hook runs with the hooks' PATH, not quiesce's (docs/jobs.md, "A hook's environment")
+        return [
+            Problem(
+                key,
+                f"{argv[0]} is not on a hook's PATH ({path})",
+                "give its absolute path, or set PATH in the hook's env table",
+            )
+        ]
     if problem is None:
         return []
     if "owned by" in problem or "writable by" in problem:
@@ -177,12 +209,54 @@ def _list_of_tables(raw: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
     return [t if isinstance(t, dict) else {} for t in cur] if isinstance(cur, list) else []
 
 
+def _env_problems(env: Any, key: str) -> list[Problem]:
+    """A hook's ``env`` table: valid names, no QUIESCE_* (quiesce sets those), and no
+    secret: a password in the job file is readable by whoever reads the file."""
+    if not isinstance(env, dict):
+        return []  # the schema reports it
+    problems = []
+    for name, value in env.items():
+        at = f"{key}.{name}"
+        if not ENV_NAME_RE.match(name):
+            problems.append(
+                Problem(at, f"{name!r} is not a valid variable name", "use letters, digits, '_'")
+            )
+        elif name.upper().startswith("QUIESCE_"):
+            problems.append(
+                Problem(at, "quiesce sets the QUIESCE_* variables itself", "use another name")
+            )
+        elif holds_secret_value(name):
+            problems.append(
+                Problem(
+                    at,
+                    "a secret does not belong in the job file",
+                    "put it in a root-owned 0600 file and pass the file's path (e.g. "
+                    "PGPASSFILE, RESTIC_PASSWORD_FILE), or let the hook read it itself",
+                )
+            )
+        elif isinstance(value, str) and has_credentials(value):
+            problems.append(
+                Problem(
+                    at,
+                    "the value carries a password (user:pass@ or password=)",
+                    "put the password in a root-owned 0600 file the hook reads",
+                )
+            )
+        elif isinstance(value, str) and "\0" in value:
+            problems.append(Problem(at, "the value contains a NUL byte", "remove it"))
+    return problems
+
+
 def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
     problems: list[Problem] = []
     for section in ("pre_freeze", "post_thaw", "session", "after_run"):
         for i, table in enumerate(_list_of_tables(raw, "hooks", section)):
-            problems += _command_problems(table.get("command"), f"hooks.{section}[{i}].command")
+            key = f"hooks.{section}[{i}].command"
+            problems += _command_problems(table.get("command"), key, table.get("env"))
+            problems += _env_problems(table.get("env"), f"hooks.{section}[{i}].env")
     hooks = raw.get("hooks")
+    if isinstance(hooks, dict):
+        problems += _env_problems(hooks.get("directory_env"), "hooks.directory_env")
     directory = hooks.get("directory") if isinstance(hooks, dict) else None
     scripts: list[Path] = []
     if isinstance(directory, str):
@@ -273,6 +347,28 @@ def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
                         "give the database file's path",
                     )
                 )
+    for kind in ("mysql", "postgresql"):
+        for i, table in enumerate(_list_of_tables(raw, "writers", kind)):
+            name = table.get("password_env")
+            if isinstance(name, str) and not ENV_NAME_RE.match(name):
+                problems.append(
+                    Problem(
+                        f"writers.{kind}[{i}].password_env",
+                        f"{name!r} is not an environment variable's name",
+                        'the NAME of the variable that holds the password: password_env = "DB_PW"',
+                    )
+                )
+    for i, table in enumerate(_list_of_tables(raw, "writers", "postgresql")):
+        dsn = table.get("dsn")
+        if isinstance(dsn, str) and has_credentials(dsn):
+            problems.append(
+                Problem(
+                    f"writers.postgresql[{i}].dsn",
+                    f"the dsn carries a password: {redact(dsn)}",
+                    "remove it; use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
+                    'password_env = "NAME" (an environment variable quiesce reads)',
+                )
+            )
     for i, table in enumerate(_list_of_tables(raw, "writers", "mysql")):
         f = table.get("defaults_file")
         if isinstance(f, str):

@@ -2,20 +2,23 @@
 
 Every hook runs without a shell (an argv list), in its own process group, with its own
 timeout; on timeout the whole group is killed. Output is captured in memory (bounded),
-never written to a file: the volume it would land on may be about to freeze.
+never written to a file: the volume it would land on may be about to freeze. A hook gets
+a clean environment (:meth:`HookContext.env`), and its output is redacted before it is
+kept: it goes into reports and into the ``after_run`` hooks' stdin.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from quiesce.apps.hooks.context import HookContext
 from quiesce.apps.hooks.results import HookFailed, HookResult, StepTimer
 from quiesce.sys import proc
 from quiesce.sys.proc import OUTPUT_LIMIT
+from quiesce.sys.redact import redact, redact_url
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of a hook's process group
 _SKIPPED_SUFFIXES = (
@@ -48,7 +51,7 @@ def run_command(
     stdin: bytes | None = None,
 ) -> HookResult:
     """Run one hook to completion; never raises for the hook's own failures."""
-    result = HookResult(name=name, kind=kind, argv=list(argv))
+    result = HookResult(name=name, kind=kind, argv=[redact_url(a) for a in argv])
     timer = StepTimer(result)
     try:
         done = proc.run_bounded(
@@ -59,7 +62,7 @@ def run_command(
         result.status, result.error = "error", f"cannot run {argv[0]}: {e.strerror}"
         return timer.stop()
     result.returncode = done.returncode
-    result.output = done.stdout.decode(errors="replace")
+    result.output = redact(done.stdout.decode(errors="replace"))
     if done.timed_out:
         result.status = "timeout"
         result.error = f"timed out after {timeout:g}s; its process group was killed"
@@ -77,6 +80,7 @@ class HookSpec:
     name: str
     argv: list[str]
     timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the job's per-hook `env` table
 
 
 class PreFreezeCommands:
@@ -89,7 +93,7 @@ class PreFreezeCommands:
         for spec in self.specs:
             r = run_command(
                 spec.argv, name=spec.name, kind="pre-freeze",
-                timeout=self.ctx.budget(spec.timeout), env=self.ctx.env("pre-freeze"),
+                timeout=self.ctx.budget(spec.timeout), env=self.ctx.env("pre-freeze", spec.env),
             )  # fmt: skip
             self.ctx.record(r)
             if not r.ok:
@@ -120,7 +124,7 @@ class PostThawCommands:
             r = run_command(
                 spec.argv, name=spec.name, kind="post-thaw",
                 timeout=self.ctx.budget(spec.timeout, releasing=True),
-                env=self.ctx.env("post-thaw"),
+                env=self.ctx.env("post-thaw", spec.env),
             )  # fmt: skip
             self.ctx.record(r)
             if not r.ok:
@@ -131,8 +135,15 @@ class HookDirectory:
     """Every executable in a directory, run as ``SCRIPT freeze`` before the window and
     ``SCRIPT thaw`` after it, in name order (qemu-guest-agent's fsfreeze-hook.d)."""
 
-    def __init__(self, ctx: HookContext, scripts: Sequence[Path], timeout: float | None) -> None:
+    def __init__(
+        self,
+        ctx: HookContext,
+        scripts: Sequence[Path],
+        timeout: float | None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.ctx, self.scripts, self.timeout = ctx, list(scripts), timeout
+        self.env = dict(env or {})  # the job's hooks.directory_env
         self.started: list[Path] = []
         self.done = False
 
@@ -141,7 +152,7 @@ class HookDirectory:
             run_command(
                 [str(script), action], name=script.name, kind=f"hook-dir:{action}",
                 timeout=self.ctx.budget(self.timeout, releasing=releasing),
-                env=self.ctx.env("pre-freeze" if action == "freeze" else "post-thaw"),
+                env=self.ctx.env("pre-freeze" if action == "freeze" else "post-thaw", self.env),
             )
         )  # fmt: skip
 

@@ -4,11 +4,27 @@ environment, and the results they record."""
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quiesce.apps.hooks.results import HookFailed, HookResult, RunTimeout
+from quiesce.sys.redact import is_secret_name
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_LOCALE = re.compile(r"^(LANG|LANGUAGE|LC_[A-Z_]+|TZ)$")
+
+
+def base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every hook starts from: a safe PATH, HOME, and the locale and time zone of
+    quiesce's environment. Nothing else is inherited, so the passwords quiesce was given
+    (RESTIC_PASSWORD, the variable ``password_env`` names, AWS keys, ...) never reach
+    a hook: a hook's output ends up in reports and in the ``after_run`` hooks' stdin."""
+    env = os.environ if environ is None else environ
+    out = {"PATH": SAFE_PATH, "HOME": "/root" if os.path.isdir("/root") else "/"}
+    out |= {k: v for k, v in env.items() if _LOCALE.match(k) and not is_secret_name(k)}
+    return out
 
 
 @dataclass
@@ -26,13 +42,19 @@ class HookContext:
     warnings: list[str] = field(default_factory=list)
     status: str = "ok"  # what post-thaw hooks see in QUIESCE_STATUS
 
-    def env(self, phase: str) -> dict[str, str]:
-        return os.environ | {
-            "QUIESCE_JOB": self.job,
-            "QUIESCE_PHASE": phase,
-            "QUIESCE_VOLUMES": "\n".join(self.volumes),
-            "QUIESCE_STATUS": self.status,
-        }
+    def env(self, phase: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A hook's whole environment: :func:`base_env`, the hook's own ``env`` table
+        from the job, then quiesce's QUIESCE_* variables (which the table cannot change)."""
+        return (
+            base_env()
+            | dict(extra or {})
+            | {
+                "QUIESCE_JOB": self.job,
+                "QUIESCE_PHASE": phase,
+                "QUIESCE_VOLUMES": "\n".join(self.volumes),
+                "QUIESCE_STATUS": self.status,
+            }
+        )
 
     def budget(self, timeout: float | None, *, releasing: bool = False) -> float:
         """The timeout a step gets: its own, capped by what is left of the run's budget.
@@ -73,4 +95,4 @@ class HookContext:
         raise HookFailed(f"{result.describe()}; nothing was snapshotted", result=result)
 
 
-__all__ = ["HookContext"]
+__all__ = ["SAFE_PATH", "HookContext", "base_env"]

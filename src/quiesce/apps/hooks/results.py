@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.sys.redact import redact, redact_data
 
 
 class HookFailed(QuiesceError):
@@ -48,10 +49,11 @@ class HookResult:
     def describe(self) -> str:
         """One line for messages: `pre-freeze hook 'x' failed: exit 3`."""
         what = self.error or self.status
-        return f"{self.kind} {self.name!r}: {what}"
+        return redact(f"{self.kind} {self.name!r}: {what}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report's row, redacted: a hook's output may echo a password."""
+        return redact_data(asdict(self))
 
 
 class StepTimer:

@@ -19,13 +19,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quiesce.apps.hooks.commands import KILL_GRACE
 from quiesce.apps.hooks.context import HookContext
 from quiesce.apps.hooks.results import HookResult, StepTimer
 from quiesce.sys.proc import BoundedOutput, kill_group
+from quiesce.sys.redact import redact, redact_url
 
 
 def _spawn(argv: Sequence[str], env: Mapping[str, str], *, stdin: int) -> subprocess.Popen[bytes]:
@@ -49,6 +50,7 @@ class SessionSpec:
     argv: list[str]
     ready_timeout: float | None = None
     done_timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)  # the job's per-hook `env` table
 
 
 class _LineReader:
@@ -113,7 +115,8 @@ class SessionHook:
         self.output = BoundedOutput()
         self.reader: _LineReader | None = None
         self.stderr_thread: threading.Thread | None = None
-        self.result = HookResult(name=spec.name, kind="session", argv=list(spec.argv))
+        argv = [redact_url(a) for a in spec.argv]
+        self.result = HookResult(name=spec.name, kind="session", argv=argv)
         self.timer: StepTimer | None = None
         self.ready = False
 
@@ -122,7 +125,8 @@ class SessionHook:
         self.timer = StepTimer(self.result)
         self.ctx.record(self.result)
         try:
-            self.proc = _spawn(self.spec.argv, self.ctx.env("pre-freeze"), stdin=subprocess.PIPE)
+            env = self.ctx.env("pre-freeze", self.spec.env)
+            self.proc = _spawn(self.spec.argv, env, stdin=subprocess.PIPE)
         except OSError as e:
             self._fail("error", f"cannot run {self.spec.argv[0]}: {e.strerror}")
             return
@@ -134,7 +138,7 @@ class SessionHook:
         status, detail = self.reader.expect("ready", timeout)
         if status == "ok":
             self.ready = True
-            self.result.output = self.output.text()
+            self.result.output = redact(self.output.text())
             return
         self._fail("timeout" if status == "timeout" else "failed", detail)
 
@@ -179,7 +183,7 @@ class SessionHook:
             self.reader.thread.join(timeout=1.0)
         if self.stderr_thread is not None:
             self.stderr_thread.join(timeout=1.0)
-        self.result.output = self.output.text()
+        self.result.output = redact(self.output.text())
         if self.timer is not None:
             self.timer.stop()
             self.timer = None
