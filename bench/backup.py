@@ -54,9 +54,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce import snapshot as snapshots
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import run_backup
-from quiesce.snapshot import engine as snapshots
 
 MiB = 1 << 20
 PASSWORD = "bench"
@@ -337,7 +337,7 @@ def main() -> int:
     finally:
         stack.close()
         with contextlib.suppress(Exception):
-            from quiesce.state.journal import cleanup
+            from quiesce.snapshot.cleanup import cleanup
 
             cleanup(base / "state")
         for lp in reversed(loops):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 from quiesce.sys import kernel
 
 FIFREEZE, FITHAW, FICLONE = kernel.FIFREEZE, kernel.FITHAW, kernel.FICLONE

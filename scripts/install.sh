@@ -4,6 +4,7 @@
 #   bash scripts/install.sh --test   also everything the whole test suite needs:
 #       db-setup.sh    postgresql, mariadb-server   (database writer tests)
 #       vm-setup.sh    qemu, Debian kernels, lvm2, zfs (the VM tier: LVM and ZFS)
+#       fleet-setup.sh openssh-server, ansible-core (the fleet tests' hosts and controller)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -25,6 +26,7 @@ if [ "$tests" = 1 ]; then
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,writers,ebs]'
   bash scripts/db-setup.sh
   bash scripts/vm-setup.sh
+  bash scripts/fleet-setup.sh
 else
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
 fi

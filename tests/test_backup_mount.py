@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 from helpers.snaptools import image_on_reflink_host, sh
 
+from quiesce import snapshot as snapshots
 from quiesce.backup.mount import mount_readonly, mounted_snapshots, stable_path, unmount
 from quiesce.errors import UsageError
-from quiesce.providers.base import get_provider
-from quiesce.snapshot import engine as snapshots
-from quiesce.state.journal import Journal, journal_dir, loop_devices_of
+from quiesce.providers.registry import get_provider
+from quiesce.state.journal import Journal
+from quiesce.state.statedir import journal_dir
 from quiesce.sys import kernel
+from quiesce.sys.mounts import loop_devices_of
 
 
 def _options(path: Path) -> set[str]:

@@ -11,13 +11,13 @@ from pathlib import Path
 from helpers.backup_tree import change_some, make_tree
 from helpers.snaptools import image_on_reflink_host, sh
 
+from quiesce import snapshot as snapshots
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import run_backup
 from quiesce.backup.targets.restic import ResticTarget
-from quiesce.integrations.metrics import parse
-from quiesce.snapshot import engine as snapshots
-from quiesce.state.journal import journal_dir
+from quiesce.job.metrics import parse
 from quiesce.state.retention import RetentionPolicy
+from quiesce.state.statedir import journal_dir
 
 
 def _quiesce(*args: str) -> subprocess.CompletedProcess[str]:
@@ -145,9 +145,8 @@ def test_bad_backup_section_lists_every_problem(tmp_path):
 
 def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
     """job.run_job (the snapshot) + backup.phase.after_run, as `quiesce run` calls it."""
-    from quiesce.backup.phase import after_run
-    from quiesce.job.run import run_job
-    from quiesce.job.schema import load_job
+    from quiesce.job.run import after_run, run_job
+    from quiesce.job.validate import load_job
 
     pair = image_on_reflink_host(loopfs, "ext4")
     make_tree(pair.inner.mountpoint / "d", n_files=5)
@@ -177,9 +176,8 @@ def test_after_run_adds_the_backup_to_a_job_report(loopfs, tmp_path):
 
 
 def test_after_run_without_backup_still_applies_snapshot_retention(loopfs, tmp_path):
-    from quiesce.backup.phase import after_run
-    from quiesce.job.run import run_job
-    from quiesce.job.schema import load_job
+    from quiesce.job.run import after_run, run_job
+    from quiesce.job.validate import load_job
 
     pair = image_on_reflink_host(loopfs, "ext4")
     job_file = tmp_path / "j.toml"

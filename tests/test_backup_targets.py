@@ -22,7 +22,7 @@ from quiesce.backup.targets.base import BackupError, ProgressUpdate, Target
 from quiesce.backup.targets.borg import BorgTarget
 from quiesce.backup.targets.restic import ResticTarget
 from quiesce.backup.targets.tar import TarTarget
-from quiesce.backup.verify import verify
+from quiesce.backup.verification import verify
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy
 
@@ -258,3 +258,72 @@ def test_sigterm_while_a_child_starts_never_orphans_it() -> None:
         signal.signal(signal.SIGTERM, old)
     time.sleep(0.2)
     assert survivors() == []
+
+
+def _mode(p: Path | str) -> int:
+    return os.stat(p).st_mode & 0o7777
+
+
+def test_tar_archive_and_sha256_are_private_under_umask_022(tmp_path: Path) -> None:
+    """A backup holds copies of root-only files: whatever quiesce creates for it is
+    0700/0600 whatever the umask (under 022 it was 0755/0644, world-readable)."""
+    root, _ = _source(tmp_path)
+    (root / "vol-a" / "secret").write_text("root only")
+    (root / "vol-a" / "secret").chmod(0o600)
+    tars, sums = tmp_path / "tars" / "nightly", tmp_path / "sums" / "nightly"
+    old = os.umask(0o022)
+    try:
+        result = TarTarget(directory=tars, job="t1").backup(root, paths=VOLUMES)
+        streamed = TarTarget(
+            command=["dd", f"of={tmp_path}/{{name}}", "status=none"], sha256_dir=sums, job="t1"
+        ).backup(root, paths=VOLUMES)
+    finally:
+        os.umask(old)
+    name = result.snapshot_id
+    assert sorted(p.name for p in tars.iterdir()) == [name, f"{name}.sha256"]  # no .part
+    assert (_mode(tars.parent), _mode(tars)) == (0o700, 0o700)
+    assert (_mode(result.location), _mode(tars / f"{name}.sha256")) == (0o600, 0o600)
+    assert (_mode(sums.parent), _mode(sums)) == (0o700, 0o700)
+    assert _mode(sums / f"{streamed.snapshot_id}.sha256") == 0o600
+
+
+@pytest.mark.parametrize("kind", ["restic", "borg"])
+def test_a_target_that_echoes_its_password_and_repository_is_redacted(
+    kind: str, tmp_path: Path
+) -> None:
+    """The password (read from the job's password file by the child) and a credentialed
+    repository URL never reach an error message, a check's output or a BackupResult."""
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    pw.chmod(0o600)
+    url_pw = "url-secret-4e1d"
+    repo = f"rest:https://user:{url_pw}@127.0.0.1:1/repo" if kind == "restic" else (
+        f"ssh://user:{url_pw}@127.0.0.1:1/./repo"
+    )  # fmt: skip
+    fake = tmp_path / f"fake-{kind}"
+    fake.write_text(
+        "#!/usr/bin/python3\n"
+        "import os, shlex, subprocess, sys\n"
+        "e = os.environ\n"
+        "if 'RESTIC_PASSWORD_FILE' in e:\n"
+        "    secret = open(e['RESTIC_PASSWORD_FILE']).read()\n"
+        "else:  # borg: run the passcommand, as borg does\n"
+        "    secret = subprocess.run(shlex.split(e['BORG_PASSCOMMAND']),\n"
+        "                            capture_output=True, text=True).stdout\n"
+        "repo = e.get('RESTIC_REPOSITORY') or e.get('BORG_REPO')\n"
+        "print(f'Fatal: wrong password {secret.strip()!r} for {repo}', file=sys.stderr)\n"
+        "sys.exit(2)\n"
+    )
+    fake.chmod(0o755)
+    if kind == "restic":
+        t: Target = ResticTarget(repo, password_file=str(pw), job="t1", binary=str(fake))
+    else:
+        t = BorgTarget(repo, password_file=str(pw), job="t1", binary=str(fake))
+    with pytest.raises(BackupError) as e:
+        t.backup(tmp_path, paths=["x"])
+    masked = repo.replace(url_pw, "***")
+    assert e.value.message.endswith(f"Fatal: wrong password '***' for {masked}")
+    check = t.check()
+    assert not check.ok
+    assert PASSWORD not in check.output and url_pw not in check.output
+    assert masked in check.output

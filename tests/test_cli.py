@@ -151,15 +151,26 @@ def test_read_only_mount_is_not_frozen(loopfs) -> None:
 
 def test_read_only_freeze_leaves_no_guardian(loopfs) -> None:
     fs: LoopFS = loopfs("ext4", mount_opts="ro")
+    before = set(guardian.list_guardians())
     proc = quiesce_cli("freeze", "--json", "--timeout", "20", fs.path)
+    assert proc.returncode == 0, proc.stderr
     pid = json.loads(proc.stdout)["guardian_pid"]
     try:
         end = time.monotonic() + 3
-        while pid in guardian.list_guardians() and time.monotonic() < end:
+        while set(guardian.list_guardians()) - before and time.monotonic() < end:
             time.sleep(0.05)
-        assert pid not in guardian.list_guardians()
+        assert set(guardian.list_guardians()) - before == set()  # none left holding it
+        if pid is not None:
+            assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
     finally:
         kill_guardian(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True
 
 
 def test_bind_mount_and_original_are_frozen_once(loopfs) -> None:

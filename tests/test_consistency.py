@@ -24,7 +24,7 @@ from pathlib import Path
 from conftest import Writer
 from helpers.snaptools import image_on_reflink_host, read_records, sh
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 from quiesce.sys import kernel
 
 

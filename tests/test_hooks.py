@@ -11,8 +11,8 @@ import pytest
 from conftest import is_writable
 from helpers.jobtools import PY, events, lock_is_free, pid_alive, session_argv, wait_for
 
+from quiesce import snapshot as snapshots
 from quiesce.apps.hooks import (
-    OUTPUT_LIMIT,
     HookContext,
     HookDirectory,
     HookFailed,
@@ -21,7 +21,7 @@ from quiesce.apps.hooks import (
     held,
     run_command,
 )
-from quiesce.snapshot import engine as snapshots
+from quiesce.sys.proc import OUTPUT_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,10 +41,11 @@ def create(fs, tmp_path: Path, quiescers, snap_argv: list[str] | None = None):
 
 
 def test_command_success_captures_stdout_and_stderr():
-    r = run(["/bin/sh", "-c", "echo out; echo err >&2"])
+    r = run(["/bin/sh", "-c", "echo out; sleep 0.2; echo err >&2"])
     assert (r.status, r.returncode, r.error) == ("ok", 0, None)
     assert r.output.split() == ["out", "err"]
-    assert r.duration_s >= 0 and r.end >= r.start
+    assert 0.2 <= r.duration_s < 10  # the sleep is inside the measured step
+    assert r.end - r.start == pytest.approx(r.duration_s)
 
 
 def test_command_nonzero_exit_is_a_failure():
@@ -218,3 +219,90 @@ def test_held_releases_in_reverse_on_exceptions(tmp_path):
         assert events(log)[-1] == "locked"
         raise RuntimeError("snapshot failed")
     assert events(log)[-1] == "released-eof"
+
+
+# -- the environment a hook gets ------------------------------------------------------------
+
+SECRETS = {  # in quiesce's own environment: none of it may reach a hook
+    "MY_DB_PW": "hunter2-the-db-password",
+    "RESTIC_PASSWORD": "restic-repository-passw0rd",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "BORG_PASSPHRASE": "borg-passphrase-1234",
+    "PGPASSWORD": "pg-password-5678",
+    "GITHUB_TOKEN": "ghp_abcdefghijklmnop",
+}
+PRINT_ENV = [PY, "-c", "import os; print('\\n'.join(f'{k}={v}' for k, v in os.environ.items()))"]
+
+
+def _env_of(output: str) -> dict[str, str]:
+    lines = [ln.split("=", 1) for ln in output.splitlines() if "=" in ln]
+    return {k: v for k, v in lines if k.isidentifier()}
+
+
+def _assert_no_secret(text: str) -> None:
+    for name, value in SECRETS.items():
+        assert name not in text and value not in text, name
+
+
+def test_a_command_hook_gets_a_clean_environment_and_its_own_env_table(monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("PATH", "/home/someone/bin:" + os.environ["PATH"])
+    ctx = HookContext(job="envjob", volumes=["/srv/a", "/srv/b"])
+    env = ctx.env("pre-freeze", {"PGHOST": "/run/postgresql", "QUIESCE_JOB": "spoofed"})
+    r = run_command(PRINT_ENV, name="t", kind="pre-freeze", timeout=10, env=env)
+    assert r.ok, r.error
+    _assert_no_secret(r.output)
+    seen = _env_of(r.output)
+    assert seen["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert seen["HOME"] == "/root"
+    assert seen["LANG"] == "C.UTF-8"
+    assert seen["PGHOST"] == "/run/postgresql"  # the hook's own env table
+    assert seen["QUIESCE_JOB"] == "envjob"  # the table cannot change quiesce's variables
+    assert (seen["QUIESCE_PHASE"], seen["QUIESCE_STATUS"]) == ("pre-freeze", "ok")
+    extra = set(seen) - {"PATH", "HOME", "LANG", "PGHOST", "LC_CTYPE"}
+    assert extra == {"QUIESCE_JOB", "QUIESCE_PHASE", "QUIESCE_VOLUMES", "QUIESCE_STATUS"}
+
+
+def test_session_hooks_and_the_hook_directory_get_the_clean_environment(tmp_path, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    dump = tmp_path / "session-env"
+    session_code = (
+        "import os, sys\n"
+        "sys.stdin.readline()\n"
+        "open(sys.argv[1], 'w').write('\\n'.join(f'{k}={v}' for k, v in os.environ.items()))\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline(); print('done', flush=True)\n"
+    )
+    ctx = HookContext(job="envjob")
+    hook = SessionHook(
+        ctx, SessionSpec("s", [PY, "-c", session_code, str(dump)], 10, 10, {"APP": "x"})
+    )
+    hookdir = tmp_path / "hooks.d"
+    hookdir.mkdir()
+    script = hookdir / "10-env"
+    script.write_text(f'#!/bin/sh\n{PY} -c "import os; print(sorted(os.environ))"\n')
+    script.chmod(0o755)
+    directory = HookDirectory(ctx, [script], timeout=5, env={"DIR_VAR": "d"})
+    with held([directory, hook]):
+        pass
+    assert [r.status for r in ctx.results] == ["ok", "ok", "ok"], ctx.results
+    session_env = _env_of(dump.read_text())
+    assert session_env["APP"] == "x"
+    _assert_no_secret(dump.read_text())
+    for r in ctx.results:
+        _assert_no_secret(r.output)
+    assert "'DIR_VAR'" in ctx.results[0].output
+
+
+def test_a_known_secret_in_a_hooks_output_is_scrubbed(monkeypatch):
+    from quiesce.sys.redact import register_secret
+
+    register_secret("s3cr3t-read-from-a-password-file")
+    r = run([PY, "-c", "print('the password is s3cr3t-read-from-a-password-file; "
+                       "repo rest:https://u:urlpass@host/')"])  # fmt: skip
+    assert r.output == "the password is ***; repo rest:https://u:***@host/\n"
+    r = run([PY, "-c", "import sys; print('s3cr3t-read-from-a-password-file'); sys.exit(4)"])
+    assert "s3cr3t" not in r.to_dict()["output"] and "s3cr3t" not in r.describe()

@@ -16,7 +16,8 @@ from conftest import is_writable
 from helpers.jobtools import PY, write_job
 
 from quiesce.errors import ExitCode
-from quiesce.job.schema import JobConfigError, load_job
+from quiesce.job.schema import JobConfigError
+from quiesce.job.validate import load_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,6 +58,16 @@ BAD = [
         'volumes = ["/v"]\n[provider]\ntype = "command"\n',
         ("provider.create", "missing: the command provider needs it",
          'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'),
+    ),
+    (  # a provider option of the wrong type (TOML types are strict)
+        'volumes = ["/v"]\n[provider]\ntype = "zfs"\ntimeout = "30"\n',
+        ("provider.timeout", "wrong type: expected a number, got string '30'",
+         "write it without quotes: timeout = 30"),
+    ),
+    (  # a provider option with a bad value
+        'volumes = ["/v"]\n[provider]\ntype = "lvm"\nsize = "huge"\n',
+        ("provider.size", "bad LVM snapshot size 'huge': give an absolute size (512M, 2G) "
+         "or extents (20%ORIGIN, 10%VG, 50%FREE)", ""),
     ),
     (
         'volumes = ["/v"]\n[provider]\ntype = "reflinc"\n',
@@ -228,13 +239,14 @@ def test_check_cli_prints_every_problem_and_exits_2(tmp_path):
     assert p.returncode == 2
     assert p.stdout == ""
     lines = p.stderr.splitlines()
-    assert lines[0] == f"quiesce: {job}: 3 problems; nothing was run"
+    assert lines[0] == f"quiesce: {job}: 4 problems; nothing was run"
     assert "  provider.create: missing: the command provider needs it" in lines
+    assert "  provider.extra: unknown key" in lines
     assert "  hooks.pre_freeze[0].command: /no/hook does not exist" in lines
     assert "  volumes[0]: /v: no such file or directory" in lines
     assert lines[-1].startswith("hint: fix the job file")
     j = json.loads(quiesce("check", str(job), "--json").stdout)
-    assert j["exit_code"] == 2 and len(j["problems"]) == 3
+    assert j["exit_code"] == 2 and len(j["problems"]) == 4
 
 
 def test_run_refuses_an_invalid_job_and_runs_nothing(loopfs, tmp_path):
@@ -315,4 +327,320 @@ def test_unfreezable_volume_is_refused_only_when_the_provider_freezes(loopfs, tm
         ("volumes", f"{tmpfs} is tmpfs, which cannot be frozen")
     ]
     atomic = write_job(tmp_path, f'volumes = ["{tmpfs}"]\n[provider]\ntype = "zfs"\n', "z.toml")
-    assert load_job(atomic).config.provider.type == "zfs"  # zfs never freezes: no problem
+    # zfs never freezes: no freeze problem; its own check refuses a volume that is no dataset
+    assert [p[:2] for p in problems(atomic, check_volumes=True)] == [
+        ("provider", f"{tmpfs} is tmpfs, not a ZFS dataset")
+    ]
+
+
+# -- provider options: the provider's typed model, at their TOML keys -------------------------
+
+PROVIDER_TYPOS = {  # provider: (typo, meant, value, allowed keys)
+    "reflink": ("dset", "dest", '"/x"', "dest"),
+    "btrfs": ("dst", "dest", '"/x"', "dest"),
+    "lvm": ("lvcreate_timout", "lvcreate_timeout", "30", "kernel, lvcreate_timeout, size"),
+    "zfs": ("timout", "timeout", "30", "timeout"),
+    "ebs": ("wait_dealy", "wait_delay", "5",
+            "copy_tags, description, instance_id, profile, region, sysfs_root, tags, wait, "
+            "wait_attempts, wait_delay"),
+    "command": ("timout", "timeout", "30", "create, delete, list, timeout"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PROVIDER_TYPOS))
+def test_a_typo_in_provider_is_refused_at_its_key(tmp_path, name):
+    typo, meant, value, allowed = PROVIDER_TYPOS[name]
+    create = 'create = ["true"]\n' if name == "command" else ""
+    job = write_job(
+        tmp_path, f'volumes = ["/v"]\n[provider]\ntype = "{name}"\n{create}{typo} = {value}\n'
+    )
+    assert problems(job) == [
+        (f"provider.{typo}", "unknown key", f"did you mean '{meant}'? allowed here: {allowed}")
+    ]
+
+
+def test_a_job_built_in_python_refuses_a_provider_typo():
+    from pydantic import ValidationError
+
+    from quiesce.job.schema import JobConfig
+
+    with pytest.raises(ValidationError, match=r"provider\.dset: Extra inputs are not permitted"):
+        JobConfig(volumes=["/v"], provider={"type": "reflink", "dset": "/x"})
+    c = JobConfig(volumes=["/v"], provider={"type": "reflink", "dest": "/x"})
+    assert str(c.provider.settings.dest) == "/x" and c.provider.options == {"dest": "/x"}
+
+
+def test_check_runs_the_provider_check_dest_on_another_filesystem(loopfs, tmp_path):
+    """A reflink clone directory on another filesystem than the image failed only the run
+    (exit 2, after the plan); `quiesce check` now refuses it at provider.dest."""
+    from helpers.snaptools import image_on_reflink_host
+
+    pair = image_on_reflink_host(loopfs)
+    elsewhere = tmp_path / "clones"
+    elsewhere.mkdir()
+    state = tmp_path / "state"
+    job = write_job(
+        tmp_path,
+        f'volumes = ["{pair.inner.path}"]\nstate_dir = "{state}"\n'
+        f'[provider]\ntype = "reflink"\ndest = "{elsewhere}"\n',
+    )
+    p = quiesce("check", str(job))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0] == f"quiesce: {job}: 1 problem; nothing was run"
+    assert lines[1].startswith(f"  provider.dest: cannot clone {pair.inner.image} into {elsewhere}")
+    assert 'dest = "DIR"' in p.stderr and "--option" not in p.stderr  # the job's syntax
+    assert list(elsewhere.iterdir()) == [] and not state.exists()
+    assert is_writable(pair.inner.path)
+    ok = write_job(
+        tmp_path, f'volumes = ["{pair.inner.path}"]\n[provider]\ntype = "reflink"\n', "ok.toml"
+    )
+    assert load_job(ok).config.provider.type == "reflink"
+
+
+# -- every directory above a job file or hook script is checked too -----------------------
+
+
+def _nobody_dir(tmp_path: Path, name: str = "nobody") -> Path:
+    """A directory uid 65534 owns: it could swap anything in it after a check."""
+    d = tmp_path / name
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    return d
+
+
+def test_hook_script_in_a_directory_another_user_owns_is_refused(tmp_path):
+    """A root-owned 0755 script passes by itself, but its directory's owner can replace it
+    between `quiesce check` and the run: `quiesce check` exits 2 and names the TOML key."""
+    d = _nobody_dir(tmp_path)
+    script = d / "pre.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)  # root's, 0755
+    job = write_job(tmp_path, GOOD.format(vol="/v") + (
+        f'[[hooks.pre_freeze]]\ncommand = ["{script}"]\n'
+        f'[[hooks.post_thaw]]\ncommand = ["/bin/sh", "{script}"]\n'
+    ))  # fmt: skip
+    message = f"{d} is owned by uid 65534, not root (it holds {script})"
+    hint = f"make it root's and writable only by root: chown root:root {d} && chmod go-w {d}"
+    assert problems(job) == [
+        ("hooks.pre_freeze[0].command", message, hint),
+        ("hooks.post_thaw[0].command", message, hint),
+    ]
+    p = quiesce("check", str(job))
+    assert p.returncode == 2
+    assert f"  hooks.pre_freeze[0].command: {message}" in p.stderr.splitlines()
+
+
+def test_hook_directory_inside_a_directory_another_user_owns_is_refused(tmp_path):
+    hookdir = _nobody_dir(tmp_path) / "hooks.d"
+    hookdir.mkdir()
+    job = write_job(tmp_path, GOOD.format(vol="/v") + f'[hooks]\ndirectory = "{hookdir}"\n')
+    assert [p[:2] for p in problems(job)] == [
+        ("hooks.directory", f"{hookdir.parent} is owned by uid 65534, not root (it holds "
+         f"{hookdir})"),
+    ]  # fmt: skip
+
+
+def test_job_file_in_a_directory_another_user_owns_is_refused(tmp_path):
+    d = _nobody_dir(tmp_path)
+    job = write_job(d, GOOD.format(vol="/v"))
+    assert problems(job) == [(
+        "(job file)", f"{d} is owned by uid 65534, not root (it holds {job})",
+        f"make it root's and writable only by root: chown root:root {d} && chmod go-w {d}",
+    )]  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == 2 and "(job file)" in p.stderr
+
+
+def test_a_link_to_a_job_file_is_checked_where_it_leads(tmp_path):
+    """A root-owned symlink in a good directory, leading into another user's directory:
+    the directory the link leads to is checked, not only the link's."""
+    d = _nobody_dir(tmp_path)
+    real = write_job(d, GOOD.format(vol="/v"))
+    link = tmp_path / "job.toml"
+    link.symlink_to(real)
+    assert [p[:2] for p in problems(link)] == [
+        ("(job file)", f"{d} is owned by uid 65534, not root (it holds {real})"),
+    ]
+
+
+def test_state_dir_another_user_can_write_is_a_problem_of_the_job(tmp_path):
+    """`quiesce check` names the TOML key; `quiesce run` refuses it before any hook runs."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o1777)
+    ran = tmp_path / "ran"
+    hook = f'[[hooks.pre_freeze]]\ncommand = ["/usr/bin/touch", "{ran}"]\n'
+    job = write_job(tmp_path, f'state_dir = "{state}"\n' + GOOD.format(vol="/v") + hook)
+    found = problems(job)
+    assert [p[:2] for p in found] == [
+        ("state_dir", f"refusing the state directory {state}: {state} is writable by others "
+         "(mode 1777)"),
+    ]  # fmt: skip
+    assert "--state-dir" in found[0][2]
+    p = quiesce("run", str(job))
+    assert p.returncode == 2 and "  state_dir: refusing the state directory" in p.stderr
+    assert not ran.exists()
+
+
+# -- secrets never in a job file ------------------------------------------------------------
+
+MYSQL_PASSWORD_HINT = (
+    'use defaults_file = "/etc/mysql/debian.cnf" (a root-owned 0600 option file with the '
+    'password) or password_env = "NAME" (an environment variable quiesce reads)'
+)
+IN_THE_FILE = (
+    "a password does not belong in the job file (anyone who can read it, a backup of /etc, "
+    "a config repository would have it)"
+)
+SECRET_HINT = (
+    "put it in a root-owned 0600 file and pass the file's path (e.g. PGPASSFILE, "
+    "RESTIC_PASSWORD_FILE), or let the hook read it itself"
+)
+PG_HINT = (
+    "remove it; use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
+    'password_env = "NAME" (an environment variable quiesce reads)'
+)
+SECRET_BAD = [
+    (
+        '[[writers.mysql]]\nunix_socket = "/run/mysqld/mysqld.sock"\npassword = "x"\n',
+        [("writers.mysql[0].password", IN_THE_FILE, MYSQL_PASSWORD_HINT)],
+    ),
+    (
+        '[[writers.mysql]]\npassword_env = "not a name"\n',
+        [("writers.mysql[0].password_env", "'not a name' is not an environment variable's name",
+          'the NAME of the variable that holds the password: password_env = "DB_PW"')],
+    ),
+    (
+        '[[writers.postgresql]]\ndsn = "host=/run/postgresql user=app password=pgsecret"\n'
+        '[[writers.postgresql]]\ndsn = "postgresql://app:pgsecret@db.example/app"\n',
+        [("writers.postgresql[0].dsn",
+          "the dsn carries a password: host=/run/postgresql user=app password=***", PG_HINT),
+         ("writers.postgresql[1].dsn",
+          "the dsn carries a password: postgresql://app:***@db.example/app", PG_HINT)],
+    ),
+    (
+        '[backup]\ntarget = "tar"\ndirectory = "/srv/tars"\npassphrase = "x"\n',
+        [("backup.passphrase", IN_THE_FILE,
+          'use password_file = "/etc/quiesce/restic.pass" (root-owned, mode 600) or '
+          'password_env = "NAME" (an environment variable quiesce reads)')],
+    ),
+    (
+        '[[hooks.pre_freeze]]\ncommand = ["/bin/true"]\n'
+        'env = { PGHOST = "/run/postgresql", PGPASSWORD = "pgsecret", QUIESCE_JOB = "x", '
+        '"1BAD" = "y", RESTIC_PASSWORD_FILE = "/etc/quiesce/pw", '
+        'RESTIC_REPOSITORY = "rest:https://u:pgsecret@h/" }\n'
+        "[hooks]\n",
+        [("hooks.pre_freeze[0].env.PGPASSWORD", "a secret does not belong in the job file",
+          SECRET_HINT),
+         ("hooks.pre_freeze[0].env.QUIESCE_JOB", "quiesce sets the QUIESCE_* variables itself",
+          "use another name"),
+         ("hooks.pre_freeze[0].env.1BAD", "'1BAD' is not a valid variable name",
+          "use letters, digits, '_'"),
+         ("hooks.pre_freeze[0].env.RESTIC_REPOSITORY",
+          "the value carries a password (user:pass@ or password=)",
+          "put the password in a root-owned 0600 file the hook reads")],
+    ),
+    (
+        '[[hooks.session]]\ncommand = ["/bin/true"]\nenv = { PORT = 5432 }\n',
+        [("hooks.session[0].env.PORT", "wrong type: expected a string, got integer 5432",
+          "see docs/jobs.md for this key's type")],
+    ),
+    (
+        '[hooks]\ndirectory_env = { API_TOKEN = "tok" }\n',
+        [("hooks.directory_env.API_TOKEN", "a secret does not belong in the job file",
+          SECRET_HINT)],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "expected"), SECRET_BAD)
+def test_secrets_in_the_job_file_are_refused(tmp_path, text, expected):
+    job = write_job(tmp_path, GOOD.format(vol="/v") + text)
+    assert problems(job) == expected
+    with pytest.raises(JobConfigError) as e:
+        load_job(job, check_volumes=False)
+    shown = json.dumps(e.value.to_dict())
+    assert "pgsecret" not in shown
+
+
+def test_check_refuses_a_mysql_password_with_exit_2_naming_the_key(tmp_path):
+    job = write_job(tmp_path, GOOD.format(vol="/v") + (
+        '[[writers.mysql]]\nunix_socket = "/run/mysqld/mysqld.sock"\npassword = "s3cret-pw"\n'
+    ))  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == ExitCode.USAGE == 2
+    assert f"  writers.mysql[0].password: {IN_THE_FILE}" in p.stderr.splitlines()
+    assert f"    hint: {MYSQL_PASSWORD_HINT}" in p.stderr.splitlines()
+    assert "s3cret-pw" not in p.stderr + p.stdout
+
+
+def test_an_unset_writer_password_env_stops_the_run_before_anything_runs(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    ran = tmp_path / "ran"
+    job = write_job(tmp_path, f"""
+name = "pw"
+volumes = ["{fs.path}"]
+state_dir = "{tmp_path / "state"}"
+[provider]
+type = "command"
+create = ["touch", "{ran}"]
+[[hooks.pre_freeze]]
+command = ["touch", "{ran}"]
+[[writers.mysql]]
+unix_socket = "/run/mysqld/mysqld.sock"
+password_env = "QUIESCE_TEST_UNSET_DB_PW"
+""")  # fmt: skip
+    p = quiesce("run", str(job))
+    assert p.returncode == ExitCode.USAGE, p.stderr
+    assert (
+        "quiesce: writers.mysql[0].password_env: the environment variable "
+        "QUIESCE_TEST_UNSET_DB_PW is not set"
+    ) in p.stderr
+    dry = quiesce("run", str(job), "--dry-run")
+    assert dry.returncode == ExitCode.USAGE, dry.stderr
+    assert "quiesce: writers.mysql[0].password_env: the environment variable" in dry.stderr
+    assert not ran.exists()
+    assert is_writable(fs.path)
+
+
+def test_check_json_shows_the_repository_without_its_password(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "restic").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "restic").chmod(0o755)
+    job = write_job(tmp_path, GOOD.format(vol=fs.path) + (
+        '[backup]\ntarget = "restic"\nrepository = "rest:https://bk:r3po-pass@backup.example/"\n'
+        'password_env = "RESTIC_PW"\n'
+    ))  # fmt: skip
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    p = subprocess.run([sys.executable, "-m", "quiesce", "check", "--json", str(job)],
+                       capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["backup"] == {
+        "target": "restic", "repository": "rest:https://bk:***@backup.example/",
+    }  # fmt: skip
+    assert "r3po-pass" not in p.stdout + p.stderr
+
+
+def test_a_bare_hook_name_must_be_on_the_hooks_path(tmp_path, monkeypatch):
+    """Hooks run with the hooks' PATH (or their env table's), not quiesce's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "my-hook").write_text("#!/bin/sh\n")
+    (bin_dir / "my-hook").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    job = write_job(
+        tmp_path, GOOD.format(vol="/v") + '[[hooks.pre_freeze]]\ncommand = ["my-hook"]\n'
+    )
+    assert problems(job) == [(
+        "hooks.pre_freeze[0].command",
+        "my-hook is not on a hook's PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+        "/sbin:/bin)",
+        "give its absolute path, or set PATH in the hook's env table",
+    )]  # fmt: skip
+    ok = write_job(tmp_path, GOOD.format(vol="/v") + (
+        f'[[hooks.pre_freeze]]\ncommand = ["my-hook"]\nenv = {{ PATH = "{bin_dir}:/usr/bin" }}\n'
+    ), name="ok.toml")  # fmt: skip
+    assert load_job(ok, check_volumes=False).config.hooks.pre_freeze[0].env["PATH"]

@@ -326,3 +326,128 @@ command = {toml_list(wait_gate)}
         if first.poll() is None:
             first.kill()
         first.communicate(timeout=30)
+
+
+# -- secrets: never in a hook's environment, a report, or an after_run hook's stdin -----------
+
+URL_PASSWORD = "url-pass-9f2c"
+REPOSITORY = f"rest:https://backup:{URL_PASSWORD}@127.0.0.1:1/repo"
+SHOWN_REPOSITORY = "rest:https://backup:***@127.0.0.1:1/repo"
+QUIESCE_SECRETS = {  # quiesce's own environment while it runs the job
+    "MY_BACKUP_PW": "the-password_env-secret-51c0",  # the job's [backup] password_env
+    "RESTIC_PASSWORD": "ambient-restic-password-77a1",
+    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+}
+
+
+def fake_restic(bin_dir: Path, mode_file: Path) -> None:
+    """A `restic` on quiesce's PATH that echoes its repository, its password and the AWS
+    key on stderr, as a confused target might; `backup` exits 3 (some files unreadable:
+    the stderr goes into the report), or 1 when ``mode_file`` says "fail"."""
+    bin_dir.mkdir()
+    script = bin_dir / "restic"
+    script.write_text(
+        f"#!{PY}\n"
+        "import json, os, sys\n"
+        f"fail = os.path.exists({str(mode_file)!r})\n"
+        "if sys.argv[1:2] == ['backup']:\n"
+        "    e = os.environ\n"
+        "    pw, key = e['RESTIC_PASSWORD'], e['AWS_SECRET_ACCESS_KEY']\n"
+        "    print(f\"Fatal: cannot read some files in {e['RESTIC_REPOSITORY']} (password \"\n"
+        '          f"{pw}, key {key})", file=sys.stderr)\n'
+        "    if fail:\n"
+        "        sys.exit(1)\n"
+        "    print(json.dumps({'message_type': 'summary', 'snapshot_id': 'abcdef0123456789',\n"
+        "        'total_bytes_processed': 10, 'total_files_processed': 1, 'files_new': 1,\n"
+        "        'files_changed': 0, 'files_unmodified': 0, 'data_added': 10}))\n"
+        "    sys.exit(3)\n"
+    )
+    script.chmod(0o755)
+
+
+def _no_secret_in(text: str, where: str) -> None:
+    for name, value in QUIESCE_SECRETS.items():
+        assert name not in text, f"{name} in {where}"
+        assert value not in text, f"the value of {name} in {where}"
+    assert URL_PASSWORD not in text, f"the repository's password in {where}"
+
+
+def test_secrets_never_reach_hooks_reports_or_after_run_stdin(loopfs, tmp_path):
+    from helpers.snaptools import image_on_reflink_host
+
+    pair = image_on_reflink_host(loopfs, "ext4")
+    (pair.inner.mountpoint / "file").write_text("data")
+    bin_dir, failing = tmp_path / "bin", tmp_path / "fail-backup"
+    fake_restic(bin_dir, failing)
+    told = tmp_path / "told.json"
+    tell = (
+        "import json, os, sys; json.dump({'stdin': sys.stdin.read(), 'env': dict(os.environ)},"
+        " open(sys.argv[1], 'w'))"
+    )
+    job = write_job(tmp_path, f"""
+name = "sec"
+volumes = ["{pair.inner.path}"]
+state_dir = "{tmp_path / "state"}"
+[provider]
+type = "reflink"
+
+[[hooks.pre_freeze]]
+name = "show-env"
+command = ["/usr/bin/env"]
+env = {{ PGHOST = "/run/postgresql" }}
+
+[[hooks.post_thaw]]
+name = "show-env-after"
+command = ["/usr/bin/env"]
+
+[[hooks.after_run]]
+name = "notify"
+command = {toml_list([PY, "-c", tell, str(told)])}
+env = {{ MONITOR_URL = "https://hc-ping.example/abc" }}
+
+[backup]
+target = "restic"
+repository = "{REPOSITORY}"
+password_env = "MY_BACKUP_PW"
+mount_root = "{tmp_path / "run"}"
+verify = "none"
+prune = false
+""")  # fmt: skip
+    env = QUIESCE_SECRETS | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    p = quiesce("run", str(job), "--json", env=env)
+    assert p.returncode == 0, p.stderr + p.stdout
+    report = json.loads(p.stdout)
+    _no_secret_in(p.stdout + p.stderr, "the JSON report")
+    show_env, after = report["hooks"][0], report["hooks"][1]
+    assert (show_env["name"], after["name"]) == ("show-env", "show-env-after")
+    seen = dict(line.split("=", 1) for line in show_env["output"].splitlines())
+    assert seen["PGHOST"] == "/run/postgresql"  # the hook's own env table reaches it
+    assert seen["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert seen["QUIESCE_JOB"] == "sec" and seen["QUIESCE_PHASE"] == "pre-freeze"
+    assert "PGHOST" not in after["output"]  # one hook's table is not another's
+    backup = report["backup"]["backup"]
+    assert backup["location"] == SHOWN_REPOSITORY
+    assert backup["extra"]["unreadable"] == [
+        f"Fatal: cannot read some files in {SHOWN_REPOSITORY} (password ***, key ***)"
+    ]
+    note = json.loads(told.read_text())  # what the after_run hook got
+    _no_secret_in(note["stdin"] + json.dumps(note["env"]), "the after_run hook")
+    assert json.loads(note["stdin"])["backup"]["backup"]["location"] == SHOWN_REPOSITORY
+    assert note["env"]["MONITOR_URL"] == "https://hc-ping.example/abc"
+    assert note["env"]["QUIESCE_STATUS"] == "ok"
+
+    human = quiesce("run", str(job), env=env)  # the human rendering
+    assert human.returncode == 0, human.stderr
+    assert f"in {SHOWN_REPOSITORY}" in human.stdout
+    _no_secret_in(human.stdout + human.stderr, "the human report")
+
+    failing.touch()  # the target fails, echoing its secrets: the error is redacted
+    for args in (["run", str(job)], ["run", str(job), "--json"], ["backup", str(job)]):
+        p = quiesce(*args, env=env)
+        assert p.returncode == ExitCode.BACKUP, p.stderr
+        _no_secret_in(p.stdout + p.stderr, " ".join(args[:1] + args[2:]))
+        assert f"quiesce: restic backup failed (exit 1): Fatal: cannot read some files in " \
+            f"{SHOWN_REPOSITORY} (password ***, key ***)" in p.stderr  # fmt: skip
+    note = json.loads(told.read_text())
+    _no_secret_in(note["stdin"] + json.dumps(note["env"]), "the after_run hook of a failed run")
+    assert note["env"]["QUIESCE_ERROR"].endswith(f"{SHOWN_REPOSITORY} (password ***, key ***)")

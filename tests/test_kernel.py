@@ -51,8 +51,10 @@ def test_writer_blocks_while_frozen_and_loses_nothing(loopfs, writer_factory, fs
     (vol,) = window.volumes
     assert (vol.state, vol.thawed_by, vol.fstype) == ("thawed", "controller", fstype)
     assert vol.paths == [fs.path]
-    for t in (vol.syncfs_s, vol.freeze_s, vol.thaw_s):
-        assert t is not None and 0 <= t < 30
+    assert vol.syncfs_s is not None and vol.syncfs_s > 0  # measured, before the window
+    for t in (vol.freeze_s, vol.thaw_s):  # measured, and inside the window
+        assert t is not None and 0 < t < window.duration
+    assert vol.freeze_s + vol.frozen_for_s <= window.duration + 1e-6
     assert vol.frozen_for_s is not None and 0.8 <= vol.frozen_for_s <= window.duration
 
     # Again without the pre-freeze syncfs, and without the guardian.

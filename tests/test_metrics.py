@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
 from pathlib import Path
 
-from quiesce.integrations.metrics import METRICS, RunMetrics, parse, write_textfile
+from quiesce.job.metrics import METRICS, RunMetrics, parse, write_textfile
 
 # The text exposition format, strictly: comments, or `name{labels} value`.
 LINE = re.compile(
@@ -70,3 +71,38 @@ def test_jobs_share_a_file_and_odd_names_are_escaped(tmp_path: Path) -> None:
     assert set(jobs) == set(names)  # concurrent writers lost nothing
     assert jobs[names[3]]["run_duration_seconds"] == 3
     assert text.count("# TYPE quiesce_last_run_success gauge") == 1
+
+
+def test_temp_and_lock_files_are_private_and_never_follow_links(tmp_path: Path) -> None:
+    """The temp file's name was predictable (``.NAME.PID.tmp``) and opened with
+    open("w"): a link planted there made root overwrite (and chmod 0644) the file it
+    points to. Now: mkstemp (O_EXCL, unguessable), the lock 0600 with O_NOFOLLOW."""
+    f = tmp_path / "tf" / "quiesce.prom"
+    f.parent.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    victim.chmod(0o600)
+    (f.parent / f".{f.name}.{os.getpid()}.tmp").symlink_to(victim)
+    old = os.umask(0o022)
+    try:
+        write_textfile(f, RunMetrics("db", True, finished=1.0))
+    finally:
+        os.umask(old)
+    assert victim.read_text() == "root's file\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert parse(f.read_text())["db"]["last_run_success"] == 1
+    assert f.stat().st_mode & 0o777 == 0o644  # node_exporter must read it (documented)
+    lock = f.parent / f".{f.name}.lock"
+    assert lock.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in f.parent.iterdir() if p.name.endswith(".tmp")] == [
+        f".{f.name}.{os.getpid()}.tmp"  # the planted link, left alone
+    ]
+    # a lock that is a link: refused, nothing is created where it points
+    lock.unlink()
+    lock.symlink_to(tmp_path / "created-by-root")
+    try:
+        write_textfile(f, RunMetrics("db", False))
+    except OSError as e:
+        assert e.errno == errno.ELOOP
+    else:
+        raise AssertionError("a lock file that is a symlink was followed")
+    assert not (tmp_path / "created-by-root").exists()

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +20,11 @@ import pytest
 from helpers.snaptools import Recorder, sh
 from typer.testing import CliRunner
 
+from quiesce import snapshot as snapshots
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import UsageError
 from quiesce.providers.base import volume_slug
 from quiesce.providers.btrfs import BTRFS_IOC_SNAP_CREATE_V2, snap_create_args
-from quiesce.snapshot import engine as snapshots
 
 
 @pytest.fixture
@@ -135,3 +140,62 @@ def test_group_without_hooks_is_crash_consistent_and_cli_mounts(subvol_mounts, t
     r = runner.invoke(snapshot_app, ["delete", man["id"]], env=env)
     assert r.exit_code == 0, r.output
     assert not (a / ".snapshots" / f"{man['id']}--{volume_slug(str(a))}").exists()
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _subvolumes(fs) -> list[Path]:
+    d = fs.mountpoint / ".snapshots"
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def test_sigkill_during_a_group_snapshot_then_cleanup_removes_the_subvolumes(loopfs, tmp_path):
+    """One volume of the group is frozen by someone else: the btrfs ioctl blocks on it, and
+    the run is SIGKILLed there. The subvolumes it made (the blocked one completes at the
+    thaw) have no manifest; they were journaled first, so `quiesce cleanup` deletes them."""
+    a, b = loopfs("btrfs"), loopfs("btrfs")
+    for fs in (a, b):
+        (fs.mountpoint / "data").write_text(fs.path)
+    (b.mountpoint / ".snapshots").mkdir(mode=0o700)  # prepare must not block on b (mkdir)
+    state = tmp_path / "state"
+    env = {**os.environ, "QUIESCE_STATE_DIR": str(state)}
+    b.freeze_externally()
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "quiesce", "snapshot", "create", "--provider", "btrfs",
+             "--job", "killed", a.path, b.path],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        blocked = 0
+        deadline = time.monotonic() + 60
+        while blocked < 10:  # 0.5 s in uninterruptible sleep: the ioctl waits for b's thaw
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the snapshot never blocked on the frozen volume"
+            blocked = blocked + 1 if _proc_state(proc.pid) == "D" else 0
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        b.thaw_externally()
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=60)
+    left = _subvolumes(a) + _subvolumes(b)
+    assert left, "the killed run left no subvolume (nothing to test)"
+    assert snapshots.list_manifests(state) == []
+    p = subprocess.run(
+        [sys.executable, "-m", "quiesce", "cleanup", "--state-dir", str(state), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    removed = json.loads(p.stdout)["removed"]
+    assert {r["snapshot"]["location"] for r in removed if r["kind"] == "snapshot"} >= {
+        str(s) for s in left
+    }
+    assert _subvolumes(a) == [] and _subvolumes(b) == []
+    assert not (a.mountpoint / ".snapshots").exists()  # made by the run: removed too
+    assert (b.mountpoint / ".snapshots").is_dir()  # made by the test: kept
+    assert [(fs.mountpoint / "data").read_text() for fs in (a, b)] == [a.path, b.path]

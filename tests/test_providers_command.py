@@ -15,11 +15,11 @@ import pytest
 from conftest import is_writable
 from typer.testing import CliRunner
 
+from quiesce import snapshot as snapshots
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.providers.base import Snapshot
 from quiesce.providers.command import CommandProvider
-from quiesce.snapshot import engine as snapshots
 
 # Prints the snapshot id first, then what it was given; the timestamp proves it ran
 # inside the window (CLOCK_MONOTONIC is shared by every process).
@@ -148,4 +148,4 @@ def test_cli_create_list_delete(loopfs, tmp_path):
     r = runner.invoke(snapshot_app, ["delete", man["id"]], env=env)
     assert r.exit_code == 2 and "no delete command" in r.stderr and "hint:" in r.stderr
     r = runner.invoke(snapshot_app, ["create", "-p", "command", fs.path], env=env)
-    assert r.exit_code == 2 and "needs the snapshot command" in r.stderr
+    assert r.exit_code == 2 and "--option create: required by provider command" in r.stderr

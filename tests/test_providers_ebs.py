@@ -14,9 +14,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from quiesce import snapshot as snapshots
 from quiesce.errors import UsageError
 from quiesce.providers.ebs import disk_of, instance_id_from_sysfs, parse_tags, volume_id_from_sysfs
-from quiesce.snapshot import engine as snapshots
 
 REGION = "eu-west-1"
 

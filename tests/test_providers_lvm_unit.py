@@ -10,7 +10,7 @@ import pytest
 
 from quiesce.errors import UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
-from quiesce.providers.base import FreezeMode, get_provider
+from quiesce.providers.base import FreezeMode
 from quiesce.providers.lvm import (
     LvmProvider,
     dm_name_of,
@@ -24,6 +24,7 @@ from quiesce.providers.lvm import (
     snapshot_lv_name,
     split_dm_name,
 )
+from quiesce.providers.registry import get_provider
 from quiesce.sys.mounts import Mount, Target, Volume
 
 LVS_JSON = """\
@@ -179,7 +180,7 @@ def test_snapshot_mount_of_an_lvm_snapshot_block_device(tmp_path: Path) -> None:
     manifest is what the lvm provider writes; ``snapshot mount`` should mount it ro."""
     from conftest import losetup, run
 
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
 
     image = tmp_path / "snap.img"
     with open(image, "wb") as f:

@@ -13,11 +13,11 @@ import pytest
 from conftest import is_writable
 from helpers.snaptools import Recorder, image_on_reflink_host, sh
 
+from quiesce import snapshot as snapshots
 from quiesce.errors import AlreadyFrozen, UnsafePlan, UnsupportedFilesystem, UsageError
 from quiesce.freezing.plan import make_plan
 from quiesce.providers.base import volume_slug
 from quiesce.providers.reflink import ReflinkProvider
-from quiesce.snapshot import engine as snapshots
 
 
 @pytest.mark.parametrize("outer", ["xfs", "btrfs"])

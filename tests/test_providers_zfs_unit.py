@@ -8,7 +8,8 @@ import pytest
 
 from quiesce.errors import UsageError
 from quiesce.freezing.plan import GroupMember
-from quiesce.providers.base import FreezeMode, Snapshot, get_provider
+from quiesce.providers.base import FreezeMode, Snapshot
+from quiesce.providers.registry import get_provider
 from quiesce.providers.zfs import (
     LIST_FIELDS,
     ZfsProvider,

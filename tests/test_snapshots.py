@@ -19,10 +19,10 @@ import pytest
 from conftest import is_writable
 from helpers.snaptools import Recorder, image_on_reflink_host
 
+from quiesce import snapshot as snapshots
 from quiesce.errors import FreezeExpired, QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot
-from quiesce.snapshot import engine as snapshots
 
 
 class FakeProvider(Provider):

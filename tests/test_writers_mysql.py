@@ -25,7 +25,7 @@ from helpers.dbtools import (
 )
 from helpers.jobtools import mounted_image
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -250,6 +250,52 @@ def test_backup_stage_goes_past_a_running_write_that_flush_tables_waits_for():
         with connect() as c, c.cursor() as cur:
             cur.execute("SELECT x FROM app.t ORDER BY x")
             assert [r[0] for r in cur.fetchall()] == [2, 100, 200]  # every INSERT committed
+    finally:
+        db.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_password_env_reaches_the_server_and_never_a_message(monkeypatch):
+    """A job's `password_env` (never `password`): quiesce reads the variable and hands the
+    value to the client library in memory; a wrong one fails without showing it."""
+    tools = mariadb_bin()
+    need(tools is not None, "MariaDB server binaries")
+    assert tools is not None
+    pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
+    from quiesce.apps.writers import WriterError
+    from quiesce.job.build import build_writers
+    from quiesce.job.schema import JobConfig
+
+    password = "maria-pw-3b9e"
+    run_dir = shared_dir("mysql")
+    db = Server(tools, run_dir / "data", run_dir, "pw")
+    try:
+        db.install()
+        db.start()
+        root = pymysql.connect(unix_socket=str(db.socket), user="root", autocommit=True)
+        with root as c, c.cursor() as cur:
+            cur.execute("CREATE USER 'snap'@'localhost' IDENTIFIED BY %s", (password,))
+            cur.execute("GRANT RELOAD ON *.* TO 'snap'@'localhost'")
+        config = JobConfig.model_validate({
+            "volumes": ["/v"], "provider": {"type": "reflink"},
+            "writers": {"mysql": [{"unix_socket": str(db.socket), "user": "snap",
+                                   "password_env": "QUIESCE_TEST_MYSQL_PW", "timeout": 5}]},
+        })  # fmt: skip
+        monkeypatch.setenv("QUIESCE_TEST_MYSQL_PW", password)
+        [writer] = build_writers(config)
+        writer.before_freeze()
+        try:
+            assert writer.info["locked"] is True
+        finally:
+            writer.after_thaw(True)
+        assert writer.info["locked"] is False
+
+        monkeypatch.setenv("QUIESCE_TEST_MYSQL_PW", "wrong-" + password)
+        [wrong] = build_writers(config)
+        with pytest.raises(WriterError) as e:
+            wrong.before_freeze()
+        assert "Access denied for user 'snap'@'localhost'" in e.value.message
+        assert password not in e.value.message
     finally:
         db.stop()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ import pytest
 from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
 from helpers.jobtools import mounted_image
 
-from quiesce.snapshot import engine as snapshots
+from quiesce import snapshot as snapshots
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -108,3 +108,52 @@ def test_snapshot_of_a_live_cluster_starts_and_holds_every_committed_row(tmp_pat
                     with contextlib.suppress(AssertionError):
                         cluster.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_password_env_reaches_the_server_and_never_a_message(monkeypatch):
+    """A cluster that wants a password (scram-sha-256 on its socket): the job's
+    `password_env` gets the writer in, given to libpq in memory; a wrong one fails
+    without showing it."""
+    bin_dir = pg_bin()
+    need(bin_dir is not None, "PostgreSQL server binaries")
+    assert bin_dir is not None
+    pytest.importorskip("psycopg", reason="pip install 'quiesce[writers]'")
+    from quiesce.apps.writers import WriterError
+    from quiesce.job.build import build_writers
+    from quiesce.job.schema import JobConfig
+
+    password = "pg-pw-81d2"
+    run_dir = shared_dir("postgres")
+    db = Cluster(bin_dir, run_dir / "pgdata", run_dir, PORT + 10)
+    try:
+        pwfile = run_dir / "pwfile"
+        pwfile.write_text(password + "\n")
+        shutil.chown(pwfile, "postgres", "postgres")
+        db.data.mkdir()
+        shutil.chown(db.data, "postgres", "postgres")
+        as_user("postgres", str(bin_dir / "initdb"), "-D", str(db.data), "-U", "postgres",
+                "--auth=scram-sha-256", f"--pwfile={pwfile}", "--no-sync",
+                "--no-instructions")  # fmt: skip
+        db.start()
+        config = JobConfig.model_validate({
+            "volumes": ["/v"], "provider": {"type": "reflink"},
+            "writers": {"postgresql": [{"dsn": db.dsn, "password_env": "QUIESCE_TEST_PG_PW",
+                                        "timeout": 10}]},
+        })  # fmt: skip
+        monkeypatch.delenv("PGPASSWORD", raising=False)
+        monkeypatch.setenv("PGPASSFILE", "/nonexistent")
+        monkeypatch.setenv("QUIESCE_TEST_PG_PW", password)
+        [writer] = build_writers(config)
+        writer.before_freeze()  # CHECKPOINT: it got in
+        writer.after_thaw(True)
+        assert writer.info["server_version"] > 0
+
+        monkeypatch.setenv("QUIESCE_TEST_PG_PW", "wrong-" + password)
+        [wrong] = build_writers(config)
+        with pytest.raises(WriterError) as e:
+            wrong.before_freeze()
+        assert "password authentication failed" in e.value.message
+        assert password not in e.value.message
+    finally:
+        db.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers.jobtools import HELPERS, mounted_image
 
+from quiesce import snapshot as snapshots
 from quiesce.apps.writers import WriterError
 from quiesce.apps.writers.sqlite import SqliteWriter
-from quiesce.snapshot import engine as snapshots
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -39,6 +39,12 @@ class QuiesceError(Exception):
         self.hint = hint if hint is not None else self.default_hint
         self.details = details
 
+    def add_context(self, note: str) -> None:
+        """Append what happened around the error (``"; rolled back: /srv/a"``) to its
+        one-line message, keeping its type, hint and exit code."""
+        self.message += f"; {note}"
+        self.args = (self.message,)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "error": type(self).__name__,

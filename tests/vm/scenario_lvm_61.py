@@ -30,10 +30,10 @@ from scenario_common import (
     writable,
 )
 
+from quiesce import snapshot as snapshots
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import make_plan
 from quiesce.providers.lvm import LvmProvider, kernel_nests_dm_freeze
-from quiesce.snapshot import engine as snapshots
 from quiesce.sys import kernel
 
 VG = "vgq"

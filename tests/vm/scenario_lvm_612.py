@@ -26,8 +26,8 @@ from scenario_common import (
     sh,
 )
 
+from quiesce import snapshot as snapshots
 from quiesce.providers.lvm import LVS_FIELDS, LvmProvider, kernel_nests_dm_freeze
-from quiesce.snapshot import engine as snapshots
 
 VG = "vgq"
 STATE = "/tmp/quiesce-state"

@@ -24,11 +24,11 @@ from scenario_common import (
     sh,
 )
 
+from quiesce import snapshot as snapshots
 from quiesce.errors import UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import Snapshot
 from quiesce.providers.zfs import LIST_FIELDS, ZfsProvider
-from quiesce.snapshot import engine as snapshots
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, resolve
 

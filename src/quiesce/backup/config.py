@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from quiesce.sys.redact import register_url_secrets
+
 DEFAULT_MOUNT_ROOT = "/run/quiesce/backup"
 
 Verify = Literal["none", "repository", "sample", "full"]
@@ -56,6 +58,7 @@ class BackupConfig(BaseModel):
         problems = semantic_problems(self.model_dump())
         if problems:
             raise ValueError("; ".join(problems))
+        register_url_secrets(self.repository)  # shown as *** from now on, wherever it is
         return self
 
 

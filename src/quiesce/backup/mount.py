@@ -31,6 +31,7 @@ from quiesce.providers.base import Provider, Snapshot, volume_slug
 from quiesce.state.journal import Journal
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable
+from quiesce.sys.trust import make_private_dirs
 
 SAFE_OPTIONS = ["ro", "nosuid", "nodev", "noexec"]
 DEFAULT_OPTIONS: dict[str, list[str]] = {
@@ -161,7 +162,7 @@ def _attach_readonly(journal: Journal, location: str, fs_block: int | None) -> t
 
 def _make_dirs(journal: Journal, path: Path, upto: Path) -> list[int]:
     """mkdir the missing components of ``path`` below ``upto``, each journaled first."""
-    upto.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(upto)  # 0700 each, whatever the umask
     made = []
     missing = []
     p = path

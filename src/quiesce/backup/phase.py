@@ -1,7 +1,7 @@
 """The backup phase of a run: mount the snapshot, back it up, verify, unmount, prune.
 
 Also what ``quiesce backup JOB.toml`` runs on the newest existing snapshot. Every
-mount, loop device and scratch directory is journaled (journal.py) before it is made;
+mount, loop device and scratch directory is journaled (state/journal.py) before it is made;
 the snapshot is *held* (its mount entries name it) while the backup reads it, so
 retention never deletes it underneath. A failed verification stops the pruning: the
 older snapshots and backups are all that is known to be good.
@@ -22,11 +22,15 @@ from typing import Any
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
-from quiesce.backup.verify import VerifyResult, verify
+from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-from quiesce.state.journal import Journal, cleanup, held_snapshot_ids, state_dir
+from quiesce.snapshot.cleanup import cleanup
+from quiesce.state.cleanup import held_snapshot_ids
+from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy, decide
+from quiesce.state.statedir import state_dir
+from quiesce.sys.redact import redact_data
 
 
 class VerifyFailed(QuiesceError):
@@ -62,6 +66,10 @@ class BackupReport:
         self.error = e.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
+        """Redacted: the target's output, errors and repository may carry a password."""
+        return redact_data(self._fields())
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "job": self.job,
             "target": self.target,
@@ -116,7 +124,7 @@ def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
     """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
     if not mans:
@@ -133,7 +141,7 @@ def _created(man: Any) -> datetime:
 
 def _held(state: Path, manifests: list[Any]) -> set[str]:
     """Manifests a live run is reading, or that are mounted anywhere."""
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
 
     held = set(held_snapshot_ids(state))
     for man in manifests:
@@ -146,7 +154,7 @@ def apply_snapshot_retention(
     job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
 ) -> dict[str, Any]:
     """Delete the job's snapshots that ``policy`` does not keep (never a held one)."""
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
     held = _held(state, mans) | set(keep)
@@ -205,7 +213,7 @@ def _snapshot_retention(
 ) -> dict[str, Any]:
     """Delete the snapshot just backed up (``delete_snapshot``), then apply ``policy``
     to the job's other snapshots; the one just backed up is never pruned by policy."""
-    from quiesce.snapshot import engine as snapshots
+    from quiesce import snapshot as snapshots
 
     out: dict[str, Any] = {"kept": {}, "deleted": [], "failed": [], "held": []}
     if cfg.delete_snapshot:
@@ -233,10 +241,10 @@ def _backup_and_verify(
     progress: ProgressFn | None,
     rng: random.Random | None,
 ) -> None:
-    from quiesce.providers.base import get_provider
+    from quiesce.providers.registry import get_provider
 
     snaps = manifest.snapshot_objects()
-    provider = get_provider(manifest.provider)(**(manifest.options or {}))
+    provider = get_provider(manifest.provider).from_record(manifest.options)
     target = make_target(cfg, job, state)
     if cfg.init:
         with phase("init"):
@@ -287,77 +295,9 @@ def _backup_and_verify(
                 mounts.close()
 
 
-def after_run(
-    report: Any,
-    manifest: Any,
-    *,
-    job: str,
-    backup: BackupConfig | None,
-    retention: RetentionPolicy | None = None,
-    metrics_file: str | None = None,
-    state: str | Path | None = None,
-    progress: ProgressFn | None = None,
-) -> BackupReport | None:
-    """What ``quiesce run`` does after the snapshot (job.run_job calls this last):
-    the backup phase if the job has ``[backup]`` and the snapshot succeeded, then the
-    metrics file. Mutates ``report`` (a report.Report): ``backup``, phases, warnings,
-    and the error/exit code of a failed backup."""
-    from quiesce.job.report import Phase
-
-    bk = None
-    if backup is not None and manifest is not None and report.error is None:
-        bk = run_backup(
-            manifest, backup, job=job, state=state, retention=retention, progress=progress
-        )
-        if hasattr(report, "backup"):
-            report.backup = bk.to_dict()
-        report.phases += [Phase.from_any(p | {"name": f"backup: {p['name']}"}) for p in bk.phases]
-        report.warnings += [w for w in bk.warnings if w not in report.warnings]
-        if bk.error is not None:
-            report.ok = False
-            report.exit_code = bk.exit_code
-            report.error = bk.error
-    elif manifest is not None and report.error is None and retention and not retention.empty:
-        # no [backup]: [retention] still prunes the job's snapshots (never the new one)
-        phase = Phase.begin("retention")
-        try:
-            kept = apply_snapshot_retention(job, retention, state_dir(state), keep={manifest.id})
-            report.warnings += [f"retention: {f}" for f in kept["failed"]]
-            phase.detail = f"deleted {len(kept['deleted'])} snapshot(s)"
-            report.phases.append(phase.finish(ok=not kept["failed"]))
-        except QuiesceError as e:
-            report.warnings.append(f"retention: {e.message}")
-            report.phases.append(phase.finish(ok=False))
-    if metrics_file:
-        from quiesce.integrations.metrics import RunMetrics, write_textfile
-
-        r = bk.result if bk is not None else None
-        v = bk.verify if bk is not None else None
-        duration = time.monotonic() - report.t0 if hasattr(report, "t0") else None
-        try:
-            write_textfile(
-                metrics_file,
-                RunMetrics(
-                    job=job,
-                    success=report.error is None,
-                    duration_s=duration,
-                    freeze_window_s=report.window_s,
-                    backup_bytes=r.bytes if r else None,
-                    backup_added_bytes=r.bytes_added if r else None,
-                    backup_files=r.files if r else None,
-                    backup_duration_s=r.duration_s if r else None,
-                    verify_ok=None if v is None or v.mode == "none" else v.ok,
-                ),
-            )
-        except OSError as e:
-            report.warnings.append(f"cannot write the metrics file {metrics_file}: {e.strerror}")
-    return bk
-
-
 __all__ = [
     "BackupReport",
     "VerifyFailed",
-    "after_run",
     "apply_snapshot_retention",
     "make_target",
     "newest_snapshot",

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
-from quiesce.cli.common import JsonOpt, console, emit_json
+from quiesce.cli.common import JsonOpt, console, emit_json, err, fail, out
 from quiesce.cli.job import check_cmd, run_cmd
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import (
@@ -57,8 +57,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(snapshot_app, name="snapshot")
-out = console()
-err = console(stderr=True)
 
 
 def _say(to: Console, label: str, style: str, text: str) -> None:
@@ -91,26 +89,13 @@ NoSyncfs = Annotated[
 ]
 
 
-def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
-    if as_json:
-        data = e.to_dict()
-        window = e.details.get("window")
-        if isinstance(window, Window):
-            data["window"] = window.to_dict()
-        emit_json(data)
-    _say(err, "quiesce:", "bold red", e.message)
-    if e.hint:
-        _say(err, "hint:", "dim", e.hint)
-    return typer.Exit(e.exit_code)
-
-
 def _check_durations(timeout: float, lease: float, as_json: bool) -> None:
-    """--timeout inf or nan would pass typer's min=: refuse it here, naming the flag."""
+    """--timeout inf or nan would pass a plain float option: refuse it here, naming the flag."""
     try:
         check_seconds("--timeout", timeout)
         check_seconds("--lease", lease, zero_ok=True)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
 
 
 def _print_window(window: Window, title: str) -> None:
@@ -160,7 +145,7 @@ def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = Fal
                 _print_plan(plan)
             plan.check()
     except QuiesceError as e:
-        raise _fail(e, False) from None
+        raise fail(e, False) from None
 
 
 @app.command("freeze")
@@ -184,7 +169,7 @@ def freeze_cmd(
             window = freezer.freeze()
             freezer.hold()
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if silent:
         return
     if as_json:
@@ -298,8 +283,8 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
 def status_cmd(as_json: JsonOpt = False) -> None:
     """List what quiesce holds frozen (volumes, holder, since when, deadline and lease),
     what its guardians thawed on their own lately, and the jobs running now."""
-    from quiesce.state.journal import state_dir
     from quiesce.state.locks import running
+    from quiesce.state.statedir import state_dir
 
     try:
         if os.geteuid() != 0:
@@ -309,7 +294,7 @@ def status_cmd(as_json: JsonOpt = False) -> None:
             )
         seen = guardian.survey()
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     jobs = running(state_dir())
     if as_json:
         emit_json(
@@ -353,10 +338,10 @@ def status_cmd(as_json: JsonOpt = False) -> None:
         for t in ex.get("thawed", []):
             if not isinstance(t, dict):
                 continue
-            fail = "" if t.get("errno") in (0, 22) else f", FITHAW FAILED (errno {t.get('errno')})"
+            bad = "" if t.get("errno") in (0, 22) else f", FITHAW FAILED (errno {t.get('errno')})"
             out.print(
                 f"history: {t.get('volume')} thawed by {ex.get('reason')} at {when}, "
-                f"{now - at:.0f} s ago (guardian {s['pid']}){fail}"
+                f"{now - at:.0f} s ago (guardian {s['pid']}){bad}"
             )
 
 
@@ -385,7 +370,7 @@ def exec_cmd(
     cmd = list(_EXEC_CMD)
     _check_durations(timeout, lease, as_json)
     if not cmd:
-        raise _fail(
+        raise fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
         )
     try:
@@ -412,9 +397,9 @@ def exec_cmd(
                 if cmd_err:
                     sys.stderr.buffer.write(cmd_err)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if killed:
-        raise _fail(
+        raise fail(
             FreezeExpired(f"{cmd[0]} did not finish before the {timeout:g}s deadline: killed"),
             as_json,
         )
@@ -474,7 +459,7 @@ def demo_cmd(
             styled = console(markup=True)
             run_full_demo(styled if not as_json else None, as_json)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
 
 
 @app.command("version")

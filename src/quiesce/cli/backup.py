@@ -10,13 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from quiesce.cli.common import JobFile, JsonOpt, console, emit_json
+from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-
-out = console(markup=True)  # reports are rendered with rich markup
-err = console(stderr=True, markup=True)
 
 StateDir = Annotated[
     Path | None,
@@ -25,15 +21,6 @@ StateDir = Annotated[
         help="State directory (default: $QUIESCE_STATE_DIR or /var/lib/quiesce).",
     ),
 ]
-
-
-def _fail(e: QuiesceError, as_json: bool) -> typer.Exit:
-    from quiesce.job.report import print_error
-
-    if as_json:
-        emit_json(e.to_dict())
-    print_error(e.to_dict(), err)
-    return typer.Exit(e.exit_code)
 
 
 def _terminate_as_exit() -> None:
@@ -45,24 +32,6 @@ def _terminate_as_exit() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def metrics_for(report: dict[str, Any], job: str, freeze_window: float | None) -> Any:
-    from quiesce.integrations.metrics import RunMetrics
-
-    b = report.get("backup") or {}
-    v = report.get("verify")
-    return RunMetrics(
-        job=job,
-        success=bool(report.get("ok")),
-        duration_s=report.get("duration_s"),
-        freeze_window_s=freeze_window,
-        backup_bytes=b.get("bytes"),
-        backup_added_bytes=b.get("bytes_added"),
-        backup_files=b.get("files"),
-        backup_duration_s=b.get("duration_s"),
-        verify_ok=None if not v or v.get("mode") == "none" else bool(v.get("ok")),
-    )
-
-
 def backup_cmd(
     job_file: JobFile,
     snapshot: Annotated[
@@ -72,11 +41,11 @@ def backup_cmd(
 ) -> None:
     """Back up the job's newest snapshot: mount it read-only at a stable path, run the
     [backup] target, verify, unmount, and apply [retention]."""
+    from quiesce import snapshot as snapshots
     from quiesce.backup.phase import newest_snapshot, run_backup
     from quiesce.backup.progress import progress_for
     from quiesce.job.backupjob import load_backup_job
-    from quiesce.snapshot import engine as snapshots
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
 
     _terminate_as_exit()
     try:
@@ -89,7 +58,7 @@ def backup_cmd(
         state = state_dir(job.state_dir)
         man = snapshots.load(snapshot, state) if snapshot else newest_snapshot(job.name, state)
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     try:
         with progress_for(err, "backup") as progress:
             report = run_backup(
@@ -99,23 +68,27 @@ def backup_cmd(
     except (SystemExit, KeyboardInterrupt):
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
         if job.metrics_file:
-            from quiesce.integrations.metrics import RunMetrics, write_textfile
+            from quiesce.job.metrics import RunMetrics, write_textfile
 
             with contextlib.suppress(OSError):
                 write_textfile(job.metrics_file, RunMetrics(job.name, False))
         raise
     data = report.to_dict()
     if job.metrics_file:
-        from quiesce.integrations.metrics import write_textfile
+        from quiesce.job.metrics import run_metrics, write_textfile
 
+        metrics = run_metrics(
+            job.name, success=report.ok, duration_s=report.duration_s,
+            freeze_window_s=man.window_s, backup=data,
+        )  # fmt: skip
         try:
-            write_textfile(job.metrics_file, metrics_for(data, job.name, man.window_s))
+            write_textfile(job.metrics_file, metrics)
         except OSError as e:
             data["warnings"].append(f"cannot write {job.metrics_file}: {e.strerror}")
     if as_json:
         emit_json(data)
     else:
-        from quiesce.cli.render_backup import print_backup_report
+        from quiesce.cli.render import print_backup_report
 
         print_backup_report(data, out, err)
     raise typer.Exit(report.exit_code)
@@ -136,9 +109,9 @@ def restore_cmd(
 ) -> None:
     """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
     slug (/srv/db as DIR/srv-db). Never writes into a directory that is not empty."""
-    from quiesce.backup.restore import restore
+    from quiesce.backup.restoring import restore
     from quiesce.job.backupjob import load_backup_job
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
 
     _terminate_as_exit()
     try:
@@ -152,15 +125,15 @@ def restore_cmd(
             backup_id=backup_id, volumes=volumes or (),
         )  # fmt: skip
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(res.to_dict())
         return
     from quiesce.sys.units import human_bytes, human_duration
 
     out.print(
-        f"restored {res.target} backup {escape(res.backup_id)} ({res.backup_time}) of job "
-        f"{escape(job.name)} to {escape(res.dest)}: {', '.join(res.volumes)}; {res.files} "
+        f"restored {res.target} backup {res.backup_id} ({res.backup_time}) of job "
+        f"{job.name} to {res.dest}: {', '.join(res.volumes)}; {res.files} "
         f"file(s), {human_bytes(res.bytes)} in {human_duration(res.duration_s)}"
     )
 
@@ -174,9 +147,12 @@ def cleanup_cmd(
 ) -> None:
     """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
     dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
-    from quiesce.state.journal import cleanup
+    from quiesce.snapshot.cleanup import cleanup
 
-    rep = cleanup(state_dir_opt, dry_run=dry_run)
+    try:
+        rep = cleanup(state_dir_opt, dry_run=dry_run)
+    except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(rep.to_dict() | {"dry_run": dry_run})
     else:
@@ -185,16 +161,21 @@ def cleanup_cmd(
             what = r.get("target") or r.get("path") or r.get("device") or r.get("backing") or ""
             if r["kind"] == "loop" and r.get("device"):
                 what = f"{r['device']} ({r.get('backing')})"
-            out.print(f"{verb} {r['kind']}: {escape(str(what))} (run {r['run']})")
+            out.print(f"{verb} {r['kind']}: {what!s} (run {r['run']})")
         for s in rep.skipped_live:
             out.print(f"left alone: run {s} is still running")
         if not rep.removed and not rep.errors:
             out.print("nothing to clean up")
         for e in rep.errors:
-            err.print(f"[bold red]quiesce:[/] {escape(e)}")
+            print_error({"message": e})
     if rep.errors:
         if not as_json:
-            err.print("[dim]hint:[/] fix the cause (a busy mount?) and run `quiesce cleanup` again")
+            print_error(
+                {
+                    "message": "cleanup is not complete",
+                    "hint": "fix the cause (a busy mount?) and run `quiesce cleanup` again",
+                }
+            )
         raise typer.Exit(ExitCode.FAILURE)
 
 
@@ -208,7 +189,7 @@ def _local(path: str | None) -> str | None:
 def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: str | None) -> Any:
     """What the job writes: the units' ReadWritePaths and their timeout."""
     from quiesce.integrations.systemd import UnitSpec
-    from quiesce.state.journal import state_dir
+    from quiesce.state.statedir import state_dir
     from quiesce.sys.mounts import MountTable, loop_backing_file
 
     rw = [*job.volumes, str(state_dir(job.state_dir))]
@@ -291,9 +272,9 @@ def systemd_cmd(
             return
         written = install_units(units, unit_dir)
     except QuiesceError as e:
-        raise _fail(e, False) from None
+        raise fail(e, False) from None
     except OSError as e:
-        raise _fail(QuiesceError(f"cannot write the units: {e}"), False) from None
+        raise fail(QuiesceError(f"cannot write the units: {e}"), False) from None
     for p in written:
         out.print(f"wrote {p}")
     timer = next(n for n in units if n.endswith(".timer"))

@@ -1,4 +1,5 @@
-"""What every command module of the CLI shares: its consoles, --json, and JSON output."""
+"""What every command module of the CLI shares: its consoles, --json, JSON output, and
+how an error is printed and turned into an exit code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from quiesce.errors import QuiesceError
+from quiesce.sys.redact import redact_data
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]
@@ -25,8 +30,40 @@ def console(*, stderr: bool = False, markup: bool = False) -> Console:
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """JSON on stdout, redacted: nothing quiesce prints carries a password."""
+    data = redact_data(json.loads(json.dumps(data, default=str)))
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
 
 
-__all__ = ["JobFile", "JsonOpt", "console", "emit_json"]
+out = console()  # markup off: paths and messages print verbatim; renderers opt in
+err = console(stderr=True)
+
+
+def print_error(error: dict[str, Any], to: Console | None = None) -> None:
+    """``quiesce: <message>``, each job-file problem with its hint, then ``hint: <hint>``."""
+    to = to or err
+    error = redact_data(error)
+    to.print(Text.assemble(("quiesce:", "bold red"), " ", error["message"]))
+    for p in error.get("problems", []):
+        to.print(f"  {p['path']}: {p['message']}", markup=False)
+        if p.get("hint"):
+            to.print(f"    hint: {p['hint']}", markup=False)
+    if error.get("hint"):
+        to.print(Text.assemble(("hint:", "dim"), " ", error["hint"]))
+
+
+def fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
+    """Print ``e`` (JSON on stdout with --json, the message and hint on stderr) and
+    return the Exit that carries its exit code."""
+    data = e.to_dict()
+    if as_json:
+        window = e.details.get("window")
+        if window is not None and hasattr(window, "to_dict"):
+            data["window"] = window.to_dict()
+        emit_json(data)
+    print_error(data)
+    return typer.Exit(e.exit_code)
+
+
+__all__ = ["JobFile", "JsonOpt", "console", "emit_json", "err", "fail", "out", "print_error"]

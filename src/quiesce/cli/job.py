@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
-from quiesce.cli.common import JobFile, JsonOpt, console, emit_json
+from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
 from quiesce.errors import QuiesceError
 
 if TYPE_CHECKING:
     from quiesce.job.schema import Job
 
-out = console(markup=True)  # reports are rendered with rich markup
-err = console(stderr=True, markup=True)
 
 DryRun = Annotated[
     bool, typer.Option("--dry-run", help="Print the plan (volumes, hazards, hooks, steps).")
@@ -29,22 +26,18 @@ DryRun = Annotated[
 
 
 def _load(job_file: Path, as_json: bool) -> Job:
-    from quiesce.job.report import print_error
-    from quiesce.job.schema import load_job
+    from quiesce.job.validate import load_job
 
     try:
         return load_job(job_file)
     except QuiesceError as e:
-        if as_json:
-            emit_json(e.to_dict())
-        print_error(e.to_dict(), err)
-        raise typer.Exit(e.exit_code) from None
+        raise fail(e, as_json) from None
 
 
 def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False) -> None:
     """Run a job: hooks and writers quiesce the applications, the group is frozen and
     snapshotted, everything is released; print the report."""
-    from quiesce.job.report import print_error, render
+    from quiesce.cli.render import render
     from quiesce.job.run import run_job
 
     job = _load(job_file, as_json)
@@ -55,7 +48,7 @@ def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
         if report.error:
-            print_error(report.error, err)
+            print_error(report.error)
     else:
         render(report, out, err)
     raise typer.Exit(report.exit_code)
@@ -80,6 +73,11 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
             "directory": [str(s) for s in job.hook_dir_scripts],
         },
         "writers": {k: len(v) for k, v in c.writers.model_dump().items()},
+        "backup": (
+            {"target": c.backup.target, "repository": c.backup.repository or c.backup.directory}
+            if c.backup is not None
+            else None
+        ),
     }
     if as_json:
         emit_json(summary)
@@ -88,7 +86,7 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
     n_hooks += len(job.hook_dir_scripts)
     n_writers = sum(summary["writers"].values())
     out.print(
-        f"{escape(str(job_file))}: OK (job {escape(job.name)}: {len(c.volumes)} volume(s), "
+        f"{job_file!s}: OK (job {job.name}: {len(c.volumes)} volume(s), "
         f"provider {c.provider.type}, {n_hooks} hook(s), {n_writers} writer(s))"
     )
 

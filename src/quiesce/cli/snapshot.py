@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from quiesce.cli.common import JsonOpt, emit_json
+from quiesce import snapshot as snapshots
+from quiesce.cli.common import JsonOpt, emit_json, err, fail, out
 from quiesce.errors import QuiesceError, UsageError
-from quiesce.snapshot import engine as snapshots
 from quiesce.sys.units import human_duration
+
+if TYPE_CHECKING:
+    from quiesce.providers.options import ProviderOptions
 
 snapshot_app = typer.Typer(
     name="snapshot",
@@ -37,28 +40,19 @@ StateDir = Annotated[
 ]
 
 
-def _fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
-    from quiesce.cli.app import _fail as cli_fail
-
-    return cli_fail(e, as_json)
-
-
 def _say(text: str) -> None:
-    from quiesce.cli.app import out
-
     out.print(text, markup=False)
 
 
 def _warn(text: str) -> None:
     from rich.text import Text
 
-    from quiesce.cli.app import err
-
     err.print(Text.assemble(("warning:", "yellow"), " ", text))  # paths may hold "[...]"
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``k=v`` pairs; a value that is a JSON list or object is parsed (argv lists)."""
+    """``k=v`` pairs; a value that is a JSON list or object is parsed (argv lists). Other
+    values stay strings: the provider's option model coerces them (``"5"`` -> 5.0)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -72,6 +66,19 @@ def parse_options(items: list[str]) -> dict[str, Any]:
                 raise UsageError(f"option {key}: {value!r} is not valid JSON") from None
         options[key] = parsed
     return options
+
+
+def provider_options(provider: str, items: list[str]) -> ProviderOptions:
+    """``--option`` flags validated against the provider's option model, before anything
+    runs; an unknown key or a bad value is told in flag syntax (``--option dset: ...``)."""
+    from quiesce.providers.options import ProviderOptionsError
+    from quiesce.providers.registry import get_options
+
+    model = get_options(provider)
+    try:
+        return model.parse(parse_options(items))
+    except ProviderOptionsError as e:
+        raise e.for_flags() from None
 
 
 @snapshot_app.command("create")
@@ -106,7 +113,7 @@ def create_cmd(
             paths,
             provider,
             job=job,
-            options=parse_options(option or []),
+            options=provider_options(provider, option or []),
             timeout=timeout,
             lease=lease,
             syncfs=not no_syncfs,
@@ -114,7 +121,7 @@ def create_cmd(
             state_dir=state_dir,
         )
     except QuiesceError as e:
-        raise _fail(e, as_json) from None
+        raise fail(e, as_json) from None
     if as_json:
         emit_json(man.to_dict())
         return
@@ -141,8 +148,6 @@ def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from quiesce.cli.app import out
-
     table = Table(box=None, pad_edge=False)
     # ids (they carry the UTC time) are what `mount` and `delete` take: never cut them
     for col in ("id", "provider", "window", "consistency"):
@@ -165,7 +170,7 @@ def mount_cmd(
     try:
         points = snapshots.mount(snap_id, directory, state_dir)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for p in points:
         _say(f"mounted {snap_id} at {p} (read-only)")
 
@@ -178,7 +183,7 @@ def umount_cmd(
     try:
         points = snapshots.umount(target, state_dir)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for p in points:
         _say(f"unmounted {p}")
 
@@ -195,5 +200,5 @@ def delete_cmd(
     try:
         man = snapshots.delete(snap_id, state_dir, forget=forget)
     except QuiesceError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     _say(f"{'forgot' if forget else 'deleted'} {man.id}")

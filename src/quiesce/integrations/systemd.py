@@ -12,12 +12,14 @@ read-only snapshot mounts are invisible to the rest of the system and vanish wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,18 +193,25 @@ def check_calendar(expr: str) -> None:
 def install(
     units: dict[str, str], directory: Path = UNIT_DIR, *, reload: bool = True
 ) -> list[Path]:
-    """Write the unit files (atomically, mode 644) and reload systemd if it runs."""
+    """Write the unit files (atomically, mode 644 like every unit: they hold no secrets)
+    and reload systemd if it runs. The temporary file is mkstemp's (O_EXCL, a name nobody
+    can guess), so a link planted in the directory is never written through."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, text in units.items():
         path = directory / fname
-        tmp = directory / f".{fname}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         written.append(path)
     if reload and Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
         subprocess.run(["systemctl", "daemon-reload"], check=False, capture_output=True)

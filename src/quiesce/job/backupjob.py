@@ -35,7 +35,7 @@ class BackupJob:
 def load_backup_job(path: str | Path) -> BackupJob:
     """Validate the whole job file (volumes are not probed: the backup reads a snapshot);
     raise job.JobConfigError with every problem."""
-    from quiesce.job.schema import load_job
+    from quiesce.job.validate import load_job
 
     job = load_job(path, check_volumes=False)
     c = job.config

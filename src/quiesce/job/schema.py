@@ -1,17 +1,11 @@
 """Job files: the schema of a TOML job, and its validation.
 
 A job names the volumes, the provider, hooks, writers, timeouts, the backup and the
-fallback policy (docs/jobs.md). Validation reports every problem at once, each with its
-TOML key path and a hint, before anything runs; job.py runs what it accepts.
+fallback policy (docs/jobs.md). Validation (validate.py) reports every problem at once,
+each with its TOML key path and a hint, before anything runs.
 """
 
-from __future__ import annotations
-
-import difflib
-import os
 import re
-import shutil
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,23 +19,18 @@ from pydantic import (
     PositiveFloat,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_problem
-from quiesce.backup.config import BackupConfig, semantic_problems
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.backup.config import BackupConfig
+from quiesce.errors import UsageError
+from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
+from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
+from quiesce.sys.redact import redact, redact_data
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PROVIDERS = ("btrfs", "command", "ebs", "lvm", "reflink", "zfs")
-# Options a provider cannot do without: (example for the hint, what it is).
-REQUIRED_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
-    "command": {"create": 'create = ["/usr/local/bin/array-snapshot", "create", "{name}"]'},
-}
-CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
-
-
 # -- problems -----------------------------------------------------------------------------
 
 
@@ -54,10 +43,12 @@ class Problem:
     hint: str = ""
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        text = f"{self.path}: {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+        return redact(text)
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "message": self.message, "hint": self.hint}
+        """Redacted: a message may quote a value of the job file (a URL, a dsn)."""
+        return redact_data({"path": self.path, "message": self.message, "hint": self.hint})
 
 
 class JobConfigError(UsageError):
@@ -91,12 +82,16 @@ def _argv(value: Any) -> Any:
 
 
 Argv = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+# A hook's own environment variables, on top of the clean base (apps.hooks.context):
+# hooks inherit nothing else from quiesce, whose environment holds its passwords.
+HookEnv = dict[str, str]
 
 
 class CommandHookConfig(_Strict):
     command: Argv
     name: str | None = None
     timeout: PositiveFloat | None = None  # default: timeouts.hook
+    env: HookEnv = {}
 
     _check_argv = field_validator("command", mode="before")(_argv)
 
@@ -106,6 +101,7 @@ class SessionHookConfig(_Strict):
     name: str | None = None
     ready_timeout: PositiveFloat | None = None  # default: timeouts.hook
     done_timeout: PositiveFloat | None = None
+    env: HookEnv = {}
 
     _check_argv = field_validator("command", mode="before")(_argv)
 
@@ -117,6 +113,7 @@ class HooksConfig(_Strict):
     session: list[SessionHookConfig] = []
     directory: str | None = None
     directory_timeout: PositiveFloat | None = None
+    directory_env: HookEnv = {}  # the hook directory's scripts' own variables
 
 
 class SqliteConfig(_Strict):
@@ -126,8 +123,13 @@ class SqliteConfig(_Strict):
     name: str | None = None
 
 
+# Passwords never go in a job file: a writer names an environment variable that holds
+# one (password_env), or uses the client's own file (~/.pgpass, a MySQL option file).
+
+
 class PostgresConfig(_Strict):
-    dsn: str = ""
+    dsn: str = ""  # without password= or user:pass@ (validate.py refuses them)
+    password_env: str | None = None  # the NAME of an environment variable holding it
     checkpoint: bool = True
     backup: bool = False
     label: str = "quiesce"
@@ -140,8 +142,8 @@ class MysqlConfig(_Strict):
     host: str | None = None
     port: int = 3306
     user: str = "root"
-    password: str | None = None
-    defaults_file: str | None = None
+    password_env: str | None = None  # the NAME of an environment variable holding it
+    defaults_file: str | None = None  # a root-owned 0600 option file ([client] password=)
     timeout: PositiveFloat = 30.0
     lock: Literal["auto", "backup_stage", "flush_tables"] = "auto"
     name: str | None = None
@@ -161,7 +163,10 @@ class TimeoutsConfig(_Strict):
 
 
 class ProviderConfig(BaseModel):
-    """``type`` plus the provider's own options (any other key of the table)."""
+    """``type`` plus the provider's own options: every other key of the table, checked
+    against that provider's option model (providers/options.py: unknown keys refused,
+    TOML types strict). validate.py reports each bad key at its TOML path; this check
+    makes a JobConfig built in Python refuse them too."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
     type: str
@@ -169,6 +174,26 @@ class ProviderConfig(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @property
+    def settings(self) -> ProviderOptions:
+        """The options as the provider's typed model."""
+        return options_model(self.type).model_validate(self.options, strict=True)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "ProviderConfig":
+        if self.type not in OPTIONS:
+            return self  # validate.py lists the known providers
+        try:
+            OPTIONS[self.type].model_validate(self.options, strict=True)
+        except ValidationError as e:
+            said = "; ".join(f"provider.{_loc(err['loc'])}: {err['msg']}" for err in e.errors())
+            raise ValueError(said) from None
+        return self
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 class JobConfig(_Strict):
@@ -197,385 +222,21 @@ class Job:
     hook_dir_scripts: list[Path] = field(default_factory=list)
 
 
-# -- pydantic errors -> problems ------------------------------------------------------------
-
-_TOML_TYPE = {
-    str: "string",
-    int: "integer",
-    float: "float",
-    bool: "boolean",
-    list: "array",
-    dict: "table",
-}
-_EXPECTED = {
-    "string_type": "a string",
-    "float_type": "a number",
-    "int_type": "an integer",
-    "bool_type": "true or false",
-    "list_type": "an array",
-    "dict_type": "a table",
-    "model_type": "a table",
-    "model_attributes_type": "a table",
-    "int_from_float": "an integer",
-    "float_parsing": "a number",
-    "int_parsing": "an integer",
-}
-_REQUIRED_HINTS = {
-    "volumes": 'volumes = ["/srv/data"] (the mount points to snapshot together)',
-    "provider": '[provider] with type = "reflink" (or ' + ", ".join(PROVIDERS) + ")",
-    "provider.type": 'type = "reflink" (one of: ' + ", ".join(PROVIDERS) + ")",
-    "command": 'command = ["/usr/local/bin/my-hook", "arg"] (an argv list; no shell)',
-    "databases": 'databases = ["/srv/db/app.sqlite"]',
-}
-
-
-def _key_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_at(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class that the table at ``loc`` validates against."""
-    model: Any = JobConfig
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        info = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if info is None:
-            return None
-        ann = info.annotation
-        args = getattr(ann, "__args__", ())
-        model = next(
-            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
-        )
-        if model is None:
-            return None
-    return model if isinstance(model, type) else None
-
-
-def _toml_type(value: Any) -> str:
-    for t, name in _TOML_TYPE.items():
-        if type(value) is t:
-            return name
-    return type(value).__name__
-
-
-def _problem_from(err: dict[str, Any]) -> Problem:
-    loc = err["loc"]
-    path = _key_path(loc)
-    kind = err["type"]
-    value = err.get("input")
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = sorted(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return Problem(path, "unknown key", hint + "allowed here: " + ", ".join(allowed))
-    if kind == "missing":
-        hint = _REQUIRED_HINTS.get(path) or _REQUIRED_HINTS.get(str(loc[-1]), "")
-        return Problem(path, "missing (required)", hint or "add this key")
-    if kind == "argv_string":
-        return Problem(
-            path,
-            err["msg"],
-            f'write {_shlex_hint(value)}; for a shell write ["/bin/sh", "-c", "..."]',
-        )
-    if kind == "literal_error":
-        return Problem(path, err["msg"].replace("Input should be", "must be"), "")
-    if kind == "value_error":
-        return Problem(path, str(err["msg"]).removeprefix("Value error, "), "")
-    if kind in _EXPECTED:
-        hint = "see docs/jobs.md for this key's type"
-        if isinstance(value, str) and kind in ("float_type", "int_type", "bool_type"):
-            bare = value.strip().lower()
-            if bare in ("true", "false") or bare.replace(".", "", 1).isdigit():
-                hint = f"write it without quotes: {loc[-1]} = {bare}"
-        return Problem(
-            path, f"wrong type: expected {_EXPECTED[kind]}, got {_toml_type(value)} {value!r}", hint
-        )
-    msg = err["msg"].replace("Input should be", "must be").replace("List should", "must")
-    return Problem(path, msg, "")
-
-
-def _shlex_hint(value: Any) -> str:
-    import shlex
-
-    try:
-        return "[" + ", ".join(f'"{a}"' for a in shlex.split(str(value))) + "]"
-    except ValueError:
-        return '["/path/to/program", "arg"]'
-
-
-# -- checks that need the machine ------------------------------------------------------------
-
-
-def _file_problems(path: Path, key: str) -> list[Problem]:
-    problem = permission_problem(path)
-    return [Problem(key, problem, CHOWN_HINT.format(p=path))] if problem else []
-
-
-def _command_problems(argv: Any, key: str) -> list[Problem]:
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        return []  # the schema reports it
-    problem = executable_problem(argv)
-    if problem is None:
-        return []
-    if "owned by" in problem or "writable by" in problem:
-        culprit = problem.split(" is ")[0]
-        return [Problem(key, problem, CHOWN_HINT.format(p=culprit))]
-    return [Problem(key, problem, "give the absolute path of an executable (no shell is used)")]
-
-
-def _list_of_tables(raw: dict[str, Any], *keys: str) -> list[dict[str, Any]]:
-    cur: Any = raw
-    for k in keys:
-        cur = cur.get(k) if isinstance(cur, dict) else None
-    return [t if isinstance(t, dict) else {} for t in cur] if isinstance(cur, list) else []
-
-
-def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
-    problems: list[Problem] = []
-    for section in ("pre_freeze", "post_thaw", "session", "after_run"):
-        for i, table in enumerate(_list_of_tables(raw, "hooks", section)):
-            problems += _command_problems(table.get("command"), f"hooks.{section}[{i}].command")
-    hooks = raw.get("hooks")
-    directory = hooks.get("directory") if isinstance(hooks, dict) else None
-    scripts: list[Path] = []
-    if isinstance(directory, str):
-        d = Path(directory)
-        if not d.is_dir():
-            problems.append(
-                Problem(
-                    "hooks.directory",
-                    f"{d} is not a directory",
-                    "create it, or remove hooks.directory",
-                )
-            )
-        else:
-            problems += _file_problems(d, "hooks.directory")
-            scripts = hook_dir_scripts(d)
-            for s in scripts:
-                problems += _file_problems(s, "hooks.directory")
-    return problems, scripts
-
-
-def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
-    provider = raw.get("provider")
-    if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
-        return []
-    kind = provider["type"]
-    if kind not in PROVIDERS:
-        close = difflib.get_close_matches(kind, PROVIDERS, n=1)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + "one of: " + ", ".join(PROVIDERS)
-        return [Problem("provider.type", f"unknown provider {kind!r}", hint)]
-    return [
-        Problem(f"provider.{opt}", f"missing: the {kind} provider needs it", example)
-        for opt, example in REQUIRED_PROVIDER_OPTIONS.get(kind, {}).items()
-        if opt not in provider
-    ]
-
-
-def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
-    problems = []
-    for i, table in enumerate(_list_of_tables(raw, "writers", "sqlite")):
-        dbs = table.get("databases")
-        for j, db in enumerate(dbs if isinstance(dbs, list) else []):
-            if isinstance(db, str) and not Path(db).is_file():
-                problems.append(
-                    Problem(
-                        f"writers.sqlite[{i}].databases[{j}]",
-                        f"{db} does not exist",
-                        "give the database file's path",
-                    )
-                )
-    for i, table in enumerate(_list_of_tables(raw, "writers", "mysql")):
-        f = table.get("defaults_file")
-        if isinstance(f, str):
-            if not Path(f).is_file():
-                problems.append(
-                    Problem(
-                        f"writers.mysql[{i}].defaults_file",
-                        f"{f} does not exist",
-                        "e.g. /etc/mysql/debian.cnf",
-                    )
-                )
-            else:
-                problems += _file_problems(Path(f), f"writers.mysql[{i}].defaults_file")
-    return problems
-
-
-def _backup_problems(raw: dict[str, Any]) -> list[Problem]:
-    """What [backup] needs beyond its types (listed even when the table also has type
-    errors, which stop pydantic before the model's own check), and what the machine
-    must have for it: the target's program and the password file."""
-    section = raw.get("backup")
-    if not isinstance(section, dict):
-        return []
-    problems = [Problem("backup", m, "") for m in semantic_problems(section)]
-    program = {"restic": ("restic", "restic"), "borg": ("borg", "borgbackup")}
-    if section.get("target") in program:
-        binary, package = program[section["target"]]
-        if shutil.which(binary) is None:
-            problems.append(
-                Problem(
-                    "backup.target",
-                    f"{binary} is not installed",
-                    f"apt-get install {package} (or scripts/backup-setup.sh)",
-                )
-            )
-    f = section.get("password_file")
-    if isinstance(f, str) and f and not Path(f).is_file():
-        problems.append(
-            Problem(
-                "backup.password_file",
-                f"{f} does not exist",
-                "create it (mode 600, owned by root) or name another file",
-            )
-        )
-    return problems
-
-
-def _freezes(raw: dict[str, Any], table: Any, vols: list[str]) -> bool:
-    """Whether the job's provider FIFREEZEs these volumes (atomic ones such as zfs and
-    btrfs do not: then unfreezable filesystems and self-hazards do not matter)."""
-    from quiesce.freezing.plan import GroupMember
-    from quiesce.providers.base import FreezeMode, get_provider
-    from quiesce.sys.mounts import resolve
-
-    provider = raw.get("provider")
-    if not isinstance(provider, dict) or provider.get("type") not in PROVIDERS:
-        return True
-    options = {k: v for k, v in provider.items() if k != "type"}
-    targets = [resolve(v, table) for v in vols]
-    try:
-        prov = get_provider(provider["type"])(**options)
-        members = [GroupMember(t.volume, [t]) for t in targets]
-        return prov.freeze_mode(members) is FreezeMode.FIFREEZE
-    except Exception:  # the provider's own problems are reported by its checks at run time
-        return True
-    finally:
-        for t in targets:
-            t.close()
-
-
-def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
-    from quiesce.freezing.plan import make_plan
-    from quiesce.sys.mounts import MountTable, resolve
-
-    vols = raw.get("volumes")
-    if not isinstance(vols, list):
-        return []
-    problems = []
-    table = MountTable.read()
-    for i, v in enumerate(vols):
-        if not isinstance(v, str):
-            continue  # the schema reports it
-        if not os.path.isabs(v):
-            problems.append(
-                Problem(
-                    f"volumes[{i}]",
-                    f"{v!r} is not an absolute path",
-                    "give the mount point, e.g. /srv/data",
-                )
-            )
-            continue
-        try:
-            resolve(v, table).close()
-        except QuiesceError as e:
-            problems.append(Problem(f"volumes[{i}]", e.message, e.hint))
-    if problems or not vols or not all(isinstance(v, str) for v in vols):
-        return problems
-    if not _freezes(raw, table, vols):
-        return problems
-    allow_self = raw.get("allow_self") is True
-    try:
-        with make_plan(vols, allow_self=allow_self, table=table) as plan:
-            plan.check()
-    except QuiesceError as e:
-        hint = "set allow_self = true only if nothing writes there while frozen"
-        problems.append(Problem("volumes", e.message, hint if "allow_self" in e.hint else e.hint))
-    return problems
-
-
-def _in_file_order(problems: list[Problem], raw: dict[str, Any]) -> list[Problem]:
-    """Sort by where the top-level key stands in the file (the file's own problems first)."""
-    keys = {k: i for i, k in enumerate(raw)}
-
-    def pos(p: Problem) -> int:
-        if p.path.startswith("("):
-            return -1
-        return keys.get(re.split(r"[.\[]", p.path, maxsplit=1)[0], len(keys))
-
-    return sorted(problems, key=pos)
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-
-def load_job(path: str | Path, *, check_volumes: bool = True) -> Job:
-    """Read, validate and safety-check a job file; raise JobConfigError with every problem."""
-    p = Path(path)
-    shown = str(path)
-    try:
-        text = p.read_bytes()
-    except OSError as e:
-        raise UsageError(
-            f"cannot read job file {shown}: {e.strerror}", "give the path of a TOML job file"
-        ) from None
-    problems = _file_problems(p, "(job file)")
-    try:
-        raw = tomllib.loads(text.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise JobConfigError(
-            shown,
-            [
-                *problems,
-                Problem("(toml)", f"not valid TOML: {e}", "check the syntax near that line"),
-            ],
-        ) from None
-    config: JobConfig | None = None
-    try:
-        config = JobConfig.model_validate(raw)
-    except ValidationError as e:
-        problems += [
-            _problem_from(dict(err))
-            for err in e.errors()
-            if not (err["type"] == "value_error" and tuple(err["loc"]) == ("backup",))
-        ]
-    if isinstance(raw.get("name"), str) and not NAME_RE.match(raw["name"]):
-        problems.append(
-            Problem(
-                "name",
-                f"{raw['name']!r} is not a valid job name",
-                "use letters, digits, '.', '_' and '-'; it names snapshots",
-            )
-        )
-    problems += _provider_problems(raw)
-    hook_problems, scripts = _hook_problems(raw)
-    problems += hook_problems
-    problems += _writer_problems(raw)
-    problems += _backup_problems(raw)
-    if check_volumes:
-        problems += _volume_problems(raw)
-    if problems or config is None:
-        raise JobConfigError(shown, _in_file_order(problems, raw))
-    name = config.name or (p.stem if NAME_RE.match(p.stem) else "job")
-    return Job(config=config, name=name, path=p, hook_dir_scripts=scripts)
-
-
 __all__ = [
     "NAME_RE",
     "PROVIDERS",
     "CommandHookConfig",
+    "HookEnv",
+    "HooksConfig",
     "Job",
     "JobConfig",
     "JobConfigError",
+    "MysqlConfig",
+    "PostgresConfig",
     "Problem",
+    "ProviderConfig",
     "SessionHookConfig",
-    "load_job",
+    "SqliteConfig",
+    "TimeoutsConfig",
+    "WritersConfig",
 ]

@@ -9,15 +9,15 @@ subprocess whose binary or output lives on a group volume, no writes to a group 
 from __future__ import annotations
 
 import enum
-import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from quiesce.errors import UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.providers.options import ProviderOptions
 
 
 class FreezeMode(enum.StrEnum):
@@ -50,17 +50,36 @@ class Snapshot:
 
 
 class Provider(ABC):
-    """Base class. Subclasses set ``name`` and implement ``snapshot`` (and usually more)."""
+    """Base class. Subclasses set ``name``, their option model ``Options`` and implement
+    ``snapshot`` (and usually more).
+
+    Constructed from its option model (``ReflinkProvider(ReflinkOptions(dest=...))``) or
+    from a dict or keywords validated into it: an unknown key or a wrong type raises
+    :class:`~quiesce.providers.options.ProviderOptionsError` before anything runs.
+    ``config`` is the typed model; ``options`` the JSON-able keys that were given (the
+    manifest's record, from which :meth:`from_record` re-creates the provider).
+    """
 
     name: ClassVar[str]
+    Options: ClassVar[type[ProviderOptions]] = ProviderOptions
     # False if snapshot() of several members is not one instant (btrfs: back to back).
     group_atomic: ClassVar[bool] = True
 
-    def __init__(self, **options: Any) -> None:
-        self.options = options
+    def __init__(
+        self, options: ProviderOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        self.config: ProviderOptions = self.Options.parse(options, **kwargs)
+        self.options: dict[str, Any] = self.config.to_options()
         # Set by snapshots.create: record every file/snapshot *before* making it, so that
         # `quiesce cleanup` can remove what a killed run left (journal.Journal).
         self.journal: Any = None
+
+    @classmethod
+    def from_record(cls, options: Mapping[str, Any] | None) -> Self:
+        """The provider that made a recorded snapshot (manifest, journal), to mount or
+        delete it: recorded keys this version no longer takes are dropped, not refused,
+        so a snapshot is never stranded by a renamed option (Options.lenient)."""
+        return cls(cls.Options.lenient(options))
 
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
         return FreezeMode.FIFREEZE
@@ -96,27 +115,3 @@ def volume_slug(mount_point: str) -> str:
     """A file-name-safe name for a volume: ``/srv/db`` -> ``srv-db``, ``/`` -> ``root``."""
     text = re.sub(r"[^A-Za-z0-9._]+", "-", mount_point.strip("/")).strip("-.")
     return text or "root"
-
-
-_BUILTIN = {
-    "reflink": "quiesce.providers.reflink:ReflinkProvider",
-    "btrfs": "quiesce.providers.btrfs:BtrfsProvider",
-    "command": "quiesce.providers.command:CommandProvider",
-    "lvm": "quiesce.providers.lvm:LvmProvider",
-    "zfs": "quiesce.providers.zfs:ZfsProvider",
-    "ebs": "quiesce.providers.ebs:EbsProvider",
-}
-
-
-def get_provider(name: str) -> type[Provider]:
-    """The provider class for ``name``; imported lazily (boto3 costs 125 ms)."""
-    target = _BUILTIN.get(name)
-    if target is None:
-        raise UsageError(
-            f"unknown provider {name!r}", "choose one of: " + ", ".join(sorted(_BUILTIN))
-        )
-    module, _, cls = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
-    except ImportError as e:
-        raise UsageError(f"provider {name!r} is not available: {e}") from None

@@ -4,6 +4,11 @@ A btrfs snapshot is atomic by itself, and it blocks on a frozen btrfs (it commit
 transaction), so this provider never freezes (FreezeMode.NONE); application hooks still
 run around it. Several subvolumes are snapshotted back to back: each one is an instant,
 the group is not (``group_atomic = False``, and the manifest says so).
+
+Every snapshot (and every snapshot directory ``prepare`` makes) is journaled before it
+is made, like reflink's clones: a run killed while one ioctl blocks (a volume of the
+group frozen by someone else) leaves subvolumes that no manifest names, and ``quiesce
+cleanup`` deletes them through this provider.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import fcntl
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import BtrfsOptions
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable, Target
 
@@ -53,14 +59,19 @@ class _Job:
 
 
 class BtrfsProvider(Provider):
-    """Options: ``dest`` (snapshot directory on the same btrfs; default
+    """Options (:class:`BtrfsOptions`): ``dest`` (snapshot directory on the same btrfs; default
     ``<mount point>/.snapshots``)."""
 
     name: ClassVar[str] = "btrfs"
     group_atomic: ClassVar[bool] = False
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    Options: ClassVar[type[BtrfsOptions]] = BtrfsOptions
+    config: BtrfsOptions
+
+    def __init__(
+        self, options: BtrfsOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
         self._jobs: list[_Job] = []
         self._made: list[str] = []  # made by a snapshot() call that has not returned
         self._new_dirs: list[str] = []
@@ -82,7 +93,7 @@ class BtrfsProvider(Provider):
         return out
 
     def _dest(self, t: Target) -> str:
-        dest = self.options.get("dest")
+        dest = self.config.dest
         return os.path.abspath(dest) if dest else os.path.join(t.mount.mount_point, ".snapshots")
 
     def check(self, members: Sequence[GroupMember]) -> None:
@@ -108,6 +119,7 @@ class BtrfsProvider(Provider):
                 raise UsageError(
                     f"the snapshot directory {dest} is not on the btrfs of {t.path}",
                     "a btrfs snapshot stays on its filesystem: choose --option dest=DIR there",
+                    option="dest",
                 )
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
@@ -120,8 +132,7 @@ class BtrfsProvider(Provider):
                 slugs.add(slug)
                 dest = self._dest(t)
                 if not os.path.isdir(dest):
-                    os.makedirs(dest, mode=0o700)
-                    self._new_dirs.append(dest)
+                    self._make_dirs(dest)
                 snap_name = f"{name}--{slug}"
                 path = os.path.join(dest, snap_name)
                 if os.path.lexists(path):
@@ -138,9 +149,30 @@ class BtrfsProvider(Provider):
                     extra={"subvolume": t.mount.root},
                 )
                 self._jobs.append(_Job(t, slug, fd, path, snap_create_args(t.fd, snap_name), snap))
+                if self.journal is not None:  # before the ioctl can make it
+                    self.journal.intent(
+                        "snapshot",
+                        provider=self.name,
+                        options=self.options,
+                        snapshot=snap.to_dict(),
+                    )
         except BaseException:
             self.abort()
             raise
+
+    def _make_dirs(self, dest: str) -> None:
+        """mkdir ``dest`` and its missing parents (0700), each journaled first."""
+        missing = []
+        probe = os.path.abspath(dest)
+        while not os.path.lexists(probe) and probe != os.path.dirname(probe):
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        for d in reversed(missing):
+            if self.journal is not None:
+                self.journal.intent("dir", path=d)
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+            self._new_dirs.append(d)
 
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
         out = []

@@ -26,32 +26,19 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import CommandOptions
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable
 
-DEFAULT_TIMEOUT = 10.0
 KEEP_OUTPUT = 4096  # bytes of stdout/stderr kept in the manifest
-
-
-def _argv(value: Any, what: str) -> list[str]:
-    if isinstance(value, str):
-        argv = shlex.split(value)
-    elif isinstance(value, list | tuple) and all(isinstance(a, str) for a in value):
-        argv = list(value)
-    else:
-        raise UsageError(f"the {what} command must be an argv list or a string, not {value!r}")
-    if not argv:
-        raise UsageError(f"the {what} command is empty")
-    return argv
 
 
 def _text(data: bytes | None) -> str:
@@ -75,10 +62,17 @@ def run_bounded(
 
 
 class CommandProvider(Provider):
-    name: ClassVar[str] = "command"
+    """Options (:class:`CommandOptions`): ``create`` (required), ``delete``, ``list``,
+    ``timeout``."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    name: ClassVar[str] = "command"
+    Options: ClassVar[type[CommandOptions]] = CommandOptions
+    config: CommandOptions
+
+    def __init__(
+        self, options: CommandOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
         self._argv: list[str] = []
         self._env: dict[str, str] = {}
         self._stdin = b""
@@ -87,10 +81,7 @@ class CommandProvider(Provider):
 
     @property
     def timeout(self) -> float:
-        try:
-            return float(self.options.get("timeout", DEFAULT_TIMEOUT))
-        except (TypeError, ValueError):
-            raise UsageError(f"bad timeout {self.options.get('timeout')!r}") from None
+        return self.config.timeout
 
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
         return FreezeMode.FIFREEZE
@@ -98,7 +89,9 @@ class CommandProvider(Provider):
     def _resolve(self, argv: list[str], members: Sequence[GroupMember]) -> list[str]:
         exe = shutil.which(argv[0])
         if exe is None:
-            raise UsageError(f"{argv[0]}: command not found", "give the full path of the tool")
+            raise UsageError(
+                f"{argv[0]}: command not found", "give the full path of the tool", option="create"
+            )
         exe = os.path.realpath(exe)
         vol = MountTable.read().volume_of_path(exe)
         for m in members:
@@ -106,21 +99,15 @@ class CommandProvider(Provider):
                 raise UnsafePlan(
                     f"the snapshot command {exe} lives on {m.name}, a volume of the group",
                     "install the tool on a filesystem that is not frozen",
+                    option="create",
                 )
         return [exe, *argv[1:]]
 
     def check(self, members: Sequence[GroupMember]) -> None:
-        if "create" not in self.options:
-            raise UsageError(
-                "the command provider needs the snapshot command",
-                "--option create='mytool snapshot --name {name}'",
-            )
-        self._resolve(_argv(self.options["create"], "create"), members)
-        if self.timeout <= 0:
-            raise UsageError("the command timeout must be positive")
+        self._resolve(self.config.create, members)
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
-        argv = _argv(self.options["create"], "create")
+        argv = self.config.create
         self._argv = [a.replace("{name}", name) for a in self._resolve(argv, members)]
         vols = [
             {
@@ -184,8 +171,7 @@ class CommandProvider(Provider):
             s.extra |= {"stdout": _text(out), "stderr": _text(err), "duration_s": took}
         return self._snaps
 
-    def _run_aux(self, what: str, snap_id: str | None = None) -> bytes:
-        argv = _argv(self.options[what], what)
+    def _run_aux(self, what: str, argv: list[str], snap_id: str | None = None) -> bytes:
         if snap_id is not None:
             argv = [a.replace("{id}", snap_id) for a in argv]
         env = os.environ | ({"QUIESCE_SNAPSHOT_ID": snap_id} if snap_id else {})
@@ -200,17 +186,18 @@ class CommandProvider(Provider):
     def delete(self, snap: Snapshot) -> None:
         if snap.location in self._deleted:
             return  # one storage snapshot serves every volume of the group
-        if "delete" not in self.options:
+        if self.config.delete is None:
             raise UsageError(
                 f"the command provider has no delete command for {snap.location}",
                 "create with --option delete='mytool delete {id}', or drop only the record "
                 "with `quiesce snapshot delete --forget ID`",
             )
-        self._run_aux("delete", snap.location)
+        self._run_aux("delete", self.config.delete, snap.location)
         self._deleted.add(snap.location)
 
     def list_snapshots(self) -> list[str]:
         """The storage's snapshot ids, from the ``list`` command (one per line)."""
-        if "list" not in self.options:
+        if self.config.list is None:
             raise UsageError("the command provider has no list command", "--option list=...")
-        return [ln.strip() for ln in self._run_aux("list").decode().splitlines() if ln.strip()]
+        out = self._run_aux("list", self.config.list)
+        return [ln.strip() for ln in out.decode().splitlines() if ln.strip()]

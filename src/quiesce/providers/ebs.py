@@ -13,9 +13,9 @@ Device -> volume: on Nitro instances an EBS volume is an NVMe device whose seria
 instance's block device mappings. The instance id comes from ``--option instance_id`` or
 the DMI board asset tag that Nitro instances carry.
 
-Options: ``region``, ``profile``, ``instance_id``, ``tags`` (dict or ``k=v,k2=v2``),
-``description``, ``copy_tags`` (copy the volumes' tags), ``wait`` (default true),
-``wait_delay`` (s, default 15), ``wait_attempts`` (default 80), ``sysfs_root`` ("/sys").
+Options (:class:`EbsOptions`): ``region``, ``profile``, ``instance_id``, ``tags`` (dict or
+``k=v,k2=v2``), ``description``, ``copy_tags`` (copy the volumes' tags), ``wait`` (default
+true), ``wait_delay`` (s, default 15), ``wait_attempts`` (default 80), ``sysfs_root``.
 """
 
 from __future__ import annotations
@@ -23,21 +23,18 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import EbsOptions
 
 _NVME_PART = re.compile(r"^(nvme\d+n\d+)p\d+$")
 _SD_PART = re.compile(r"^((?:xv|s)d[a-z]+)\d+$")
 _VOL_SERIAL = re.compile(r"^vol-?([0-9a-f]{8,17})$")
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() not in ("0", "false", "no", "off", "")
 
 
 def parse_tags(value: Any) -> dict[str, str]:
@@ -92,8 +89,13 @@ def _sd_name(name: str) -> str:
 class EbsProvider(Provider):
     name: ClassVar[str] = "ebs"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    Options: ClassVar[type[EbsOptions]] = EbsOptions
+    config: EbsOptions
+
+    def __init__(
+        self, options: EbsOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
         self._client: Any = None
         self._errors: tuple[type[BaseException], ...] = ()
         self._request: dict[str, Any] = {}
@@ -103,7 +105,7 @@ class EbsProvider(Provider):
 
     @property
     def sysfs_root(self) -> str:
-        return str(self.options.get("sysfs_root", "/sys"))
+        return str(self.config.sysfs_root)
 
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
         return FreezeMode.FIFREEZE
@@ -118,7 +120,7 @@ class EbsProvider(Provider):
                     "the ebs provider needs boto3", "pip install 'quiesce[ebs]'"
                 ) from None
             session = boto3.session.Session(
-                region_name=self.options.get("region"), profile_name=self.options.get("profile")
+                region_name=self.config.region, profile_name=self.config.profile
             )
             creds = session.get_credentials()
             if creds is None:
@@ -146,7 +148,7 @@ class EbsProvider(Provider):
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
         client = self._connect()
-        instance_id = self.options.get("instance_id") or instance_id_from_sysfs(self.sysfs_root)
+        instance_id = self.config.instance_id or instance_id_from_sysfs(self.sysfs_root)
         if not instance_id:
             raise UsageError(
                 "cannot tell which EC2 instance this is", "--option instance_id=i-0123..."
@@ -187,7 +189,7 @@ class EbsProvider(Provider):
                 location="",
                 extra={"volume_id": vol, "instance_id": instance_id},
             )
-        tags = {"quiesce:snapshot": name, **parse_tags(self.options.get("tags"))}
+        tags = {"quiesce:snapshot": name, **self.config.tags}
         spec: dict[str, Any] = {
             "InstanceId": instance_id,
             "ExcludeBootVolume": root_volume not in self._by_volume,
@@ -197,7 +199,7 @@ class EbsProvider(Provider):
             spec["ExcludeDataVolumeIds"] = others
         self._request = {
             "InstanceSpecification": spec,
-            "Description": str(self.options.get("description", f"quiesce {name}")),
+            "Description": self.config.description or f"quiesce {name}",
             "TagSpecifications": [
                 {
                     "ResourceType": "snapshot",
@@ -205,7 +207,7 @@ class EbsProvider(Provider):
                 }
             ],
         }
-        if _truthy(self.options.get("copy_tags", False)):
+        if self.config.copy_tags:
             self._request["CopyTagsFromSource"] = "volume"
 
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
@@ -231,13 +233,13 @@ class EbsProvider(Provider):
         for sid in self._strays:
             self._aws("DeleteSnapshot", self._client.delete_snapshot, SnapshotId=sid)
         self._strays = self._made = []
-        if not snaps or not _truthy(self.options.get("wait", True)):
+        if not snaps or not self.config.wait:
             return
         ids = [s.location for s in snaps]
         waiter = self._client.get_waiter("snapshot_completed")
         config = {
-            "Delay": float(self.options.get("wait_delay", 15)),
-            "MaxAttempts": int(self.options.get("wait_attempts", 80)),
+            "Delay": self.config.wait_delay,
+            "MaxAttempts": self.config.wait_attempts,
         }
         try:
             waiter.wait(SnapshotIds=ids, WaiterConfig=config)

@@ -17,15 +17,16 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import LvmOptions
 from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
@@ -218,16 +219,22 @@ def _tool(name: str) -> str:
 
 
 class LvmProvider(Provider):
-    """Options: ``size`` (thick snapshots: ``20%ORIGIN`` default, or ``512M``),
-    ``kernel`` (release to decide nesting for; default: the running kernel)."""
+    """Options (:class:`LvmOptions`): ``size`` (thick snapshots: ``20%ORIGIN`` default, or
+    ``512M``), ``kernel`` (release to decide nesting for; default: the running kernel),
+    ``lvcreate_timeout``."""
 
     name = "lvm"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.size = str(options.get("size") or DEFAULT_SIZE)
-        self.kernel_release = str(options.get("kernel") or platform.release())
-        self.timeout = float(options.get("lvcreate_timeout") or LVCREATE_TIMEOUT)
+    Options: ClassVar[type[LvmOptions]] = LvmOptions
+    config: LvmOptions
+
+    def __init__(
+        self, options: LvmOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
+        self.size = self.config.size
+        self.kernel_release = self.config.kernel or platform.release()
+        self.timeout = self.config.lvcreate_timeout
         self._planned: list[_Planned] = []
         self._name = ""
         self._lvremove = ""

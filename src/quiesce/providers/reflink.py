@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from quiesce.errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import ReflinkOptions
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 
@@ -42,12 +43,18 @@ class _Clone:
 
 
 class ReflinkProvider(Provider):
-    """Options: ``dest`` (directory for the clones; default: next to each image)."""
+    """Options (:class:`ReflinkOptions`): ``dest`` (directory for the clones; default: next
+    to each image)."""
 
     name: ClassVar[str] = "reflink"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    Options: ClassVar[type[ReflinkOptions]] = ReflinkOptions
+    config: ReflinkOptions
+
+    def __init__(
+        self, options: ReflinkOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
         self._clones: list[_Clone] = []
 
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
@@ -73,7 +80,7 @@ class ReflinkProvider(Provider):
         return backing
 
     def _dest_dir(self, backing: str) -> str:
-        dest = self.options.get("dest")
+        dest = self.config.dest
         return os.path.abspath(dest) if dest else os.path.dirname(backing)
 
     def check(self, members: Sequence[GroupMember]) -> None:
@@ -83,7 +90,11 @@ class ReflinkProvider(Provider):
             backing = self._backing(m)
             dest = self._dest_dir(backing)
             if not os.path.isdir(dest):
-                raise UsageError(f"the clone directory {dest} does not exist")
+                raise UsageError(
+                    f"the clone directory {dest} does not exist",
+                    "create it, or choose another (--option dest=DIR) on the image's filesystem",
+                    option="dest",
+                )
             host = table.volume_of_path(backing)
             dest_vol = table.volume_of_path(dest)
             for what, vol in (("the image", host), ("the clone directory", dest_vol)):
@@ -94,12 +105,14 @@ class ReflinkProvider(Provider):
                         "frozen filesystem would block",
                         f"leave {group[vol.dev].name} out of the group; freezing {m.name} "
                         "already makes its image consistent",
+                        option="dest" if what == "the clone directory" else None,
                     )
             if host is None or dest_vol is None or host.dev != dest_vol.dev:
                 raise UsageError(
                     f"cannot clone {backing} into {dest}: a reflink clone must stay on the "
                     f"filesystem that holds the image ({_where(host)}), not {_where(dest_vol)}",
                     "choose a clone directory (--option dest=DIR) on the image's filesystem",
+                    option="dest",
                 )
             _probe_reflink(dest, host)
 

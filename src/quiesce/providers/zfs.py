@@ -12,13 +12,14 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import ZfsOptions
 from quiesce.sys import proc
 
 JOB_PROPERTY = "quiesce:name"  # user property set on every snapshot quiesce makes
@@ -81,9 +82,14 @@ class ZfsProvider(Provider):
 
     name = "zfs"
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.timeout = float(options.get("timeout") or ZFS_TIMEOUT)
+    Options: ClassVar[type[ZfsOptions]] = ZfsOptions
+    config: ZfsOptions
+
+    def __init__(
+        self, options: ZfsOptions | Mapping[str, Any] | None = None, /, **kwargs: Any
+    ) -> None:
+        super().__init__(options, **kwargs)
+        self.timeout = self.config.timeout
         self._planned: list[_Planned] = []
         self._commands: list[list[str]] = []
         self._name = ""

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.state.statedir import checked_subdir, open_state_file
 
 
 class JobBusy(QuiesceError):
@@ -25,10 +27,13 @@ class JobBusy(QuiesceError):
 
 @contextlib.contextmanager
 def job_lock(state: Path, job: str, what: str = "run") -> Iterator[None]:
-    """Hold ``<state>/locks/<what>-<job>.lock``; JobBusy names the holder's pid."""
-    d = state / "locks"
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(d / f"{what}-{job}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Hold ``<state>/locks/<what>-<job>.lock``; JobBusy names the holder's pid.
+
+    The state directory is checked first, and the lock file is opened with O_NOFOLLOW
+    and checked through its fd (UntrustedState, exit 2): a link planted there would
+    make root truncate the file it points to."""
+    d = checked_subdir(state, "locks", create=True)
+    fd = open_state_file(d / f"{what}-{job}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,9 +74,11 @@ def running(state: Path) -> list[Running]:
     out: list[Running] = []
     for lock in sorted((state / "locks").glob("*-*.lock")):
         try:
-            st = lock.stat()
+            st = lock.lstat()
         except OSError:
             continue
+        if not stat.S_ISREG(st.st_mode):
+            continue  # not a lock quiesce made
         holders = held.get(st.st_ino, [])
         # /proc/locks names the superblock's device; btrfs's stat() a subvolume's: then
         # the inode alone decides, if only one lock has it

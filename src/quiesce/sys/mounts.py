@@ -187,6 +187,17 @@ def loop_backing_file(source: str) -> str | None:
     return text or None
 
 
+def loop_devices_of(backing: str) -> list[str]:
+    """Loop devices whose backing file is ``backing`` (also when it has been deleted)."""
+    found = []
+    want = os.path.realpath(backing) if os.path.exists(backing) else backing
+    for sysdir in sorted(Path("/sys/block").glob("loop*")):
+        name = (loop_backing_file(f"/dev/{sysdir.name}") or "").removesuffix(" (deleted)")
+        if name and name in (backing, want):
+            found.append(f"/dev/{sysdir.name}")
+    return found
+
+
 @dataclass
 class Target:
     """A user's path resolved to its mount and volume, with an fd kept open until the thaw."""

@@ -1,6 +1,6 @@
 """Built-in writers: quiescers for applications quiesce knows (SQLite, PostgreSQL, MariaDB).
 
-Each writer is a :class:`quiesce.hooks.Quiescer`: ``before_freeze()`` takes the
+Each writer is a :class:`quiesce.snapshot.Quiescer`: ``before_freeze()`` takes the
 application's lock (raising :class:`WriterError` if it cannot) and ``after_thaw(ok)``
 releases it. They work on their own with ``snapshots.create(..., quiescers=[...])``;
 a job wraps them so that its ``on_hook_failure`` policy applies.
@@ -9,9 +9,15 @@ a job wraps them so that its ``on_hook_failure`` policy applies.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.sys.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from quiesce.apps.writers.mysql import MysqlWriter
+    from quiesce.apps.writers.postgresql import PostgresWriter
+    from quiesce.apps.writers.sqlite import SqliteWriter
 
 
 class WriterError(QuiesceError):
@@ -45,6 +51,10 @@ class Writer:
     def after_thaw(self, ok: bool) -> None:
         raise NotImplementedError
 
+    def describe(self) -> tuple[str, str | None]:
+        """What it does before the window, and after it (None: nothing), for --dry-run."""
+        raise NotImplementedError
+
 
 def need_module(module: str, package: str) -> Any:
     """Import a client library, or say how to install it."""
@@ -59,4 +69,20 @@ def need_module(module: str, package: str) -> Any:
         ) from None
 
 
-__all__ = ["Writer", "WriterError", "need_module"]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "MysqlWriter": ".mysql:MysqlWriter",
+        "PostgresWriter": ".postgresql:PostgresWriter",
+        "SqliteWriter": ".sqlite:SqliteWriter",
+    },
+)
+
+__all__ = [
+    "MysqlWriter",
+    "PostgresWriter",
+    "SqliteWriter",
+    "Writer",
+    "WriterError",
+    "need_module",
+]

@@ -21,6 +21,7 @@ import re
 from typing import Any, Literal
 
 from quiesce.apps.writers import Writer, WriterError, need_module
+from quiesce.sys.redact import redact, register_secret
 
 LockMode = Literal["auto", "backup_stage", "flush_tables"]
 TAKE = {
@@ -58,7 +59,10 @@ class MysqlWriter(Writer):
         super().__init__(name or "mysql")
         self.lock = lock
         self.unix_socket, self.host, self.port = unix_socket, host, port
-        self.user, self.password, self.defaults_file = user, password, defaults_file
+        # ``password``: Python callers only (a job names a variable: password_env). It
+        # goes to the client library in memory, never into an argv or a hook's environment.
+        self.user, self._password, self.defaults_file = user, password, defaults_file
+        register_secret(password)
         self.timeout = timeout
 
     def _sql(self, query: str) -> Any:
@@ -68,7 +72,18 @@ class MysqlWriter(Writer):
                 return cur.fetchall()
         except Exception as e:
             code = e.args[0] if e.args and isinstance(e.args[0], int) else None
-            raise WriterError(f"mysql: {query} failed: {e}", code=code) from None
+            raise WriterError(redact(f"mysql: {query} failed: {e}"), code=code) from None
+
+    def describe(self) -> tuple[str, str | None]:
+        take, release = {
+            "auto": (
+                "BACKUP STAGE BLOCK_COMMIT on MariaDB >= 10.4.1, else FLUSH TABLES WITH READ LOCK",
+                "BACKUP STAGE END / UNLOCK TABLES",
+            ),
+            "backup_stage": ("BACKUP STAGE START, BLOCK_COMMIT", "BACKUP STAGE END"),
+            "flush_tables": ("FLUSH TABLES WITH READ LOCK", "UNLOCK TABLES"),
+        }[self.lock]
+        return f"{take} (session held)", release
 
     def before_freeze(self) -> None:
         pymysql = need_module("pymysql", "PyMySQL")
@@ -83,14 +98,14 @@ class MysqlWriter(Writer):
             kw["unix_socket"] = self.unix_socket
         else:
             kw["host"], kw["port"] = self.host or "localhost", self.port
-        if self.password is not None:
-            kw["password"] = self.password
+        if self._password is not None:
+            kw["password"] = self._password
         if self.defaults_file:
             kw["read_default_file"] = self.defaults_file
         try:
             self.conn = pymysql.connect(**kw)
         except Exception as e:
-            raise WriterError(f"mysql: cannot connect: {e}") from None
+            raise WriterError(redact(f"mysql: cannot connect: {e}")) from None
         try:
             self._sql(f"SET SESSION lock_wait_timeout = {max(int(self.timeout), 1)}")
             version = self.info["server_version"] = self._sql("SELECT VERSION()")[0][0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from quiesce.apps.writers import Writer, WriterError, need_module
+from quiesce.sys.redact import redact, register_secret, register_url_secrets
 
 
 class PostgresWriter(Writer):
@@ -26,26 +27,43 @@ class PostgresWriter(Writer):
         backup: bool = False,
         label: str = "quiesce",
         timeout: float = 60.0,
+        password: str | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name or "postgresql")
         self.dsn, self.checkpoint, self.backup = dsn, checkpoint, backup
         self.label, self.timeout = label, timeout
+        # In memory only (a job's password_env): libpq gets it as a connection keyword.
+        self._password = password
+        register_secret(password)
+        register_url_secrets(dsn)
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         try:
             return self.conn.execute(query, params)
         except Exception as e:
-            raise WriterError(f"postgresql: {query.split('(')[0]} failed: {e}".strip()) from None
+            raise WriterError(
+                redact(f"postgresql: {query.split('(')[0]} failed: {e}".strip())
+            ) from None
+
+    def describe(self) -> tuple[str, str | None]:
+        what = "CHECKPOINT" if self.checkpoint else "connect"
+        if not self.backup:
+            return what, None
+        return (
+            what + ", pg_backup_start (session held across the window)",
+            "pg_backup_stop (backup_label in the report)",
+        )
 
     def before_freeze(self) -> None:
         psycopg = need_module("psycopg", "psycopg[binary]")
+        kw: dict[str, Any] = {"autocommit": True, "connect_timeout": max(int(self.timeout), 1)}
+        if self._password is not None:
+            kw["password"] = self._password
         try:
-            self.conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=max(int(self.timeout), 1)
-            )
+            self.conn = psycopg.connect(self.dsn, **kw)
         except Exception as e:
-            raise WriterError(f"postgresql: cannot connect: {e}".strip()) from None
+            raise WriterError(redact(f"postgresql: cannot connect: {e}".strip())) from None
         try:
             self._sql(f"SET statement_timeout = {int(self.timeout * 1000)}")
             version = self.conn.info.server_version

@@ -65,6 +65,13 @@ class SqliteWriter(Writer):
         self.info[str(db)] = info
         return conn
 
+    def describe(self) -> tuple[str, str | None]:
+        dbs = ", ".join(str(d) for d in self.databases)
+        return (
+            f"{self.checkpoint} WAL checkpoint, then BEGIN IMMEDIATE on {dbs}",
+            "ROLLBACK (release the write lock)",
+        )
+
     def before_freeze(self) -> None:
         try:
             for db in self.databases:

@@ -25,6 +25,12 @@ from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.state.retention import RetentionPolicy
 from quiesce.sys.proc import kill_group as _kill_group
 from quiesce.sys.proc import signals_deferred
+from quiesce.sys.redact import (
+    redact,
+    redact_data,
+    register_secret,
+    register_secret_file,
+)
 
 
 class BackupError(QuiesceError):
@@ -66,8 +72,12 @@ class BackupResult:
     files_new: int | None = None
     files_changed: int | None = None
     files_unmodified: int | None = None  # not reread thanks to the stable path
-    location: str | None = None  # where the backup is (repo, file)
+    location: str | None = None  # where the backup is (repo, file); redacted
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.location = redact(self.location) if self.location else self.location
+        self.extra = redact_data(self.extra)
 
     @property
     def throughput(self) -> float:
@@ -81,7 +91,10 @@ class BackupResult:
 class CheckResult:
     ok: bool
     duration_s: float
-    output: str = ""
+    output: str = ""  # the target's own words: redacted (it may echo the repository)
+
+    def __post_init__(self) -> None:
+        self.output = redact(self.output)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +105,10 @@ class PruneResult:
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     duration_s: float = 0.0
-    output: str = ""
+    output: str = ""  # redacted, like CheckResult's
+
+    def __post_init__(self) -> None:
+        self.output = redact(self.output)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,13 +186,15 @@ def require(binary: str, package: str) -> str:
 
 
 def password_file_path(password_file: str, what: str) -> Path:
-    """The password file named in the job, which the child will read itself."""
+    """The password file named in the job, which the child will read itself. Its
+    content is remembered as a secret: a child that echoes it is scrubbed from reports."""
     p = Path(password_file)
     if not p.is_file():
         raise UsageError(
-            f"the {what} password file {password_file} does not exist",
+            f"backup.password_file: the {what} password file {password_file} does not exist",
             "create it (mode 600, owned by root) or name another in the job",
         )
+    register_secret_file(p)
     return p
 
 
@@ -185,9 +203,11 @@ def password_from_env(password_env: str, what: str) -> str:
     value = os.environ.get(password_env)
     if value is None:
         raise UsageError(
-            f"the environment variable {password_env} (the {what} password) is not set",
+            f"backup.password_env: the environment variable {password_env} (the {what} "
+            "password) is not set",
             "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
         )
+    register_secret(value)
     return value
 
 
@@ -324,7 +344,9 @@ def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> 
             "raise [backup] timeout, or check why the target is slow",
         )
     if res.returncode not in ok_codes:
-        raise BackupError(f"{what} failed (exit {res.returncode}): {_tail(res.stderr, 600)}")
+        raise BackupError(
+            redact(f"{what} failed (exit {res.returncode}): {_tail(res.stderr, 600)}")
+        )
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from quiesce.backup.targets.base import (
 )
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy, as_datetime
+from quiesce.sys.redact import redact, register_url_secrets
 
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 TIME_GLOB = "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z*"
@@ -67,7 +68,8 @@ class BorgTarget(Target):
         base_dir: str | Path | None = None,
         binary: str = "borg",
     ) -> None:
-        self.repository = repository
+        self.repository = repository  # may be a URL with a password: never shown as is
+        register_url_secrets(repository)
         self.job = job
         self.host = host or socket.gethostname()
         self.tags = list(tags)
@@ -173,7 +175,9 @@ class BorgTarget(Target):
             data = json.loads(res.stdout)
             stats = data["archive"]["stats"]
         except (ValueError, KeyError):
-            raise BackupError(f"borg create printed no stats: {res.stderr[-400:]}") from None
+            raise BackupError(
+                redact(f"borg create printed no stats: {res.stderr[-400:]}")
+            ) from None
         nfiles = int(stats.get("nfiles", 0))
         changed = status["A"] + status["M"]
         return BackupResult(

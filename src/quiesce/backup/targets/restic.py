@@ -33,6 +33,7 @@ from quiesce.backup.targets.base import (
 )
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy, as_datetime
+from quiesce.sys.redact import redact, register_url_secrets
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -59,7 +60,8 @@ class ResticTarget(Target):
         cache_dir: str | Path | None = None,
         binary: str = "restic",
     ) -> None:
-        self.repository = repository
+        self.repository = repository  # may be a URL with a password: never shown as is
+        register_url_secrets(repository)
         self.job = job
         self.host = host or socket.gethostname()
         self.job_tag = f"quiesce-job={job}"
@@ -155,7 +157,9 @@ class ResticTarget(Target):
         # exit 3: snapshot made, but some files could not be read
         check_child(res, "restic backup", ok_codes=(0, 3))
         if not summary.get("snapshot_id"):
-            raise BackupError(f"restic backup printed no summary: {res.stderr.strip()[-400:]}")
+            raise BackupError(
+                redact(f"restic backup printed no summary: {res.stderr.strip()[-400:]}")
+            )
         extra: dict[str, Any] = {
             k: summary.get(k)
             for k in ("dirs_new", "dirs_changed", "dirs_unmodified", "data_blobs", "tree_blobs")

@@ -39,6 +39,7 @@ from quiesce.backup.targets.borg import TIME_FORMAT, archive_name
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy, as_datetime, decide
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
+from quiesce.sys.trust import make_private_dirs
 
 CHUNK = 1 << 20
 COMPRESSORS = {
@@ -143,9 +144,12 @@ class TarTarget(Target):
             # A SIGTERM while a child starts would orphan it: held until ``procs`` has it.
             with signals_deferred():
                 if self.directory is not None:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    part = self.directory / f".{file_name}.part"
-                    sink = open(part, "wb")  # noqa: SIM115 (closed below)
+                    make_private_dirs(self.directory)  # 0700; 0600 files: backups are private
+                    fd, tmp_name = tempfile.mkstemp(
+                        prefix=f".{file_name}.", suffix=".part", dir=self.directory
+                    )  # O_EXCL, 0600, a name nobody can guess
+                    part = Path(tmp_name)
+                    sink = os.fdopen(fd, "wb")
                 else:
                     assert self.command is not None
                     argv = [a.replace("{name}", file_name) for a in self.command]
@@ -280,10 +284,13 @@ class TarTarget(Target):
 
     def _finish(self, part: Path | None, file_name: str, hexdigest: str) -> str:
         assert self.sha256_dir is not None
-        self.sha256_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.sha256_dir)
         sums = self.sha256_dir / f"{file_name}.sha256"
-        tmp = self.sha256_dir / f".{file_name}.sha256.part"
-        with open(tmp, "w") as f:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{file_name}.sha256.", suffix=".part", dir=self.sha256_dir
+        )  # O_EXCL, 0600
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "w") as f:
             f.write(f"{hexdigest}  {file_name}\n")
             f.flush()
             os.fsync(f.fileno())

@@ -195,11 +195,11 @@ def _job_files(base: Path, data: Path, db: Path) -> tuple[Path, Path, Any]:
 def _one_run(
     n: int, job_file: Path, state: Path, cfg: Any, rows: _Rows, console: Console | None, say: Any
 ) -> dict[str, Any]:
+    from quiesce import snapshot as snapshots
     from quiesce.backup.phase import run_backup
     from quiesce.backup.progress import progress_for
     from quiesce.job.run import run_job
-    from quiesce.job.schema import load_job
-    from quiesce.snapshot import engine as snapshots
+    from quiesce.job.validate import load_job
     from quiesce.state.retention import RetentionPolicy
 
     job = load_job(job_file)
@@ -288,7 +288,7 @@ def _restore_and_check(
 
 
 def _teardown(base: Path, mounted: list[Path], loops: list[str]) -> None:
-    from quiesce.state.journal import cleanup
+    from quiesce.snapshot.cleanup import cleanup
 
     with contextlib.suppress(Exception):
         cleanup(base / "state")  # whatever a failed backup left mounted

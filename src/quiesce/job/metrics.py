@@ -1,8 +1,11 @@
 """Prometheus textfile-collector output (node_exporter ``--collector.textfile.directory``).
 
 One file may hold several jobs: the samples of other jobs are kept, ours are replaced.
-The file is written to a temporary name in the same directory, fsync'd and renamed, so
-node_exporter never reads half a file; a lock file serialises jobs that share one.
+The file is written to a temporary file in the same directory (mkstemp: O_EXCL, a name
+nobody can guess), fsync'd and renamed, so node_exporter never reads half a file; a lock
+file (0600, O_NOFOLLOW) serialises jobs that share one. The textfile itself is 0644 (and
+a directory quiesce makes for it 0755): node_exporter runs as its own user and must read
+it; it holds no secrets.
 ``last_success_timestamp_seconds`` survives a failed run (alert on its age).
 """
 
@@ -13,10 +16,14 @@ import fcntl
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from quiesce.sys.redact import redact
 
 PREFIX = "quiesce_"
 # name -> help text (all gauges)
@@ -69,7 +76,34 @@ class RunMetrics:
         return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def run_metrics(
+    job: str,
+    *,
+    success: bool,
+    duration_s: float | None,
+    freeze_window_s: float | None,
+    backup: Mapping[str, Any] | None,
+) -> RunMetrics:
+    """The one mapping from what a run (or ``quiesce backup``) did to its metrics;
+    ``backup`` is a BackupReport's ``to_dict()``, or None when no backup ran."""
+    b = (backup or {}).get("backup") or {}
+    v = (backup or {}).get("verify")
+    return RunMetrics(
+        job=job,
+        success=success,
+        duration_s=duration_s,
+        freeze_window_s=freeze_window_s,
+        backup_bytes=b.get("bytes"),
+        backup_added_bytes=b.get("bytes_added"),
+        backup_files=b.get("files"),
+        backup_duration_s=b.get("duration_s"),
+        verify_ok=None if not v or v.get("mode") == "none" else bool(v.get("ok")),
+    )
+
+
 def escape_label(value: str) -> str:
+    """A label value as the exposition format quotes it, redacted (metrics are public)."""
+    value = redact(value)
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -117,7 +151,8 @@ def render(jobs: Mapping[str, Mapping[str, float]]) -> str:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(lock, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -125,25 +160,33 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _read_nofollow(path: Path) -> str:
+    """The current textfile; a symbolic link there is not followed (ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as f:
+        return f.read()
+
+
 def write_textfile(path: str | Path, run: RunMetrics) -> str:
     """Replace ``run.job``'s samples in the file at ``path``, atomically. Returns the text."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # node_exporter reads it
     with _locked(path):
         try:
-            jobs = parse(path.read_text())
+            jobs = parse(_read_nofollow(path))
         except FileNotFoundError:
             jobs = {}
         previous = jobs.get(run.job, {}).get("last_success_timestamp_seconds")
         jobs[run.job] = run.samples(previous)
         text = render(jobs)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
         try:
-            with open(tmp, "w") as f:
+            with os.fdopen(fd, "w") as f:
                 f.write(text)
                 f.flush()
+                os.fchmod(f.fileno(), 0o644)  # node_exporter runs as its own user
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # node_exporter runs as its own user
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -152,4 +195,4 @@ def write_textfile(path: str | Path, run: RunMetrics) -> str:
     return text
 
 
-__all__ = ["METRICS", "RunMetrics", "parse", "render", "write_textfile"]
+__all__ = ["METRICS", "RunMetrics", "parse", "render", "run_metrics", "write_textfile"]

@@ -28,6 +28,7 @@ from typing import Any
 
 from quiesce.backup.targets.base import BackupResult, Target
 from quiesce.state.journal import Journal
+from quiesce.sys.trust import make_private_dirs
 
 MODES = ("none", "repository", "sample", "full")
 CHUNK = 1 << 20
@@ -134,7 +135,7 @@ def compare_trees(
 @contextlib.contextmanager
 def _scratch(temp_root: str | Path, journal: Journal | None) -> Iterator[Path]:
     root = Path(temp_root)
-    root.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(root)  # 0700 each: the restored copy may hold root-only files
     path = Path(tempfile.mkdtemp(prefix="quiesce-verify-", dir=root))
     eid = journal.intent("dir", path=str(path), recursive=True) if journal else None
     try:

@@ -19,6 +19,7 @@ from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import make_target
 from quiesce.backup.targets.base import BackupError, Target, TargetSnapshot
 from quiesce.errors import UsageError
+from quiesce.sys.redact import redact_url
 
 
 @dataclass
@@ -93,7 +94,7 @@ def restore(
     """Restore one backup of ``job`` (default: the newest) into ``dest``."""
     _refuse_nonempty(dest)
     target = target or make_target(cfg, job, state)
-    where = cfg.repository or cfg.directory or "the target"
+    where = redact_url(cfg.repository or cfg.directory or "the target")
     try:
         if not target.exists():
             raise UsageError(

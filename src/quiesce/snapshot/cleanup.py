@@ -1,0 +1,33 @@
+"""Cleanup with the snapshot layer's undo: a ``snapshot`` journal entry is removed by its
+provider. The state layer cannot import providers (a higher layer), so every caller that
+may meet such an entry (``quiesce cleanup``, the backup phase, the create engine) uses
+this module's :func:`cleanup` and :data:`UNDO`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quiesce.providers.base import Snapshot
+from quiesce.providers.registry import get_provider
+from quiesce.state import cleanup as state_cleanup
+from quiesce.state.cleanup import CleanupReport
+from quiesce.state.undo import UndoFn
+
+
+def undo_snapshot(e: dict[str, Any]) -> None:
+    """Delete the snapshot an entry names, through its provider (a no-op if it is gone)."""
+    snap = Snapshot(**e["snapshot"])
+    provider = get_provider(e["provider"]).from_record(e.get("options"))
+    provider.delete(snap)
+
+
+UNDO: dict[str, UndoFn] = {"snapshot": undo_snapshot}
+
+
+def cleanup(state: str | Path | None = None, *, dry_run: bool = False) -> CleanupReport:
+    """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots."""
+    return state_cleanup.cleanup(state, dry_run=dry_run, undo=UNDO)
+
+
+__all__ = ["UNDO", "CleanupReport", "cleanup", "undo_snapshot"]

@@ -1,0 +1,72 @@
+"""Quiescers: what quiesces applications before the window and releases them after it.
+
+The one definition of the protocol and of the release loop: the create engine drives a
+:class:`QuiescerStack` around its window, and :func:`held` gives library users the same
+for a snapshot they take themselves. Hooks and writers (layer apps) implement it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Quiescer(Protocol):
+    """``before_freeze`` in order before the window, ``after_thaw`` in reverse order on
+    every path out (``ok`` says whether the window succeeded)."""
+
+    def before_freeze(self) -> None: ...
+
+    def after_thaw(self, ok: bool) -> None: ...
+
+
+def quiesces(q: Quiescer) -> bool:
+    """Whether ``q`` quiesces anything before the window (a post-thaw hook does not):
+    only such steps make a snapshot application-consistent."""
+    return bool(getattr(q, "quiesces", True))
+
+
+class QuiescerStack:
+    """The quiescers started so far; released in reverse, each exactly once."""
+
+    def __init__(self) -> None:
+        self.started: list[Quiescer] = []
+
+    def quiesce(self, quiescers: Sequence[Quiescer]) -> None:
+        """``before_freeze`` each in order; one that raises is still released later."""
+        for q in quiescers:
+            self.started.append(q)
+            q.before_freeze()
+
+    def release(self, ok: bool) -> list[tuple[Quiescer, Exception]]:
+        """``after_thaw`` each in reverse; every one is released whatever the others do.
+        Returns the quiescers whose release raised, with what they raised."""
+        failed: list[tuple[Quiescer, Exception]] = []
+        started, self.started = self.started, []
+        for q in reversed(started):
+            try:
+                q.after_thaw(ok)
+            except Exception as e:
+                failed.append((q, e))
+        return failed
+
+
+@contextlib.contextmanager
+def held(quiescers: Sequence[Quiescer]) -> Iterator[None]:
+    """Quiesce around the body: ``before_freeze`` in order, ``after_thaw`` in reverse on
+    every way out. The first release failure is raised only when the body succeeded."""
+    stack = QuiescerStack()
+    ok = False
+    try:
+        stack.quiesce(quiescers)
+        yield
+        ok = True
+    finally:
+        failed = stack.release(ok)
+        if failed and ok:
+            raise failed[0][1]
+
+
+__all__ = ["Quiescer", "QuiescerStack", "held", "quiesces"]

@@ -1,0 +1,105 @@
+"""Manifests in the state directory: ``<state>/snapshots/<id>.json``, written atomically
+after the thaw, never on a volume of the group. A manifest names what a provider deletes
+(with options), so one is read only after the state directory and the file itself passed
+the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from quiesce.errors import QuiesceError, UsageError
+from quiesce.snapshot.manifest import Manifest
+from quiesce.state.statedir import (
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    checked_subdir,
+    read_state_file,
+)
+from quiesce.state.statedir import state_dir as state_dir_path
+
+STATE_ENV = STATE_DIR_ENV
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _manifest_dir(state: Path) -> Path:
+    return state / "snapshots"
+
+
+def _manifest_path(state: Path, snap_id: str) -> Path:
+    if not _ID_RE.fullmatch(snap_id):
+        raise UsageError(f"{snap_id!r} is not a snapshot id", "see `quiesce snapshot list`")
+    return _manifest_dir(state) / f"{snap_id}.json"
+
+
+def _write_manifest(state: Path, man: Manifest) -> Path:
+    """Atomically (a private temp file with an unpredictable name, O_EXCL, then rename),
+    after the thaw."""
+    d = checked_subdir(state, "snapshots", create=True)
+    path = d / f"{man.id}.json"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{man.id}.", suffix=".tmp")  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(man.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_manifest(state_dir: str | Path | None, man: Manifest) -> Path:
+    """Write (or rewrite) a manifest in the state directory, atomically."""
+    return _write_manifest(state_dir_path(state_dir), man)
+
+
+def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
+    """Every manifest in the state directory, oldest first (unreadable files skipped)."""
+    d = checked_subdir(state_dir, "snapshots")
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            out.append(Manifest.from_json(read_state_file(p).decode()))
+    return sorted(out, key=lambda m: (m.created, m.id))
+
+
+def load(snap_id: str, state_dir: str | Path | None = None) -> Manifest:
+    state = state_dir_path(state_dir)
+    path = _manifest_path(state, snap_id)
+    checked_subdir(state, "snapshots")
+    try:
+        return Manifest.from_json(read_state_file(path).decode())
+    except FileNotFoundError:
+        raise UsageError(
+            f"no snapshot {snap_id!r} in {_manifest_dir(state)}", "see `quiesce snapshot list`"
+        ) from None
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise QuiesceError(f"manifest {path} is unreadable: {e}") from None
+
+
+# -- create ------------------------------------------------------------------------------
+def _unique_id(job: str, state: Path, now: datetime) -> str:
+    base = f"{job}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    d = _manifest_dir(state)
+    snap_id, n = base, 1
+    while (d / f"{snap_id}.json").exists():
+        n += 1
+        snap_id = f"{base}-{n}"
+    return snap_id
+
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "STATE_ENV",
+    "list_manifests",
+    "load",
+    "save_manifest",
+    "state_dir_path",
+]

@@ -1,0 +1,153 @@
+"""How each kind of journal entry is undone, shared by a run's own rollback
+(:class:`~quiesce.state.journal.Journal`) and ``quiesce cleanup``
+(:func:`~quiesce.state.cleanup.cleanup`), so that both remove things the same way.
+
+Every undo first looks whether the thing still exists (and is still ours), so undoing is
+idempotent and a half-made entry (recorded, never made) is a no-op. A ``snapshot`` entry
+is undone by its provider, a higher layer: the snapshot layer passes that action in
+(``undo={"snapshot": ...}``), see :mod:`quiesce.snapshot.cleanup`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from quiesce.errors import QuiesceError
+from quiesce.sys import proc
+from quiesce.sys.mounts import MountTable, loop_backing_file, loop_devices_of
+
+KINDS = ("mount", "loop", "file", "dir", "snapshot", "command")
+UndoFn = Callable[[dict[str, Any]], None]
+
+
+class JournalError(QuiesceError):
+    default_hint = "run `quiesce cleanup` again; see the message for what could not be removed"
+
+
+def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return proc.run_tool(*cmd, timeout=timeout)
+
+
+def _mounts_at(target: str) -> list[tuple[str, str]]:
+    """(source, dev) of every mount stacked on ``target``, read from mountinfo."""
+    table = MountTable.read()
+    return [(m.source, m.dev) for m in table.mounts if m.mount_point == target]
+
+
+def _backing(device: str) -> str | None:
+    name = loop_backing_file(device)
+    return name.removesuffix(" (deleted)") if name else None
+
+
+def _same_loop(source: str, e: dict[str, Any]) -> bool:
+    backing = e.get("backing")
+    return bool(backing) and _backing(source) == backing
+
+
+def _undo_mount(e: dict[str, Any]) -> None:
+    target = e["target"]
+    for attempt in range(30):
+        stacked = _mounts_at(target)
+        if not stacked:
+            return
+        source, dev = stacked[-1]
+        ours = (
+            not e.get("source")
+            or source == e["source"]
+            or (e.get("dev") and dev == e["dev"])
+            or _same_loop(source, e)
+        )
+        if not ours:
+            return  # someone else's mount sits there now: not ours to remove
+        p = _run("umount", target)
+        if p.returncode != 0 and attempt >= 20:
+            p = _run("umount", "-l", target)
+        if p.returncode != 0:
+            time.sleep(0.1)
+    if _mounts_at(target):
+        raise JournalError(f"cannot unmount {target}: still busy")
+
+
+def _undo_loop(e: dict[str, Any]) -> None:
+    backing = e["backing"]
+    devices = set(loop_devices_of(backing))
+    if e.get("device") and _backing(e["device"]) == backing:
+        devices.add(e["device"])
+    for dev in sorted(devices):
+        for _ in range(20):
+            p = _run("losetup", "-d", dev)
+            if p.returncode == 0 or _backing(dev) != backing:
+                break
+            time.sleep(0.1)
+        else:
+            raise JournalError(f"cannot detach {dev} ({backing}): {p.stderr.strip()}")
+
+
+def _undo_file(e: dict[str, Any]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(e["path"])
+
+
+def _undo_dir(e: dict[str, Any]) -> None:
+    path = e["path"]
+    if e.get("recursive"):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
+        return
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        # Something else lives there now (or is mounted on it): leave the directory.
+        if err.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+            raise
+
+
+def _undo_command(e: dict[str, Any]) -> None:
+    argv = [str(a) for a in e["argv"]]
+    p = _run(*argv, timeout=float(e.get("timeout", 300)))
+    if p.returncode != 0 and p.returncode not in e.get("ok_codes", []):
+        raise JournalError(f"{argv[0]} exited {p.returncode}: {p.stderr.strip()[:200]}")
+
+
+ACTIONS: dict[str, UndoFn] = {
+    "mount": _undo_mount,
+    "loop": _undo_loop,
+    "file": _undo_file,
+    "dir": _undo_dir,
+    "command": _undo_command,
+}
+
+
+def undo_entry(kind: str, fields: dict[str, Any], extra: Mapping[str, UndoFn]) -> None:
+    """Undo one entry with the built-in action for ``kind`` or the one passed in."""
+    action = extra.get(kind) or ACTIONS.get(kind)
+    if action is None:
+        if kind in KINDS:
+            raise JournalError(
+                f"no undo action for a {kind} entry here",
+                "run `quiesce cleanup`: it removes snapshots that a killed run left",
+            )
+        raise JournalError(f"unknown kind {kind!r}")
+    action(fields)
+
+
+def describe(fields: dict[str, Any]) -> str:
+    """What an entry is about, for a message."""
+    for key in ("target", "device", "backing", "path", "argv"):
+        if key in fields:
+            return str(fields[key])
+    if "snapshot" in fields:
+        return str(fields["snapshot"].get("id"))
+    return ""
+
+
+__all__ = ["ACTIONS", "KINDS", "JournalError", "UndoFn", "describe", "undo_entry"]

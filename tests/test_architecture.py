@@ -1,0 +1,170 @@
+"""The architecture holds: each layer imports only the layers below it, no module cycle
+(lazy imports included), at most 8 modules at the package root.
+
+Read from the source (ast), so an import inside a function counts like one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "quiesce"
+# Lowest first. A module may import its own layer and the layers before it.
+LAYERS = [
+    "errors",
+    "sys",
+    "freezing",
+    "state",
+    "providers",
+    "snapshot",
+    "backup",
+    "apps",
+    "job",
+    "integrations",
+    "cli",
+]
+TOP = {"__init__", "__main__"}  # the public API and `python -m quiesce` see every layer
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every quiesce module ``path`` imports, at any depth of the file."""
+    me = _module_name(path)
+    return _imports_of(path.read_text(), me, is_package=path.name == "__init__.py")
+
+
+def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
+    tree = ast.parse(source)
+    package = me if is_package else me.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("quiesce")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            if not mod.startswith("quiesce"):
+                continue
+            for a in node.names:  # `from quiesce.sys import kernel` imports a module
+                sub = f"{mod}.{a.name}"
+                out.add(sub if _exists(sub) else mod)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith((".", "quiesce."))
+            and ":" in node.value
+        ):  # lazy_exports / provider registry targets: ".engine:create"
+            target = node.value.partition(":")[0]
+            if target.startswith("."):
+                target = package + target
+            out.add(target)
+    return {m for m in out if m != me}
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split("."))
+    return (PKG.parent / rel).with_suffix(".py").is_file() or (PKG.parent / rel).is_dir()
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in TOP:
+        return None
+    return LAYERS.index(parts[1])
+
+
+MODULES = {_module_name(p): _imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_every_module_is_in_a_layer():
+    for module in MODULES:
+        parts = module.split(".")
+        if len(parts) > 1 and parts[1] not in TOP:
+            assert parts[1] in LAYERS, f"{module} is not in a layer package"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_only_its_own_layer_or_below(module):
+    mine = _layer(module)
+    if mine is None:
+        return
+    upward = [m for m in MODULES[module] if (_layer(m) or 0) > mine]
+    assert not upward, f"{module} (layer {LAYERS[mine]}) imports a higher layer: {upward}"
+
+
+def test_no_import_cycles():
+    graph = {m: {i for i in deps if i in MODULES} for m, deps in MODULES.items()}
+    # Packages' __init__ re-exporting their own modules is not a cycle of behaviour.
+    graph = {m: {i for i in deps if not m.startswith(i + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = [*stack[stack.index(n) :], n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_package_root_is_small():
+    root = [p for p in PKG.glob("*.py")]
+    assert len(root) <= 8, [p.name for p in root]
+
+
+def test_nothing_below_the_cli_imports_it():
+    for module, deps in MODULES.items():
+        if not module.startswith("quiesce.cli") and _layer(module) is not None:
+            assert not [d for d in deps if d.startswith("quiesce.cli")], module
+
+
+def test_the_checker_sees_lazy_and_relative_upward_imports():
+    """Negative control: imports hidden in a function, relative ones and lazy-export
+    targets are all found, and would fail the layer rule from the sys layer."""
+    code = (
+        "def f():\n    from quiesce.cli.app import main\n"
+        "from ..job import run\n"
+        "X = {'a': '.engine:create'}\n"
+    )
+    found = _imports_of(code, "quiesce.sys.probe", is_package=False)
+    assert "quiesce.cli.app" in found
+    assert "quiesce.job.run" in found
+    assert "quiesce.sys.engine" in found
+    assert all((_layer(m) or 0) > LAYERS.index("sys") for m in found - {"quiesce.sys.engine"})
+
+
+@pytest.mark.parametrize(
+    "package", ["quiesce", "quiesce.snapshot", "quiesce.backup", "quiesce.job", "quiesce.providers"]
+)
+def test_exports_are_not_shadowed_by_submodules(package):
+    """Importing a submodule sets it as an attribute of its package: an exported function
+    named like a submodule (``quiesce.snapshot.mount``) would turn into that module."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    assert not set(getattr(pkg, "__all__", ())) & submodules

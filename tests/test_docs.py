@@ -1,0 +1,106 @@
+"""The Python examples in README.md and docs/ use the real API: every ``quiesce`` name they
+import or reach resolves, and every call to one of them passes arguments its signature
+accepts. (TOML examples are loaded by test_job_config.py.)
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
+
+
+def _blocks() -> list[tuple[str, int, str]]:
+    out = []
+    for doc in DOCS:
+        for i, m in enumerate(_BLOCK.finditer(doc.read_text())):
+            out.append((doc.name, i, m.group(1)))
+    return out
+
+
+def _resolve(dotted: str) -> Any:
+    """``quiesce.snapshot.create`` -> the object, importing as needed."""
+    parts = dotted.split(".")
+    obj: Any = importlib.import_module(parts[0])
+    for part in parts[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Names(ast.NodeVisitor):
+    """Local names bound to quiesce objects, and the calls made through them."""
+
+    def __init__(self) -> None:
+        self.bound: dict[str, str] = {}
+        self.calls: list[tuple[str, ast.Call]] = []
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for a in node.names:
+            if a.name.split(".")[0] == "quiesce":
+                self.bound[(a.asname or a.name).split(".")[0]] = (a.asname and a.name) or "quiesce"
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if (node.module or "").split(".")[0] == "quiesce":
+            for a in node.names:
+                self.bound[a.asname or a.name] = f"{node.module}.{a.name}"
+
+    def dotted(self, node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name):
+            return self.bound.get(node.id)
+        if isinstance(node, ast.Attribute):
+            base = self.dotted(node.value)
+            return f"{base}.{node.attr}" if base else None
+        return None
+
+    def visit_Call(self, node: ast.Call) -> None:
+        name = self.dotted(node.func)
+        if name:
+            self.calls.append((name, node))
+        self.generic_visit(node)
+
+
+BLOCKS = _blocks()
+
+
+def test_the_docs_have_python_examples():
+    assert any(doc == "README.md" for doc, _, _ in BLOCKS)
+
+
+@pytest.mark.parametrize(("doc", "i", "code"), BLOCKS, ids=[f"{d}#{i}" for d, i, _ in BLOCKS])
+def test_example_uses_the_real_api(doc: str, i: int, code: str):
+    tree = ast.parse(code)
+    names = _Names()
+    names.visit(tree)
+    for dotted in set(names.bound.values()):
+        _resolve(dotted)  # an import that would fail
+    for dotted, call in names.calls:
+        obj = _resolve(dotted)
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError):
+            continue
+        args = [ast.Constant(None)] * len(call.args)
+        kwargs = {k.arg: None for k in call.keywords if k.arg}
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            pytest.fail(f"{doc} example {i}: {dotted}(...) does not fit its signature: {e}")
+
+
+def test_the_checker_catches_a_wrong_keyword():
+    """Negative control: a keyword the function does not take is caught."""
+    names = _Names()
+    names.visit(ast.parse("import quiesce\nquiesce.snapshot.create(['/x'], 'btrfs', jobb='a')"))
+    ((dotted, call),) = names.calls
+    sig = inspect.signature(_resolve(dotted))
+    with pytest.raises(TypeError):
+        sig.bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords if k.arg})
