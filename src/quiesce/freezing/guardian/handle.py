@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quiesce.errors import GuardianError
-from quiesce.freezing.guardian import client
+from quiesce.freezing.guardian.client import supersede
 from quiesce.freezing.guardian.daemon import GuardedVolume, serve
 from quiesce.freezing.guardian.protocol import (
     DEFAULT_LEASE,
@@ -83,7 +83,7 @@ class GuardianHandle:
                 os.waitpid(pid, 0)
             raise GuardianError(f"the guardian process did not start: {why}")
         # Before anything is frozen: finished guardians must not answer for this freeze.
-        client.supersede(sorted({v.dev for v in vols}), exclude=pid)
+        supersede(sorted({v.dev for v in vols}), exclude=pid)
         return cls(pid, parent, lease)
 
     def _renew(self) -> None:
