@@ -166,7 +166,7 @@ def sigkill_to_writable(b: Bench) -> tuple[float, bool]:
     wait_until(lambda: proc_state(ctl.pid) in ("T", "t"), "the controller's fault point")
     gpid = next(
         p for p in guardian.list_guardians() if _ppid(p) == ctl.pid
-    )  # its child, listening on @quiesce-guardian-<pid>
+    )  # its child, listening on /run/quiesce/guardian-<pid>.sock
     b.guardians.add(gpid)
     w = b.blocked_writer()
     killed = time.monotonic()
