@@ -21,7 +21,8 @@ never kills a child it started. Only the direct child gets the signal; what *it*
 goes with it only if it takes them down (restic and borg do, on SIGTERM).
 
 Shapes: :func:`run_bounded` (to completion or timeout, output bounded in memory),
-:func:`run_tool`/:func:`check_tool` (admin tools: mount, losetup, zfs, lvs),
+:func:`run_tool`/:func:`check_tool`/:func:`try_tool` (admin tools: mount, losetup, zfs,
+lvs),
 :func:`run_streaming` (lines to callbacks as they come: restic's and borg's progress),
 :func:`run_pipeline` (``tar | zstd | sink`` with Python taps that count and hash between
 stages) and :func:`spawn` (a long-lived child: a session hook, the demo's writer).
@@ -461,6 +462,15 @@ def check_tool(
             f"{' '.join(cmd)} failed: {p.stderr.strip() or f'exit {p.returncode}'}", hint
         )
     return p.stdout
+
+
+def try_tool(*cmd: str, timeout: float = 60) -> bool:
+    """A best-effort tool on a cleanup path (umount, losetup -d): True if it succeeded;
+    never raises, so the rest of the cleanup still runs."""
+    try:
+        return run_tool(*cmd, timeout=timeout).returncode == 0
+    except (ToolTimedOut, OSError):
+        return False
 
 
 # -- a pipeline: producer | ... | consumer ------------------------------------------------
