@@ -37,6 +37,10 @@ LVS_FIELDS = (
 NESTING_SINCE = (6, 8)
 LVCREATE_TIMEOUT = 60.0
 TOOL_TIMEOUT = 60.0  # lvs, dmsetup, lvchange
+# lvcreate, lvremove, lvchange and dmsetup remove suspend and reload device-mapper tables:
+# killed half-way (as the runner's children are when quiesce dies) they can leave the
+# origin LV suspended, its I/O hung. So they run with pdeathsig=None: they finish on their
+# own if quiesce dies; only a timeout kills them.
 
 _SIZE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
 _EXTENTS = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
@@ -339,7 +343,7 @@ class LvmProvider(Provider):
         snaps: list[Snapshot] = []
         for p in self._planned:
             try:
-                res = proc.run_tool(*p.argv, timeout=self.timeout)
+                res = proc.run_tool(*p.argv, timeout=self.timeout, pdeathsig=None)
                 failed = res.returncode != 0
                 why = res.stderr.strip()
             except proc.ToolTimedOut:
@@ -389,8 +393,8 @@ class LvmProvider(Provider):
             origin = rows.get((q.origin.vg, q.origin.lv))
             is_origin = origin is not None and origin.attr[:1] in ("o", "O")
             for dm in orphan_layers(names, q.origin.vg, q.origin.lv, [q.snap_lv], is_origin):
-                gone = proc.run_tool(dmsetup, "remove", dm, timeout=TOOL_TIMEOUT).returncode == 0
-                if not gone:
+                rm = proc.run_tool(dmsetup, "remove", dm, timeout=TOOL_TIMEOUT, pdeathsig=None)
+                if rm.returncode != 0:
                     left.append(f"dm device {dm}")
         return left
 
@@ -416,7 +420,7 @@ class LvmProvider(Provider):
     def _remove(self, full_name: str) -> bool:
         """lvremove -f an LV this provider made; True once it is gone."""
         lvremove = self._lvremove or _tool("lvremove")
-        p = proc.run_tool(lvremove, "-f", full_name, timeout=self.timeout)
+        p = proc.run_tool(lvremove, "-f", full_name, timeout=self.timeout, pdeathsig=None)
         return p.returncode == 0 or "Failed to find logical volume" in p.stderr
 
     def after_thaw(self, snaps: list[Snapshot]) -> None:
@@ -425,7 +429,8 @@ class LvmProvider(Provider):
         for s in snaps:
             if s.extra.get("thin"):
                 target = f"{s.extra['vg']}/{s.extra['lv']}"
-                p = proc.run_tool(_tool("lvchange"), "-ay", "-K", target, timeout=TOOL_TIMEOUT)
+                lvchange = [_tool("lvchange"), "-ay", "-K", target]
+                p = proc.run_tool(*lvchange, timeout=TOOL_TIMEOUT, pdeathsig=None)
                 if p.returncode != 0:
                     raise QuiesceError(
                         f"lvchange -ay -K {target} failed: {p.stderr.strip()}",

@@ -432,10 +432,12 @@ def run_streaming(
     )  # fmt: skip
 
 
-def run_tool(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_tool(
+    *cmd: str, timeout: float = 120, pdeathsig: int | None = signal.SIGKILL
+) -> subprocess.CompletedProcess[str]:
     """An admin tool outside the window (mount, losetup, lvs, zfs): text output captured,
     stdin closed; the caller judges the exit status. ToolTimedOut after ``timeout``."""
-    done = run_bounded(cmd, timeout=timeout, limit=TOOL_OUTPUT_LIMIT)
+    done = run_bounded(cmd, timeout=timeout, limit=TOOL_OUTPUT_LIMIT, pdeathsig=pdeathsig)
     if done.timed_out:
         raise ToolTimedOut(f"{' '.join(cmd)} did not finish in {timeout:g} s and was killed")
     return subprocess.CompletedProcess(
