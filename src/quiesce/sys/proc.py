@@ -170,9 +170,12 @@ def spawn(
     )
 
 
-def kill_group(proc: subprocess.Popen[Any], grace: float = 0.0) -> None:
-    """SIGTERM the child's whole process group, SIGKILL it after ``grace`` (0: at once)."""
-    steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)) if grace > 0 else ()
+def kill_group(
+    proc: subprocess.Popen[Any], grace: float = 0.0, stop_signal: int = signal.SIGTERM
+) -> None:
+    """``stop_signal`` to the child's whole process group, SIGKILL after ``grace`` (0: at
+    once)."""
+    steps = ((stop_signal, grace), (signal.SIGKILL, 5.0)) if grace > 0 else ()
     for sig, wait in (*steps, (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
@@ -302,6 +305,7 @@ def _run(
     cwd: Cwd,
     grace: float,
     interrupt_grace: float,
+    stop_signal: int = signal.SIGTERM,
     pdeathsig: int | None,
 ) -> Completed:
     """The core of the shapes that wait: start, read what is captured into its sink until
@@ -327,10 +331,10 @@ def _run(
         sinks = {p.stdout: out, p.stderr: err}
         timed_out = _read_until_exit(p, {f: s for f, s in sinks.items() if f and s}, deadline)
         if timed_out:
-            kill_group(p, grace)
+            kill_group(p, grace, stop_signal)
     except BaseException:  # Ctrl-C while it runs: it must not outlive us
         if p is not None:
-            kill_group(p, interrupt_grace)
+            kill_group(p, interrupt_grace, stop_signal)
         raise
     finally:
         for pipe in (p.stdout, p.stderr) if p is not None else ():
@@ -419,16 +423,19 @@ def run_streaming(
     on_stderr_line: Callable[[str], None] | None = None,
     keep_lines: int = KEPT_LINES,
     grace: float = 0.0,
+    stop_signal: int = signal.SIGTERM,
     pdeathsig: int | None = signal.SIGKILL,
 ) -> Completed:
     """Run ``argv`` to completion or ``timeout``, handing each line of its output to the
     callbacks as it comes (live progress); a stream without a callback is kept whole,
-    one with a callback only its last ``keep_lines`` lines. ``grace`` also applies to an
-    interrupt (restic and borg save their state on SIGTERM). Raises OSError."""
+    one with a callback only its last ``keep_lines`` lines. On a timeout or an interrupt
+    the group gets ``stop_signal``, then SIGKILL after ``grace`` (a backup tool cleans
+    up: its lock, its cache). Raises OSError."""
     return _run(
         argv, out=LineOutput(on_stdout_line, keep_lines),
         err=LineOutput(on_stderr_line, keep_lines), input=None, timeout=timeout, env=env,
-        cwd=cwd, grace=grace, interrupt_grace=grace, pdeathsig=pdeathsig,
+        cwd=cwd, grace=grace, interrupt_grace=grace, stop_signal=stop_signal,
+        pdeathsig=pdeathsig,
     )  # fmt: skip
 
 

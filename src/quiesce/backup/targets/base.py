@@ -225,11 +225,12 @@ def secret_env(
     return {}
 
 
-# restic and borg release their repository lock on SIGTERM (SIGKILL leaves it locked): it
-# is what a target's child gets on a timeout, then SIGKILL after the grace, and what it
-# gets if quiesce dies.
+# A target's child gets its stop signal on a timeout or an interrupt (then SIGKILL after
+# the grace) and also when quiesce dies (PR_SET_PDEATHSIG): it is the signal on which the
+# tool releases its repository lock (SIGKILL leaves it locked). borg: SIGTERM (on SIGINT
+# it first finishes the file it reads). restic passes SIGINT (0.14 leaves its lock on SIGTERM).
 KILL_GRACE = 5.0
-DEATH_SIGNAL = signal.SIGTERM
+STOP_SIGNAL = signal.SIGTERM
 
 
 @dataclass
@@ -254,6 +255,7 @@ def run_child(
     timeout: float | None = None,
     on_stdout_line: Callable[[str], None] | None = None,
     on_stderr_line: Callable[[str], None] | None = None,
+    stop_signal: int = STOP_SIGNAL,
 ) -> ChildResult:
     """A target's child (:func:`proc.run_streaming`): ``env`` added to ours, lines handed
     to the callbacks as they come; TargetNotInstalled if it cannot be found. Its cwd is
@@ -262,7 +264,7 @@ def run_child(
         done = proc.run_streaming(
             argv, timeout=timeout, env=os.environ | dict(env or {}), cwd=cwd,
             on_stdout_line=on_stdout_line, on_stderr_line=on_stderr_line,
-            grace=KILL_GRACE, pdeathsig=DEATH_SIGNAL,
+            grace=KILL_GRACE, stop_signal=stop_signal, pdeathsig=stop_signal,
         )  # fmt: skip
     except FileNotFoundError:
         raise TargetNotInstalled(f"{argv[0]} is not installed") from None

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from quiesce.backup.targets.base import (
-    DEATH_SIGNAL,
     KILL_GRACE,
+    STOP_SIGNAL,
     BackupError,
     BackupResult,
     CheckResult,
@@ -224,7 +224,7 @@ class TarTarget(Target):
         try:
             return proc.run_pipeline(
                 stages, sink=sink, timeout=timeout, on_tick=on_tick, cwd=None,
-                grace=KILL_GRACE, pdeathsig=DEATH_SIGNAL,
+                grace=KILL_GRACE, pdeathsig=STOP_SIGNAL,
             )  # fmt: skip
         except FileNotFoundError as e:
             if self.command is not None and e.filename == stages[-1].argv[0]:
@@ -291,7 +291,7 @@ class TarTarget(Target):
         if got != want:
             return False, f"{file_name}: sha256 {got} != {want}"
         test = COMPRESSORS[self.compression][2]
-        p = proc.run_bounded([*test, str(path)], timeout=None, cwd=None, pdeathsig=DEATH_SIGNAL)
+        p = proc.run_bounded([*test, str(path)], timeout=None, cwd=None, pdeathsig=STOP_SIGNAL)
         if p.returncode != 0:
             err = p.stderr.decode(errors="replace").strip()[-200:]
             return False, f"{file_name}: {test[0]} -t failed: {err}"
@@ -321,7 +321,7 @@ class TarTarget(Target):
         with open(path, "rb") as src:
             res = proc.run_pipeline(
                 [proc.Stage(decompress), proc.Stage(extract)], source=src, cwd=None,
-                grace=KILL_GRACE, pdeathsig=DEATH_SIGNAL,
+                grace=KILL_GRACE, pdeathsig=STOP_SIGNAL,
                 limit=1 << 20,  # tar's stderr is read below, line by line: keep it all
             )  # fmt: skip
         dec, tar = res.stages
