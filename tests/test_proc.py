@@ -160,7 +160,7 @@ def test_pipeline_timeout_kills_every_stage(tmp_path):
 # -- children do not outlive quiesce -------------------------------------------------------
 
 PARENT = r"""
-import sys, threading, time
+import signal, sys, threading, time
 from quiesce.sys import proc
 
 shape, pid_file, nap = sys.argv[1:4]
@@ -178,6 +178,11 @@ elif shape == "spawned-by-a-thread-that-ended":
     t.start()
     t.join()
     time.sleep(120)
+elif shape == "last-words":  # cleans up on SIGINT, and says so on stderr first
+    trap = f"trap 'echo cleaning up >&2; echo done > {pid_file}.clean; exit 130' INT"
+    started = f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}"
+    child = ["sh", "-c", f"{trap}; {started}; while :; do sleep 0.05; done"]
+    proc.run_streaming(child, stop_signal=signal.SIGINT, pdeathsig=signal.SIGINT)
 elif shape == "no-pdeathsig":
     proc.run_bounded(child, timeout=120, pdeathsig=None)
 """
@@ -228,6 +233,16 @@ def test_children_die_with_a_sigkilled_quiesce(shape: str, tmp_path: Path) -> No
         parent.kill()
         parent.wait()
     assert _gone_within(child, 2.0)
+
+
+def test_a_child_that_cleans_up_when_quiesce_dies_can_say_so(tmp_path: Path) -> None:
+    """Its stderr's reader is gone: without a reader of its own, "cleaning up" would kill
+    it with SIGPIPE before it cleans up (restic's lock)."""
+    parent, child = _start_parent("last-words", tmp_path / "pid", "60")
+    parent.kill()
+    parent.wait()
+    assert _gone_within(child, 2.0)
+    assert (tmp_path / "pid.clean").read_text() == "done\n"
 
 
 def test_without_pdeathsig_a_child_outlives_quiesce(tmp_path: Path) -> None:

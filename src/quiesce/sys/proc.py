@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import queue
 import selectors
@@ -136,6 +137,7 @@ def _popen(
     env: Mapping[str, str] | None,
     cwd: Cwd,
     pdeathsig: int | None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """The only ``Popen`` in quiesce (but for the guardian's own fork)."""
 
@@ -143,7 +145,7 @@ def _popen(
         return subprocess.Popen(
             list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
             env=dict(env) if env is not None else None, cwd=cwd,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, pass_fds=pass_fds,
             preexec_fn=_die_with(os.getpid(), pdeathsig) if pdeathsig is not None else None,
         )  # fmt: skip
 
@@ -309,27 +311,45 @@ def _run(
     pdeathsig: int | None,
 ) -> Completed:
     """The core of the shapes that wait: start, read what is captured into its sink until
-    the child exits or the deadline passes, kill the group then (and on any exception)."""
+    the child exits or the deadline passes, kill the group then (and on any exception).
+
+    A child told of quiesce's death by a signal it handles (restic's SIGINT) cleans up
+    (removes its repository lock) and says so on stderr, whose reader is gone by then: a
+    write to a broken pipe would kill it first (Go, on fd 1 and 2). So such a child keeps
+    a read end of its own output pipes (never read: it only keeps the pipe whole), made
+    large (1 MiB) so that its last words fit."""
     t0 = time.monotonic()
     deadline = None if timeout is None else t0 + max(timeout, 0.0)
+    last_words = pdeathsig not in (None, signal.SIGKILL)
+    sinks: dict[int, _Sink] = {}
+    ends: dict[str, int] = {}  # this process's write ends, until the child has them
     p: subprocess.Popen[bytes] | None = None
     try:
+        for name, sink in (("out", out), ("err", err)):
+            if sink is not None and sink != "merge":
+                r, ends[name] = os.pipe()
+                sinks[r] = sink  # type: ignore[assignment]
+                if last_words:
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(ends[name], fcntl.F_SETPIPE_SZ, 1 << 20)
         # A SIGTERM (systemd stop) inside Popen would orphan the child: it is held until
         # ``p`` is set, and delivered inside this try, which kills the child's group.
         with signals_deferred():
             p = _popen(
                 argv,
                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if out is not None else None,
-                stderr=subprocess.STDOUT if err == "merge" else subprocess.PIPE if err else None,
+                stdout=ends.get("out"),
+                stderr=subprocess.STDOUT if err == "merge" else ends.get("err"),
                 env=env,
                 cwd=cwd,
                 pdeathsig=pdeathsig,
+                pass_fds=list(sinks) if last_words else (),
             )
+        while ends:  # popped first: a signal between the two never closes an fd twice
+            os.close(ends.popitem()[1])
         if input is not None:
             threading.Thread(target=_feed, args=(p, input), daemon=True).start()
-        sinks = {p.stdout: out, p.stderr: err}
-        timed_out = _read_until_exit(p, {f: s for f, s in sinks.items() if f and s}, deadline)
+        timed_out = _read_until_exit(p, sinks, deadline)
         if timed_out:
             kill_group(p, grace, stop_signal)
     except BaseException:  # Ctrl-C while it runs: it must not outlive us
@@ -337,9 +357,8 @@ def _run(
             kill_group(p, interrupt_grace, stop_signal)
         raise
     finally:
-        for pipe in (p.stdout, p.stderr) if p is not None else ():
-            if pipe is not None:
-                pipe.close()
+        for fd in [*ends.values(), *sinks]:
+            os.close(fd)
     return Completed(
         returncode=p.returncode,
         stdout=out.bytes() if out is not None else b"",
@@ -350,7 +369,7 @@ def _run(
 
 
 def _read_until_exit(
-    p: subprocess.Popen[bytes], sinks: Mapping[IO[bytes], _Sink], deadline: float | None
+    p: subprocess.Popen[bytes], sinks: Mapping[int, _Sink], deadline: float | None
 ) -> bool:
     """Pump the captured streams into their sinks until the child has exited; True if the
     deadline passed first."""
