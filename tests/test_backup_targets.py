@@ -327,3 +327,67 @@ def test_a_target_that_echoes_its_password_and_repository_is_redacted(
     assert not check.ok
     assert PASSWORD not in check.output and url_pw not in check.output
     assert masked in check.output
+
+
+KILLED_RUN = r"""
+import sys, time
+from pathlib import Path
+from quiesce.backup.targets.restic import ResticTarget
+
+repo, pw, src, cache = sys.argv[1:5]
+
+
+def progress(_update):
+    print("backing-up", flush=True)
+    time.sleep(3600)
+
+
+ResticTarget(repo, password_file=pw, job="t1", cache_dir=cache).backup(
+    Path(src), paths=["big"], progress=progress
+)
+"""
+
+
+def test_a_sigkilled_run_leaves_no_restic_and_no_lock(tmp_path: Path) -> None:
+    """A SIGKILLed `quiesce run` used to leave restic reading on, its lock in the
+    repository: now restic is told (SIGINT, on which it removes its lock) and is gone."""
+    import signal
+    import sys
+    import time
+
+    from quiesce.sys import proc
+
+    target = _target("restic", tmp_path)
+    src = tmp_path / "src"
+    (src / "big").mkdir(parents=True)
+    with open(src / "big" / "sparse", "wb") as f:
+        f.truncate(1 << 40)  # restic reads zeros for minutes; no disk space used
+    env = os.environ | {"PYTHONPATH": str(Path(proc.__file__).parents[2])}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path / "repo"), str(tmp_path / "pw"),
+         str(src), str(tmp_path / "cache")],
+        stdout=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    restic: list[int] = []
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == b"backing-up"
+        for kids in Path(f"/proc/{parent.pid}/task").glob("*/children"):
+            restic += [int(pid) for pid in kids.read_text().split()]
+        assert len(restic) == 1
+        assert Path(f"/proc/{restic[0]}/cmdline").read_bytes().split(b"\0")[1] == b"backup"
+        assert isinstance(target, ResticTarget)
+        assert target._child("list", "locks", "--no-lock").stdout.strip()  # locked now
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    until = time.monotonic() + 10
+    while Path(f"/proc/{restic[0]}/cmdline").exists() and time.monotonic() < until:
+        state = Path(f"/proc/{restic[0]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{restic[0]}/cmdline").exists(), "restic outlived quiesce"
+    locks = target._child("list", "locks", "--no-lock")
+    assert locks.returncode == 0 and locks.stdout.strip() == "", "the repository stays locked"

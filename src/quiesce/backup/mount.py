@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,13 +88,9 @@ def stable_path(job: str, slug: str, root: str | Path = DEFAULT_MOUNT_ROOT) -> P
     return Path(root) / job / slug
 
 
-def _run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return proc.run_tool(*cmd, timeout=timeout)
-
-
 def probe_fstype(source: str) -> str:
     """The filesystem type on a device or image file, from its superblock (blkid -p)."""
-    p = _run("blkid", "-p", "-o", "value", "-s", "TYPE", source)
+    p = proc.run_tool("blkid", "-p", "-o", "value", "-s", "TYPE", source)
     fstype = p.stdout.strip()
     if p.returncode != 0 or not fstype:
         raise MountError(f"no filesystem found on {source}", "is it a snapshot of a filesystem?")
@@ -109,7 +104,7 @@ def is_mount_point(path: Path, table: MountTable | None = None) -> bool:
 
 def probe(source: str) -> dict[str, str]:
     """blkid's view of the superblock on a device or image file (TYPE, BLOCK_SIZE, ...)."""
-    p = _run("blkid", "-p", "-o", "export", source)
+    p = proc.run_tool("blkid", "-p", "-o", "export", source)
     return dict(
         line.split("=", 1) for line in p.stdout.splitlines() if "=" in line
     )  # fmt: skip
@@ -118,7 +113,7 @@ def probe(source: str) -> dict[str, str]:
 def _losetup(backing: str, *extra: str) -> str:
     last = ""
     for attempt in range(20):  # parallel losetup -f can race for the same free device
-        p = _run("losetup", "--find", "--show", "--read-only", *extra, backing)
+        p = proc.run_tool("losetup", "--find", "--show", "--read-only", *extra, backing)
         if p.returncode == 0:
             return p.stdout.strip()
         last = p.stderr.strip()
@@ -274,9 +269,9 @@ def _mount(source: str, target: Path, fstype: str, options: list[str], bind: boo
     opts = ",".join(options)
     if bind:
         # util-linux applies the flags with a second (remount,bind) step by itself
-        p = _run("mount", "--bind", "-o", opts, source, str(target))
+        p = proc.run_tool("mount", "--bind", "-o", opts, source, str(target))
     else:
-        p = _run("mount", "-t", fstype, "-o", opts, source, str(target))
+        p = proc.run_tool("mount", "-t", fstype, "-o", opts, source, str(target))
     return None if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
 
 

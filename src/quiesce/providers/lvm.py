@@ -15,7 +15,6 @@ import json
 import platform
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,11 @@ LVS_FIELDS = (
 )
 NESTING_SINCE = (6, 8)
 LVCREATE_TIMEOUT = 60.0
+TOOL_TIMEOUT = 60.0  # lvs, dmsetup, lvchange
+# lvcreate, lvremove, lvchange and dmsetup remove suspend and reload device-mapper tables:
+# killed half-way (as the runner's children are when quiesce dies) they can leave the
+# origin LV suspended, its I/O hung. So they run with pdeathsig=None: they finish on their
+# own if quiesce dies; only a timeout kills them.
 
 _SIZE = re.compile(r"\d+(\.\d+)?[bBsSkKmMgGtTpPeE]?")
 _EXTENTS = re.compile(r"\d+%(ORIGIN|VG|FREE|PVS)")
@@ -207,10 +211,6 @@ class _Planned:
     argv: list[str]
 
 
-def _run(argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return proc.run_tool(*argv, timeout=timeout)
-
-
 def _tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
@@ -246,7 +246,7 @@ class LvmProvider(Provider):
     def lvs(self, *select: str) -> list[LvInfo]:
         argv = [_tool("lvs"), "--reportformat", "json", "--units", "b", "--nosuffix"]
         argv += ["-o", LVS_FIELDS, *select]
-        p = _run(argv)
+        p = proc.run_tool(*argv, timeout=TOOL_TIMEOUT)
         if p.returncode != 0:
             raise QuiesceError(
                 f"lvs failed: {_first_cause(p.stderr) if p.stderr.strip() else p.returncode}",
@@ -343,7 +343,7 @@ class LvmProvider(Provider):
         snaps: list[Snapshot] = []
         for p in self._planned:
             try:
-                res = _run(p.argv, timeout=self.timeout)
+                res = proc.run_tool(*p.argv, timeout=self.timeout, pdeathsig=None)
                 failed = res.returncode != 0
                 why = res.stderr.strip()
             except proc.ToolTimedOut:
@@ -386,14 +386,15 @@ class LvmProvider(Provider):
             rows = {(r.vg, r.lv): r for r in self.lvs()}
         except QuiesceError:
             return [*left, "dm layers not checked (lvs failed)"]
-        p = _run([self._dmsetup or _tool("dmsetup"), "info", "-c", "--noheadings", "-o", "name"])
+        dmsetup = self._dmsetup or _tool("dmsetup")
+        p = proc.run_tool(dmsetup, "info", "-c", "--noheadings", "-o", "name", timeout=TOOL_TIMEOUT)
         names = p.stdout.split() if p.returncode == 0 else []
         for q in made:
             origin = rows.get((q.origin.vg, q.origin.lv))
             is_origin = origin is not None and origin.attr[:1] in ("o", "O")
             for dm in orphan_layers(names, q.origin.vg, q.origin.lv, [q.snap_lv], is_origin):
-                gone = _run([self._dmsetup or _tool("dmsetup"), "remove", dm]).returncode == 0
-                if not gone:
+                rm = proc.run_tool(dmsetup, "remove", dm, timeout=TOOL_TIMEOUT, pdeathsig=None)
+                if rm.returncode != 0:
                     left.append(f"dm device {dm}")
         return left
 
@@ -418,7 +419,8 @@ class LvmProvider(Provider):
 
     def _remove(self, full_name: str) -> bool:
         """lvremove -f an LV this provider made; True once it is gone."""
-        p = _run([self._lvremove or _tool("lvremove"), "-f", full_name], timeout=self.timeout)
+        lvremove = self._lvremove or _tool("lvremove")
+        p = proc.run_tool(lvremove, "-f", full_name, timeout=self.timeout, pdeathsig=None)
         return p.returncode == 0 or "Failed to find logical volume" in p.stderr
 
     def after_thaw(self, snaps: list[Snapshot]) -> None:
@@ -427,7 +429,8 @@ class LvmProvider(Provider):
         for s in snaps:
             if s.extra.get("thin"):
                 target = f"{s.extra['vg']}/{s.extra['lv']}"
-                p = _run([_tool("lvchange"), "-ay", "-K", target])
+                lvchange = [_tool("lvchange"), "-ay", "-K", target]
+                p = proc.run_tool(*lvchange, timeout=TOOL_TIMEOUT, pdeathsig=None)
                 if p.returncode != 0:
                     raise QuiesceError(
                         f"lvchange -ay -K {target} failed: {p.stderr.strip()}",

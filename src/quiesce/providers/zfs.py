@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,10 +72,6 @@ def _tool() -> str:
     return path
 
 
-def _run(argv: list[str], timeout: float = ZFS_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return proc.run_tool(*argv, timeout=timeout)
-
-
 class ZfsProvider(Provider):
     """Snapshots each member's dataset; never freezes (FreezeMode.NONE)."""
 
@@ -111,7 +106,7 @@ class ZfsProvider(Provider):
     def list_rows(self, *targets: str) -> list[dict[str, str]]:
         """``zfs list -H -p -t snapshot`` rows (of ``targets`` only, if given)."""
         argv = [_tool(), "list", "-H", "-p", "-t", "snapshot", "-o", ",".join(LIST_FIELDS)]
-        p = _run([*argv, *targets], self.timeout)
+        p = proc.run_tool(*argv, *targets, timeout=self.timeout)
         errors = [ln for ln in p.stderr.splitlines() if ln.strip()]
         if p.returncode != 0 and not (targets and all("does not exist" in e for e in errors)):
             raise QuiesceError(f"zfs list failed: {p.stderr.strip()}", "is the pool imported?")
@@ -143,7 +138,7 @@ class ZfsProvider(Provider):
         """One ``zfs snapshot`` per pool: every dataset of a pool in one instant."""
         now = time.time()
         for argv in self._commands:
-            p = _run(argv, self.timeout)
+            p = proc.run_tool(*argv, timeout=self.timeout)
             if p.returncode != 0:
                 raise QuiesceError(
                     f"zfs snapshot failed: {p.stderr.strip() or p.returncode}",
@@ -193,7 +188,7 @@ class ZfsProvider(Provider):
                 f"snapshot {target} was not made by quiesce (no {JOB_PROPERTY} property)",
                 "quiesce deletes only the snapshots it made",
             )
-        p = _run([_tool(), "destroy", target], self.timeout)
+        p = proc.run_tool(_tool(), "destroy", target, timeout=self.timeout)
         if p.returncode != 0:
             raise QuiesceError(f"zfs destroy {target} failed: {p.stderr.strip()}")
 

@@ -1,4 +1,4 @@
-"""The target interface, its results, and the child-process plumbing the targets share.
+"""The target interface, its results, and how the targets run their children.
 
 A target takes a directory (the job's stable mount root) and the names of the volumes
 mounted under it, and stores one backup of all of them: one restic snapshot, one borg
@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import threading
+import signal
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.state.retention import RetentionPolicy
-from quiesce.sys.proc import kill_group as _kill_group
-from quiesce.sys.proc import signals_deferred
+from quiesce.sys import proc
 from quiesce.sys.redact import (
     redact,
     redact_data,
@@ -228,7 +225,12 @@ def secret_env(
     return {}
 
 
-KEPT_LINES = 500
+# A target's child gets its stop signal on a timeout or an interrupt (then SIGKILL after
+# the grace) and also when quiesce dies (PR_SET_PDEATHSIG): it is the signal on which the
+# tool releases its repository lock (SIGKILL leaves it locked). borg: SIGTERM (on SIGINT
+# it first finishes the file it reads). restic passes SIGINT (0.14 leaves its lock on SIGTERM).
+KILL_GRACE = 5.0
+STOP_SIGNAL = signal.SIGTERM
 
 
 @dataclass
@@ -253,88 +255,26 @@ def run_child(
     timeout: float | None = None,
     on_stdout_line: Callable[[str], None] | None = None,
     on_stderr_line: Callable[[str], None] | None = None,
-    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
-    stdout: int | IO[bytes] | None = None,
+    stop_signal: int = STOP_SIGNAL,
 ) -> ChildResult:
-    """Run a child in its own process group; kill the group on timeout or interrupt.
-
-    Lines are handed to the callbacks as they come (live progress); everything is also
-    kept in memory (and the caller shows only the tail of stderr).
-    """
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
-    t0 = time.monotonic()
-    proc: subprocess.Popen[bytes] | None = None
+    """A target's child (:func:`proc.run_streaming`): ``env`` added to ours, lines handed
+    to the callbacks as they come; TargetNotInstalled if it cannot be found. Its cwd is
+    ours unless given (as it always was: a relative repository path keeps working)."""
     try:
-        # A SIGTERM (systemd stop) inside Popen would orphan the child: it is held until
-        # ``proc`` is set, and delivered inside this try, which kills the child's group.
-        with signals_deferred():
-            proc = subprocess.Popen(
-                list(argv),
-                env=full_env,
-                cwd=cwd,
-                stdin=stdin,
-                stdout=stdout if stdout is not None else subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        return _supervise(proc, t0, timeout, on_stdout_line, on_stderr_line)
+        done = proc.run_streaming(
+            argv, timeout=timeout, env=os.environ | dict(env or {}), cwd=cwd,
+            on_stdout_line=on_stdout_line, on_stderr_line=on_stderr_line,
+            grace=KILL_GRACE, stop_signal=stop_signal, pdeathsig=stop_signal,
+        )  # fmt: skip
     except FileNotFoundError:
-        if proc is None:
-            raise TargetNotInstalled(f"{argv[0]} is not installed") from None
-        kill_group(proc)
-        raise
-    except BaseException:
-        if proc is not None:
-            kill_group(proc)
-        raise
-
-
-def _supervise(
-    proc: subprocess.Popen[bytes],
-    t0: float,
-    timeout: float | None,
-    on_stdout_line: Callable[[str], None] | None,
-    on_stderr_line: Callable[[str], None] | None,
-) -> ChildResult:
-    # A stream that a callback consumes (restic's progress, borg's per-file status: one
-    # line per file of a first backup) keeps only its tail, for error messages.
-    out_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stdout_line else None)
-    err_lines: deque[str] = deque(maxlen=KEPT_LINES if on_stderr_line else None)
-
-    def pump(stream: IO[bytes], sink: deque[str], cb: Callable[[str], None] | None) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace")
-            sink.append(line)
-            if cb is not None:
-                with contextlib.suppress(Exception):  # a display bug must not stop a backup
-                    cb(line.rstrip("\n"))
-
-    threads = []
-    if proc.stdout is not None:
-        threads.append(threading.Thread(target=pump, args=(proc.stdout, out_lines, on_stdout_line)))
-    assert proc.stderr is not None
-    threads.append(threading.Thread(target=pump, args=(proc.stderr, err_lines, on_stderr_line)))
-    for t in threads:
-        t.daemon = True
-        t.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        kill_group(proc)
-    for t in threads:
-        t.join(timeout=10)
+        raise TargetNotInstalled(f"{argv[0]} is not installed") from None
     return ChildResult(
-        proc.returncode, "".join(out_lines), "".join(err_lines), time.monotonic() - t0, timed_out
+        done.returncode,
+        done.stdout.decode(errors="replace"),
+        done.stderr.decode(errors="replace"),
+        done.duration_s,
+        done.timed_out,
     )
-
-
-def kill_group(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM the child's process group, SIGKILL after 5 s (restic/borg save state)."""
-    _kill_group(proc, grace=5.0)
 
 
 def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> None:
@@ -372,9 +312,7 @@ __all__ = [
     "TargetNotInstalled",
     "TargetSnapshot",
     "check_child",
-    "kill_group",
     "require",
     "run_child",
     "secret_env",
-    "signals_deferred",
 ]

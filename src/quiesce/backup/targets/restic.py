@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 from collections.abc import Sequence
 from datetime import datetime
@@ -21,6 +22,7 @@ from quiesce.backup.targets.base import (
     BackupError,
     BackupResult,
     CheckResult,
+    ChildResult,
     ProgressFn,
     ProgressUpdate,
     PruneResult,
@@ -85,16 +87,19 @@ class ResticTarget(Target):
         )
         return env
 
-    def _run(self, *args: str, what: str, timeout: float | None = None, **kw: Any):
+    def _child(self, *args: str, **kw: Any) -> ChildResult:
+        """restic releases its repository lock on SIGINT, not on SIGTERM (0.14): that is
+        its stop signal, on a timeout and when quiesce dies."""
         require(self.binary, "restic")
-        res = run_child([self.binary, *args], env=self.env(), timeout=timeout, **kw)
+        return run_child([self.binary, *args], env=self.env(), stop_signal=signal.SIGINT, **kw)
+
+    def _run(self, *args: str, what: str, timeout: float | None = None, **kw: Any):
+        res = self._child(*args, timeout=timeout, **kw)
         check_child(res, what)
         return res
 
     def exists(self) -> bool:
-        require(self.binary, "restic")
-        res = run_child([self.binary, "cat", "config"], env=self.env(), timeout=120)
-        return res.returncode == 0
+        return self._child("cat", "config", timeout=120).returncode == 0
 
     def init(self) -> None:
         if not self.exists():
@@ -146,14 +151,7 @@ class ResticTarget(Target):
             elif kind == "error":
                 errors.append(str(msg.get("error", {}).get("message") or msg))
 
-        require(self.binary, "restic")
-        res = run_child(
-            [self.binary, *args],
-            env=self.env(),
-            cwd=source_dir,
-            timeout=timeout,
-            on_stdout_line=on_line,
-        )
+        res = self._child(*args, cwd=source_dir, timeout=timeout, on_stdout_line=on_line)
         # exit 3: snapshot made, but some files could not be read
         check_child(res, "restic backup", ok_codes=(0, 3))
         if not summary.get("snapshot_id"):
@@ -184,8 +182,7 @@ class ResticTarget(Target):
     # -- the rest ----------------------------------------------------------------------
     def check(self, read_data_subset: str | None = None) -> CheckResult:
         args = ["check"] + ([f"--read-data-subset={read_data_subset}"] if read_data_subset else [])
-        require(self.binary, "restic")
-        res = run_child([self.binary, *args], env=self.env(), timeout=None)
+        res = self._child(*args, timeout=None)
         return CheckResult(res.returncode == 0, res.duration_s, (res.stdout + res.stderr)[-2000:])
 
     def restore(self, snapshot_id: str, dest: Path, paths: Sequence[str] | None = None) -> Path:

@@ -13,16 +13,16 @@ import hashlib
 import os
 import re
 import stat
-import subprocess
 import tempfile
-import threading
 import time as _time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
 from quiesce.backup.targets.base import (
+    KILL_GRACE,
+    STOP_SIGNAL,
     BackupError,
     BackupResult,
     CheckResult,
@@ -31,13 +31,12 @@ from quiesce.backup.targets.base import (
     PruneResult,
     Target,
     TargetSnapshot,
-    kill_group,
     require,
-    signals_deferred,
 )
 from quiesce.backup.targets.borg import TIME_FORMAT, archive_name
 from quiesce.errors import UsageError
 from quiesce.state.retention import RetentionPolicy, as_datetime, decide
+from quiesce.sys import proc
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
 from quiesce.sys.trust import make_private_dirs
 
@@ -119,8 +118,7 @@ class TarTarget(Target):
         timeout: float | None = None,
     ) -> BackupResult:
         require("tar", "tar")
-        compress = COMPRESSORS[self.compression][0]
-        require(compress[0], self.compression)
+        require(COMPRESSORS[self.compression][0][0], self.compression)
         names = list(paths) if paths else ["."]
         when = as_datetime(time or datetime.now(UTC))
         file_name = label or self._free_stem(archive_name(self.archive, self.job, when))
@@ -128,145 +126,24 @@ class TarTarget(Target):
         total_bytes, total_files = tree_totals(source_dir, names)
         tar_argv = [*TAR_CREATE, f"--directory={source_dir}"]
         tar_argv += [f"--exclude={p}" for p in self.exclude] + self.extra_args + ["--", *names]
-
-        part: Path | None = None
-        sink: IO[bytes] | None = None
-        sink_proc: subprocess.Popen[bytes] | None = None
-        procs: list[subprocess.Popen[bytes]] = []
-        sink_err_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finally)
-        counted = [0]
-        digest = hashlib.sha256()
-        written = [0]
-        failures: list[str] = []
-        errs: dict[str, list[bytes]] = {"tar": [], "comp": []}
+        tally = _Tally()
         t0 = _time.monotonic()
-        try:
-            # A SIGTERM while a child starts would orphan it: held until ``procs`` has it.
-            with signals_deferred():
-                if self.directory is not None:
-                    make_private_dirs(self.directory)  # 0700; 0600 files: backups are private
-                    fd, tmp_name = tempfile.mkstemp(
-                        prefix=f".{file_name}.", suffix=".part", dir=self.directory
-                    )  # O_EXCL, 0600, a name nobody can guess
-                    part = Path(tmp_name)
-                    sink = os.fdopen(fd, "wb")
-                else:
-                    assert self.command is not None
-                    argv = [a.replace("{name}", file_name) for a in self.command]
-                    try:
-                        sink_proc = subprocess.Popen(
-                            argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=sink_err_file, start_new_session=True,
-                        )  # fmt: skip
-                    except FileNotFoundError:
-                        raise UsageError(f"the tar command {argv[0]} was not found") from None
-                    procs.append(sink_proc)
-                    assert sink_proc.stdin is not None
-                    sink = sink_proc.stdin
-                tar = subprocess.Popen(
-                    tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )  # fmt: skip
-                procs.append(tar)
-                comp = subprocess.Popen(
-                    compress, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, start_new_session=True,
-                )  # fmt: skip
-                procs.append(comp)
-            out = sink
 
-            def feed() -> None:  # tar -> (count) -> compressor
-                assert tar.stdout is not None and comp.stdin is not None
-                try:
-                    while chunk := tar.stdout.read(CHUNK):
-                        counted[0] += len(chunk)
-                        comp.stdin.write(chunk)
-                except (BrokenPipeError, ValueError, OSError) as e:
-                    failures.append(f"feeding the compressor: {e}")
-                finally:
-                    with contextlib.suppress(OSError, BrokenPipeError):
-                        comp.stdin.close()
-
-            def drain() -> None:  # compressor -> (hash) -> file or command
-                assert comp.stdout is not None
-                try:
-                    while chunk := comp.stdout.read(CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                        written[0] += len(chunk)
-                except (BrokenPipeError, OSError) as e:
-                    failures.append(f"writing the stream: {e}")
-
-            def collect(stream: IO[bytes] | None, into: list[bytes]) -> None:
-                if stream is not None:
-                    into.extend(stream)
-
-            threads = [
-                threading.Thread(target=feed, daemon=True),
-                threading.Thread(target=collect, args=(tar.stderr, errs["tar"]), daemon=True),
-                threading.Thread(target=collect, args=(comp.stderr, errs["comp"]), daemon=True),
-            ]
-            drainer = threading.Thread(target=drain, daemon=True)
-            for th in [*threads, drainer]:
-                th.start()
-            deadline = None if timeout is None else t0 + timeout
-            while drainer.is_alive():
-                drainer.join(0.5)
-                if progress is not None:
-                    progress(
-                        ProgressUpdate(
-                            bytes_done=min(counted[0], total_bytes),
-                            total_bytes=total_bytes,
-                            total_files=total_files,
-                            eta_s=_eta(t0, counted[0], total_bytes),
-                        )
-                    )
-                if deadline is not None and _time.monotonic() > deadline:
-                    raise BackupError(
-                        f"tar did not finish within {timeout:g}s and was killed",
-                        "raise [backup] timeout",
-                    )
-            if failures:  # the destination went away: nothing will read the rest
-                for p in (tar, comp):
-                    kill_group(p)
-            tar_rc, comp_rc = tar.wait(), comp.wait()
-            for th in threads:
-                th.join(timeout=30)
-            tar_err = b"".join(errs["tar"]).decode(errors="replace")
-            comp_err = b"".join(errs["comp"]).decode(errors="replace")
-            if self.directory is not None:
-                out.flush()
-                os.fsync(out.fileno())
-            out.close()
-            sink_rc = 0
-            sink_err = ""
-            if sink_proc is not None:
-                sink_rc = sink_proc.wait(timeout=600)
-                sink_err_file.seek(0)
-                sink_err = sink_err_file.read().decode(errors="replace")
-            if tar_rc not in (0, 1) or comp_rc != 0 or sink_rc != 0 or failures:
-                detail = "; ".join(
-                    [f"tar exit {tar_rc}: {tar_err.strip()[-300:]}"] * (tar_rc not in (0, 1))
-                    + [f"{compress[0]} exit {comp_rc}: {comp_err.strip()[-300:]}"] * (comp_rc != 0)
-                    + [f"{self.command and self.command[0]} exit {sink_rc}: {sink_err[-300:]}"]
-                    * (sink_rc != 0)
-                    + failures
+        def tick() -> None:
+            assert progress is not None
+            done = tally.tar_bytes
+            progress(
+                ProgressUpdate(
+                    bytes_done=min(done, total_bytes),
+                    total_bytes=total_bytes,
+                    total_files=total_files,
+                    eta_s=_eta(t0, done, total_bytes),
                 )
-                raise BackupError(f"tar backup failed: {detail}")
-        except BaseException:
-            for p in procs:
-                if p.poll() is None:
-                    kill_group(p)
-            if sink is not None:
-                with contextlib.suppress(OSError):
-                    sink.close()
-            if part is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    part.unlink()
-            raise
-        finally:
-            sink_err_file.close()
-        hexdigest = digest.hexdigest()
+            )
+
+        on_tick = tick if progress is not None else None
+        part, tar_rc = self._write(tar_argv, file_name, tally, on_tick, timeout)
+        hexdigest = tally.digest.hexdigest()
         location = self._finish(part, file_name, hexdigest)
         return BackupResult(
             target=self.name,
@@ -274,13 +151,85 @@ class TarTarget(Target):
             bytes=total_bytes,
             files=total_files,
             duration_s=_time.monotonic() - t0,
-            bytes_added=written[0],
+            bytes_added=tally.out_bytes,
             files_new=total_files,
             files_changed=0,
             files_unmodified=0,
             location=location,
-            extra={"sha256": hexdigest, "stream_bytes": counted[0], "tar_warning": tar_rc == 1},
+            extra={
+                "sha256": hexdigest,
+                "stream_bytes": tally.tar_bytes,
+                "tar_warning": tar_rc == 1,
+            },
         )
+
+    def _write(
+        self,
+        tar_argv: list[str],
+        file_name: str,
+        tally: _Tally,
+        on_tick: Callable[[], None] | None,
+        timeout: float | None,
+    ) -> tuple[Path | None, int]:
+        """The stream into ``.NAME.part`` (renamed by the caller) or into the command;
+        nothing is left behind on failure. Returns (the part file, tar's exit code)."""
+        part: Path | None = None
+        sink: IO[bytes] | None = None
+        try:
+            if self.directory is not None:
+                make_private_dirs(self.directory)  # 0700; 0600 files: backups are private
+                fd, tmp_name = tempfile.mkstemp(
+                    prefix=f".{file_name}.", suffix=".part", dir=self.directory
+                )  # O_EXCL, 0600, a name nobody can guess
+                part = Path(tmp_name)
+                sink = os.fdopen(fd, "wb")
+            res = self._pipeline(tar_argv, file_name, tally, sink, on_tick, timeout)
+            if sink is not None:
+                sink.flush()
+                os.fsync(sink.fileno())
+                sink.close()
+            if res.timed_out:
+                raise BackupError(
+                    f"tar did not finish within {timeout:g}s and was killed",
+                    "raise [backup] timeout",
+                )
+            if res.failures:
+                raise BackupError(f"tar backup failed: {'; '.join(res.failures)}")
+        except BaseException:
+            if sink is not None:
+                with contextlib.suppress(OSError):
+                    sink.close()
+            if part is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+            raise
+        return part, res.stages[0].returncode
+
+    def _pipeline(
+        self,
+        tar_argv: list[str],
+        file_name: str,
+        tally: _Tally,
+        sink: IO[bytes] | None,
+        on_tick: Callable[[], None] | None,
+        timeout: float | None,
+    ) -> proc.PipelineResult:
+        """tar | (count) | compressor | (hash) | the file, or the command's stdin."""
+        stages = [
+            proc.Stage(tar_argv, ok=(0, 1), tap=tally.count),  # 1: some file changed as read
+            proc.Stage(COMPRESSORS[self.compression][0], tap=tally.hash),
+        ]
+        if self.command is not None:
+            stages.append(proc.Stage([a.replace("{name}", file_name) for a in self.command]))
+        try:
+            return proc.run_pipeline(
+                stages, sink=sink, timeout=timeout, on_tick=on_tick, cwd=None,
+                grace=KILL_GRACE, pdeathsig=STOP_SIGNAL,
+            )  # fmt: skip
+        except FileNotFoundError as e:
+            if self.command is not None and e.filename == stages[-1].argv[0]:
+                raise UsageError(f"the tar command {e.filename} was not found") from None
+            raise
 
     def _finish(self, part: Path | None, file_name: str, hexdigest: str) -> str:
         assert self.sha256_dir is not None
@@ -342,9 +291,10 @@ class TarTarget(Target):
         if got != want:
             return False, f"{file_name}: sha256 {got} != {want}"
         test = COMPRESSORS[self.compression][2]
-        p = subprocess.run([*test, str(path)], capture_output=True, text=True)
+        p = proc.run_bounded([*test, str(path)], timeout=None, cwd=None, pdeathsig=STOP_SIGNAL)
         if p.returncode != 0:
-            return False, f"{file_name}: {test[0]} -t failed: {p.stderr.strip()[-200:]}"
+            err = p.stderr.decode(errors="replace").strip()[-200:]
+            return False, f"{file_name}: {test[0]} -t failed: {err}"
         return True, f"{file_name}: ok"
 
     def check(self) -> CheckResult:
@@ -364,28 +314,28 @@ class TarTarget(Target):
             raise UsageError(f"no tar backup {snapshot_id} in {directory}")
         decompress = COMPRESSORS[self.compression][1]
         members = [p.strip("/") for p in paths or ()]
+        extract = [
+            "tar", "--extract", "--file=-", f"--directory={dest}", "--numeric-owner",
+            "--no-same-owner" if os.geteuid() else "--same-owner", "--", *members,
+        ]  # fmt: skip
         with open(path, "rb") as src:
-            dec = subprocess.Popen(
-                decompress, stdin=src, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-            )
-            assert dec.stdout is not None
-            tar = subprocess.run(
-                ["tar", "--extract", "--file=-", f"--directory={dest}", "--numeric-owner",
-                 "--no-same-owner" if os.geteuid() else "--same-owner", "--", *members],
-                stdin=dec.stdout, capture_output=True, text=True,
+            res = proc.run_pipeline(
+                [proc.Stage(decompress), proc.Stage(extract)], source=src, cwd=None,
+                grace=KILL_GRACE, pdeathsig=STOP_SIGNAL,
+                limit=1 << 20,  # tar's stderr is read below, line by line: keep it all
             )  # fmt: skip
-            dec.stdout.close()
-            dec_err = dec.stderr.read().decode(errors="replace") if dec.stderr else ""
-            dec.wait()
+        dec, tar = res.stages
+        tar_err = tar.stderr.decode(errors="replace")
         # Like restic and borg, a requested path that the backup lacks is not an error
         # here: the caller compares and reports it as missing.
         other = [
-            ln for ln in tar.stderr.splitlines()
+            ln for ln in tar_err.splitlines()
             if "Not found in archive" not in ln and "previous errors" not in ln
         ]  # fmt: skip
         if (tar.returncode != 0 and (other or not members)) or dec.returncode != 0:
+            dec_err = dec.stderr.decode(errors="replace")
             raise BackupError(
-                f"restoring {snapshot_id} failed: {tar.stderr.strip()[-300:]} {dec_err[-200:]}"
+                f"restoring {snapshot_id} failed: {tar_err.strip()[-300:]} {dec_err[-200:]}"
             )
         return dest
 
@@ -399,6 +349,23 @@ class TarTarget(Target):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         return PruneResult(list(decision.keep), decision.delete, _time.monotonic() - t0)
+
+
+class _Tally:
+    """What went through the pipeline: tar's bytes (progress), and the compressed stream's
+    bytes and sha256 (written beside it)."""
+
+    def __init__(self) -> None:
+        self.tar_bytes = 0
+        self.out_bytes = 0
+        self.digest = hashlib.sha256()
+
+    def count(self, chunk: bytes) -> None:
+        self.tar_bytes += len(chunk)
+
+    def hash(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.out_bytes += len(chunk)
 
 
 def _eta(t0: float, done: int, total: int) -> float | None:

@@ -56,16 +56,12 @@ NEEDS = {
 }
 
 
-def _run(*cmd: str) -> str:
-    return proc.check_tool(*cmd)
-
-
 class _Rows:
     """Reads the writer's "<time> <rows committed>" lines in a thread."""
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
+    def __init__(self, writer: subprocess.Popen[bytes]) -> None:
         self.acks: list[tuple[float, int]] = []
-        self.proc = proc
+        self.proc = writer
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -96,26 +92,28 @@ def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="quiesce-demo-", dir="/var/tmp"))
     mounted: list[Path] = []
     loops: list[str] = []
-    writer: subprocess.Popen[str] | None = None
+    writer: subprocess.Popen[bytes] | None = None
     try:
         host, data = base / "host", base / "data"
         host_img = base / "host-xfs.img"
         with open(host_img, "wb") as f:
             f.truncate(512 << 20)
-        _run("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(host_img))
-        loops.append(_run("losetup", "-f", "--show", str(host_img)).strip())
+        proc.check_tool("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(host_img))
+        loops.append(proc.check_tool("losetup", "-f", "--show", str(host_img)).strip())
         host.mkdir()
-        _run("mount", loops[-1], str(host))
+        proc.check_tool("mount", loops[-1], str(host))
         mounted.append(host)
         data_img = host / "data-ext4.img"
         with open(data_img, "wb") as f:
             f.truncate(96 << 20)
-        _run("mkfs.ext4", "-q", "-F", str(data_img))
+        proc.check_tool("mkfs.ext4", "-q", "-F", str(data_img))
         # direct I/O: the inner writes do not pile up as dirty pages of the image in the
         # host's page cache, which FICLONE would have to flush inside the window
-        loops.append(_run("losetup", "-f", "--show", "--direct-io=on", str(data_img)).strip())
+        loops.append(
+            proc.check_tool("losetup", "-f", "--show", "--direct-io=on", str(data_img)).strip()
+        )
         data.mkdir()
-        _run("mount", loops[-1], str(data))
+        proc.check_tool("mount", loops[-1], str(data))
         mounted.append(data)
         say(
             f"1. an ext4 volume at {escape(str(data))} ({loops[-1]}), its image on a "
@@ -126,11 +124,9 @@ def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
         assets.mkdir()
         for i in range(200):  # files that do not change between the runs
             (assets / f"img{i:03d}.bin").write_bytes(os.urandom(20_000))
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, text=True
-        )
+        writer = proc.spawn([sys.executable, "-c", WRITER, str(db)], stderr=None)
         assert writer.stdout is not None
-        if writer.stdout.readline().strip() != "ready":
+        if writer.stdout.readline().strip() != b"ready":
             raise QuiesceError("the demo's SQLite writer did not start")
         rows = _Rows(writer)
         time.sleep(0.5)
@@ -140,8 +136,7 @@ def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
         for n in (1, 2):
             runs.append(_one_run(n, job_file, state, cfg, rows, console, say))
             time.sleep(0.7)
-        writer.terminate()
-        writer.wait(timeout=30)
+        proc.kill_group(writer, grace=30)
         restored = _restore_and_check(runs[-1], cfg, state, base, say)
         result = {
             "runs": [r["summary"] for r in runs],
@@ -157,8 +152,7 @@ def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
         return result
     finally:
         if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.wait()
+            proc.kill_group(writer)
         _teardown(base, mounted, loops)
         say("cleaned up: writer stopped, volumes unmounted, loop devices detached, files removed")
 
@@ -295,13 +289,13 @@ def _teardown(base: Path, mounted: list[Path], loops: list[str]) -> None:
     # inner first: its loop device keeps the image on the host filesystem busy
     for i in reversed(range(len(mounted))):
         for _ in range(50):
-            if subprocess.run(["umount", str(mounted[i])], capture_output=True).returncode == 0:
+            if proc.try_tool("umount", str(mounted[i])):
                 break
             time.sleep(0.1)
         if i < len(loops):
-            subprocess.run(["losetup", "-d", loops[i]], capture_output=True)
+            proc.try_tool("losetup", "-d", loops[i])
     for dev in loops[len(mounted) :]:
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        proc.try_tool("losetup", "-d", dev)
     shutil.rmtree(base, ignore_errors=True)
 
 

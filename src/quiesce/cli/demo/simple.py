@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +40,6 @@ print(seq, stall)
 """
 
 
-def _run(*cmd: str) -> str:
-    return proc.check_tool(*cmd)
-
-
 def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, Any]:
     if fstype not in MKFS:
         raise UsageError(f"unknown filesystem {fstype!r}", "choose ext4, xfs or btrfs")
@@ -60,16 +55,14 @@ def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, A
     try:
         with open(image, "wb") as f:
             f.truncate(size_mb * 1024 * 1024)
-        _run(*mkfs, str(image))
-        device = _run("losetup", "-f", "--show", str(image)).strip()
+        proc.check_tool(*mkfs, str(image))
+        device = proc.check_tool("losetup", "-f", "--show", str(image)).strip()
         mnt.mkdir()
-        _run("mount", device, str(mnt))
+        proc.check_tool("mount", device, str(mnt))
         mounted = True
         say(f"made a {size_mb} MB {fstype} filesystem on {device}, mounted at {mnt}")
         log = mnt / "records.log"
-        writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(log), "1.5"], stdout=subprocess.PIPE, text=True
-        )
+        writer = proc.spawn([sys.executable, "-c", WRITER, str(log), "1.5"], stderr=None)
         time.sleep(0.4)
         say("a writer appends fsync'd, numbered records; freezing for 0.5 s ...")
         t0 = time.monotonic()
@@ -79,7 +72,7 @@ def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, A
             during = len(log.read_bytes().splitlines())
         thawed_after = time.monotonic() - t0
         stdout, _ = writer.communicate(timeout=30)
-        acked, stall = stdout.split()
+        acked, stall = stdout.decode().split()
         records = [int(x) for x in log.read_text().split()]
         intact = records == list(range(1, len(records) + 1)) and len(records) >= int(acked)
         result = {
@@ -115,12 +108,11 @@ def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, A
         return result
     finally:
         if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.wait()
+            proc.kill_group(writer)
         if mounted:
-            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+            proc.try_tool("umount", str(mnt))
         if device:
-            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+            proc.try_tool("losetup", "-d", device)
         with contextlib.suppress(OSError):
             shutil.rmtree(base)
         say("cleaned up: unmounted, loop device detached, image removed")
