@@ -25,7 +25,7 @@ from quiesce.providers.lvm import (
     split_dm_name,
 )
 from quiesce.providers.registry import get_provider
-from quiesce.sys.mounts import Mount, Target, Volume
+from quiesce.sys.mounts import Mount, MountRoot, Volume
 
 LVS_JSON = """\
   {
@@ -48,7 +48,7 @@ def member(mount_point: str, dev: str, fstype: str = "ext4", source: str = "") -
     """A resolved group member for a volume that only exists on paper (no fd)."""
     m = Mount(1, 0, dev, "/", mount_point, ("rw",), (), fstype, source or "/dev/x", ("rw",))
     vol = Volume(dev, fstype, m.source, [m])
-    return GroupMember(vol, [Target(mount_point, -1, m, vol)])
+    return GroupMember(vol, [MountRoot(mount_point, -1, m, vol)])
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from quiesce.providers.zfs import (
     pool_of,
     snapshot_suffix,
 )
-from quiesce.sys.mounts import Mount, Target, Volume
+from quiesce.sys.mounts import Mount, MountRoot, Volume
 
 ZFS_LIST = (  # two rows as printed in the VM, plus one snapshot quiesce did not make
     "qz/one@vmzfs-20261126T075816Z\t1795679897\t0\t25088\tvmzfs-20261126T075816Z\n"
@@ -30,7 +30,7 @@ ZFS_LIST = (  # two rows as printed in the VM, plus one snapshot quiesce did not
 def member(mount_point: str, fstype: str, source: str, dev: str = "0:50") -> GroupMember:
     m = Mount(1, 0, dev, "/", mount_point, ("rw",), (), fstype, source, ("rw",))
     vol = Volume(dev, fstype, source, [m])
-    return GroupMember(vol, [Target(mount_point, -1, m, vol)])
+    return GroupMember(vol, [MountRoot(mount_point, -1, m, vol)])
 
 
 def test_parse_zfs_list() -> None:

@@ -320,8 +320,7 @@ class Freezer:
             cause = _second_run(m, ours) or cause
             r.error = cause.message
         if rolled:
-            cause.message += "; rolled back: " + ", ".join(rolled)
-            cause.args = (cause.message,)
+            cause.add_context("rolled back: " + ", ".join(rolled))
         cause.details["window"] = self.window
         cause.details["outcomes"] = {v.mount_point: v.state for v in self.results}
         raise cause

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quiesce.errors import UnsafePlan, UnsupportedFilesystem
-from quiesce.sys.mounts import MountTable, Target, Volume, loop_backing_file, resolve
+from quiesce.sys.mounts import MountRoot, MountTable, Volume, loop_backing_file, resolve
 
 # Filesystems with no freeze_fs/freeze_super (kernel-freeze-facts §2).
 UNFREEZABLE = frozenset(
@@ -92,7 +92,7 @@ class GroupMember:
     """One volume of the plan and every user path that named it."""
 
     volume: Volume
-    targets: list[Target]
+    targets: list[MountRoot]
     skip: str | None = None  # why it is not frozen (read-only superblock)
 
     @property
@@ -207,7 +207,7 @@ def _self_hazards(table: MountTable, devs: set[str]) -> list[Hazard]:
     ]
 
 
-def _unfreezable_error(target: Target, table: MountTable) -> UnsupportedFilesystem:
+def _unfreezable_error(target: MountRoot, table: MountTable) -> UnsupportedFilesystem:
     fstype = target.mount.fstype
     hint = None
     if fstype == "overlay":
@@ -234,7 +234,7 @@ def make_plan(
 
         raise UsageError("no paths given", "name at least one mount point")
     table = table or MountTable.read()
-    targets: list[Target] = []
+    targets: list[MountRoot] = []
     try:
         for p in paths:
             t = resolve(p, table)

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quiesce.errors import UsageError
+from quiesce.sys import proc
 
 UNIT_DIR = Path("/etc/systemd/system")
 
@@ -180,9 +180,7 @@ def check_calendar(expr: str) -> None:
     """Refuse an OnCalendar= expression systemd cannot parse (when systemd-analyze exists)."""
     if shutil.which("systemd-analyze") is None:
         return
-    p = subprocess.run(
-        ["systemd-analyze", "calendar", expr], capture_output=True, text=True, check=False
-    )
+    p = proc.run_tool("systemd-analyze", "calendar", expr, timeout=30)
     if p.returncode != 0:
         raise UsageError(
             f"{expr!r} is not a systemd calendar expression",
@@ -214,7 +212,7 @@ def install(
             raise
         written.append(path)
     if reload and Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "daemon-reload"], check=False, capture_output=True)
+        proc.try_tool("systemctl", "daemon-reload")
     return written
 
 

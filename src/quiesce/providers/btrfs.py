@@ -28,7 +28,7 @@ from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import BtrfsOptions
 from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable, Target
+from quiesce.sys.mounts import MountRoot, MountTable
 
 # include/uapi/linux/btrfs.h
 BTRFS_SUBVOL_NAME_MAX = 4039
@@ -50,7 +50,7 @@ def snap_create_args(src_fd: int, name: str, read_only: bool = True) -> bytearra
 
 @dataclass
 class _Job:
-    target: Target
+    target: MountRoot
     slug: str
     dest_fd: int
     path: str
@@ -79,7 +79,7 @@ class BtrfsProvider(Provider):
     def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
         return FreezeMode.NONE
 
-    def _subvolumes(self, members: Sequence[GroupMember]) -> list[Target]:
+    def _subvolumes(self, members: Sequence[GroupMember]) -> list[MountRoot]:
         """One target per distinct subvolume: two subvolume mounts of one btrfs are one
         volume (one superblock) but two snapshots."""
         seen: set[int] = set()
@@ -92,7 +92,7 @@ class BtrfsProvider(Provider):
                     out.append(t)
         return out
 
-    def _dest(self, t: Target) -> str:
+    def _dest(self, t: MountRoot) -> str:
         dest = self.config.dest
         return os.path.abspath(dest) if dest else os.path.join(t.mount.mount_point, ".snapshots")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 from quiesce.errors import QuiesceError, UsageError
@@ -123,7 +122,7 @@ def _umount_one(target: str, table: MountTable) -> None:
     if source and source.startswith("/dev/loop") and loop_backing_file(source):
         still = MountTable.read()
         if not any(m.source == source for m in still.mounts):
-            subprocess.run(["losetup", "-d", source], capture_output=True)
+            proc.try_tool("losetup", "-d", source)
 
 
 def umount(target: str, state_dir: str | Path | None = None) -> list[str]:

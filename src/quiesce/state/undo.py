@@ -14,7 +14,6 @@ import contextlib
 import errno
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,10 +28,6 @@ UndoFn = Callable[[dict[str, Any]], None]
 
 class JournalError(QuiesceError):
     default_hint = "run `quiesce cleanup` again; see the message for what could not be removed"
-
-
-def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return proc.run_tool(*cmd, timeout=timeout)
 
 
 def _mounts_at(target: str) -> list[tuple[str, str]]:
@@ -66,9 +61,9 @@ def _undo_mount(e: dict[str, Any]) -> None:
         )
         if not ours:
             return  # someone else's mount sits there now: not ours to remove
-        p = _run("umount", target)
+        p = proc.run_tool("umount", target)
         if p.returncode != 0 and attempt >= 20:
-            p = _run("umount", "-l", target)
+            p = proc.run_tool("umount", "-l", target)
         if p.returncode != 0:
             time.sleep(0.1)
     if _mounts_at(target):
@@ -82,7 +77,7 @@ def _undo_loop(e: dict[str, Any]) -> None:
         devices.add(e["device"])
     for dev in sorted(devices):
         for _ in range(20):
-            p = _run("losetup", "-d", dev)
+            p = proc.run_tool("losetup", "-d", dev)
             if p.returncode == 0 or _backing(dev) != backing:
                 break
             time.sleep(0.1)
@@ -113,7 +108,8 @@ def _undo_dir(e: dict[str, Any]) -> None:
 
 def _undo_command(e: dict[str, Any]) -> None:
     argv = [str(a) for a in e["argv"]]
-    p = _run(*argv, timeout=float(e.get("timeout", 300)))
+    # a provider's delete command (lvremove) must not die half-way with quiesce
+    p = proc.run_tool(*argv, timeout=float(e.get("timeout", 300)), pdeathsig=None)
     if p.returncode != 0 and p.returncode not in e.get("ok_codes", []):
         raise JournalError(f"{argv[0]} exited {p.returncode}: {p.stderr.strip()[:200]}")
 

@@ -199,7 +199,7 @@ def loop_devices_of(backing: str) -> list[str]:
 
 
 @dataclass
-class Target:
+class MountRoot:
     """A user's path resolved to its mount and volume, with an fd kept open until the thaw."""
 
     path: str
@@ -213,7 +213,7 @@ class Target:
             self.fd = -1
 
 
-def resolve(path: str, table: MountTable) -> Target:
+def resolve(path: str, table: MountTable) -> MountRoot:
     """Open ``path`` and prove that it is the root of a mount.
 
     A path that is no longer mounted resolves to a directory of the parent filesystem
@@ -253,7 +253,7 @@ def resolve(path: str, table: MountTable) -> Target:
                 f"{path} is not a mount point: it is a directory on {mount.mount_point} "
                 f"({mount.fstype})"
             )
-        return Target(path=path, fd=fd, mount=mount, volume=table.volumes[mount.dev])
+        return MountRoot(path=path, fd=fd, mount=mount, volume=table.volumes[mount.dev])
     except BaseException:
         os.close(fd)
         raise

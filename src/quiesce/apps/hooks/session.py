@@ -18,28 +18,15 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from quiesce.apps.hooks.commands import KILL_GRACE
 from quiesce.apps.hooks.context import HookContext
 from quiesce.apps.hooks.results import HookResult, StepTimer
+from quiesce.sys import proc
 from quiesce.sys.proc import BoundedOutput, kill_group
 from quiesce.sys.redact import redact, redact_url
-
-
-def _spawn(argv: Sequence[str], env: Mapping[str, str], *, stdin: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        list(argv),
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if stdin == subprocess.DEVNULL else subprocess.PIPE,
-        env=dict(env),
-        cwd="/",  # never a cwd on a volume that is about to freeze
-        start_new_session=True,  # its own process group, killed as one
-        close_fds=True,
-    )
 
 
 @dataclass
@@ -126,7 +113,9 @@ class SessionHook:
         self.ctx.record(self.result)
         try:
             env = self.ctx.env("pre-freeze", self.spec.env)
-            self.proc = _spawn(self.spec.argv, env, stdin=subprocess.PIPE)
+            self.proc = proc.spawn(
+                self.spec.argv, env=env, stdin=subprocess.PIPE, pdeathsig=None
+            )  # outlives a killed quiesce on purpose: EOF on stdin tells it to release
         except OSError as e:
             self._fail("error", f"cannot run {self.spec.argv[0]}: {e.strerror}")
             return
