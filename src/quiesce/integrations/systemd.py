@@ -12,19 +12,18 @@ read-only snapshot mounts are invisible to the rest of the system and vanish wit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from quiesce.errors import UsageError
 from quiesce.sys import proc
+from quiesce.sys.files import write_atomic
 
 UNIT_DIR = Path("/etc/systemd/system")
 
@@ -198,18 +197,7 @@ def install(
     written = []
     for fname, text in units.items():
         path = directory / fname
-        fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, text, mode=0o644)
         written.append(path)
     if reload and Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
         proc.try_tool("systemctl", "daemon-reload")

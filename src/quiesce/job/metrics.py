@@ -16,13 +16,13 @@ import fcntl
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce.sys.files import write_atomic
 from quiesce.sys.redact import redact
 
 PREFIX = "quiesce_"
@@ -179,19 +179,7 @@ def write_textfile(path: str | Path, run: RunMetrics) -> str:
         previous = jobs.get(run.job, {}).get("last_success_timestamp_seconds")
         jobs[run.job] = run.samples(previous)
         text = render(jobs)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)  # node_exporter runs as its own user
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        write_atomic(path, text, mode=0o644)  # node_exporter runs as its own user
     return text
 
 

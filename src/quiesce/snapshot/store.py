@@ -6,9 +6,7 @@ the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from quiesce.state.statedir import (
     read_state_file,
 )
 from quiesce.state.statedir import state_dir as state_dir_path
+from quiesce.sys.files import write_atomic
 
 STATE_ENV = STATE_DIR_ENV
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -41,17 +40,7 @@ def _write_manifest(state: Path, man: Manifest) -> Path:
     after the thaw."""
     d = checked_subdir(state, "snapshots", create=True)
     path = d / f"{man.id}.json"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{man.id}.", suffix=".tmp")  # 0600, O_EXCL
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(man.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, man.to_json() + "\n")
     return path
 
 
