@@ -225,6 +225,32 @@ def _unfreezable_error(target: MountRoot, table: MountTable) -> UnsupportedFiles
     )
 
 
+def group_by_volume(targets: Sequence[MountRoot]) -> list[GroupMember]:
+    """One member per filesystem (two bind mounts of one superblock are one volume), in
+    the order the paths were given."""
+    members: dict[str, GroupMember] = {}
+    for t in targets:
+        if t.volume.dev in members:
+            members[t.volume.dev].targets.append(t)
+        else:
+            members[t.volume.dev] = GroupMember(t.volume, [t])
+    return list(members.values())
+
+
+def resolve_group(paths: Sequence[str], table: MountTable) -> list[GroupMember]:
+    """Resolve every path (fds kept open) and group them by volume; on a bad path the
+    fds opened so far are closed and its error raised."""
+    targets: list[MountRoot] = []
+    try:
+        for p in paths:
+            targets.append(resolve(p, table))
+    except BaseException:
+        for t in targets:
+            t.close()
+        raise
+    return group_by_volume(targets)
+
+
 def make_plan(
     paths: Sequence[str], *, allow_self: bool = False, table: MountTable | None = None
 ) -> Plan:
@@ -246,12 +272,7 @@ def make_plan(
             t.close()
         raise
 
-    members: dict[str, GroupMember] = {}
-    for t in targets:
-        if t.volume.dev in members:
-            members[t.volume.dev].targets.append(t)
-        else:
-            members[t.volume.dev] = GroupMember(t.volume, [t])
+    members = {m.volume.dev: m for m in group_by_volume(targets)}
 
     backing_of: dict[str, str] = {}
     for vol in table.volumes.values():

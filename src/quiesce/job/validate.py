@@ -419,20 +419,13 @@ def _backup_problems(raw: dict[str, Any]) -> list[Problem]:
 @contextlib.contextmanager
 def _members(vols: list[str], table: MountTable) -> Iterator[list[GroupMember]]:
     """The group as the run sees it (one member per filesystem), its targets closed after."""
-    from quiesce.freezing.plan import GroupMember
-    from quiesce.sys.mounts import resolve
+    from quiesce.freezing.plan import resolve_group
 
-    members: dict[str, GroupMember] = {}
+    members = resolve_group(vols, table)
     try:
-        for v in vols:
-            t = resolve(v, table)
-            if t.volume.dev in members:
-                members[t.volume.dev].targets.append(t)
-            else:
-                members[t.volume.dev] = GroupMember(t.volume, [t])
-        yield list(members.values())
+        yield members
     finally:
-        for m in members.values():
+        for m in members:
             for t in m.targets:
                 t.close()
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from quiesce.errors import QuiesceError, UnsupportedFilesystem, UsageError
 from quiesce.freezing.freezer import Freezer, Window
-from quiesce.freezing.plan import GroupMember, Plan, make_plan
+from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
 from quiesce.providers.base import FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
@@ -33,7 +33,7 @@ from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
 from quiesce.sys import kernel
-from quiesce.sys.mounts import MountTable, resolve
+from quiesce.sys.mounts import MountTable
 from quiesce.sys.units import human_duration
 
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -72,19 +72,7 @@ def _make_provider(
 
 def _plain_plan(paths: Sequence[str]) -> Plan:
     """A plan without freeze checks, for providers that never freeze (ZFS cannot)."""
-    table = MountTable.read()
-    members: dict[str, GroupMember] = {}
-    try:
-        for p in paths:
-            t = resolve(p, table)
-            if t.volume.dev in members:
-                members[t.volume.dev].targets.append(t)
-            else:
-                members[t.volume.dev] = GroupMember(t.volume, [t])
-    except BaseException:
-        Plan(list(members.values())).close()
-        raise
-    return Plan(list(members.values()))
+    return Plan(resolve_group(paths, MountTable.read()))
 
 
 def _plan_for(paths: Sequence[str], allow_self: bool, prov: Provider) -> Plan:
