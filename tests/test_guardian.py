@@ -233,25 +233,37 @@ def rig(loopfs: Any, writer_factory: Callable[..., Writer], tmp_path: Path) -> I
 
 # -- 1. SIGKILL at every phase ------------------------------------------------------------------
 
-GUARDIAN_STATES_AT = {
+GUARDIAN_STATES_AT = {  # one volume at a time (--serial)
     "prepare": ["idle", "idle", "idle"],
     "freeze:1": ["frozen", "idle", "idle"],
     "window": ["frozen", "frozen", "frozen"],
     "thaw:1": ["frozen", "frozen", "thawed"],
 }
+CONCURRENT_STATES_AT = {  # three independent volumes: one wave
+    "prepare": ["idle", "idle", "idle"],
+    "freeze:1": ["frozen", "frozen", "frozen"],
+    "thaw:1": ["thawed", "thawed", "thawed"],
+}
+PHASES = [(f, "serial") for f in GUARDIAN_STATES_AT] + [
+    (f, "concurrent") for f in CONCURRENT_STATES_AT
+]
 
 
-@pytest.mark.parametrize("fault", list(GUARDIAN_STATES_AT))
-def test_sigkill_of_the_controller_at_any_phase_thaws_at_once(rig: Rig, fault: str) -> None:
+@pytest.mark.parametrize(("fault", "mode"), PHASES)
+def test_sigkill_of_the_controller_at_any_phase_thaws_at_once(
+    rig: Rig, fault: str, mode: str
+) -> None:
     vols = rig.volumes(3)
     paths = [v.path for v in vols]
-    proc = rig.controller(paths, fault=fault, args=["--timeout", "60", "--lease", "60"])
+    serial = ["--serial"] if mode == "serial" else []
+    expected = (GUARDIAN_STATES_AT if serial else CONCURRENT_STATES_AT)[fault]
+    proc = rig.controller(paths, fault=fault, args=["--timeout", "60", "--lease", "60", *serial])
     wait_stopped(proc)
     gpid = rig.track(guardian_of(proc.pid))
     st = status(gpid)
     assert [v["mount_point"] for v in st["volumes"]] == paths
-    assert [v["state"] for v in st["volumes"]] == GUARDIAN_STATES_AT[fault]
-    frozen = [p for p, s in zip(paths, GUARDIAN_STATES_AT[fault], strict=True) if s == "frozen"]
+    assert [v["state"] for v in st["volumes"]] == expected
+    frozen = [p for p, s in zip(paths, expected, strict=True) if s == "frozen"]
     if frozen:
         assert not is_writable(frozen[-1], timeout=0.5), "fault point reached but not frozen?"
 

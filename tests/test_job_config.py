@@ -40,7 +40,7 @@ BAD = [
     (  # unknown key, with a suggestion
         'volumes = ["/v"]\non_hook_falure = "abort"\n[provider]\ntype = "reflink"\n',
         ("on_hook_falure", "unknown key",
-         "did you mean 'on_hook_failure'? allowed here: allow_self, backup, hooks, "
+         "did you mean 'on_hook_failure'? allowed here: allow_self, backup, expedite, hooks, "
          "metrics_file, name, on_hook_failure, provider, retention, state_dir, syncfs, "
          "timeouts, volumes, writers"),
     ),

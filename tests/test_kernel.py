@@ -27,13 +27,16 @@ def wait_for_acks(w: Writer, above: int, timeout: float = 15.0) -> bool:
     return False
 
 
+@pytest.mark.parametrize("expedite", [True, False], ids=["expedited", "normal-rcu"])
 @pytest.mark.parametrize("fstype", FSTYPES)
-def test_writer_blocks_while_frozen_and_loses_nothing(loopfs, writer_factory, fstype: str) -> None:
+def test_writer_blocks_while_frozen_and_loses_nothing(
+    loopfs, writer_factory, fstype: str, expedite: bool
+) -> None:
     fs: LoopFS = loopfs(fstype)
     w: Writer = writer_factory(fs.path)
     assert wait_for_acks(w, 5), "writer did not start"
 
-    with quiesce.freeze(fs.path, timeout=30) as window:
+    with quiesce.freeze(fs.path, timeout=30, expedite=expedite) as window:
         frozen_at = lines_on_disk(w.file)
         assert not is_writable(fs.path, timeout=0.5)
         time.sleep(0.3)
@@ -51,7 +54,13 @@ def test_writer_blocks_while_frozen_and_loses_nothing(loopfs, writer_factory, fs
     (vol,) = window.volumes
     assert (vol.state, vol.thawed_by, vol.fstype) == ("thawed", "controller", fstype)
     assert vol.paths == [fs.path]
-    assert vol.syncfs_s is not None and vol.syncfs_s > 0  # measured, before the window
+    assert window.expedite == ("on" if expedite else "off")
+    if window.syncfs == "done":
+        assert vol.syncfs_s is not None and vol.syncfs_s > 0  # measured, before the window
+    else:  # little dirty: the expedited freeze flushes it faster than a syncfs would
+        assert expedite and window.syncfs.startswith("skipped: ") and vol.syncfs_s is None
+    if not expedite:
+        assert window.syncfs == "done"
     for t in (vol.freeze_s, vol.thaw_s):  # measured, and inside the window
         assert t is not None and 0 < t < window.duration
     assert vol.freeze_s + vol.frozen_for_s <= window.duration + 1e-6

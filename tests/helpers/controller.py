@@ -1,6 +1,7 @@
 """A minimal controller for fault-injection tests and bench/guardian.py.
 
-Usage: controller.py [--timeout T] [--lease L] [--hold S] [--no-syncfs] [--raw] PATH...
+Usage: controller.py [--timeout T] [--lease L] [--hold S] [--no-syncfs] [--serial]
+[--no-expedite] [--raw] PATH...
 
 Default mode: freeze PATHS with ``quiesce.freeze``, hold the window for --hold seconds,
 thaw, print one JSON object on stdout ({"ok", error fields, "window"}) and exit with the
@@ -34,7 +35,12 @@ def run_freezer(args: argparse.Namespace) -> int:
     window: quiesce.Window | None = None
     try:
         with quiesce.freeze(
-            args.paths, timeout=args.timeout, lease=args.lease, syncfs=not args.no_syncfs
+            args.paths,
+            timeout=args.timeout,
+            lease=args.lease,
+            syncfs=not args.no_syncfs,
+            concurrent=not args.serial,
+            expedite=not args.no_expedite,
         ) as window:
             time.sleep(args.hold)
         result = {"ok": True}
@@ -70,6 +76,8 @@ def main() -> int:
     ap.add_argument("--lease", type=float, default=30.0)
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--no-syncfs", action="store_true")
+    ap.add_argument("--serial", action="store_true", help="one volume at a time")
+    ap.add_argument("--no-expedite", action="store_true")
     ap.add_argument("--raw", action="store_true")
     ap.add_argument("paths", nargs="+")
     args = ap.parse_args()

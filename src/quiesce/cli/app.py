@@ -31,7 +31,7 @@ from quiesce.errors import (
 )
 from quiesce.freezing import guardian
 from quiesce.freezing.freezer import Freezer, Window
-from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds
+from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds, expedite
 from quiesce.freezing.guardian.client import THAW_S
 from quiesce.freezing.plan import Plan, make_plan
 from quiesce.sys import kernel, proc
@@ -86,6 +86,14 @@ LeaseOpt = Annotated[
 ]
 NoSyncfs = Annotated[
     bool, typer.Option("--no-syncfs", help="Skip the syncfs() that shortens the freeze window.")
+]
+NoExpedite = Annotated[
+    bool,
+    typer.Option(
+        "--no-expedite",
+        help="Do not expedite RCU grace periods while freezing (machine-wide "
+        "/sys/kernel/rcu_expedited, set only until the last FIFREEZE returns).",
+    ),
 ]
 
 
@@ -155,6 +163,7 @@ def freeze_cmd(
     lease: LeaseOpt = DEFAULT_LEASE,
     allow_self: AllowSelf = False,
     no_syncfs: NoSyncfs = False,
+    no_expedite: NoExpedite = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Freeze and return, leaving the guardian holding the freeze until `quiesce thaw`
@@ -165,7 +174,13 @@ def freeze_cmd(
             # With --allow-self our own output may go to a volume that stays frozen after
             # we return: printing there would hang this process. Stay silent then.
             silent = _stream_is_on(plan, 1) or _stream_is_on(plan, 2)
-            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            freezer = Freezer(
+                plan,
+                timeout=timeout,
+                lease=lease,
+                syncfs=not no_syncfs,
+                expedite=not no_expedite,
+            )
             window = freezer.freeze()
             freezer.hold()
     except QuiesceError as e:
@@ -296,6 +311,7 @@ def status_cmd(as_json: JsonOpt = False) -> None:
     except QuiesceError as e:
         raise fail(e, as_json) from None
     jobs = running(state_dir())
+    rcu = expedite.holders()
     if as_json:
         emit_json(
             {
@@ -303,9 +319,14 @@ def status_cmd(as_json: JsonOpt = False) -> None:
                 "history": seen.finished,
                 "not_answering": [{"pid": p, "why": w} for p, w in sorted(seen.silent.items())],
                 "running": [asdict(j) for j in jobs],
+                "rcu_expedited": rcu,
             }
         )
         return
+    rcu_line = expedite.describe(rcu)
+    if rcu_line:
+        dead = not any(h["alive"] for h in (rcu or {}).get("holders", []))
+        _say(err, "warning:" if dead else "note:", "yellow", rcu_line)
     for j in jobs:
         since = time.strftime("%H:%M:%S", time.localtime(j.since))
         out.print(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
@@ -361,6 +382,7 @@ def exec_cmd(
     lease: LeaseOpt = DEFAULT_LEASE,
     allow_self: AllowSelf = False,
     no_syncfs: NoSyncfs = False,
+    no_expedite: NoExpedite = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Freeze PATHS, run `-- CMD ARGS` (the snapshot), thaw, and exit with CMD's status.
@@ -380,7 +402,13 @@ def exec_cmd(
             env = os.environ | {
                 "QUIESCE_VOLUMES": "\n".join(m.name for m in plan.members if not m.skip)
             }
-            freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=not no_syncfs)
+            freezer = Freezer(
+                plan,
+                timeout=timeout,
+                lease=lease,
+                syncfs=not no_syncfs,
+                expedite=not no_expedite,
+            )
             window = freezer.freeze()
             try:
                 rc, cmd_out, cmd_err, killed = _run_in_window(

@@ -101,6 +101,14 @@ def create_cmd(
     no_syncfs: Annotated[bool, typer.Option("--no-syncfs", help="Skip the pre-freeze syncfs.")] = (
         False
     ),
+    no_expedite: Annotated[
+        bool,
+        typer.Option(
+            "--no-expedite",
+            help="Do not expedite RCU grace periods while freezing (machine-wide, "
+            "set only until the last FIFREEZE returns).",
+        ),
+    ] = False,
     allow_self: Annotated[
         bool, typer.Option("--allow-self", help="Allow a volume quiesce itself needs.")
     ] = False,
@@ -117,6 +125,7 @@ def create_cmd(
             timeout=timeout,
             lease=lease,
             syncfs=not no_syncfs,
+            expedite=not no_expedite,
             allow_self=allow_self,
             state_dir=state_dir,
         )

@@ -13,8 +13,9 @@ import errno
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from quiesce.freezing.guardian import (
     check_seconds,
     holder_of,
 )
+from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.plan import GroupMember, Plan, make_plan
 from quiesce.sys import kernel
 from quiesce.sys.proc import signals_deferred
@@ -36,7 +38,8 @@ FAULT_ENV = "QUIESCE_FAULT"
 itself at that phase so a test can SIGKILL it there, deterministically. Phases:
 ``prepare`` (guardian started, nothing frozen), ``freeze:N`` (after the N-th freeze),
 ``window`` (all frozen), ``thaw:N`` (after the N-th thaw), ``fail`` (a freeze failed, before
-the rollback). ``guardian:raise`` makes the guardian raise on its next client request."""
+the rollback). ``guardian:raise`` makes the guardian raise on its next client request.
+Several, comma-separated: ``freeze:1,guardian:raise``."""
 
 
 @dataclass
@@ -69,6 +72,11 @@ class Window:
     expired_reason: str | None = None
     guardian_pid: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # expedited RCU grace periods while freezing: on, off (not asked), already-on (the
+    # admin's setting), unavailable (read-only /sys, rcu_normal=1); None: nothing frozen
+    expedite: str | None = None
+    syncfs: str | None = None  # done, off, or "skipped: N MiB dirty machine-wide"
+    waves: list[list[str]] = field(default_factory=list)  # mount points frozen together
 
     @property
     def duration(self) -> float | None:
@@ -93,6 +101,9 @@ class Window:
             "thawed_by": self.thawed_by,
             "expired_reason": self.expired_reason,
             "guardian_pid": self.guardian_pid,
+            "expedite": self.expedite,
+            "syncfs": self.syncfs,
+            "waves": self.waves,
             "volumes": vols,
             "warnings": self.warnings,
         }
@@ -106,6 +117,7 @@ class _InProcess:
 
     def __init__(self, vols: Sequence[GuardedVolume]) -> None:
         self.vols = vols
+        self.rcu = Expedite(os.getpid())
 
     def freeze(self, idx: int) -> dict[str, Any]:
         t0 = time.monotonic_ns()
@@ -117,6 +129,12 @@ class _InProcess:
         code = kernel.thaw_errno(self.vols[idx].fd)
         return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
 
+    def freeze_wave(self, idxs: Sequence[int], expedite: str = "") -> dict[str, Any]:
+        return _run_wave(self.freeze, idxs, expedite, self.rcu)
+
+    def thaw_wave(self, idxs: Sequence[int]) -> dict[str, Any]:
+        return _run_wave(self.thaw, idxs, "", None)
+
     def poll_expired(self) -> None:
         return None
 
@@ -124,11 +142,94 @@ class _InProcess:
         raise QuiesceError("a held freeze needs the guardian", "use guardian=True")
 
     def close(self) -> None:
-        pass
+        self.rcu.release()
+
+
+def _run_wave(
+    one: Callable[[int], dict[str, Any]],
+    idxs: Sequence[int],
+    expedite: str,
+    rcu: Expedite | None,
+) -> dict[str, Any]:
+    """The guardian's wave, in this process: one thread per volume."""
+    results: dict[str, dict[str, Any]] = {}
+    ok = False
+    try:
+        if rcu is not None and expedite in ("set", "set-restore"):
+            rcu.acquire()
+
+        def run(i: int) -> None:
+            try:
+                results[str(i)] = one(i)
+            except OSError as e:
+                results[str(i)] = {"ok": False, "errno": e.errno or errno.EIO}
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in idxs[1:]]
+        for t in threads:
+            t.start()
+        run(idxs[0])
+        for t in threads:
+            t.join()
+        ok = all(r.get("ok") for r in results.values())
+    finally:
+        if rcu is not None and (expedite in ("restore", "set-restore") or not ok):
+            rcu.release()
+    state = rcu.state if rcu is not None else None
+    reason = rcu.reason if rcu is not None else None
+    return {"ok": ok, "results": results, "expedite": state, "expedite_reason": reason}
+
+
+def waves(plan: Plan, members: Sequence[GroupMember]) -> list[list[int]]:
+    """Indices of ``members`` (in plan order) in waves: a volume goes one wave after the
+    last volume that must freeze before it (a loop image's fs before the fs holding the
+    image); volumes in one wave have no order between them and freeze concurrently."""
+    index = {m.volume.dev: i for i, m in enumerate(members)}
+    level = [0] * len(members)
+    for i, m in enumerate(members):
+        for dev in plan.inners(m.volume.dev):
+            j = index.get(dev)
+            if j is not None and j < i:
+                level[i] = max(level[i], level[j] + 1)
+    out: list[list[int]] = [[] for _ in range(max(level, default=-1) + 1)]
+    for i, lv in enumerate(level):
+        out[lv].append(i)
+    return out
+
+
+SYNCFS_SKIP_BELOW = 4 << 20  # bytes dirty machine-wide (see Freezer._presync)
+
+
+def dirty_bytes() -> int | None:
+    """Dirty + Writeback pages machine-wide (/proc/meminfo): an upper bound of what any
+    one volume has to flush, read in microseconds."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    total = 0
+    for line in data.splitlines():
+        if line.startswith((b"Dirty:", b"Writeback:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+# (first wave, last wave) -> what the guardian does with rcu_expedited around the wave
+_EXPEDITE_STEP = {(True, True): "set-restore", (True, False): "set", (False, True): "restore"}
+
+
+def _volume_result(reply: dict[str, Any], k: int) -> dict[str, Any]:
+    """Volume ``k``'s part of a wave's reply (a refused wave: its expiry or error)."""
+    res = (reply.get("results") or {}).get(str(k))
+    if isinstance(res, dict):
+        return res
+    if reply.get("expired"):
+        return {"ok": False, "expired": reply["expired"]}
+    return {"ok": False, "errno": errno.EIO, "error": reply.get("error")}
 
 
 def _fault_point(phase: str, wanted: str | None) -> None:
-    if wanted == phase:
+    if wanted is not None and phase in wanted.split(","):
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
@@ -158,13 +259,20 @@ class Freezer:
         lease: float = DEFAULT_LEASE,
         syncfs: bool = True,
         guardian: bool = True,
+        expedite: bool = True,
+        concurrent: bool = True,
     ) -> None:
+        """``expedite``: expedited RCU grace periods while the group freezes (machine-wide,
+        restored at once; see guardian/expedite.py). ``concurrent``: freeze volumes with
+        no order between them at once (False: one after another, in plan order)."""
         plan.check()
         self.plan = plan
         self.timeout = check_seconds("timeout", timeout)
         self.lease = check_seconds("lease", lease, zero_ok=True)
         self.syncfs = syncfs
         self.use_guardian = guardian
+        self.expedite = expedite
+        self.concurrent = concurrent
         self.members: list[GroupMember] = [m for m in plan.members if not m.skip]
         self.results = [
             VolumeResult(m.name, m.paths, m.volume.dev, m.volume.fstype) for m in self.members
@@ -179,6 +287,10 @@ class Freezer:
                     VolumeResult(m.name, m.paths, m.volume.dev, m.volume.fstype, state="skipped",
                                  error=m.skip)
                 )  # fmt: skip
+        self.waves = (
+            waves(plan, self.members) if concurrent else [[k] for k in range(len(self.members))]
+        )
+        self.window.waves = [[self.members[k].name for k in w] for w in self.waves]
         self._exec: GuardianHandle | _InProcess | None = None
         self._fault = os.environ.get(FAULT_ENV) or None
         self._saved_bytecode = sys.dont_write_bytecode
@@ -198,7 +310,7 @@ class Freezer:
 
     # -- freeze --------------------------------------------------------------------------
     def freeze(self) -> Window:
-        """Prepare (guardian, syncfs), then freeze every volume in plan order.
+        """Prepare (guardian, syncfs), then freeze the group wave by wave (plan order).
 
         On failure, the volumes frozen so far are thawed at once and the typed error of
         the failing volume is raised, naming every volume's outcome.
@@ -214,28 +326,77 @@ class Freezer:
         else:
             self._exec = _InProcess(specs)
         _fault_point("prepare", self._fault)
-        if self.syncfs:
-            for m, r in zip(self.members, self.results, strict=True):
-                t0 = time.monotonic_ns()
-                try:
-                    kernel.syncfs(m.fd)
-                except OSError as e:
-                    self.window.warnings.append(f"syncfs {m.name} failed: {e.strerror}")
-                r.syncfs_s = (time.monotonic_ns() - t0) / 1e9
+        self._presync()
         with signals_deferred(), self._abort_on_surprise():
-            for k, (m, r) in enumerate(zip(self.members, self.results, strict=True)):
-                res = self._exec.freeze(k)
-                if res.get("ok"):
-                    r.state = "frozen"
-                    r.freeze_s = (res["end"] - res["start"]) / 1e9
-                    r._frozen_ns = res["end"]
-                    if self.window.start_ns is None:
-                        self.window.start_ns = res["start"]
-                    _fault_point(f"freeze:{k + 1}", self._fault)
-                    continue
-                self._fail(k, m, r, res)
+            n = len(self.waves)
+            for w, wave in enumerate(self.waves):
+                first, last = w == 0, w == n - 1
+                how = _EXPEDITE_STEP.get((first, last), "") if self.expedite else ""
+                reply = self._exec.freeze_wave(wave, how)
+                self._note_expedite(reply)
+                failures = []
+                for k in wave:
+                    res = _volume_result(reply, k)
+                    r = self.results[k]
+                    if res.get("ok"):
+                        r.state = "frozen"
+                        r.freeze_s = (res["end"] - res["start"]) / 1e9
+                        r._frozen_ns = res["end"]
+                        if self.window.start_ns is None or res["start"] < self.window.start_ns:
+                            self.window.start_ns = res["start"]
+                    else:
+                        failures.append((k, res))
+                if failures:
+                    self._fail(failures)
+                _fault_point(f"freeze:{w + 1}", self._fault)
         _fault_point("window", self._fault)
         return self.window
+
+    def _presync(self) -> None:
+        """syncfs every volume at once, so that FIFREEZE only flushes the remainder.
+
+        Skipped when expediting and the whole machine has less than SYNCFS_SKIP_BELOW
+        dirty: then the freeze's own flush is short, and a syncfs would only stall an
+        fsync'ing writer (a journal commit and a device flush) outside the window."""
+        if not self.syncfs:
+            self.window.syncfs = "off"
+            return
+        dirty = dirty_bytes()
+        if self.expedite and dirty is not None and dirty < SYNCFS_SKIP_BELOW:
+            self.window.syncfs = f"skipped: {dirty / 2**20:.1f} MiB dirty machine-wide"
+            return
+        self.window.syncfs = "done"
+
+        def one(m: GroupMember, r: VolumeResult) -> None:
+            t0 = time.monotonic_ns()
+            try:
+                kernel.syncfs(m.fd)
+            except OSError as e:
+                self.window.warnings.append(f"syncfs {m.name} failed: {e.strerror}")
+            r.syncfs_s = (time.monotonic_ns() - t0) / 1e9
+
+        pairs = list(zip(self.members, self.results, strict=True))
+        threads = [threading.Thread(target=one, args=p, daemon=True) for p in pairs[1:]]
+        for t in threads:
+            t.start()
+        one(*pairs[0])
+        for t in threads:
+            t.join()
+
+    def _note_expedite(self, reply: dict[str, Any]) -> None:
+        if not self.expedite:
+            self.window.expedite = "off"
+            return
+        state = reply.get("expedite")
+        if state not in ("on", "already-on", "unavailable", "off"):
+            return
+        if state == "unavailable" and self.window.expedite != "unavailable":
+            self.window.warnings.append(
+                f"expedited RCU grace periods unavailable ({reply.get('expedite_reason')}): "
+                "froze with normal grace periods (a longer window)"
+            )
+        if self.window.expedite in (None, "off"):
+            self.window.expedite = state
 
     @contextlib.contextmanager
     def _abort_on_surprise(self) -> Iterator[None]:
@@ -284,38 +445,51 @@ class Freezer:
                 self.window.warnings.append(note)
             return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
 
-    def _fail(self, k: int, m: GroupMember, r: VolumeResult, res: dict[str, Any]) -> None:
+    def _fail(self, failures: list[tuple[int, dict[str, Any]]]) -> None:
+        """Some volumes of a wave did not freeze: thaw every volume frozen so far (reverse
+        waves), raise the first failure's typed error (plan order)."""
         assert self._exec is not None
-        if res.get("expired"):
-            cause: QuiesceError = FreezeExpired(
-                f"the guardian thawed the group while {m.name} was being frozen "
-                f"({res['expired'].get('reason')})"
-            )
-        else:
-            code = res.get("errno", errno.EIO)
-            cause = kernel.error_for(code, "freeze", m.name, m.volume.fstype)
-            r.state = "foreign" if code == errno.EBUSY else "failed"
-        r.error = cause.message
-        for j in range(k + 1, len(self.results)):
-            self.results[j].state = "not-attempted"
+        cause: QuiesceError | None = None
+        cause_k = failures[0][0]
+        for k, res in failures:
+            m, r = self.members[k], self.results[k]
+            if res.get("expired"):
+                err: QuiesceError = FreezeExpired(
+                    f"the guardian thawed the group while {m.name} was being frozen "
+                    f"({res['expired'].get('reason')})"
+                )
+            else:
+                code = res.get("errno", errno.EIO)
+                err = kernel.error_for(code, "freeze", m.name, m.volume.fstype)
+                r.state = "foreign" if code == errno.EBUSY else "failed"
+            r.error = err.message
+            if cause is None:
+                cause = err
+        assert cause is not None
+        tried = {k for k, _ in failures}
+        for j, r in enumerate(self.results):
+            if r.state == "pending" and j not in tried:
+                r.state = "not-attempted"
         rolled = []
         _fault_point("fail", self._fault)
-        for j in range(k - 1, -1, -1):
-            back = self._thaw_member(j)
-            rj = self.results[j]
-            if back.get("ok") or back.get("expired"):
-                rj.state = "rolled-back"
-                rj.thawed_by = "guardian" if back.get("expired") else "controller"
-                rolled.append(f"{rj.mount_point} thawed")
-            else:
-                rj.state = "thaw-failed"
-                rj.error = kernel.error_for(
-                    back.get("errno", errno.EIO), "thaw", rj.mount_point
-                ).message
-                rolled.append(f"{rj.mount_point} STILL FROZEN ({rj.error})")
+        for wave in reversed(self.waves):
+            ks = [j for j in wave if self.results[j].state == "frozen"]
+            for j, back in self._thaw_wave(ks).items():
+                rj = self.results[j]
+                if back.get("ok") or back.get("expired"):
+                    rj.state = "rolled-back"
+                    rj.thawed_by = "guardian" if back.get("expired") else "controller"
+                    rolled.append(f"{rj.mount_point} thawed")
+                else:
+                    rj.state = "thaw-failed"
+                    rj.error = kernel.error_for(
+                        back.get("errno", errno.EIO), "thaw", rj.mount_point
+                    ).message
+                    rolled.append(f"{rj.mount_point} STILL FROZEN ({rj.error})")
         self.window.end_ns = time.monotonic_ns()
         ours = self.window.guardian_pid
         self._finish()
+        m, r = self.members[cause_k], self.results[cause_k]
         if r.state == "foreign":  # after the rollback: asking costs no window time
             cause = _second_run(m, ours) or cause
             r.error = cause.message
@@ -324,6 +498,17 @@ class Freezer:
         cause.details["window"] = self.window
         cause.details["outcomes"] = {v.mount_point: v.state for v in self.results}
         raise cause
+
+    def _thaw_wave(self, ks: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Thaw volumes ``ks`` (one wave) at once; a lost guardian: one by one, by us."""
+        assert self._exec is not None
+        if not ks:
+            return {}
+        try:
+            reply = self._exec.thaw_wave(ks)
+        except GuardianError:
+            return {k: self._thaw_member(k) for k in sorted(ks, reverse=True)}
+        return {k: _volume_result(reply, k) for k in sorted(ks, reverse=True)}
 
     # -- thaw ----------------------------------------------------------------------------
     def expired(self) -> dict[str, Any] | None:
@@ -337,33 +522,33 @@ class Freezer:
             return self.window
         failed: list[VolumeResult] = []
         with signals_deferred():
-            n = 0
-            for k in range(len(self.results) - 1, -1, -1):
-                r = self.results[k]
-                if r.state != "frozen":
+            for n, wave in enumerate(reversed(self.waves), start=1):
+                ks = [k for k in wave if self.results[k].state == "frozen"]
+                if not ks:
                     continue
-                res = self._thaw_member(k)
-                n += 1
-                if res.get("expired"):
-                    continue  # filled in below from the guardian's account
-                code = res.get("errno", errno.EIO)
-                if res.get("ok"):
-                    r.state, r.thawed_by = "thawed", "controller"
-                elif code == errno.EINVAL:
-                    r.state, r.thawed_by = "thawed", "someone-else"
-                    self.window.warnings.append(
-                        f"{r.mount_point} was thawed by someone else during the window: "
-                        "a snapshot taken after that is not consistent"
-                    )
-                else:
-                    r.state = "thaw-failed"
-                    r.error = kernel.error_for(code, "thaw", r.mount_point, r.fstype).message
-                    failed.append(r)
-                    continue
-                r.thaw_s = (res["end"] - res["start"]) / 1e9
-                if r._frozen_ns is not None:
-                    r.frozen_for_s = (res["start"] - r._frozen_ns) / 1e9
-                self.window.end_ns = res["end"]
+                for k, res in self._thaw_wave(ks).items():
+                    r = self.results[k]
+                    if res.get("expired"):
+                        continue  # filled in below from the guardian's account
+                    code = res.get("errno", errno.EIO)
+                    if res.get("ok"):
+                        r.state, r.thawed_by = "thawed", "controller"
+                    elif code == errno.EINVAL:
+                        r.state, r.thawed_by = "thawed", "someone-else"
+                        self.window.warnings.append(
+                            f"{r.mount_point} was thawed by someone else during the window: "
+                            "a snapshot taken after that is not consistent"
+                        )
+                    else:
+                        r.state = "thaw-failed"
+                        r.error = kernel.error_for(code, "thaw", r.mount_point, r.fstype).message
+                        failed.append(r)
+                        continue
+                    r.thaw_s = (res["end"] - res["start"]) / 1e9
+                    if r._frozen_ns is not None:
+                        r.frozen_for_s = (res["start"] - r._frozen_ns) / 1e9
+                    if self.window.end_ns is None or res["end"] > self.window.end_ns:
+                        self.window.end_ns = res["end"]
                 _fault_point(f"thaw:{n}", self._fault)
         expired = self._exec.expired
         self._finish()
@@ -427,18 +612,29 @@ def freeze(
     allow_self: bool = False,
     syncfs: bool = True,
     guardian: bool = True,
+    expedite: bool = True,
+    concurrent: bool = True,
 ) -> Iterator[Window]:
     """Freeze the filesystems mounted at ``paths`` as one group; thaw on exit.
 
     The guardian thaws the group if ``timeout`` seconds pass after the first freeze, if
     this process stops renewing its ``lease``, or if it dies. Leaving the block after
     such a thaw raises :class:`FreezeExpired`: whatever was snapshotted after it is not
-    consistent. Thaws on exceptions and KeyboardInterrupt too.
+    consistent. Thaws on exceptions and KeyboardInterrupt too. ``expedite`` and
+    ``concurrent``: see :class:`Freezer`.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [os.fspath(paths)]
     with make_plan([os.fspath(p) for p in paths], allow_self=allow_self) as plan:
-        freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=syncfs, guardian=guardian)
+        freezer = Freezer(
+            plan,
+            timeout=timeout,
+            lease=lease,
+            syncfs=syncfs,
+            guardian=guardian,
+            expedite=expedite,
+            concurrent=concurrent,
+        )
         window = freezer.freeze()
         try:
             yield window

@@ -106,6 +106,7 @@ def _run_locked(job: Job, report: Report) -> Report:
             timeout=c.timeouts.freeze,
             lease=c.timeouts.lease,
             syncfs=c.syncfs,
+            expedite=c.expedite,
             allow_self=c.allow_self,
             state_dir=Path(c.state_dir) if c.state_dir else None,
             quiescers=quiescers,

@@ -202,6 +202,7 @@ class JobConfig(_Strict):
     provider: ProviderConfig
     allow_self: bool = False
     syncfs: bool = True
+    expedite: bool = True  # expedited RCU grace periods while the group freezes
     on_hook_failure: Literal["abort", "crash-consistent"] = "abort"
     state_dir: str | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()

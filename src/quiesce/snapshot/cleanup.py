@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quiesce.freezing.guardian import expedite
 from quiesce.providers.base import Snapshot
 from quiesce.providers.registry import get_provider
 from quiesce.state import cleanup as state_cleanup
@@ -26,8 +27,22 @@ UNDO: dict[str, UndoFn] = {"snapshot": undo_snapshot}
 
 
 def cleanup(state: str | Path | None = None, *, dry_run: bool = False) -> CleanupReport:
-    """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots."""
-    return state_cleanup.cleanup(state, dry_run=dry_run, undo=UNDO)
+    """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots, and restores
+    ``rcu_expedited`` if a quiesce process killed while freezing left it set."""
+    rep = state_cleanup.cleanup(state, dry_run=dry_run, undo=UNDO)
+    rec = expedite.holders()
+    if rec and rec["holders"] and not any(h["alive"] for h in rec["holders"]):
+        dead = ", ".join(str(h["pid"]) for h in rec["holders"])
+        entry = {
+            "kind": "rcu_expedited",
+            "target": f"rcu_expedited={rec['current']} -> {rec['original']}",
+            "run": f"dead quiesce process {dead}",
+        }
+        if dry_run or expedite.restore_stale():
+            rep.removed.append(entry)
+        else:
+            rep.errors.append(f"could not restore rcu_expedited (left set by {dead})")
+    return rep
 
 
 __all__ = ["UNDO", "CleanupReport", "cleanup", "undo_snapshot"]

@@ -118,6 +118,7 @@ def _take(
     timeout: float,
     lease: float,
     syncfs: bool,
+    expedite: bool = True,
 ) -> tuple[Window | None, float]:
     """The window. Everything the provider returned lands in ``made`` before the thaw."""
     members = plan.members
@@ -129,7 +130,7 @@ def _take(
         t0 = time.monotonic()
         made.extend(prov.snapshot(members))
         return None, time.monotonic() - t0
-    freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=syncfs)
+    freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=syncfs, expedite=expedite)
     freezer.freeze()
     t0 = time.monotonic()
     try:
@@ -173,6 +174,7 @@ def create(
     allow_self: bool = False,
     state_dir: Path | None = None,
     quiescers: Sequence[Quiescer] = (),
+    expedite: bool = True,
 ) -> Manifest:
     """Snapshot the filesystems mounted at ``paths`` as one group; return the manifest."""
     if not _JOB_RE.fullmatch(job):
@@ -208,7 +210,14 @@ def create(
                 quiesced.quiesce(quiescers)
             with phases("window"):
                 window, snapshot_s = _take(
-                    prov, plan, mode, made, timeout=timeout, lease=lease, syncfs=syncfs
+                    prov,
+                    plan,
+                    mode,
+                    made,
+                    timeout=timeout,
+                    lease=lease,
+                    syncfs=syncfs,
+                    expedite=expedite,
                 )
             with phases("after_thaw"):
                 errors += _released(quiesced, True)

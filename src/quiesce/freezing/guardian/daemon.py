@@ -20,8 +20,11 @@ checked before use), and writes one line to the kernel log (/dev/kmsg) and to sy
 thaw on its own.
 
 Threads: the main thread runs the event loop and the emergency thaw; one worker thread
-runs the requested ioctls serially, so that a FIFREEZE stuck in the kernel (a writer in
-the middle of a huge write, an unknown stacking dependency) cannot stop the deadline.
+runs the requested ioctls, so that a FIFREEZE stuck in the kernel (a writer in the middle
+of a huge write, an unknown stacking dependency) cannot stop the deadline. A *wave*
+(volumes with no order between them: none stores another's loop image) runs one thread
+per volume, and while a group freezes RCU grace periods are expedited (expedite.py):
+restored when the last FIFREEZE returns, on expiry, on any error and at exit.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.guardian.protocol import (
     CLIENT_OPS,
     CONTROLLER_OPS,
@@ -91,11 +95,13 @@ class _VolState:
 
 @dataclass
 class _Job:
-    op: str  # "freeze" | "thaw"
-    idx: int
+    op: str  # "freeze" | "thaw" | "freeze_wave" | "thaw_wave"
+    idx: int  # the volume (a wave: its first)
     reply: Any  # socket to answer on
     req_id: Any
     result: dict[str, Any] = field(default_factory=dict)
+    idxs: tuple[int, ...] = ()  # a wave's volumes
+    expedite: str = ""  # a freeze wave: "set", "restore", "set-restore" or ""
 
 
 class _InjectedFault(RuntimeError):
@@ -179,12 +185,13 @@ class _Guardian:
         self.lock = threading.Lock()
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.finished: queue.Queue[_Job] = queue.Queue()
-        self.busy: int | None = None  # index of the in-flight job
+        self.busy: set[int] = set()  # indices of the in-flight ioctls
+        self.rcu = Expedite(os.getpid())
         self.pending = 0
         self.crash: str | None = None  # the worker thread's exception, for the main thread
         self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
         self.retry_delay = 1.0
-        self.fault = os.environ.get(FAULT_ENV) == "guardian:raise"
+        self.fault = "guardian:raise" in os.environ.get(FAULT_ENV, "").split(",")
         self.syslog = _Syslog()
         self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -229,31 +236,86 @@ class _Guardian:
             job = self.jobs.get()
             if job is None:
                 return
-            v = self.vols[job.idx]
-            with self.lock:
-                refused = self.expired is not None
-                if not refused:
-                    self.busy = job.idx
-                    v.state = "freezing" if job.op == "freeze" else "thawing"
-            if refused:
-                job.result = {"ok": False, "expired": self.expired}
+            if job.op in ("freeze_wave", "thaw_wave"):
+                self._wave(job)
             else:
-                t0 = _now()
-                if job.op == "freeze":
-                    code = kernel.freeze_errno(v.spec.fd)
-                else:
-                    code = kernel.thaw_errno(v.spec.fd)
-                job.result = {"ok": code == 0, "errno": code, "start": t0, "end": _now()}
+                self._ioctl(job)
             self.finished.put(job)
             os.write(self.wake_w, b"x")
 
+    def _ioctl(self, job: _Job) -> None:
+        """One FIFREEZE or FITHAW; its result is in ``job.result``."""
+        v = self.vols[job.idx]
+        with self.lock:
+            refused = self.expired is not None
+            if not refused:
+                self.busy.add(job.idx)
+                v.state = "freezing" if job.op == "freeze" else "thawing"
+        if refused:
+            job.result = {"ok": False, "expired": self.expired}
+            return
+        t0 = _now()
+        if job.op == "freeze":
+            code = kernel.freeze_errno(v.spec.fd)
+        else:
+            code = kernel.thaw_errno(v.spec.fd)
+        job.result = {"ok": code == 0, "errno": code, "start": t0, "end": _now()}
+
+    def _wave(self, job: _Job) -> None:
+        """Volumes with no order between them, each on its own thread; every volume's
+        result reaches the main thread as soon as its ioctl returns (an expiry thaws it
+        then), the wave's answer once all returned. Expedited grace periods are set
+        before the first FIFREEZE and restored once the last returned."""
+        op = job.op.removesuffix("_wave")
+        sets = job.expedite in ("set", "set-restore")
+        subs: list[_Job] = []
+        try:
+            if sets and self.expired is None:
+                self.rcu.acquire()
+            subs = [_Job(op, i, None, None) for i in job.idxs]
+            with self.lock:
+                self.pending += len(subs)
+
+            def one(sub: _Job) -> None:
+                try:
+                    self._ioctl(sub)
+                finally:
+                    self.finished.put(sub)
+                    os.write(self.wake_w, b"x")
+
+            threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in subs[1:]]
+            for t in threads:
+                t.start()
+            if subs:
+                one(subs[0])
+            for t in threads:
+                t.join()
+        finally:
+            ok = bool(subs) and all(s.result.get("ok") for s in subs)
+            if op == "freeze" and (job.expedite in ("restore", "set-restore") or not ok):
+                self.rcu.release()
+        job.result = {
+            "ok": ok,
+            "results": {str(s.idx): s.result for s in subs},
+            "expedite": self.rcu.state,
+            "expedite_reason": self.rcu.reason,
+        }
+        if self.expired is not None:
+            job.result["expired"] = self.expired
+
     def _complete(self, job: _Job) -> None:
         """Main thread: apply a finished ioctl to the state, answer the requester."""
+        if job.op in ("freeze_wave", "thaw_wave"):  # its volumes were applied already
+            with self.lock:
+                self.pending -= 1
+            if job.reply is not None:
+                self._answer(job.reply, {"id": job.req_id, **job.result})
+            return
         v = self.vols[job.idx]
         res = job.result
         thaw_after: list[int] = []
         with self.lock:
-            self.busy = None
+            self.busy.discard(job.idx)
             self.pending -= 1
             if "errno" in res:
                 code = res["errno"]
@@ -319,15 +381,19 @@ class _Guardian:
                 + ("" if code in (0, errno.EINVAL) else f"; FITHAW failed: errno {code}")
             )
 
+    def _deferred(self) -> set[int]:
+        """Inner volumes of the volumes whose ioctl is in flight (call under the lock)."""
+        return {i for b in self.busy for i in self.vols[b].spec.inners}
+
     def _expire(self, reason: str) -> None:
+        self.rcu.release()  # whatever is in flight, stop costing the others now
         with self.lock:
             if self.expired is not None:
                 return
             self.expired = {"reason": reason, "at": time.time(), "thawed": []}
-            busy = self.busy
-            # Volumes that must stay frozen until the in-flight ioctl returns: thawing a
+            # Volumes that must stay frozen until the in-flight ioctls return: thawing a
             # loop-backed fs while its backing fs is still frozen blocks in the kernel.
-            defer = set(self.vols[busy].spec.inners) if busy is not None else set()
+            defer = self._deferred()
             now_ids = []
             for i in range(len(self.vols) - 1, -1, -1):
                 if self.vols[i].state not in ("frozen", "thawing"):
@@ -349,13 +415,14 @@ class _Guardian:
         so that the bug that brought us here is unlikely to be met again."""
         reason = f"guardian-error ({type(exc).__name__})"
         with contextlib.suppress(BaseException):
+            self.rcu.release()
+        with contextlib.suppress(BaseException):
             self._record(f"internal error: {type(exc).__name__}: {exc}"[:400])
         try:
             if self.expired is None:
                 self._expire(reason)
             else:
-                busy = self.busy
-                defer = set(self.vols[busy].spec.inners) if busy is not None else set()
+                defer = self._deferred()
                 idx = [
                     i for i in range(len(self.vols) - 1, -1, -1)
                     if self.vols[i].state in ("frozen", "thawing") and i not in defer
@@ -375,7 +442,8 @@ class _Guardian:
                 job = self.finished.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self.pending -= 1
+            with self.lock:
+                self.pending -= 1
             v = self.vols[job.idx]
             if job.op == "freeze" and job.result.get("errno") == 0:
                 v.state = "frozen"  # ours: the FIFREEZE completed
@@ -403,15 +471,19 @@ class _Guardian:
                 self.sel.unregister(conn)
         conn.close()
 
-    def _submit(self, op: str, idx: int, reply: Any, req_id: Any) -> None:
-        if not 0 <= idx < len(self.vols):
-            self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {idx}"})
+    def _submit(
+        self, op: str, idx: int, reply: Any, req_id: Any, idxs: Sequence[int] = (), expedite=""
+    ) -> None:
+        bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.vols)]
+        if bad:
+            self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {bad[0]}"})
             return
         if self.expired is not None:
             self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
             return
-        self.pending += 1
-        self.jobs.put(_Job(op, idx, reply, req_id))
+        with self.lock:
+            self.pending += 1
+        self.jobs.put(_Job(op, idx, reply, req_id, idxs=tuple(idxs), expedite=expedite))
 
     def _on_controller(self) -> None:
         assert self.ctl is not None
@@ -432,6 +504,8 @@ class _Guardian:
         if req.op in ("freeze", "thaw"):
             assert req.vol is not None
             self._submit(req.op, req.vol, self.ctl, req.id)
+        elif req.op in ("freeze_wave", "thaw_wave"):
+            self._submit(req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite)
         elif req.op == "detach":
             self.detached = True
             self.lease_until = None
@@ -738,6 +812,8 @@ def serve(
                 guardian.last_resort(e)
     finally:
         if guardian is not None:
+            with contextlib.suppress(BaseException):
+                guardian.rcu.release()
             with contextlib.suppress(BaseException):
                 guardian.remove_socket()
         os._exit(code)

@@ -150,6 +150,14 @@ class GuardianHandle:
     def thaw(self, idx: int) -> dict[str, Any]:
         return self.request("thaw", within=THAW_REPLY_S, vol=idx)
 
+    def freeze_wave(self, idxs: Sequence[int], expedite: str = "") -> dict[str, Any]:
+        """Freeze volumes with no order between them at once; ``expedite`` ("set",
+        "restore", "set-restore") brackets the group with expedited RCU grace periods."""
+        return self.request("freeze_wave", vols=list(idxs), expedite=expedite)
+
+    def thaw_wave(self, idxs: Sequence[int]) -> dict[str, Any]:
+        return self.request("thaw_wave", within=THAW_REPLY_S, vols=list(idxs))
+
     def detach(self) -> None:
         """Hand the freeze over: the guardian keeps it until `quiesce thaw` or the deadline."""
         self._stop.set()

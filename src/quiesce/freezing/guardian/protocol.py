@@ -210,12 +210,17 @@ class Request:
     id: int | str | None = None
     vol: int | None = None
     devs: tuple[str, ...] = ()
+    vols: tuple[int, ...] = ()  # freeze_wave: volumes with no order between them
+    expedite: str = ""  # freeze_wave: "", "set", "restore" or "set-restore"
 
 
 # op -> the fields it takes besides "id" and "op"
 CONTROLLER_OPS: dict[str, frozenset[str]] = {
     "freeze": frozenset({"vol"}),
     "thaw": frozenset({"vol"}),
+    # volumes frozen concurrently; "expedite" (optional) brackets the group's freezes
+    "freeze_wave": frozenset({"vols", "expedite"}),
+    "thaw_wave": frozenset({"vols"}),
     "detach": frozenset(),
     "done": frozenset(),
     "status": frozenset(),
@@ -227,6 +232,7 @@ CLIENT_OPS: dict[str, frozenset[str]] = {
     "forget": frozenset({"devs"}),  # a newer freeze of these volumes began: drop their history
 }
 _MAX_DEVS = 256
+EXPEDITE_VALUES = frozenset({"", "set", "restore", "set-restore"})
 
 
 def request_id(msg: dict[str, Any]) -> int | str | None:
@@ -269,10 +275,24 @@ def parse_request(data: bytes, ops: dict[str, frozenset[str]]) -> Request:
             ):
                 raise ProtocolError("devs must be a list of device numbers (major:minor)")
             devs = tuple(raw)
+        vols: tuple[int, ...] = ()
+        if "vols" in ops[op]:
+            raw = msg.get("vols")
+            if (
+                not isinstance(raw, list)
+                or not 0 < len(raw) <= 4096
+                or not all(_is_int(v) and 0 <= v < 4096 for v in raw)
+                or len(set(raw)) != len(raw)
+            ):
+                raise ProtocolError("vols must be a list of distinct volume indices")
+            vols = tuple(raw)
+        expedite = msg.get("expedite", "") if "expedite" in ops[op] else ""
+        if not isinstance(expedite, str) or expedite not in EXPEDITE_VALUES:
+            raise ProtocolError("expedite must be one of set, restore, set-restore")
     except ProtocolError as e:
         e.id = rid  # type: ignore[attr-defined]
         raise
-    return Request(op=op, id=rid, vol=vol, devs=devs)
+    return Request(op=op, id=rid, vol=vol, devs=devs, vols=vols, expedite=expedite)
 
 
 def error_reply(e: ProtocolError) -> dict[str, Any]:

@@ -1,0 +1,253 @@
+"""Expedited RCU grace periods while a group freezes, shared safely between runs.
+
+Most of an idle FIFREEZE is three normal RCU grace periods (one per freeze level:
+``percpu_down_write`` -> ``rcu_sync_enter``). With ``/sys/kernel/rcu_expedited`` = 1 they
+end in microseconds. The knob is machine-wide, so it is set only from just before the
+first FIFREEZE of a group until the last one returns, and every holder is recorded
+*before* the knob changes, in a holders file in the guardians' root-only run directory
+(flock'd): the first holder saves the value it found and sets 1, the last one out
+restores it, dead holders are pruned. A holder killed in between (SIGKILL) leaves its
+record: the next run, ``quiesce cleanup`` or ``quiesce status`` see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from quiesce.freezing.guardian.protocol import open_run_dir
+
+SYSFS_DIR = "/sys/kernel"
+TEST_DIR_ENV = "QUIESCE_TEST_RCU_DIR"  # a directory standing for /sys/kernel; only under pytest
+HOLDERS_FILE = "rcu-expedited.json"
+TEST_HOLDERS_FILE = "rcu-expedited-test.json"  # a test's stand-in has its own record
+
+
+def sysfs_dir() -> str:
+    """/sys/kernel, or a test's stand-in (honoured only under pytest)."""
+    path = os.environ.get(TEST_DIR_ENV)
+    if path and os.environ.get("PYTEST_CURRENT_TEST") and os.path.isabs(path):
+        return path
+    return SYSFS_DIR
+
+
+def _read(name: str) -> str | None:
+    try:
+        with open(os.path.join(sysfs_dir(), name), "rb") as f:
+            return f.read(16).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write(name: str, value: str) -> None:
+    fd = os.open(os.path.join(sysfs_dir(), name), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): a recycled pid does not match."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):  # dead, not yet reaped by its parent
+            return None
+        return int(fields[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    pid, start = holder.get("pid"), holder.get("start")
+    return isinstance(pid, int) and pid > 0 and _start_time(pid) == start
+
+
+def _holders_file() -> str:
+    return HOLDERS_FILE if sysfs_dir() == SYSFS_DIR else TEST_HOLDERS_FILE
+
+
+@contextlib.contextmanager
+def _holders(create: bool) -> Any:
+    """The holders record, locked; yields (record, save) or None if there is none."""
+    name = _holders_file()
+    dir_fd = open_run_dir(create=create)
+    if dir_fd is None:
+        yield None
+        return
+    try:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 65536, 0)
+            try:
+                rec = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                rec = {}
+            if not isinstance(rec, dict) or not isinstance(rec.get("holders"), list):
+                rec = {"holders": []} | (rec if isinstance(rec, dict) else {})
+                rec["holders"] = []
+
+            def save(new: dict[str, Any] | None) -> None:
+                if new is None or not new.get("holders"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dir_fd)
+                    return
+                data = json.dumps(new).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+
+            yield rec, save
+        finally:
+            os.close(fd)  # the unlink (if any) happened under the lock
+    finally:
+        os.close(dir_fd)
+
+
+def _why_not(code: int) -> str:
+    if code == errno.EROFS:
+        return "/sys is read-only here (a container?)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "not permitted to write /sys/kernel/rcu_expedited"
+    if code == errno.ENOENT:
+        return "this kernel has no /sys/kernel/rcu_expedited"
+    return f"writing /sys/kernel/rcu_expedited failed: {os.strerror(code)}"
+
+
+@dataclass
+class Expedite:
+    """One holder (a guardian, or the controller without one). Thread-safe, idempotent."""
+
+    pid: int
+    state: str = "off"  # off | on | already-on | unavailable
+    reason: str | None = None
+    held: bool = False
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self) -> str:
+        """Expedite grace periods now; the state says what happened (never raises)."""
+        with self._lock:
+            if self.held or self.state in ("on", "already-on"):
+                return self.state
+            try:
+                self._acquire()
+            except Exception as e:  # a broken record must never stop a freeze
+                self.state, self.reason = "unavailable", f"{type(e).__name__}: {e}"
+            return self.state
+
+    def _acquire(self) -> None:
+        if _read("rcu_normal") == "1":
+            self.state, self.reason = "unavailable", "rcu_normal=1 overrides expediting"
+            return
+        with _holders(create=True) as got:
+            assert got is not None
+            rec, save = got
+            live = [h for h in rec["holders"] if _alive(h)]
+            current = _read("rcu_expedited")
+            if current is None:
+                self.state, self.reason = "unavailable", _why_not(errno.ENOENT)
+                save({**rec, "holders": live})
+                return
+            if live or rec["holders"]:  # someone (perhaps dead) set it: keep their original
+                original = rec.get("original", "0")
+            elif current != "0":
+                self.state = "already-on"  # the admin's setting: not ours to touch
+                save(None)
+                return
+            else:
+                original = current
+            me = {"pid": self.pid, "start": _start_time(self.pid)}
+            save({"original": original, "holders": [*live, me]})  # recorded first
+            try:
+                if current != "1":
+                    _write("rcu_expedited", "1")
+            except OSError as e:
+                save({"original": original, "holders": live})
+                self.state, self.reason = "unavailable", _why_not(e.errno or errno.EIO)
+                return
+            self.state, self.held = "on", True
+
+    def release(self) -> None:
+        """Leave; the last holder out restores the value the first one found."""
+        with self._lock:
+            if not self.held:
+                return
+            self.held = False
+            with contextlib.suppress(Exception):
+                _leave(self.pid)
+
+
+def _leave(pid: int | None) -> str | None:
+    """Drop ``pid`` (None: nobody) and the dead; restore if nobody is left. Returns the
+    value restored, if any."""
+    with _holders(create=False) as got:
+        if got is None:
+            return None
+        rec, save = got
+        live = [h for h in rec["holders"] if _alive(h) and h.get("pid") != pid]
+        if live:
+            save({**rec, "holders": live})
+            return None
+        original = rec.get("original", "0")
+        original = original if original in ("0", "1") else "0"
+        with contextlib.suppress(OSError):
+            if _read("rcu_expedited") != original:
+                _write("rcu_expedited", original)
+        save(None)
+        return original
+
+
+def holders() -> dict[str, Any] | None:
+    """The record as it stands, with each holder's liveness (for `quiesce status`)."""
+    with contextlib.suppress(Exception), _holders(create=False) as got:
+        if got is None:
+            return None
+        rec, _ = got
+        hs = [{"pid": h.get("pid"), "alive": _alive(h)} for h in rec["holders"]]
+        return {"original": rec.get("original"), "current": _read("rcu_expedited"), "holders": hs}
+    return None
+
+
+def describe(rec: dict[str, Any] | None) -> str | None:
+    """One line for `quiesce status` when a dead holder left rcu_expedited set."""
+    if not rec or not rec["holders"]:
+        return None
+    dead = [h["pid"] for h in rec["holders"] if not h["alive"]]
+    live = [h["pid"] for h in rec["holders"] if h["alive"]]
+    cur = rec.get("current")
+    if dead and not live:
+        return (
+            f"rcu_expedited={cur} set by quiesce guardian {', '.join(map(str, dead))} (dead): "
+            f"run `quiesce cleanup` to restore {rec.get('original')}"
+        )
+    return f"rcu_expedited={cur} while quiesce freezes (held by {', '.join(map(str, live))})"
+
+
+def restore_stale() -> str | None:
+    """`quiesce cleanup`: restore the value a dead holder left. Says what it did."""
+    rec = holders()
+    if not rec or any(h["alive"] for h in rec["holders"]):
+        return None
+    restored = _leave(None)
+    if restored is None:
+        return None
+    dead = ", ".join(str(h["pid"]) for h in rec["holders"])
+    return f"restored rcu_expedited={restored} (left set by dead quiesce process {dead})"

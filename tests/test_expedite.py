@@ -1,0 +1,249 @@
+"""Expedited RCU grace periods while freezing: machine-wide, so restored on every path.
+
+Most tests point the guardian at a stand-in for /sys/kernel (QUIESCE_TEST_RCU_DIR, honoured
+only under pytest): the real knob is never left set, whatever a test does to a guardian.
+The controller (tests/helpers/controller.py) runs with ``--serial`` on two independent
+volumes: after its first freeze (fault point ``freeze:1``) the guardian has set
+rcu_expedited and not yet restored it, the moment each path is tested at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import is_writable
+from test_guardian import (
+    Rig,
+    cli,
+    guardian_of,
+    last_json,
+    status,
+    wait_for,
+    wait_gone,
+    wait_stopped,
+)
+
+from quiesce.errors import GuardianError
+from quiesce.freezing.guardian import expedite
+from quiesce.freezing.guardian.protocol import open_run_dir
+
+
+@pytest.fixture
+def rig(loopfs: Any, writer_factory: Any, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(loopfs, writer_factory, tmp_path)
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+@pytest.fixture
+def knob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A stand-in /sys/kernel with rcu_expedited=0 and rcu_normal=0; its record removed."""
+    d = tmp_path / "sys-kernel"
+    d.mkdir()
+    (d / "rcu_expedited").write_text("0\n")
+    (d / "rcu_normal").write_text("0\n")
+    monkeypatch.setenv(expedite.TEST_DIR_ENV, str(d))
+    yield d / "rcu_expedited"
+    fd = open_run_dir(create=False)
+    if fd is not None:
+        try:
+            os.unlink(expedite.TEST_HOLDERS_FILE, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def value(knob: Path) -> str:
+    return knob.read_text().strip()
+
+
+def record() -> dict[str, Any] | None:
+    return expedite.holders()
+
+
+def between_set_and_restore(
+    rig: Rig, args: Sequence[str] = (), fault: str = "freeze:1"
+) -> tuple[Any, int]:
+    """A controller stopped after its first of two serial freezes, and its guardian."""
+    vols = rig.volumes(2)
+    proc = rig.controller(
+        [v.path for v in vols],
+        fault=fault,
+        args=["--serial", "--timeout", "60", "--lease", "60", *args],
+    )
+    wait_stopped(proc)
+    return proc, rig.track(guardian_of(proc.pid))
+
+
+def test_the_group_freezes_expedited_and_the_value_is_restored(rig: Rig, knob: Path) -> None:
+    proc, gpid = between_set_and_restore(rig)
+    assert value(knob) == "1", "not expedited between the first and the last FIFREEZE"
+    rec = record()
+    assert rec is not None and rec["original"] == "0"
+    assert rec["holders"] == [{"pid": gpid, "alive": True}]
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert value(knob) == "0"
+    assert record() is None
+    window = last_json(out)["window"]
+    assert window["expedite"] == "on"
+
+
+@pytest.mark.parametrize("end", ["controller-sigkill", "lease", "deadline", "guardian-error"])
+def test_every_way_a_guardian_ends_restores_the_value(rig: Rig, knob: Path, end: str) -> None:
+    """Between set and restore: the controller dies, stops renewing its lease, overruns
+    the deadline, or the guardian meets an exception (QUIESCE_FAULT=guardian:raise makes
+    it raise on the next client request): the value comes back at once."""
+    args = {"lease": ["--lease", "0.5"], "deadline": ["--timeout", "1"]}.get(end, [])
+    fault = "freeze:1,guardian:raise" if end == "guardian-error" else "freeze:1"
+    proc, gpid = between_set_and_restore(rig, args, fault)
+    assert value(knob) == "1"
+    if end == "controller-sigkill":
+        proc.kill()
+        proc.wait(timeout=10)
+    elif end == "guardian-error":
+        with pytest.raises(GuardianError):
+            status(gpid)
+    wait_for(lambda: value(knob) == "0", f"rcu_expedited restored after {end}", timeout=15)
+    assert record() is None
+    if end == "controller-sigkill" or end == "guardian-error":
+        assert wait_gone(gpid)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.communicate(timeout=30)
+    for v in rig.writers:  # whatever the path, nothing stays frozen
+        assert is_writable(str(Path(v.file).parent), timeout=5.0)
+
+
+def test_sigkill_of_the_guardian_is_repaired_by_cleanup_and_shown_by_status(
+    rig: Rig, knob: Path, tmp_path: Path
+) -> None:
+    proc, gpid = between_set_and_restore(rig)
+    assert value(knob) == "1"
+    os.kill(gpid, signal.SIGKILL)
+    assert wait_gone(gpid)
+    assert value(knob) == "1", "who restored it? the guardian was killed"
+    r = cli("status")
+    assert f"rcu_expedited=1 set by quiesce guardian {gpid} (dead)" in r.stderr, r.stderr
+    assert "quiesce cleanup" in r.stderr
+    r = cli("status", "--json")
+    data = json.loads(r.stdout)["rcu_expedited"]
+    assert data["holders"] == [{"pid": gpid, "alive": False}] and data["original"] == "0"
+
+    state = tmp_path / "state"
+    r = cli("cleanup", "--state-dir", str(state), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "rcu_expedited" in r.stdout and value(knob) == "1"  # a dry run changes nothing
+    r = cli("cleanup", "--state-dir", str(state))
+    assert r.returncode == 0, r.stderr
+    assert "rcu_expedited=1 -> 0" in r.stdout, r.stdout
+    assert value(knob) == "0" and record() is None
+    r = cli("status")
+    assert "rcu_expedited" not in r.stderr
+    os.kill(proc.pid, signal.SIGCONT)  # it finds its guardian gone and thaws by itself
+    proc.communicate(timeout=30)
+    assert value(knob) == "0"
+
+
+def test_a_dead_holder_does_not_make_the_next_run_keep_its_value(rig: Rig, knob: Path) -> None:
+    """The next run after a SIGKILLed guardian restores the original, not the 1 it finds."""
+    proc, gpid = between_set_and_restore(rig)
+    os.kill(gpid, signal.SIGKILL)
+    assert wait_gone(gpid)
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.communicate(timeout=30)
+    assert value(knob) == "1"
+    other = rig.volumes(1)[0]
+    r = cli("exec", "--json", other.path, "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert value(knob) == "0" and record() is None
+
+
+def test_concurrent_runs_restore_only_after_both(rig: Rig, knob: Path) -> None:
+    a, ga = between_set_and_restore(rig)
+    b, gb = between_set_and_restore(rig)
+    assert value(knob) == "1"
+    rec = record()
+    assert rec is not None and rec["original"] == "0"
+    assert sorted(h["pid"] for h in rec["holders"]) == sorted([ga, gb])
+    os.kill(a.pid, signal.SIGCONT)
+    a.communicate(timeout=30)
+    assert a.returncode == 0
+    assert value(knob) == "1", "the first run out restored it under the second"
+    assert [h["pid"] for h in record()["holders"]] == [gb]  # type: ignore[index]
+    os.kill(b.pid, signal.SIGCONT)
+    b.communicate(timeout=30)
+    assert b.returncode == 0
+    assert value(knob) == "0" and record() is None
+
+
+def test_an_admins_setting_is_left_alone(rig: Rig, knob: Path) -> None:
+    knob.write_text("1\n")
+    vol = rig.volumes(1)[0]
+    r = cli("exec", "--json", vol.path, "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["expedite"] == "already-on"
+    assert value(knob) == "1" and record() is None
+
+
+def test_rcu_normal_overrides_it_and_the_report_says_so(rig: Rig, knob: Path) -> None:
+    (knob.parent / "rcu_normal").write_text("1\n")
+    vol = rig.volumes(1)[0]
+    r = cli("exec", "--json", vol.path, "--", "true")
+    assert r.returncode == 0, r.stderr
+    window = json.loads(r.stdout)
+    assert window["expedite"] == "unavailable"
+    assert any("rcu_normal=1 overrides expediting" in w for w in window["warnings"]), window
+    assert value(knob) == "0" and record() is None
+
+
+def test_no_expedite_leaves_it_alone_and_says_so(rig: Rig, knob: Path) -> None:
+    proc, _ = between_set_and_restore(rig, ["--no-expedite"])
+    assert value(knob) == "0" and record() is None
+    os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=30)
+    assert last_json(out)["window"]["expedite"] == "off"
+    vol = rig.volumes(1)[0]
+    r = cli("exec", "--json", "--no-expedite", vol.path, "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["expedite"] == "off"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_read_only_sys_freezes_anyway_and_the_report_says_so(rig: Rig) -> None:
+    """The real /sys/kernel/rcu_expedited, bind-mounted read-only over itself in a private
+    mount namespace (a container's read-only /sys): EROFS, and the freeze goes on."""
+    real = "/sys/kernel/rcu_expedited"
+    before = Path(real).read_text()
+    vol = rig.volumes(1)[0]
+    script = (
+        f"mount --bind {real} {real} && mount -o remount,bind,ro {real} && "
+        f'exec "$0" -m quiesce exec --json {vol.path} -- true'
+    )
+    env = {k: v for k, v in os.environ.items() if k != expedite.TEST_DIR_ENV}
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    window = json.loads(r.stdout)
+    assert window["expedite"] == "unavailable"
+    assert any("read-only" in w for w in window["warnings"]), window["warnings"]
+    assert [v["state"] for v in window["volumes"]] == ["thawed"]
+    assert Path(real).read_text() == before
