@@ -64,6 +64,28 @@ def test_nested_loop_group_given_in_the_wrong_order(loopfs, writer_factory) -> N
     assert os.path.getsize(os.path.join(inner.path, "dirty.bin")) == DIRTY_MB << 20
 
 
+def test_a_nested_pair_and_an_independent_volume_freeze_in_two_waves(loopfs) -> None:
+    """The inner (loop image on the outer) and an independent volume freeze together,
+    then the outer; thaw in reverse waves. Nothing is lost, everything thaws."""
+    outer: LoopFS = loopfs("xfs")
+    inner: LoopFS = loopfs("ext4", size_mb=128, image_dir=outer.mountpoint)
+    other: LoopFS = loopfs("ext4")
+    dirty(inner.path, DIRTY_MB)
+    paths = [outer.path, other.path, inner.path]
+    with quiesce.freeze(paths, timeout=30, syncfs=False) as window:
+        assert sorted(map(sorted, window.waves)) == sorted(
+            [sorted([inner.path, other.path]), [outer.path]]
+        )
+        assert window.waves[-1] == [outer.path]
+        assert all(not is_writable(p, timeout=0.2) for p in paths)
+    assert window.thawed_by == "controller"
+    by = {v.mount_point: v for v in window.volumes}
+    assert all(v.state == "thawed" for v in by.values())
+    # the outer froze after, and thawed before, the inner
+    assert by[inner.path].frozen_for_s > by[outer.path].frozen_for_s > 0
+    assert all(is_writable(p) for p in paths)
+
+
 def test_exception_in_the_body_thaws(loopfs) -> None:
     fs: LoopFS = loopfs("ext4")
     with pytest.raises(RuntimeError, match="snapshot failed"):  # noqa: SIM117
@@ -191,17 +213,20 @@ def test_a_stopped_guardian_costs_a_bounded_wait_then_the_controller_thaws(loopf
 
 
 @pytest.mark.timeout(90)
-def test_rollback_without_a_guardian_never_thaws_the_foreign_volume(loopfs) -> None:
+@pytest.mark.parametrize("mode", ["concurrent", "serial"])
+def test_rollback_without_a_guardian_never_thaws_the_foreign_volume(loopfs, mode: str) -> None:
     """The last volume is a stranger's freeze (EBUSY). The controller stops after that
     failure (fault point 'fail'), its guardian is SIGKILLed, then it resumes: it rolls
-    back the two volumes it froze with its own FITHAW and leaves the stranger's alone."""
+    back the two volumes it froze with its own FITHAW and leaves the stranger's alone.
+    Concurrent: the three independent volumes freeze in one wave."""
     vols = [loopfs("ext4") for _ in range(3)]
     with quiesce.make_plan([v.path for v in vols]) as plan:
         order = [m.name for m in plan.members]
     foreign = next(v for v in vols if v.path == order[-1])
     foreign.freeze_externally()
+    serial = ["--serial"] if mode == "serial" else []
     proc = subprocess.Popen(
-        [sys.executable, str(HELPERS / "controller.py"), "--lease", "60", *order],
+        [sys.executable, str(HELPERS / "controller.py"), "--lease", "60", *serial, *order],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

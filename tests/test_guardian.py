@@ -656,3 +656,37 @@ def test_sigkill_while_the_guardian_is_inside_fifreeze(rig: Rig) -> None:
     assert is_writable(inner.path, timeout=5.0), "inner still frozen: the late freeze leaked"
     assert wait_gone(gpid)
     assert any(ln.startswith(f"thawed {inner.path} (controller-died)") for ln in kmsg_lines(gpid))
+
+
+def test_a_stuck_fifreeze_does_not_hold_back_the_thaw_of_its_wave(rig: Rig) -> None:
+    """Two independent volumes freeze in one wave; one FIFREEZE blocks in the kernel (its
+    loop image's fs was frozen by a third party). The controller dies: the guardian thaws
+    the other volume at once, and the stuck one as soon as its FIFREEZE returns."""
+    outer = rig.loopfs("ext4", size_mb=128)
+    inner = rig.loopfs("ext4", image_dir=outer.mountpoint)
+    other = rig.volumes(1)[0]
+    with open(os.path.join(inner.path, "dirty.bin"), "wb") as f:
+        f.write(os.urandom(8 << 20))  # page cache only: no fsync
+    outer.freeze_externally()
+    try:
+        args = ["--no-syncfs", "--timeout", "60", "--lease", "60"]
+        proc = rig.controller([inner.path, other.path], args=args)
+        gpid = rig.track(guardian_of(proc.pid))
+        want = {inner.path: "freezing", other.path: "frozen"}
+        wait_for(
+            lambda: {v["mount_point"]: v["state"] for v in status(gpid)["volumes"]} == want,
+            "one volume frozen, the other's FIFREEZE stuck",
+            10,
+        )
+        proc.kill()
+        proc.wait(timeout=10)
+        assert is_writable(other.path, timeout=5.0), "the wave-mate was held by a stuck ioctl"
+        st = {v["mount_point"]: v["state"] for v in status(gpid)["volumes"]}
+        assert st == {inner.path: "freezing", other.path: "thawed"}, st
+    finally:
+        thaw_quietly(outer.path)
+    assert is_writable(inner.path, timeout=5.0), "inner still frozen: the late freeze leaked"
+    assert wait_gone(gpid)
+    lines = kmsg_lines(gpid)
+    for p in (inner.path, other.path):
+        assert any(ln.startswith(f"thawed {p} (controller-died)") for ln in lines), lines

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import LoopFS, is_writable, run
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quiesce
 from quiesce.errors import UnsafePlan, UnsupportedFilesystem, UsageError
-from quiesce.freezing.plan import backing_chain, freeze_order
+from quiesce.freezing.plan import Plan, backing_chain, freeze_order, waves
 
 # -- pure functions: property tests -----------------------------------------------------------
 
@@ -183,3 +183,37 @@ def test_unfreezable_and_unsafe_plans_are_refused(loopfs, tmp_path: Path) -> Non
         assert {h.kind for h in plan.hazards} >= {"root"}
         with pytest.raises(UnsafePlan, match="root filesystem"):
             plan.check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 8).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=12),
+        )
+    )
+)
+def test_waves_keep_every_order_constraint_and_nothing_more(case) -> None:
+    """A volume freezes one wave after the last volume that must precede it (a loop
+    image's fs before the fs holding the image); with no constraint, in the first wave."""
+    from types import SimpleNamespace
+
+    n, edges = case
+    devs = [f"7:{i}" for i in range(n)]
+    must = {}
+    for a, b in edges:
+        if a < b:  # plan order is topological: a before b
+            must.setdefault(devs[a], set()).add(devs[b])
+    plan = Plan(members=[], must_precede=must)
+    members = [SimpleNamespace(volume=SimpleNamespace(dev=d)) for d in devs]
+    got = waves(plan, members)  # type: ignore[arg-type]
+    level = {k: w for w, ks in enumerate(got) for k in ks}
+    assert sorted(level) == list(range(n))  # every volume exactly once
+    assert all(ks == sorted(ks) for ks in got)  # plan order kept inside a wave
+    for a, b in edges:
+        if a < b:
+            assert level[a] < level[b]
+    for k in range(n):  # as early as the constraints allow
+        preds = [a for a, b in edges if b == k and a < k]
+        assert level[k] == (max(level[a] for a in preds) + 1 if preds else 0)

@@ -29,7 +29,7 @@ from quiesce.freezing.guardian import (
     holder_of,
 )
 from quiesce.freezing.guardian.expedite import Expedite
-from quiesce.freezing.plan import GroupMember, Plan, make_plan
+from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
 from quiesce.sys import kernel
 from quiesce.sys.proc import signals_deferred
 
@@ -177,23 +177,6 @@ def _run_wave(
     state = rcu.state if rcu is not None else None
     reason = rcu.reason if rcu is not None else None
     return {"ok": ok, "results": results, "expedite": state, "expedite_reason": reason}
-
-
-def waves(plan: Plan, members: Sequence[GroupMember]) -> list[list[int]]:
-    """Indices of ``members`` (in plan order) in waves: a volume goes one wave after the
-    last volume that must freeze before it (a loop image's fs before the fs holding the
-    image); volumes in one wave have no order between them and freeze concurrently."""
-    index = {m.volume.dev: i for i, m in enumerate(members)}
-    level = [0] * len(members)
-    for i, m in enumerate(members):
-        for dev in plan.inners(m.volume.dev):
-            j = index.get(dev)
-            if j is not None and j < i:
-                level[i] = max(level[i], level[j] + 1)
-    out: list[list[int]] = [[] for _ in range(max(level, default=-1) + 1)]
-    for i, lv in enumerate(level):
-        out[lv].append(i)
-    return out
 
 
 SYNCFS_SKIP_BELOW = 4 << 20  # bytes dirty machine-wide (see Freezer._presync)

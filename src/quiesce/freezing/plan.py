@@ -251,6 +251,23 @@ def resolve_group(paths: Sequence[str], table: MountTable) -> list[GroupMember]:
     return group_by_volume(targets)
 
 
+def waves(plan: Plan, members: Sequence[GroupMember]) -> list[list[int]]:
+    """Indices of ``members`` (in plan order) in waves: a volume goes one wave after the
+    last volume that must freeze before it (a loop image's fs before the fs holding the
+    image); volumes in one wave have no order between them and freeze concurrently."""
+    index = {m.volume.dev: i for i, m in enumerate(members)}
+    level = [0] * len(members)
+    for i, m in enumerate(members):
+        for dev in plan.inners(m.volume.dev):
+            j = index.get(dev)
+            if j is not None and j < i:
+                level[i] = max(level[i], level[j] + 1)
+    out: list[list[int]] = [[] for _ in range(max(level, default=-1) + 1)]
+    for i, lv in enumerate(level):
+        out[lv].append(i)
+    return out
+
+
 def make_plan(
     paths: Sequence[str], *, allow_self: bool = False, table: MountTable | None = None
 ) -> Plan:
