@@ -102,6 +102,8 @@ class _Job:
     result: dict[str, Any] = field(default_factory=dict)
     idxs: tuple[int, ...] = ()  # a wave's volumes
     expedite: str = ""  # a freeze wave: "set", "restore", "set-restore" or ""
+    applied: bool = False  # its result is in the volume's state
+    answered: bool = False  # the worker answered the controller itself
 
 
 class _InjectedFault(RuntimeError):
@@ -168,6 +170,10 @@ class _Guardian:
         dir_fd: int,
     ) -> None:
         self.ctl: socket.socket | None = ctl
+        # The worker answers waves on its own copy: the main thread may close self.ctl
+        # (controller gone) at any moment, and its fd number be reused.
+        self.ctl_at_start = ctl
+        self.ctl_w = ctl.dup()
         self.vols = [_VolState(v) for v in vols]
         self.timeout_ns = int(timeout * 1e9)
         self.lease_ns = int(lease * 1e9) if lease > 0 else 0
@@ -294,57 +300,71 @@ class _Guardian:
             ok = bool(subs) and all(s.result.get("ok") for s in subs)
             if op == "freeze" and (job.expedite in ("restore", "set-restore") or not ok):
                 self.rcu.release()
-        job.result = {
-            "ok": ok,
-            "results": {str(s.idx): s.result for s in subs},
-            "expedite": self.rcu.state,
-            "expedite_reason": self.rcu.reason,
-        }
+        with self.lock:
+            for sub in subs:
+                self._apply(sub)
+            job.result = {
+                "ok": ok,
+                "results": {str(s.idx): s.result for s in subs},
+                "expedite": self.rcu.state,
+                "expedite_reason": self.rcu.reason,
+            }
+            if self.expired is not None:
+                job.result["ok"] = False
+                job.result["expired"] = self.expired
+        if job.reply is not None and job.reply is self.ctl_at_start:
+            job.answered = send(self.ctl_w, {"id": job.req_id, **job.result}, wait=False)
+
+    def _apply(self, job: _Job) -> None:
+        """Apply a finished ioctl to the state (call under the lock; once per job)."""
+        if job.applied or "errno" not in job.result:
+            return
+        job.applied = True
+        v = self.vols[job.idx]
+        res = job.result
+        self.busy.discard(job.idx)
+        code = res["errno"]
+        if job.op == "freeze":
+            if code == 0:
+                v.state, v.frozen_at, v.frozen_wall = "frozen", res["end"], time.time()
+                if self.deadline is None:
+                    self.deadline = res["start"] + self.timeout_ns
+            elif code == errno.EBUSY:
+                v.state = "foreign"  # someone else's freeze: never ours to thaw
+            else:
+                v.state = "failed"
+        else:
+            if code in (0, errno.EINVAL):
+                v.state = "thawed"
+                self._release(v)
+            else:
+                v.state = "frozen"  # still ours; emergency thaw will retry
+        self._event(job.op, volume=v.spec.name, errno=code)
         if self.expired is not None:
-            job.result["expired"] = self.expired
+            job.result = res | {"ok": False, "expired": self.expired}
 
     def _complete(self, job: _Job) -> None:
-        """Main thread: apply a finished ioctl to the state, answer the requester."""
+        """Main thread: a finished job's after-effects; answer the requester (unless the
+        worker did: a wave's answer goes straight from the worker, one wake-up less)."""
         if job.op in ("freeze_wave", "thaw_wave"):  # its volumes were applied already
             with self.lock:
                 self.pending -= 1
-            if job.reply is not None:
+            if job.reply is not None and not job.answered:
                 self._answer(job.reply, {"id": job.req_id, **job.result})
             return
-        v = self.vols[job.idx]
-        res = job.result
         thaw_after: list[int] = []
         with self.lock:
-            self.busy.discard(job.idx)
+            self._apply(job)
             self.pending -= 1
-            if "errno" in res:
-                code = res["errno"]
-                if job.op == "freeze":
-                    if code == 0:
-                        v.state, v.frozen_at, v.frozen_wall = "frozen", res["end"], time.time()
-                        if self.deadline is None:
-                            self.deadline = res["start"] + self.timeout_ns
-                    elif code == errno.EBUSY:
-                        v.state = "foreign"  # someone else's freeze: never ours to thaw
-                    else:
-                        v.state = "failed"
-                else:
-                    if code in (0, errno.EINVAL):
-                        v.state = "thawed"
-                        self._release(v)
-                    else:
-                        v.state = "frozen"  # still ours; emergency thaw will retry
-                self._event(job.op, volume=v.spec.name, errno=code)
-                if self.expired is not None:
-                    # The expiry came while this ioctl was in flight: finish the thaw now.
-                    res = res | {"ok": False, "expired": self.expired}
-                    thaw_after = [i for i, w in enumerate(self.vols) if w.deferred_thaw]
-                    if v.state == "frozen":
-                        thaw_after.append(job.idx)
+            if self.expired is not None and "errno" in job.result:
+                # The expiry came while this ioctl was in flight: finish the thaw now.
+                thaw_after = [i for i, w in enumerate(self.vols) if w.deferred_thaw]
+                if self.vols[job.idx].state == "frozen":
+                    thaw_after.append(job.idx)
         if thaw_after:
             self._thaw_indices(sorted(set(thaw_after), reverse=True), self.expired or {})
         if job.reply is not None:
-            self._answer(job.reply, {"id": job.req_id, **res})
+            self._answer(job.reply, {"id": job.req_id, **job.result})
 
     @staticmethod
     def _release(v: _VolState) -> None:
