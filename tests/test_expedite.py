@@ -247,3 +247,23 @@ def test_read_only_sys_freezes_anyway_and_the_report_says_so(rig: Rig) -> None:
     assert any("read-only" in w for w in window["warnings"]), window["warnings"]
     assert [v["state"] for v in window["volumes"]] == ["thawed"]
     assert Path(real).read_text() == before
+
+
+def test_a_run_directory_on_a_frozen_volume_turns_expediting_off(
+    loopfs: Any, knob: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is written when the last FIFREEZE returns; on a frozen volume that write
+    would hang the guardian until its deadline. quiesce freezes without expediting."""
+    import quiesce
+
+    fs = loopfs("ext4")
+    run = Path(fs.path) / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("QUIESCE_RUN_DIR", str(run))
+    with quiesce.freeze(fs.path, timeout=5) as window:
+        assert not is_writable(fs.path, timeout=0.2)
+    assert window.thawed_by == "controller"
+    assert window.expedite == "unavailable"
+    assert any(str(run) in w for w in window.warnings), window.warnings
+    assert value(knob) == "0"
+    assert not (run / expedite.TEST_HOLDERS_FILE).exists()

@@ -29,8 +29,10 @@ from quiesce.freezing.guardian import (
     holder_of,
 )
 from quiesce.freezing.guardian.expedite import Expedite
+from quiesce.freezing.guardian.protocol import run_dir_path
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
 from quiesce.sys import kernel
+from quiesce.sys.mounts import MountTable
 from quiesce.sys.proc import signals_deferred
 
 FAULT_ENV = "QUIESCE_FAULT"
@@ -309,6 +311,7 @@ class Freezer:
         else:
             self._exec = _InProcess(specs)
         _fault_point("prepare", self._fault)
+        self._check_run_dir()
         self._presync()
         with signals_deferred(), self._abort_on_surprise():
             n = len(self.waves)
@@ -334,6 +337,21 @@ class Freezer:
                 _fault_point(f"freeze:{w + 1}", self._fault)
         _fault_point("window", self._fault)
         return self.window
+
+    def _check_run_dir(self) -> None:
+        """The expediting record lives in the guardians' run directory, written when the
+        last FIFREEZE returns: if that directory is on a volume of the group (allowed with
+        allow_self), the write would hang. Then do not expedite."""
+        if not self.expedite:
+            return
+        vol = MountTable.read().volume_of_path(run_dir_path())
+        if vol is not None and any(m.volume.dev == vol.dev for m in self.members):
+            self.expedite = False
+            self.window.expedite = "unavailable"
+            self.window.warnings.append(
+                f"expedited RCU grace periods unavailable ({run_dir_path()} is on a volume "
+                "of the group): froze with normal grace periods (a longer window)"
+            )
 
     def _presync(self) -> None:
         """syncfs every volume at once, so that FIFREEZE only flushes the remainder.
@@ -368,7 +386,7 @@ class Freezer:
 
     def _note_expedite(self, reply: dict[str, Any]) -> None:
         if not self.expedite:
-            self.window.expedite = "off"
+            self.window.expedite = self.window.expedite or "off"
             return
         state = reply.get("expedite")
         if state not in ("on", "already-on", "unavailable", "off"):
