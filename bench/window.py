@@ -9,8 +9,9 @@ groups of 1, 2 and 4 independent volumes, three methods interleaved: the shell's
 ``fsfreeze -f ...; fsfreeze -u ...``, quiesce with ``--no-expedite`` and one volume at a
 time (before issue 12), and quiesce now (expedited RCU grace periods while freezing,
 independent volumes at once, syncfs skipped when little is dirty). Median and p95 window,
-and the writer's worst stall per snapshot inside and outside the window; then the
-target ratios.
+and the writer's worst stall per snapshot inside and outside the window (and how often
+quiesce skipped its syncfs: it does when under 4 MiB is dirty machine-wide, so other
+processes' dirty pages on a shared machine make it syncfs); then the target ratios.
 
 **reflink**: it builds an ext4 image on
 an XFS (reflink=1) loop filesystem, runs one writer profile at a time on the ext4, and
@@ -304,6 +305,7 @@ MKFS = {
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
 FREEZE_GAP = {"idle": 0.15, "fsync": 0.3, "bulk": 0.7}
+SYNCFS_SKIPPED = {True: 0, False: 0}  # quiesce runs whose syncfs was skipped (little dirty)
 
 
 class Volumes:
@@ -368,6 +370,7 @@ def quiesce_freeze(paths: list[str], *, expedite: bool, concurrent: bool) -> tup
         pass
     t1 = time.monotonic()
     assert w.start_ns is not None and w.end_ns is not None and w.duration is not None
+    SYNCFS_SKIPPED[expedite] += (w.syncfs or "").startswith("skipped")
     return w.duration, t0, t1, w.start_ns / 1e9, w.end_ns / 1e9
 
 
@@ -420,11 +423,14 @@ def freeze_case(paths: list[str], profile: str, n: int) -> dict[str, dict[str, f
             out, _ = writer.communicate(timeout=60)
             slow = json.loads(out.strip().splitlines()[-1])["slow"]
     res = {}
+    skipped = dict(SYNCFS_SKIPPED)
+    SYNCFS_SKIPPED.update({True: 0, False: 0})
     for m in FREEZE_METHODS:
         windows = [r[0] for r in runs[m]]
         res[m] = {"median": statistics.median(windows), "p95": pct(windows, 95)}
         if writer is not None:
             res[m] |= stalls(slow, runs[m])
+    res["now"]["syncfs_skipped"] = skipped[True]
     return res
 
 
@@ -457,8 +463,9 @@ def freeze_table(args: argparse.Namespace) -> None:
                 if "stall_med" in r
                 else ""
             )
+            skip = f"  (syncfs skipped {r['syncfs_skipped']}/{args.n})" if m == "now" else ""
             print(f"  {fstype:6} {g:>4} {profile:6} {FREEZE_LABEL[m]:32} {ms(r['median'])} "
-                  f"{ms(r['p95'])} {st}")  # fmt: skip
+                  f"{ms(r['p95'])} {st}{skip}")  # fmt: skip
     print("\n  targets (median ratios; target in brackets):")
     for (fstype, g, profile), res in results.items():
         if profile != "fsync" or g != min(groups):
