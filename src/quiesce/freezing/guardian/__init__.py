@@ -2,12 +2,13 @@
 
 ``protocol`` (wire format, socket names), ``daemon`` (the guardian process itself),
 ``handle`` (the controller's side: start and drive its own guardian) and ``client``
-(find and ask other guardians). Callers import the public names from here.
+(find and ask other guardians). Callers import the public names from here; the daemon's
+and the handle's are loaded on first use (``quiesce status`` and ``thaw`` need neither).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from quiesce.freezing.guardian.client import Survey, ask, holder_of, list_guardians, survey
-from quiesce.freezing.guardian.daemon import LINGER_AFTER_EXPIRY, GuardedVolume
-from quiesce.freezing.guardian.handle import GuardianHandle
 from quiesce.freezing.guardian.protocol import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
@@ -37,3 +38,22 @@ __all__ = [
     "socket_path",
     "survey",
 ]
+
+
+_LAZY = {
+    "LINGER_AFTER_EXPIRY": "daemon",
+    "GuardedVolume": "daemon",
+    "GuardianHandle": "handle",
+}
+
+if TYPE_CHECKING:
+    from quiesce.freezing.guardian.daemon import LINGER_AFTER_EXPIRY, GuardedVolume
+    from quiesce.freezing.guardian.handle import GuardianHandle
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
