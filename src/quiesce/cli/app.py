@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from typing import Annotated
@@ -243,6 +244,14 @@ def exec_cmd(
     if not cmd:
         raise fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
+        )
+    if shutil.which(cmd[0]) is None:  # before anything is frozen
+        raise fail(
+            UsageError(
+                f"cannot run {cmd[0]}: not found, or not an executable file",
+                "give the command's path, or a name on $PATH, after `--`; nothing was frozen",
+            ),
+            as_json,
         )
     try:
         with make_plan(paths, allow_self=allow_self) as plan:

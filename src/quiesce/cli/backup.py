@@ -249,6 +249,10 @@ def systemd_cmd(
     unit_dir: Annotated[
         Path, typer.Option("--unit-dir", hidden=True, help="Where --install writes.")
     ] = Path("/etc/systemd/system"),
+    force: Annotated[
+        bool, typer.Option("--force", help="With --install: replace units edited by hand.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print (or install with --install) a hardened service + timer pair for the job."""
     from quiesce.integrations.systemd import check_calendar, render
@@ -265,20 +269,40 @@ def systemd_cmd(
             env_file=environment_file,
         )
         units = render(spec)
-        if not install:
-            for name, text in units.items():
-                out.print(f"# {unit_dir / name}", markup=False)
-                out.print(text, markup=False)
-            return
-        written = install_units(units, unit_dir)
+        warnings = private_tmp_warnings([str(job.path), *spec.rw_paths, *spec.rw_optional])
+        written = install_units(units, unit_dir, force=force) if install else []
     except QuiesceError as e:
-        raise fail(e, False) from None
+        raise fail(e, as_json) from None
     except OSError as e:
-        raise fail(QuiesceError(f"cannot write the units: {e}"), False) from None
+        raise fail(QuiesceError(f"cannot write the units: {e}"), as_json) from None
+    if as_json:
+        emit_json({"units": units, "written": [str(p) for p in written], "warnings": warnings})
+        return
+    for w in warnings:
+        err.print(f"warning: {w}", markup=False)
+    if not install:
+        for name, text in units.items():
+            out.print(f"# {unit_dir / name}", markup=False)
+            out.print(text, markup=False)
+        return
     for p in written:
         out.print(f"wrote {p}")
     timer = next(n for n in units if n.endswith(".timer"))
     out.print(f"enable it with: systemctl enable --now {timer}")
+
+
+def private_tmp_warnings(paths: list[str]) -> list[str]:
+    """The service has PrivateTmp=yes: a job path under /tmp or /var/tmp is not the
+    directory the user sees (an empty private one instead)."""
+    found = []
+    for p in dict.fromkeys(paths):
+        real = os.path.realpath(p)
+        if any(real == t or real.startswith(t + "/") for t in ("/tmp", "/var/tmp")):
+            found.append(
+                f"{p} is under /tmp or /var/tmp: the unit has PrivateTmp=yes, so the service "
+                "sees an empty private directory there; move it elsewhere"
+            )
+    return found
 
 
 __all__ = [

@@ -17,13 +17,13 @@ declare -gA _quiesce_opts=(
     ['quiesce backup']='--snapshot --json --help -h'
     ['quiesce restore']='--backup --volume --json --help -h'
     ['quiesce cleanup']='--state-dir --dry-run --json --help -h'
-    ['quiesce systemd']='--install --on-calendar --randomized-delay --environment-file --help -h'
+    ['quiesce systemd']='--install --on-calendar --randomized-delay --environment-file --force --json --help -h'
     ['quiesce snapshot']='--help -h'
     ['quiesce snapshot create']='--provider -p --job -j --option -o --timeout -t --lease --no-syncfs --allow-self --state-dir --json --help -h'
     ['quiesce snapshot list']='--state-dir --json --help -h'
-    ['quiesce snapshot mount']='--state-dir --help -h'
-    ['quiesce snapshot umount']='--state-dir --help -h'
-    ['quiesce snapshot delete']='--forget --state-dir --help -h'
+    ['quiesce snapshot mount']='--state-dir --json --help -h'
+    ['quiesce snapshot umount']='--state-dir --json --help -h'
+    ['quiesce snapshot delete']='--forget --state-dir --json --help -h'
 )
 _quiesce() {
     local cur="${COMP_WORDS[COMP_CWORD]}" path="quiesce" w i
