@@ -65,21 +65,27 @@ def backup_cmd(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
                 progress=progress,
             )  # fmt: skip
-    except (SystemExit, KeyboardInterrupt):
+    except (SystemExit, KeyboardInterrupt) as stop:
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
         if job.metrics_file:
             from quiesce.job.metrics import RunMetrics, write_textfile
 
             with contextlib.suppress(OSError):
-                write_textfile(job.metrics_file, RunMetrics(job.name, False))
+                keep = frozenset({"freeze_window_seconds"})
+                stopped = RunMetrics(job.name, False, exit_code=_stop_code(stop), keep=keep)
+                write_textfile(job.metrics_file, stopped)
         raise
     data = report.to_dict()
     if job.metrics_file:
         from quiesce.job.metrics import run_metrics, write_textfile
 
+        # an older snapshot's window is not the job's latest: keep the newest figure
+        newest = snapshot is None or _is_newest(man, job.name, state)
         metrics = run_metrics(
-            job.name, success=report.ok, duration_s=report.duration_s,
-            freeze_window_s=man.window_s, backup=data,
+            job.name, success=report.ok, exit_code=report.exit_code,
+            duration_s=report.duration_s, backup=data,
+            freeze_window_s=man.window_s if newest else None,
+            keep=frozenset() if newest else frozenset({"freeze_window_seconds"}),
         )  # fmt: skip
         try:
             write_textfile(job.metrics_file, metrics)
@@ -92,6 +98,20 @@ def backup_cmd(
 
         print_backup_report(data, out, err)
     raise typer.Exit(report.exit_code)
+
+
+def _stop_code(stop: BaseException) -> int:
+    code = getattr(stop, "code", None)
+    return code if isinstance(code, int) else 130
+
+
+def _is_newest(man: Any, job: str, state: Path) -> bool:
+    from quiesce.backup.phase import newest_snapshot
+
+    try:
+        return bool(newest_snapshot(job, state).id == man.id)
+    except QuiesceError:
+        return False
 
 
 def restore_cmd(

@@ -202,6 +202,7 @@ def after_run(
         metrics = run_metrics(
             job,
             success=report.error is None,
+            exit_code=report.exit_code,
             duration_s=time.monotonic() - report.t0,
             freeze_window_s=report.window_s,
             backup=bk.to_dict() if bk is not None else None,
