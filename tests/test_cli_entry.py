@@ -99,8 +99,12 @@ def _normalise(text: str) -> str:
 
 
 def test_status_is_identical_through_both_paths() -> None:
-    fast, slow = _run(FAST, "status"), _run(TYPER, "status")
-    assert fast.returncode == slow.returncode == 0
+    """Other runs on this machine may come and go between the two calls: retry."""
+    for _ in range(5):
+        fast, slow = _run(FAST, "status"), _run(TYPER, "status")
+        assert fast.returncode == slow.returncode == 0
+        if _normalise(fast.stdout) == _normalise(slow.stdout):
+            break
     assert _normalise(fast.stdout) == _normalise(slow.stdout)
     fast, slow = _run(FAST, "status", "--json"), _run(TYPER, "status", "--json")
     assert fast.returncode == slow.returncode == 0

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
+from quiesce.cli.watch import Quiet, Verbose
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 
 StateDir = Annotated[
@@ -38,12 +39,14 @@ def backup_cmd(
         str | None, typer.Option("--snapshot", help="Back up this snapshot id, not the newest.")
     ] = None,
     as_json: JsonOpt = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
 ) -> None:
     """Back up the job's newest snapshot: mount it read-only at a stable path, run the
     [backup] target, verify, unmount, and apply [retention]."""
     from quiesce import snapshot as snapshots
     from quiesce.backup.phase import newest_snapshot, run_backup
-    from quiesce.backup.progress import progress_for
+    from quiesce.cli.watch import watching
     from quiesce.job.backupjob import load_backup_job
     from quiesce.state.statedir import state_dir
 
@@ -60,10 +63,10 @@ def backup_cmd(
     except QuiesceError as e:
         raise fail(e, as_json) from None
     try:
-        with progress_for(err, "backup") as progress:
+        with watching(err, verbose=verbose, quiet=quiet) as events:
             report = run_backup(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
-                progress=progress,
+                events=events,
             )  # fmt: skip
     except (SystemExit, KeyboardInterrupt) as stop:
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
