@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
 
 from quiesce.errors import QuiesceError
 
@@ -22,6 +21,8 @@ HELP_WIDTH = 80  # the width rich renders for a pipe when COLUMNS is not set
 def _help_text() -> str | None:
     if sys.stdout.isatty() or os.environ.get("COLUMNS", str(HELP_WIDTH)) != str(HELP_WIDTH):
         return None
+    from importlib import resources
+
     try:
         return (resources.files("quiesce.cli") / "data" / "help.txt").read_text()
     except OSError:

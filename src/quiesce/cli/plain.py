@@ -1,18 +1,16 @@
 """Output without rich: what the fast commands (``status``, ``thaw``, ``--help``,
-``--version``) print, so that they start without importing typer or rich.
+``--version``) print, so that they start without importing typer or rich (json and
+redaction are loaded when used).
 
 Streams are looked up at each call (``sys.stdout`` may be swapped after import).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
-
-from quiesce.sys.redact import redact_data
 
 _STYLES = {"bold red": "1;31", "yellow": "33", "dim": "2", "bold": "1"}
 
@@ -56,6 +54,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def emit_json(data: Any) -> None:
     """JSON on stdout, redacted: nothing quiesce prints carries a password."""
+    import json
+
+    from quiesce.sys.redact import redact_data
+
     data = redact_data(json.loads(json.dumps(data, default=str)))
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
     sys.stdout.flush()
@@ -63,6 +65,8 @@ def emit_json(data: Any) -> None:
 
 def print_error(error: dict[str, Any]) -> None:
     """``quiesce: <message>``, each job-file problem with its hint, then ``hint: <hint>``."""
+    from quiesce.sys.redact import redact_data
+
     error = redact_data(error)
     say("quiesce:", "bold red", error["message"])
     for p in error.get("problems", []):
