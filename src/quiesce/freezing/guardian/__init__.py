@@ -6,7 +6,7 @@
 and the handle's are loaded on first use (``quiesce status`` and ``thaw`` need neither).
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quiesce.freezing.guardian.client import Survey, ask, holder_of, list_guardians, survey
 from quiesce.freezing.guardian.protocol import (
@@ -19,6 +19,7 @@ from quiesce.freezing.guardian.protocol import (
     check_seconds,
     socket_path,
 )
+from quiesce.sys.lazy import lazy_exports
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -40,20 +41,15 @@ __all__ = [
 ]
 
 
-_LAZY = {
-    "LINGER_AFTER_EXPIRY": "daemon",
-    "GuardedVolume": "daemon",
-    "GuardianHandle": "handle",
-}
-
 if TYPE_CHECKING:
     from quiesce.freezing.guardian.daemon import LINGER_AFTER_EXPIRY, GuardedVolume
     from quiesce.freezing.guardian.handle import GuardianHandle
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "LINGER_AFTER_EXPIRY": ".daemon:LINGER_AFTER_EXPIRY",
+        "GuardedVolume": ".daemon:GuardedVolume",
+        "GuardianHandle": ".handle:GuardianHandle",
+    },
+)
