@@ -30,4 +30,9 @@ if [ "$tests" = 1 ]; then
 else
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
 fi
+# the man page and shell completion, generated from the CLI (package data: quiesce/cli/data)
+data=$(python3 -c 'import quiesce.cli.gendocs as g; print(g.DATA)')
+install -Dm644 "$data/quiesce.1" /usr/local/share/man/man1/quiesce.1
+install -Dm644 "$data/quiesce.bash" /usr/local/share/bash-completion/completions/quiesce
+install -Dm644 "$data/_quiesce" /usr/local/share/zsh/site-functions/_quiesce
 echo "install.sh: ready ($(python3 -m quiesce version))"

@@ -25,7 +25,7 @@ def _check_format(text: str) -> None:
         if line.startswith("# TYPE"):
             name = line.split()[2]
             assert name not in seen_type, f"duplicate TYPE for {name}"
-            assert line.endswith(" gauge")
+            assert line.endswith(" counter" if name == "quiesce_runs_total" else " gauge")
             seen_type.add(name)
         elif not line.startswith("#"):
             assert line.split("{")[0] in seen_type, "sample before its TYPE line"
@@ -106,3 +106,56 @@ def test_temp_and_lock_files_are_private_and_never_follow_links(tmp_path: Path) 
     else:
         raise AssertionError("a lock file that is a symlink was followed")
     assert not (tmp_path / "created-by-root").exists()
+
+
+def test_exit_code_and_run_counter(tmp_path: Path) -> None:
+    f = tmp_path / "quiesce.prom"
+    write_textfile(f, RunMetrics("db", True, finished=10.0))
+    write_textfile(f, RunMetrics("db", False, exit_code=12, finished=20.0))
+    text = write_textfile(f, RunMetrics("other", False, finished=30.0))
+    _check_format(text)
+    assert "# TYPE quiesce_runs_total counter" in text
+    jobs = parse(text)
+    assert (jobs["db"]["runs_total"], jobs["db"]["last_run_exit_code"]) == (2, 12)
+    assert (jobs["other"]["runs_total"], jobs["other"]["last_run_exit_code"]) == (1, 1)
+
+
+def _stale_alert() -> str:
+    """The documented staleness alert's PromQL expression (docs/operations.md)."""
+    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    m = re.search(r"alert: QuiesceBackupStale\n\s+expr: (.+)\n", doc)
+    assert m, "docs/operations.md lost the QuiesceBackupStale alert"
+    return m.group(1)
+
+
+def _fires(expr: str, samples: dict[str, float], now: float) -> bool:
+    """Evaluate ``time() - METRIC > N * M`` the way Prometheus does for one job: a
+    metric the job has no sample of yields no series, and the alert cannot fire."""
+    m = re.fullmatch(r"time\(\) - quiesce_([a-z_]+) > (\d+) \* (\d+)", expr)
+    assert m, f"the test understands only `time() - METRIC > N * M`, not {expr!r}"
+    name, a, b = m.group(1), int(m.group(2)), int(m.group(3))
+    if name not in samples:
+        return False
+    return now - samples[name] > a * b
+
+
+def test_the_stale_alert_fires_for_a_job_that_never_succeeded(tmp_path: Path) -> None:
+    expr, f, day = _stale_alert(), tmp_path / "quiesce.prom", 86400.0
+    now = 100 * day
+    write_textfile(f, RunMetrics("new", False, exit_code=12, finished=now - 60))
+    assert _fires(expr, parse(f.read_text())["new"], now)  # never succeeded: stale
+    write_textfile(f, RunMetrics("new", True, finished=now - 30))
+    assert not _fires(expr, parse(f.read_text())["new"], now)  # fresh
+    write_textfile(f, RunMetrics("new", False, finished=now - 20))
+    assert not _fires(expr, parse(f.read_text())["new"], now)  # one failure: still fresh
+    assert _fires(expr, parse(f.read_text())["new"], now + 2 * day)  # two days later
+    # negative control: the evaluator does not fire on a series that is missing
+    assert not _fires(expr, {}, now)
+
+
+def test_keep_leaves_an_unmeasured_figure_alone(tmp_path: Path) -> None:
+    f = tmp_path / "quiesce.prom"
+    write_textfile(f, RunMetrics("db", True, freeze_window_s=0.004, backup_bytes=5))
+    old = RunMetrics("db", True, keep=frozenset({"freeze_window_seconds"}))
+    db = parse(write_textfile(f, old))["db"]
+    assert db["freeze_window_seconds"] == 0.004 and "backup_bytes" not in db

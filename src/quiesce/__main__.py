@@ -2,6 +2,6 @@ import sys
 
 sys.dont_write_bytecode = True
 
-from quiesce.cli.app import main  # noqa: E402
+from quiesce.cli.entry import main  # noqa: E402
 
 main()

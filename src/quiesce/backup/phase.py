@@ -21,7 +21,7 @@ from typing import Any
 
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
-from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
+from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
 from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.snapshot.cleanup import cleanup
@@ -30,6 +30,7 @@ from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.state.statedir import state_dir
+from quiesce.sys.events import Event, EventFn, emit
 from quiesce.sys.redact import redact_data
 
 
@@ -89,8 +90,9 @@ class BackupReport:
 
 
 class _Phases:
-    def __init__(self, into: list[dict[str, Any]]) -> None:
+    def __init__(self, into: list[dict[str, Any]], events: EventFn | None = None) -> None:
         self.into = into
+        self.events = events
 
     @contextlib.contextmanager
     def __call__(self, name: str, detail: str | None = None) -> Iterator[dict[str, Any]]:
@@ -98,6 +100,7 @@ class _Phases:
         if detail:
             rec["detail"] = detail
         t0 = time.monotonic()
+        emit(self.events, "start", name, detail=detail)
         try:
             yield rec
             rec["ok"] = True
@@ -105,6 +108,32 @@ class _Phases:
             rec["duration_s"] = round(time.monotonic() - t0, 6)
             rec["end"] = rec["start"] + rec["duration_s"]
             self.into.append(rec)
+            emit(self.events, "end", name, ok=rec["ok"], duration_s=rec["duration_s"])
+
+
+def _progress_events(events: EventFn | None, name: str) -> ProgressFn | None:
+    """A target's or the verification's progress samples as ``progress`` events."""
+    if events is None:
+        return None
+
+    def report(u: ProgressUpdate) -> None:
+        events(Event(
+            "progress", name, done=u.bytes_done, total=u.total_bytes, files=u.files_done,
+            total_files=u.total_files,
+        ))  # fmt: skip
+
+    return report
+
+
+def _both(a: ProgressFn | None, b: ProgressFn | None) -> ProgressFn | None:
+    if a is None or b is None:
+        return a or b
+
+    def both(u: ProgressUpdate) -> None:
+        a(u)
+        b(u)
+
+    return both
 
 
 def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
@@ -178,12 +207,14 @@ def run_backup(
     retention: RetentionPolicy | None = None,
     progress: ProgressFn | None = None,
     rng: random.Random | None = None,
+    events: EventFn | None = None,
 ) -> BackupReport:
     """Back up the snapshot of ``manifest`` to ``cfg``'s target. Never raises for the
-    run's own failures: they are in ``report.error`` (like job.run_job)."""
+    run's own failures: they are in ``report.error`` (like job.run_job). ``events``
+    hears each phase start and end, and the backup's and verification's progress."""
     state_path = state_dir(state)
     report = BackupReport(job=job, target=cfg.target, snapshot=getattr(manifest, "id", None))
-    phase = _Phases(report.phases)
+    phase = _Phases(report.phases, events)
     t0 = time.monotonic()
     try:
         with job_lock(state_path, job, "backup"):
@@ -192,7 +223,11 @@ def run_backup(
                 if left.removed or left.errors:
                     report.cleanup = left.to_dict()
                     report.warnings += [f"cleanup: {e}" for e in left.errors]
-            _backup_and_verify(manifest, cfg, job, state_path, report, phase, progress, rng)
+            _backup_and_verify(
+                manifest, cfg, job, state_path, report, phase,
+                _both(progress, _progress_events(events, "backup")),
+                _progress_events(events, "verify"), rng,
+            )  # fmt: skip
             policy = retention or RetentionPolicy()
             if report.ok and (cfg.delete_snapshot or not policy.empty):
                 with phase("retention"):
@@ -239,6 +274,7 @@ def _backup_and_verify(
     report: BackupReport,
     phase: _Phases,
     progress: ProgressFn | None,
+    verify_progress: ProgressFn | None,
     rng: random.Random | None,
 ) -> None:
     from quiesce.providers.registry import get_provider
@@ -283,7 +319,7 @@ def _backup_and_verify(
                     report.verify = verify(
                         target, report.result, root, names, cfg.verify,
                         sample_files=cfg.sample_files, temp_root=cfg.verify_dir,
-                        journal=journal, rng=rng,
+                        journal=journal, rng=rng, progress=verify_progress,
                     )  # fmt: skip
                 if not report.verify.ok:
                     shown = "; ".join(report.verify.mismatches[:3]) or report.verify.detail

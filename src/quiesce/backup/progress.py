@@ -16,11 +16,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 from quiesce.backup.targets.base import ProgressFn, ProgressUpdate
 from quiesce.sys.units import human_bytes
@@ -58,6 +60,16 @@ class PlainProgress:
         return ", ".join(parts)
 
 
+class BinarySpeedColumn(ProgressColumn):
+    """``1.2 GiB/s``: the same binary units as the sizes (rich's own speed is decimal)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(
+            "?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed"
+        )
+
+
 class RichProgress:
     """A live bar with bytes, speed, files and ETA (only on a terminal)."""
 
@@ -67,7 +79,7 @@ class RichProgress:
             BarColumn(),
             TaskProgressColumn(),
             DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
+            BinarySpeedColumn(),
             TextColumn("{task.fields[files]}"),
             TimeRemainingColumn(),
             console=console,
@@ -96,4 +108,4 @@ def progress_for(
     yield PlainProgress(console.file, label, interval)
 
 
-__all__ = ["PlainProgress", "RichProgress", "progress_for"]
+__all__ = ["BinarySpeedColumn", "PlainProgress", "RichProgress", "progress_for"]

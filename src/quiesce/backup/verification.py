@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quiesce.backup.targets.base import BackupResult, Target
+from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
 from quiesce.state.journal import Journal
 from quiesce.sys.trust import make_private_dirs
 
@@ -105,9 +105,15 @@ def compare_file(src: Path, restored: Path) -> str | None:
 
 
 def compare_trees(
-    src_root: Path, dst_root: Path, names: Sequence[str]
+    src_root: Path,
+    dst_root: Path,
+    names: Sequence[str],
+    progress: ProgressFn | None = None,
+    total_bytes: int | None = None,
 ) -> tuple[int, int, list[str]]:
-    """Walk both trees; (entries checked, bytes compared, mismatches)."""
+    """Walk both trees; (entries checked, bytes compared, mismatches). ``progress`` hears
+    the bytes compared so far, at most every 0.2 s."""
+    last = 0.0
     checked = compared = 0
     bad: list[str] = []
     seen: set[str] = set()
@@ -123,6 +129,9 @@ def compare_trees(
                     bad.append(f"{rel}: {why}")
                 elif entry in files and os.path.isfile(src_root / rel):
                     compared += os.lstat(src_root / rel).st_size
+                if progress is not None and time.monotonic() - last >= 0.2:
+                    last = time.monotonic()
+                    progress(ProgressUpdate(compared, total_bytes, checked))
         for dirpath, dirs, files in os.walk(dst_root / name):
             rel_dir = os.path.relpath(dirpath, dst_root)
             for entry in [*dirs, *files]:
@@ -158,8 +167,10 @@ def verify(
     temp_root: str | Path = "/var/tmp",
     journal: Journal | None = None,
     rng: random.Random | None = None,
+    progress: ProgressFn | None = None,
 ) -> VerifyResult:
-    """Verify ``backup`` of ``source_dir/<names>`` (the snapshot, still mounted)."""
+    """Verify ``backup`` of ``source_dir/<names>`` (the snapshot, still mounted).
+    ``progress`` hears the bytes compared (against the backup's size)."""
     if mode not in MODES:
         raise ValueError(f"verify must be one of {MODES}")
     t0 = time.monotonic()
@@ -192,7 +203,11 @@ def verify(
                 detail=f"{len(chosen)} random file(s) restored and compared",
             )
         target.restore(backup.snapshot_id, scratch, list(names))
-        checked, compared, bad = compare_trees(source_dir, scratch, names)
+        checked, compared, bad = compare_trees(
+            source_dir, scratch, names, progress, backup.bytes or None
+        )
+        if progress is not None:
+            progress(ProgressUpdate(compared, backup.bytes or None, checked))
         return VerifyResult(
             "full",
             not bad,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import os
+import shutil
 import signal
 import sys
-import time
-from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from quiesce import __version__
+from quiesce.cli import holds
 from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
 from quiesce.cli.common import JsonOpt, console, emit_json, err, fail, out
 from quiesce.cli.job import check_cmd, run_cmd
@@ -23,19 +22,15 @@ from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import (
     ExitCode,
     FreezeExpired,
-    GuardianError,
     NotFrozen,
-    PermissionDenied,
     QuiesceError,
     UsageError,
 )
-from quiesce.freezing import guardian
 from quiesce.freezing.freezer import Freezer, Window
-from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds, expedite
-from quiesce.freezing.guardian.client import THAW_S
+from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds
 from quiesce.freezing.plan import Plan, make_plan
-from quiesce.sys import kernel, proc
-from quiesce.sys.mounts import MountTable, resolve
+from quiesce.sys import proc
+from quiesce.sys.mounts import MountTable
 from quiesce.sys.units import human_duration
 
 sys.dont_write_bytecode = True  # quiesce may run from a venv on a volume it freezes
@@ -57,6 +52,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(snapshot_app, name="snapshot")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Consistent snapshots of mounted Linux filesystems: freeze, snapshot, thaw, back up."""
 
 
 def _say(to: Console, label: str, style: str, text: str) -> None:
@@ -202,168 +215,21 @@ def freeze_cmd(
     )
 
 
-def _thaw_one_volume(path: str, table: MountTable) -> dict[str, Any]:
-    """Thaw through the guardian on duty that holds it frozen, else with a plain FITHAW.
-
-    Only guardians whose socket is root's and whose answer fits are believed; one that
-    does not answer in time is passed over, and our own FITHAW says so. A finished
-    guardian is history: it is never asked to thaw, and its story is told only when the
-    volume turns out not to be frozen."""
-    target = resolve(path, table)
-    try:
-        dev = target.volume.dev
-        name = target.mount.mount_point
-        fstype = target.mount.fstype
-        seen = guardian.survey()
-        for st in seen.active:
-            if not any(v["dev"] == dev and v["state"] == "frozen" for v in st["volumes"]):
-                continue
-            pid = st["pid"]
-            try:
-                reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]}, timeout=THAW_S)
-            except GuardianError as e:
-                return _own_fithaw(path, target, f"guardian {pid} did not answer: {e.message}")
-            if reply.get("ok"):
-                return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
-            if reply.get("expired"):
-                raise _expired_error(name, reply["expired"])
-            raise kernel.error_for(reply.get("errno") or errno.EIO, "thaw", name, fstype)
-        why = "no guardian held it"
-        if seen.silent:
-            why += "; not answering: " + ", ".join(
-                f"guardian {p} ({w})" for p, w in sorted(seen.silent.items())
-            )
-        try:
-            return _own_fithaw(path, target, why)
-        except NotFrozen:
-            story = _history_of(dev, seen.finished)
-            if story is not None:
-                raise _expired_error(name, story) from None
-            raise
-    finally:
-        target.close()
-
-
-def _own_fithaw(path: str, target: Any, why: str) -> dict[str, Any]:
-    kernel.fithaw(target.fd, target.mount.mount_point, target.mount.fstype)
-    return {"path": path, "mount_point": target.mount.mount_point, "thawed_by": f"FITHAW ({why})"}
-
-
-def _history_of(dev: str, finished: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The newest finished guardian's expiry that thawed ``dev`` and was not superseded
-    by a later freeze of it."""
-    best = None
-    for st in finished:
-        if any(v["dev"] == dev and not v.get("superseded") for v in st["volumes"]):
-            ex = st["expired"]
-            thawed = ex and any(isinstance(t, dict) and t.get("dev") == dev for t in ex["thawed"])
-            if thawed and (best is None or (ex.get("at") or 0) > (best.get("at") or 0)):
-                best = ex
-    return best
-
-
-def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
-    when = time.strftime("%H:%M:%S", time.localtime(expired.get("at", 0)))
-    return FreezeExpired(
-        f"{name} was already thawed by the guardian at {when} ({expired.get('reason')})"
-    )
-
-
 @app.command("thaw")
 def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
     """Thaw filesystems (like `fsfreeze -u`): through the guardian holding them, else FITHAW."""
-    table = MountTable.read()
-    results, first_error = [], None
-    for p in paths:
-        try:
-            results.append(_thaw_one_volume(p, table))
-        except QuiesceError as e:
-            results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
-            first_error = first_error or e
-            if not as_json:
-                _say(err, "quiesce:", "bold red", e.message)
-                if e.hint:
-                    _say(err, "hint:", "dim", e.hint)
-    if as_json:
-        emit_json({"results": results})
-    else:
-        for r in results:
-            if "error" not in r:
-                out.print(f"thawed: {r['mount_point']} ({r['thawed_by']})")
-    if first_error is not None:
-        raise typer.Exit(first_error.exit_code)
+    code = holds.thaw(paths, as_json)  # also served without typer: cli/entry.py
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("status")
 def status_cmd(as_json: JsonOpt = False) -> None:
     """List what quiesce holds frozen (volumes, holder, since when, deadline and lease),
     what its guardians thawed on their own lately, and the jobs running now."""
-    from quiesce.state.locks import running
-    from quiesce.state.statedir import state_dir
-
-    try:
-        if os.geteuid() != 0:
-            raise PermissionDenied(
-                "cannot tell what quiesce has frozen: only root can ask its guardians",
-                "run `quiesce status` as root",
-            )
-        seen = guardian.survey()
-    except QuiesceError as e:
-        raise fail(e, as_json) from None
-    jobs = running(state_dir())
-    rcu = expedite.holders()
-    if as_json:
-        emit_json(
-            {
-                "guardians": seen.active,
-                "history": seen.finished,
-                "not_answering": [{"pid": p, "why": w} for p, w in sorted(seen.silent.items())],
-                "running": [asdict(j) for j in jobs],
-                "rcu_expedited": rcu,
-            }
-        )
-        return
-    rcu_line = expedite.describe(rcu)
-    if rcu_line:
-        dead = not any(h["alive"] for h in (rcu or {}).get("holders", []))
-        _say(err, "warning:" if dead else "note:", "yellow", rcu_line)
-    for j in jobs:
-        since = time.strftime("%H:%M:%S", time.localtime(j.since))
-        out.print(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
-    for p, w in sorted(seen.silent.items()):
-        _say(err, "warning:", "yellow", f"guardian {p} did not answer: {w}")
-    if not seen.active:
-        out.print("nothing is frozen by quiesce")
-    else:
-        table = Table(box=None, pad_edge=False)
-        cols = ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease")
-        for col in cols:
-            table.add_column(col)
-        for s in seen.active:
-            ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
-            if s["detached"]:
-                ctl += " (held)"
-            for v in s["volumes"]:
-                table.add_row(
-                    v["mount_point"], v["state"], str(s["pid"]), ctl,
-                    f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
-                    f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
-                    f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
-                )  # fmt: skip
-        out.print(table)
-    now = time.time()
-    for s in seen.finished:
-        ex = s["expired"] or {}
-        at = ex.get("at") or now
-        when = time.strftime("%H:%M:%S", time.localtime(at))
-        for t in ex.get("thawed", []):
-            if not isinstance(t, dict):
-                continue
-            bad = "" if t.get("errno") in (0, 22) else f", FITHAW FAILED (errno {t.get('errno')})"
-            out.print(
-                f"history: {t.get('volume')} thawed by {ex.get('reason')} at {when}, "
-                f"{now - at:.0f} s ago (guardian {s['pid']}){bad}"
-            )
+    code = holds.status(as_json)  # also served without typer: cli/entry.py
+    if code:
+        raise typer.Exit(code)
 
 
 def _stream_is_on(plan: Plan, fd: int) -> bool:
@@ -394,6 +260,14 @@ def exec_cmd(
     if not cmd:
         raise fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
+        )
+    if shutil.which(cmd[0]) is None:  # before anything is frozen
+        raise fail(
+            UsageError(
+                f"cannot run {cmd[0]}: not found, or not an executable file",
+                "give the command's path, or a name on $PATH, after `--`; nothing was frozen",
+            ),
+            as_json,
         )
     try:
         with make_plan(paths, allow_self=allow_self) as plan:
@@ -491,8 +365,11 @@ def demo_cmd(
 
 
 @app.command("version")
-def version_cmd() -> None:
+def version_cmd(as_json: JsonOpt = False) -> None:
     """Print the version."""
+    if as_json:
+        emit_json({"version": __version__})
+        return
     out.print(__version__)
 
 

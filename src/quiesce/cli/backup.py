@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
+from quiesce.cli.watch import Quiet, Verbose
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 
 StateDir = Annotated[
@@ -38,12 +39,14 @@ def backup_cmd(
         str | None, typer.Option("--snapshot", help="Back up this snapshot id, not the newest.")
     ] = None,
     as_json: JsonOpt = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
 ) -> None:
     """Back up the job's newest snapshot: mount it read-only at a stable path, run the
     [backup] target, verify, unmount, and apply [retention]."""
     from quiesce import snapshot as snapshots
     from quiesce.backup.phase import newest_snapshot, run_backup
-    from quiesce.backup.progress import progress_for
+    from quiesce.cli.watch import watching
     from quiesce.job.backupjob import load_backup_job
     from quiesce.state.statedir import state_dir
 
@@ -60,26 +63,32 @@ def backup_cmd(
     except QuiesceError as e:
         raise fail(e, as_json) from None
     try:
-        with progress_for(err, "backup") as progress:
+        with watching(err, verbose=verbose, quiet=quiet) as events:
             report = run_backup(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
-                progress=progress,
+                events=events,
             )  # fmt: skip
-    except (SystemExit, KeyboardInterrupt):
+    except (SystemExit, KeyboardInterrupt) as stop:
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
         if job.metrics_file:
             from quiesce.job.metrics import RunMetrics, write_textfile
 
             with contextlib.suppress(OSError):
-                write_textfile(job.metrics_file, RunMetrics(job.name, False))
+                keep = frozenset({"freeze_window_seconds"})
+                stopped = RunMetrics(job.name, False, exit_code=_stop_code(stop), keep=keep)
+                write_textfile(job.metrics_file, stopped)
         raise
     data = report.to_dict()
     if job.metrics_file:
         from quiesce.job.metrics import run_metrics, write_textfile
 
+        # an older snapshot's window is not the job's latest: keep the newest figure
+        newest = snapshot is None or _is_newest(man, job.name, state)
         metrics = run_metrics(
-            job.name, success=report.ok, duration_s=report.duration_s,
-            freeze_window_s=man.window_s, backup=data,
+            job.name, success=report.ok, exit_code=report.exit_code,
+            duration_s=report.duration_s, backup=data,
+            freeze_window_s=man.window_s if newest else None,
+            keep=frozenset() if newest else frozenset({"freeze_window_seconds"}),
         )  # fmt: skip
         try:
             write_textfile(job.metrics_file, metrics)
@@ -92,6 +101,20 @@ def backup_cmd(
 
         print_backup_report(data, out, err)
     raise typer.Exit(report.exit_code)
+
+
+def _stop_code(stop: BaseException) -> int:
+    code = getattr(stop, "code", None)
+    return code if isinstance(code, int) else 130
+
+
+def _is_newest(man: Any, job: str, state: Path) -> bool:
+    from quiesce.backup.phase import newest_snapshot
+
+    try:
+        return bool(newest_snapshot(job, state).id == man.id)
+    except QuiesceError:
+        return False
 
 
 def restore_cmd(
@@ -249,6 +272,10 @@ def systemd_cmd(
     unit_dir: Annotated[
         Path, typer.Option("--unit-dir", hidden=True, help="Where --install writes.")
     ] = Path("/etc/systemd/system"),
+    force: Annotated[
+        bool, typer.Option("--force", help="With --install: replace units edited by hand.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print (or install with --install) a hardened service + timer pair for the job."""
     from quiesce.integrations.systemd import check_calendar, render
@@ -265,20 +292,40 @@ def systemd_cmd(
             env_file=environment_file,
         )
         units = render(spec)
-        if not install:
-            for name, text in units.items():
-                out.print(f"# {unit_dir / name}", markup=False)
-                out.print(text, markup=False)
-            return
-        written = install_units(units, unit_dir)
+        warnings = private_tmp_warnings([str(job.path), *spec.rw_paths, *spec.rw_optional])
+        written = install_units(units, unit_dir, force=force) if install else []
     except QuiesceError as e:
-        raise fail(e, False) from None
+        raise fail(e, as_json) from None
     except OSError as e:
-        raise fail(QuiesceError(f"cannot write the units: {e}"), False) from None
+        raise fail(QuiesceError(f"cannot write the units: {e}"), as_json) from None
+    if as_json:
+        emit_json({"units": units, "written": [str(p) for p in written], "warnings": warnings})
+        return
+    for w in warnings:
+        err.print(f"warning: {w}", markup=False)
+    if not install:
+        for name, text in units.items():
+            out.print(f"# {unit_dir / name}", markup=False)
+            out.print(text, markup=False)
+        return
     for p in written:
         out.print(f"wrote {p}")
     timer = next(n for n in units if n.endswith(".timer"))
     out.print(f"enable it with: systemctl enable --now {timer}")
+
+
+def private_tmp_warnings(paths: list[str]) -> list[str]:
+    """The service has PrivateTmp=yes: a job path under /tmp or /var/tmp is not the
+    directory the user sees (an empty private one instead)."""
+    found = []
+    for p in dict.fromkeys(paths):
+        real = os.path.realpath(p)
+        if any(real == t or real.startswith(t + "/") for t in ("/tmp", "/var/tmp")):
+            found.append(
+                f"{p} is under /tmp or /var/tmp: the unit has PrivateTmp=yes, so the service "
+                "sees an empty private directory there; move it elsewhere"
+            )
+    return found
 
 
 __all__ = [

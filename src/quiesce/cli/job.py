@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
+from quiesce.cli.watch import Quiet, Verbose
 from quiesce.errors import QuiesceError
 
 if TYPE_CHECKING:
@@ -34,16 +35,25 @@ def _load(job_file: Path, as_json: bool) -> Job:
         raise fail(e, as_json) from None
 
 
-def run_cmd(job_file: JobFile, dry_run: DryRun = False, as_json: JsonOpt = False) -> None:
+def run_cmd(
+    job_file: JobFile,
+    dry_run: DryRun = False,
+    as_json: JsonOpt = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
     """Run a job: hooks and writers quiesce the applications, the group is frozen and
-    snapshotted, everything is released; print the report."""
+    snapshotted, everything is released; print the report. Progress goes to stderr as
+    it happens (a live display on a terminal, timestamped lines otherwise)."""
     from quiesce.cli.render import render
+    from quiesce.cli.watch import watching
     from quiesce.job.run import run_job
 
     job = _load(job_file, as_json)
     # SIGTERM (systemd, cron, kill) unwinds like Ctrl-C: thaw, release every hook.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    report = run_job(job, dry_run=dry_run)
+    with watching(err, verbose=verbose, quiet=quiet or dry_run) as events:
+        report = run_job(job, dry_run=dry_run, events=events)
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()

@@ -174,25 +174,34 @@ def mount_cmd(
     snap_id: Annotated[str, typer.Argument(metavar="ID")],
     directory: Annotated[Path, typer.Argument(metavar="DIR")],
     state_dir: StateDir = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Mount a snapshot read-only (nosuid, nodev, noexec) at DIR."""
     try:
         points = snapshots.mount(snap_id, directory, state_dir)
     except QuiesceError as e:
-        raise fail(e) from None
+        raise fail(e, as_json) from None
+    if as_json:
+        emit_json({"id": snap_id, "mounted": [str(p) for p in points]})
+        return
     for p in points:
         _say(f"mounted {snap_id} at {p} (read-only)")
 
 
 @snapshot_app.command("umount")
 def umount_cmd(
-    target: Annotated[str, typer.Argument(metavar="DIR|ID")], state_dir: StateDir = None
+    target: Annotated[str, typer.Argument(metavar="DIR|ID")],
+    state_dir: StateDir = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Unmount a snapshot: the directory it is mounted on, or its id."""
     try:
         points = snapshots.umount(target, state_dir)
     except QuiesceError as e:
-        raise fail(e) from None
+        raise fail(e, as_json) from None
+    if as_json:
+        emit_json({"target": target, "unmounted": [str(p) for p in points]})
+        return
     for p in points:
         _say(f"unmounted {p}")
 
@@ -204,10 +213,14 @@ def delete_cmd(
         bool, typer.Option("--forget", help="Drop only the manifest; leave the storage alone.")
     ] = False,
     state_dir: StateDir = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Delete a snapshot (storage first, then its manifest). Refused while mounted."""
     try:
         man = snapshots.delete(snap_id, state_dir, forget=forget)
     except QuiesceError as e:
-        raise fail(e) from None
+        raise fail(e, as_json) from None
+    if as_json:
+        emit_json({"id": man.id, "deleted": not forget, "forgot": forget})
+        return
     _say(f"{'forgot' if forget else 'deleted'} {man.id}")

@@ -12,6 +12,7 @@ read-only snapshot mounts are invisible to the rest of the system and vanish wit
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -172,7 +173,27 @@ def render(spec: UnitSpec) -> dict[str, str]:
         "WantedBy=timers.target",
         "",
     ]
-    return {f"{name}.service": "\n".join(service), f"{name}.timer": "\n".join(timer)}
+    return {f"{name}.service": stamp("\n".join(service)), f"{name}.timer": stamp("\n".join(timer))}
+
+
+_STAMP = re.compile(r"^# quiesce-sha256: ([0-9a-f]{64})\n", re.MULTILINE)
+
+
+def stamp(text: str) -> str:
+    """The unit with a hash of itself after its first line: what quiesce wrote can be told
+    from a unit edited by hand (``install`` overwrites only the former)."""
+    head, _, rest = text.partition("\n")
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"{head}\n# quiesce-sha256: {digest}\n{rest}"
+
+
+def edited_by_hand(text: str) -> bool:
+    """True unless ``text`` is a unit exactly as quiesce wrote it (its hash line fits)."""
+    m = _STAMP.search(text)
+    if m is None:
+        return True
+    unstamped = text[: m.start()] + text[m.end() :]
+    return hashlib.sha256(unstamped.encode()).hexdigest() != m.group(1)
 
 
 def check_calendar(expr: str) -> None:
@@ -188,11 +209,32 @@ def check_calendar(expr: str) -> None:
 
 
 def install(
-    units: dict[str, str], directory: Path = UNIT_DIR, *, reload: bool = True
+    units: dict[str, str],
+    directory: Path = UNIT_DIR,
+    *,
+    reload: bool = True,
+    force: bool = False,
 ) -> list[Path]:
     """Write the unit files (atomically, mode 644 like every unit: they hold no secrets)
     and reload systemd if it runs. The temporary file is mkstemp's (O_EXCL, a name nobody
-    can guess), so a link planted in the directory is never written through."""
+    can guess), so a link planted in the directory is never written through.
+
+    A unit that differs from what quiesce would write now and from what it wrote last
+    (edited by hand) is not overwritten unless ``force``: nothing is written then."""
+    if not force:
+        for fname, text in units.items():
+            try:
+                current = (directory / fname).read_text()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"cannot read {directory / fname}: {e}") from None
+            if current != text and edited_by_hand(current):
+                raise UsageError(
+                    f"{directory / fname} was edited by hand: not overwriting it",
+                    "put local changes in `systemctl edit` drop-ins; "
+                    "add --force to replace the file",
+                )
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, text in units.items():
@@ -209,7 +251,9 @@ __all__ = [
     "UNIT_DIR",
     "UnitSpec",
     "check_calendar",
+    "edited_by_hand",
     "install",
     "render",
+    "stamp",
     "unit_name",
 ]

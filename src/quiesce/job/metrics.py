@@ -6,7 +6,9 @@ nobody can guess), fsync'd and renamed, so node_exporter never reads half a file
 file (0600, O_NOFOLLOW) serialises jobs that share one. The textfile itself is 0644 (and
 a directory quiesce makes for it 0755): node_exporter runs as its own user and must read
 it; it holds no secrets.
-``last_success_timestamp_seconds`` survives a failed run (alert on its age).
+``last_success_timestamp_seconds`` survives a failed run (alert on its age); a job that
+has never succeeded has it at 0, so that the same alert fires for it too.
+``runs_total`` counts the runs (a counter: the file keeps it across runs).
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ from quiesce.sys.files import write_atomic
 from quiesce.sys.redact import redact
 
 PREFIX = "quiesce_"
-# name -> help text (all gauges)
+# name -> help text (gauges, but for COUNTERS)
 METRICS: dict[str, str] = {
     "last_run_timestamp_seconds": "Unix time when the last run of the job finished.",
     "last_run_success": "1 if the last run of the job succeeded, else 0.",
-    "last_success_timestamp_seconds": "Unix time when a run of the job last succeeded.",
+    "last_run_exit_code": "Exit code of the last run (0 ok; see README: exit codes).",
+    "runs_total": "Runs of the job (quiesce run and quiesce backup), whatever their outcome.",
+    "last_success_timestamp_seconds": (
+        "Unix time when a run of the job last succeeded (0: never, so staleness alerts fire)."
+    ),
     "run_duration_seconds": "Duration of the last run, from start to report.",
     "freeze_window_seconds": "Freeze window of the last run: first FIFREEZE to last FITHAW.",
     "backup_bytes": "Bytes of file content the last backup processed.",
@@ -39,6 +45,7 @@ METRICS: dict[str, str] = {
     "backup_duration_seconds": "Duration of the last backup phase (the target's command).",
     "verify_success": "1 if the last backup was verified good, 0 if it failed verification.",
 }
+COUNTERS = frozenset({"runs_total"})
 _SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{job="(?P<job>(?:[^"\\]|\\.)*)"\} (?P<v>\S+)'
 )
@@ -46,10 +53,13 @@ _SAMPLE = re.compile(
 
 @dataclass
 class RunMetrics:
-    """What one run reports. ``None`` means "not measured this run" (no sample)."""
+    """What one run reports. ``None`` means "not measured this run" (no sample), except
+    for the names in ``keep``: their previous sample stays (``quiesce backup --snapshot
+    OLD`` says nothing about the newest freeze window)."""
 
     job: str
     success: bool
+    exit_code: int | None = None  # default: 0 on success, else 1
     finished: float | None = None  # unix time; default: now
     duration_s: float | None = None
     freeze_window_s: float | None = None
@@ -58,13 +68,20 @@ class RunMetrics:
     backup_files: int | None = None
     backup_duration_s: float | None = None
     verify_ok: bool | None = None
+    keep: frozenset[str] = frozenset()
 
-    def samples(self, previous_success: float | None) -> dict[str, float]:
+    def samples(self, previous: Mapping[str, float] | None = None) -> dict[str, float]:
+        """This run's samples, given the job's samples in the file so far."""
+        previous = previous or {}
         now = self.finished if self.finished is not None else time.time()
+        code = self.exit_code if self.exit_code is not None else (0 if self.success else 1)
+        last_success = previous.get("last_success_timestamp_seconds", 0.0)
         out: dict[str, float | None] = {
             "last_run_timestamp_seconds": now,
             "last_run_success": 1.0 if self.success else 0.0,
-            "last_success_timestamp_seconds": now if self.success else previous_success,
+            "last_run_exit_code": code,
+            "runs_total": previous.get("runs_total", 0.0) + 1,
+            "last_success_timestamp_seconds": now if self.success else last_success,
             "run_duration_seconds": self.duration_s,
             "freeze_window_seconds": self.freeze_window_s,
             "backup_bytes": self.backup_bytes,
@@ -73,6 +90,9 @@ class RunMetrics:
             "backup_duration_seconds": self.backup_duration_s,
             "verify_success": None if self.verify_ok is None else float(self.verify_ok),
         }
+        for name in self.keep:
+            if out.get(name) is None and name in previous:
+                out[name] = previous[name]
         return {k: float(v) for k, v in out.items() if v is not None}
 
 
@@ -83,6 +103,8 @@ def run_metrics(
     duration_s: float | None,
     freeze_window_s: float | None,
     backup: Mapping[str, Any] | None,
+    exit_code: int | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> RunMetrics:
     """The one mapping from what a run (or ``quiesce backup``) did to its metrics;
     ``backup`` is a BackupReport's ``to_dict()``, or None when no backup ran."""
@@ -91,6 +113,8 @@ def run_metrics(
     return RunMetrics(
         job=job,
         success=success,
+        exit_code=exit_code,
+        keep=keep,
         duration_s=duration_s,
         freeze_window_s=freeze_window_s,
         backup_bytes=b.get("bytes"),
@@ -142,7 +166,8 @@ def render(jobs: Mapping[str, Mapping[str, float]]) -> str:
         if not rows:
             continue
         lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        lines.append(f"# TYPE {PREFIX}{name} gauge")
+        kind = "counter" if name in COUNTERS else "gauge"
+        lines.append(f"# TYPE {PREFIX}{name} {kind}")
         for job, value in rows:
             lines.append(f'{PREFIX}{name}{{job="{escape_label(job)}"}} {format_value(value)}')
     return "\n".join(lines) + "\n"
@@ -176,11 +201,10 @@ def write_textfile(path: str | Path, run: RunMetrics) -> str:
             jobs = parse(_read_nofollow(path))
         except FileNotFoundError:
             jobs = {}
-        previous = jobs.get(run.job, {}).get("last_success_timestamp_seconds")
-        jobs[run.job] = run.samples(previous)
+        jobs[run.job] = run.samples(jobs.get(run.job))
         text = render(jobs)
         write_atomic(path, text, mode=0o644)  # node_exporter runs as its own user
     return text
 
 
-__all__ = ["METRICS", "RunMetrics", "parse", "render", "run_metrics", "write_textfile"]
+__all__ = ["COUNTERS", "METRICS", "RunMetrics", "parse", "render", "run_metrics", "write_textfile"]

@@ -26,6 +26,7 @@ from quiesce.job.timeline import fill_from_manifest, window_phases
 from quiesce.state.locks import JobBusy, job_lock
 from quiesce.state.retention import RetentionPolicy
 from quiesce.state.statedir import UntrustedState, state_dir
+from quiesce.sys.events import EventFn, emit, phase_events
 from quiesce.sys.redact import redact
 
 
@@ -44,11 +45,12 @@ def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | 
     return None
 
 
-def run_job(job: Job, *, dry_run: bool = False) -> Report:
+def run_job(job: Job, *, dry_run: bool = False, events: EventFn | None = None) -> Report:
     """Run the job (or, with ``dry_run``, describe what it would do) and return its report.
 
     Never raises for failures of the run itself: they are in ``report.error`` and
-    ``report.exit_code``.
+    ``report.exit_code``. ``events`` hears each phase as it starts and ends, and the
+    backup's progress; those of the freeze window only after the thaw.
     """
     c = job.config
     report = Report(
@@ -77,10 +79,10 @@ def run_job(job: Job, *, dry_run: bool = False) -> Report:
         )
         return report.finish()
     with lock:
-        return _run_locked(job, report)
+        return _run_locked(job, report, events)
 
 
-def _run_locked(job: Job, report: Report) -> Report:
+def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Report:
     c = job.config
     ctx = HookContext(
         job=job.name,
@@ -110,6 +112,7 @@ def _run_locked(job: Job, report: Report) -> Report:
             allow_self=c.allow_self,
             state_dir=Path(c.state_dir) if c.state_dir else None,
             quiescers=quiescers,
+            events=events,
         )
     except QuiesceError as e:
         report.set_error(e)
@@ -155,9 +158,12 @@ def _run_locked(job: Job, report: Report) -> Report:
         retention=c.retention,
         metrics_file=c.metrics_file,
         state=c.state_dir,
+        events=events,
     )
     report.finish()
-    _after_run_hooks(job, ctx, report)
+    if job.config.hooks.after_run:
+        with phase_events(events, "after-run hooks"):
+            _after_run_hooks(job, ctx, report)
     return report
 
 
@@ -171,6 +177,7 @@ def after_run(
     metrics_file: str | None = None,
     state: str | Path | None = None,
     progress: ProgressFn | None = None,
+    events: EventFn | None = None,
 ) -> BackupReport | None:
     """What ``quiesce run`` does after the snapshot: the backup phase if the job has
     ``[backup]`` and the snapshot succeeded (else [retention] prunes snapshots), then the
@@ -179,8 +186,9 @@ def after_run(
     bk = None
     if backup is not None and manifest is not None and report.error is None:
         bk = run_backup(
-            manifest, backup, job=job, state=state, retention=retention, progress=progress
-        )
+            manifest, backup, job=job, state=state, retention=retention, progress=progress,
+            events=events,
+        )  # fmt: skip
         report.backup = bk.to_dict()
         report.phases += [Phase.from_any(p | {"name": f"backup: {p['name']}"}) for p in bk.phases]
         report.warnings += [w for w in bk.warnings if w not in report.warnings]
@@ -191,6 +199,7 @@ def after_run(
     elif manifest is not None and report.error is None and retention and not retention.empty:
         # no [backup]: [retention] still prunes the job's snapshots (never the new one)
         phase = Phase.begin("retention")
+        emit(events, "start", "retention")
         try:
             kept = apply_snapshot_retention(job, retention, state_dir(state), keep={manifest.id})
             report.warnings += [f"retention: {f}" for f in kept["failed"]]
@@ -199,10 +208,12 @@ def after_run(
         except QuiesceError as e:
             report.warnings.append(f"retention: {e.message}")
             report.phases.append(phase.finish(ok=False))
+        emit(events, "end", "retention", ok=report.phases[-1].ok)
     if metrics_file:
         metrics = run_metrics(
             job,
             success=report.error is None,
+            exit_code=report.exit_code,
             duration_s=time.monotonic() - report.t0,
             freeze_window_s=report.window_s,
             backup=bk.to_dict() if bk is not None else None,

@@ -33,27 +33,42 @@ from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
 from quiesce.sys import kernel
+from quiesce.sys.events import EventFn, HeldEvents, emit
 from quiesce.sys.mounts import MountTable
 from quiesce.sys.units import human_duration
 
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# the engine's phases as progress events name them (the others are not announced)
+_ANNOUNCED = {
+    "prepare": "prepare snapshot",
+    "before_freeze": "quiesce applications",
+    "window": "freeze window",
+    "after_thaw": "release applications",
+}
+
+
 class _Phases:
-    def __init__(self) -> None:
+    def __init__(self, events: EventFn | None = None) -> None:
         self.done: list[dict[str, Any]] = []
+        self.events = events
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.monotonic()
         ok = False
+        shown = _ANNOUNCED.get(name)
+        if shown:
+            emit(self.events, "start", shown)
         try:
             yield
             ok = True
         finally:
-            self.done.append(
-                {"phase": name, "duration_s": round(time.monotonic() - t0, 6), "ok": ok}
-            )
+            duration = time.monotonic() - t0
+            self.done.append({"phase": name, "duration_s": round(duration, 6), "ok": ok})
+            if shown:
+                emit(self.events, "end", shown, ok=ok, duration_s=duration)
 
 
 def _make_provider(
@@ -175,15 +190,21 @@ def create(
     state_dir: Path | None = None,
     quiescers: Sequence[Quiescer] = (),
     expedite: bool = True,
+    events: EventFn | None = None,
 ) -> Manifest:
-    """Snapshot the filesystems mounted at ``paths`` as one group; return the manifest."""
+    """Snapshot the filesystems mounted at ``paths`` as one group; return the manifest.
+
+    ``events`` hears each phase start and end; those of the freeze window are held in
+    memory and delivered after the thaw (whoever renders them may write to a frozen
+    volume)."""
     if not _JOB_RE.fullmatch(job):
         raise UsageError(
             f"bad job name {job!r}", "use letters, digits, '.', '_' and '-' (at most 64)"
         )
     prov = _make_provider(provider, options)
     state = state_dir_path(state_dir)
-    phases = _Phases()
+    held = HeldEvents(events)
+    phases = _Phases(held)
     with phases("plan"):
         plan = _plan_for(paths, allow_self, prov)
     with plan:
@@ -208,7 +229,7 @@ def create(
                 prov.prepare(members, snap_id)
             with phases("before_freeze"):
                 quiesced.quiesce(quiescers)
-            with phases("window"):
+            with held.hold(), phases("window"):
                 window, snapshot_s = _take(
                     prov,
                     plan,
@@ -219,6 +240,9 @@ def create(
                     syncfs=syncfs,
                     expedite=expedite,
                 )
+            if window is not None and window.duration is not None:
+                detail = f"volumes were frozen for {human_duration(window.duration)}"
+                emit(held, "note", "freeze window", detail=detail, duration_s=window.duration)
             with phases("after_thaw"):
                 errors += _released(quiesced, True)
             with phases("provider_after_thaw"):

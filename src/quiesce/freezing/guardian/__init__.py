@@ -2,12 +2,13 @@
 
 ``protocol`` (wire format, socket names), ``daemon`` (the guardian process itself),
 ``handle`` (the controller's side: start and drive its own guardian) and ``client``
-(find and ask other guardians). Callers import the public names from here.
+(find and ask other guardians). Callers import the public names from here; the daemon's
+and the handle's are loaded on first use (``quiesce status`` and ``thaw`` need neither).
 """
 
+from typing import TYPE_CHECKING
+
 from quiesce.freezing.guardian.client import Survey, ask, holder_of, list_guardians, survey
-from quiesce.freezing.guardian.daemon import LINGER_AFTER_EXPIRY, GuardedVolume
-from quiesce.freezing.guardian.handle import GuardianHandle
 from quiesce.freezing.guardian.protocol import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
@@ -18,6 +19,7 @@ from quiesce.freezing.guardian.protocol import (
     check_seconds,
     socket_path,
 )
+from quiesce.sys.lazy import lazy_exports
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -37,3 +39,17 @@ __all__ = [
     "socket_path",
     "survey",
 ]
+
+
+if TYPE_CHECKING:
+    from quiesce.freezing.guardian.daemon import LINGER_AFTER_EXPIRY, GuardedVolume
+    from quiesce.freezing.guardian.handle import GuardianHandle
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "LINGER_AFTER_EXPIRY": ".daemon:LINGER_AFTER_EXPIRY",
+        "GuardedVolume": ".daemon:GuardedVolume",
+        "GuardianHandle": ".handle:GuardianHandle",
+    },
+)
