@@ -37,10 +37,17 @@ def backup_cmd(
     snapshot: Annotated[
         str | None, typer.Option("--snapshot", help="Back up this snapshot id, not the newest.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Back up the snapshot even if the target already holds a backup of it."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Back up the job's newest snapshot: mount it read-only at a stable path, run the
-    [backup] target, verify, unmount, and apply [retention]."""
+    [backup] target, verify, unmount, and apply [retention]. A snapshot already backed
+    up is not backed up again: its backup is reported (--force makes another)."""
     from quiesce import snapshot as snapshots
     from quiesce.backup.phase import newest_snapshot, run_backup
     from quiesce.backup.progress import progress_for
@@ -63,7 +70,7 @@ def backup_cmd(
         with progress_for(err, "backup") as progress:
             report = run_backup(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
-                progress=progress,
+                progress=progress, force=force,
             )  # fmt: skip
     except (SystemExit, KeyboardInterrupt):
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
