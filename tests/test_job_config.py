@@ -614,7 +614,7 @@ def test_check_json_shows_the_repository_without_its_password(loopfs, tmp_path):
         '[backup]\ntarget = "restic"\nrepository = "rest:https://bk:r3po-pass@backup.example/"\n'
         'password_env = "RESTIC_PW"\n'
     ))  # fmt: skip
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RESTIC_PW": "x" * 12}
     p = subprocess.run([sys.executable, "-m", "quiesce", "check", "--json", str(job)],
                        capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert p.returncode == 0, p.stderr
@@ -644,3 +644,83 @@ def test_a_bare_hook_name_must_be_on_the_hooks_path(tmp_path, monkeypatch):
         f'[[hooks.pre_freeze]]\ncommand = ["my-hook"]\nenv = {{ PATH = "{bin_dir}:/usr/bin" }}\n'
     ), name="ok.toml")  # fmt: skip
     assert load_job(ok, check_volumes=False).config.hooks.pre_freeze[0].env["PATH"]
+
+
+def _backup_job(tmp_path: Path, vol: str, backup: str, extra: str = "") -> Path:
+    return write_job(tmp_path, f"""
+name = "nightly"
+volumes = ["{vol}"]
+state_dir = "{tmp_path / "state"}"
+{extra}
+[provider]
+type = "command"
+create = ["true"]
+
+[backup]
+{backup}
+""")  # fmt: skip
+
+
+def test_dry_run_prints_every_step_of_the_run_in_order(loopfs, tmp_path):
+    """The backup, its verification, retention, the metrics file and the after-run hooks
+    are steps of a run too (docs/jobs.md: "prints every step")."""
+    fs = loopfs("ext4")
+    job = _backup_job(
+        tmp_path, fs.path,
+        f'target = "tar"\ndirectory = "{tmp_path / "tars"}"\nverify = "full"\n'
+        f'mount_root = "{tmp_path / "run"}"\nverify_dir = "{tmp_path}"\n',
+        f'metrics_file = "{tmp_path / "m" / "q.prom"}"\n'
+        '[retention]\nkeep_last = 2\n[[hooks.after_run]]\nname = "tell"\ncommand = ["true"]\n',
+    )  # fmt: skip
+    p = quiesce("run", str(job), "--dry-run", "--json")
+    assert p.returncode == 0, p.stderr
+    steps = json.loads(p.stdout)["steps"]
+    wanted = [
+        "FIFREEZE in order", "write the manifest", "backup: mount the snapshot read-only at "
+        f"{tmp_path / 'run'}/nightly/", f"backup: tar backup to {tmp_path / 'tars'}",
+        "verify (full)", "backup: unmount", "retention of the job's snapshots (keep_last = 2)",
+        "prune the tar backups (keep_last = 2", f"metrics: write {tmp_path / 'm' / 'q.prom'}",
+        "after-run hook 'tell'", "write the report",
+    ]  # fmt: skip
+    at = [next((i for i, s in enumerate(steps) if s.startswith(w)), None) for w in wanted]
+    assert None not in at, list(zip(wanted, at, strict=True))
+    assert at == sorted(at), steps
+    assert not (tmp_path / "state").exists() and not (tmp_path / "tars").exists()
+
+
+def test_check_makes_every_check_a_run_would_make(loopfs, tmp_path):
+    """A missing restic repository, a password file others can read, an unusable mount
+    root and metrics directory: each at its TOML key, before anything runs."""
+    fs = loopfs("ext4")
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery staple")
+    pw.chmod(0o644)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    repo = tmp_path / "repo"
+    backup = (
+        f'target = "restic"\nrepository = "{repo}"\npassword_file = "{pw}"\n'
+        f'verify = "none"\nmount_root = "{blocker}"\n'
+    )
+    job = _backup_job(tmp_path, fs.path, backup, f'metrics_file = "{blocker / "q.prom"}"\n')
+    p = quiesce("check", str(job), "--json")
+    assert p.returncode == ExitCode.USAGE, p.stderr
+    got = {(x["path"], x["message"]) for x in json.loads(p.stdout)["problems"]}
+    assert got == {
+        ("backup.password_file", f"{pw} can be read by others (mode 644)"),
+        ("backup.mount_root", f"{blocker} is not a directory"),
+        ("metrics_file", f"{blocker} is not a directory"),
+    }, got
+    pw.chmod(0o600)
+    p = quiesce("check", str(job), "--json")
+    got = {(x["path"], x["message"]) for x in json.loads(p.stdout)["problems"]}
+    assert ("backup.repository", f"no restic repository at {repo} that this password opens") in got
+    job = _backup_job(
+        tmp_path, fs.path, backup.replace(str(blocker), str(tmp_path / "run")) + "init = true\n",
+        f'metrics_file = "{tmp_path / "m" / "q.prom"}"\n',
+    )  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == 0, p.stderr
+    # a check changes nothing: no repository, state, cache, mount root or metrics dir
+    for made in (repo, tmp_path / "state", tmp_path / "run", tmp_path / "m"):
+        assert not made.exists(), made

@@ -99,7 +99,8 @@ class ResticTarget(Target):
         return res
 
     def exists(self) -> bool:
-        return self._child("cat", "config", timeout=120).returncode == 0
+        # --no-cache: `quiesce check` asks too, and must not create a cache
+        return self._child("--no-cache", "cat", "config", timeout=120).returncode == 0
 
     def init(self) -> None:
         if not self.exists():
