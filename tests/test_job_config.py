@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -724,3 +726,53 @@ def test_check_makes_every_check_a_run_would_make(loopfs, tmp_path):
     # a check changes nothing: no repository, state, cache, mount root or metrics dir
     for made in (repo, tmp_path / "state", tmp_path / "run", tmp_path / "m"):
         assert not made.exists(), made
+
+
+# -- every TOML example of the docs loads ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# What an example cannot have on this machine (its scripts, files and directories): the
+# only problems an example may have. Anything else (a key, a type, a value) is drift.
+MACHINE_ONLY = re.compile(r"(does not exist|is not a directory|is not installed)$")
+
+
+def _toml_examples() -> list[tuple[str, int, str]]:
+    return [
+        (doc.name, i, m.group(1))
+        for doc in DOCS
+        for i, m in enumerate(re.finditer(r"```toml\n(.*?)```", doc.read_text(), re.S))
+    ]
+
+
+def _doc_problems(text: str, tmp_path: Path) -> list[str]:
+    """Load ``text`` as a job with the real loader (a fragment gets the keys a job must
+    have), returning every problem that is not about this machine."""
+    raw = tomllib.loads(text)
+    head = "" if "volumes" in raw else 'volumes = ["/srv/data"]\n'
+    tail = "" if "provider" in raw else '\n[provider]\ntype = "command"\ncreate = ["true"]\n'
+    path = tmp_path / "example.toml"
+    path.write_text(head + text + tail)
+    path.chmod(0o600)
+    try:
+        load_job(path, check_volumes=False)
+    except JobConfigError as e:
+        return [str(p) for p in e.problems if not MACHINE_ONLY.search(p.message)]
+    return []
+
+
+def test_the_docs_have_toml_examples():
+    found = {(doc, i) for doc, i, _ in _toml_examples()}
+    assert {("README.md", 0), ("jobs.md", 0), ("jobs.md", 1), ("jobs.md", 2)} <= found
+
+
+@pytest.mark.parametrize(("doc", "i", "text"), _toml_examples(), ids=lambda v: str(v)[:20])
+def test_every_toml_example_in_the_docs_loads(doc: str, i: int, text: str, tmp_path):
+    assert _doc_problems(text, tmp_path) == [], f"{doc} TOML example {i}"
+
+
+def test_a_drifted_toml_example_is_caught(tmp_path):
+    """The negative control: a renamed key or a wrong default type in an example fails."""
+    [text] = [t for doc, i, t in _toml_examples() if (doc, i) == ("jobs.md", 0)]
+    assert _doc_problems(text.replace("freeze = 30", "freez = 30"), tmp_path)
+    assert _doc_problems(text.replace("lease = 5", 'lease = "5"'), tmp_path)

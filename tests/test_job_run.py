@@ -486,3 +486,19 @@ command = ["true"]
     assert report["consistency_reason"].endswith(
         "; pre-freeze hook 'flush' quiesced the applications first"
     ), report["consistency_reason"]
+
+
+def test_a_job_runs_errors_give_hints_in_the_jobs_syntax(loopfs, tmp_path):
+    """The guardian's deadline passes inside the window: the hint names
+    timeouts.freeze (the job's key), not the command line's --timeout."""
+    fs = loopfs("ext4")
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["sleep", "2"], extra="""
+[timeouts]
+freeze = 0.5
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == ExitCode.EXPIRED, p.stderr
+    hint = json.loads(p.stdout)["error"]["hint"]
+    assert "timeouts.freeze" in hint and "--" not in hint, hint
+    assert "timeouts.freeze" in p.stderr and "--timeout" not in p.stderr
+    assert is_writable(fs.path)
