@@ -57,7 +57,8 @@ def test_restic_backups_of_two_snapshots_incremental_and_retention(loopfs, tmp_p
     # the changed files
     assert (r.files_unmodified, r.files_changed) == (total - len(changed), len(changed))
     assert [p["name"] for p in rep2.phases] == [
-        "cleanup", "init", "mount", "backup", "verify", "umount", "retention", "prune",
+        "cleanup", "init", "existing", "mount", "backup", "verify", "umount", "retention",
+        "prune",
     ]  # fmt: skip
     assert rep2.retention["deleted"] == [first.id]
     assert rep2.retention["target"]["removed"] and len(rep2.retention["target"]["kept"]) == 1
