@@ -256,3 +256,33 @@ def test_a_post_thaw_hook_does_not_upgrade_a_non_atomic_group_to_application(loo
     assert man.consistency_reason.endswith(
         "pre-freeze hook 'flush' quiesced the applications first"
     )
+
+
+def test_what_quiesces_before_the_freeze_is_named_and_a_post_thaw_hook_is_not(tmp_path):
+    """The steps the consistency reason names: writers, session hooks, hook-directory
+    scripts and pre-freeze hooks quiesce; post-thaw hooks (even wrapped) do not."""
+    from quiesce.apps.hooks.commands import (
+        HookDirectory,
+        HookSpec,
+        PostThawCommands,
+        PreFreezeCommands,
+    )
+    from quiesce.apps.hooks.context import HookContext
+    from quiesce.apps.hooks.session import SessionHook, SessionSpec
+    from quiesce.apps.writers.sqlite import SqliteWriter
+    from quiesce.job.build import GuardedWriter, PhaseMarks
+    from quiesce.snapshot.quiescers import quiesces, quiescing_steps
+
+    ctx = HookContext(job="t")
+    stack = PhaseMarks().wrap([
+        PostThawCommands(ctx, [HookSpec("resume", ["true"])]),
+        PreFreezeCommands(ctx, [HookSpec("flush", ["true"])]),
+        HookDirectory(ctx, [tmp_path / "10-app"], None),
+        SessionHook(ctx, SessionSpec("lock", ["true"])),
+        GuardedWriter(ctx, SqliteWriter([tmp_path / "db"], name="sqlite[0]")),
+    ])  # fmt: skip
+    assert [quiesces(q) for q in stack] == [False, True, True, True, True]
+    assert [s for q in stack for s in quiescing_steps(q)] == [
+        "pre-freeze hook 'flush'", "hook-directory script '10-app'", "session hook 'lock'",
+        "writer sqlite[0]",
+    ]  # fmt: skip
