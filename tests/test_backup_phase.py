@@ -57,7 +57,8 @@ def test_restic_backups_of_two_snapshots_incremental_and_retention(loopfs, tmp_p
     # the changed files
     assert (r.files_unmodified, r.files_changed) == (total - len(changed), len(changed))
     assert [p["name"] for p in rep2.phases] == [
-        "cleanup", "init", "mount", "backup", "verify", "umount", "retention", "prune",
+        "cleanup", "init", "existing", "mount", "backup", "verify", "umount", "retention",
+        "prune",
     ]  # fmt: skip
     assert rep2.retention["deleted"] == [first.id]
     assert rep2.retention["target"]["removed"] and len(rep2.retention["target"]["kept"]) == 1
@@ -221,3 +222,52 @@ def test_quiesce_run_snapshots_then_backs_up_and_reports_it(loopfs, tmp_path):
     assert metrics["nightly"]["freeze_window_seconds"] > 0
     [man] = snapshots.list_manifests(tmp_path / "state")
     assert man.id == report["manifest_id"]
+
+
+def test_backing_up_an_old_snapshot_keeps_its_backup_and_never_duplicates(loopfs, tmp_path):
+    """`quiesce backup --snapshot OLD` once reported a restic snapshot that its own
+    `forget --prune` (keep_last = 2) then removed; a second run made a duplicate that
+    counted toward keep_last."""
+    pair = image_on_reflink_host(loopfs, "xfs")
+    make_tree(pair.inner.mountpoint / "d", n_files=5)
+    pw = tmp_path / "pw"
+    pw.write_text("secret")
+    pw.chmod(0o600)
+    restic = (
+        f'target = "restic"\nrepository = "{tmp_path / "repo"}"\npassword_file = "{pw}"\n'
+        'init = true\nhost = "h"\nverify = "none"\n'
+    )
+    job = _job(tmp_path, pair.inner.path, restic)  # no retention while setting up
+    state = tmp_path / "state"
+    old, mid, new = (
+        snapshots.create([pair.inner.path], "reflink", job="nightly", state_dir=state)
+        for _ in range(3)
+    )
+    for man in (mid, new):
+        assert _quiesce("backup", str(job), "--snapshot", man.id).returncode == 0
+    job = _job(tmp_path, pair.inner.path, restic, "[retention]\nkeep_last = 2\n")
+    repo = ResticTarget(str(tmp_path / "repo"), password_file=str(pw), job="nightly", host="h")
+
+    def held() -> dict[str, str | None]:
+        return {s.id: s.source for s in repo.snapshots()}
+
+    p = _quiesce("backup", str(job), "--snapshot", old.id, "--json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    made = rep["backup"]["snapshot_id"]
+    assert held().get(made) == old.id, "the backup just reported was pruned by its own run"
+    assert not rep["already_backed_up"]
+
+    again = _quiesce("backup", str(job), "--snapshot", new.id, "--json")
+    assert again.returncode == 0, again.stderr
+    rep = json.loads(again.stdout)
+    assert rep["already_backed_up"] and "already backed up" in " ".join(rep["warnings"])
+    assert held()[rep["backup"]["snapshot_id"]] == new.id
+    # no duplicate; this run made nothing, so keep_last = 2 now drops `old` by policy
+    assert sorted(held().values()) == sorted([mid.id, new.id])
+
+    forced = _quiesce("backup", str(job), "--snapshot", new.id, "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert not json.loads(forced.stdout)["already_backed_up"]
+    # two archives of `new` are one snapshot to keep_last = 2: `mid` stays
+    assert sorted(held().values()) == sorted([mid.id, new.id, new.id])

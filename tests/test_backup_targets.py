@@ -391,3 +391,31 @@ def test_a_sigkilled_run_leaves_no_restic_and_no_lock(tmp_path: Path) -> None:
         assert not Path(f"/proc/{restic[0]}/cmdline").exists(), "restic outlived quiesce"
     locks = target._child("list", "locks", "--no-lock")
     assert locks.returncode == 0 and locks.stdout.strip() == "", "the repository stays locked"
+
+
+@pytest.mark.parametrize("kind", ["restic", "borg", "tar-zstd"])
+def test_retention_counts_snapshots_not_duplicate_archives(kind: str, tmp_path: Path) -> None:
+    """Two backups of one quiesce snapshot are one snapshot to keep_last; the caller's
+    own backup (``keep``) is never pruned even when the policy alone would drop it."""
+    root, _ = _source(tmp_path)
+    target = _target(kind, tmp_path)
+    t0 = datetime(2024, 3, 1, 2, 0, tzinfo=UTC)
+    made = {}
+    for i, snap in enumerate(["web-A", "web-B", "web-B"]):
+        when = t0 + timedelta(hours=min(i, 1))
+        made.setdefault(snap, []).append(
+            target.backup(root, paths=VOLUMES, time=when, tags=[f"quiesce-snapshot={snap}"])
+        )
+    key_a = target.source_key("web-A", t0)
+    key_b = target.source_key("web-B", t0 + timedelta(hours=1))
+    assert sorted(s.id for s in target.backups_of("web-B", t0 + timedelta(hours=1))) == sorted(
+        r.snapshot_id for r in made["web-B"]
+    )
+    pruned = target.forget_prune(RetentionPolicy(keep_last=2))
+    assert pruned.removed == []  # restic's own --keep-last 2 removed web-A here
+    assert len(target.snapshots()) == 3
+    pruned = target.forget_prune(RetentionPolicy(keep_last=1), keep={key_a})
+    assert pruned.removed == []  # web-B is the newest, web-A is the caller's
+    pruned = target.forget_prune(RetentionPolicy(keep_last=1))
+    assert sorted(pruned.removed) == [made["web-A"][0].snapshot_id]
+    assert {s.source for s in target.snapshots()} == {key_b}

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -614,7 +616,7 @@ def test_check_json_shows_the_repository_without_its_password(loopfs, tmp_path):
         '[backup]\ntarget = "restic"\nrepository = "rest:https://bk:r3po-pass@backup.example/"\n'
         'password_env = "RESTIC_PW"\n'
     ))  # fmt: skip
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RESTIC_PW": "x" * 12}
     p = subprocess.run([sys.executable, "-m", "quiesce", "check", "--json", str(job)],
                        capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert p.returncode == 0, p.stderr
@@ -644,3 +646,133 @@ def test_a_bare_hook_name_must_be_on_the_hooks_path(tmp_path, monkeypatch):
         f'[[hooks.pre_freeze]]\ncommand = ["my-hook"]\nenv = {{ PATH = "{bin_dir}:/usr/bin" }}\n'
     ), name="ok.toml")  # fmt: skip
     assert load_job(ok, check_volumes=False).config.hooks.pre_freeze[0].env["PATH"]
+
+
+def _backup_job(tmp_path: Path, vol: str, backup: str, extra: str = "") -> Path:
+    return write_job(tmp_path, f"""
+name = "nightly"
+volumes = ["{vol}"]
+state_dir = "{tmp_path / "state"}"
+{extra}
+[provider]
+type = "command"
+create = ["true"]
+
+[backup]
+{backup}
+""")  # fmt: skip
+
+
+def test_dry_run_prints_every_step_of_the_run_in_order(loopfs, tmp_path):
+    """The backup, its verification, retention, the metrics file and the after-run hooks
+    are steps of a run too (docs/jobs.md: "prints every step")."""
+    fs = loopfs("ext4")
+    job = _backup_job(
+        tmp_path, fs.path,
+        f'target = "tar"\ndirectory = "{tmp_path / "tars"}"\nverify = "full"\n'
+        f'mount_root = "{tmp_path / "run"}"\nverify_dir = "{tmp_path}"\n',
+        f'metrics_file = "{tmp_path / "m" / "q.prom"}"\n'
+        '[retention]\nkeep_last = 2\n[[hooks.after_run]]\nname = "tell"\ncommand = ["true"]\n',
+    )  # fmt: skip
+    p = quiesce("run", str(job), "--dry-run", "--json")
+    assert p.returncode == 0, p.stderr
+    steps = json.loads(p.stdout)["steps"]
+    wanted = [
+        "FIFREEZE in order", "write the manifest", "backup: mount the snapshot read-only at "
+        f"{tmp_path / 'run'}/nightly/", f"backup: tar backup to {tmp_path / 'tars'}",
+        "verify (full)", "backup: unmount", "retention of the job's snapshots (keep_last = 2)",
+        "prune the tar backups (keep_last = 2", f"metrics: write {tmp_path / 'm' / 'q.prom'}",
+        "after-run hook 'tell'", "write the report",
+    ]  # fmt: skip
+    at = [next((i for i, s in enumerate(steps) if s.startswith(w)), None) for w in wanted]
+    assert None not in at, list(zip(wanted, at, strict=True))
+    assert at == sorted(at), steps
+    assert not (tmp_path / "state").exists() and not (tmp_path / "tars").exists()
+
+
+def test_check_makes_every_check_a_run_would_make(loopfs, tmp_path):
+    """A missing restic repository, a password file others can read, an unusable mount
+    root and metrics directory: each at its TOML key, before anything runs."""
+    fs = loopfs("ext4")
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse battery staple")
+    pw.chmod(0o644)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    repo = tmp_path / "repo"
+    backup = (
+        f'target = "restic"\nrepository = "{repo}"\npassword_file = "{pw}"\n'
+        f'verify = "none"\nmount_root = "{blocker}"\n'
+    )
+    job = _backup_job(tmp_path, fs.path, backup, f'metrics_file = "{blocker / "q.prom"}"\n')
+    p = quiesce("check", str(job), "--json")
+    assert p.returncode == ExitCode.USAGE, p.stderr
+    got = {(x["path"], x["message"]) for x in json.loads(p.stdout)["problems"]}
+    assert got == {
+        ("backup.password_file", f"{pw} can be read by others (mode 644)"),
+        ("backup.mount_root", f"{blocker} is not a directory"),
+        ("metrics_file", f"{blocker} is not a directory"),
+    }, got
+    pw.chmod(0o600)
+    p = quiesce("check", str(job), "--json")
+    got = {(x["path"], x["message"]) for x in json.loads(p.stdout)["problems"]}
+    assert ("backup.repository", f"no restic repository at {repo} that this password opens") in got
+    job = _backup_job(
+        tmp_path, fs.path, backup.replace(str(blocker), str(tmp_path / "run")) + "init = true\n",
+        f'metrics_file = "{tmp_path / "m" / "q.prom"}"\n',
+    )  # fmt: skip
+    p = quiesce("check", str(job))
+    assert p.returncode == 0, p.stderr
+    # a check changes nothing: no repository, state, cache, mount root or metrics dir
+    for made in (repo, tmp_path / "state", tmp_path / "run", tmp_path / "m"):
+        assert not made.exists(), made
+
+
+# -- every TOML example of the docs loads ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# What an example cannot have on this machine (its scripts, files and directories): the
+# only problems an example may have. Anything else (a key, a type, a value) is drift.
+MACHINE_ONLY = re.compile(r"(does not exist|is not a directory|is not installed)$")
+
+
+def _toml_examples() -> list[tuple[str, int, str]]:
+    return [
+        (doc.name, i, m.group(1))
+        for doc in DOCS
+        for i, m in enumerate(re.finditer(r"```toml\n(.*?)```", doc.read_text(), re.S))
+    ]
+
+
+def _doc_problems(text: str, tmp_path: Path) -> list[str]:
+    """Load ``text`` as a job with the real loader (a fragment gets the keys a job must
+    have), returning every problem that is not about this machine."""
+    raw = tomllib.loads(text)
+    head = "" if "volumes" in raw else 'volumes = ["/srv/data"]\n'
+    tail = "" if "provider" in raw else '\n[provider]\ntype = "command"\ncreate = ["true"]\n'
+    path = tmp_path / "example.toml"
+    path.write_text(head + text + tail)
+    path.chmod(0o600)
+    try:
+        load_job(path, check_volumes=False)
+    except JobConfigError as e:
+        return [str(p) for p in e.problems if not MACHINE_ONLY.search(p.message)]
+    return []
+
+
+def test_the_docs_have_toml_examples():
+    found = {(doc, i) for doc, i, _ in _toml_examples()}
+    assert {("README.md", 0), ("jobs.md", 0), ("jobs.md", 1), ("jobs.md", 2)} <= found
+
+
+@pytest.mark.parametrize(("doc", "i", "text"), _toml_examples(), ids=lambda v: str(v)[:20])
+def test_every_toml_example_in_the_docs_loads(doc: str, i: int, text: str, tmp_path):
+    assert _doc_problems(text, tmp_path) == [], f"{doc} TOML example {i}"
+
+
+def test_a_drifted_toml_example_is_caught(tmp_path):
+    """The negative control: a renamed key or a wrong default type in an example fails."""
+    [text] = [t for doc, i, t in _toml_examples() if (doc, i) == ("jobs.md", 0)]
+    assert _doc_problems(text.replace("freeze = 30", "freez = 30"), tmp_path)
+    assert _doc_problems(text.replace("lease = 5", 'lease = "5"'), tmp_path)

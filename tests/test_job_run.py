@@ -451,3 +451,54 @@ prune = false
     note = json.loads(told.read_text())
     _no_secret_in(note["stdin"] + json.dumps(note["env"]), "the after_run hook of a failed run")
     assert note["env"]["QUIESCE_ERROR"].endswith(f"{SHOWN_REPOSITORY} (password ***, key ***)")
+
+
+def test_a_post_thaw_hook_alone_does_not_make_a_snapshot_application_consistent(loopfs, tmp_path):
+    """Only what quiesces before the freeze counts: a post-thaw hook runs after the thaw."""
+    fs = loopfs("ext4")
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["true"], extra="""
+[[hooks.post_thaw]]
+name = "resume"
+command = ["true"]
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["consistency"] == "filesystem", report["consistency_reason"]
+    assert "quiesced" not in report["consistency_reason"]
+
+
+def test_the_consistency_reason_names_the_steps_that_quiesced(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["true"], extra="""
+[[hooks.post_thaw]]
+name = "resume"
+command = ["true"]
+
+[[hooks.pre_freeze]]
+name = "flush"
+command = ["true"]
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["consistency"] == "application"
+    assert report["consistency_reason"].endswith(
+        "; pre-freeze hook 'flush' quiesced the applications first"
+    ), report["consistency_reason"]
+
+
+def test_a_job_runs_errors_give_hints_in_the_jobs_syntax(loopfs, tmp_path):
+    """The guardian's deadline passes inside the window: the hint names
+    timeouts.freeze (the job's key), not the command line's --timeout."""
+    fs = loopfs("ext4")
+    job = write_job(tmp_path, job_text(fs.path, tmp_path, create=["sleep", "2"], extra="""
+[timeouts]
+freeze = 0.5
+"""))  # fmt: skip
+    p = quiesce("run", str(job), "--json")
+    assert p.returncode == ExitCode.EXPIRED, p.stderr
+    hint = json.loads(p.stdout)["error"]["hint"]
+    assert "timeouts.freeze" in hint and "--" not in hint, hint
+    assert "timeouts.freeze" in p.stderr and "--timeout" not in p.stderr
+    assert is_writable(fs.path)

@@ -82,7 +82,10 @@ def test_phases_hooks_and_manifest(loopfs, tmp_path):
     assert prov.writable_inside is False  # the snapshot ran inside the freeze
     assert re.fullmatch(r"nightly-\d{8}T\d{6}Z", man.id)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", man.created)
-    assert man.consistency == "application" and "2 application hook(s)" in man.consistency_reason
+    assert (
+        man.consistency == "application"
+        and "hook 'db', hook 'wal' quiesced" in man.consistency_reason
+    )
     assert man.window["thawed_by"] == "controller" and man.window_s > 0
     assert [p["phase"] for p in man.phases] == [
         "plan", "check", "prepare", "before_freeze", "window", "after_thaw",
@@ -223,3 +226,63 @@ def test_sigkill_mid_create_leaves_a_clone_that_cleanup_removes(loopfs, tmp_path
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert set(pair.outer.mountpoint.iterdir()) == before
+
+
+class _Sequential(FakeProvider):
+    """Atomic per volume, not across the group, and never frozen by quiesce."""
+
+    group_atomic: ClassVar[bool] = False
+
+
+def test_a_post_thaw_hook_does_not_upgrade_a_non_atomic_group_to_application(loopfs, tmp_path):
+    from quiesce.apps.hooks.commands import HookSpec, PostThawCommands, PreFreezeCommands
+    from quiesce.apps.hooks.context import HookContext
+    from quiesce.job.build import PhaseMarks
+
+    a, b = loopfs("ext4"), loopfs("ext4")
+    ctx = HookContext(job="t")
+    post = PostThawCommands(ctx, [HookSpec("resume", ["true"])])
+    man = snapshots.create(
+        [a.path, b.path], _Sequential([], FreezeMode.NONE), job="grp",
+        state_dir=tmp_path / "s1", quiescers=PhaseMarks().wrap([post]),
+    )  # fmt: skip
+    assert man.consistency == "crash", man.consistency_reason
+    pre = PreFreezeCommands(ctx, [HookSpec("flush", ["true"])])
+    man = snapshots.create(
+        [a.path, b.path], _Sequential([], FreezeMode.NONE), job="grp",
+        state_dir=tmp_path / "s2", quiescers=PhaseMarks().wrap([post, pre]),
+    )  # fmt: skip
+    assert man.consistency == "application"  # the negative control: a real quiescer
+    assert man.consistency_reason.endswith(
+        "pre-freeze hook 'flush' quiesced the applications first"
+    )
+
+
+def test_what_quiesces_before_the_freeze_is_named_and_a_post_thaw_hook_is_not(tmp_path):
+    """The steps the consistency reason names: writers, session hooks, hook-directory
+    scripts and pre-freeze hooks quiesce; post-thaw hooks (even wrapped) do not."""
+    from quiesce.apps.hooks.commands import (
+        HookDirectory,
+        HookSpec,
+        PostThawCommands,
+        PreFreezeCommands,
+    )
+    from quiesce.apps.hooks.context import HookContext
+    from quiesce.apps.hooks.session import SessionHook, SessionSpec
+    from quiesce.apps.writers.sqlite import SqliteWriter
+    from quiesce.job.build import GuardedWriter, PhaseMarks
+    from quiesce.snapshot.quiescers import quiesces, quiescing_steps
+
+    ctx = HookContext(job="t")
+    stack = PhaseMarks().wrap([
+        PostThawCommands(ctx, [HookSpec("resume", ["true"])]),
+        PreFreezeCommands(ctx, [HookSpec("flush", ["true"])]),
+        HookDirectory(ctx, [tmp_path / "10-app"], None),
+        SessionHook(ctx, SessionSpec("lock", ["true"])),
+        GuardedWriter(ctx, SqliteWriter([tmp_path / "db"], name="sqlite[0]")),
+    ])  # fmt: skip
+    assert [quiesces(q) for q in stack] == [False, True, True, True, True]
+    assert [s for q in stack for s in quiescing_steps(q)] == [
+        "pre-freeze hook 'flush'", "hook-directory script '10-app'", "session hook 'lock'",
+        "writer sqlite[0]",
+    ]  # fmt: skip

@@ -56,6 +56,7 @@ class BackupReport:
     result: BackupResult | None = None
     verify: VerifyResult | None = None
     retention: dict[str, Any] | None = None
+    already_backed_up: bool = False  # the target held a backup of this snapshot: reported
     cleanup: dict[str, Any] | None = None  # what crashed runs had left (removed first)
     warnings: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
@@ -82,6 +83,7 @@ class BackupReport:
             "backup": self.result.to_dict() if self.result else None,
             "verify": self.verify.to_dict() if self.verify else None,
             "retention": self.retention,
+            "already_backed_up": self.already_backed_up,
             "cleanup": self.cleanup,
             "warnings": self.warnings,
             "error": self.error,
@@ -208,10 +210,15 @@ def run_backup(
     progress: ProgressFn | None = None,
     rng: random.Random | None = None,
     events: EventFn | None = None,
+    force: bool = False,
 ) -> BackupReport:
     """Back up the snapshot of ``manifest`` to ``cfg``'s target. Never raises for the
     run's own failures: they are in ``report.error`` (like job.run_job). ``events``
-    hears each phase start and end, and the backup's and verification's progress."""
+    hears each phase start and end, and the backup's and verification's progress.
+
+    A snapshot the target already holds a backup of is not backed up again: that
+    backup is reported (``already_backed_up``), unless ``force``. The target's pruning
+    never removes the backup this call made or reported."""
     state_path = state_dir(state)
     report = BackupReport(job=job, target=cfg.target, snapshot=getattr(manifest, "id", None))
     phase = _Phases(report.phases, events)
@@ -226,7 +233,7 @@ def run_backup(
             _backup_and_verify(
                 manifest, cfg, job, state_path, report, phase,
                 _both(progress, _progress_events(events, "backup")),
-                _progress_events(events, "verify"), rng,
+                _progress_events(events, "verify"), rng, force=force,
             )  # fmt: skip
             policy = retention or RetentionPolicy()
             if report.ok and (cfg.delete_snapshot or not policy.empty):
@@ -235,7 +242,9 @@ def run_backup(
                     report.warnings += [f"retention: {f}" for f in report.retention["failed"]]
             if report.ok and cfg.prune and not policy.empty:
                 with phase("prune", f"{cfg.target} forget/prune"):
-                    pruned = make_target(cfg, job, state_path).forget_prune(policy)
+                    target = make_target(cfg, job, state_path)
+                    made = target.source_key(manifest.id, _created(manifest))
+                    pruned = target.forget_prune(policy, keep={made})
                     report.retention = (report.retention or {}) | {"target": pruned.to_dict()}
     except QuiesceError as e:
         report.set_error(e)
@@ -276,6 +285,8 @@ def _backup_and_verify(
     progress: ProgressFn | None,
     verify_progress: ProgressFn | None,
     rng: random.Random | None,
+    *,
+    force: bool = False,
 ) -> None:
     from quiesce.providers.registry import get_provider
 
@@ -285,6 +296,8 @@ def _backup_and_verify(
     if cfg.init:
         with phase("init"):
             target.init()
+    if not force and _report_existing(target, manifest, report, phase):
+        return
     with Journal.open(state, job=job) as journal, contextlib.ExitStack() as mounts:
         with phase("mount") as rec:
             mounted = mounts.enter_context(
@@ -329,6 +342,31 @@ def _backup_and_verify(
         finally:
             with phase("umount"):
                 mounts.close()
+
+
+def _report_existing(target: Target, manifest: Any, report: BackupReport, phase: _Phases) -> bool:
+    """If the target holds a backup of this snapshot, report it (newest) and say so."""
+    if not target.lists_backups:
+        return False
+    with phase("existing", "a backup of this snapshot in the target"):
+        try:
+            found = target.backups_of(manifest.id, _created(manifest))
+        except QuiesceError:  # no repository yet: the backup itself will say what is wrong
+            return False
+    if not found:
+        return False
+    newest = max(found, key=lambda s: s.time)
+    report.already_backed_up = True
+    report.result = BackupResult(
+        target=target.name, snapshot_id=newest.id, bytes=0, files=0, duration_s=0.0,
+        location=newest.paths[0] if target.name == "tar" and newest.paths else None,
+        extra={"already_backed_up": True},
+    )  # fmt: skip
+    report.warnings.append(
+        f"snapshot {manifest.id} was already backed up as {target.name} backup {newest.id}: "
+        "reported that backup, made none (--force makes another)"
+    )
+    return True
 
 
 __all__ = [

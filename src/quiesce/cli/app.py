@@ -172,7 +172,7 @@ def plan_cmd(paths: Paths, allow_self: AllowSelf = False, as_json: JsonOpt = Fal
 @app.command("freeze")
 def freeze_cmd(
     paths: Paths,
-    timeout: TimeoutOpt = 60.0,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,  # one default deadline everywhere (jobs too)
     lease: LeaseOpt = DEFAULT_LEASE,
     allow_self: AllowSelf = False,
     no_syncfs: NoSyncfs = False,

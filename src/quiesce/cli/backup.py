@@ -38,12 +38,19 @@ def backup_cmd(
     snapshot: Annotated[
         str | None, typer.Option("--snapshot", help="Back up this snapshot id, not the newest.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Back up the snapshot even if the target already holds a backup of it."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
     """Back up the job's newest snapshot: mount it read-only at a stable path, run the
-    [backup] target, verify, unmount, and apply [retention]."""
+    [backup] target, verify, unmount, and apply [retention]. A snapshot already backed
+    up is not backed up again: its backup is reported (--force makes another)."""
     from quiesce import snapshot as snapshots
     from quiesce.backup.phase import newest_snapshot, run_backup
     from quiesce.cli.watch import watching
@@ -66,7 +73,7 @@ def backup_cmd(
         with watching(err, verbose=verbose, quiet=quiet) as events:
             report = run_backup(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
-                events=events,
+                events=events, force=force,
             )  # fmt: skip
     except (SystemExit, KeyboardInterrupt) as stop:
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)

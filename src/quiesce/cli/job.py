@@ -65,8 +65,15 @@ def run_cmd(
 
 
 def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
-    """Validate a job file (schema, permissions, hooks, volumes); run nothing."""
+    """Validate a job file (schema, permissions, hooks, volumes) and make every check a
+    run would make (the backup repository, password file, directories); run nothing."""
+    from quiesce.job.readiness import readiness_problems
+    from quiesce.job.schema import JobConfigError
+
     job = _load(job_file, as_json)
+    problems = readiness_problems(job)
+    if problems:
+        raise fail(JobConfigError(str(job_file), problems), as_json)
     c = job.config
     h = c.hooks
     summary = {

@@ -24,7 +24,7 @@ from quiesce.apps.hooks import (
 from quiesce.errors import UsageError
 from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
-from quiesce.snapshot.quiescers import Quiescer
+from quiesce.snapshot.quiescers import Quiescer, quiesces, quiescing_steps
 from quiesce.sys.redact import redact, register_secret
 
 
@@ -34,6 +34,14 @@ class _Marked:
 
     def __init__(self, inner: Quiescer, marks: PhaseMarks, *, first: bool, last: bool) -> None:
         self.inner, self.marks, self.first, self.last = inner, marks, first, last
+
+    @property
+    def quiesces(self) -> bool:
+        return quiesces(self.inner)
+
+    @property
+    def steps(self) -> list[str]:
+        return quiescing_steps(self.inner)
 
     def before_freeze(self) -> None:
         if self.first:
@@ -87,6 +95,11 @@ class GuardedWriter:
     def __init__(self, ctx: HookContext, writer: Any) -> None:
         self.ctx, self.writer = ctx, writer
         self.held = False
+
+    @property
+    def steps(self) -> list[str]:
+        """What quiesced, for the consistency reason."""
+        return [f"writer {self.writer.name}"]
 
     def _step(self, kind: str, fn: Any, *args: Any) -> HookResult:
         r = HookResult(name=self.writer.name, kind=kind)

@@ -50,12 +50,57 @@ def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
             f"post-thaw hook {hook_name(x, 'post_thaw', i)!r}: "
             f"{_argv_text(x.command)} (on every path out)"
         )
-    for i, x in enumerate(h.after_run):
-        after.append(
+    return before, after
+
+
+def _after_steps(job: Job) -> list[str]:
+    """What a run does after the snapshot, in the order job/run.py does it: the backup
+    phase (backup/phase.py), retention, the metrics file, the after-run hooks."""
+    c = job.config
+    steps: list[str] = []
+    b, policy = c.backup, c.retention
+    rules = ", ".join(f"keep_{k} = {n}" for k, n in policy.counts().items() if n) or "none"
+    if b is not None:
+        where = b.repository or b.directory or _argv_text(b.command or [])
+        steps.append("backup: remove what crashed runs left behind (the cleanup journal)")
+        if b.init:
+            steps.append(f"backup: create the {b.target} repository {where} if it does not exist")
+        steps.append(
+            f"backup: if {b.target} already holds a backup of this snapshot, report it and stop"
+        )
+        steps.append(
+            f"backup: mount the snapshot read-only at {b.mount_root}/{c.name}/<volume> "
+            "(nosuid, nodev, noexec)"
+        )
+        steps.append(
+            f"backup: {b.target} backup to {where}"
+            + (f" (timeout {b.timeout:g}s)" if b.timeout else "")
+        )
+        if b.verify != "none":
+            detail = f", {b.sample_files} file(s) restored under {b.verify_dir}"
+            steps.append(
+                f"verify ({b.verify}) the backup against the snapshot"
+                + (detail if b.verify in ("sample", "full") else "")
+            )
+        steps.append("backup: unmount the snapshot")
+        if b.delete_snapshot:
+            steps.append("retention: delete the snapshot just backed up (delete_snapshot)")
+        if not policy.empty:
+            steps.append(f"retention of the job's snapshots ({rules}); never the new one")
+        if b.prune and not policy.empty:
+            steps.append(
+                f"prune the {b.target} backups ({rules}, counting snapshots); never the new one"
+            )
+    elif not policy.empty:
+        steps.append(f"retention of the job's snapshots ({rules}); never the new one")
+    if c.metrics_file:
+        steps.append(f"metrics: write {c.metrics_file} (Prometheus textfile)")
+    for i, x in enumerate(c.hooks.after_run):
+        steps.append(
             f"after-run hook {hook_name(x, 'after_run', i)!r}: "
             f"{_argv_text(x.command)} (last, on every outcome; the report on stdin)"
         )
-    return before, after
+    return steps
 
 
 def describe_plan(job: Job, report: Report) -> None:
@@ -88,6 +133,9 @@ def describe_plan(job: Job, report: Report) -> None:
             report.warnings.append(
                 "the plan is refused: " + "; ".join(h.message for h in plan.refused)
             )
+        from quiesce.job.readiness import readiness_problems
+
+        report.warnings += [str(p) for p in readiness_problems(job)]
         steps.append(f"plan: {len(plan.members)} volume(s), freeze order: {', '.join(names)}")
         steps.append(f"provider {c.provider.type}: check and prepare (outside the window)")
         try:
@@ -110,7 +158,9 @@ def describe_plan(job: Job, report: Report) -> None:
         if mode == FreezeMode.FIFREEZE:
             steps.append("FITHAW in reverse order: " + ", ".join(reversed(names)))
         steps += after
-        steps.append("write the manifest and the report")
+        steps.append("write the manifest")
+        steps += _after_steps(job)
+        steps.append("write the report")
 
 
 __all__ = ["describe_plan"]

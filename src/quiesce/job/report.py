@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.job.hints import job_hint
 from quiesce.sys.redact import known_secrets, redact, redact_data
 
 
@@ -99,9 +100,13 @@ class Report(BaseModel):
     t0: float = Field(default_factory=time.monotonic, exclude=True)
 
     def set_error(self, e: QuiesceError) -> None:
+        """The run's error, its hint in the job's syntax (``timeouts.freeze``, not
+        ``--timeout``: a job's user edits a file, not a command line)."""
         self.ok = False
         self.exit_code = e.exit_code
         self.error = e.to_dict()
+        if isinstance(self.error.get("hint"), str):
+            self.error["hint"] = job_hint(self.error["hint"])
 
     def finish(self) -> Report:
         self.duration_s = time.monotonic() - self.t0

@@ -25,6 +25,7 @@ from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_
 from quiesce.apps.hooks.context import SAFE_PATH
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, UsageError
+from quiesce.job.hints import job_hint
 from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
 from quiesce.providers.options import OPTIONS, ProviderOptions
 from quiesce.state.statedir import UntrustedState, checked_state_dir
@@ -443,18 +444,10 @@ def _provider(raw: dict[str, Any]) -> Provider | None:
         return None
 
 
-_FLAG = re.compile(r"--option (\w+)=('[^']*'|[^\s),;]+)")
-
-
-def _toml_hint(hint: str) -> str:
-    """A provider's hint in the job's syntax: ``--option dest=DIR`` -> ``dest = "DIR"``."""
-    return _FLAG.sub(lambda m: f"{m[1]} = {json.dumps(m[2].strip(chr(39)))}", hint)
-
-
 def _check_problem(e: QuiesceError) -> Problem:
     """What the provider's own check refused, at the option it names (``provider.dest``)."""
     option = e.details.get("option")
-    return Problem(f"provider.{option}" if option else "provider", e.message, _toml_hint(e.hint))
+    return Problem(f"provider.{option}" if option else "provider", e.message, job_hint(e.hint))
 
 
 def _volume_problems(raw: dict[str, Any]) -> list[Problem]:

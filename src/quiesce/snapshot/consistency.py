@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from quiesce.freezing.freezer import Window
 from quiesce.freezing.plan import Plan
 from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
@@ -15,11 +17,13 @@ def consistency(
     window: Window | None,
     snaps: list[Snapshot],
     snapshot_s: float,
-    hooks: int,
+    quiesced: Sequence[str],
 ) -> tuple[str, str]:
-    """The level actually achieved, and why."""
-    app = f"; {hooks} application hook(s) quiesced the applications first" if hooks else ""
-    level = Consistency.APPLICATION if hooks else Consistency.FILESYSTEM
+    """The level actually achieved, and why. ``quiesced`` names the steps that quiesced
+    applications before the freeze (a post-thaw hook is not one): only they make a
+    snapshot application-consistent."""
+    app = f"; {', '.join(quiesced)} quiesced the applications first" if quiesced else ""
+    level = Consistency.APPLICATION if quiesced else Consistency.FILESYSTEM
     if window is not None:
         others = [v.mount_point for v in window.volumes if v.thawed_by == "someone-else"]
         if window.thawed_by != "controller" or others:
@@ -45,7 +49,9 @@ def consistency(
             f"{len(snaps)} snapshots taken back to back over {human_duration(snapshot_s)}: each is "
             f"filesystem-consistent ({how}), but the group is not one atomic instant"
         )
-        return (Consistency.APPLICATION, reason + app) if hooks else (Consistency.CRASH, reason)
+        if quiesced:
+            return Consistency.APPLICATION, reason + app
+        return Consistency.CRASH, reason
     return level, how + app
 
 

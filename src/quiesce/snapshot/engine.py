@@ -28,7 +28,7 @@ from quiesce.providers.registry import get_provider
 from quiesce.snapshot.cleanup import UNDO
 from quiesce.snapshot.consistency import consistency
 from quiesce.snapshot.manifest import Manifest
-from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, quiesces
+from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, quiescing_steps
 from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
@@ -247,8 +247,8 @@ def create(
                 errors += _released(quiesced, True)
             with phases("provider_after_thaw"):
                 prov.after_thaw(made)
-            hooks = sum(1 for q in quiescers if quiesces(q))
-            level, reason = consistency(mode, prov, plan, window, made, snapshot_s, hooks)
+            steps = [step for q in quiescers for step in quiescing_steps(q)]
+            level, reason = consistency(mode, prov, plan, window, made, snapshot_s, steps)
             man = Manifest(
                 id=snap_id,
                 job=job,

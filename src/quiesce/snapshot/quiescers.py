@@ -28,6 +28,19 @@ def quiesces(q: Quiescer) -> bool:
     return bool(getattr(q, "quiesces", True))
 
 
+def quiescing_steps(q: Quiescer) -> list[str]:
+    """What ``q`` quiesced before the window, for the consistency reason: its optional
+    ``steps`` (e.g. ``["pre-freeze hook 'flush'"]``), else its ``name``, else its type;
+    nothing for a quiescer that does not quiesce (a post-thaw hook)."""
+    if not quiesces(q):
+        return []
+    steps = getattr(q, "steps", None)
+    if steps is not None:
+        return [str(s) for s in steps]
+    name = getattr(q, "name", None)
+    return [f"hook {name!r}" if name else type(q).__name__]
+
+
 class QuiescerStack:
     """The quiescers started so far; released in reverse, each exactly once."""
 
@@ -69,4 +82,4 @@ def held(quiescers: Sequence[Quiescer]) -> Iterator[None]:
             raise failed[0][1]
 
 
-__all__ = ["Quiescer", "QuiescerStack", "held", "quiesces"]
+__all__ = ["Quiescer", "QuiescerStack", "held", "quiesces", "quiescing_steps"]

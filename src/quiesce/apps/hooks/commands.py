@@ -89,6 +89,11 @@ class PreFreezeCommands:
     def __init__(self, ctx: HookContext, specs: Sequence[HookSpec]) -> None:
         self.ctx, self.specs = ctx, list(specs)
 
+    @property
+    def steps(self) -> list[str]:
+        """What quiesced, for the consistency reason."""
+        return [f"pre-freeze hook {s.name!r}" for s in self.specs]
+
     def before_freeze(self) -> None:
         for spec in self.specs:
             r = run_command(
@@ -105,7 +110,10 @@ class PreFreezeCommands:
 
 class PostThawCommands:
     """``post-thaw`` commands. First in the quiescer list, so their ``after_thaw`` runs
-    last, on every path out of the window: success, failure, guardian thaw."""
+    last, on every path out of the window: success, failure, guardian thaw. They quiesce
+    nothing (they run after the thaw), so they never make a snapshot application-consistent."""
+
+    quiesces = False
 
     def __init__(self, ctx: HookContext, specs: Sequence[HookSpec]) -> None:
         self.ctx, self.specs = ctx, list(specs)
@@ -146,6 +154,11 @@ class HookDirectory:
         self.env = dict(env or {})  # the job's hooks.directory_env
         self.started: list[Path] = []
         self.done = False
+
+    @property
+    def steps(self) -> list[str]:
+        """What quiesced (each script's ``freeze`` runs before the window)."""
+        return [f"hook-directory script {p.name!r}" for p in self.scripts]
 
     def _run(self, script: Path, action: str, *, releasing: bool) -> HookResult:
         return self.ctx.record(

@@ -107,6 +107,11 @@ class SessionHook:
         self.timer: StepTimer | None = None
         self.ready = False
 
+    @property
+    def steps(self) -> list[str]:
+        """What quiesced, for the consistency reason."""
+        return [f"session hook {self.spec.name!r}"]
+
     def before_freeze(self) -> None:
         timeout = self.ctx.budget(self.spec.ready_timeout)
         self.timer = StepTimer(self.result)

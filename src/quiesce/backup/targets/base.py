@@ -13,14 +13,14 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-from quiesce.state.retention import RetentionPolicy
+from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.sys import proc
 from quiesce.sys.redact import (
     redact,
@@ -120,12 +120,27 @@ class TargetSnapshot:
     paths: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     host: str | None = None
+    source: str | None = None  # the quiesce snapshot it was made from, as source_key says
+
+
+SNAPSHOT_TAG = "quiesce-snapshot="  # the tag (restic, borg) naming the backed-up manifest
+
+
+def tagged_source(tags: Sequence[str]) -> str | None:
+    """The manifest id in a ``quiesce-snapshot=ID`` tag, if there is one."""
+    return next((t[len(SNAPSHOT_TAG) :] for t in tags if t.startswith(SNAPSHOT_TAG)), None)
 
 
 class Target(ABC):
     """restic, borg or tar: one backup per call, stored where the job says."""
 
     name: ClassVar[str]
+
+    @property
+    def lists_backups(self) -> bool:
+        """Whether ``snapshots()`` can list what the target holds (a tar stream sent to a
+        command cannot be listed)."""
+        return True
 
     @abstractmethod
     def backup(
@@ -157,9 +172,39 @@ class Target(ABC):
     def snapshots(self) -> list[TargetSnapshot]:
         """The backups this target holds for this job."""
 
+    def source_key(self, snapshot_id: str, when: datetime) -> str:
+        """What ``TargetSnapshot.source`` is for backups of quiesce snapshot ``snapshot_id``
+        (taken at ``when``): the id itself where the target keeps tags."""
+        return snapshot_id
+
+    def backups_of(self, snapshot_id: str, when: datetime) -> list[TargetSnapshot]:
+        """The backups the target already holds of one quiesce snapshot."""
+        key = self.source_key(snapshot_id, when)
+        return [s for s in self.snapshots() if s.source == key]
+
+    def forget_prune(self, policy: RetentionPolicy, keep: Collection[str] = ()) -> PruneResult:
+        """Apply the retention policy to the target's backups and free their space.
+
+        The policy counts quiesce snapshots, not archives: every backup of one snapshot
+        (``quiesce backup`` run twice, ``--force``) is kept or removed with it, so a
+        duplicate never pushes another snapshot out of ``keep_last``. ``keep`` are
+        source keys never removed (what the calling command just made or reported).
+        A backup without a source (made by hand) counts as a snapshot of its own."""
+        t0 = time.monotonic()
+        snaps = self.snapshots()
+        groups: dict[str, list[TargetSnapshot]] = {}
+        for snap in snaps:
+            groups.setdefault(snap.source or f"backup:{snap.id}", []).append(snap)
+        times = {k: max(s.time for s in v) for k, v in groups.items()}
+        decision = decide(times, policy, held=keep)
+        removed = [s.id for k in decision.delete for s in groups[k]]
+        output = self.remove(removed) if removed else ""
+        kept = [s.id for k in decision.keep for s in groups[k]]
+        return PruneResult(kept, removed, time.monotonic() - t0, output)
+
     @abstractmethod
-    def forget_prune(self, policy: RetentionPolicy) -> PruneResult:
-        """Apply the retention policy to the target's backups and free their space."""
+    def remove(self, backup_ids: Sequence[str]) -> str:
+        """Delete these backups and free their space; returns the target's own words."""
 
     def init(self) -> None:
         """Create the repository if it does not exist yet (restic init, borg init)."""

@@ -25,7 +25,6 @@ from quiesce.backup.targets.base import (
     CheckResult,
     ProgressFn,
     ProgressUpdate,
-    PruneResult,
     Target,
     TargetSnapshot,
     check_child,
@@ -33,9 +32,10 @@ from quiesce.backup.targets.base import (
     password_from_env,
     require,
     run_child,
+    tagged_source,
 )
 from quiesce.errors import UsageError
-from quiesce.state.retention import RetentionPolicy, as_datetime
+from quiesce.state.retention import as_datetime
 from quiesce.sys.redact import redact, register_url_secrets
 
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -224,31 +224,30 @@ class BorgTarget(Target):
 
     def snapshots(self) -> list[TargetSnapshot]:
         res = self._run(
-            "list", "--json", "--glob-archives", self.glob, what="borg list", timeout=300
-        )
+            "list", "--json", "--format", "{comment}", "--glob-archives", self.glob,
+            what="borg list", timeout=300,
+        )  # fmt: skip
         out = []
         for a in json.loads(res.stdout or "{}").get("archives", []):
             t = datetime.fromisoformat(a.get("time") or a["start"]).replace(tzinfo=UTC)
-            out.append(TargetSnapshot(id=a["name"], time=t))
+            tags = _comment_tags(a.get("comment") or "")
+            out.append(TargetSnapshot(id=a["name"], time=t, tags=tags, source=tagged_source(tags)))
         return out
 
-    def forget_prune(self, policy: RetentionPolicy) -> PruneResult:
-        if policy.empty:
-            return PruneResult(kept=[s.id for s in self.snapshots()], output="no retention rule")
-        args = ["prune", "--list", "--glob-archives", self.glob]
-        names = {"last": "--keep-last", "hourly": "--keep-hourly", "daily": "--keep-daily"}
-        names |= {"weekly": "--keep-weekly", "monthly": "--keep-monthly"}
-        for rule, n in policy.counts().items():
-            if n:
-                args += [names[rule], str(n)]
-        res = self._run(*args, what="borg prune", timeout=None)
-        kept, removed = [], []
-        for line in (res.stdout + res.stderr).splitlines():
-            m = _PRUNE_LINE.match(line.strip())
-            if m:
-                (kept if m.group(1) == "Keeping" else removed).append(m.group(2))
+    def remove(self, backup_ids: Sequence[str]) -> str:
+        res = self._run("delete", "::", *backup_ids, what="borg delete", timeout=None)
         compact = self._run("compact", what="borg compact", timeout=None)
-        return PruneResult(kept, removed, res.duration_s + compact.duration_s, res.stderr[-1000:])
+        return (res.stderr + compact.stderr)[-1000:]
+
+
+def _comment_tags(comment: str) -> list[str]:
+    """The tags quiesce wrote into an archive's comment (JSON), if it did."""
+    try:
+        data = json.loads(comment)
+    except ValueError:
+        return []
+    tags = data.get("tags") if isinstance(data, dict) else None
+    return [str(t) for t in tags] if isinstance(tags, list) else []
 
 
 def from_config(cfg: Any, job: str, base_dir: Path | None = None) -> BorgTarget:

@@ -25,16 +25,16 @@ from quiesce.backup.targets.base import (
     ChildResult,
     ProgressFn,
     ProgressUpdate,
-    PruneResult,
     Target,
     TargetSnapshot,
     check_child,
     require,
     run_child,
     secret_env,
+    tagged_source,
 )
 from quiesce.errors import UsageError
-from quiesce.state.retention import RetentionPolicy, as_datetime
+from quiesce.state.retention import as_datetime
 from quiesce.sys.redact import redact, register_url_secrets
 
 _GLOB = re.compile(r"([*?\[\]\\])")
@@ -99,7 +99,8 @@ class ResticTarget(Target):
         return res
 
     def exists(self) -> bool:
-        return self._child("cat", "config", timeout=120).returncode == 0
+        # --no-cache: `quiesce check` asks too, and must not create a cache
+        return self._child("--no-cache", "cat", "config", timeout=120).returncode == 0
 
     def init(self) -> None:
         if not self.exists():
@@ -204,30 +205,16 @@ class ResticTarget(Target):
                 paths=s.get("paths", []),
                 tags=s.get("tags") or [],
                 host=s.get("hostname"),
+                source=tagged_source(s.get("tags") or []),
             )
             for s in json.loads(res.stdout or "[]")
         ]
 
-    def forget_prune(self, policy: RetentionPolicy) -> PruneResult:
-        if policy.empty:
-            return PruneResult(kept=[s.id for s in self.snapshots()], output="no retention rule")
-        args = ["forget", "--json", "--prune", "--host", self.host, "--tag", self.job_tag]
-        args += ["--group-by", "host,paths"]
-        for rule, n in policy.counts().items():
-            if n:
-                args += [f"--keep-{rule}", str(n)]
-        res = self._run(*args, what="restic forget --prune", timeout=None)
-        kept: list[str] = []
-        removed: list[str] = []
-        for line in res.stdout.splitlines():
-            try:
-                groups = json.loads(line) if line.startswith("[") else None
-            except ValueError:
-                groups = None  # a progress line like "[0:00] 100.00%"
-            for group in groups if isinstance(groups, list) else []:
-                kept += [_short(s) for s in group.get("keep") or []]
-                removed += [_short(s) for s in group.get("remove") or []]
-        return PruneResult(kept, removed, res.duration_s, res.stderr[-1000:])
+    def remove(self, backup_ids: Sequence[str]) -> str:
+        res = self._run(
+            "forget", "--prune", *backup_ids, what="restic forget --prune", timeout=None
+        )
+        return res.stderr[-1000:]
 
 
 def _short(snap: dict[str, Any]) -> str:

@@ -28,14 +28,13 @@ from quiesce.backup.targets.base import (
     CheckResult,
     ProgressFn,
     ProgressUpdate,
-    PruneResult,
     Target,
     TargetSnapshot,
     require,
 )
 from quiesce.backup.targets.borg import TIME_FORMAT, archive_name
 from quiesce.errors import UsageError
-from quiesce.state.retention import RetentionPolicy, as_datetime, decide
+from quiesce.state.retention import as_datetime
 from quiesce.sys import proc
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
 from quiesce.sys.trust import make_private_dirs
@@ -275,7 +274,9 @@ class TarTarget(Target):
             m = self._name_re.fullmatch(p.name)
             if m:
                 t = datetime.strptime(m.group("time"), TIME_FORMAT).replace(tzinfo=UTC)
-                out.append(TargetSnapshot(id=p.name, time=t, paths=[str(p)]))
+                out.append(
+                    TargetSnapshot(id=p.name, time=t, paths=[str(p)], source=m.group("time"))
+                )
         return out
 
     def verify_file(self, file_name: str) -> tuple[bool, str]:
@@ -339,16 +340,22 @@ class TarTarget(Target):
             )
         return dest
 
-    def forget_prune(self, policy: RetentionPolicy) -> PruneResult:
-        t0 = _time.monotonic()
-        snaps = {s.id: s.time for s in self.snapshots()}
-        decision = decide(snaps, policy)
+    def source_key(self, snapshot_id: str, when: datetime) -> str:
+        """A tar file carries no tags: the snapshot's time (its name's ``{time}``, which
+        is the manifest's creation time) says which snapshot it holds."""
+        return as_datetime(when).astimezone(UTC).strftime(TIME_FORMAT)
+
+    @property
+    def lists_backups(self) -> bool:
+        return self.directory is not None
+
+    def remove(self, backup_ids: Sequence[str]) -> str:
         directory = self._require_directory("pruned")
-        for name in decision.delete:
+        for name in backup_ids:
             for p in (directory / name, (self.sha256_dir or directory) / f"{name}.sha256"):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-        return PruneResult(list(decision.keep), decision.delete, _time.monotonic() - t0)
+        return ""
 
 
 class _Tally:

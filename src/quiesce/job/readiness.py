@@ -1,0 +1,157 @@
+"""What `quiesce check` adds to loading a job: every check a run would make on the
+machine before it touches anything, each problem at its TOML key.
+
+Loading (job/validate.py) checks the file and what is cheap to check; this also asks the
+backup target (is the repository there, can it be opened), reads the password file's
+owner and mode, and looks at the directories a run writes to: the mount root, the
+verification directory, the metrics file's directory. It changes nothing: the target is
+only asked to open its repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from quiesce.backup.config import BackupConfig
+from quiesce.errors import QuiesceError
+from quiesce.job.schema import Job, Problem
+from quiesce.sys.redact import redact
+
+_PROGRAMS = {"restic": ("restic", "restic"), "borg": ("borg", "borgbackup")}
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _directory_problem(key: str, value: str, what: str, *, create: bool) -> Problem | None:
+    """``value`` is (or, with ``create``, can be made below) a writable directory."""
+    p = Path(value)
+    if not p.is_absolute():
+        return Problem(key, f"{value!r} is not an absolute path", f'{key.split(".")[-1]} = "/…"')
+    if p.exists() and not p.is_dir():
+        return Problem(key, f"{value} is not a directory", f"name a directory for {what}")
+    base = p if p.exists() else _nearest_existing(p)
+    if not p.exists() and not create:
+        return Problem(key, f"{value} does not exist", f"create it (mkdir -p {value})")
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        return Problem(
+            key,
+            f"{base} is not writable" + (f" (where {value} would be made)" if base != p else ""),
+            f"make it writable by root, or name another directory for {what}",
+        )
+    return None
+
+
+def _password_problems(b: BackupConfig) -> list[Problem]:
+    problems = []
+    if b.password_file:
+        f = Path(b.password_file)
+        try:
+            st = f.stat()
+        except OSError:
+            return []  # loading said it does not exist
+        if st.st_mode & 0o077:
+            problems.append(
+                Problem(
+                    "backup.password_file",
+                    f"{f} can be read by others (mode {st.st_mode & 0o777:o})",
+                    f"chmod 600 {f}",
+                )
+            )
+        if os.geteuid() == 0 and st.st_uid != 0:
+            problems.append(
+                Problem(
+                    "backup.password_file",
+                    f"{f} is owned by uid {st.st_uid}, not root",
+                    f"chown root:root {f}",
+                )
+            )
+    if b.password_env and b.password_env not in os.environ:
+        problems.append(
+            Problem(
+                "backup.password_env",
+                f"the environment variable {b.password_env} is not set",
+                "export it for quiesce (systemd: EnvironmentFile= or LoadCredential=)",
+            )
+        )
+    return problems
+
+
+@contextlib.contextmanager
+def _borg_base(job: Job) -> Iterator[Path]:
+    """The run's BORG_BASE_DIR when the state directory exists, else a throwaway one
+    (a check must not create the state directory)."""
+    from quiesce.state.statedir import state_dir
+
+    state = state_dir(job.config.state_dir)
+    if (state / "borg").is_dir():
+        yield state
+        return
+    with tempfile.TemporaryDirectory(prefix="quiesce-check-") as tmp:
+        yield Path(tmp)
+
+
+def _repository_problems(job: Job, b: BackupConfig) -> list[Problem]:
+    """The repository can be opened with the job's password, or ``init = true``."""
+    from quiesce.backup.phase import make_target
+
+    if b.target not in _PROGRAMS or shutil.which(_PROGRAMS[b.target][0]) is None:
+        return []  # tar, or not installed (loading says so)
+    try:
+        with _borg_base(job) as state:
+            target = make_target(b, job.name, state)
+            if target.exists():
+                return []
+    except QuiesceError as e:
+        return [Problem("backup.repository", e.message, e.hint)]
+    if b.init:
+        return []  # the first backup creates it
+    repo = redact(b.repository or "")
+    return [
+        Problem(
+            "backup.repository",
+            f"no {b.target} repository at {repo} that this password opens",
+            "set init = true (the first backup creates it), or fix repository/password_file",
+        )
+    ]
+
+
+def _backup_problems(job: Job, b: BackupConfig) -> list[Problem]:
+    problems = _password_problems(b)
+    if not problems:
+        problems += _repository_problems(job, b)
+    for key, value, what, create in (
+        ("backup.mount_root", b.mount_root, "the snapshot mounts", True),
+        ("backup.verify_dir", b.verify_dir if b.verify in ("sample", "full") else None,
+         "verification restores", False),
+        ("backup.directory", b.directory, "the tar files", True),
+        ("backup.sha256_dir", b.sha256_dir, "the .sha256 files", True),
+    ):  # fmt: skip
+        if value:
+            problem = _directory_problem(key, value, what, create=create)
+            if problem is not None:
+                problems.append(problem)
+    return problems
+
+
+def readiness_problems(job: Job) -> list[Problem]:
+    """Every problem a run would meet on this machine, beyond the job file's own."""
+    c = job.config
+    problems = _backup_problems(job, c.backup) if c.backup is not None else []
+    if c.metrics_file:
+        parent = str(Path(c.metrics_file).parent)
+        problem = _directory_problem("metrics_file", parent, "the metrics file", create=True)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+__all__ = ["readiness_problems"]
