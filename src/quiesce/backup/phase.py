@@ -19,12 +19,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from quiesce.backup.cleanup import UNDO, cleanup, journal_repository
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
 from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-from quiesce.snapshot.cleanup import cleanup
 from quiesce.state.cleanup import held_snapshot_ids
 from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
@@ -249,7 +249,7 @@ def _backup_and_verify(
     if cfg.init:
         with phase("init"):
             target.init()
-    with Journal.open(state, job=job) as journal, contextlib.ExitStack() as mounts:
+    with Journal.open(state, job=job, undo=UNDO) as journal, contextlib.ExitStack() as mounts:
         with phase("mount") as rec:
             mounted = mounts.enter_context(
                 mounted_snapshots(
@@ -268,6 +268,8 @@ def _backup_and_verify(
                 report.warnings += m.warnings
             root = Path(cfg.mount_root) / job
             names = [m.slug for m in mounted]
+            # a SIGKILLed restic leaves its lock: rollback (or cleanup) removes it
+            locked = journal_repository(journal, cfg, job, state) if cfg.repository else None
             with phase("backup", f"{cfg.target} of {len(names)} volume(s)"):
                 report.result = target.backup(
                     root,
@@ -290,6 +292,8 @@ def _backup_and_verify(
                     report.set_error(
                         VerifyFailed(f"verification ({cfg.verify}) of the backup failed: {shown}")
                     )
+            if locked is not None:
+                journal.done(locked)
         finally:
             with phase("umount"):
                 mounts.close()

@@ -147,7 +147,7 @@ def cleanup_cmd(
 ) -> None:
     """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
     dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
-    from quiesce.snapshot.cleanup import cleanup
+    from quiesce.backup.cleanup import cleanup
 
     try:
         rep = cleanup(state_dir_opt, dry_run=dry_run)
@@ -161,6 +161,8 @@ def cleanup_cmd(
             what = r.get("target") or r.get("path") or r.get("device") or r.get("backing") or ""
             if r["kind"] == "loop" and r.get("device"):
                 what = f"{r['device']} ({r.get('backing')})"
+            if r["kind"] == "repository":
+                what = f"stale locks of {r.get('tool')} {r.get('location')}"
             out.print(f"{verb} {r['kind']}: {what!s} (run {r['run']})")
         for s in rep.skipped_live:
             out.print(f"left alone: run {s} is still running")
