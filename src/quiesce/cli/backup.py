@@ -11,16 +11,19 @@ from typing import Annotated, Any
 
 import typer
 
-from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
+from quiesce.cli.common import (
+    JobFile,
+    JobStateOpt,
+    JsonOpt,
+    StateDirOpt,
+    chosen_state_dir,
+    emit_json,
+    err,
+    fail,
+    out,
+    print_error,
+)
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-
-StateDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        help="State directory (default: $QUIESCE_STATE_DIR or /var/lib/quiesce).",
-    ),
-]
 
 
 def _terminate_as_exit() -> None:
@@ -139,7 +142,8 @@ def restore_cmd(
 
 
 def cleanup_cmd(
-    state_dir_opt: StateDir = None,
+    state_dir_opt: StateDirOpt = None,
+    job_file: JobStateOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only list what would be removed.")
     ] = False,
@@ -150,7 +154,7 @@ def cleanup_cmd(
     from quiesce.backup.cleanup import cleanup
 
     try:
-        rep = cleanup(state_dir_opt, dry_run=dry_run)
+        rep = cleanup(chosen_state_dir(state_dir_opt, job_file), dry_run=dry_run)
     except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
         raise fail(e, as_json) from None
     if as_json:
@@ -230,6 +234,7 @@ def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: st
         rw_paths=[p for p in dict.fromkeys(rw) if os.path.exists(p)],
         rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
         environment_file=env_file,
+        state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
     )
 
 
