@@ -152,3 +152,27 @@ def test_cleanup_leaves_a_live_restics_lock_alone(tmp_path: Path) -> None:
         if live.poll() is None:
             live.kill()
             live.wait()
+
+
+def test_thaw_of_two_bind_mounts_of_one_volume_thaws_once_and_succeeds(loopfs) -> None:
+    """`freeze b1 b2` of one filesystem worked, `thaw b1 b2` thawed, then exited 7 (the
+    second path was not frozen any more)."""
+    from conftest import is_writable, thaw_quietly
+
+    fs = loopfs("ext4")
+    b1, b2 = loopfs.bind(fs.mountpoint), loopfs.bind(fs.mountpoint)
+    try:
+        p = _quiesce("freeze", "--timeout", "60", str(b1), str(b2))
+        assert p.returncode == 0, p.stderr
+        assert not is_writable(fs.path)
+        p = _quiesce("thaw", "--json", str(b1), str(b2))
+        assert p.returncode == 0, p.stdout + p.stderr
+        results = json.loads(p.stdout)["results"]
+        assert [r["path"] for r in results] == [str(b1), str(b2)]
+        assert results[1]["thawed_by"] == f"with {b1}"
+        assert is_writable(fs.path)
+        # a volume that is not frozen still says so
+        p = _quiesce("thaw", str(b1))
+        assert p.returncode == 7, p.stderr
+    finally:
+        thaw_quietly(fs.path)

@@ -269,9 +269,17 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
     """Thaw filesystems (like `fsfreeze -u`): through the guardian holding them, else FITHAW."""
     table = MountTable.read()
     results, first_error = [], None
+    thawed: dict[str, dict[str, Any]] = {}  # dev -> its result: one thaw a volume
     for p in paths:
+        vol = table.volume_of_path(os.path.realpath(p)) if os.path.exists(p) else None
+        if vol is not None and vol.dev in thawed:  # a bind mount of a volume just thawed
+            first = thawed[vol.dev]
+            results.append(first | {"path": p, "thawed_by": f"with {first['path']}"})
+            continue
         try:
             results.append(_thaw_one_volume(p, table))
+            if vol is not None:
+                thawed[vol.dev] = results[-1]
         except QuiesceError as e:
             results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
             first_error = first_error or e
