@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.backup.config import BackupConfig
+from quiesce.backup.targets import make_target
 from quiesce.snapshot.cleanup import UNDO as SNAPSHOT_UNDO
 from quiesce.state import cleanup as state_cleanup
 from quiesce.state.cleanup import CleanupReport
@@ -34,8 +35,6 @@ def journal_repository(journal: Journal, cfg: BackupConfig, job: str, state: Pat
 
 def undo_repository(e: dict[str, Any]) -> None:
     """Remove the stale locks this host's dead processes left in the repository."""
-    from quiesce.backup.phase import make_target
-
     cfg = BackupConfig.model_validate(e["config"], strict=False)
     make_target(cfg, e["job"], Path(e["state"])).remove_stale_locks()
 

@@ -22,7 +22,8 @@ from typing import Any
 from quiesce.backup.cleanup import UNDO, cleanup, journal_repository
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
-from quiesce.backup.targets.base import BackupResult, ProgressFn, Target
+from quiesce.backup.targets import make_target
+from quiesce.backup.targets.base import BackupResult, ProgressFn
 from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.state.cleanup import held_snapshot_ids
@@ -105,21 +106,6 @@ class _Phases:
             rec["duration_s"] = round(time.monotonic() - t0, 6)
             rec["end"] = rec["start"] + rec["duration_s"]
             self.into.append(rec)
-
-
-def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
-    """The target object for a job's ``[backup]`` section."""
-    if cfg.target == "restic":
-        from quiesce.backup.targets.restic import from_config as restic
-
-        return restic(cfg, job, cache_dir=state / "cache" / "restic")
-    if cfg.target == "borg":
-        from quiesce.backup.targets.borg import from_config as borg
-
-        return borg(cfg, job, base_dir=state / "borg")
-    from quiesce.backup.targets.tar import from_config as tar
-
-    return tar(cfg, job)
 
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
