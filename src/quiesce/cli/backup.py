@@ -108,6 +108,14 @@ def restore_cmd(
         list[str] | None,
         typer.Option("--volume", help="Only this volume, by its slug (srv-db for /srv/db)."),
     ] = None,
+    pitr: Annotated[
+        bool,
+        typer.Option(
+            "--pitr",
+            help="Write PostgreSQL's backup_label as backup_label (for a point-in-time "
+            "recovery from your WAL archive), not as backup_label.quiesce.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
@@ -125,7 +133,7 @@ def restore_cmd(
             )
         res = restore(
             job.backup, job=job.name, state=state_dir(job.state_dir), dest=dest.absolute(),
-            backup_id=backup_id, volumes=volumes or (),
+            backup_id=backup_id, volumes=volumes or (), pitr=pitr,
         )  # fmt: skip
     except QuiesceError as e:
         raise fail(e, as_json) from None
@@ -139,6 +147,10 @@ def restore_cmd(
         f"{job.name} to {res.dest}: {', '.join(res.volumes)}; {res.files} "
         f"file(s), {human_bytes(res.bytes)} in {human_duration(res.duration_s)}"
     )
+    for done in res.app_files:
+        out.print(f"{done} (from the snapshot's manifest)", markup=False)
+    for w in res.warnings:
+        err.print(f"warning: {w}", markup=False)
 
 
 def cleanup_cmd(
