@@ -176,3 +176,41 @@ def test_thaw_of_two_bind_mounts_of_one_volume_thaws_once_and_succeeds(loopfs) -
         assert p.returncode == 7, p.stderr
     finally:
         thaw_quietly(fs.path)
+
+
+def test_borg_removes_a_sigkilled_borgs_lock_by_itself(tmp_path: Path) -> None:
+    """borg 1.2 takes over the stale lock of a dead process of this host on its own
+    (BORG_HOSTNAME_IS_UNIQUE=yes, its default): nothing for quiesce to unlock."""
+    from quiesce.backup.targets.borg import BorgTarget
+
+    pw = tmp_path / "pw"
+    pw.write_text("secret")
+    borg = BorgTarget(str(tmp_path / "repo"), password_file=str(pw), job="t")
+    borg.init()
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.truncate(1 << 40)
+    env = {k: v for k, v in os.environ.items() if k != "BORG_HOSTNAME_IS_UNIQUE"}
+    live = subprocess.Popen(
+        ["borg", "create", "::big", "."], cwd=src, env=env | borg.env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        until = time.monotonic() + 60
+        while not (tmp_path / "repo" / "lock.exclusive").exists():
+            assert time.monotonic() < until and live.poll() is None
+            time.sleep(0.1)
+        time.sleep(1)
+        os.kill(live.pid, signal.SIGKILL)
+        live.wait()
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    assert (tmp_path / "repo" / "lock.exclusive").exists()  # left behind
+    (src / "sparse").unlink()
+    (src / "small").write_text("x")
+    result = borg.backup(src, paths=["small"])
+    assert result.snapshot_id
+    assert not (tmp_path / "repo" / "lock.exclusive").exists()
