@@ -6,6 +6,7 @@ the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from datetime import datetime
 from pathlib import Path
