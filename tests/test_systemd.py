@@ -63,7 +63,8 @@ def test_units_for_a_job_pass_systemd_analyze(loopfs, tmp_path: Path) -> None:
         assert path in rw or "-" + path in rw, path
     assert str(pair.outer.mountpoint) in rw  # the clones go next to the image
     assert _values(s, "ExecStart")[0].endswith(f"run {job}")
-    assert _values(s, "ExecStartPre")[0].endswith(" cleanup")
+    # the job's own state directory: cleanup looks at its journals, not the default's
+    assert _values(s, "ExecStartPre")[0].endswith(f" cleanup --state-dir {tmp_path / 'state'}")
     assert _values(s, "EnvironmentFile") == ["/etc/quiesce/db.env"]
     t = timer.read_text()
     assert _values(t, "OnCalendar") == ["Mon..Fri 02:30"]

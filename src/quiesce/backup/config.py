@@ -18,9 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from quiesce.snapshot.readonly import DEFAULT_MOUNT_ROOT
 from quiesce.sys.redact import register_url_secrets
-
-DEFAULT_MOUNT_ROOT = "/run/quiesce/backup"
 
 Verify = Literal["none", "repository", "sample", "full"]
 

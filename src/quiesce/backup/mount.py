@@ -4,81 +4,30 @@ The path is ``<mount_root>/<job>/<volume-slug>`` (default root ``/run/quiesce/ba
 the same every night: restic and borg key their "unchanged file" caches on the path, so
 a stable path is what lets an incremental backup skip the files it already has.
 
-Images (a reflink clone) and block devices (an LVM snapshot) go through a *read-only*
-loop device, so nothing, not even a journal replay, can write to the snapshot; they are
-mounted ``ro,nosuid,nodev,noexec`` plus the options the filesystem needs (the
-provider's ``mount_options``: XFS clone ``nouuid,norecovery``; a frozen ext4 clone plain
-``ro``; a btrfs clone relies on the kernel's temp-fsid). A directory (a btrfs snapshot
-subvolume) is bind-mounted with the same flags. Every loop device, directory and mount
-is written to the cleanup journal before it is made.
+The read-only, journaled mount machinery itself (loop devices, options, probing) is the
+snapshot layer's :mod:`quiesce.snapshot.readonly`, which ``quiesce snapshot mount``
+uses too; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from quiesce.backup.config import DEFAULT_MOUNT_ROOT
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import QuiesceError, UsageError
 from quiesce.providers.base import Provider, Snapshot, volume_slug
+from quiesce.snapshot.readonly import (
+    DEFAULT_MOUNT_ROOT,
+    DEFAULT_OPTIONS,
+    MountedVolume,
+    MountError,
+    is_mount_point,
+    mount_readonly,
+    probe_fstype,
+    unmount,
+)
 from quiesce.state.journal import Journal
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.trust import make_private_dirs
-
-SAFE_OPTIONS = ["ro", "nosuid", "nodev", "noexec"]
-DEFAULT_OPTIONS: dict[str, list[str]] = {
-    "xfs": ["nouuid", "norecovery"],  # same UUID as the origin; frozen log: covered, not clean
-    "ext4": [],  # a frozen ext4 has no needs_recovery: plain ro
-    "ext3": [],
-    "ext2": [],
-    "btrfs": [],  # kernel >= 6.7 mounts a clone with a temp-fsid by itself
-}
-# Retried once, with a warning, when the plain mount fails: a crash-consistent copy
-# needs journal recovery, which a read-only device cannot do.
-NO_REPLAY: dict[str, list[str]] = {
-    "ext4": ["noload"],
-    "ext3": ["noload"],
-    "btrfs": ["rescue=nologreplay"],
-}
-
-
-class MountError(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = "see the kernel log (dmesg) for the filesystem's own message"
-
-
-@dataclass
-class MountedVolume:
-    """One snapshot volume mounted for the backup."""
-
-    slug: str
-    path: Path
-    location: str  # clone file, device, directory
-    source: str  # what is mounted: /dev/loopN or the directory
-    fstype: str
-    options: list[str]
-    snapshot_id: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    entries: list[int] = field(default_factory=list)  # journal ids, in creation order
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "slug": self.slug,
-            "path": str(self.path),
-            "location": self.location,
-            "source": self.source,
-            "fstype": self.fstype,
-            "options": ",".join(self.options),
-            "snapshot_id": self.snapshot_id,
-            "warnings": self.warnings,
-        }
 
 
 def stable_path(job: str, slug: str, root: str | Path = DEFAULT_MOUNT_ROOT) -> Path:
@@ -86,205 +35,6 @@ def stable_path(job: str, slug: str, root: str | Path = DEFAULT_MOUNT_ROOT) -> P
         if not part or "/" in part or part in (".", ".."):
             raise UsageError(f"{part!r} cannot be part of a mount path")
     return Path(root) / job / slug
-
-
-def probe_fstype(source: str) -> str:
-    """The filesystem type on a device or image file, from its superblock (blkid -p)."""
-    p = proc.run_tool("blkid", "-p", "-o", "value", "-s", "TYPE", source)
-    fstype = p.stdout.strip()
-    if p.returncode != 0 or not fstype:
-        raise MountError(f"no filesystem found on {source}", "is it a snapshot of a filesystem?")
-    return fstype
-
-
-def is_mount_point(path: Path, table: MountTable | None = None) -> bool:
-    table = table or MountTable.read()
-    return any(m.mount_point == str(path) for m in table.mounts)
-
-
-def probe(source: str) -> dict[str, str]:
-    """blkid's view of the superblock on a device or image file (TYPE, BLOCK_SIZE, ...)."""
-    p = proc.run_tool("blkid", "-p", "-o", "export", source)
-    return dict(
-        line.split("=", 1) for line in p.stdout.splitlines() if "=" in line
-    )  # fmt: skip
-
-
-def _losetup(backing: str, *extra: str) -> str:
-    last = ""
-    for attempt in range(20):  # parallel losetup -f can race for the same free device
-        p = proc.run_tool("losetup", "--find", "--show", "--read-only", *extra, backing)
-        if p.returncode == 0:
-            return p.stdout.strip()
-        last = p.stderr.strip()
-        time.sleep(0.05 * (attempt + 1))
-    raise MountError(f"cannot attach {backing} to a loop device: {last}")
-
-
-def _sector_size(device: str) -> int:
-    path = Path("/sys/block") / Path(device).name / "queue" / "logical_block_size"
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return 512
-
-
-def _attach_readonly(journal: Journal, location: str, fs_block: int | None) -> tuple[str, int]:
-    """A read-only loop device, with direct I/O when the filesystem allows it.
-
-    Direct I/O keeps the snapshot's data out of the page cache twice (measured: buffered
-    costs restic 2-3x the system CPU time on a 2 GiB tree). But a reflinked file's
-    direct I/O alignment is the host filesystem's block size, which becomes the loop
-    device's sector size: a filesystem with smaller blocks (a 1 KiB-block ext4, an XFS
-    with 512-byte sectors) cannot be mounted on it, so it gets a buffered device.
-    """
-    backing = os.path.realpath(location)
-    eid = journal.intent("loop", backing=backing)
-    try:
-        device = _losetup(backing, "--direct-io=on")
-        journal.update(eid, device=device)
-        if fs_block is None or _sector_size(device) > fs_block:
-            journal.undo(eid)
-            eid = journal.intent("loop", backing=backing)
-            device = _losetup(backing)
-            journal.update(eid, device=device)
-    except BaseException:
-        with contextlib.suppress(QuiesceError, OSError):
-            journal.undo(eid)
-        raise
-    return device, eid
-
-
-def _make_dirs(journal: Journal, path: Path, upto: Path) -> list[int]:
-    """mkdir the missing components of ``path`` below ``upto``, each journaled first."""
-    make_private_dirs(upto)  # 0700 each, whatever the umask
-    made = []
-    missing = []
-    p = path
-    while p != upto and not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        eid = journal.intent("dir", path=str(d))
-        d.mkdir(mode=0o700)
-        made.append(eid)
-    return made
-
-
-def mount_readonly(
-    location: str,
-    target: Path,
-    *,
-    journal: Journal,
-    fstype: str | None = None,
-    extra_options: Sequence[str] | None = None,
-    holds: str | None = None,
-    slug: str | None = None,
-    root: Path | None = None,
-) -> MountedVolume:
-    """Mount ``location`` (image file, block device, directory, or ZFS ``fs@snap``)
-    read-only at ``target``; undone via the journal on failure."""
-    table = MountTable.read()
-    if is_mount_point(target, table):
-        raise UsageError(
-            f"{target} is already a mount point",
-            "another backup of this job is running, or a crashed one left it: "
-            "run `quiesce cleanup`",
-        )
-    entries: list[int] = []
-    warnings: list[str] = []
-    try:
-        entries += _make_dirs(journal, target, root or target.parent)
-        loc = Path(location)
-        mode = os.stat(location).st_mode if loc.exists() else 0
-        bind = stat.S_ISDIR(mode)
-        if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-            sb = probe(location)
-            fstype = fstype or sb.get("TYPE") or probe_fstype(location)
-            block = sb.get("BLOCK_SIZE")
-            source, eid = _attach_readonly(journal, location, int(block) if block else None)
-            entries.append(eid)
-            backing = os.path.realpath(location)
-        elif bind:
-            source, backing = location, None
-            fstype = fstype or "none"
-        elif "@" in location and not loc.exists():
-            source, backing, fstype = location, None, fstype or "zfs"
-        else:
-            raise UsageError(f"cannot mount {location}: not a file, device or directory")
-        options = [*SAFE_OPTIONS]
-        wanted = list(extra_options) if extra_options is not None else None
-        if wanted is None:
-            wanted = DEFAULT_OPTIONS.get(fstype, [])
-        options += [o for o in wanted if o not in options]
-        eid = journal.intent(
-            "mount", target=str(target), source=source, backing=backing, holds=holds,
-            dev=_expected_dev(source, bind, table),
-        )  # fmt: skip
-        entries.append(eid)
-        err = _mount(source, target, fstype, options, bind)
-        if err and fstype in NO_REPLAY and not bind:
-            retry = options + [o for o in NO_REPLAY[fstype] if o not in options]
-            if _mount(source, target, fstype, retry, bind) is None:
-                options = retry
-                err = None
-                warnings.append(
-                    f"{location} needed journal recovery (a crash-consistent copy): mounted "
-                    f"with {','.join(NO_REPLAY[fstype])}, the latest writes may be missing"
-                )
-        if err:
-            raise MountError(f"cannot mount {location} ({fstype}) at {target}: {err}")
-    except BaseException:
-        for eid in reversed(entries):
-            with contextlib.suppress(QuiesceError, OSError):
-                journal.undo(eid)
-        raise
-    return MountedVolume(
-        slug=slug or target.name,
-        path=target,
-        location=location,
-        source=source,
-        fstype=fstype,
-        options=options,
-        snapshot_id=holds,
-        warnings=warnings,
-        entries=entries,
-    )
-
-
-def _expected_dev(source: str, bind: bool, table: MountTable) -> str | None:
-    """The ``major:minor`` mountinfo will show for this mount (the journal's check that
-    a mount found at the target later is ours)."""
-    if bind:
-        vol = table.volume_of_path(source)
-        return vol.dev if vol is not None else None
-    with contextlib.suppress(OSError):
-        st = os.stat(source)
-        if stat.S_ISBLK(st.st_mode):
-            return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    return None
-
-
-def _mount(source: str, target: Path, fstype: str, options: list[str], bind: bool) -> str | None:
-    opts = ",".join(options)
-    if bind:
-        # util-linux applies the flags with a second (remount,bind) step by itself
-        p = proc.run_tool("mount", "--bind", "-o", opts, source, str(target))
-    else:
-        p = proc.run_tool("mount", "-t", fstype, "-o", opts, source, str(target))
-    return None if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
-
-
-def unmount(mv: MountedVolume, journal: Journal) -> None:
-    """Unmount, detach the loop device, remove the directories (newest first)."""
-    errors = []
-    for eid in reversed(mv.entries):
-        try:
-            journal.undo(eid)
-        except (QuiesceError, OSError) as e:
-            errors.append(str(e))
-    if errors:
-        raise MountError("; ".join(errors), "run `quiesce cleanup` to retry")
 
 
 @contextlib.contextmanager
@@ -334,6 +84,7 @@ def mounted_snapshots(
 
 
 __all__ = [
+    "DEFAULT_MOUNT_ROOT",
     "DEFAULT_OPTIONS",
     "MountError",
     "MountedVolume",

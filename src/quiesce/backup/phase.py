@@ -19,12 +19,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from quiesce.backup.cleanup import UNDO, cleanup, journal_repository
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.mount import mounted_snapshots
+from quiesce.backup.targets import make_target
 from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
 from quiesce.backup.verification import VerifyResult, verify
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-from quiesce.snapshot.cleanup import cleanup
 from quiesce.state.cleanup import held_snapshot_ids
 from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
@@ -136,21 +137,6 @@ def _both(a: ProgressFn | None, b: ProgressFn | None) -> ProgressFn | None:
         b(u)
 
     return both
-
-
-def make_target(cfg: BackupConfig, job: str, state: Path) -> Target:
-    """The target object for a job's ``[backup]`` section."""
-    if cfg.target == "restic":
-        from quiesce.backup.targets.restic import from_config as restic
-
-        return restic(cfg, job, cache_dir=state / "cache" / "restic")
-    if cfg.target == "borg":
-        from quiesce.backup.targets.borg import from_config as borg
-
-        return borg(cfg, job, base_dir=state / "borg")
-    from quiesce.backup.targets.tar import from_config as tar
-
-    return tar(cfg, job)
 
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
@@ -298,7 +284,7 @@ def _backup_and_verify(
             target.init()
     if not force and _report_existing(target, manifest, report, phase):
         return
-    with Journal.open(state, job=job) as journal, contextlib.ExitStack() as mounts:
+    with Journal.open(state, job=job, undo=UNDO) as journal, contextlib.ExitStack() as mounts:
         with phase("mount") as rec:
             mounted = mounts.enter_context(
                 mounted_snapshots(
@@ -317,6 +303,8 @@ def _backup_and_verify(
                 report.warnings += m.warnings
             root = Path(cfg.mount_root) / job
             names = [m.slug for m in mounted]
+            # a SIGKILLed restic leaves its lock: rollback (or cleanup) removes it
+            locked = journal_repository(journal, cfg, job, state) if cfg.repository else None
             with phase("backup", f"{cfg.target} of {len(names)} volume(s)"):
                 report.result = target.backup(
                     root,
@@ -339,6 +327,8 @@ def _backup_and_verify(
                     report.set_error(
                         VerifyFailed(f"verification ({cfg.verify}) of the backup failed: {shown}")
                     )
+            if locked is not None:
+                journal.done(locked)
         finally:
             with phase("umount"):
                 mounts.close()

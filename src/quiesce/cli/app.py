@@ -16,7 +16,17 @@ from rich.text import Text
 from quiesce import __version__
 from quiesce.cli import holds
 from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
-from quiesce.cli.common import JsonOpt, console, emit_json, err, fail, out
+from quiesce.cli.common import (
+    JobStateOpt,
+    JsonOpt,
+    StateDirOpt,
+    chosen_state_dir,
+    console,
+    emit_json,
+    err,
+    fail,
+    out,
+)
 from quiesce.cli.job import check_cmd, run_cmd
 from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import (
@@ -224,10 +234,17 @@ def thaw_cmd(paths: Paths, as_json: JsonOpt = False) -> None:
 
 
 @app.command("status")
-def status_cmd(as_json: JsonOpt = False) -> None:
+def status_cmd(
+    state_dir_opt: StateDirOpt = None, job_file: JobStateOpt = None, as_json: JsonOpt = False
+) -> None:
     """List what quiesce holds frozen (volumes, holder, since when, deadline and lease),
-    what its guardians thawed on their own lately, and the jobs running now."""
-    code = holds.status(as_json)  # also served without typer: cli/entry.py
+    what its guardians thawed on their own lately, and the jobs running now (of the
+    state directory: --state-dir, --job JOB.toml's state_dir, or the default)."""
+    try:
+        state = chosen_state_dir(state_dir_opt, job_file)
+    except QuiesceError as e:
+        raise fail(e, as_json) from None
+    code = holds.status(as_json, state=state)  # also served without typer: cli/entry.py
     if code:
         raise typer.Exit(code)
 

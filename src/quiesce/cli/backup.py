@@ -11,17 +11,20 @@ from typing import Annotated, Any
 
 import typer
 
-from quiesce.cli.common import JobFile, JsonOpt, emit_json, err, fail, out, print_error
+from quiesce.cli.common import (
+    JobFile,
+    JobStateOpt,
+    JsonOpt,
+    StateDirOpt,
+    chosen_state_dir,
+    emit_json,
+    err,
+    fail,
+    out,
+    print_error,
+)
 from quiesce.cli.watch import Quiet, Verbose
 from quiesce.errors import ExitCode, QuiesceError, UsageError
-
-StateDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        help="State directory (default: $QUIESCE_STATE_DIR or /var/lib/quiesce).",
-    ),
-]
 
 
 def _terminate_as_exit() -> None:
@@ -135,6 +138,14 @@ def restore_cmd(
         list[str] | None,
         typer.Option("--volume", help="Only this volume, by its slug (srv-db for /srv/db)."),
     ] = None,
+    pitr: Annotated[
+        bool,
+        typer.Option(
+            "--pitr",
+            help="Write PostgreSQL's backup_label as backup_label (for a point-in-time "
+            "recovery from your WAL archive), not as backup_label.quiesce.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore the job's newest backup (or --backup ID) into DIR, each volume under its
@@ -152,7 +163,7 @@ def restore_cmd(
             )
         res = restore(
             job.backup, job=job.name, state=state_dir(job.state_dir), dest=dest.absolute(),
-            backup_id=backup_id, volumes=volumes or (),
+            backup_id=backup_id, volumes=volumes or (), pitr=pitr,
         )  # fmt: skip
     except QuiesceError as e:
         raise fail(e, as_json) from None
@@ -166,10 +177,15 @@ def restore_cmd(
         f"{job.name} to {res.dest}: {', '.join(res.volumes)}; {res.files} "
         f"file(s), {human_bytes(res.bytes)} in {human_duration(res.duration_s)}"
     )
+    for done in res.app_files:
+        out.print(f"{done} (from the snapshot's manifest)", markup=False)
+    for w in res.warnings:
+        err.print(f"warning: {w}", markup=False)
 
 
 def cleanup_cmd(
-    state_dir_opt: StateDir = None,
+    state_dir_opt: StateDirOpt = None,
+    job_file: JobStateOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only list what would be removed.")
     ] = False,
@@ -177,10 +193,10 @@ def cleanup_cmd(
 ) -> None:
     """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
     dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
-    from quiesce.snapshot.cleanup import cleanup
+    from quiesce.backup.cleanup import cleanup
 
     try:
-        rep = cleanup(state_dir_opt, dry_run=dry_run)
+        rep = cleanup(chosen_state_dir(state_dir_opt, job_file), dry_run=dry_run)
     except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
         raise fail(e, as_json) from None
     if as_json:
@@ -191,6 +207,8 @@ def cleanup_cmd(
             what = r.get("target") or r.get("path") or r.get("device") or r.get("backing") or ""
             if r["kind"] == "loop" and r.get("device"):
                 what = f"{r['device']} ({r.get('backing')})"
+            if r["kind"] == "repository":
+                what = f"stale locks of {r.get('tool')} {r.get('location')}"
             out.print(f"{verb} {r['kind']}: {what!s} (run {r['run']})")
         for s in rep.skipped_live:
             out.print(f"left alone: run {s} is still running")
@@ -258,6 +276,7 @@ def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: st
         rw_paths=[p for p in dict.fromkeys(rw) if os.path.exists(p)],
         rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
         environment_file=env_file,
+        state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
     )
 
 

@@ -17,6 +17,38 @@ from quiesce.sys.redact import redact_data
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        help="State directory (default: the --job's state_dir, else $QUIESCE_STATE_DIR, "
+        "else /var/lib/quiesce); never on a snapshotted volume.",
+    ),
+]
+JobStateOpt = Annotated[
+    Path | None,
+    typer.Option("--job", metavar="JOB.toml", help="Use the state_dir of this job file."),
+]
+
+
+def chosen_state_dir(state_dir: Path | None, job_file: Path | None) -> Path | None:
+    """The state directory a command reads: --state-dir, else the state_dir of --job
+    JOB.toml, else None ($QUIESCE_STATE_DIR, else /var/lib/quiesce). The one rule every
+    command and the generated units follow."""
+    if job_file is None:
+        return state_dir
+    from quiesce.errors import UsageError
+    from quiesce.job.backupjob import load_backup_job
+    from quiesce.state.statedir import state_dir as resolve
+
+    job_dir = load_backup_job(job_file).state_dir
+    if state_dir is not None and resolve(state_dir).absolute() != resolve(job_dir).absolute():
+        raise UsageError(
+            f"--state-dir {state_dir} is not the state_dir of --job {job_file} "
+            f"({resolve(job_dir)})",
+            "give only one of --state-dir and --job",
+        )
+    return Path(job_dir) if job_dir else None
 
 
 def console(*, stderr: bool = False, markup: bool = False) -> Console:
@@ -66,4 +98,16 @@ def fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
-__all__ = ["JobFile", "JsonOpt", "console", "emit_json", "err", "fail", "out", "print_error"]
+__all__ = [
+    "JobFile",
+    "JobStateOpt",
+    "JsonOpt",
+    "StateDirOpt",
+    "chosen_state_dir",
+    "console",
+    "emit_json",
+    "err",
+    "fail",
+    "out",
+    "print_error",
+]

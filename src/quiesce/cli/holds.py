@@ -12,6 +12,7 @@ import errno
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from quiesce.cli.plain import emit_json, line, print_error, say, table
@@ -38,9 +39,17 @@ def thaw(paths: list[str], as_json: bool = False) -> int:
     except QuiesceError as e:
         return _fail(e, as_json)
     results, first_error = [], None
+    thawed: dict[str, dict[str, Any]] = {}  # dev -> its result: one thaw per volume
     for p in paths:
+        vol = mounts.volume_of_path(os.path.realpath(p)) if os.path.exists(p) else None
+        if vol is not None and vol.dev in thawed:  # a bind mount of a volume just thawed
+            first = thawed[vol.dev]
+            results.append(first | {"path": p, "thawed_by": f"with {first['path']}"})
+            continue
         try:
             results.append(thaw_one_volume(p, mounts))
+            if vol is not None:
+                thawed[vol.dev] = results[-1]
         except QuiesceError as e:
             results.append({"path": p, "error": e.message, "exit_code": e.exit_code})
             first_error = first_error or e
@@ -127,7 +136,7 @@ def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
 STATUS_COLUMNS = ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease")
 
 
-def status(as_json: bool = False) -> int:
+def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
     """What quiesce holds frozen, what its guardians thawed lately, the jobs running now."""
     from quiesce.state.locks import running
     from quiesce.state.statedir import state_dir
@@ -141,7 +150,7 @@ def status(as_json: bool = False) -> int:
         seen = guardian.survey()
     except QuiesceError as e:
         return _fail(e, as_json)
-    jobs = running(state_dir())
+    jobs = running(state_dir(state))
     rcu = expedite.holders()
     if as_json:
         emit_json(

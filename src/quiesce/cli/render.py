@@ -69,6 +69,11 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
         _say(out, table)
     for s in report.snapshots:
         _say(out, escape(f"snapshot: {s.get('id')} ({s.get('location', '')})"))
+    for w in report.writers:
+        for name in ("backup_label", "tablespace_map"):
+            if w.get("info", {}).get(name):
+                _say(out, escape(f"{w['name']}: {name} (kept in the manifest; restore writes it):"))
+                out.print(Text(w["info"][name].rstrip("\n")), soft_wrap=True)
     if report.window_s is not None:
         _say(out, f"freeze window: {human_duration(report.window_s)}")
     if report.consistency:

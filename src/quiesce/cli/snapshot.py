@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from quiesce import snapshot as snapshots
-from quiesce.cli.common import JsonOpt, emit_json, err, fail, out
+from quiesce.cli.common import (
+    JobStateOpt,
+    JsonOpt,
+    StateDirOpt,
+    chosen_state_dir,
+    emit_json,
+    err,
+    fail,
+    out,
+)
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.sys.units import human_duration
 
@@ -30,14 +39,7 @@ snapshot_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-StateDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        envvar=snapshots.STATE_ENV,
-        help="Where manifests live (default /var/lib/quiesce); never on a snapshotted volume.",
-    ),
-]
+StateDir = StateDirOpt
 
 
 def _say(text: str) -> None:
@@ -145,9 +147,14 @@ def create_cmd(
 
 
 @snapshot_app.command("list")
-def list_cmd(state_dir: StateDir = None, as_json: JsonOpt = False) -> None:
+def list_cmd(
+    state_dir: StateDir = None, job_file: JobStateOpt = None, as_json: JsonOpt = False
+) -> None:
     """List the snapshots recorded in the state directory."""
-    mans = snapshots.list_manifests(state_dir)
+    try:
+        mans = snapshots.list_manifests(chosen_state_dir(state_dir, job_file))
+    except QuiesceError as e:
+        raise fail(e, as_json) from None
     if as_json:
         emit_json({"snapshots": [m.to_dict() for m in mans]})
         return
@@ -175,10 +182,11 @@ def mount_cmd(
     directory: Annotated[Path, typer.Argument(metavar="DIR")],
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
+    job_file: JobStateOpt = None,
 ) -> None:
     """Mount a snapshot read-only (nosuid, nodev, noexec) at DIR."""
     try:
-        points = snapshots.mount(snap_id, directory, state_dir)
+        points = snapshots.mount(snap_id, directory, chosen_state_dir(state_dir, job_file))
     except QuiesceError as e:
         raise fail(e, as_json) from None
     if as_json:
@@ -193,10 +201,11 @@ def umount_cmd(
     target: Annotated[str, typer.Argument(metavar="DIR|ID")],
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
+    job_file: JobStateOpt = None,
 ) -> None:
     """Unmount a snapshot: the directory it is mounted on, or its id."""
     try:
-        points = snapshots.umount(target, state_dir)
+        points = snapshots.umount(target, chosen_state_dir(state_dir, job_file))
     except QuiesceError as e:
         raise fail(e, as_json) from None
     if as_json:
@@ -214,10 +223,11 @@ def delete_cmd(
     ] = False,
     state_dir: StateDir = None,
     as_json: JsonOpt = False,
+    job_file: JobStateOpt = None,
 ) -> None:
     """Delete a snapshot (storage first, then its manifest). Refused while mounted."""
     try:
-        man = snapshots.delete(snap_id, state_dir, forget=forget)
+        man = snapshots.delete(snap_id, chosen_state_dir(state_dir, job_file), forget=forget)
     except QuiesceError as e:
         raise fail(e, as_json) from None
     if as_json:

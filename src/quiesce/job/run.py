@@ -132,6 +132,10 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
             )
         )
     if manifest is not None:
+        if writers:  # backup_label & co. go into the manifest, for restore
+            from quiesce.job.appfiles import keep_app_files
+
+            ctx.warnings += keep_app_files(manifest, writers, c.state_dir)
         if ctx.degraded:
             problem = _degrade(manifest, ctx.degraded, c.state_dir)
             if problem:

@@ -5,6 +5,7 @@ this module's :func:`cleanup` and :data:`UNDO`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,16 @@ def undo_snapshot(e: dict[str, Any]) -> None:
 UNDO: dict[str, UndoFn] = {"snapshot": undo_snapshot}
 
 
-def cleanup(state: str | Path | None = None, *, dry_run: bool = False) -> CleanupReport:
-    """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots, and restores
-    ``rcu_expedited`` if a quiesce process killed while freezing left it set."""
-    rep = state_cleanup.cleanup(state, dry_run=dry_run, undo=UNDO)
+def cleanup(
+    state: str | Path | None = None,
+    *,
+    dry_run: bool = False,
+    undo: Mapping[str, UndoFn] | None = None,
+) -> CleanupReport:
+    """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots (and what
+    ``undo`` adds: higher layers' entry kinds), and restores ``rcu_expedited`` if a
+    quiesce process killed while freezing left it set."""
+    rep = state_cleanup.cleanup(state, dry_run=dry_run, undo={**UNDO, **(undo or {})})
     rec = expedite.holders()
     if rec and rec["holders"] and not any(h["alive"] for h in rec["holders"]):
         dead = ", ".join(str(h["pid"]) for h in rec["holders"])

@@ -7,7 +7,13 @@ from pathlib import Path
 from quiesce.errors import UsageError
 from quiesce.snapshot.manifest import Manifest
 from quiesce.snapshot.mounting import mounts_of, provider_for
-from quiesce.snapshot.store import _manifest_path, load, save_manifest, state_dir_path
+from quiesce.snapshot.store import (
+    _manifest_path,
+    load,
+    resolve_id,
+    save_manifest,
+    state_dir_path,
+)
 from quiesce.sys.mounts import MountTable
 
 
@@ -15,6 +21,7 @@ def delete(snap_id: str, state_dir: str | Path | None = None, *, forget: bool = 
     """Delete a snapshot from the storage (unless ``forget``), then its manifest.
     Refuses while any part of it is mounted."""
     state = state_dir_path(state_dir)
+    snap_id = resolve_id(snap_id, state)
     man = load(snap_id, state)
     snaps = man.snapshot_objects()
     table = MountTable.read()

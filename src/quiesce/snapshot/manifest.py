@@ -29,6 +29,9 @@ class Manifest:
     phases: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # files an application returned that belong beside its restored data (PostgreSQL's
+    # backup_label): {"volume", "slug", "path" (in the volume), "name", "content", "writer"}
+    app_files: list[dict[str, Any]] = field(default_factory=list)
     version: int = MANIFEST_VERSION
 
     @property

@@ -7,12 +7,13 @@ import os
 import stat
 from pathlib import Path
 
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import UsageError
 from quiesce.providers.base import Provider, Snapshot
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.manifest import Manifest
-from quiesce.snapshot.store import list_manifests, load
-from quiesce.sys import proc
+from quiesce.snapshot.readonly import MountedVolume, mount_readonly, unmount_point
+from quiesce.snapshot.store import list_manifests, load, resolve_id
+from quiesce.state.journal import Journal
 from quiesce.sys.mounts import MountTable, loop_backing_file
 
 
@@ -20,10 +21,6 @@ def provider_for(man: Manifest) -> Provider:
     """The provider that made ``man``, from its recorded options; keys this version does
     not take are dropped (Provider.from_record): an old snapshot stays deletable."""
     return get_provider(man.provider).from_record(man.options)
-
-
-def _run(*cmd: str) -> None:
-    proc.check_tool(*cmd, hint="see the kernel log (dmesg) for the filesystem's own message")
 
 
 def _slug(snap: Snapshot) -> str:
@@ -74,79 +71,87 @@ def mounts_of(snap: Snapshot, table: MountTable | None = None) -> list[str]:
 
 def mount(snap_id: str, directory: str | Path, state_dir: str | Path | None = None) -> list[str]:
     """Mount a snapshot read-only (nosuid, nodev, noexec) at ``directory``; several
-    volumes go to ``directory/<volume-slug>``. Returns the mount points."""
-    man = load(snap_id, state_dir)
+    volumes go to ``directory/<volume-slug>``. Returns the mount points.
+
+    Journaled like the backup's mounts (a crash half-way is undone by ``quiesce
+    cleanup``); once every volume is mounted the entries are committed: a deliberate
+    mount stays until ``quiesce snapshot umount``."""
+    man = load(resolve_id(snap_id, state_dir), state_dir)
     prov = provider_for(man)
     snaps = man.snapshot_objects()
     base = Path(os.path.abspath(directory))
     table = MountTable.read()
-    done: list[str] = []
-    seen: set[str] = set()
     for snap in snaps:
-        if snap.location in seen:
-            continue
-        seen.add(snap.location)
         loc = Path(snap.location)
-        block = _is_block_device(loc)
         dataset = not loc.is_absolute() and "@" in snap.location
-        if not (block or dataset or loc.is_file() or loc.is_dir()):
+        if not (dataset or loc.exists()):
             raise UsageError(
                 f"{snap.id} ({man.provider}: {snap.location}) cannot be mounted on this host",
                 "mount it with the storage's own tools",
             )
         where = mounts_of(snap, table)
         if where:
-            raise UsageError(f"{snap.id} is already mounted at {where[0]}")
-        target = base if len(snaps) == 1 else base / _slug(snap)
-        target.mkdir(parents=True, exist_ok=True)
-        opts = ",".join(["ro", "nosuid", "nodev", "noexec", *prov.mount_options(snap)])
-        try:
-            if block or dataset:  # an LV snapshot /dev/vg/lv, a ZFS pool/fs@snap
-                _run("mount", "-t", snap.fstype, "-o", opts, snap.location, str(target))
-            elif loc.is_file():
-                _run("mount", "-t", snap.fstype, "-o", f"loop,{opts}", str(loc), str(target))
-            else:
-                _run("mount", "--bind", "-o", opts, str(loc), str(target))
-        except QuiesceError:
-            for t in reversed(done):
-                _umount_one(t, table)
-            raise
-        done.append(str(target))
-    return done
-
-
-def _umount_one(target: str, table: MountTable) -> None:
-    source = next((m.source for m in table.mounts if m.mount_point == target), None)
-    _run("umount", target)
-    # mount -o loop sets autoclear; detach explicitly if the device outlived the umount.
-    if source and source.startswith("/dev/loop") and loop_backing_file(source):
-        still = MountTable.read()
-        if not any(m.source == source for m in still.mounts):
-            proc.try_tool("losetup", "-d", source)
+            raise UsageError(
+                f"{snap.id} is already mounted at {where[0]}",
+                f"unmount it first: quiesce snapshot umount {where[0]}",
+            )
+    done: list[MountedVolume] = []
+    with Journal.open(state_dir, job=man.job) as journal:
+        seen: set[str] = set()
+        for snap in snaps:
+            if snap.location in seen:
+                continue
+            seen.add(snap.location)
+            target = base if len(snaps) == 1 else base / _slug(snap)
+            done.append(
+                mount_readonly(
+                    snap.location, target, journal=journal, fstype=snap.fstype or None,
+                    extra_options=prov.mount_options(snap), holds=man.id,
+                    slug=_slug(snap), root=base.parent,
+                )
+            )  # fmt: skip
+        for mv in done:  # a mount the user asked for: cleanup leaves it alone
+            for eid in mv.entries:
+                journal.commit(eid)
+    return [str(mv.path) for mv in done]
 
 
 def umount(target: str, state_dir: str | Path | None = None) -> list[str]:
-    """Unmount a snapshot: by id (every mount of it) or by the directory it is mounted on.
-    Refuses a directory where no quiesce snapshot is mounted."""
+    """Unmount a snapshot: by id (or a unique prefix; every mount of it) or by the
+    directory ``quiesce snapshot mount`` was given (every volume of a multi-volume
+    mount: the slug directories it made are removed). Refuses a directory where no
+    quiesce snapshot is mounted."""
     table = MountTable.read()
     manifests = list_manifests(state_dir)
-    by_id = {m.id: m for m in manifests}
-    if target in by_id:
-        points = [p for s in by_id[target].snapshot_objects() for p in mounts_of(s, table)]
-        if not points:
-            raise UsageError(f"snapshot {target} is not mounted")
+    ours = {
+        p: man for man in manifests for s in man.snapshot_objects() for p in mounts_of(s, table)
+    }
+    path = os.path.realpath(target)
+    slug_dirs: list[str] = []
+    if path in ours:
+        points = [path]
+    elif os.path.isdir(path) and any(os.path.dirname(p) == path for p in ours):
+        slug_dirs = [p for p in ours if os.path.dirname(p) == path]
+        points = slug_dirs
     else:
-        path = os.path.realpath(target)
-        ours = {p for man in manifests for s in man.snapshot_objects() for p in mounts_of(s, table)}
-        if path not in ours:
+        try:
+            snap_id = resolve_id(target, state_dir, manifests)
+        except UsageError as e:
+            if "ambiguous" in e.message:
+                raise
             raise UsageError(
                 f"no quiesce snapshot is mounted at {target}",
                 "give the directory from `quiesce snapshot mount`, or the snapshot id",
-            )
-        points = [path]
+            ) from None
+        points = [p for p, man in ours.items() if man.id == snap_id]
+        if not points:
+            raise UsageError(f"snapshot {snap_id} is not mounted")
     for p in sorted(set(points), key=len, reverse=True):
-        _umount_one(p, table)
-    return points
+        unmount_point(p, table)
+    for d in slug_dirs:
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            os.rmdir(d)
+    return sorted(set(points))
 
 
 __all__ = ["mount", "mounts_of", "provider_for", "umount"]

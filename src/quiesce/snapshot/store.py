@@ -6,6 +6,7 @@ the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -73,6 +74,33 @@ def load(snap_id: str, state_dir: str | Path | None = None) -> Manifest:
         raise QuiesceError(f"manifest {path} is unreadable: {e}") from None
 
 
+def resolve_id(
+    prefix: str, state_dir: str | Path | None = None, manifests: list[Manifest] | None = None
+) -> str:
+    """The snapshot id that ``prefix`` names: the id itself, or the one id it begins.
+    An ambiguous prefix is a UsageError (exit 2) that lists the candidates."""
+    if _ID_RE.fullmatch(prefix) and os.path.lexists(
+        _manifest_path(state_dir_path(state_dir), prefix)
+    ):
+        return prefix  # the id itself (load tells if its manifest is unreadable)
+    mans = list_manifests(state_dir) if manifests is None else manifests
+    ids = [m.id for m in mans]
+    if prefix in ids:
+        return prefix
+    found = [i for i in ids if prefix and i.startswith(prefix)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UsageError(
+            f"snapshot id {prefix!r} is ambiguous: it begins {', '.join(found)}",
+            "give more of the id (see `quiesce snapshot list`)",
+        )
+    raise UsageError(
+        f"no snapshot {prefix!r} in {_manifest_dir(state_dir_path(state_dir))}",
+        "see `quiesce snapshot list`",
+    )
+
+
 # -- create ------------------------------------------------------------------------------
 def _unique_id(job: str, state: Path, now: datetime) -> str:
     base = f"{job}-{now.strftime('%Y%m%dT%H%M%SZ')}"
@@ -89,6 +117,7 @@ __all__ = [
     "STATE_ENV",
     "list_manifests",
     "load",
+    "resolve_id",
     "save_manifest",
     "state_dir_path",
 ]

@@ -5,7 +5,9 @@
 Every undo first looks whether the thing still exists (and is still ours), so undoing is
 idempotent and a half-made entry (recorded, never made) is a no-op. A ``snapshot`` entry
 is undone by its provider, a higher layer: the snapshot layer passes that action in
-(``undo={"snapshot": ...}``), see :mod:`quiesce.snapshot.cleanup`.
+(``undo={"snapshot": ...}``), see :mod:`quiesce.snapshot.cleanup`; a ``repository`` entry
+(a backup target a run wrote to: its stale locks) by the backup layer's
+:mod:`quiesce.backup.cleanup`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from quiesce.errors import QuiesceError
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable, loop_backing_file, loop_devices_of
 
-KINDS = ("mount", "loop", "file", "dir", "snapshot", "command")
+KINDS = ("mount", "loop", "file", "dir", "snapshot", "command", "repository")
 UndoFn = Callable[[dict[str, Any]], None]
 
 
@@ -130,7 +132,8 @@ def undo_entry(kind: str, fields: dict[str, Any], extra: Mapping[str, UndoFn]) -
         if kind in KINDS:
             raise JournalError(
                 f"no undo action for a {kind} entry here",
-                "run `quiesce cleanup`: it removes snapshots that a killed run left",
+                "run `quiesce cleanup`: it removes snapshots and repository locks that a "
+                "killed run left",
             )
         raise JournalError(f"unknown kind {kind!r}")
     action(fields)
@@ -143,6 +146,8 @@ def describe(fields: dict[str, Any]) -> str:
             return str(fields[key])
     if "snapshot" in fields:
         return str(fields["snapshot"].get("id"))
+    if "location" in fields:
+        return str(fields["location"])
     return ""
 
 

@@ -4,8 +4,10 @@ A snapshot of every volume of the cluster (data directory and WAL) taken at one 
 is crash-consistent, and PostgreSQL recovers it like after a power cut; the CHECKPOINT
 just before the freeze keeps that recovery short. ``backup = true`` additionally brackets
 the window with ``pg_backup_start``/``pg_backup_stop`` (non-exclusive, so the session is
-held across the window) and puts the returned backup_label in the report: the way to go
-when the volumes cannot be captured at one instant, or for archive-based PITR.
+held across the window) and returns the backup_label (and tablespace_map) with the data
+directory they belong in: the job keeps them in the manifest, and ``quiesce restore``
+writes them into the restored data directory. The way to go when the volumes cannot be
+captured at one instant, or for archive-based PITR.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class PostgresWriter(Writer):
             self._sql(f"SET statement_timeout = {int(self.timeout * 1000)}")
             version = self.conn.info.server_version
             self.info["server_version"] = version
+            self._note_data_directory()
             if self.checkpoint:
                 self._sql("CHECKPOINT")
             if self.backup:
@@ -83,6 +86,17 @@ class PostgresWriter(Writer):
         except BaseException:
             self._close()
             raise
+
+    def _note_data_directory(self) -> None:
+        """Where the cluster lives: a restore writes backup_label there and removes the
+        origin's postmaster.pid (a role without pg_read_all_settings cannot tell: the
+        label then stays in the manifest only)."""
+        try:
+            row = self.conn.execute("SELECT current_setting('data_directory')").fetchone()
+        except Exception:
+            return
+        if row and row[0]:
+            self.info["data_directory"] = str(row[0])
 
     def after_thaw(self, ok: bool) -> None:
         if self.conn is None:

@@ -212,8 +212,25 @@ class Target(ABC):
     def exists(self) -> bool:
         return True
 
+    def remove_stale_locks(self) -> list[str]:
+        """Remove the repository locks that a process of this host left when it died
+        (SIGKILLed mid-backup); returns what was removed. Locks of live processes and of
+        other hosts stay."""
+        return []
+
 
 # ---------------------------------------------------------------------------- children
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process of this pid lives on this host (a zombie counts as gone)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def require(binary: str, package: str) -> str:
@@ -357,6 +374,7 @@ __all__ = [
     "TargetNotInstalled",
     "TargetSnapshot",
     "check_child",
+    "pid_alive",
     "require",
     "run_child",
     "secret_env",

@@ -28,6 +28,7 @@ from quiesce.backup.targets.base import (
     Target,
     TargetSnapshot,
     check_child,
+    pid_alive,
     require,
     run_child,
     secret_env,
@@ -105,6 +106,29 @@ class ResticTarget(Target):
     def init(self) -> None:
         if not self.exists():
             self._run("init", what="restic init", timeout=300)
+
+    def remove_stale_locks(self) -> list[str]:
+        """restic removes its lock on SIGINT, but a restic that was SIGKILLed leaves it,
+        and every later command fails with "repository is already locked". A lock names
+        its host and pid: if this host's process is gone, ``restic unlock`` (which removes
+        exactly such locks, and those not refreshed for 30 minutes) is run."""
+        listed = self._child("list", "locks", "--no-lock", timeout=300)
+        if listed.returncode != 0:
+            return []  # unreachable, or not a repository: no lock a next run would meet
+        stale = []
+        for lock_id in listed.stdout.split():
+            res = self._child("cat", "lock", lock_id, "--no-lock", timeout=300)
+            if res.returncode != 0:
+                continue  # removed meanwhile
+            try:
+                lock = json.loads(res.stdout)
+            except ValueError:
+                continue
+            if lock.get("hostname") == socket.gethostname() and not pid_alive(lock.get("pid")):
+                stale.append(f"{lock_id[:8]} (pid {lock.get('pid')})")
+        if stale:
+            self._run("unlock", what="restic unlock", timeout=300)
+        return stale
 
     # -- backup ------------------------------------------------------------------------
     def backup(
