@@ -146,6 +146,11 @@ class ReflinkOptions(ProviderOptions):
     dest: FsPath | None = Field(
         None, description="directory for the clones, on the image's filesystem"
     )
+    mode: Literal["delta", "clone"] = Field(
+        "delta",
+        description="delta: clone before the freeze, re-clone only what was written since "
+        "inside the window; clone: one FICLONE of the whole image inside the window",
+    )
 
 
 class BtrfsOptions(ProviderOptions):

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import struct
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from quiesce.errors import (
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 FICLONE = 0x40049409
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -148,6 +150,12 @@ def syncfs(fd: int) -> None:
 def ficlone(dst_fd: int, src_fd: int) -> None:
     """Make dst share src's extents (a reflink copy): O(metadata), not O(data)."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+def ficlonerange(dst_fd: int, src_fd: int, offset: int, length: int) -> None:
+    """Make ``length`` bytes of dst at ``offset`` share src's extents at the same offset
+    (block-aligned, or reaching src's end of file)."""
+    fcntl.ioctl(dst_fd, FICLONERANGE, struct.pack("=qQQQ", src_fd, offset, length, offset))
 
 
 def open_dir(path: str) -> int:

@@ -1,0 +1,250 @@
+"""reflink ``mode = "delta"``: a clone before the freeze, and only the ranges written since
+re-cloned inside the window, gives the same bytes as a whole-image FICLONE in the window.
+
+Each test takes both inside the same window (the plain clone is the reference), under a
+writer, and compares them with cmp; the delta clone must also pass e2fsck -fn. A negative
+control (the window's re-clone skipped) shows the comparison can fail.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from helpers.snaptools import image_on_reflink_host, sh
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quiesce import snapshot as snapshots
+from quiesce.freezing.plan import GroupMember
+from quiesce.providers import reflink as reflink_mod
+from quiesce.providers.base import Snapshot
+from quiesce.providers.reflink import ReflinkProvider
+from quiesce.sys import kernel, writetrace
+
+DATA_MB = 24
+
+
+class WithReference(ReflinkProvider):
+    """Also takes a plain whole-image FICLONE inside the same window: the reference."""
+
+    skip_window_delta = False
+
+    def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        super().prepare(members, name)
+        self.refs = []
+        for c in self._clones:
+            ref = c.dest + ".ref"
+            self.refs.append((ref, os.open(ref, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
+
+    def _catch_up(self, c: reflink_mod._Clone) -> int:
+        if self.in_window and self.skip_window_delta:
+            c.trace.drain()  # type: ignore[union-attr]
+            return 0
+        return super()._catch_up(c)
+
+    in_window = False
+
+    def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
+        self.in_window = True
+        out = super().snapshot(members)
+        for c, (_, fd) in zip(self._clones, self.refs, strict=True):
+            kernel.ficlone(fd, c.src_fd)
+        return out
+
+    def after_thaw(self, snaps: list[Snapshot]) -> None:
+        for _, fd in self.refs:
+            os.close(fd)
+        super().after_thaw(snaps)
+
+
+class BlockWriter:
+    """Random 4 KiB writes to a preallocated file: ``burst`` synchronously (so some land
+    between prepare and the freeze, as the quiescer's before_freeze), and a thread that
+    keeps writing through the whole run."""
+
+    def __init__(self, path: Path, size_mb: int = DATA_MB) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.posix_fallocate(self.fd, 0, size_mb << 20)
+        os.fsync(self.fd)
+        self.blocks = (size_mb << 20) // 4096
+        self.stop = threading.Event()
+        self.rng = random.Random(7)
+        self.written = 0
+
+    def burst(self, n: int = 300) -> None:
+        for _ in range(n):
+            os.pwrite(self.fd, os.urandom(4096), self.rng.randrange(self.blocks) * 4096)
+        os.fsync(self.fd)
+        self.written += n
+
+    def _loop(self) -> None:
+        rng = random.Random(11)
+        while not self.stop.is_set():
+            os.pwrite(self.fd, os.urandom(4096), rng.randrange(self.blocks) * 4096)
+            self.written += 1
+            if self.written % 64 == 0:
+                os.fdatasync(self.fd)
+
+    @contextmanager
+    def running(self) -> Iterator[BlockWriter]:
+        t = threading.Thread(target=self._loop, daemon=True)
+        t.start()
+        try:
+            yield self
+        finally:
+            self.stop.set()
+            t.join(10)
+            os.close(self.fd)
+
+    # a Quiescer: writes after prepare, before the freeze
+    def before_freeze(self) -> None:
+        self.burst()
+
+    def after_thaw(self, ok: bool) -> None:
+        pass
+
+
+def _take(pair, tmp_path: Path, prov: WithReference, writer: BlockWriter, n: int = 0):
+    man = snapshots.create(
+        [pair.inner.path],
+        prov,
+        job=f"delta{n}",
+        state_dir=tmp_path / "state",
+        quiescers=[writer],
+    )
+    [snap] = man.snapshots
+    clone = Path(snap["location"])
+    return snap, clone, Path(str(clone) + ".ref")
+
+
+def _identical(a: Path, b: Path) -> bool:
+    return sh("cmp", str(a), str(b), check=False).returncode == 0
+
+
+@pytest.mark.parametrize("outer", ["xfs", "btrfs"])
+def test_delta_clone_equals_a_plain_clone_taken_in_the_same_window(loopfs, tmp_path, outer):
+    pair = image_on_reflink_host(loopfs, "ext4", outer)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        for n in range(3):  # in a row: the image fragments, the next pre-clone shares it
+            prov = WithReference()
+            snap, clone, ref = _take(pair, tmp_path, prov, writer, n)
+            assert snap["extra"]["mode"] == "delta", snap["extra"]
+            assert snap["extra"]["ranges_in_window"] > 0  # the burst landed after prepare
+            assert _identical(clone, ref), f"snapshot {n}: delta clone differs from FICLONE"
+            fsck = sh("e2fsck", "-fn", str(clone), check=False)
+            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+            ref.unlink()
+    assert writer.written > 900
+
+
+def test_negative_control_without_the_window_pass_the_clone_differs(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        prov = WithReference()
+        prov.skip_window_delta = True
+        _, clone, ref = _take(pair, tmp_path, prov, writer)
+        assert not _identical(clone, ref)
+
+
+def test_lost_trace_events_fall_back_to_a_whole_image_clone(loopfs, tmp_path, monkeypatch):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    real = writetrace.WriteTrace.drain
+
+    def lossy(self: writetrace.WriteTrace) -> writetrace.Drained:
+        got = real(self)
+        got.lost = True
+        return got
+
+    monkeypatch.setattr(writetrace.WriteTrace, "drain", lossy)
+    with writer.running():
+        snap, clone, ref = _take(pair, tmp_path, WithReference(), writer)
+    assert snap["extra"]["mode"] == "clone"
+    assert "lost events" in snap["extra"]["note"]
+    assert _identical(clone, ref)
+
+
+def test_no_trace_falls_back_to_a_whole_image_clone(loopfs, tmp_path, monkeypatch):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+
+    def refuse(device: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(reflink_mod, "WriteTrace", refuse)
+    with writer.running():
+        snap, clone, ref = _take(pair, tmp_path, WithReference(), writer)
+    assert snap["extra"]["mode"] == "clone"
+    assert "no write trace" in snap["extra"]["note"]
+    assert _identical(clone, ref)
+
+
+def test_clone_mode_takes_no_trace(loopfs, tmp_path, monkeypatch):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+
+    def forbidden(device: str) -> None:
+        raise AssertionError("clone mode must not trace")
+
+    monkeypatch.setattr(reflink_mod, "WriteTrace", forbidden)
+    with writer.running():
+        snap, clone, ref = _take(pair, tmp_path, WithReference(mode="clone"), writer)
+    assert snap["extra"] == {
+        "image": str(pair.inner.image),
+        "loop_device": pair.inner.device,
+        "mode": "clone",
+    }
+    assert _identical(clone, ref)
+
+
+def _instances() -> list[str]:
+    with writetrace._tracefs() as root:
+        return sorted(os.listdir(os.path.join(root, "instances")))
+
+
+def test_trace_instances_are_removed_and_stale_ones_reaped(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    before = _instances()
+    with writetrace._tracefs() as root:  # one a SIGKILLed quiesce left (pid 2**22+1: none)
+        os.mkdir(os.path.join(root, "instances", "quiesce-4194305-7-99"))
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        trace = writetrace.WriteTrace(pair.inner.device)
+        try:
+            assert f"quiesce-{os.getpid()}-" in " ".join(_instances())
+            assert "quiesce-4194305-7-99" not in _instances()
+            writer.burst(10)
+            got = trace.drain()
+            assert got.ranges and not got.lost
+        finally:
+            trace.close()
+    assert _instances() == [i for i in before if i != "quiesce-4194305-7-99"]
+
+
+spans = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 16)), max_size=40)
+
+
+@given(spans, st.sampled_from([1, 512, 4096]))
+def test_merge_covers_exactly_the_aligned_union(items, align):
+    out = writetrace.merge(items, align)
+    covered = set()
+    for off, n in items:
+        start = off - off % align
+        stop = -(-(off + n) // align) * align
+        covered.update(range(start // align, stop // align))
+    got = set()
+    for i, (a, n) in enumerate(out):
+        nxt = out[i + 1] if i + 1 < len(out) else None
+        assert a % align == 0 and n % align == 0 and n > 0
+        if nxt is not None:
+            assert a + n < nxt[0]  # sorted, apart (touching ranges are merged)
+        got.update(range(a // align, (a + n) // align))
+    assert got == covered
