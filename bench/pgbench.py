@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""PostgreSQL under pgbench while its filesystem is snapshotted every few seconds.
+
+Not a test: run as root, ``python3 bench/pgbench.py [--image-mb 3072] [--scale 50]
+[--seconds 60] [--interval 5] [--rounds 1]``; needs Debian's postgresql (``bash
+scripts/db-setup.sh``). It builds an XFS (reflink=1) loop filesystem, an ext4 image on it,
+and a throwaway PostgreSQL cluster on the ext4 (its own socket directory, no TCP), loads
+``pgbench -i -s SCALE``, then runs ``pgbench -c 4 -j 2 -T SECONDS`` once per method,
+interleaved over the rounds, while a thread snapshots the ext4 every ``--interval``
+seconds and deletes each snapshot before the next:
+
+- ``none``: no snapshots (the baseline);
+- ``script``: ``fsfreeze -f M; cp --reflink=always IMG SNAP; fsfreeze -u M`` (one shell);
+- ``quiesce``: ``quiesce.snapshots.create(..., "reflink")``, mode delta (the default);
+- ``quiesce-clone``: the same with ``mode = "clone"`` (the old in-window FICLONE).
+
+Printed per method: tps, latency p99 / p99.9 / max (ms, from pgbench's per-transaction
+log), the snapshots' windows; then the ratios the goals are stated in: quiesce / script
+for max latency (goal <= 0.25), p99.9 (goal <= 1) and tps (goal >= 1).
+Everything it makes is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from quiesce import snapshot as snapshots
+
+PORT = 54471
+METHODS = ("none", "script", "quiesce", "quiesce-clone")
+
+
+def sh(*cmd: str, user: str | None = None, cwd: str | None = None) -> str:
+    argv = ["runuser", "-u", user, "--", *cmd] if user else list(cmd)
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr}{p.stdout}")
+    return p.stdout.strip()
+
+
+def pg_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise SystemExit("no PostgreSQL: run `bash scripts/db-setup.sh`")
+    return Path(found[-1]).parent
+
+
+class Snapshotter:
+    """Snapshots the mount every ``interval`` seconds until stopped; records windows."""
+
+    def __init__(self, method: str, mnt: Path, image: Path, state: Path, interval: float):
+        self.method, self.mnt, self.image, self.state = method, mnt, image, state
+        self.interval = interval
+        self.windows_ms: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.errors: list[str] = []
+
+    def _one(self, i: int) -> None:
+        if self.method == "script":
+            snap = self.image.with_name(f"script-{i}.img")
+            script = (
+                f"fsfreeze -f {self.mnt} && cp --reflink=always {self.image} {snap};"
+                f" fsfreeze -u {self.mnt}"
+            )
+            t0 = time.monotonic()
+            subprocess.run(["sh", "-c", script], check=True)
+            self.windows_ms.append((time.monotonic() - t0) * 1000)
+            snap.unlink()
+            return
+        mode = "clone" if self.method == "quiesce-clone" else "delta"
+        man = snapshots.create(
+            [str(self.mnt)],
+            "reflink",
+            options={"mode": mode},
+            job=f"pgb{i}",
+            state_dir=self.state,
+        )
+        self.windows_ms.append((man.window or {}).get("window_s", 0) * 1000)
+        snapshots.delete(man.id, self.state)
+
+    def _loop(self) -> None:
+        i = 0
+        while not self.stop.wait(self.interval):
+            try:
+                self._one(i)
+            except Exception as e:  # reported; the run goes on
+                self.errors.append(str(e))
+            i += 1
+
+    def __enter__(self) -> Snapshotter:
+        if self.method != "none":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(120)
+
+
+def latencies_ms(prefix: Path) -> list[float]:
+    out = []
+    for log in glob.glob(f"{prefix}*"):
+        with open(log) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    out.append(int(parts[2]) / 1000)
+        os.unlink(log)
+    return sorted(out)
+
+
+def pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(len(xs) * p))] if xs else float("nan")
+
+
+def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path) -> dict:
+    prefix = work / f"log-{method}"
+    with Snapshotter(method, mnt, image, work / "state", args.interval) as snap:
+        out = sh(
+            str(pgb / "pgbench"), "-h", str(work / "run"), "-p", str(PORT), "-U", "postgres",
+            "-c", "4", "-j", "2", "-T", str(args.seconds), "-l", "--log-prefix", str(prefix),
+            "postgres",
+        )  # fmt: skip
+    tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if "tps =" in line)
+    lat = latencies_ms(prefix)
+    return {
+        "tps": tps,
+        "p99": pct(lat, 0.99),
+        "p999": pct(lat, 0.999),
+        "max": lat[-1] if lat else float("nan"),
+        "windows": snap.windows_ms,
+        "errors": snap.errors,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--image-mb", type=int, default=3072)
+    ap.add_argument("--scale", type=int, default=50)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--interval", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    pgb = pg_bin()
+    methods = args.methods.split(",")
+    print(f"load average {os.getloadavg()}; image {args.image_mb} MiB, scale {args.scale}")
+    work = Path(tempfile.mkdtemp(prefix="quiesce-bench-pg-", dir="/tmp"))
+    work.chmod(0o755)
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    try:
+        with contextlib.ExitStack() as st:
+            host_img, host = work / "host.img", work / "host"
+            with open(host_img, "wb") as f:
+                f.truncate((args.image_mb + 2048) << 20)
+            sh("mkfs.xfs", "-q", "-m", "reflink=1", str(host_img))
+            hdev = sh("losetup", "--find", "--show", str(host_img))
+            st.callback(subprocess.run, ["losetup", "-d", hdev], check=False)
+            host.mkdir()
+            sh("mount", hdev, str(host))
+            st.callback(subprocess.run, ["umount", str(host)], check=False)
+            image, mnt = host / "pg.img", work / "pg"
+            with open(image, "wb") as f:
+                f.truncate(args.image_mb << 20)
+            sh("mkfs.ext4", "-q", str(image))
+            dev = sh("losetup", "--find", "--show", str(image))
+            st.callback(subprocess.run, ["losetup", "-d", dev], check=False)
+            mnt.mkdir()
+            sh("mount", dev, str(mnt))
+            st.callback(subprocess.run, ["umount", str(mnt)], check=False)
+            mnt.chmod(0o755)
+            run = work / "run"
+            run.mkdir()
+            shutil.chown(run, "postgres", "postgres")
+            data = mnt / "pgdata"
+            data.mkdir()
+            shutil.chown(data, "postgres", "postgres")
+            sh(str(pgb / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+               "--no-instructions", user="postgres")  # fmt: skip
+            opts = (f"-k {run} -p {PORT} -c listen_addresses='' -c shared_buffers=128MB "
+                    "-c max_wal_size=1GB")  # fmt: skip
+            sh(str(pgb / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(run / "log"),
+               "-w", "-t", "60", "start", user="postgres")  # fmt: skip
+            st.callback(
+                subprocess.run,
+                ["runuser", "-u", "postgres", "--", str(pgb / "pg_ctl"), "-D", str(data),
+                 "-m", "immediate", "-w", "-t", "60", "stop"],
+                check=False,
+                capture_output=True,
+            )  # fmt: skip
+            sh(str(pgb / "pgbench"), "-h", str(run), "-p", str(PORT), "-U", "postgres", "-i",
+               "-q", "-s", str(args.scale), "postgres")  # fmt: skip
+            for r in range(args.rounds):
+                for m in methods:
+                    res = run_method(m, args, pgb, mnt, image, work)
+                    results[m].append(res)
+                    w = res["windows"]
+                    print(
+                        f"  round {r + 1} {m:>13}: tps {res['tps']:8.1f}  p99 {res['p99']:7.1f}"
+                        f"  p99.9 {res['p999']:7.1f}  max {res['max']:8.1f} ms;"
+                        f"  {len(w)} snapshots, window median"
+                        f" {statistics.median(w) if w else 0:7.1f} max {max(w, default=0):7.1f} ms"
+                        + (f"  ERRORS {res['errors'][:2]}" if res["errors"] else ""),
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nload average {os.getloadavg()}")
+
+    def agg(m: str, k: str) -> float:
+        vals = [r[k] for r in results[m]]
+        return max(vals) if k == "max" else statistics.median(vals)
+
+    for m in methods:
+        print(
+            f"  {m:>13}: tps {agg(m, 'tps'):8.1f}  p99 {agg(m, 'p99'):7.1f}"
+            f"  p99.9 {agg(m, 'p999'):7.1f}  max {agg(m, 'max'):8.1f} ms"
+        )
+    if {"script", "quiesce"} <= set(methods):
+        print("quiesce / script (goals: max <= 0.25, p99.9 <= 1, tps >= 1):")
+        for k in ("max", "p999", "tps"):
+            print(f"  {k:>5}: {agg('quiesce', k) / agg('script', k):6.3f}")
+    if "none" in methods:
+        for m in methods:
+            if m != "none":
+                print(f"  {m} / none: max {agg(m, 'max') / agg('none', 'max'):6.2f}"
+                      f"  tps {agg(m, 'tps') / agg('none', 'tps'):6.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
