@@ -251,3 +251,37 @@ def test_merge_covers_exactly_the_aligned_union(items, align):
             assert a + n < nxt[0]  # sorted, apart (touching ranges are merged)
         got.update(range(a // align, (a + n) // align))
     assert got == covered
+
+
+class Trimmer:
+    """A Quiescer whose before_freeze only discards: fstrim of the blocks of a file that
+    was written, and deleted, before the pre-clone."""
+
+    def __init__(self, mnt: Path) -> None:
+        self.mnt = mnt
+        self.trimmed = ""
+
+    def before_freeze(self) -> None:
+        self.trimmed = sh("fstrim", "-v", str(self.mnt)).stdout
+
+    def after_thaw(self, ok: bool) -> None:
+        pass
+
+
+def test_discards_after_the_pre_clone_are_re_cloned(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    sh("fstrim", str(pair.inner.mountpoint))  # what is free now stays out of the next trim
+    junk = pair.inner.mountpoint / "junk"
+    junk.write_bytes(os.urandom(8 << 20))
+    os.sync()
+    junk.unlink()
+    os.sync()
+    trimmer = Trimmer(pair.inner.mountpoint)
+    man = snapshots.create(
+        [pair.inner.path], WithReference(), state_dir=tmp_path / "state", quiescers=[trimmer]
+    )
+    assert "trimmed" in trimmer.trimmed and "(0 bytes)" not in trimmer.trimmed
+    [snap] = man.snapshots
+    clone = Path(snap["location"])
+    assert snap["extra"]["mode"] == "delta" and snap["extra"]["ranges_in_window"] > 0
+    assert _identical(clone, Path(str(clone) + ".ref"))
