@@ -285,3 +285,32 @@ def test_discards_after_the_pre_clone_are_re_cloned(loopfs, tmp_path):
     clone = Path(snap["location"])
     assert snap["extra"]["mode"] == "delta" and snap["extra"]["ranges_in_window"] > 0
     assert _identical(clone, Path(str(clone) + ".ref"))
+
+
+def test_a_loop_device_with_an_offset_maps_its_writes_into_the_image(loopfs, tmp_path):
+    """``losetup --offset``: the traced sectors are the device's; the image's bytes sit
+    1 MiB further. Without the offset the window re-clones the wrong ranges."""
+    host = loopfs("xfs")
+    image = host.mountpoint / "offset.img"
+    with open(image, "wb") as f:
+        f.truncate(97 << 20)
+    dev = sh("losetup", "-f", "--show", "--offset", str(1 << 20), str(image)).stdout.strip()
+    mnt = tmp_path / "offset-mnt"
+    mnt.mkdir()
+    try:
+        sh("mkfs.ext4", "-q", dev)
+        sh("mount", dev, str(mnt))
+        try:
+            writer = BlockWriter(mnt / "data", size_mb=48)
+            with writer.running():
+                man = snapshots.create(
+                    [str(mnt)], WithReference(), state_dir=tmp_path / "state", quiescers=[writer]
+                )
+            [snap] = man.snapshots
+            clone = Path(snap["location"])
+            assert snap["extra"]["mode"] == "delta" and snap["extra"]["ranges_in_window"] > 0
+            assert _identical(clone, Path(str(clone) + ".ref"))
+        finally:
+            sh("umount", str(mnt), check=False)
+    finally:
+        sh("losetup", "-d", dev, check=False)
