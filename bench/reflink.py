@@ -9,9 +9,15 @@ random 4 KiB writer running on the ext4 all along and ``--writes`` more random 4
 writes between snapshots (so the image fragments as a nightly job's would; each snapshot
 is deleted before the next). The modes run on separate images, made alike.
 
-Printed: each snapshot's window (the manifest's: first FIFREEZE -> last FITHAW) and the
-in-window provider call, then the ratios the goal is stated in: big image / small image,
-at the 1st and the Nth snapshot, for each mode (goal for delta: <= 2), and delta / clone.
+A probe thread appends 512 bytes and fdatasyncs every 10 ms (a database's log): its
+longest write+fdatasync during each snapshot (the whole ``create``, prepare included) is
+what an application feels, window or not (a clone holds the image's inode lock, so a
+whole-image clone in ``prepare`` would stall the writers too).
+
+Printed: each snapshot's window (the manifest's: first FIFREEZE -> last FITHAW), the
+in-window provider call and the probe's longest stall, then the ratios the goal is stated
+in: big image / small image, at the 1st and the Nth snapshot, for each mode (goal for
+delta: <= 2), and delta / clone.
 Everything it makes is removed at the end, also on failure.
 """
 
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
@@ -89,6 +96,32 @@ class Writer:
         os.close(self.fd)
 
 
+class Probe:
+    """512-byte appends, each fdatasync'd, every 10 ms; keeps (start, duration)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.01):
+            t0 = time.monotonic()
+            os.write(self.fd, b"x" * 511 + b"\n")
+            os.fdatasync(self.fd)
+            self.samples.append((t0, time.monotonic() - t0))
+
+    def worst(self, t0: float, t1: float) -> float:
+        return max((d for s, d in self.samples if s + d >= t0 and s <= t1), default=0.0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        os.close(self.fd)
+
+
 def extents(image: Path) -> int:
     return sh("xfs_io", "-c", "fiemap", str(image)).count("\n")
 
@@ -102,15 +135,19 @@ def run_series(
         st.mount_image(host / f"{label}-{mode}.img", mnt, ["mkfs.ext4", "-q"], size_mb)
         writer = Writer(mnt / "data", int(size_mb * 0.8), args.rate)
         st.callback(writer.close)
+        probe = Probe(mnt / "probe.log")
+        st.callback(probe.close)
         state = base / f"state-{label}-{mode}"
         prev = None
         for i in range(args.n):
             writer.burst(args.writes)
             if prev is not None:
                 snapshots.delete(prev, state)
+            t0 = time.monotonic()
             man = snapshots.create(
                 [str(mnt)], "reflink", options={"mode": mode}, job=f"b{i}", state_dir=state
             )
+            t1 = time.monotonic()
             prev = man.id
             w = man.window or {}
             rows.append(
@@ -119,12 +156,14 @@ def run_series(
                     "call_ms": w.get("snapshot_s", 0) * 1000,
                     "extents": extents(host / f"{label}-{mode}.img"),
                     "ranges": man.snapshots[0]["extra"].get("ranges_in_window", -1),
+                    "stall_ms": probe.worst(t0, t1) * 1000,
                 }
             )
             r = rows[-1]
             print(
                 f"  {label:>5} {mode:>5} #{i + 1:<2} window {r['window_ms']:8.1f} ms"
-                f"  FICLONE call {r['call_ms']:8.1f} ms  extents {r['extents']:7d}"
+                f"  FICLONE call {r['call_ms']:8.1f} ms  probe stall {r['stall_ms']:7.1f} ms"
+                f"  extents {r['extents']:7d}"
                 f"  ranges in window {r['ranges']}",
                 flush=True,
             )
@@ -168,6 +207,7 @@ def main() -> None:
             print(
                 f"  {mode:>5} {name:>4}: small {s[k]['window_ms']:8.1f}  big"
                 f" {b[k]['window_ms']:8.1f}  big/small {ratio:6.2f}"
+                f"   (probe stall: small {s[k]['stall_ms']:7.1f}  big {b[k]['stall_ms']:7.1f})"
             )
     if {"clone", "delta"} <= set(modes):
         for label in sizes:

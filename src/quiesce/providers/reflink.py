@@ -34,6 +34,9 @@ from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 from quiesce.sys.writetrace import WriteTrace, merge
 
 BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btrfs: 4 KiB)
+# The pre-clone goes in pieces: a clone holds the image's inode lock, so the loop device's
+# writes (and the fsyncs of the applications on it) wait for one piece, not the whole image.
+PRE_CLONE_PIECE = 16 << 20
 CATCH_UP_ROUNDS = 4  # prepare re-clones what was written meanwhile, at most this often ...
 CATCH_UP_ENOUGH = 64  # ... or until a round finds fewer ranges than this
 
@@ -178,8 +181,9 @@ class ReflinkProvider(Provider):
             raise QuiesceError(f"cannot prepare the clone {e.filename}: {e.strerror}") from None
 
     def _pre_clone(self, c: _Clone) -> None:
-        """Delta mode, outside the window: trace the loop device, clone the whole image,
-        flush the volume and re-clone what was written meanwhile, until little is left."""
+        """Delta mode, outside the window: trace the loop device, clone the whole image
+        (piece by piece: writes that land meanwhile are in the trace), flush the volume and
+        re-clone what was written meanwhile, until little is left."""
         source = c.member.volume.source
         try:
             c.trace = WriteTrace(source)
@@ -189,7 +193,8 @@ class ReflinkProvider(Provider):
         c.offset = _loop_offset(source)
         c.size = os.fstat(c.src_fd).st_size
         try:
-            kernel.ficlone(c.dst_fd, c.src_fd)
+            for off in range(0, c.size, PRE_CLONE_PIECE):
+                kernel.ficlonerange(c.dst_fd, c.src_fd, off, min(PRE_CLONE_PIECE, c.size - off))
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
         with contextlib.suppress(OSError):
