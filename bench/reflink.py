@@ -9,7 +9,7 @@ random 4 KiB writer running on the ext4 all along and ``--writes`` more random 4
 writes between snapshots (so the image fragments as a nightly job's would; each snapshot
 is deleted before the next). The modes run on separate images, made alike.
 
-A probe thread appends 512 bytes and fdatasyncs every 10 ms (a database's log): its
+A probe process appends 512 bytes and fdatasyncs every 10 ms (a database's log): its
 longest write+fdatasync during each snapshot (the whole ``create``, prepare included) is
 what an application feels, window or not (a clone holds the image's inode lock, so a
 whole-image clone in ``prepare`` would stall the writers too).
@@ -96,30 +96,41 @@ class Writer:
         os.close(self.fd)
 
 
+PROBE = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+out = open(sys.argv[2], "w", buffering=1)
+while True:
+    time.sleep(0.01)
+    t0 = time.monotonic()
+    os.write(fd, b"x" * 511 + b"\n")
+    os.fdatasync(fd)
+    d = time.monotonic() - t0
+    if d > 0.002:
+        out.write(f"{t0} {d}\n")
+"""
+
+
 class Probe:
-    """512-byte appends, each fdatasync'd, every 10 ms; keeps (start, duration)."""
+    """A process of its own (no GIL shared with quiesce's work): 512-byte appends, each
+    fdatasync'd, every 10 ms; logs (start, duration) of those over 2 ms to ``log``."""
 
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.samples: list[tuple[float, float]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(0.01):
-            t0 = time.monotonic()
-            os.write(self.fd, b"x" * 511 + b"\n")
-            os.fdatasync(self.fd)
-            self.samples.append((t0, time.monotonic() - t0))
+    def __init__(self, path: Path, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, str(path), str(log)])
 
     def worst(self, t0: float, t1: float) -> float:
-        return max((d for s, d in self.samples if s + d >= t0 and s <= t1), default=0.0)
+        worst = 0.0
+        for line in self.log.read_text().splitlines():
+            s, d = map(float, line.split())
+            if s + d >= t0 and s <= t1:
+                worst = max(worst, d)
+        return worst
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        os.close(self.fd)
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def extents(image: Path) -> int:
@@ -135,7 +146,7 @@ def run_series(
         st.mount_image(host / f"{label}-{mode}.img", mnt, ["mkfs.ext4", "-q"], size_mb)
         writer = Writer(mnt / "data", int(size_mb * 0.8), args.rate)
         st.callback(writer.close)
-        probe = Probe(mnt / "probe.log")
+        probe = Probe(mnt / "probe.log", base / f"probe-{label}-{mode}.txt")
         st.callback(probe.close)
         state = base / f"state-{label}-{mode}"
         prev = None
