@@ -314,3 +314,26 @@ def test_a_loop_device_with_an_offset_maps_its_writes_into_the_image(loopfs, tmp
             sh("umount", str(mnt), check=False)
     finally:
         sh("losetup", "-d", dev, check=False)
+
+
+def test_a_full_trace_buffer_is_reported_lost(loopfs):
+    """The window trusts the trace only if nothing was dropped: fill a tiny buffer."""
+    fs = loopfs("ext4")
+    writer = BlockWriter(fs.mountpoint / "data", size_mb=16)
+    with writer.running():
+        writer.stop.set()  # only the bursts below
+        trace = writetrace.WriteTrace(fs.device, buffer_kb=4)
+        try:
+            for _ in range(20):
+                writer.burst(100)  # each fsync'd: at least 20 requests, ~2000 in all
+            got = trace.drain()
+            assert got.lost, got.events
+        finally:
+            trace.close()
+        trace = writetrace.WriteTrace(fs.device)
+        try:
+            writer.burst(100)
+            got = trace.drain()
+            assert not got.lost and got.events > 0
+        finally:
+            trace.close()
