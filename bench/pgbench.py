@@ -6,13 +6,17 @@ Not a test: run as root, ``python3 bench/pgbench.py [--image-mb 3072] [--scale 5
 scripts/db-setup.sh``). It builds an XFS (reflink=1) loop filesystem, an ext4 image on it,
 and a throwaway PostgreSQL cluster on the ext4 (its own socket directory, no TCP), loads
 ``pgbench -i -s SCALE``, then runs ``pgbench -c 4 -j 2 -T SECONDS`` once per method,
-interleaved over the rounds, while a thread snapshots the ext4 every ``--interval``
+interleaved over the rounds (the order rotates each round: the image fragments as it goes,
+which slows whole-image clones), while a thread snapshots the ext4 every ``--interval``
 seconds and deletes each snapshot before the next:
 
 - ``none``: no snapshots (the baseline);
 - ``script``: ``fsfreeze -f M; cp --reflink=always IMG SNAP; fsfreeze -u M`` (one shell);
 - ``quiesce``: ``quiesce.snapshots.create(..., "reflink")``, mode delta (the default);
 - ``quiesce-clone``: the same with ``mode = "clone"`` (the old in-window FICLONE).
+
+``--warmup SECONDS`` first runs pgbench with fsfreeze-script snapshots, unmeasured: every
+write after a clone is copied on write, so this ages the image as nights of snapshots would.
 
 Printed per method: tps, latency p99 / p99.9 / max (ms, from pgbench's per-transaction
 log), the snapshots' windows; then the ratios the goals are stated in: quiesce / script
@@ -155,6 +159,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=60, help="seconds of unmeasured aging")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -207,8 +212,12 @@ def main() -> None:
             )  # fmt: skip
             sh(str(pgb / "pgbench"), "-h", str(run), "-p", str(PORT), "-U", "postgres", "-i",
                "-q", "-s", str(args.scale), "postgres")  # fmt: skip
+            if args.warmup:
+                aged = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+                run_method("script", aged, pgb, mnt, image, work)
+                print(f"  aged the image: {args.warmup} s of pgbench with snapshots", flush=True)
             for r in range(args.rounds):
-                for m in methods:
+                for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
                     res = run_method(m, args, pgb, mnt, image, work)
                     results[m].append(res)
                     w = res["windows"]
