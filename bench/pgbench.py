@@ -72,6 +72,7 @@ class Snapshotter:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.errors: list[str] = []
+        self.spans: list[tuple[float, float, str]] = []  # (start, end, phase), wall clock
 
     def _one(self, i: int) -> None:
         if self.method == "script":
@@ -80,12 +81,14 @@ class Snapshotter:
                 f"fsfreeze -f {self.mnt} && cp --reflink=always {self.image} {snap};"
                 f" fsfreeze -u {self.mnt}"
             )
-            t0 = time.monotonic()
+            t0, wall = time.monotonic(), time.time()
             subprocess.run(["sh", "-c", script], check=True)
             self.windows_ms.append((time.monotonic() - t0) * 1000)
+            self.spans.append((wall, time.time(), "script"))
             snap.unlink()
             return
         mode = "clone" if self.method == "quiesce-clone" else "delta"
+        t = time.time()
         man = snapshots.create(
             [str(self.mnt)],
             "reflink",
@@ -94,6 +97,9 @@ class Snapshotter:
             state_dir=self.state,
         )
         self.windows_ms.append((man.window or {}).get("window_s", 0) * 1000)
+        for ph in man.phases:  # sequential: their wall-clock spans, to blame slow transactions
+            self.spans.append((t, t + ph["duration_s"], ph["phase"]))
+            t += ph["duration_s"]
         snapshots.delete(man.id, self.state)
 
     def _loop(self) -> None:
@@ -116,16 +122,28 @@ class Snapshotter:
             self.thread.join(120)
 
 
-def latencies_ms(prefix: Path) -> list[float]:
+def latencies_ms(prefix: Path) -> list[tuple[float, float]]:
+    """(latency ms, completion time) of every transaction in pgbench's logs."""
     out = []
     for log in glob.glob(f"{prefix}*"):
         with open(log) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3:
-                    out.append(int(parts[2]) / 1000)
+                if len(parts) >= 6:
+                    out.append((int(parts[2]) / 1000, int(parts[4]) + int(parts[5]) / 1e6))
         os.unlink(log)
     return sorted(out)
+
+
+def blame(slow: list[tuple[float, float]], spans: list[tuple[float, float, str]]) -> str:
+    """Which snapshot phase each slow transaction overlapped (or none)."""
+    count: dict[str, int] = {}
+    for lat, end in slow:
+        start = end - lat / 1000
+        hit = [ph for s, e, ph in spans if s < end and e > start] or ["no snapshot"]
+        for ph in set(hit):
+            count[ph] = count.get(ph, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(count.items(), key=lambda kv: -kv[1]))
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -141,7 +159,9 @@ def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path)
             "postgres",
         )  # fmt: skip
     tps = next(float(line.split("=")[1].split()[0]) for line in out.splitlines() if "tps =" in line)
-    lat = latencies_ms(prefix)
+    timed = latencies_ms(prefix)
+    lat = [x for x, _ in timed]
+    slow = [t for t in timed if t[0] >= args.slow_ms]
     return {
         "tps": tps,
         "p99": pct(lat, 0.99),
@@ -149,6 +169,7 @@ def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path)
         "max": lat[-1] if lat else float("nan"),
         "windows": snap.windows_ms,
         "errors": snap.errors,
+        "blame": blame(slow, snap.spans),
     }
 
 
@@ -160,6 +181,7 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=60, help="seconds of unmeasured aging")
+    ap.add_argument("--slow-ms", type=float, default=100, help="report where these overlap")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -226,7 +248,12 @@ def main() -> None:
                         f"  p99.9 {res['p999']:7.1f}  max {res['max']:8.1f} ms;"
                         f"  {len(w)} snapshots, window median"
                         f" {statistics.median(w) if w else 0:7.1f} max {max(w, default=0):7.1f} ms"
-                        + (f"  ERRORS {res['errors'][:2]}" if res["errors"] else ""),
+                        + (f"  ERRORS {res['errors'][:2]}" if res["errors"] else "")
+                        + (
+                            f"\n      slow transactions overlap: {res['blame']}"
+                            if res["blame"]
+                            else ""
+                        ),
                         flush=True,
                     )
     finally:
