@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -382,8 +383,11 @@ def test_a_guardian_that_does_not_answer_costs_a_second_and_thaw_still_works(
         r = cli("thaw", a.path)
         took_thaw = time.monotonic() - t0
         assert r.returncode == 0, r.stderr
-        assert f"FITHAW (no guardian held it; not answering: guardian {ga} (no answer" in (
-            r.stdout
+        # a stopped guardian: no answer, or (its backlog filled by status) no connection
+        assert re.search(
+            rf"FITHAW \(no guardian held it; not answering: guardian {ga} "
+            r"\((no answer|its socket is not accepting connections)",
+            r.stdout,
         ), r.stdout
         assert is_writable(a.path)
         assert not is_writable(b.path, timeout=0.3), "the other guardian's freeze was touched"
