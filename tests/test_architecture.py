@@ -168,3 +168,14 @@ def test_exports_are_not_shadowed_by_submodules(package):
     pkg = importlib.import_module(package)
     submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
     assert not set(getattr(pkg, "__all__", ())) & submodules
+
+
+def test_architecture_doc_names_every_module():
+    """docs/architecture.md says what each module holds: a new module is added there too."""
+    doc = (PKG.parents[1] / "docs" / "architecture.md").read_text()
+    missing = [
+        str(p.relative_to(PKG))
+        for p in sorted(PKG.rglob("*.py"))
+        if p.name != "__init__.py" and f"{p.stem}" not in doc
+    ]
+    assert not missing, f"not in docs/architecture.md: {missing}"
