@@ -1,0 +1,297 @@
+"""The per-host agent: started over SSH by the controller, the Freezer's controller here.
+
+Its stdin is the SSH channel. It thaws at once, by itself, when
+
+* the channel ends (EOF: the controller or ansible-playbook died, ssh was killed),
+* the controller's lease lapses (no message for ``lease_s``: the network broke, the
+  controller is stopped), or
+* the group's deadline passes (the guardian's own deadline, counted from the freeze);
+
+and when the agent itself dies or stops, its guardian thaws (controller death, lease).
+So a host never depends on the controller to thaw: the controller can only make it
+thaw *sooner*.
+
+Times are this host's ``CLOCK_MONOTONIC`` in ns; the controller maps them onto its own
+clock with the offsets it measures with ``ping`` (see ``clock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from quiesce.errors import QuiesceError
+from quiesce.integrations.fleet.wire import LineReader, write
+
+IDLE_LEASE_S = 30.0  # before prepare: a controller that says nothing is gone
+
+
+def _now() -> int:
+    return time.monotonic_ns()
+
+
+def _error(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, QuiesceError):
+        return {"error": e.message, "hint": e.hint, "kind": type(e).__name__}
+    return {"error": f"{type(e).__name__}: {e}", "kind": type(e).__name__}
+
+
+def _build_writers(specs: list[dict[str, Any]]) -> list[Any]:
+    """Built-in writers from their specs ({"type": "sqlite", "databases": [...]}, ...)."""
+    from quiesce.apps.writers.postgresql import PostgresWriter
+    from quiesce.apps.writers.sqlite import SqliteWriter
+
+    kinds: dict[str, Any] = {"sqlite": SqliteWriter, "postgresql": PostgresWriter}
+    out = []
+    for spec in specs:
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        if kind not in kinds:
+            raise QuiesceError(
+                f"unknown writer type {kind!r}", f"use one of: {', '.join(sorted(kinds))}"
+            )
+        out.append(kinds[kind](**spec))
+    return out
+
+
+class Agent:
+    def __init__(self, rfd: int = 0, wfd: int = 1) -> None:
+        self.rx = LineReader(rfd)
+        self.wfd = wfd
+        self.lease_s = IDLE_LEASE_S
+        self.plan: Any = None
+        self.provider: Any = None
+        self.writers: list[Any] = []
+        self.quiesced: list[Any] = []
+        self.freezer: Any = None
+        self.deadline_s = 30.0
+        self.name = "fleet"
+        self.snaps: list[Any] = []
+        self.record: dict[str, Any] = {}
+        self.done = False
+        self.last_heard = _now()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if not write(self.wfd, msg):
+            self.done = True  # the channel is gone: whatever is frozen thaws below
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        self.send({"op": "hello", "pid": os.getpid(), "t": _now()})
+        try:
+            while not self.done:
+                msg = self.rx.read(self.lease_s)
+                if msg is None:
+                    self.record["thaw_reason"] = "eof" if self.rx.eof else "controller-lease"
+                    break
+                self.last_heard = _now()
+                self.handle(msg)
+        finally:
+            self.unwind()
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "ping":
+                self.send({"op": "pong", "t": _now()})
+            elif op == "renew":
+                pass
+            elif op == "prepare":
+                self.prepare(msg)
+            elif op == "freeze":
+                self.freeze()
+                self.send({"op": "frozen", "ok": True, **self.record})
+            elif op == "arm":
+                self.armed(int(msg["freeze_at"]), int(msg["thaw_at"]))
+            elif op in ("thaw", "abort"):
+                self.thaw(op)
+            elif op == "delete":
+                self.delete()
+            elif op == "bye":
+                self.done = True
+            else:
+                self.send({"op": "error", "error": f"unknown op {op!r}"})
+        except Exception as e:
+            self.fail(op, e)
+
+    def fail(self, op: Any, e: BaseException) -> None:
+        """Any failure: thaw first (the Freezer rolled back its own group already)."""
+        self.record.update(_error(e), failed_at=op)
+        if os.environ.get("QUIESCE_FLEET_DEBUG"):
+            self.record["traceback"] = traceback.format_exc()
+        self.thaw_now("failed")
+        self.send({"op": "failed", "ok": False, **self.record})
+
+    # -- steps ------------------------------------------------------------------------
+    def prepare(self, msg: dict[str, Any]) -> None:
+        """Resolve the plan, check and prepare the provider, syncfs: nothing frozen."""
+        from quiesce.freezing.plan import make_plan
+        from quiesce.sys import kernel
+
+        self.name = str(msg.get("name") or "fleet")
+        self.deadline_s = float(msg.get("deadline_s", 30.0))
+        self.lease_s = float(msg.get("lease_s", 5.0))
+        self.plan = make_plan(list(msg["volumes"]))
+        self.plan.check()
+        members = [m for m in self.plan.members if not m.skip]
+        spec = msg.get("provider")
+        if spec:
+            from quiesce.providers.registry import get_provider
+
+            spec = dict(spec)
+            self.provider = get_provider(spec.pop("type"))(spec.get("options") or {})
+            self.provider.check(members)
+            self.provider.prepare(members, f"{self.name}-{msg.get('host', 'host')}")
+        self.writers = _build_writers(list(msg.get("writers") or []))
+        t0 = _now()
+        for m in members:
+            with contextlib.suppress(OSError):
+                kernel.syncfs(m.fd)
+        self.send(
+            {
+                "op": "prepared",
+                "ok": True,
+                "syncfs_s": (_now() - t0) / 1e9,
+                "volumes": [
+                    {"mount_point": m.name, "dev": m.volume.dev, "fstype": m.volume.fstype}
+                    for m in members
+                ],
+            }
+        )
+
+    def quiesce_writers(self) -> None:
+        for w in self.writers:
+            w.before_freeze()
+            self.quiesced.append(w)
+
+    def release_writers(self, ok: bool) -> None:
+        while self.quiesced:
+            w = self.quiesced.pop()
+            try:
+                w.after_thaw(ok)
+            except Exception as e:
+                self.record.setdefault("warnings", []).append(f"{w.name}: {e}")
+
+    def freeze(self) -> None:
+        from quiesce.freezing.freezer import Freezer
+
+        if self.plan is None:
+            raise QuiesceError("freeze before prepare", "send prepare first")
+        self.quiesce_writers()
+        self.freezer = Freezer(
+            self.plan, timeout=self.deadline_s, lease=min(self.lease_s, 5.0), syncfs=False
+        )
+        self.record["freeze_called"] = _now()
+        window = self.freezer.freeze()
+        self.record["frozen_at"] = _now()  # every volume of this host is frozen from here
+        self.record["start_ns"] = window.start_ns
+        self.record["guardian_pid"] = window.guardian_pid
+
+    def snapshot(self) -> None:
+        if self.provider is None:
+            return
+        members = [m for m in self.plan.members if not m.skip]
+        t0 = _now()
+        self.snaps = self.provider.snapshot(members)
+        self.record["snapshot_s"] = (_now() - t0) / 1e9
+        self.record["snapshots"] = [s.to_dict() for s in self.snaps]
+
+    def armed(self, freeze_at: int, thaw_at: int) -> None:
+        """Mode (a): freeze at an agreed instant, snapshot, hold, thaw; no round trip.
+
+        Only a message from the controller ("abort") or its silence (EOF, lease) can cut
+        the hold short; nothing is waited for from it."""
+        self.send({"op": "armed", "t": _now()})
+        self.quiesce_writers()
+        if not self._wait_until(freeze_at):
+            self.thaw_now(self.record.get("thaw_reason", "abort"))
+            self.send({"op": "thawed", "ok": False, **self.record})
+            return
+        self.freeze()
+        self.send({"op": "frozen", "ok": True, "frozen_at": self.record["frozen_at"]})
+        self.snapshot()
+        why = "hold" if self._wait_until(thaw_at) else self.record.get("thaw_reason", "abort")
+        self.thaw_now(why)
+        self.send({"op": "thawed", "ok": True, **self.record})
+
+    def _wait_until(self, t: int) -> bool:
+        """Sleep until monotonic ``t`` (ns); False if the controller aborted or vanished."""
+        while True:
+            left = (t - _now()) / 1e9
+            if left <= 0:
+                return True
+            silent = (_now() - self.last_heard) / 1e9
+            if silent >= self.lease_s:
+                self.record["thaw_reason"] = "controller-lease"
+                self.done = True
+                return False
+            msg = self.rx.read(min(left, self.lease_s - silent))
+            if msg is None:
+                if self.rx.eof:
+                    self.record["thaw_reason"] = "eof"
+                    self.done = True
+                    return False
+                continue
+            self.last_heard = _now()
+            if msg.get("op") == "abort":
+                self.record["thaw_reason"] = "abort"
+                return False
+            if msg.get("op") == "ping":
+                self.send({"op": "pong", "t": _now()})
+
+    def thaw(self, why: str) -> None:
+        self.thaw_now(why)
+        self.send({"op": "thawed", "ok": True, **self.record})
+
+    def thaw_now(self, why: str) -> None:
+        """Thaw what this host froze (idempotent); record when and how, release writers."""
+        f, self.freezer = self.freezer, None
+        if f is not None:
+            self.record["thaw_from"] = _now()  # nothing frozen by us is thawed before this
+            self.record["thaw_reason"] = why
+            try:
+                window = f.thaw(raise_errors=True)
+            except QuiesceError as e:
+                window = f.window
+                self.record["thaw_error"] = e.message
+            self.record["end_ns"] = window.end_ns
+            self.record["thawed_by"] = window.thawed_by
+            self.record["expired_reason"] = window.expired_reason
+            self.record["window"] = window.to_dict()
+        self.release_writers(ok="thaw_error" not in self.record)
+
+    def delete(self) -> None:
+        """Remove this host's snapshots (the group is not kept)."""
+        deleted, errors = [], []
+        for s in self.snaps:
+            try:
+                self.provider.delete(s)
+                deleted.append(s.id)
+            except Exception as e:
+                errors.append(f"{s.id}: {e}")
+        self.snaps = []
+        self.send({"op": "deleted", "ok": not errors, "deleted": deleted, "errors": errors})
+
+    def unwind(self) -> None:
+        """Leaving, for whatever reason: nothing stays frozen or locked."""
+        self.thaw_now(self.record.get("thaw_reason") or "exit")
+        if self.provider is not None:
+            with contextlib.suppress(Exception):
+                self.provider.abort()
+        if self.plan is not None:
+            with contextlib.suppress(Exception):
+                self.plan.close()
+
+
+def main() -> None:
+    sys.dont_write_bytecode = True  # nothing may land on a frozen volume
+    os.chdir("/")
+    Agent().run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""The controller's side of a fleet group: one agent per host over SSH, one verdict.
+
+Steps: connect (every agent up, or nothing happens anywhere) -> clocks -> prepare (plan,
+provider, syncfs on each host; nothing frozen) -> the window -> clocks again -> verdict
+-> keep the snapshots, or delete them everywhere -> bye.
+
+The window, mode ``hosts`` (a): every host is armed to freeze at one instant of the
+controller's clock (translated into its own), snapshot with its own provider, hold until
+``hold_s`` after that instant and thaw by itself; no round trip to the controller inside.
+Mode ``command`` (b): the controller asks every host to freeze, runs one ``command`` (a
+storage array's or cloud's multi-volume snapshot) once all are frozen, and thaws them.
+
+Any failure (a host that cannot freeze, a lost channel, the command failing) sends
+"abort" to every host at once; every agent also thaws by itself on EOF, a lapsed
+lease, or the deadline. The ssh clients die with this process (PDEATHSIG), and it
+exits when one of ``watch_pids`` (ansible-playbook and its worker) dies, so a SIGKILLed
+ansible-playbook closes every channel: every agent sees EOF and thaws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from quiesce.errors import QuiesceError
+from quiesce.integrations.fleet.clock import Offset
+from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
+from quiesce.integrations.fleet.wire import LineReader, write
+from quiesce.sys import proc
+
+PINGS = 8
+
+
+class ControllerGone(QuiesceError):
+    """ansible-playbook (or whoever started us) died: stop, let every host thaw."""
+
+
+@dataclass
+class Member:
+    """One host of the group, as the inventory describes it."""
+
+    name: str
+    ssh: list[str]  # argv up to and including the destination (user@host)
+    volumes: list[str]
+    python: str = "python3"
+    pythonpath: str | None = None
+    provider: dict[str, Any] | None = None
+    writers: list[dict[str, Any]] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        remote = [self.python, "-m", "quiesce.integrations.fleet.agent"]
+        if self.pythonpath:
+            remote = ["env", f"PYTHONPATH={self.pythonpath}", *remote]
+        return [*self.ssh, *remote]
+
+
+@dataclass
+class Link:
+    """The controller's end of one agent: its ssh process and channel."""
+
+    member: Member
+    p: subprocess.Popen[bytes]
+    rx: LineReader
+    before: Offset | None = None
+    after: Offset | None = None
+    last: dict[str, Any] = field(default_factory=dict)  # its last message per op
+    closed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    def send(self, msg: dict[str, Any]) -> bool:
+        assert self.p.stdin is not None
+        ok = not self.closed and write(self.p.stdin.fileno(), msg)
+        if not ok:
+            self.closed = True
+        return ok
+
+
+class Group:
+    def __init__(
+        self,
+        members: list[Member],
+        *,
+        name: str = "fleet",
+        mode: str = "hosts",
+        command: list[str] | None = None,
+        command_timeout: float = 10.0,
+        deadline_s: float = 30.0,
+        lease_s: float = 5.0,
+        hold_s: float = 0.2,
+        lead_s: float = 0.3,
+        connect_s: float = 20.0,
+        watch_pids: list[int] | None = None,
+    ) -> None:
+        if mode not in ("hosts", "command"):
+            raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
+        if mode == "command" and not command:
+            raise QuiesceError("mode command needs a command", "set command: [argv...]")
+        self.members = members
+        self.name, self.mode, self.command = name, mode, command
+        self.command_timeout = command_timeout
+        self.deadline_s, self.lease_s, self.hold_s, self.lead_s = (
+            deadline_s,
+            lease_s,
+            hold_s,
+            lead_s,
+        )
+        self.connect_s = connect_s
+        self.watch_pids = [p for p in (watch_pids or []) if p > 1]
+        self.links: list[Link] = []
+        self.failures: list[dict[str, str]] = []
+        self.events: list[str] = []
+        self.last_renew = 0.0
+        self.command_span: tuple[int, int] | None = None
+        self.command_result: dict[str, Any] | None = None
+        self.thaw_sent: int | None = None
+
+    # -- plumbing -----------------------------------------------------------------------
+    def fail(self, host: str, why: str) -> None:
+        self.failures.append({"host": host, "why": why})
+
+    def check_controller(self) -> None:
+        for pid in self.watch_pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                raise ControllerGone(f"the controller process {pid} died") from None
+
+    def renew(self) -> None:
+        now = time.monotonic()
+        if now - self.last_renew >= self.lease_s / 4:
+            self.last_renew = now
+            for link in self.links:
+                link.send({"op": "renew"})
+
+    def collect(self, links: list[Link], want: set[str], timeout: float) -> dict[str, dict]:
+        """Wait for one message with op in ``want`` (or "failed") from each of ``links``,
+        renewing leases and watching the controller meanwhile. A link that closes or stays
+        silent is recorded as failed. Stops early (returns) at the first failure."""
+        got: dict[str, dict[str, Any]] = {}
+        end = time.monotonic() + timeout
+        while len(got) < len(links):
+            self.check_controller()
+            self.renew()
+            pending = [lk for lk in links if lk.name not in got]
+            for lk in pending:
+                msg = lk.rx.read(0)
+                while msg is not None and msg.get("op") not in want | {"failed"}:
+                    lk.last[str(msg.get("op"))] = msg
+                    msg = lk.rx.read(0)
+                if msg is not None:
+                    msg["_rx"] = time.monotonic_ns()
+                    lk.last[str(msg.get("op"))] = msg
+                    got[lk.name] = msg
+                    if msg.get("op") == "failed":
+                        self.fail(lk.name, f"{msg.get('failed_at')}: {msg.get('error')}")
+                        return got
+                elif lk.rx.eof or lk.p.poll() is not None:
+                    err = b""
+                    if lk.p.stderr is not None:
+                        with contextlib.suppress(OSError):
+                            os.set_blocking(lk.p.stderr.fileno(), False)
+                            err = lk.p.stderr.read() or b""
+                    why = err.decode(errors="replace").strip().splitlines()
+                    self.fail(lk.name, f"channel closed: {why[-1] if why else 'no output'}")
+                    lk.closed = True
+                    return got
+            if len(got) == len(links):
+                break
+            if time.monotonic() > end:
+                for lk in pending:
+                    if lk.name not in got:
+                        self.fail(lk.name, f"no answer ({'/'.join(sorted(want))}) in {timeout:g}s")
+                return got
+            fds = [lk.p.stdout.fileno() for lk in pending if lk.p.stdout and not lk.rx.eof]
+            select.select(fds, [], [], 0.02)
+        return got
+
+    def broadcast(self, msg: dict[str, Any]) -> None:
+        for lk in self.links:
+            lk.send(msg)
+
+    # -- steps --------------------------------------------------------------------------
+    def connect(self) -> None:
+        for m in self.members:
+            try:
+                p = proc.spawn(m.argv(), stdin=subprocess.PIPE)
+            except OSError as e:
+                self.fail(m.name, f"cannot start ssh: {e}")
+                continue
+            assert p.stdout is not None
+            self.links.append(Link(m, p, LineReader(p.stdout.fileno())))
+        if not self.failures:
+            self.collect(self.links, {"hello"}, self.connect_s)
+
+    def clocks(self, attr: str) -> None:
+        for lk in self.links:
+            samples = []
+            for _ in range(PINGS):
+                c0 = time.monotonic_ns()
+                lk.send({"op": "ping"})
+                got = self.collect([lk], {"pong"}, 5.0)
+                c1 = time.monotonic_ns()
+                if lk.name not in got:
+                    return
+                samples.append((c0, int(got[lk.name]["t"]), c1))
+            setattr(lk, attr, Offset.from_samples(samples))
+
+    def prepare(self) -> None:
+        for lk in self.links:
+            m = lk.member
+            lk.send({"op": "prepare", "name": self.name, "host": m.name, "volumes": m.volumes,
+                     "provider": m.provider if self.mode == "hosts" else None,
+                     "writers": m.writers, "deadline_s": self.deadline_s,
+                     "lease_s": self.lease_s})  # fmt: skip
+        self.collect(self.links, {"prepared"}, 60.0)
+
+    def window_hosts(self) -> None:
+        t = time.monotonic_ns() + int(self.lead_s * 1e9)
+        hold = int(self.hold_s * 1e9)
+        self.agreed_ns = t
+        for lk in self.links:
+            assert lk.before is not None
+            lk.send({"op": "arm", "freeze_at": lk.before.to_host(t),
+                     "thaw_at": lk.before.to_host(t + hold)})  # fmt: skip
+        budget = self.lead_s + self.hold_s + self.deadline_s
+        got = self.collect(self.links, {"thawed"}, budget)
+        if self.failures:
+            self.abort(exclude=set(got))
+
+    def window_command(self) -> None:
+        self.broadcast({"op": "freeze"})
+        got = self.collect(self.links, {"frozen"}, self.deadline_s)
+        if self.failures or len(got) < len(self.links):
+            self.abort(exclude=set())
+            return
+        assert self.command is not None
+        c0 = time.monotonic_ns()
+        p = proc.spawn(self.command, stdin=subprocess.DEVNULL)
+        try:
+            out, err = self._wait_command(p)
+        finally:
+            c1 = time.monotonic_ns()
+            if p.poll() is None:
+                proc.kill_group(p)
+        self.command_span = (c0, c1)
+        self.command_result = {"rc": p.returncode, "stdout": out, "stderr": err,
+                               "duration_s": (c1 - c0) / 1e9}  # fmt: skip
+        self.thaw_sent = time.monotonic_ns()
+        self.broadcast({"op": "thaw"})
+        self.collect(self.links, {"thawed"}, 10.0)
+        if p.returncode != 0:
+            self.fail("controller", f"the group command exited with {p.returncode}: {err[-200:]}")
+
+    def _wait_command(self, p: subprocess.Popen[bytes]) -> tuple[str, str]:
+        end = time.monotonic() + self.command_timeout
+        while p.poll() is None:
+            self.check_controller()
+            self.renew()
+            if time.monotonic() > end:
+                proc.kill_group(p)
+                raise QuiesceError(f"the group command did not finish in {self.command_timeout:g}s")
+            time.sleep(0.005)
+        out = p.stdout.read().decode(errors="replace") if p.stdout else ""
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        return out, err
+
+    def abort(self, exclude: set[str]) -> None:
+        """Every host thaws now; wait (briefly) for their accounts."""
+        self.events.append("abort")
+        self.broadcast({"op": "abort"})
+        rest = [lk for lk in self.links if lk.name not in exclude and not lk.closed]
+        end = time.monotonic() + 10
+        for lk in rest:
+            while time.monotonic() < end and "thawed" not in lk.last and "failed" not in lk.last:
+                msg = lk.rx.read(max(end - time.monotonic(), 0.0))
+                if msg is None:
+                    break
+                lk.last[str(msg.get("op"))] = msg
+
+    def spans(self) -> list[HostSpan]:
+        out = []
+        for lk in self.links:
+            rec = lk.last.get("thawed") or {}
+            if not rec.get("ok") or lk.before is None or rec.get("frozen_at") is None:
+                continue
+            off = lk.before.combine(lk.after) if lk.after else lk.before
+            early = rec.get("expired_reason") if rec.get("thawed_by") == "guardian" else None
+            early = early or rec.get("thaw_error")
+            seen = (lk.last.get("frozen") or {}).get("_rx")
+            out.append(HostSpan(lk.name, int(rec["frozen_at"]), int(rec["thaw_from"]),
+                                int(rec["start_ns"]), int(rec["end_ns"]), off, early,
+                                seen, self.thaw_sent))  # fmt: skip
+        return out
+
+    def delete_all(self) -> list[str]:
+        have = [lk for lk in self.links if (lk.last.get("thawed") or {}).get("snapshots")]
+        for lk in have:
+            lk.send({"op": "delete"})
+        got = self.collect(have, {"deleted"}, 60.0) if have else {}
+        return [i for r in got.values() for i in r.get("deleted", [])]
+
+    def close(self) -> None:
+        for lk in self.links:
+            lk.send({"op": "bye"})
+            if lk.p.stdin:
+                with contextlib.suppress(OSError):
+                    lk.p.stdin.close()
+        for lk in self.links:
+            try:
+                lk.p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill_group(lk.p)
+            for f in (lk.p.stdout, lk.p.stderr):
+                if f:
+                    f.close()
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        verdict: Verdict | None = None
+        deleted: list[str] = []
+        try:
+            self.connect()
+            if not self.failures:
+                self.clocks("before")
+            if not self.failures:
+                self.prepare()
+            if not self.failures:
+                (self.window_hosts if self.mode == "hosts" else self.window_command)()
+                self.clocks("after")
+            verdict = judge(self.spans(), [m.name for m in self.members])
+            if self.command_span and verdict.overlap_ctrl_ns:
+                frozen_by, thaw_from = verdict.overlap_ctrl_ns
+                c0, c1 = self.command_span
+                if not (frozen_by < c0 and c1 < thaw_from):
+                    verdict.consistent = False
+                    verdict.reasons.append("the group command did not run inside the instant")
+            if self.failures or not verdict.consistent:
+                deleted = self.delete_all()
+        finally:
+            self.close()
+        return self.report(verdict, deleted, time.monotonic() - t0)
+
+    def report(self, v: Verdict | None, deleted: list[str], took: float) -> dict[str, Any]:
+        ok = v is not None and v.consistent and not self.failures
+        hosts = {}
+        for lk in self.links:
+            rec = lk.last.get("thawed") or lk.last.get("failed") or {}
+            off = lk.before.combine(lk.after) if lk.before and lk.after else lk.before
+            hosts[lk.name] = {
+                "offset_s": off.offset_ns / 1e9 if off else None,
+                "clock_error_s": off.error_ns / 1e9 if off else None,
+                "thaw_reason": rec.get("thaw_reason"),
+                "thawed_by": rec.get("thawed_by"),
+                "error": rec.get("error"),
+                "snapshots": [s.get("location") for s in rec.get("snapshots") or []],
+                "window_s": (v.host_windows_s.get(lk.name) if v else None),
+            }
+        for m in self.members:
+            hosts.setdefault(m.name, {"error": "not reached"})
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "hosts": len(self.members),
+            "consistent": ok,
+            "kept": ok,
+            "failed": self.failures,
+            "reasons": (v.reasons if v else [])
+            + [f"{f['host']}: {f['why']}" for f in self.failures],
+            "window_s": v.window_s if v else None,
+            "skew_s": v.skew_s if v else None,
+            "overlap_s": v.overlap_s if v else None,
+            "max_host_window_s": max(v.host_windows_s.values(), default=None) if v else None,
+            "command": self.command_result,
+            "deleted": deleted,
+            "per_host": hosts,
+            "took_s": took,
+        }
+
+
+def ancestors(pid: int | None = None) -> list[int]:
+    """This process's parents up to (not including) init: the controller's chain."""
+    out, pid = [], pid or os.getpid()
+    for _ in range(16):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if ppid <= 1:
+            break
+        out.append(ppid)
+        pid = ppid
+    return out
+
+
+def run_group(members: list[Member], **kw: Any) -> dict[str, Any]:
+    """One group snapshot across ``members``; the report (``consistent`` says all)."""
+    return Group(members, **kw).run()

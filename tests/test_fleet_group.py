@@ -1,0 +1,239 @@
+"""One group snapshot across hosts, driven by Ansible, always thawed (issue 13).
+
+On the fleet ground (tests/helpers/fleet.py: sshd per host in its own mount namespace,
+Ansible over real SSH), the collection's group playbook runs under the hopping writer
+(records that hop between hosts, each acknowledged before the next): the hosts'
+snapshots must hold a prefix of the records (check_cut). The negative control (cuts
+taken host by host are caught) is in test_fleet_ground.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers.fleet import Fleet, Host, freeze_host, thaw_host
+from helpers.fleet_writer import check_cut
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIONS = ROOT  # ansible_collections/ lives at the repo root
+PLAYBOOK = ROOT / "ansible_collections" / "quiesce" / "fleet" / "playbooks" / "group.yml"
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0
+    or not Path("/usr/sbin/sshd").exists()
+    or not shutil.which("nsenter")
+    or importlib.util.find_spec("ansible") is None,
+    reason="needs root, Debian's sshd, nsenter and ansible-core (scripts/fleet-setup.sh)",
+)
+
+
+def say(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with capsys.disabled():
+        print(f"\n  [fleet-group] {text}", end="")
+
+
+def snap_dir(h: Host) -> Path:
+    return h.dir / "snaps"
+
+
+def copy_provider(h: Host) -> dict[str, Any]:
+    """The hosts' own provider here: `command`, copying the volume to the host's dir."""
+    d = snap_dir(h)
+    create = (
+        f'd={d}/"$QUIESCE_SNAPSHOT_NAME"; mkdir -p "$d" && '
+        f'cp -a {h.data.mountpoint}/. "$d"/ && echo "$d"'
+    )
+    return {"type": "command", "options": {"create": ["sh", "-c", create],
+                                           "delete": ["rm", "-rf", "{id}"]}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    with Fleet(3) as f:
+        hv = f.base / "ansible" / "host_vars"
+        hv.mkdir()
+        for h in f.hosts:
+            snap_dir(h).mkdir()
+            (hv / f"{h.name}.yml").write_text(
+                yaml.safe_dump({"quiesce_provider": copy_provider(h)})
+            )
+        yield f
+
+
+def play(fleet: Fleet, name: str, **extra: Any) -> tuple[subprocess.CompletedProcess[str], dict]:
+    report = fleet.base / f"report-{name}.json"
+    ev = {"quiesce_name": name, "quiesce_report": str(report), **extra}
+    p, _ = fleet.playbook(PLAYBOOK, "-e", json.dumps(ev), ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS))
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return p, data
+
+
+def snapshot_copies(fleet: Fleet, name: str, file: str) -> list[bytes]:
+    return [(snap_dir(h) / f"{name}-{h.name}" / file).read_bytes() for h in fleet.hosts]
+
+
+def test_mode_hosts_group_snapshot_is_consistent(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = fleet.start_writer("a.log")
+    w.wait_for(20)
+    t0 = time.monotonic()
+    p, rep = play(fleet, "ga1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    w.wait_for(10)
+    assert rep["consistent"] and rep["kept"], rep
+    cut = check_cut(snapshot_copies(fleet, "ga1", "a.log"))
+    assert cut.consistent and cut.prefix >= w.acked_before(t0) >= 20
+    w.stop()
+    say(
+        capsys,
+        f"mode hosts: window {rep['window_s'] * 1e3:.1f} ms, skew {rep['skew_s'] * 1e3:.1f} ms, "
+        f"max host window {rep['max_host_window_s'] * 1e3:.1f} ms, "
+        f"overlap {rep['overlap_s'] * 1e3:.1f} ms",
+    )
+
+
+def test_mode_command_one_command_for_the_group_is_consistent(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mode (b): the controller runs one command while every host is frozen (here it
+    copies each host's file from inside its namespace, as an array snapshot would)."""
+    dest = fleet.base / "array-gb1"
+    dest.mkdir()
+    copy = "; ".join(
+        f"nsenter --mount=/proc/{h.pid}/ns/mnt -- cat {h.data.mountpoint}/b.log > {dest}/{h.name}"
+        for h in fleet.hosts
+    )
+    w = fleet.start_writer("b.log")
+    w.wait_for(20)
+    t0 = time.monotonic()
+    p, rep = play(fleet, "gb1", quiesce_mode="command", quiesce_command=["sh", "-c", copy])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    w.wait_for(10)
+    assert rep["consistent"] and rep["command"]["rc"] == 0, rep
+    cut = check_cut([(dest / h.name).read_bytes() for h in fleet.hosts])
+    assert cut.consistent and cut.prefix >= w.acked_before(t0) >= 20
+    w.stop()
+    say(
+        capsys,
+        f"mode command: window {rep['window_s'] * 1e3:.1f} ms, skew {rep['skew_s'] * 1e3:.1f} ms, "
+        f"command {rep['command']['duration_s'] * 1e3:.1f} ms, "
+        f"overlap {rep['overlap_s'] * 1e3:.1f} ms",
+    )
+
+
+def writable(h: Host, timeout: float) -> bool:
+    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_CREAT|os.O_WRONLY|os.O_APPEND); "
+            "os.write(fd, b'x'); os.fsync(fd)")  # fmt: skip
+    p = h.popen("python3", "-I", "-S", "-c", code, f"{h.data.mountpoint}/probe")
+    try:
+        return p.wait(timeout=timeout) == 0
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return False
+
+
+def test_sigkill_of_ansible_playbook_inside_the_window_thaws_every_host(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lease = 2.0
+    mark = fleet.base / "in-window"
+    ev = {"quiesce_name": "gk", "quiesce_mode": "command", "quiesce_lease": lease,
+          "quiesce_deadline": 120, "quiesce_command_timeout": 60,
+          "quiesce_command": ["sh", "-c", f"touch {mark}; sleep 60"]}  # fmt: skip
+    pb = subprocess.Popen(
+        [sys.executable, "-m", "ansible", "playbook", str(PLAYBOOK), "-e", json.dumps(ev)],
+        env=fleet.ansible_env(ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS)), cwd=fleet.base,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert pb.poll() is None and time.monotonic() < deadline, "never reached the window"
+            time.sleep(0.02)
+        assert not writable(fleet.hosts[0], 0.3), "host0 is not frozen inside the window"
+        os.kill(pb.pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        for h in fleet.hosts:
+            assert writable(h, lease + 1.0 - (time.monotonic() - t_kill)), f"{h.name} frozen"
+        took = time.monotonic() - t_kill
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pb.pid, signal.SIGKILL)
+        pb.wait()
+    say(
+        capsys,
+        f"SIGKILL of ansible-playbook: every host writable {took:.2f} s later (lease {lease:g} s)",
+    )
+
+
+def test_a_foreign_freeze_on_one_host_thaws_all_and_keeps_nothing(fleet: Fleet) -> None:
+    h1 = fleet.hosts[1]
+    freeze_host(h1, deadline=60)
+    try:
+        p, rep = play(fleet, "gf")
+    finally:
+        thaw_host(h1)
+    assert p.returncode != 0
+    assert not rep["consistent"] and not rep["kept"]
+    assert [f["host"] for f in rep["failed"]] == ["host1"], rep["failed"]
+    assert "already frozen" in rep["failed"][0]["why"], rep["failed"]
+    assert "host1" in p.stdout and "already frozen" in p.stdout
+    for h in fleet.hosts:
+        assert not (snap_dir(h) / f"gf-{h.name}").exists(), f"{h.name}: snapshot kept"
+        assert writable(h, 5.0)
+
+
+def test_a_host_unreachable_at_the_start_freezes_nothing_anywhere(fleet: Fleet) -> None:
+    hv = fleet.base / "ansible" / "host_vars" / "host2.yml"
+    saved = hv.read_text()
+    hv.write_text(saved + "ansible_port: 1\n")  # nothing listens there
+    w = fleet.start_writer("u.log")
+    try:
+        w.wait_for(10)
+        p, rep = play(fleet, "gu")
+        w.wait_for(10)
+        assert max(w.latencies) < 2.0, "a host was frozen"
+    finally:
+        hv.write_text(saved)
+        w.stop()
+    assert p.returncode != 0 and rep == {}
+    assert "host2" in p.stdout and "UNREACHABLE" in p.stdout
+    assert "TASK [Freeze everywhere" not in p.stdout
+
+
+def test_coordinator_unreachable_host_reports_it_and_freezes_nothing(fleet: Fleet) -> None:
+    from quiesce.integrations.fleet.coordinator import run_group
+
+    members = [member(fleet, h) for h in fleet.hosts]
+    members[2].ssh[members[2].ssh.index("-p") + 1] = "1"
+    rep = run_group(members, name="gu2", connect_s=10)
+    assert not rep["consistent"] and [f["host"] for f in rep["failed"]] == ["host2"]
+    assert all(v.get("thaw_reason") is None for v in rep["per_host"].values()), rep
+    for h in fleet.hosts:
+        assert not (snap_dir(h) / f"gu2-{h.name}").exists()
+
+
+def member(fleet: Fleet, h: Host, **kw: Any) -> Any:
+    from helpers.fleet import PYTHON, SRC
+
+    from quiesce.integrations.fleet.coordinator import Member
+
+    ssh = ["ssh", "-p", str(h.port), "-i", str(fleet.key), "-o", "BatchMode=yes",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+           "-o", "LogLevel=ERROR", f"root@{h.address}"]  # fmt: skip
+    return Member(h.name, ssh, [h.data.mountpoint], PYTHON, str(SRC), copy_provider(h), **kw)
