@@ -15,8 +15,10 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,3 +239,142 @@ def member(fleet: Fleet, h: Host, **kw: Any) -> Any:
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
            "-o", "LogLevel=ERROR", f"root@{h.address}"]  # fmt: skip
     return Member(h.name, ssh, [h.data.mountpoint], PYTHON, str(SRC), copy_provider(h), **kw)
+
+
+# A database writer per host (SQLite, WAL): row n goes to host n % 2 and is committed
+# before row n+1 is sent, so the two databases together must hold a prefix 1..k.
+_DB_AGENT = r"""
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+db.execute("PRAGMA journal_mode=wal")
+db.execute("CREATE TABLE IF NOT EXISTS rec (n INTEGER PRIMARY KEY)")
+print("ready", flush=True)
+for line in sys.stdin:
+    db.execute("INSERT INTO rec VALUES (?)", (int(line),))
+    print("ack", flush=True)
+"""
+
+
+def test_sqlite_on_two_hosts_quiesced_by_their_writers_restore_consistent(
+    fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL inside the hosts' namespaces was too heavy for this round: SQLite
+    databases on two hosts, each quiesced by quiesce's SQLite writer through the play."""
+    hosts = fleet.hosts[:2]
+    hv = fleet.base / "ansible" / "host_vars"
+    saved = {h.name: (hv / f"{h.name}.yml").read_text() for h in hosts}
+    agents = []
+    for h in hosts:
+        db = f"{h.data.mountpoint}/app.db"
+        writers = [{"type": "sqlite", "databases": [db], "busy_timeout": 20}]
+        (hv / f"{h.name}.yml").write_text(
+            saved[h.name] + yaml.safe_dump({"quiesce_writers": writers})
+        )
+        a = h.popen(sys.executable, "-I", "-S", "-c", _DB_AGENT, db,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        assert a.stdout is not None and a.stdout.readline() == "ready\n"
+        agents.append(a)
+    acked = 0
+    stop = False
+
+    def drive() -> None:
+        nonlocal acked
+        while not stop:
+            a = agents[(acked + 1) % 2]
+            assert a.stdin is not None and a.stdout is not None
+            a.stdin.write(f"{acked + 1}\n")
+            a.stdin.flush()
+            assert a.stdout.readline() == "ack\n"
+            acked += 1
+
+    t = threading.Thread(target=drive, daemon=True)
+    t.start()
+    try:
+        while acked < 20:
+            time.sleep(0.01)
+        before = acked
+        p, rep = play(fleet, "gs")
+        assert p.returncode == 0, p.stdout[-6000:]
+        assert rep["consistent"], rep
+    finally:
+        stop = True
+        t.join(timeout=30)
+        for a in agents:
+            a.stdin.close()  # type: ignore[union-attr]
+            a.wait(timeout=10)
+        for h in hosts:
+            (hv / f"{h.name}.yml").write_text(saved[h.name])
+    rows = []
+    for h in hosts:  # restore: the snapshot's files into a fresh place, opened by SQLite
+        dest = tmp_path / h.name
+        shutil.copytree(snap_dir(h) / f"gs-{h.name}", dest)
+        db = sqlite3.connect(dest / "app.db")
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        rows.append([n for (n,) in db.execute("SELECT n FROM rec ORDER BY n")])
+        db.close()
+    assert all(n % 2 == i for i, ns in enumerate(rows) for n in ns)
+    union = sorted(rows[0] + rows[1])
+    assert union == list(range(1, len(union) + 1)) and len(union) >= before, union[-5:]
+    say(capsys, f"sqlite on 2 hosts: restored prefix 1..{len(union)} (of {acked} committed)")
+
+
+def test_a_broken_network_lets_every_host_thaw_by_its_lease(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The controller's channels stop carrying anything (its ssh clients SIGSTOPped: no
+    renewal reaches any host) inside the window: every host thaws within its lease + 1 s
+    by itself, and the group, whose command outlived the thaws, is not kept."""
+    from quiesce.integrations.fleet.coordinator import run_group
+
+    lease = 1.5
+    mark = fleet.base / "in-window-net"
+    members = [member(fleet, h) for h in fleet.hosts]
+    out: dict[str, Any] = {}
+    cmd = ["sh", "-c", f"touch {mark}; sleep {lease + 3}"]
+    t = threading.Thread(
+        target=lambda: out.update(
+            run_group(members, name="gn", mode="command", command=cmd, lease_s=lease)
+        )
+    )
+    t.start()
+    clients: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not mark.exists():
+            assert t.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        clients = [p for p in _children(os.getpid()) if b"fleet.agent" in _cmdline(p)]
+        assert len(clients) == 3
+        for pid in clients:
+            os.kill(pid, signal.SIGSTOP)
+        t_cut = time.monotonic()
+        for h in fleet.hosts:
+            assert writable(h, lease + 1.0 - (time.monotonic() - t_cut)), f"{h.name} frozen"
+        took = time.monotonic() - t_cut
+    finally:
+        for pid in clients:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        t.join(timeout=60)
+    assert not out["consistent"] and not out["kept"], out
+    reasons = {v.get("thaw_reason") for v in out["per_host"].values()}
+    assert reasons <= {"controller-lease", None}, out["per_host"]
+    say(capsys, f"network cut: every host writable {took:.2f} s later (lease {lease:g} s)")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+    return kids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -103,6 +103,7 @@ class Agent:
             elif op == "prepare":
                 self.prepare(msg)
             elif op == "freeze":
+                self.quiesce_writers()
                 self.freeze()
                 self.send({"op": "frozen", "ok": True, **self.record})
             elif op == "arm":
@@ -181,7 +182,6 @@ class Agent:
 
         if self.plan is None:
             raise QuiesceError("freeze before prepare", "send prepare first")
-        self.quiesce_writers()
         self.freezer = Freezer(
             self.plan, timeout=self.deadline_s, lease=min(self.lease_s, 5.0), syncfs=False
         )

@@ -280,7 +280,8 @@ class Group:
         end = time.monotonic() + 10
         for lk in rest:
             while time.monotonic() < end and "thawed" not in lk.last and "failed" not in lk.last:
-                msg = lk.rx.read(max(end - time.monotonic(), 0.0))
+                self.renew()
+                msg = lk.rx.read(min(max(end - time.monotonic(), 0.0), self.lease_s / 4))
                 if msg is None:
                     break
                 lk.last[str(msg.get("op"))] = msg

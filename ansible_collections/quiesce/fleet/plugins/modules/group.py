@@ -92,7 +92,11 @@ def main():
     result = {"changed": report["kept"], "consistent": report["consistent"], "report": report}
     if not report["consistent"]:
         module.fail_json(msg="fleet group not consistent: " + "; ".join(report["reasons"]), **result)
-    module.exit_json(**result)
+    module.exit_json(
+        msg=f"consistent: window {report['window_s']:.4f} s, skew {report['skew_s']:.4f} s, "
+        f"overlap {report['overlap_s']:.4f} s",
+        **result,
+    )
 
 
 if __name__ == "__main__":
