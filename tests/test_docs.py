@@ -104,3 +104,34 @@ def test_the_checker_catches_a_wrong_keyword():
     sig = inspect.signature(_resolve(dotted))
     with pytest.raises(TypeError):
         sig.bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords if k.arg})
+
+
+def _subset(small: Any, big: Any, where: str) -> None:
+    """``small`` is ``big`` with some keys (and list items, matched by name) left out."""
+    if isinstance(small, dict):
+        assert isinstance(big, dict), where
+        for k, v in small.items():
+            assert k in big, f"{where}.{k} is not in the tested playbook"
+            _subset(v, big[k], f"{where}.{k}")
+    elif isinstance(small, list) and small and all(isinstance(x, dict) for x in small):
+        assert isinstance(big, list), where
+        by_name = {x.get("name"): x for x in big if isinstance(x, dict)}
+        for x in small:
+            assert x.get("name") in by_name, f"{where}: no task named {x.get('name')!r}"
+            _subset(x, by_name[x.get("name")], f"{where}[{x.get('name')}]")
+    else:
+        assert small == big, f"{where}: {small!r} != {big!r}"
+
+
+def test_the_fleet_playbook_in_the_docs_is_part_of_the_tested_one():
+    """docs/fleet.md's playbook parses and is a subset of the collection's group.yml,
+    the file tests/test_fleet_group.py runs against the fleet ground."""
+    yaml = pytest.importorskip("yaml")
+    blocks = re.findall(
+        r"^```yaml\n(.*?)^```", (ROOT / "docs" / "fleet.md").read_text(), re.M | re.S
+    )
+    assert len(blocks) == 1
+    doc = yaml.safe_load(blocks[0])
+    tested = ROOT / "ansible_collections/quiesce/fleet/playbooks/group.yml"
+    _subset(doc, yaml.safe_load(tested.read_text()), "play")
+    assert "group.yml" in (ROOT / "tests" / "test_fleet_group.py").read_text()
