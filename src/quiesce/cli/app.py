@@ -362,12 +362,27 @@ def demo_cmd(
         bool, typer.Option("--simple", help="Only freeze a filesystem under a live writer.")
     ] = False,
     fstype: Annotated[str, typer.Option(help="With --simple: ext4, xfs or btrfs")] = "ext4",
+    fleet: Annotated[
+        bool,
+        typer.Option(
+            "--fleet",
+            help="One group snapshot across simulated hosts (sshd + own mount namespace "
+            "each), driven by Ansible under a writer that hops between them.",
+        ),
+    ] = False,
+    hosts: Annotated[int, typer.Option("--hosts", help="With --fleet: how many hosts")] = 3,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole job on a throwaway filesystem: an SQLite writer, freeze, reflink snapshot,
     thaw, restic backup, verify, retention, restore and check. Removes all it made."""
     try:
-        if simple:
+        if fleet:
+            from quiesce.cli.demo.fleet import run_fleet_demo
+
+            result = run_fleet_demo(console(markup=True) if not as_json else None, as_json, hosts)
+            if as_json:
+                emit_json(result)
+        elif simple:
             from quiesce.cli.demo.simple import run_demo
 
             run_demo(fstype, out if not as_json else None, as_json)
