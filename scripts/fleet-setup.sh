@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the fleet tests (tests/test_fleet_ground.py) need: Debian's sshd and
+# Install what the fleet tests and `quiesce demo --fleet` need: Debian's sshd and
 # ansible-core. Debian 12, as root. Idempotent: a second run only checks.
 #
 # The tests start their own sshd per simulated host (own config, keys, 127.0.0.N), so the

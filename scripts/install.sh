@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install quiesce on a fresh Debian 12 machine (run as root). Idempotent.
-#   bash scripts/install.sh          the tool, its filesystem tools and backup targets (demo)
+#   bash scripts/install.sh          the tool, its filesystem tools and backup targets (demo),
+#                                    and fleet-setup.sh (sshd, ansible-core: demo --fleet)
 #   bash scripts/install.sh --test   also everything the whole test suite needs:
 #       db-setup.sh    postgresql, mariadb-server   (database writer tests)
 #       vm-setup.sh    qemu, Debian kernels, lvm2, zfs (the VM tier: LVM and ZFS)
@@ -21,12 +22,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 bash scripts/backup-setup.sh
+# `quiesce demo --fleet` (and the fleet tests) need Debian's sshd and ansible-core; the
+# system sshd is not left running (see fleet-setup.sh).
+bash scripts/fleet-setup.sh
 
 if [ "$tests" = 1 ]; then
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,writers,ebs]'
   bash scripts/db-setup.sh
   bash scripts/vm-setup.sh
-  bash scripts/fleet-setup.sh
 else
   python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
 fi
