@@ -104,7 +104,7 @@ def test_mode_hosts_group_snapshot_is_consistent(
         capsys,
         f"mode hosts: window {rep['window_s'] * 1e3:.1f} ms, skew {rep['skew_s'] * 1e3:.1f} ms, "
         f"max host window {rep['max_host_window_s'] * 1e3:.1f} ms, "
-        f"overlap {rep['overlap_s'] * 1e3:.1f} ms",
+        f"overlap {rep['overlap_s'] * 1e3:.1f} ms, attempts {rep['attempts']}",
     )
 
 
@@ -378,3 +378,39 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mode hosts with no hold: each host thaws right after its own snapshot, so the hosts'
+    frozen spans often do not overlap. The verdict must say so (the group's negative
+    control: nothing kept), must never call a cut consistent that is not, and a retry
+    holds long enough for how late the hosts froze."""
+    from quiesce.integrations.fleet.coordinator import run_group
+
+    members = [member(fleet, h) for h in fleet.hosts]
+    w = fleet.start_writer("h.log")
+    caught = 0
+    for i in range(4):
+        w.wait_for(10)
+        rep = run_group(members, name=f"gh{i}", hold_s=0.0, attempts=1)
+        dirs = [snap_dir(h) / f"gh{i}-{h.name}" for h in fleet.hosts]
+        if rep["consistent"]:
+            assert check_cut([(d / "h.log").read_bytes() for d in dirs]).consistent
+        else:
+            caught += 1
+            assert "no proven instant" in " ".join(rep["reasons"]) and not rep["kept"]
+            assert not any(d.exists() for d in dirs), "an unproven group was kept"
+    w.wait_for(10)
+    rep = run_group(members, name="ghr", hold_s=0.0, attempts=4)
+    assert rep["consistent"], rep["reasons"]
+    cut = check_cut([(snap_dir(h) / f"ghr-{h.name}" / "h.log").read_bytes() for h in fleet.hosts])
+    assert cut.consistent
+    w.stop()
+    assert caught >= 1, "a zero hold was never caught: the verdict cannot fail"
+    say(
+        capsys,
+        f"hold 0: {caught}/4 groups unproven and deleted; retried to hold "
+        f"{rep['hold_s'] * 1e3:.0f} ms after {len(rep['retries'])} retries: consistent",
+    )

@@ -205,6 +205,7 @@ class Agent:
 
         Only a message from the controller ("abort") or its silence (EOF, lease) can cut
         the hold short; nothing is waited for from it."""
+        self.record = {}  # a new attempt
         self.send({"op": "armed", "t": _now()})
         self.quiesce_writers()
         if not self._wait_until(freeze_at):
@@ -212,6 +213,7 @@ class Agent:
             self.send({"op": "thawed", "ok": False, **self.record})
             return
         self.freeze()
+        self.record["late_s"] = (self.record["frozen_at"] - freeze_at) / 1e9
         self.send({"op": "frozen", "ok": True, "frozen_at": self.record["frozen_at"]})
         self.snapshot()
         why = "hold" if self._wait_until(thaw_at) else self.record.get("thaw_reason", "abort")

@@ -98,6 +98,7 @@ class Group:
         lead_s: float = 0.3,
         connect_s: float = 20.0,
         watch_pids: list[int] | None = None,
+        attempts: int = 2,
     ) -> None:
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
@@ -121,6 +122,9 @@ class Group:
         self.command_span: tuple[int, int] | None = None
         self.command_result: dict[str, Any] | None = None
         self.thaw_sent: int | None = None
+        self.attempts = attempts
+        self.attempt = 0
+        self.retries: list[dict[str, Any]] = []
 
     # -- plumbing -----------------------------------------------------------------------
     def fail(self, host: str, why: str) -> None:
@@ -334,21 +338,51 @@ class Group:
                 self.clocks("before")
             if not self.failures:
                 self.prepare()
-            if not self.failures:
-                (self.window_hosts if self.mode == "hosts" else self.window_command)()
-                self.clocks("after")
-            verdict = judge(self.spans(), [m.name for m in self.members])
-            if self.command_span and verdict.overlap_ctrl_ns:
-                frozen_by, thaw_from = verdict.overlap_ctrl_ns
-                c0, c1 = self.command_span
-                if not (frozen_by < c0 and c1 < thaw_from):
-                    verdict.consistent = False
-                    verdict.reasons.append("the group command did not run inside the instant")
-            if self.failures or not verdict.consistent:
-                deleted = self.delete_all()
+            for attempt in range(1, self.attempts + 1):
+                self.attempt = attempt
+                verdict = self.one_window()
+                if self.failures or verdict.consistent:
+                    break
+                late = self.lateness()
+                if self.mode != "hosts" or late is None or attempt == self.attempts:
+                    break
+                deleted += self.delete_all()
+                # Only the hold was too short for how late the hosts froze: nothing is
+                # kept from this attempt; the next one holds long enough for that.
+                self.retries.append({"hold_s": self.hold_s, "late_s": late,
+                                     "reasons": verdict.reasons})  # fmt: skip
+                self.hold_s = max(2 * self.hold_s, 1.5 * late + 0.05)
+                for lk in self.links:
+                    lk.last.clear()
+                self.clocks("before")
+            if verdict is not None and (self.failures or not verdict.consistent):
+                deleted += self.delete_all()
         finally:
             self.close()
         return self.report(verdict, deleted, time.monotonic() - t0)
+
+    def one_window(self) -> Verdict:
+        if not self.failures:
+            (self.window_hosts if self.mode == "hosts" else self.window_command)()
+            self.clocks("after")
+        verdict = judge(self.spans(), [m.name for m in self.members])
+        if self.command_span and verdict.overlap_ctrl_ns:
+            frozen_by, thaw_from = verdict.overlap_ctrl_ns
+            c0, c1 = self.command_span
+            if not (frozen_by < c0 and c1 < thaw_from):
+                verdict.consistent = False
+                verdict.reasons.append("the group command did not run inside the instant")
+        return verdict
+
+    def lateness(self) -> float | None:
+        """How late the latest host froze after the agreed instant (s), if every host
+        froze and thawed on its own: then only the hold was too short."""
+        recs = [lk.last.get("thawed") or {} for lk in self.links]
+        if not all(r.get("ok") and r.get("late_s") is not None for r in recs):
+            return None
+        if any(r.get("thaw_reason") != "hold" or r.get("thaw_error") for r in recs):
+            return None
+        return max(float(r["late_s"]) for r in recs)
 
     def report(self, v: Verdict | None, deleted: list[str], took: float) -> dict[str, Any]:
         ok = v is not None and v.consistent and not self.failures
@@ -384,6 +418,9 @@ class Group:
             "deleted": deleted,
             "per_host": hosts,
             "took_s": took,
+            "hold_s": self.hold_s if self.mode == "hosts" else None,
+            "attempts": self.attempt,
+            "retries": self.retries,
         }
 
 

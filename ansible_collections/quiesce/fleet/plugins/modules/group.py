@@ -38,6 +38,12 @@ options:
   lease: {description: a host thaws after this long without a word from the controller, type: float, default: 5}
   hold: {description: mode hosts, how long after the agreed instant hosts stay frozen, type: float, default: 0.2}
   lead: {description: mode hosts, how far ahead the instant is set, type: float, default: 0.3}
+  attempts:
+    description: mode hosts, how many windows to try when the only problem was a hold too
+      short for how late the hosts froze (nothing of a failed attempt is kept; the next
+      one holds longer)
+    type: int
+    default: 2
   report: {description: write the JSON report to this file on the controller, type: path}
 author:
   - quiesce maintainers
@@ -66,6 +72,7 @@ def main():
             "lease": {"type": "float", "default": 5.0},
             "hold": {"type": "float", "default": 0.2},
             "lead": {"type": "float", "default": 0.3},
+            "attempts": {"type": "int", "default": 2},
             "report": {"type": "path"},
         },
     )
@@ -81,7 +88,7 @@ def main():
             members, name=p["name"], mode=p["mode"], command=p["command"],
             command_timeout=p["command_timeout"], deadline_s=p["deadline"],
             lease_s=p["lease"], hold_s=p["hold"], lead_s=p["lead"],
-            watch_pids=ancestors(),
+            attempts=p["attempts"], watch_pids=ancestors(),
         )  # fmt: skip
     except (QuiesceError, TypeError) as e:
         module.fail_json(msg=str(e))
