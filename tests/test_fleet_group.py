@@ -144,8 +144,8 @@ def writable(h: Host, timeout: float) -> bool:
     try:
         return p.wait(timeout=timeout) == 0
     except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+        p.kill()  # it dies only once the volume thaws: reaped then, in the background
+        threading.Thread(target=p.wait, daemon=True).start()
         return False
 
 
@@ -414,3 +414,29 @@ def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
         f"hold 0: {caught}/4 groups unproven and deleted; retried to hold "
         f"{rep['hold_s'] * 1e3:.0f} ms after {len(rep['retries'])} retries: consistent",
     )
+
+
+def test_check_refuses_a_volume_quiesce_holds_and_thaw_releases_it(fleet: Fleet) -> None:
+    """The per-host modules: check names a volume another quiesce run holds frozen; the
+    play's safety net (thaw) asks that guardian to thaw it."""
+    from helpers.fleet import PYTHON, AnsibleFailed
+
+    h = fleet.hosts[0]
+    mp = h.data.mountpoint
+    # As the hosts' own sessions do: the machine's run dir, not the tests' private one.
+    held = h.run("env", "-u", "QUIESCE_RUN_DIR", PYTHON, "-m", "quiesce", "freeze", mp,
+                 "--timeout", "60", "--lease", "0", check=False)  # fmt: skip
+    assert held.returncode == 0, held.stdout + held.stderr
+    try:
+        assert not writable(h, 0.3)
+        env = {"ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS)}
+        with pytest.raises(AnsibleFailed) as e:
+            fleet.ansible("quiesce.fleet.check", f"volumes={mp}", pattern=h.name, **env)
+        assert "already frozen by quiesce" in e.value.results[h.name]["msg"]
+        r = fleet.ansible("quiesce.fleet.thaw", f"volumes={mp}", pattern=h.name, **env)
+        assert r[h.name]["thawed"] == [mp] and r[h.name]["changed"]
+        assert writable(h, 5.0)
+        r = fleet.ansible("quiesce.fleet.thaw", f"volumes={mp}", pattern=h.name, **env)
+        assert r[h.name]["thawed"] == [] and not r[h.name]["changed"]
+    finally:
+        h.ioctl("thaw-quiet")
