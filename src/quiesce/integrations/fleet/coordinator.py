@@ -132,10 +132,8 @@ class Group:
 
     def check_controller(self) -> None:
         for pid in self.watch_pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                raise ControllerGone(f"the controller process {pid} died") from None
+            if not _alive(pid):
+                raise ControllerGone(f"the controller process {pid} died")
 
     def renew(self) -> None:
         now = time.monotonic()
@@ -422,6 +420,16 @@ class Group:
             "attempts": self.attempt,
             "retries": self.retries,
         }
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone and not a zombie (a SIGKILLed ansible-playbook whose shell has not
+    reaped it yet is dead to us)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def ancestors(pid: int | None = None) -> list[int]:
