@@ -135,3 +135,24 @@ def test_the_fleet_playbook_in_the_docs_is_part_of_the_tested_one():
     tested = ROOT / "ansible_collections/quiesce/fleet/playbooks/group.yml"
     _subset(doc, yaml.safe_load(tested.read_text()), "play")
     assert "group.yml" in (ROOT / "tests" / "test_fleet_group.py").read_text()
+
+
+def test_the_fleet_defaults_agree_in_code_module_playbook_and_docs():
+    """hold, attempts, deadline and lease: the coordinator's defaults are the group
+    module's, the playbook's, and the ones docs/fleet.md states."""
+    from quiesce.integrations.fleet.coordinator import Group
+
+    sig = inspect.signature(Group).parameters
+    coll = ROOT / "ansible_collections/quiesce/fleet"
+    module = (coll / "plugins/modules/group.py").read_text()
+    play = (coll / "playbooks/group.yml").read_text()
+    docs = (ROOT / "docs" / "fleet.md").read_text()
+    for key, param in [("hold", "hold_s"), ("attempts", "attempts"), ("deadline", "deadline_s"),
+                       ("lease", "lease_s")]:  # fmt: skip
+        want = sig[param].default
+        spec = re.search(rf'"{key}": {{"type": "\w+", "default": ([\d.]+)}}', module)
+        assert spec and float(spec.group(1)) == want, key
+        used = re.search(rf"quiesce_{key} \| default\(([\d.]+)\)", play)
+        assert used and float(used.group(1)) == want, key
+    assert f"(default {sig['hold_s'].default:g} s)" in docs
+    assert f"(`quiesce_attempts`, default {sig['attempts'].default})" in docs

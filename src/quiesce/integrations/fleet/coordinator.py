@@ -94,11 +94,11 @@ class Group:
         command_timeout: float = 10.0,
         deadline_s: float = 30.0,
         lease_s: float = 5.0,
-        hold_s: float = 0.2,
+        hold_s: float = 0.1,
         lead_s: float = 0.3,
         connect_s: float = 20.0,
         watch_pids: list[int] | None = None,
-        attempts: int = 2,
+        attempts: int = 3,
     ) -> None:
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")

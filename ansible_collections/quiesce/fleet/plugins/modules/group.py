@@ -36,14 +36,14 @@ options:
   name: {description: the group snapshot's name, type: str, default: fleet}
   deadline: {description: each host's guardian thaws this long after its freeze, type: float, default: 30}
   lease: {description: a host thaws after this long without a word from the controller, type: float, default: 5}
-  hold: {description: mode hosts, how long after the agreed instant hosts stay frozen, type: float, default: 0.2}
+  hold: {description: mode hosts, how long after the agreed instant hosts stay frozen, type: float, default: 0.1}
   lead: {description: mode hosts, how far ahead the instant is set, type: float, default: 0.3}
   attempts:
     description: mode hosts, how many windows to try when the only problem was a hold too
       short for how late the hosts froze (nothing of a failed attempt is kept; the next
       one holds longer)
     type: int
-    default: 2
+    default: 3
   report: {description: write the JSON report to this file on the controller, type: path}
 author:
   - quiesce maintainers
@@ -70,9 +70,9 @@ def main():
             "name": {"type": "str", "default": "fleet"},
             "deadline": {"type": "float", "default": 30.0},
             "lease": {"type": "float", "default": 5.0},
-            "hold": {"type": "float", "default": 0.2},
+            "hold": {"type": "float", "default": 0.1},
             "lead": {"type": "float", "default": 0.3},
-            "attempts": {"type": "int", "default": 2},
+            "attempts": {"type": "int", "default": 3},
             "report": {"type": "path"},
         },
     )
