@@ -383,10 +383,10 @@ def _cmdline(pid: int) -> bytes:
 def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
     fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Mode hosts with no hold: each host thaws right after its own snapshot, so the hosts'
-    frozen spans often do not overlap. The verdict must say so (the group's negative
-    control: nothing kept), must never call a cut consistent that is not, and a retry
-    holds long enough for how late the hosts froze."""
+    """Mode hosts with no hold and each host's instant 50 ms after the previous one's: the
+    hosts' frozen spans do not overlap. The verdict must say so every time (the group's
+    negative control: nothing kept) and never call a cut consistent that is not; without
+    the stagger, retries find a hold long enough for how late the hosts froze."""
     from quiesce.integrations.fleet.coordinator import run_group
 
     members = [member(fleet, h) for h in fleet.hosts]
@@ -394,7 +394,7 @@ def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
     caught = 0
     for i in range(4):
         w.wait_for(10)
-        rep = run_group(members, name=f"gh{i}", hold_s=0.0, attempts=1)
+        rep = run_group(members, name=f"gh{i}", hold_s=0.0, attempts=1, stagger_s=0.05)
         dirs = [snap_dir(h) / f"gh{i}-{h.name}" for h in fleet.hosts]
         if rep["consistent"]:
             assert check_cut([(d / "h.log").read_bytes() for d in dirs]).consistent
@@ -408,7 +408,7 @@ def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
     cut = check_cut([(snap_dir(h) / f"ghr-{h.name}" / "h.log").read_bytes() for h in fleet.hosts])
     assert cut.consistent
     w.stop()
-    assert caught >= 1, "a zero hold was never caught: the verdict cannot fail"
+    assert caught == 4, f"{4 - caught} staggered cut(s) not caught: the verdict cannot fail"
     say(
         capsys,
         f"hold 0: {caught}/4 groups unproven and deleted; retried to hold "

@@ -265,3 +265,28 @@ def test_rollback_without_a_guardian_never_thaws_the_foreign_volume(loopfs, mode
                 os.kill(gpid, signal.SIGKILL)
         foreign.thaw_externally()
     assert is_writable(foreign.path)
+
+
+def test_an_armed_freezer_freezes_at_once_and_an_unused_arm_leaves_nothing(loopfs) -> None:
+    """arm() starts the guardian and pre-flushes ahead of time; freeze() is then only the
+    ioctls. Armed and never frozen, thaw() ends the guardian and nothing stays frozen."""
+    fs: LoopFS = loopfs("ext4")
+    with quiesce.make_plan([fs.path]) as plan:
+        f = quiesce.Freezer(plan, timeout=30)
+        f.arm()
+        pid = f.window.guardian_pid
+        assert pid is not None and is_writable(fs.path), "arming froze something"
+        f.arm()  # idempotent: the same guardian
+        assert f.window.guardian_pid == pid
+        window = f.freeze()
+        assert not is_writable(fs.path, timeout=0.3)
+        window = f.thaw()
+    assert is_writable(fs.path)
+    assert [(v.state, v.thawed_by) for v in window.volumes] == [("thawed", "controller")]
+    assert _gone(pid)
+    with quiesce.make_plan([fs.path]) as plan:
+        f = quiesce.Freezer(plan, timeout=30)
+        f.arm()
+        pid = f.window.guardian_pid
+        f.thaw()  # nothing was frozen: the guardian is ended all the same
+    assert _gone(pid) and is_writable(fs.path)

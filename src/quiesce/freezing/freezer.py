@@ -294,15 +294,14 @@ class Freezer:
         ]
 
     # -- freeze --------------------------------------------------------------------------
-    def freeze(self) -> Window:
-        """Prepare (guardian, syncfs), then freeze the group wave by wave (plan order).
+    def arm(self) -> None:
+        """Everything before the first FIFREEZE: start the guardian, pre-flush (syncfs).
 
-        On failure, the volumes frozen so far are thawed at once and the typed error of
-        the failing volume is raised, naming every volume's outcome.
-        """
-        if not self.members:  # every volume skipped (read-only): nothing to guard
-            self.window.thawed_by = None
-            return self.window
+        ``freeze()`` arms first if this was not called; calling it ahead lets the freeze
+        itself be only the ioctls, at a chosen instant (a fleet group's hosts freeze at an
+        agreed time). The guardian's deadline runs from its start."""
+        if self._exec is not None or not self.members:
+            return
         sys.dont_write_bytecode = True  # no .pyc may land on a frozen volume
         specs = self._specs()
         if self.use_guardian:
@@ -313,6 +312,18 @@ class Freezer:
         _fault_point("prepare", self._fault)
         self._check_run_dir()
         self._presync()
+
+    def freeze(self) -> Window:
+        """Arm (guardian, syncfs) unless armed, then freeze the group wave by wave (plan
+        order).
+
+        On failure, the volumes frozen so far are thawed at once and the typed error of
+        the failing volume is raised, naming every volume's outcome.
+        """
+        if not self.members:  # every volume skipped (read-only): nothing to guard
+            self.window.thawed_by = None
+            return self.window
+        self.arm()
         with signals_deferred(), self._abort_on_surprise():
             n = len(self.waves)
             for w, wave in enumerate(self.waves):

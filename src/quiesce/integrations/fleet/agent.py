@@ -177,14 +177,21 @@ class Agent:
             except Exception as e:
                 self.record.setdefault("warnings", []).append(f"{w.name}: {e}")
 
-    def freeze(self) -> None:
+    def arm(self) -> None:
+        """Start this host's guardian ahead of the freeze (Freezer.arm), so that the
+        freeze at the agreed instant is only the ioctls."""
         from quiesce.freezing.freezer import Freezer
 
         if self.plan is None:
             raise QuiesceError("freeze before prepare", "send prepare first")
-        self.freezer = Freezer(
-            self.plan, timeout=self.deadline_s, lease=min(self.lease_s, 5.0), syncfs=False
-        )
+        if self.freezer is None:
+            self.freezer = Freezer(
+                self.plan, timeout=self.deadline_s, lease=min(self.lease_s, 5.0), syncfs=False
+            )
+            self.freezer.arm()
+
+    def freeze(self) -> None:
+        self.arm()
         self.record["freeze_called"] = _now()
         window = self.freezer.freeze()
         self.record["frozen_at"] = _now()  # every volume of this host is frozen from here
@@ -208,6 +215,7 @@ class Agent:
         self.record = {}  # a new attempt
         self.send({"op": "armed", "t": _now()})
         self.quiesce_writers()
+        self.arm()
         if not self._wait_until(freeze_at):
             self.thaw_now(self.record.get("thaw_reason", "abort"))
             self.send({"op": "thawed", "ok": False, **self.record})

@@ -99,12 +99,16 @@ class Group:
         connect_s: float = 20.0,
         watch_pids: list[int] | None = None,
         attempts: int = 3,
+        stagger_s: float = 0.0,
     ) -> None:
+        """``stagger_s`` offsets host i's agreed instant by i × stagger_s: only for
+        negative controls (freezes that deliberately do not overlap)."""
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
         if mode == "command" and not command:
             raise QuiesceError("mode command needs a command", "set command: [argv...]")
         self.members = members
+        self.stagger_s = stagger_s
         self.name, self.mode, self.command = name, mode, command
         self.command_timeout = command_timeout
         self.deadline_s, self.lease_s, self.hold_s, self.lead_s = (
@@ -228,10 +232,11 @@ class Group:
         t = time.monotonic_ns() + int(self.lead_s * 1e9)
         hold = int(self.hold_s * 1e9)
         self.agreed_ns = t
-        for lk in self.links:
+        for i, lk in enumerate(self.links):
             assert lk.before is not None
-            lk.send({"op": "arm", "freeze_at": lk.before.to_host(t),
-                     "thaw_at": lk.before.to_host(t + hold)})  # fmt: skip
+            at = t + int(i * self.stagger_s * 1e9)
+            lk.send({"op": "arm", "freeze_at": lk.before.to_host(at),
+                     "thaw_at": lk.before.to_host(at + hold)})  # fmt: skip
         budget = self.lead_s + self.hold_s + self.deadline_s
         got = self.collect(self.links, {"thawed"}, budget)
         if self.failures:
