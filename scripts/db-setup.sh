@@ -6,16 +6,13 @@
 # sure their binaries are on PATH. It does NOT start the system services: every test
 # starts its own throwaway server on a loop filesystem (initdb/pg_ctl as the postgres
 # user; mariadb-install-db + mariadbd with --datadir/--socket in temp dirs).
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
+SETUP_NAME=db-setup.sh
+. scripts/setup-lib.sh
 
-need_apt=()
-for pkg in postgresql mariadb-server mariadb-client; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "db-setup.sh: apt-get install ${need_apt[*]}"
+step "postgresql, mariadb-server, mariadb-client"
+if [ -n "$(apt_missing postgresql mariadb-server mariadb-client)" ]; then
   # Keep the packages from starting their system services during the install (the
   # tests never use them). Only if the machine has no policy of its own.
   made_policy=""
@@ -23,34 +20,33 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
     made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
-  cleanup() { [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d; return 0; }
-  trap cleanup EXIT
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${need_apt[@]}" >/dev/null
+  apt_install postgresql mariadb-server mariadb-client
+  if [ -n "$made_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
 fi
 
 # Debian puts the PostgreSQL server binaries in a versioned directory that is not on
 # PATH; link the newest one's into /usr/local/bin (the tests also look there).
+step "PostgreSQL binaries on PATH"
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-if [ -z "$pg_bin" ]; then
-  echo "db-setup.sh: no PostgreSQL server binaries under /usr/lib/postgresql" >&2
-  exit 1
-fi
+[ -n "$pg_bin" ] || setup_die "no PostgreSQL server binaries under /usr/lib/postgresql"
 for tool in initdb pg_ctl postgres; do
   [ "$(readlink -f "/usr/local/bin/$tool" 2>/dev/null)" = "$pg_bin/$tool" ] ||
     ln -sf "$pg_bin/$tool" "/usr/local/bin/$tool"
 done
 
 for tool in mariadbd mariadb-install-db mariadb; do
-  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || {
-    echo "db-setup.sh: $tool missing after the install" >&2
-    exit 1
-  }
+  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] ||
+    setup_die "$tool missing after the install"
 done
 
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-  -e '.[test,writers]'
+step "Python client libraries (pip)"
+need_python
+pip_install -e '.[test,writers]'
 
-echo "db-setup.sh: ready ($("$pg_bin/postgres" --version); $(/usr/sbin/mariadbd --version | cut -d' ' -f2-4))"
+step "check"
+setup_log "ready ($("$pg_bin/postgres" --version); $(/usr/sbin/mariadbd --version | cut -d' ' -f2-4))"

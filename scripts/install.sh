@@ -3,39 +3,57 @@
 #   bash scripts/install.sh          the tool, its filesystem tools and backup targets (demo),
 #                                    and fleet-setup.sh (sshd, ansible-core: demo --fleet)
 #   bash scripts/install.sh --test   also everything the whole test suite needs:
+#       the test tools (pytest & co. from PyPI; systemd-analyze, kmod, procps from apt)
 #       db-setup.sh    postgresql, mariadb-server   (database writer tests)
 #       vm-setup.sh    qemu, Debian kernels, lvm2, zfs (the VM tier: LVM and ZFS)
-#       fleet-setup.sh openssh-server, ansible-core (the fleet tests' hosts and controller)
-set -euo pipefail
+# Every step says what it does; a failure names the step and the command, and stops.
+# quiesce is installed (editable, from this checkout) into the interpreter `python3`
+# names: see scripts/setup-lib.sh for why and how on Debian's PEP 668 python3.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
-export DEBIAN_FRONTEND=noninteractive
+SETUP_NAME=install.sh
+. scripts/setup-lib.sh
 tests=0
-[ "${1:-}" = "--test" ] && tests=1
+case "${1:-}" in
+  --test) tests=1 ;;
+  "") ;;
+  *) setup_die "unknown argument '$1' (usage: install.sh [--test])" ;;
+esac
 
-need_apt=()
-for pkg in e2fsprogs xfsprogs btrfs-progs util-linux sqlite3; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "install.sh: apt-get install ${need_apt[*]}"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq
-  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+step "system packages: python3, filesystem tools"
+# mount: losetup/mount; util-linux: fsfreeze, findmnt, blkid; kmod: modprobe
+apt_install python3 python3-pip ca-certificates e2fsprogs xfsprogs btrfs-progs util-linux \
+  mount kmod sqlite3
+need_python
+
+step "backup tools (scripts/backup-setup.sh)"
 bash scripts/backup-setup.sh
-# `quiesce demo --fleet` (and the fleet tests) need Debian's sshd and ansible-core; the
-# system sshd is not left running (see fleet-setup.sh).
+
+# --- fleet: `quiesce demo --fleet` and the fleet tests need Debian's sshd (one per simulated
+# host; the system sshd is not left running) and ansible-core ---------------------------------
+step "fleet: sshd, ansible-core (scripts/fleet-setup.sh)"
 bash scripts/fleet-setup.sh
 
 if [ "$tests" = 1 ]; then
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test,writers,ebs]'
+  step "test tools: systemd-analyze, procps"
+  apt_install systemd procps
+  step "quiesce with its test extras (pip)"
+  pip_install -e '.[test,writers,ebs]'
+  step "database servers (scripts/db-setup.sh)"
   bash scripts/db-setup.sh
+  step "VM tier (scripts/vm-setup.sh)"
   bash scripts/vm-setup.sh
 else
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e .
+  step "quiesce (pip)"
+  pip_install -e .
 fi
-# the man page and shell completion, generated from the CLI (package data: quiesce/cli/data)
+
+step "man page and shell completion (generated from the CLI, in quiesce/cli/data)"
 data=$(python3 -c 'import quiesce.cli.gendocs as g; print(g.DATA)')
 install -Dm644 "$data/quiesce.1" /usr/local/share/man/man1/quiesce.1
 install -Dm644 "$data/quiesce.bash" /usr/local/share/bash-completion/completions/quiesce
 install -Dm644 "$data/_quiesce" /usr/local/share/zsh/site-functions/_quiesce
-echo "install.sh: ready ($(python3 -m quiesce version))"
+
+step "check"
+version=$(python3 -m quiesce version) || setup_die "python3 -m quiesce does not run"
+setup_log "ready: $version ($(command -v python3) -> $(python3 -c 'import sys; print(sys.executable)'))"
