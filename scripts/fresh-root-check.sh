@@ -125,9 +125,11 @@ if [ "${1:-}" = --inner ]; then
   if [ -n "$BASE_CACHE" ] && [ -s "$BASE_CACHE" ]; then
     timed "unpack base root ($BASE_CACHE)" tar -x -C "$ROOT" -f "$BASE_CACHE"
   else
-    timed "debootstrap $SUITE from $MIRROR" \
+    do_debootstrap() {
       debootstrap --components=main "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
-      { tail -n 30 "$WORK/debootstrap.log" >&2; exit 1; }
+        { tail -n 30 "$WORK/debootstrap.log" >&2; return 1; }
+    }
+    timed "debootstrap $SUITE from $MIRROR" do_debootstrap
     if [ -n "$BASE_CACHE" ]; then
       timed "save base root ($BASE_CACHE)" tar -c -C "$ROOT" -f "$BASE_CACHE.tmp" . &&
         mv "$BASE_CACHE.tmp" "$BASE_CACHE"
@@ -167,6 +169,9 @@ EOF
     >"$ROOT/etc/apt/apt.conf.d/00fresh-root-check-network" || true
 
   current="mounting"
+  # the root is a mount of its own, as / is on a machine (else the chroot's mountinfo has no
+  # entry for / or /tmp: the host's / lies outside the chroot and is not shown)
+  mount --bind "$ROOT" "$ROOT"
   mount -t proc proc "$ROOT/proc"
   mount -t sysfs sysfs "$ROOT/sys"
   mount --bind /dev "$ROOT/dev"
@@ -276,8 +281,9 @@ outer_teardown() {
       printf "  %6ds  %-7s %s\n", s, (rc == 0 ? "ok" : "FAILED"), $0 }' "$WORK/timings"
   grep -E '^(=+ .*(passed|failed|error).* in [0-9.]+s|FAILED |ERROR |SKIPPED )' "$LOG" 2>/dev/null |
     sed 's/^/  /' | tail -n 60
-  grep -E 'install.sh \[[0-9]+s\]: (apt-get install|pip install)' "$LOG" 2>/dev/null |
-    sed 's/^/  /' | head -n 20
+  echo "  installed:"
+  grep -E '^[a-z-]+\.sh \[[0-9]+s\]: (apt-get install|pip install|adding|apt-get download)' \
+    "$LOG" 2>/dev/null | sed 's/^/    /' | head -n 30
   if [ -n "$leftover_m$leftover_l" ]; then
     echo "  LEFT BEHIND: mounts: ${leftover_m:-none}; loop devices: ${leftover_l:-none}"
     rc=1
