@@ -70,8 +70,9 @@ INITRD=No apt_install "${pkgs[@]}"
 # 3. The ZFS module must exist for the installed 6.1 kernel (DKMS builds only for kernels
 #    whose headers are installed, so check rather than trust the postinst).
 step "ZFS module for the 6.1 kernel"
-for kver in $(ls /lib/modules); do
-  case "$kver" in 6.1.*) ;; *) continue ;; esac
+for kdir in /lib/modules/6.1.*; do
+  [ -d "$kdir" ] || continue
+  kver=${kdir##*/}
   if ! find "/lib/modules/$kver" -name 'zfs.ko*' | grep -q .; then
     setup_log "dkms autoinstall for $kver"
     dkms autoinstall -k "$kver"
