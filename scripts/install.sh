@@ -35,8 +35,8 @@ step "fleet: sshd, ansible-core (scripts/fleet-setup.sh)"
 bash scripts/fleet-setup.sh
 
 if [ "$tests" = 1 ]; then
-  step "test tools: systemd-analyze, procps"
-  apt_install systemd procps
+  step "test tools: systemd-analyze, procps, zsh (the completion test)"
+  apt_install systemd procps zsh
   step "quiesce with its test extras (pip)"
   pip_install -e '.[test,writers,ebs]'
   step "database servers (scripts/db-setup.sh)"

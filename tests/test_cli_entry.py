@@ -4,11 +4,14 @@ same exit codes). Timings are bench/startup.py's business, not these tests'."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,27 @@ TYPER = [sys.executable, "-c", "import sys; from quiesce.cli.app import main; ma
 FAST = [sys.executable, "-m", "quiesce"]
 
 
+_COPY: list[str] = []
+
+
+def _readable_copy() -> str:
+    """The package copied where uid 65534 can read it (removed at exit)."""
+    if not _COPY:
+        d = tempfile.mkdtemp(prefix="quiesce-src-", dir="/tmp")
+        os.chmod(d, 0o755)
+        shutil.copytree(
+            Path(quiesce.__file__).resolve().parent, Path(d) / "quiesce",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )  # fmt: skip
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+        _COPY.append(d)
+    return _COPY[0]
+
+
 def _run(base: list[str], *args: str, prefix: list[str] | None = None):
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    if prefix:  # another user may not reach root's site-packages (a pyenv under /root)
-        src = str(Path(quiesce.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    if prefix:  # another user reaches neither root's site-packages nor a checkout in /root
+        env["PYTHONPATH"] = _readable_copy()
     return subprocess.run(
         [*(prefix or []), *base, *args], capture_output=True, text=True, timeout=60, cwd="/",
         env=env,

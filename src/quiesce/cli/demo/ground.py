@@ -120,6 +120,15 @@ sys.exit(4 if bad else 0)
 """
 
 
+def _same_file(a: str, b: str) -> bool:
+    """By inode, not by path: in a chroot a namespaced process's exe shows the host's path."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def run(
     *cmd: str, check: bool = True, timeout: float = 60, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
@@ -466,7 +475,7 @@ class Fleet:
             with socket.socket() as s, contextlib.suppress(OSError):
                 s.settimeout(0.5)
                 s.connect((address, port))
-                if os.readlink(f"/proc/{proc.pid}/exe") == SSHD:
+                if _same_file(f"/proc/{proc.pid}/exe", SSHD):  # sshd itself, not unshare
                     return True
             time.sleep(0.02)
         return False
