@@ -204,6 +204,12 @@ def test_snapshot_mount_of_an_lvm_snapshot_block_device(tmp_path: Path) -> None:
     try:
         assert snapshots.mount(man.id, target, state_dir=state) == [str(target)]
         assert "ro" in run("findmnt", "-n", "-o", "OPTIONS", str(target)).stdout.split(",")
+        # umount also detaches the read-only loop device the mount put over the snapshot
+        assert snapshots.umount(str(target), state_dir=state) == [str(target)]
+        assert dev not in run("losetup", "-a").stdout.replace(f"{dev}:", "")
     finally:
         run("umount", str(target), check=False)
+        for line in run("losetup", "-a").stdout.splitlines():  # a read-only loop over dev
+            if f"({dev})" in line:
+                run("losetup", "-d", line.split(":")[0], check=False)
         run("losetup", "-d", dev, check=False)

@@ -42,7 +42,11 @@ def mounts_of(snap: Snapshot, table: MountTable | None = None) -> list[str]:
     if _is_block_device(loc):
         rdev = os.stat(loc).st_rdev
         dev = f"{os.major(rdev)}:{os.minor(rdev)}"
-        found.extend(m.mount_point for m in table.mounts if m.dev == dev)
+        real = os.path.realpath(loc)
+        for m in table.mounts:  # directly, or through the read-only loop device over it
+            backing = loop_backing_file(m.source)
+            if m.dev == dev or (backing is not None and os.path.realpath(backing) == real):
+                found.append(m.mount_point)
     elif not loc.is_absolute():  # a dataset snapshot (pool/fs@snap): mounted by name
         # ZFS's own automounts under .zfs/snapshot/ come and go; `zfs destroy` unmounts them.
         found.extend(
