@@ -338,7 +338,7 @@ def test_unfreezable_volume_is_refused_only_when_the_provider_freezes(loopfs, tm
 # -- provider options: the provider's typed model, at their TOML keys -------------------------
 
 PROVIDER_TYPOS = {  # provider: (typo, meant, value, allowed keys)
-    "reflink": ("dset", "dest", '"/x"', "dest"),
+    "reflink": ("dset", "dest", '"/x"', "dest, mode"),
     "btrfs": ("dst", "dest", '"/x"', "dest"),
     "lvm": ("lvcreate_timout", "lvcreate_timeout", "30", "kernel, lvcreate_timeout, size"),
     "zfs": ("timout", "timeout", "30", "timeout"),

@@ -82,12 +82,13 @@ def missing(series: str, modules: tuple[str, ...] = (), tools: tuple[str, ...] =
 
 
 def guest_python() -> str:
-    """The interpreter the guest runs: Debian's /usr/bin/python3 (>= 3.11) starts in ~3 s
-    under emulation; a pyenv/venv one with many site-packages takes ~15 s over 9p."""
+    """The interpreter the guest runs: Debian's /usr/bin/python3 (>= 3.11, with quiesce's
+    dependencies) starts in ~3 s under emulation; a pyenv/venv one with many site-packages
+    takes ~15 s over 9p, so it is the fallback."""
     system = "/usr/bin/python3"
     if os.path.exists(system):
         p = subprocess.run(
-            [system, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+            [system, "-c", "import sys, pydantic; print(sys.version_info >= (3, 11))"],
             capture_output=True,
             text=True,
         )
