@@ -94,7 +94,7 @@ class Group:
         command_timeout: float = 10.0,
         deadline_s: float = 30.0,
         lease_s: float = 5.0,
-        hold_s: float = 0.1,
+        hold_s: float = 0.03,
         lead_s: float = 0.3,
         connect_s: float = 20.0,
         watch_pids: list[int] | None = None,

@@ -36,7 +36,7 @@ options:
   name: {description: the group snapshot's name, type: str, default: fleet}
   deadline: {description: each host's guardian thaws this long after its freeze, type: float, default: 30}
   lease: {description: a host thaws after this long without a word from the controller, type: float, default: 5}
-  hold: {description: mode hosts, how long after the agreed instant hosts stay frozen, type: float, default: 0.1}
+  hold: {description: mode hosts, how long after the agreed instant hosts stay frozen, type: float, default: 0.03}
   lead: {description: mode hosts, how far ahead the instant is set, type: float, default: 0.3}
   attempts:
     description: mode hosts, how many windows to try when the only problem was a hold too
@@ -70,7 +70,7 @@ def main():
             "name": {"type": "str", "default": "fleet"},
             "deadline": {"type": "float", "default": 30.0},
             "lease": {"type": "float", "default": 5.0},
-            "hold": {"type": "float", "default": 0.1},
+            "hold": {"type": "float", "default": 0.03},
             "lead": {"type": "float", "default": 0.3},
             "attempts": {"type": "int", "default": 3},
             "report": {"type": "path"},
