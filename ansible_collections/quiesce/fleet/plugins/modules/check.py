@@ -34,7 +34,9 @@ def main():
         from quiesce.errors import QuiesceError
         from quiesce.integrations.fleet.preflight import check_host
     except ImportError as e:
-        module.fail_json(msg=f"quiesce (with its fleet agent) is not importable by {sys.executable}: {e}")
+        module.fail_json(
+            msg=f"quiesce (with its fleet agent) is not importable by {sys.executable}: {e}"
+        )
     try:
         result = check_host(module.params["volumes"])
     except QuiesceError as e:

@@ -98,7 +98,9 @@ def main():
         os.replace(p["report"] + ".tmp", p["report"])
     result = {"changed": report["kept"], "consistent": report["consistent"], "report": report}
     if not report["consistent"]:
-        module.fail_json(msg="fleet group not consistent: " + "; ".join(report["reasons"]), **result)
+        module.fail_json(
+            msg="fleet group not consistent: " + "; ".join(report["reasons"]), **result
+        )
     module.exit_json(
         msg=f"consistent: window {report['window_s']:.4f} s, skew {report['skew_s']:.4f} s, "
         f"overlap {report['overlap_s']:.4f} s",
