@@ -24,6 +24,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from quiesce.sys import proc
+
 TRACEFS = "/sys/kernel/tracing"
 EVENT = "events/block/block_rq_complete"
 PREFIX = "quiesce-"
@@ -62,16 +64,6 @@ def _tracefs() -> Iterator[str]:
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_instance(inst: str) -> None:
@@ -181,7 +173,7 @@ def _reap_stale(root: str) -> None:
         if not name.startswith(PREFIX):
             continue
         pid = name.removeprefix(PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not proc.pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 _remove_instance(os.path.join(inst_dir, name))
 

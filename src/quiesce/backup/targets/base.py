@@ -222,17 +222,6 @@ class Target(ABC):
 # ---------------------------------------------------------------------------- children
 
 
-def pid_alive(pid: object) -> bool:
-    """Whether a process of this pid lives on this host (a zombie counts as gone)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
-
-
 def require(binary: str, package: str) -> str:
     import shutil
 
@@ -374,7 +363,6 @@ __all__ = [
     "TargetNotInstalled",
     "TargetSnapshot",
     "check_child",
-    "pid_alive",
     "require",
     "run_child",
     "secret_env",

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quiesce.sys import proc
+
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; made only if missing
 MIN_SIZE_MB = {"ext4": 64, "xfs": 320}
@@ -174,13 +176,7 @@ def end_pids(pids: Sequence[int], grace: float = 3.0) -> list[int]:
     return [p for p in living if alive(p)]
 
 
-def alive(pid: int) -> bool:
-    """True unless the pid is gone or a zombie (reaped by whoever started it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = proc.pid_alive  # gone or a zombie: not alive
 
 
 @dataclass

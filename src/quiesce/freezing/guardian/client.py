@@ -31,6 +31,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_path,
 )
+from quiesce.sys import proc
 
 ANSWER_S = 1.0  # what a silent socket may cost a status or a thaw, at most
 THAW_S = 2.0  # a guardian that just answered `status` gets this long to thaw
@@ -45,16 +46,6 @@ class Survey:
     silent: dict[int, str] = field(default_factory=dict)  # pid -> why no trusted answer
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def list_guardians() -> list[int]:
     """Pids of the guardians with a socket in the root-only directory (dead ones' stale
     files excluded). Empty if the directory does not exist; PermissionDenied if not root."""
@@ -65,7 +56,7 @@ def list_guardians() -> list[int]:
         pids = []
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
-            if pid is None or not _alive(pid):
+            if pid is None or not proc.pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quiesce.freezing.guardian.protocol import open_run_dir
+from quiesce.sys import proc
 
 SYSFS_DIR = "/sys/kernel"
 TEST_DIR_ENV = "QUIESCE_TEST_RCU_DIR"  # a directory standing for /sys/kernel; only under pytest
@@ -53,25 +54,9 @@ def _write(name: str, value: str) -> None:
         os.close(fd)
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): a recycled pid does not match."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    try:
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):  # dead, not yet reaped by its parent
-            return None
-        return int(fields[19])
-    except (ValueError, IndexError):
-        return None
-
-
 def _alive(holder: dict[str, Any]) -> bool:
     pid, start = holder.get("pid"), holder.get("start")
-    return isinstance(pid, int) and pid > 0 and _start_time(pid) == start
+    return isinstance(pid, int) and pid > 0 and proc.start_time(pid) == start
 
 
 def _holders_file() -> str:
@@ -174,7 +159,7 @@ class Expedite:
                 return
             else:
                 original = current
-            me = {"pid": self.pid, "start": _start_time(self.pid)}
+            me = {"pid": self.pid, "start": proc.start_time(self.pid)}
             save({"original": original, "holders": [*live, me]})  # recorded first
             try:
                 if current != "1":

@@ -136,7 +136,7 @@ class Group:
 
     def check_controller(self) -> None:
         for pid in self.watch_pids:
-            if not _alive(pid):
+            if not proc.pid_alive(pid):
                 raise ControllerGone(f"the controller process {pid} died")
 
     def renew(self) -> None:
@@ -427,24 +427,14 @@ class Group:
         }
 
 
-def _alive(pid: int) -> bool:
-    """Running: not gone and not a zombie (a SIGKILLed ansible-playbook whose shell has not
-    reaped it yet is dead to us)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def ancestors(pid: int | None = None) -> list[int]:
     """This process's parents up to (not including) init: the controller's chain."""
     out, pid = [], pid or os.getpid()
     for _ in range(16):
+        fields = proc.stat_fields(pid)
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            ppid = int(fields[1]) if fields else 0
+        except ValueError:
             break
         if ppid <= 1:
             break
