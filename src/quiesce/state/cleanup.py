@@ -9,7 +9,6 @@ snapshot layer passes ``snapshot``; see :func:`quiesce.snapshot.cleanup.cleanup`
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError
-from quiesce.state.journal import Entry, parse
+from quiesce.state.journal import Entry, append_record, parse
 from quiesce.state.statedir import checked_subdir, open_state_file
 from quiesce.state.undo import UndoFn, describe, undo_entry
 
@@ -113,8 +112,7 @@ def cleanup(
                     failed = True
                     report.errors.append(f"{path.stem}: {entry.kind} {describe(entry.fields)}: {e}")
                     continue
-                os.write(fd, (json.dumps({"op": "done", "id": entry.id}) + "\n").encode())
-                os.fsync(fd)
+                append_record(fd, {"op": "done", "id": entry.id})
                 report.removed.append(what)
             if not failed and not dry_run:
                 path.unlink()

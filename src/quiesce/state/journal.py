@@ -91,9 +91,7 @@ class Journal:
         return j
 
     def _append(self, obj: dict[str, Any]) -> None:
-        data = (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode()
-        os.write(self.fd, data)
-        os.fsync(self.fd)
+        append_record(self.fd, obj)
 
     def intent(self, kind: str, **fields: Any) -> int:
         """Record that ``kind`` is about to be made. Call this *before* making it."""
@@ -163,6 +161,13 @@ class Journal:
             raise JournalError("cleanup after the run failed: " + "; ".join(errors))
 
 
+def append_record(fd: int, obj: dict[str, Any]) -> None:
+    """One journal line, durable before the caller goes on (the run's own journal, and
+    cleanup marking another run's entries done)."""
+    os.write(fd, (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode())
+    os.fsync(fd)
+
+
 def parse(data: bytes) -> tuple[dict[str, Any], dict[int, Entry]]:
     """A journal's header and entries from its bytes (a torn last line is ignored). Read
     them from an fd that passed the trust check (``state.statedir.open_state_file``)."""
@@ -190,4 +195,4 @@ def parse(data: bytes) -> tuple[dict[str, Any], dict[int, Entry]]:
     return header, entries
 
 
-__all__ = ["Entry", "Journal", "JournalError", "parse"]
+__all__ = ["Entry", "Journal", "JournalError", "append_record", "parse"]
