@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,3 +278,35 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leftovers:
         print("\nLEAK: loop devices left behind:\n" + "\n".join(leftovers), file=sys.stderr)
         session.exitstatus = 1
+
+
+RCU_EXPEDITED = Path("/sys/kernel/rcu_expedited")
+RCU_LEAKS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _rcu_expedited_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Machine-wide state: each test leaves /sys/kernel/rcu_expedited as it found it, so
+    that no test starts from another's leftover. A test that changed it gets a grace period
+    (guardians restore it asynchronously); a value still changed is put back and reported
+    at the end of the session."""
+    try:
+        before = RCU_EXPEDITED.read_text().strip()
+    except OSError:
+        yield
+        return
+    yield
+    deadline = time.monotonic() + 3
+    while RCU_EXPEDITED.read_text().strip() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if RCU_EXPEDITED.read_text().strip() != before:
+        RCU_LEAKS.append(request.node.nodeid)
+        with contextlib.suppress(OSError):
+            RCU_EXPEDITED.write_text(before)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if RCU_LEAKS:
+        terminalreporter.write_line(
+            "rcu_expedited was left changed (restored) after: " + ", ".join(RCU_LEAKS)
+        )
