@@ -34,7 +34,7 @@ from test_guardian import (
 
 from quiesce.errors import GuardianError
 from quiesce.freezing.guardian import expedite
-from quiesce.freezing.guardian.protocol import open_run_dir
+from quiesce.freezing.guardian.protocol import RUN_DIR, open_run_dir
 
 
 @pytest.fixture
@@ -158,14 +158,28 @@ def test_sigkill_of_the_guardian_is_repaired_by_cleanup_and_shown_by_status(
     assert value(knob) == "0"
 
 
-def test_a_dead_holder_does_not_make_the_next_run_keep_its_value(rig: Rig, knob: Path) -> None:
-    """The next run after a SIGKILLed guardian restores the original, not the 1 it finds."""
+def test_the_controller_restores_what_its_killed_guardian_left(rig: Rig, knob: Path) -> None:
+    """A controller that finds its guardian SIGKILLed between set and restore thaws by
+    itself and, once it has reaped it, restores the value (no `quiesce cleanup` needed)."""
     proc, gpid = between_set_and_restore(rig)
     os.kill(gpid, signal.SIGKILL)
     assert wait_gone(gpid)
+    assert value(knob) == "1"
     os.kill(proc.pid, signal.SIGCONT)
     proc.communicate(timeout=30)
+    assert value(knob) == "0" and record() is None
+
+
+def test_a_dead_holder_does_not_make_the_next_run_keep_its_value(rig: Rig, knob: Path) -> None:
+    """The next run after a SIGKILLed guardian (and controller) restores the original, not
+    the 1 it finds."""
+    proc, gpid = between_set_and_restore(rig)
+    os.kill(gpid, signal.SIGKILL)
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_gone(gpid)
     assert value(knob) == "1"
+    assert record() is not None
     other = rig.volumes(1)[0]
     r = cli("exec", "--json", other.path, "--", "true")
     assert r.returncode == 0, r.stderr
@@ -267,3 +281,56 @@ def test_a_run_directory_on_a_frozen_volume_turns_expediting_off(
     assert any(str(run) in w for w in window.warnings), window.warnings
     assert value(knob) == "0"
     assert not (run / expedite.TEST_HOLDERS_FILE).exists()
+
+
+REAL_KNOB = Path("/sys/kernel/rcu_expedited")
+
+
+def _real_record_names(pid: int) -> bool:
+    path = Path(RUN_DIR) / expedite.HOLDERS_FILE
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(h.get("pid") == pid for h in rec.get("holders", []))
+
+
+@pytest.mark.skipif(not REAL_KNOB.exists(), reason="this kernel has no rcu_expedited")
+def test_the_real_knobs_record_is_machine_wide_whatever_the_socket_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record kept in QUIESCE_RUN_DIR vanished with that directory and left the real knob
+    at 1 with nobody to restore it (seen once in CI). The real knob's record is always in
+    /run/quiesce; the holder restores even when its record is gone."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv("QUIESCE_RUN_DIR", str(run))
+    monkeypatch.delenv(expedite.TEST_DIR_ENV, raising=False)
+    before = REAL_KNOB.read_text().strip()
+    if before != "0":
+        pytest.skip("rcu_expedited is already on here (an admin's setting)")
+    me = expedite.Expedite(os.getpid())
+    assert me.acquire() == "on"
+    try:
+        assert REAL_KNOB.read_text().strip() == "1"
+        assert _real_record_names(os.getpid())
+        assert not list(run.iterdir()), "the record must not live in the socket directory"
+        run.rmdir()  # the test's socket directory goes away: the record must not
+    finally:
+        me.release()
+    assert not _real_record_names(os.getpid())
+    if expedite.holders() is None:  # nobody else (another run on this machine) holds it
+        assert REAL_KNOB.read_text().strip() == "0"
+
+
+@pytest.mark.skipif(not REAL_KNOB.exists(), reason="this kernel has no rcu_expedited")
+def test_a_holder_whose_record_was_removed_still_restores() -> None:
+    if REAL_KNOB.read_text().strip() != "0" or expedite.holders() is not None:
+        pytest.skip("rcu_expedited is in use here")
+    me = expedite.Expedite(os.getpid())
+    assert me.acquire() == "on"
+    try:
+        (Path(RUN_DIR) / expedite.HOLDERS_FILE).unlink()
+    finally:
+        me.release()
+    assert REAL_KNOB.read_text().strip() == "0"

@@ -26,10 +26,10 @@ from quiesce.freezing.guardian import (
     GuardedVolume,
     GuardianHandle,
     check_seconds,
+    expedite,
     holder_of,
 )
 from quiesce.freezing.guardian.expedite import Expedite
-from quiesce.freezing.guardian.protocol import run_dir_path
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable
@@ -355,12 +355,13 @@ class Freezer:
         allow_self), the write would hang. Then do not expedite."""
         if not self.expedite:
             return
-        vol = MountTable.read().volume_of_path(run_dir_path())
+        where = expedite.record_dir()
+        vol = MountTable.read().volume_of_path(where)
         if vol is not None and any(m.volume.dev == vol.dev for m in self.members):
             self.expedite = False
             self.window.expedite = "unavailable"
             self.window.warnings.append(
-                f"expedited RCU grace periods unavailable ({run_dir_path()} is on a volume "
+                f"expedited RCU grace periods unavailable ({where} is on a volume "
                 "of the group): froze with normal grace periods (a longer window)"
             )
 

@@ -7,7 +7,13 @@ first FIFREEZE of a group until the last one returns, and every holder is record
 *before* the knob changes, in a holders file in the guardians' root-only run directory
 (flock'd): the first holder saves the value it found and sets 1, the last one out
 restores it, dead holders are pruned. A holder killed in between (SIGKILL) leaves its
-record: the next run, ``quiesce cleanup`` or ``quiesce status`` see it.
+record: the next run, the controller that reaps the guardian, ``quiesce cleanup`` and
+``quiesce status`` see it.
+
+The knob is machine-wide, so its record is too: always in /run/quiesce, even when
+``QUIESCE_RUN_DIR`` names another directory for the sockets (a record kept there would
+vanish with that directory and leave the knob set, with nobody to restore it). Only a
+test's stand-in knob keeps its record next to the sockets.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from quiesce.freezing.guardian.protocol import open_run_dir
+from quiesce.freezing.guardian.protocol import RUN_DIR, open_run_dir, run_dir_path
 from quiesce.sys import proc
 
 SYSFS_DIR = "/sys/kernel"
@@ -63,11 +69,17 @@ def _holders_file() -> str:
     return HOLDERS_FILE if sysfs_dir() == SYSFS_DIR else TEST_HOLDERS_FILE
 
 
+def record_dir() -> str:
+    """Where the holders record lives: /run/quiesce for the real knob (machine-wide, like
+    the knob), the sockets' directory for a test's stand-in."""
+    return RUN_DIR if sysfs_dir() == SYSFS_DIR else run_dir_path()
+
+
 @contextlib.contextmanager
 def _holders(create: bool) -> Any:
     """The holders record, locked; yields (record, save) or None if there is none."""
     name = _holders_file()
-    dir_fd = open_run_dir(create=create)
+    dir_fd = open_run_dir(create=create, path=record_dir())
     if dir_fd is None:
         yield None
         return
@@ -123,6 +135,7 @@ class Expedite:
     state: str = "off"  # off | on | already-on | unavailable
     reason: str | None = None
     held: bool = False
+    original: str = "0"  # what the first holder found, as this holder read the record
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -161,6 +174,7 @@ class Expedite:
                 original = current
             me = {"pid": self.pid, "start": proc.start_time(self.pid)}
             save({"original": original, "holders": [*live, me]})  # recorded first
+            self.original = original if original in ("0", "1") else "0"
             try:
                 if current != "1":
                     _write("rcu_expedited", "1")
@@ -177,15 +191,22 @@ class Expedite:
                 return
             self.held = False
             with contextlib.suppress(Exception):
-                _leave(self.pid)
+                # Our record gone (removed by hand, its directory deleted): nobody else
+                # can be known to hold the knob, so put back what we found.
+                gone = _leave(self.pid) is _NO_RECORD
+                if gone and _read("rcu_expedited") != self.original:
+                    _write("rcu_expedited", self.original)
+
+
+_NO_RECORD = "no-record"
 
 
 def _leave(pid: int | None) -> str | None:
     """Drop ``pid`` (None: nobody) and the dead; restore if nobody is left. Returns the
-    value restored, if any."""
+    value restored, if any, or _NO_RECORD when there is no record at all."""
     with _holders(create=False) as got:
         if got is None:
-            return None
+            return _NO_RECORD
         rec, save = got
         live = [h for h in rec["holders"] if _alive(h) and h.get("pid") != pid]
         if live:
@@ -232,7 +253,7 @@ def restore_stale() -> str | None:
     if not rec or any(h["alive"] for h in rec["holders"]):
         return None
     restored = _leave(None)
-    if restored is None:
+    if restored in (None, _NO_RECORD):
         return None
     dead = ", ".join(str(h["pid"]) for h in rec["holders"])
     return f"restored rcu_expedited={restored} (left set by dead quiesce process {dead})"

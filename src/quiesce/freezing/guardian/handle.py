@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quiesce.errors import GuardianError
+from quiesce.freezing.guardian import expedite
 from quiesce.freezing.guardian.client import supersede
 from quiesce.freezing.guardian.daemon import GuardedVolume, serve
 from quiesce.freezing.guardian.protocol import (
@@ -182,5 +183,10 @@ class GuardianHandle:
             except ChildProcessError:
                 return
             if pid:
+                if self.lost is not None:
+                    # Killed between setting rcu_expedited and restoring it? Its record
+                    # names it: restore now rather than wait for `quiesce cleanup`.
+                    with contextlib.suppress(Exception):
+                        expedite.restore_stale()
                 return
             time.sleep(0.002)

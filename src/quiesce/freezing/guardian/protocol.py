@@ -81,11 +81,12 @@ def _unsafe(path: str, why: str) -> GuardianError:
     )
 
 
-def open_run_dir(*, create: bool) -> int | None:
-    """An fd of the verified socket directory; None if it does not exist and ``create``
-    is false (then no guardian runs). Raises PermissionDenied for non-root callers and
-    GuardianError if the directory or a parent could be controlled by another user."""
-    path = run_dir_path()
+def open_run_dir(*, create: bool, path: str | None = None) -> int | None:
+    """An fd of the verified socket directory (or of ``path``, checked the same way); None
+    if it does not exist and ``create`` is false (then no guardian runs). Raises
+    PermissionDenied for non-root callers and GuardianError if the directory or a parent
+    could be controlled by another user."""
+    path = path or run_dir_path()
     parts = [p for p in path.split("/") if p]
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open("/", flags)
