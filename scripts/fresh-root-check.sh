@@ -24,10 +24,9 @@
 # What the root takes from this machine besides the mirror: /etc/resolv.conf, and the network's
 # trust settings where present (CA certificates in /usr/local/share/ca-certificates, apt's
 # Acquire::*::Proxy and Check-Valid-Until, PIP_CERT) - nothing that installs quiesce's tools.
-# Known chroot artifact: a process that the tests start in a mount namespace of its own
+# Chroot artifact, handled: a process that the tests start in a mount namespace of its own
 # (`unshare -m`, the fleet tier's sshd) shows /proc/PID/exe as the host's path of the chroot
-# (/var/tmp/.../root/usr/sbin/sshd), so tests/helpers/fleet.py, which compares that link with
-# /usr/sbin/sshd, reports "sshd did not start" here; on a machine it does not.
+# (/var/tmp/.../root/usr/sbin/sshd); the fleet ground therefore compares sshd by inode.
 # --base-cache FILE: reuse a tarball of a freshly debootstrapped root (made on the first run
 # with that FILE), to save the debootstrap minutes when iterating.
 set -Eeuo pipefail
