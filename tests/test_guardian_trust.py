@@ -133,9 +133,15 @@ def test_controller_channel_refuses_malformed_requests(loopfs: Any) -> None:
         assert wait_gone(h.pid)
 
 
-def test_an_exception_inside_the_guardian_thaws_what_it_froze(rig: Rig) -> None:
+def test_an_exception_inside_the_guardian_thaws_what_it_froze(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The last line of defence: whatever breaks inside the guardian (here an injected
-    RuntimeError while it answers a request) ends in the emergency thaw, recorded."""
+    RuntimeError while it answers a request) ends in the emergency thaw, recorded. Its own
+    socket directory: any `quiesce status` elsewhere on the machine would trip the fault."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setenv(guardian.RUN_DIR_ENV, str(run))
     vol = rig.volumes(1)[0]
     env = {**os.environ, FAULT_ENV: "guardian:raise"}
     gpid = hold(rig, vol.path, timeout=60, env=env)

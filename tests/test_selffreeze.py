@@ -61,11 +61,14 @@ def selfhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SelfHost]:
             timeout=120,
         )
         python = venv / "bin" / "python"
+        # The venv must import its own copy: a PYTHONPATH (a checkout's src) would win.
+        venv_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         pip = subprocess.run(
             [str(python), "-m", "pip", "install", "-q", "--no-deps", str(_copy_repo(base))],
             capture_output=True,
             text=True,
             timeout=300,
+            env=venv_env,
         )
         assert pip.returncode == 0, f"pip install into the venv failed:\n{pip.stderr}"
         where = subprocess.run(
@@ -74,6 +77,7 @@ def selfhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SelfHost]:
             text=True,
             check=True,
             cwd="/",
+            env=venv_env,
         ).stdout.strip()
         assert where.startswith(fs.path + "/"), f"the venv imports quiesce from {where}"
         yield SelfHost(fs, python)
@@ -112,7 +116,7 @@ def _run_self(host: SelfHost, name: str, *extra: str) -> tuple[int, str]:
     """quiesce exec on its own filesystem: cwd, interpreter, package and output there."""
     mnt = host.fs.mountpoint
     out_file = mnt / f"{name}.out"
-    unset = ("PYTHONDONTWRITEBYTECODE", "QUIESCE_FAULT")
+    unset = ("PYTHONDONTWRITEBYTECODE", "QUIESCE_FAULT", "PYTHONPATH")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     cmd = [str(host.python), "-m", "quiesce", "exec", "--allow-self", "--timeout", str(DEADLINE_S)]
     with open(out_file, "wb") as out:
