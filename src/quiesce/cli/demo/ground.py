@@ -307,9 +307,12 @@ def thaw_host(host: Host, *, quiet: bool = False) -> None:
 class Fleet:
     """N hosts, an SSH key, an inventory and an ansible.cfg; :meth:`close` removes it all."""
 
-    def __init__(self, n: int = 3, fstypes: Sequence[str] = ("ext4", "xfs")) -> None:
+    def __init__(
+        self, n: int = 3, fstypes: Sequence[str] = ("ext4", "xfs"), size_mb: int | None = None
+    ) -> None:
         self.n = n
         self.fstypes = tuple(fstypes)
+        self.size_mb = size_mb  # each host's data filesystem (None: the fstype's minimum)
         self.hosts: list[Host] = []
         self.writers: list[Any] = []  # fleet_writer.HoppingWriter, stopped before unmounting
         self.base = Path(tempfile.mkdtemp(prefix="qfleet-", dir="/tmp"))
@@ -436,7 +439,7 @@ class Fleet:
         # is created on the machine's own root filesystem.
         host.run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", f"qfleet-{i}", "/srv")
         fstype = self.fstypes[i % len(self.fstypes)]
-        host.volumes.append(self._make_fs(host, "data", fstype))
+        host.volumes.append(self._make_fs(host, "data", fstype, self.size_mb))
 
     def _drop_foreign_mounts(self, host: Host) -> None:
         """Lazily unmount, in this namespace only, the loop and /tmp mounts it was born with.

@@ -42,10 +42,15 @@ def _error(e: BaseException) -> dict[str, Any]:
 
 def _build_writers(specs: list[dict[str, Any]]) -> list[Any]:
     """Built-in writers from their specs ({"type": "sqlite", "databases": [...]}, ...)."""
+    from quiesce.apps.writers.mysql import MysqlWriter
     from quiesce.apps.writers.postgresql import PostgresWriter
     from quiesce.apps.writers.sqlite import SqliteWriter
 
-    kinds: dict[str, Any] = {"sqlite": SqliteWriter, "postgresql": PostgresWriter}
+    kinds: dict[str, Any] = {
+        "sqlite": SqliteWriter,
+        "postgresql": PostgresWriter,
+        "mysql": MysqlWriter,
+    }
     out = []
     for spec in specs:
         spec = dict(spec)
@@ -165,17 +170,26 @@ class Agent:
         )
 
     def quiesce_writers(self) -> None:
+        """Each writer's lock (or checkpoint) before the freeze; the report says which
+        writers quiesced, how long that took and what they learned (``info``)."""
         for w in self.writers:
+            t0 = _now()
             w.before_freeze()
             self.quiesced.append(w)
+            self.record.setdefault("writers", []).append(
+                {"kind": w.kind, "name": w.name, "quiesce_s": (_now() - t0) / 1e9}
+            )
 
     def release_writers(self, ok: bool) -> None:
+        accounts = self.record.get("writers", [])
         while self.quiesced:
             w = self.quiesced.pop()
             try:
                 w.after_thaw(ok)
             except Exception as e:
                 self.record.setdefault("warnings", []).append(f"{w.name}: {e}")
+            if len(self.quiesced) < len(accounts):  # the account made when it quiesced
+                accounts[len(self.quiesced)]["info"] = dict(w.info)
 
     def arm(self) -> None:
         """Start this host's guardian ahead of the freeze (Freezer.arm), so that the

@@ -400,6 +400,7 @@ class Group:
                 "thawed_by": rec.get("thawed_by"),
                 "error": rec.get("error"),
                 "snapshots": [s.get("location") for s in rec.get("snapshots") or []],
+                "writers": rec.get("writers") or [],
                 "window_s": (v.host_windows_s.get(lk.name) if v else None),
             }
         for m in self.members:
