@@ -440,3 +440,41 @@ def test_check_refuses_a_volume_quiesce_holds_and_thaw_releases_it(fleet: Fleet)
         assert r[h.name]["thawed"] == [] and not r[h.name]["changed"]
     finally:
         h.ioctl("thaw-quiet")
+
+
+def test_mode_command_negative_control_a_host_thawed_before_the_command_is_caught(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mode command's negative control: one host thaws by itself right after its freeze
+    (test-only knob), so the group command's instant is not inside every host's frozen
+    span although every host said "frozen" before it started and none was told to thaw
+    before it ended. The verdict must say inconsistent every time and nothing be kept;
+    the same group without the fault is consistent (the verdict can say both)."""
+    from quiesce.integrations.fleet.coordinator import run_group
+
+    members = [member(fleet, h) for h in fleet.hosts]
+    cmd = ["sleep", "0.1"]
+    w = fleet.start_writer("nc.log")
+    faults = [("host0", 0.0), ("host1", 0.0), ("host2", 0.02), ("host1", 0.05)]
+    caught = 0
+    reasons = []
+    for i, (host, after) in enumerate(faults):
+        w.wait_for(10)
+        rep = run_group(members, name=f"gnc{i}", mode="command", command=cmd,
+                        thaw_early_s={host: after})  # fmt: skip
+        assert rep["per_host"][host]["thaw_reason"] == "test-early", rep["per_host"]
+        if not rep["consistent"]:
+            caught += 1
+            assert not rep["kept"] and rep["command"]["rc"] == 0, rep
+            reasons += rep["reasons"]
+    w.wait_for(10)
+    rep = run_group(members, name="gnc-ok", mode="command", command=cmd)
+    w.stop()
+    assert rep["consistent"] and rep["kept"], rep["reasons"]
+    say(
+        capsys,
+        f"mode command, one host thawed early: {caught}/{len(faults)} groups caught "
+        f"({'; '.join(sorted({r.split(':')[0][:50] for r in reasons}))}); "
+        f"without the fault: consistent, window {rep['window_s'] * 1e3:.0f} ms",
+    )
+    assert caught == len(faults), f"{len(faults) - caught} early thaw(s) not caught"

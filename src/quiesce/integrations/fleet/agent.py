@@ -79,6 +79,7 @@ class Agent:
         self.record: dict[str, Any] = {}
         self.done = False
         self.last_heard = _now()
+        self.thaw_early_s: float | None = None  # a negative control's fault (see handle)
 
     def send(self, msg: dict[str, Any]) -> None:
         if not write(self.wfd, msg):
@@ -111,6 +112,14 @@ class Agent:
                 self.quiesce_writers()
                 self.freeze()
                 self.send({"op": "frozen", "ok": True, **self.record})
+                if self.thaw_early_s is not None:  # the fault: thaw unasked, say nothing
+                    time.sleep(self.thaw_early_s)
+                    self.thaw_now("test-early")
+            elif op == "test-thaw-early":
+                # A negative control's fault (the controller sends it only under pytest):
+                # this host thaws by itself after its freeze, as a foreign FITHAW that
+                # went unnoticed would; the verdict must not prove an instant then.
+                self.thaw_early_s = float(msg["after_s"])
             elif op == "arm":
                 self.armed(int(msg["freeze_at"]), int(msg["thaw_at"]))
             elif op in ("thaw", "abort"):

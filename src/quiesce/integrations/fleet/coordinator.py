@@ -100,15 +100,22 @@ class Group:
         watch_pids: list[int] | None = None,
         attempts: int = 3,
         stagger_s: float = 0.0,
+        thaw_early_s: dict[str, float] | None = None,
     ) -> None:
-        """``stagger_s`` offsets host i's agreed instant by i × stagger_s: only for
-        negative controls (freezes that deliberately do not overlap)."""
+        """Two knobs only for negative controls: ``stagger_s`` offsets host i's agreed
+        instant by i × stagger_s (mode hosts: freezes that do not overlap);
+        ``thaw_early_s`` ({host: s}, mode command, honoured only under pytest) makes
+        those hosts thaw by themselves that long after their freeze, without a word to
+        the controller (the group command then runs while they are thawed)."""
+        if thaw_early_s and not os.environ.get("PYTEST_CURRENT_TEST"):
+            raise QuiesceError("thaw_early_s is a test-only knob", "leave it unset")
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
         if mode == "command" and not command:
             raise QuiesceError("mode command needs a command", "set command: [argv...]")
         self.members = members
         self.stagger_s = stagger_s
+        self.thaw_early_s = dict(thaw_early_s or {})
         self.name, self.mode, self.command = name, mode, command
         self.command_timeout = command_timeout
         self.deadline_s, self.lease_s, self.hold_s, self.lead_s = (
@@ -226,6 +233,8 @@ class Group:
                      "provider": m.provider if self.mode == "hosts" else None,
                      "writers": m.writers, "deadline_s": self.deadline_s,
                      "lease_s": self.lease_s})  # fmt: skip
+            if m.name in self.thaw_early_s:
+                lk.send({"op": "test-thaw-early", "after_s": self.thaw_early_s[m.name]})
         self.collect(self.links, {"prepared"}, 60.0)
 
     def window_hosts(self) -> None:
@@ -303,9 +312,12 @@ class Group:
             early = rec.get("expired_reason") if rec.get("thawed_by") == "guardian" else None
             early = early or rec.get("thaw_error")
             seen = (lk.last.get("frozen") or {}).get("_rx")
+            # "No thaw before the controller sent thaw" holds only for a host that thawed
+            # because it was told to; one that thawed by itself is judged by its record.
+            told = self.thaw_sent if rec.get("thaw_reason") == "thaw" else None
             out.append(HostSpan(lk.name, int(rec["frozen_at"]), int(rec["thaw_from"]),
                                 int(rec["start_ns"]), int(rec["end_ns"]), off, early,
-                                seen, self.thaw_sent))  # fmt: skip
+                                seen, told))  # fmt: skip
         return out
 
     def delete_all(self) -> list[str]:

@@ -23,7 +23,8 @@ class HostSpan:
     thawed_early: str | None = None  # the guardian thawed before the agent did (why)
     # Causal bounds on the controller's clock, when it has them: it saw "frozen" at
     # ``frozen_seen`` (so all were frozen by then) and sent "thaw" at ``thaw_sent`` (so
-    # no thaw began before). They need no clock mapping at all.
+    # no thaw began before: given only for a host that thawed because it was told to).
+    # They need no clock mapping at all.
     frozen_seen: int | None = None
     thaw_sent: int | None = None
 
