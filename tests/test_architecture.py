@@ -179,3 +179,40 @@ def test_architecture_doc_names_every_module():
         if p.name != "__init__.py" and f"{p.stem}" not in doc
     ]
     assert not missing, f"not in docs/architecture.md: {missing}"
+
+
+_SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput",
+             "getstatusoutput"}  # fmt: skip
+
+
+def _direct_subprocess_calls(source: str) -> list[int]:
+    """Lines that start a child without quiesce.sys.proc (subprocess.X(...), os.system)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            base = node.func.value
+            name = base.id if isinstance(base, ast.Name) else None
+            if (name == "subprocess" and node.func.attr in _SPAWNERS) or (
+                name == "os" and node.func.attr in ("system", "popen")
+            ):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_children_are_started_only_by_the_one_runner():
+    """Every child process in src/ goes through quiesce.sys.proc (PDEATHSIG, own process
+    group, bounded output): nothing else calls subprocess directly."""
+    found = {
+        str(path.relative_to(PKG)): calls
+        for path in sorted(PKG.rglob("*.py"))
+        if path.name != "proc.py" or path.parent.name != "sys"
+        if (calls := _direct_subprocess_calls(path.read_text()))
+    }
+    assert found == {}
+
+
+def test_the_runner_check_sees_a_direct_call():
+    """Negative control for the check above."""
+    assert _direct_subprocess_calls("import subprocess\nsubprocess.run(['true'])\n") == [2]
+    assert _direct_subprocess_calls("import os\nos.system('true')\n") == [2]
+    assert _direct_subprocess_calls("from quiesce.sys import proc\nproc.spawn(['true'])\n") == []

@@ -138,14 +138,15 @@ def _popen(
     cwd: Cwd,
     pdeathsig: int | None,
     pass_fds: Sequence[int] = (),
-) -> subprocess.Popen[bytes]:
+    text: bool = False,
+) -> subprocess.Popen[Any]:
     """The only ``Popen`` in quiesce (but for the guardian's own fork)."""
 
-    def start() -> subprocess.Popen[bytes]:
+    def start() -> subprocess.Popen[Any]:
         return subprocess.Popen(
             list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
             env=dict(env) if env is not None else None, cwd=cwd,
-            start_new_session=True, close_fds=True, pass_fds=pass_fds,
+            start_new_session=True, close_fds=True, pass_fds=pass_fds, text=text,
             preexec_fn=_die_with(os.getpid(), pdeathsig) if pdeathsig is not None else None,
         )  # fmt: skip
 
@@ -163,13 +164,17 @@ def spawn(
     stdout: Stdio = subprocess.PIPE,
     stderr: Stdio = subprocess.PIPE,
     pdeathsig: int | None = signal.SIGKILL,
-) -> subprocess.Popen[bytes]:
+    pass_fds: Sequence[int] = (),
+    text: bool = False,
+) -> subprocess.Popen[Any]:
     """A child that the caller drives itself (a session hook, a background writer) and must
     :func:`kill_group` on every path. ``pdeathsig=None``: it may outlive quiesce.
+    ``pass_fds``: fds it inherits (a namespace fd for nsenter); ``text``: str pipes.
     Raises OSError if it cannot start."""
     return _popen(
-        argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd, pdeathsig=pdeathsig
-    )
+        argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
+        pdeathsig=pdeathsig, pass_fds=pass_fds, text=text,
+    )  # fmt: skip
 
 
 def kill_group(
@@ -309,6 +314,7 @@ def _run(
     interrupt_grace: float,
     stop_signal: int = signal.SIGTERM,
     pdeathsig: int | None,
+    pass_fds: Sequence[int] = (),
 ) -> Completed:
     """The core of the shapes that wait: start, read what is captured into its sink until
     the child exits or the deadline passes, kill the group then (and on any exception).
@@ -343,7 +349,7 @@ def _run(
                 env=env,
                 cwd=cwd,
                 pdeathsig=pdeathsig,
-                pass_fds=list(sinks) if last_words else (),
+                pass_fds=[*pass_fds, *(sinks if last_words else ())],
             )
         while ends:  # popped first: a signal between the two never closes an fd twice
             os.close(ends.popitem()[1])
@@ -418,17 +424,18 @@ def run_bounded(
     grace: float = 0.0,
     cwd: Cwd = "/",
     pdeathsig: int | None = signal.SIGKILL,
+    pass_fds: Sequence[int] = (),
 ) -> Completed:
     """Run ``argv`` to completion or ``timeout`` (None: no limit), keeping at most ``limit``
     bytes of each captured stream; an uncaptured one is inherited from this process.
-    Raises OSError if it cannot start."""
+    ``pass_fds``: fds it inherits. Raises OSError if it cannot start."""
     err: _Sink | Literal["merge"] | None = "merge" if merge_stderr else None
     if not merge_stderr and capture_stderr:
         err = BoundedOutput(limit)
     return _run(
         argv, out=BoundedOutput(limit) if capture_stdout else None, err=err, input=input,
         timeout=timeout, env=env, cwd=cwd, grace=grace, interrupt_grace=0.0,
-        pdeathsig=pdeathsig,
+        pdeathsig=pdeathsig, pass_fds=pass_fds,
     )  # fmt: skip
 
 

@@ -21,6 +21,11 @@ Teardown (:meth:`Fleet.close`, also on failure): thaw every fixture filesystem (
 in the namespaces by pid, unmount inside them, drop the namespaces, detach the loops,
 remove the temp dir, then check that nothing is left (loops, mounts, processes, dirs).
 
+Every child goes through quiesce's runner (quiesce.sys.proc: own process group, a
+parent-death signal, bounded output): sshd gets SIGTERM when this process dies (the
+signal survives unshare's exec), the other children SIGKILL. One opts out: the freeze
+holder (below) must outlive this process to see EOF and thaw; killed, it could not.
+
 If the test process is SIGKILLed, nothing runs in it, so the ground unwinds by itself:
 a freeze is held by a process inside the namespace that thaws when its pipe from the test
 closes (or at a deadline); sshd has a parent-death signal; the loops are autoclear once
@@ -132,9 +137,29 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def run(
-    *cmd: str, check: bool = True, timeout: float = 60, **kw: Any
+    *cmd: str,
+    check: bool = True,
+    timeout: float = 60,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
+    cwd: str | Path = "/",
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=check, text=True, capture_output=True, timeout=timeout, **kw)
+    """A command of the ground, to completion, through quiesce's runner (own process group,
+    killed with this process). As ``subprocess.run(text=True, capture_output=True)`` would:
+    CalledProcessError if ``check`` and it failed, TimeoutExpired after ``timeout``."""
+    done = proc.run_bounded(
+        cmd, timeout=timeout, limit=proc.TOOL_OUTPUT_LIMIT, pass_fds=pass_fds, env=env, cwd=cwd
+    )
+    out, err = _text(done.stdout), _text(done.stderr)
+    if done.timed_out:
+        raise subprocess.TimeoutExpired(list(cmd), timeout, out, err)
+    if check and done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, list(cmd), out, err)
+    return subprocess.CompletedProcess(list(cmd), done.returncode, out, err)
+
+
+def _text(data: bytes) -> str:
+    return data.decode(errors="replace")
 
 
 def free_port(address: str) -> int:
@@ -231,9 +256,20 @@ class Host:
     ) -> subprocess.CompletedProcess[str]:
         return run(*self.nsenter(*cmd), check=check, timeout=timeout, pass_fds=(self.ns_fd,))
 
-    def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]:
-        """A long-running child inside the namespace (e.g. a writer's agent)."""
-        return subprocess.Popen(self.nsenter(*cmd), pass_fds=(self.ns_fd,), text=True, **kw)
+    def popen(
+        self,
+        *cmd: str,
+        stdin: Any = subprocess.DEVNULL,
+        stdout: Any = None,
+        stderr: Any = None,
+        pdeathsig: int | None = signal.SIGKILL,
+    ) -> subprocess.Popen[str]:
+        """A long-running child inside the namespace (e.g. a writer's agent), str pipes;
+        it dies with this process unless ``pdeathsig`` is None."""
+        return proc.spawn(
+            self.nsenter(*cmd), stdin=stdin, stdout=stdout, stderr=stderr, text=True,
+            pass_fds=(self.ns_fd,), pdeathsig=pdeathsig,
+        )  # fmt: skip
 
     def ioctl(
         self, op: str, volumes: Sequence[HostFS] | None = None
@@ -243,11 +279,12 @@ class Host:
 
     def read(self, path: str) -> bytes:
         """A file's bytes as this host sees them (works while its filesystem is frozen)."""
-        p = subprocess.run(
-            self.nsenter("cat", path), pass_fds=(self.ns_fd,), capture_output=True, timeout=30
-        )
-        if p.returncode != 0:
-            raise RuntimeError(f"{self.name}: cat {path}: {p.stderr.decode(errors='replace')}")
+        p = proc.run_bounded(
+            self.nsenter("cat", path), timeout=30, limit=proc.TOOL_OUTPUT_LIMIT,
+            pass_fds=(self.ns_fd,),
+        )  # fmt: skip
+        if p.returncode != 0 or p.timed_out:
+            raise RuntimeError(f"{self.name}: cat {path}: {_text(p.stderr)}")
         return p.stdout
 
 
@@ -257,14 +294,15 @@ def freeze_host(
     """FIFREEZE the host's fixture filesystems, inside its namespace (never anything else).
 
     A holder process keeps the freeze and thaws by itself at ``deadline`` (s) or when this
-    process dies; :func:`thaw_host` tells it to thaw.
+    process dies; :func:`thaw_host` tells it to thaw. It has no parent-death signal (the
+    one place the ground opts out): killed, it could not thaw; it must live to see EOF.
     """
     if host.holder is not None:
         raise RuntimeError(f"{host.name}: already frozen by this test")
     args = [f"{v.mountpoint}={v.dev}" for v in (volumes or host.volumes)]
     p = host.popen(
         PYTHON, "-I", "-S", "-c", _HOLDER, str(deadline), *args,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, pdeathsig=None,
     )  # fmt: skip
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -392,45 +430,29 @@ class Fleet:
                 # "quiesce installed on this host": its sessions import the worktree's src.
                 f"SetEnv PYTHONPATH={SRC}\n"
             )
-            log = open(hdir / "sshd.log", "ab")  # noqa: SIM115 (sshd keeps it)
-            proc = subprocess.Popen(
-                [
-                    # If the test process dies, sshd gets SIGTERM (and the namespace goes).
-                    "setpriv",
-                    "--pdeathsig",
-                    "TERM",
-                    "unshare",
-                    "-m",
-                    "--propagation",
-                    "private",
-                    "--",
-                    SSHD,
-                    "-D",
-                    "-e",
-                    "-f",
-                    str(config),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-            log.close()
-            self.started_pids.append(proc.pid)
-            if self._wait_listening(proc, address, port):
+            # If the test process dies, sshd gets SIGTERM (and the namespace goes): the
+            # parent-death signal survives unshare's exec of sshd.
+            with open(hdir / "sshd.log", "ab") as log:
+                sshd = proc.spawn(
+                    ["unshare", "-m", "--propagation", "private", "--",
+                     SSHD, "-D", "-e", "-f", str(config)],
+                    stdout=log, stderr=log, pdeathsig=signal.SIGTERM,
+                )  # fmt: skip
+            self.started_pids.append(sshd.pid)
+            if self._wait_listening(sshd, address, port):
                 break
-            end_pids([proc.pid])
-            proc.wait(timeout=5)
+            end_pids([sshd.pid])
+            sshd.wait(timeout=5)
         else:
             raise RuntimeError(f"sshd for host{i} did not start: {(hdir / 'sshd.log').read_text()}")
-        ns = mnt_ns_of(proc.pid)
-        ns_fd = os.open(f"/proc/{proc.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        ns = mnt_ns_of(sshd.pid)
+        ns_fd = os.open(f"/proc/{sshd.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         if ns is None or ns == mnt_ns_of("self") or os.readlink(f"/proc/self/fd/{ns_fd}") != ns:
             os.close(ns_fd)
-            end_pids([proc.pid])
+            end_pids([sshd.pid])
             raise RuntimeError(f"host{i}: sshd is not in a namespace of its own")
         self.namespaces.append(ns)
-        return Host(i, address, port, hdir, proc, ns_fd, ns)
+        return Host(i, address, port, hdir, sshd, ns_fd, ns)
 
     def _mount_host(self, host: Host) -> None:
         i = host.index
@@ -465,16 +487,16 @@ class Fleet:
         if drop:
             host.run("umount", "-l", *drop, check=False)
 
-    def _wait_listening(self, proc: subprocess.Popen[bytes], address: str, port: int) -> bool:
+    def _wait_listening(self, sshd: subprocess.Popen[bytes], address: str, port: int) -> bool:
         """Wait until sshd (after unshare's exec) accepts connections; False if it exited."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if sshd.poll() is not None:
                 return False
             with socket.socket() as s, contextlib.suppress(OSError):
                 s.settimeout(0.5)
                 s.connect((address, port))
-                if _same_file(f"/proc/{proc.pid}/exe", SSHD):  # sshd itself, not unshare
+                if _same_file(f"/proc/{sshd.pid}/exe", SSHD):  # sshd itself, not unshare
                     return True
             time.sleep(0.02)
         return False
@@ -557,14 +579,10 @@ class Fleet:
         self, tool: str, *args: str, timeout: float = 120, **env: str
     ) -> subprocess.CompletedProcess[str]:
         """Run ``python3 -m ansible TOOL ARGS`` (adhoc, playbook, galaxy, ...) for this fleet."""
-        return subprocess.run(
-            [PYTHON, "-m", "ansible", tool, *args],
-            cwd=self.base,
-            env=self.ansible_env(**env),
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
+        return run(
+            PYTHON, "-m", "ansible", tool, *args,
+            check=False, timeout=timeout, env=self.ansible_env(**env), cwd=self.base,
+        )  # fmt: skip
 
     def ansible(
         self, module: str, args: str = "", pattern: str = "fleet", **env: str

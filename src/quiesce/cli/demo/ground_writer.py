@@ -67,6 +67,8 @@ class HoppingWriter:
         self.latencies: list[float] = []  # send -> ack, per record
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        from quiesce.sys import proc  # here: this file also runs as the stdlib-only agent
+
         self.agents: list[subprocess.Popen[bytes]] = []
         for h in self.hosts:
             cmd = [python, "-I", "-S", AGENT, "agent", self.path(h)]
@@ -76,7 +78,7 @@ class HoppingWriter:
                 argv, fds = ssh_argv(h, str(ssh_key), *cmd), ()
             else:
                 raise ValueError(f"unknown transport {transport!r}")
-            p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds)
+            p = proc.spawn(argv, stdin=subprocess.PIPE, stderr=None, pass_fds=fds)
             self.agents.append(p)
             assert p.stdout is not None
             line = p.stdout.readline()
