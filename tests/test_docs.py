@@ -138,7 +138,7 @@ def test_the_fleet_playbook_in_the_docs_is_part_of_the_tested_one():
 
 
 def test_the_fleet_defaults_agree_in_code_module_playbook_and_docs():
-    """hold, attempts, deadline and lease: the coordinator's defaults are the group
+    """hold, attempts, deadline, lease and lead: the coordinator's defaults are the group
     module's, the playbook's, and the ones docs/fleet.md states."""
     from quiesce.integrations.fleet.coordinator import Group
 
@@ -148,7 +148,7 @@ def test_the_fleet_defaults_agree_in_code_module_playbook_and_docs():
     play = (coll / "playbooks/group.yml").read_text()
     docs = (ROOT / "docs" / "fleet.md").read_text()
     for key, param in [("hold", "hold_s"), ("attempts", "attempts"), ("deadline", "deadline_s"),
-                       ("lease", "lease_s")]:  # fmt: skip
+                       ("lease", "lease_s"), ("lead", "lead_s")]:  # fmt: skip
         want = sig[param].default
         spec = re.search(rf'"{key}": {{"type": "\w+", "default": ([\d.]+)}}', module)
         assert spec and float(spec.group(1)) == want, key

@@ -145,12 +145,18 @@ def test_mode_hosts_quiesces_both_databases_and_restores_a_prefix(
     g = ground
     g.load.wait_for(20)
     t0 = time.monotonic()
-    p, rep = play(g, "dh")
+    # A lead far shorter than a CHECKPOINT: the writers must be done before the instant
+    # is even picked (they were quiesced first, then the instant set), not race it.
+    p, rep = play(g, "dh", quiesce_lead=0.02)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     took = time.monotonic() - t0
     g.load.wait_for(20)  # released: the load goes on after the thaw
     assert rep["consistent"] and rep["kept"], rep
     quiesced = assert_writers_quiesced(rep)
+    for name, host in rep["per_host"].items():
+        (w,) = host["writers"]
+        assert w["done_ns"] < host["freeze_at_ns"], f"{name}: writer still busy at the instant"
+    late = max(host["late_s"] for host in rep["per_host"].values())
     h0, h1 = g.fleet.hosts
     snaps = snap_dir(h0) / "dh-host0", snap_dir(h1) / "dh-host1"
     r = restore_pair(*snaps, g.run, 54601)
@@ -158,6 +164,7 @@ def test_mode_hosts_quiesces_both_databases_and_restores_a_prefix(
     assert len(r.union) >= g.load.acked_before(t0) >= 50
     assert r.pg and r.my
     say(capsys, f"mode hosts (ansible-playbook {took:.1f} s): {window(rep)}, {quiesced}, "
+                f"latest freeze {late * 1e3:.1f} ms after the instant (lead 20 ms), "
                 f"attempts {rep['attempts']}; restored 1..{len(r.union)} ({'; '.join(r.notes)}); "
                 f"snapshots {size_mb(*snaps):.0f} MiB (copied inside the window); "
                 f"load {g.load.rate():.0f} rows/s; ground with both databases up in "

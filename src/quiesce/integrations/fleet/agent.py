@@ -80,6 +80,7 @@ class Agent:
         self.done = False
         self.last_heard = _now()
         self.thaw_early_s: float | None = None  # a negative control's fault (see handle)
+        self.ready = False  # writers quiesced and guardian armed for the next instant
 
     def send(self, msg: dict[str, Any]) -> None:
         if not write(self.wfd, msg):
@@ -109,7 +110,9 @@ class Agent:
             elif op == "prepare":
                 self.prepare(msg)
             elif op == "freeze":
-                self.quiesce_writers()
+                if not self.ready:  # a controller that did not send "quiesce" first
+                    self.quiesce_writers()
+                self.ready = False
                 self.freeze()
                 self.send({"op": "frozen", "ok": True, **self.record})
                 if self.thaw_early_s is not None:  # the fault: thaw unasked, say nothing
@@ -120,6 +123,8 @@ class Agent:
                 # this host thaws by itself after its freeze, as a foreign FITHAW that
                 # went unnoticed would; the verdict must not prove an instant then.
                 self.thaw_early_s = float(msg["after_s"])
+            elif op == "quiesce":
+                self.ready_to_freeze()
             elif op == "arm":
                 self.armed(int(msg["freeze_at"]), int(msg["thaw_at"]))
             elif op in ("thaw", "abort"):
@@ -185,8 +190,9 @@ class Agent:
             t0 = _now()
             w.before_freeze()
             self.quiesced.append(w)
+            done = _now()
             self.record.setdefault("writers", []).append(
-                {"kind": w.kind, "name": w.name, "quiesce_s": (_now() - t0) / 1e9}
+                {"kind": w.kind, "name": w.name, "quiesce_s": (done - t0) / 1e9, "done_ns": done}
             )
 
     def release_writers(self, ok: bool) -> None:
@@ -230,15 +236,30 @@ class Agent:
         self.record["snapshot_s"] = (_now() - t0) / 1e9
         self.record["snapshots"] = [s.to_dict() for s in self.snaps]
 
+    def ready_to_freeze(self) -> None:
+        """Before the freeze (mode a: before the instant is picked): quiesce the writers and
+        start the guardian (a new attempt), then say so. Every host is ready before any
+        freezes, so a slow writer (a long CHECKPOINT) neither makes its host freeze late
+        nor keeps the other hosts frozen while it works."""
+        self.record = {}
+        t0 = _now()
+        self.quiesce_writers()
+        self.arm()
+        self.ready = True
+        self.send({"op": "quiesced", "ok": True, "ready_s": (_now() - t0) / 1e9})
+
     def armed(self, freeze_at: int, thaw_at: int) -> None:
         """Mode (a): freeze at an agreed instant, snapshot, hold, thaw; no round trip.
 
         Only a message from the controller ("abort") or its silence (EOF, lease) can cut
         the hold short; nothing is waited for from it."""
-        self.record = {}  # a new attempt
+        if not self.ready:  # a controller that did not send "quiesce" first
+            self.record = {}
+            self.quiesce_writers()
+            self.arm()
+        self.ready = False
+        self.record["freeze_at"] = freeze_at
         self.send({"op": "armed", "t": _now()})
-        self.quiesce_writers()
-        self.arm()
         if not self._wait_until(freeze_at):
             self.thaw_now(self.record.get("thaw_reason", "abort"))
             self.send({"op": "thawed", "ok": False, **self.record})
@@ -283,6 +304,7 @@ class Agent:
     def thaw_now(self, why: str) -> None:
         """Thaw what this host froze (idempotent); record when and how, release writers."""
         f, self.freezer = self.freezer, None
+        self.ready = False
         if f is not None:
             self.record["thaw_from"] = _now()  # nothing frozen by us is thawed before this
             self.record["thaw_reason"] = why

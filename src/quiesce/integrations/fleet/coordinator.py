@@ -237,7 +237,18 @@ class Group:
                 lk.send({"op": "test-thaw-early", "after_s": self.thaw_early_s[m.name]})
         self.collect(self.links, {"prepared"}, 60.0)
 
+    def ready(self) -> bool:
+        """Writers quiesced and guardians armed on every host, before anything freezes (a
+        CHECKPOINT can take longer than the lead): else abort everywhere, False."""
+        self.broadcast({"op": "quiesce"})
+        self.collect(self.links, {"quiesced"}, self.deadline_s)
+        if self.failures:
+            self.abort(exclude=set())
+        return not self.failures
+
     def window_hosts(self) -> None:
+        if not self.ready():  # the instant is picked after: no host starts late
+            return
         t = time.monotonic_ns() + int(self.lead_s * 1e9)
         hold = int(self.hold_s * 1e9)
         self.agreed_ns = t
@@ -252,6 +263,8 @@ class Group:
             self.abort(exclude=set(got))
 
     def window_command(self) -> None:
+        if not self.ready():  # then every host's freeze is only its ioctls
+            return
         self.broadcast({"op": "freeze"})
         got = self.collect(self.links, {"frozen"}, self.deadline_s)
         if self.failures or len(got) < len(self.links):
@@ -412,7 +425,9 @@ class Group:
                 "thawed_by": rec.get("thawed_by"),
                 "error": rec.get("error"),
                 "snapshots": [s.get("location") for s in rec.get("snapshots") or []],
-                "writers": rec.get("writers") or [],
+                "writers": rec.get("writers") or [],  # done_ns: this host's clock
+                "freeze_at_ns": rec.get("freeze_at"),  # the agreed instant, this host's clock
+                "late_s": rec.get("late_s"),  # frozen this long after it
                 "window_s": (v.host_windows_s.get(lk.name) if v else None),
             }
         for m in self.members:
