@@ -275,3 +275,20 @@ def test_a_child_outlives_the_short_lived_thread_that_started_it() -> None:
 
 def _add(box: list[int], chunk: bytes) -> None:
     box[0] += len(chunk)
+
+
+def test_pass_fds_reach_the_child_and_nothing_else_does():
+    """spawn and run_bounded hand over exactly the fds asked for (the fleet ground passes
+    a namespace fd to nsenter); every other fd stays closed in the child."""
+    r, w = os.pipe()
+    try:
+        code = "import os,sys; print(os.path.exists('/proc/self/fd/' + sys.argv[1]))"
+        show = [sys.executable, "-c", code, str(r)]
+        assert proc.run_bounded(show, timeout=30, pass_fds=(r,)).stdout == b"True\n"
+        assert proc.run_bounded(show, timeout=30).stdout == b"False\n"
+        p = proc.spawn(show, pass_fds=(r,), text=True)
+        out, _ = p.communicate(timeout=30)
+        assert out == "True\n"  # text: str pipes
+    finally:
+        os.close(r)
+        os.close(w)
