@@ -155,4 +155,5 @@ def test_the_fleet_defaults_agree_in_code_module_playbook_and_docs():
         used = re.search(rf"quiesce_{key} \| default\(([\d.]+)\)", play)
         assert used and float(used.group(1)) == want, key
     assert f"(default {sig['hold_s'].default:g} s)" in docs
+    assert f"(`quiesce_lead`, default {sig['lead_s'].default:g} s" in docs
     assert f"(`quiesce_attempts`, default {sig['attempts'].default})" in docs

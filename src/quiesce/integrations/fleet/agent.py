@@ -18,6 +18,7 @@ clock with the offsets it measures with ``ping`` (see ``clock``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import time
@@ -40,26 +41,50 @@ def _error(e: BaseException) -> dict[str, Any]:
     return {"error": f"{type(e).__name__}: {e}", "kind": type(e).__name__}
 
 
+WRITER_KINDS = {  # a spec's "type" -> the built-in writer (module:class), built on the host
+    "sqlite": "quiesce.apps.writers.sqlite:SqliteWriter",
+    "postgresql": "quiesce.apps.writers.postgresql:PostgresWriter",
+    "mysql": "quiesce.apps.writers.mysql:MysqlWriter",
+}
+NO_PASSWORD = (
+    "keep passwords out of the inventory: a ~/.pgpass (or PGPASSFILE) for postgresql, "
+    "defaults_file for mysql, on the host"
+)
+
+
+def check_writers(specs: list[dict[str, Any]], where: str) -> None:
+    """Refuse what cannot work or must not travel, before anything starts: an unknown
+    type, or a password (in the spec or a DSN), which Ansible would show in its output."""
+    from quiesce.sys.redact import has_credentials
+
+    for i, spec in enumerate(specs):
+        key = f"{where}[{i}]"
+        if not isinstance(spec, dict) or spec.get("type") not in WRITER_KINDS:
+            kind = spec.get("type") if isinstance(spec, dict) else spec
+            raise QuiesceError(f"{key}: unknown writer type {kind!r}",
+                               f"use one of: {', '.join(sorted(WRITER_KINDS))}")  # fmt: skip
+        if "password" in spec or has_credentials(str(spec.get("dsn") or "")):
+            raise QuiesceError(f"{key}: a password in the writer's settings", NO_PASSWORD)
+        known = set(inspect.signature(_writer_class(spec["type"])).parameters) - {"password"}
+        if unknown := sorted(set(spec) - known - {"type"}):
+            raise QuiesceError(f"{key}: unknown key {unknown[0]!r} for a {spec['type']} writer",
+                               f"use: {', '.join(sorted(known))}")  # fmt: skip
+
+
+def _writer_class(kind: str) -> Any:
+    import importlib
+
+    module, cls = WRITER_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def _build_writers(specs: list[dict[str, Any]]) -> list[Any]:
     """Built-in writers from their specs ({"type": "sqlite", "databases": [...]}, ...)."""
-    from quiesce.apps.writers.mysql import MysqlWriter
-    from quiesce.apps.writers.postgresql import PostgresWriter
-    from quiesce.apps.writers.sqlite import SqliteWriter
-
-    kinds: dict[str, Any] = {
-        "sqlite": SqliteWriter,
-        "postgresql": PostgresWriter,
-        "mysql": MysqlWriter,
-    }
+    check_writers(specs, "writers")
     out = []
     for spec in specs:
         spec = dict(spec)
-        kind = spec.pop("type", None)
-        if kind not in kinds:
-            raise QuiesceError(
-                f"unknown writer type {kind!r}", f"use one of: {', '.join(sorted(kinds))}"
-            )
-        out.append(kinds[kind](**spec))
+        out.append(_writer_class(spec.pop("type"))(**spec))
     return out
 
 

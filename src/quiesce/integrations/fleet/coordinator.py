@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quiesce.errors import QuiesceError
+from quiesce.integrations.fleet.agent import check_writers
 from quiesce.integrations.fleet.clock import Offset
 from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
 from quiesce.integrations.fleet.wire import LineReader, write
@@ -111,6 +112,8 @@ class Group:
             raise QuiesceError("thaw_early_s is a test-only knob", "leave it unset")
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
+        for m in members:
+            check_writers(m.writers, f"{m.name}: quiesce_writers")
         if mode == "command" and not command:
             raise QuiesceError("mode command needs a command", "set command: [argv...]")
         self.members = members

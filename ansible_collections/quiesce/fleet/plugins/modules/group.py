@@ -91,7 +91,8 @@ def main():
             attempts=p["attempts"], watch_pids=ancestors(),
         )  # fmt: skip
     except (QuiesceError, TypeError) as e:
-        module.fail_json(msg=str(e))
+        hint = getattr(e, "hint", None)
+        module.fail_json(msg=f"{e} ({hint})" if hint else str(e))
     if p["report"]:
         with open(p["report"] + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
