@@ -258,8 +258,8 @@ for line in sys.stdin:
 def test_sqlite_on_two_hosts_quiesced_by_their_writers_restore_consistent(
     fleet: Fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """PostgreSQL inside the hosts' namespaces was too heavy for this round: SQLite
-    databases on two hosts, each quiesced by quiesce's SQLite writer through the play."""
+    """SQLite databases on two hosts, each quiesced by quiesce's SQLite writer through the
+    play (PostgreSQL and MariaDB on two hosts: tests/test_fleet_databases.py)."""
     hosts = fleet.hosts[:2]
     hv = fleet.base / "ansible" / "host_vars"
     saved = {h.name: (hv / f"{h.name}.yml").read_text() for h in hosts}

@@ -1,8 +1,9 @@
 """The controller's side of a fleet group: one agent per host over SSH, one verdict.
 
 Steps: connect (every agent up, or nothing happens anywhere) -> clocks -> prepare (plan,
-provider, syncfs on each host; nothing frozen) -> the window -> clocks again -> verdict
--> keep the snapshots, or delete them everywhere -> bye.
+provider, syncfs on each host; nothing frozen) -> quiesce (every host's writers and
+guardian ready; still nothing frozen) -> the window -> clocks again -> verdict -> keep
+the snapshots, or delete them everywhere -> bye.
 
 The window, mode ``hosts`` (a): every host is armed to freeze at one instant of the
 controller's clock (translated into its own), snapshot with its own provider, hold until
