@@ -62,3 +62,12 @@ def test_a_bad_writer_spec_is_refused_before_anything_starts(spec: dict, says: s
     assert e.value.message.startswith("db1: quiesce_writers[1]: ") and says in e.value.message
     assert "s3cret" not in e.value.message + (e.value.hint or "")
     assert e.value.hint
+
+
+def test_the_early_thaw_fault_is_refused_outside_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negative control's knob (a host thaws unasked) exists only under pytest."""
+    member = Member("db1", ["ssh", "root@db1"], ["/srv/db"])
+    Group([member], mode="command", command=["true"], thaw_early_s={"db1": 0.0})
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    with pytest.raises(QuiesceError, match="test-only"):
+        Group([member], mode="command", command=["true"], thaw_early_s={"db1": 0.0})
