@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from quiesce.freezing.guardian import (
     expedite,
     holder_of,
 )
+from quiesce.freezing.guardian.crew import Crew
 from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
 from quiesce.sys import kernel
@@ -120,6 +122,7 @@ class _InProcess:
     def __init__(self, vols: Sequence[GuardedVolume]) -> None:
         self.vols = vols
         self.rcu = Expedite(os.getpid())
+        self.crew = Crew(len(vols), lambda i, e: None, name="quiesce-ioctl")
 
     def freeze(self, idx: int) -> dict[str, Any]:
         t0 = time.monotonic_ns()
@@ -132,10 +135,10 @@ class _InProcess:
         return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
 
     def freeze_wave(self, idxs: Sequence[int], expedite: str = "") -> dict[str, Any]:
-        return _run_wave(self.freeze, idxs, expedite, self.rcu)
+        return _run_wave(self.crew, self.freeze, idxs, expedite, self.rcu)
 
     def thaw_wave(self, idxs: Sequence[int]) -> dict[str, Any]:
-        return _run_wave(self.thaw, idxs, "", None)
+        return _run_wave(self.crew, self.thaw, idxs, "", None)
 
     def poll_expired(self) -> None:
         return None
@@ -145,34 +148,46 @@ class _InProcess:
 
     def close(self) -> None:
         self.rcu.release()
+        self.crew.close()
+        self.crew.join(CREW_JOIN_S)
+
+
+CREW_JOIN_S = 1.0  # at close: threads still in an ioctl after this are left (daemon threads)
 
 
 def _run_wave(
+    crew: Crew,
     one: Callable[[int], dict[str, Any]],
     idxs: Sequence[int],
     expedite: str,
     rcu: Expedite | None,
 ) -> dict[str, Any]:
-    """The guardian's wave, in this process: one thread per volume."""
+    """The guardian's wave, in this process: each volume on its parked thread."""
     results: dict[str, dict[str, Any]] = {}
     ok = False
+    left = [len(idxs)]
+    count = threading.Lock()
+    done = threading.Event()
+
+    def run(i: int) -> None:
+        try:
+            results[str(i)] = one(i)
+        except Exception as e:
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            results[str(i)] = {"ok": False, "errno": code, "error": str(e)}
+        finally:
+            with count:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
     try:
         if rcu is not None and expedite in ("set", "set-restore"):
             rcu.acquire()
-
-        def run(i: int) -> None:
-            try:
-                results[str(i)] = one(i)
-            except OSError as e:
-                results[str(i)] = {"ok": False, "errno": e.errno or errno.EIO}
-
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in idxs[1:]]
-        for t in threads:
-            t.start()
-        run(idxs[0])
-        for t in threads:
-            t.join()
-        ok = all(r.get("ok") for r in results.values())
+        for i in idxs:
+            crew.submit(i, functools.partial(run, i))
+        done.wait()
+        ok = len(results) == len(idxs) and all(r.get("ok") for r in results.values())
     finally:
         if rcu is not None and (expedite in ("restore", "set-restore") or not ok):
             rcu.release()

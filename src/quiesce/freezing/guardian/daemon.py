@@ -19,11 +19,14 @@ checked before use), and writes one line to the kernel log (/dev/kmsg) and to sy
 (/dev/log, which reaches the journal even where a unit hides /dev/kmsg) when it had to
 thaw on its own.
 
-Threads: the main thread runs the event loop and the emergency thaw; one worker thread
-runs the requested ioctls, so that a FIFREEZE stuck in the kernel (a writer in the middle
-of a huge write, an unknown stacking dependency) cannot stop the deadline. A *wave*
-(volumes with no order between them: none stores another's loop image) runs one thread
-per volume, and while a group freezes RCU grace periods are expedited (expedite.py):
+Threads: the main thread runs the event loop and the emergency thaw; the requested
+ioctls run on a crew (crew.py) of one thread per volume, started with the guardian and
+parked until needed, so that a FIFREEZE stuck in the kernel (a writer in the middle of a
+huge write, an unknown stacking dependency) cannot stop the deadline nor the thaw of the
+others. A *wave* (volumes with no order between them: none stores another's loop image)
+wakes its volumes' threads together; each puts its result into the volume's state as its
+ioctl returns, and the last one answers the controller (no hop through the main thread
+inside the window). While a group freezes RCU grace periods are expedited (expedite.py):
 restored when the last FIFREEZE returns, on expiry, on any error and at exit.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import queue
 import selectors
@@ -43,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from quiesce.freezing.guardian.crew import Crew
 from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.guardian.protocol import (
     CLIENT_OPS,
@@ -103,7 +108,10 @@ class _Job:
     idxs: tuple[int, ...] = ()  # a wave's volumes
     expedite: str = ""  # a freeze wave: "set", "restore", "set-restore" or ""
     applied: bool = False  # its result is in the volume's state
-    answered: bool = False  # the worker answered the controller itself
+    answered: bool = False  # its last thread answered the controller itself
+    subs: list[_Job] = field(default_factory=list)  # one per volume (a single op: one)
+    left: int = 0  # volumes whose ioctl has not returned yet
+    late: bool = False  # a volume's ioctl that returned after the expiry
 
 
 class _InjectedFault(RuntimeError):
@@ -189,15 +197,18 @@ class _Guardian:
         self.linger_until: int | None = None
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.finished: queue.Queue[_Job] = queue.Queue()
+        self.finished: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self.busy: set[int] = set()  # indices of the in-flight ioctls
+        self.running: dict[int, _Job] = {}  # volume -> its ioctl, until applied
+        self.dispatched: int | None = None  # first freeze handed out (deadline not yet set)
         self.rcu = Expedite(os.getpid())
         self.pending = 0
-        self.crash: str | None = None  # the worker thread's exception, for the main thread
+        self.crash: str | None = None  # an ioctl thread's exception, for the main thread
         self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
         self.retry_delay = 1.0
-        self.fault = "guardian:raise" in os.environ.get(FAULT_ENV, "").split(",")
+        faults = os.environ.get(FAULT_ENV, "").split(",")
+        self.fault = "guardian:raise" in faults
+        self.fault_worker = "guardian:worker-raise" in faults
         self.syslog = _Syslog()
         self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -228,26 +239,55 @@ class _Guardian:
     def _frozen_count(self) -> int:
         return sum(1 for v in self.vols if v.state in ("frozen", "freezing", "thawing"))
 
-    # -- worker thread -----------------------------------------------------------------
-    def _worker(self) -> None:
-        try:
-            self._work()
-        except BaseException as e:  # tell the main thread: it thaws and leaves
-            self.crash = f"ioctl thread: {type(e).__name__}: {e}"
-            with contextlib.suppress(OSError):
-                os.write(self.wake_w, b"x")
-
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if job.op in ("freeze_wave", "thaw_wave"):
-                self._wave(job)
-            else:
-                self._ioctl(job)
-            self.finished.put(job)
+    # -- the ioctl threads -------------------------------------------------------------
+    def _crashed(self, i: int, exc: BaseException) -> None:
+        """A crew thread raised: keep what its ioctl did, tell the main thread (it thaws
+        and leaves: the last line of defence)."""
+        with contextlib.suppress(BaseException), self.lock:
+            sub = self.running.pop(i, None)
+            if sub is not None:
+                self._apply(sub)  # a FIFREEZE that returned 0 is ours to thaw
+            self.busy.discard(i)  # its thread is out of the kernel
+        self.crash = f"ioctl thread {i}: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
+
+    def _dispatch(self, job: _Job) -> None:
+        """Hand each volume of ``job`` to its parked thread. A freeze wave that sets
+        expedited grace periods does that on its first volume's thread first (the main
+        thread never waits on the holders' lock)."""
+        if job.expedite in ("set", "set-restore"):
+            self.crew.submit(job.idxs[0], lambda: self._expedite_then_run(job))
+        else:
+            for sub in job.subs:
+                self.crew.submit(sub.idx, functools.partial(self._run_sub, job, sub))
+
+    def _expedite_then_run(self, job: _Job) -> None:
+        if self.expired is None:
+            self.rcu.acquire()
+        for sub in job.subs[1:]:
+            self.crew.submit(sub.idx, functools.partial(self._run_sub, job, sub))
+        self._run_sub(job, job.subs[0])
+
+    def _run_sub(self, job: _Job, sub: _Job) -> None:
+        """One volume's ioctl, on its thread. Its result goes into the volume's state at
+        once (an expiry thaws it from there, whatever its wave-mates do); the main thread
+        hears of it only if it returned after an expiry. The last of a wave answers."""
+        self.running[sub.idx] = sub
+        self._ioctl(sub)
+        if self.fault_worker and sub.op == "freeze":
+            raise _InjectedFault("injected by QUIESCE_FAULT=guardian:worker-raise")
+        with self.lock:
+            self.running.pop(sub.idx, None)
+            self._apply(sub)
+            sub.late = self.expired is not None and "errno" in sub.result
+            job.left -= 1
+            last = job.left == 0
+        if sub.late:
+            self.finished.put(sub)
+            os.write(self.wake_w, b"x")
+        if last:
+            self._finish(job)
 
     def _ioctl(self, job: _Job) -> None:
         """One FIFREEZE or FITHAW; its result is in ``job.result``."""
@@ -267,53 +307,32 @@ class _Guardian:
             code = kernel.thaw_errno(v.spec.fd)
         job.result = {"ok": code == 0, "errno": code, "start": t0, "end": _now()}
 
-    def _wave(self, job: _Job) -> None:
-        """Volumes with no order between them, each on its own thread; every volume's
-        result reaches the main thread as soon as its ioctl returns (an expiry thaws it
-        then), the wave's answer once all returned. Expedited grace periods are set
-        before the first FIFREEZE and restored once the last returned."""
-        op = job.op.removesuffix("_wave")
-        sets = job.expedite in ("set", "set-restore")
-        subs: list[_Job] = []
-        try:
-            if sets and self.expired is None:
-                self.rcu.acquire()
-            subs = [_Job(op, i, None, None) for i in job.idxs]
-            with self.lock:
-                self.pending += len(subs)
-
-            def one(sub: _Job) -> None:
-                try:
-                    self._ioctl(sub)
-                finally:
-                    self.finished.put(sub)
-                    os.write(self.wake_w, b"x")
-
-            threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in subs[1:]]
-            for t in threads:
-                t.start()
-            if subs:
-                one(subs[0])
-            for t in threads:
-                t.join()
-        finally:
-            ok = bool(subs) and all(s.result.get("ok") for s in subs)
-            if op == "freeze" and (job.expedite in ("restore", "set-restore") or not ok):
-                self.rcu.release()
+    def _finish(self, job: _Job) -> None:
+        """The last volume's thread: answer the controller straight away (no hop through
+        the main thread inside the window), then restore grace periods after a group's
+        last FIFREEZE or a failed one, then let the main thread do its bookkeeping."""
+        subs = job.subs
+        wave = job.op in ("freeze_wave", "thaw_wave")
+        ok = all(s.result.get("ok") for s in subs)
         with self.lock:
-            for sub in subs:
-                self._apply(sub)
-            job.result = {
-                "ok": ok,
-                "results": {str(s.idx): s.result for s in subs},
-                "expedite": self.rcu.state,
-                "expedite_reason": self.rcu.reason,
-            }
+            if wave:
+                job.result = {
+                    "ok": ok,
+                    "results": {str(s.idx): s.result for s in subs},
+                    "expedite": self.rcu.state,
+                    "expedite_reason": self.rcu.reason,
+                }
+            else:
+                job.result = dict(subs[0].result)
             if self.expired is not None:
                 job.result["ok"] = False
                 job.result["expired"] = self.expired
-        if job.reply is not None and job.reply is self.ctl_at_start:
+        if wave and job.reply is not None and job.reply is self.ctl_at_start:
             job.answered = send(self.ctl_w, {"id": job.req_id, **job.result}, wait=False)
+        if job.op == "freeze_wave" and (job.expedite in ("restore", "set-restore") or not ok):
+            self.rcu.release()
+        self.finished.put(job)
+        os.write(self.wake_w, b"x")
 
     def _apply(self, job: _Job) -> None:
         """Apply a finished ioctl to the state (call under the lock; once per job)."""
@@ -344,27 +363,23 @@ class _Guardian:
             job.result = res | {"ok": False, "expired": self.expired}
 
     def _complete(self, job: _Job) -> None:
-        """Main thread: a finished job's after-effects; answer the requester (unless the
-        worker did: a wave's answer goes straight from the worker, one wake-up less)."""
-        if job.op in ("freeze_wave", "thaw_wave"):  # its volumes were applied already
+        """Main thread: a finished request (answer it unless its last thread did), or an
+        ioctl that returned after an expiry (thaw it, and the inner volumes that waited)."""
+        if not job.late:
             with self.lock:
                 self.pending -= 1
             if job.reply is not None and not job.answered:
                 self._answer(job.reply, {"id": job.req_id, **job.result})
             return
-        thaw_after: list[int] = []
         with self.lock:
-            self._apply(job)
-            self.pending -= 1
-            if self.expired is not None and "errno" in job.result:
-                # The expiry came while this ioctl was in flight: finish the thaw now.
-                thaw_after = [i for i, w in enumerate(self.vols) if w.deferred_thaw]
-                if self.vols[job.idx].state == "frozen":
-                    thaw_after.append(job.idx)
+            waiting = self._deferred()  # inners of ioctls still in flight wait on
+            thaw_after = [
+                i for i, w in enumerate(self.vols) if w.deferred_thaw and i not in waiting
+            ]
+            if self.vols[job.idx].state == "frozen":
+                thaw_after.append(job.idx)
         if thaw_after:
             self._thaw_indices(sorted(set(thaw_after), reverse=True), self.expired or {})
-        if job.reply is not None:
-            self._answer(job.reply, {"id": job.req_id, **job.result})
 
     @staticmethod
     def _release(v: _VolState) -> None:
@@ -455,20 +470,15 @@ class _Guardian:
                     with contextlib.suppress(BaseException):
                         kernel.thaw_errno(v.spec.fd)
                         v.state = "thawed"
-        # An ioctl still in flight decides the rest: wait for it while its thread lives.
-        worker = getattr(self, "worker_thread", None)
-        while self.pending > 0 and worker is not None and worker.is_alive():
-            try:
-                job = self.finished.get(timeout=0.2)
-            except queue.Empty:
-                continue
+        # An ioctl still in flight decides the rest: wait for it while its thread lives
+        # (the thread puts its result into the volume's state itself).
+        crew = getattr(self, "crew", None)
+        while crew is not None:
             with self.lock:
-                self.pending -= 1
-            v = self.vols[job.idx]
-            if job.op == "freeze" and job.result.get("errno") == 0:
-                v.state = "frozen"  # ours: the FIFREEZE completed
-            elif job.op == "freeze" and "errno" in job.result:
-                v.state = "foreign" if job.result["errno"] == errno.EBUSY else "failed"
+                waiting = [i for i in self.busy if crew.alive(i)]
+            if not waiting:
+                break
+            time.sleep(0.05)
         # Nothing is in flight any more (or its thread is dead): whatever we know we
         # froze is thawed now, inner volumes included.
         for i in range(len(self.vols) - 1, -1, -1):
@@ -501,9 +511,15 @@ class _Guardian:
         if self.expired is not None:
             self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
             return
+        job = _Job(op, idx, reply, req_id, idxs=tuple(idxs) or (idx,), expedite=expedite)
+        base = op.removesuffix("_wave")
+        job.subs = [_Job(base, i, None, None) for i in job.idxs]
+        job.left = len(job.subs)
         with self.lock:
             self.pending += 1
-        self.jobs.put(_Job(op, idx, reply, req_id, idxs=tuple(idxs), expedite=expedite))
+            if base == "freeze" and self.deadline is None and self.dispatched is None:
+                self.dispatched = _now()
+        self._dispatch(job)
 
     def _on_controller(self) -> None:
         assert self.ctl is not None
@@ -678,7 +694,13 @@ class _Guardian:
             over = self.linger_until is not None and _now() >= self.linger_until
             t = [None if over else self.linger_until, self.retry_at]
         elif self._frozen_count() or self.pending:
-            t = [self.deadline, self.lease_until]
+            deadline = self.deadline
+            if deadline is None and self.dispatched is not None:
+                # Its threads set the deadline when the first FIFREEZE returns, without
+                # waking us: it is no earlier than this.
+                hint = self.dispatched + self.timeout_ns
+                deadline = hint if hint > _now() else None
+            t = [deadline, self.lease_until]
         else:
             t = [self.lease_until]  # a silent controller with nothing frozen: just leave
         t = [x for x in t if x is not None]
@@ -702,8 +724,8 @@ class _Guardian:
         return self.detached and any(v.state == "thawed" for v in self.vols)
 
     def run(self) -> None:
-        self.worker_thread = threading.Thread(target=self._worker, name="ioctl", daemon=True)
-        self.worker_thread.start()
+        # Before anything is frozen: one parked thread per volume (crew.py).
+        self.crew = Crew(len(self.vols), self._crashed)
         assert self.ctl is not None
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -743,10 +765,12 @@ class _Guardian:
             lease_over = self.lease_until is not None and now >= self.lease_until
             idle = not self._frozen_count() and not self.pending
             if self.expired is None and lease_over and idle:
+                self.crew.close()
                 return  # a stuck controller that froze nothing: nothing to guard
             if self.done and self._frozen_count() and self.expired is None and not self.pending:
                 self._expire("controller-finished-while-frozen")
             if self._should_exit():
+                self.crew.close()
                 return
 
     def remove_socket(self) -> None:
