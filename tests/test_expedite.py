@@ -204,6 +204,39 @@ def test_concurrent_runs_restore_only_after_both(rig: Rig, knob: Path) -> None:
     assert value(knob) == "0" and record() is None
 
 
+def test_a_run_that_opened_the_record_just_before_it_was_removed_still_restores(
+    knob: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last holder out removes the record under its lock. A run that opened the file
+    just before waits on that lock and then holds a removed file: its entry must go into
+    a live record, or its release finds none and leaves the value set with no record
+    (how rcu_expedited was once left at 1 in CI)."""
+    a = expedite.Expedite(os.getpid())
+    assert a.acquire() == "on" and value(knob) == "1"
+    other = subprocess.Popen(["sleep", "60"])  # the second holder: a live process
+    try:
+        b = expedite.Expedite(other.pid)
+        real, raced = expedite.fcntl.flock, []
+
+        def flock(fd: int, op: int) -> None:
+            if not raced:  # b has opened the record; a leaves before b gets the lock
+                raced.append(fd)
+                a.release()
+                assert value(knob) == "0" and record() is None
+            real(fd, op)
+
+        monkeypatch.setattr(expedite.fcntl, "flock", flock)
+        assert b.acquire() == "on" and raced
+        assert value(knob) == "1"
+        rec = record()
+        assert rec is not None and [h["pid"] for h in rec["holders"]] == [other.pid]
+        b.release()
+        assert value(knob) == "0" and record() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_an_admins_setting_is_left_alone(rig: Rig, knob: Path) -> None:
     knob.write_text("1\n")
     vol = rig.volumes(1)[0]

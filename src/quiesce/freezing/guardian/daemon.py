@@ -308,9 +308,9 @@ class _Guardian:
         job.result = {"ok": code == 0, "errno": code, "start": t0, "end": _now()}
 
     def _finish(self, job: _Job) -> None:
-        """The last volume's thread: answer the controller straight away (no hop through
-        the main thread inside the window), then restore grace periods after a group's
-        last FIFREEZE or a failed one, then let the main thread do its bookkeeping."""
+        """The last volume's thread: restore grace periods after a group's last FIFREEZE
+        (or a failed one), answer the controller itself (no hop through the main thread
+        inside the window), then let the main thread do its bookkeeping."""
         subs = job.subs
         wave = job.op in ("freeze_wave", "thaw_wave")
         ok = all(s.result.get("ok") for s in subs)
@@ -327,10 +327,10 @@ class _Guardian:
             if self.expired is not None:
                 job.result["ok"] = False
                 job.result["expired"] = self.expired
+        if job.op == "freeze_wave" and (job.expedite in ("restore", "set-restore") or not ok):
+            self.rcu.release()  # before the answer: nothing may be left set once it is out
         if wave and job.reply is not None and job.reply is self.ctl_at_start:
             job.answered = send(self.ctl_w, {"id": job.req_id, **job.result}, wait=False)
-        if job.op == "freeze_wave" and (job.expedite in ("restore", "set-restore") or not ok):
-            self.rcu.release()
         self.finished.put(job)
         os.write(self.wake_w, b"x")
 
