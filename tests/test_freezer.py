@@ -290,3 +290,43 @@ def test_an_armed_freezer_freezes_at_once_and_an_unused_arm_leaves_nothing(loopf
         pid = f.window.guardian_pid
         f.thaw()  # nothing was frozen: the guardian is ended all the same
     assert _gone(pid) and is_writable(fs.path)
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(90)
+def test_the_in_process_ioctl_threads_end_with_the_freeze_on_every_path(loopfs) -> None:
+    """Without a guardian the controller's own process runs one parked ioctl thread per
+    volume (started before the window, woken together): success, a rollback (a stranger
+    froze one volume: EBUSY) and an exception in the body all end them, and leave no fd
+    open that was not open before."""
+    import threading
+
+    vols = [loopfs("ext4") for _ in range(3)]
+    paths = [v.path for v in vols]
+    before_threads, before_fds = threading.active_count(), _fds()
+
+    with quiesce.freeze(paths, timeout=30, guardian=False) as window:
+        assert threading.active_count() == before_threads + 3, "not one thread per volume"
+        assert all(not is_writable(p, timeout=0.2) for p in paths)
+    assert [v.state for v in window.volumes] == ["thawed"] * 3
+
+    vols[1].freeze_externally()
+    try:
+        with pytest.raises(quiesce.QuiesceError), quiesce.freeze(paths, guardian=False):
+            pytest.fail("the group froze around a stranger's freeze")
+        assert not is_writable(vols[1].path, timeout=0.3), "the stranger's freeze was thawed"
+    finally:
+        vols[1].thaw_externally()
+
+    with pytest.raises(KeyError), quiesce.freeze(paths, timeout=30, guardian=False):
+        raise KeyError("the body failed")
+
+    assert all(is_writable(p) for p in paths)
+    end = time.monotonic() + 5
+    while threading.active_count() > before_threads and time.monotonic() < end:
+        time.sleep(0.01)
+    assert threading.active_count() == before_threads, threading.enumerate()
+    assert _fds() == before_fds

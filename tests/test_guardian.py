@@ -690,3 +690,74 @@ def test_a_stuck_fifreeze_does_not_hold_back_the_thaw_of_its_wave(rig: Rig) -> N
     lines = kmsg_lines(gpid)
     for p in (inner.path, other.path):
         assert any(ln.startswith(f"thawed {p} (controller-died)") for ln in lines), lines
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_the_guardians_ioctl_threads_are_parked_before_the_first_freeze(rig: Rig) -> None:
+    """One thread per volume, started with the guardian (fault point 'prepare': nothing
+    frozen yet), so that a wave's FIFREEZEs start without a thread start in the window."""
+    vols = rig.volumes(3)
+    proc = rig.controller([v.path for v in vols], fault="prepare", args=["--lease", "60"])
+    wait_stopped(proc)
+    gpid = rig.track(guardian_of(proc.pid))
+    assert states(gpid) == ["idle"] * 3
+    assert threads_of(gpid) == 1 + 3, "not the main thread plus one parked per volume"
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert [v["state"] for v in last_json(out)["window"]["volumes"]] == ["thawed"] * 3
+    assert wait_gone(gpid)
+    rig.check_writers()
+
+
+def test_an_ioctl_thread_that_breaks_after_its_freeze_thaws_the_group(rig: Rig) -> None:
+    """QUIESCE_FAULT=guardian:worker-raise: each ioctl thread raises right after its
+    FIFREEZE returned 0, before it recorded the result. The frozen volumes are still
+    known as ours: the last line of defence thaws them all and the guardian leaves."""
+    vols = rig.volumes(2)
+    proc = rig.controller(
+        [v.path for v in vols], fault="guardian:worker-raise", args=["--lease", "60"]
+    )
+    gpid = rig.track(guardian_of(proc.pid))
+    out, err = proc.communicate(timeout=60)
+    data = last_json(out)
+    assert proc.returncode != 0 and data["error"] == "GuardianError", (out, err)
+    assert all(is_writable(v.path, timeout=5.0) for v in vols), "left frozen"
+    assert wait_gone(gpid)
+    lines = kmsg_lines(gpid)
+    assert any(ln.startswith("internal error: RuntimeError: ioctl thread") for ln in lines), lines
+    for v in vols:
+        assert any(ln.startswith(f"thawed {v.path} (guardian-error") for ln in lines), lines
+    rig.check_writers()
+
+
+@pytest.mark.timeout(90)
+def test_the_deadline_holds_while_a_wave_mate_is_stuck_and_there_is_no_lease(rig: Rig) -> None:
+    """No lease (nothing from the controller while it waits for the wave) and one FIFREEZE
+    stuck in the kernel: its wave-mate's thread froze it and set the deadline without
+    waking the main thread (which may have gone to sleep before), and no answer goes out
+    while one ioctl is in flight: the main thread must still thaw the wave-mate on time."""
+    outer = rig.loopfs("ext4", size_mb=128)
+    inner = rig.loopfs("ext4", image_dir=outer.mountpoint)
+    other = rig.volumes(1)[0]
+    with open(os.path.join(inner.path, "dirty.bin"), "wb") as f:
+        f.write(os.urandom(8 << 20))  # page cache only: no fsync
+    outer.freeze_externally()
+    try:
+        args = ["--no-syncfs", "--timeout", "2", "--lease", "0"]
+        proc = rig.controller([inner.path, other.path], args=args)
+        gpid = rig.track(guardian_of(proc.pid))
+        # No request to the guardian from here on: one would wake its main thread.
+        wait_for(lambda: not is_writable(other.path, timeout=0.2), "the wave-mate frozen", 10)
+        assert is_writable(other.path, timeout=15.0), "held past the deadline"
+        st = status(gpid)
+        assert st["expired"]["reason"] == "deadline"
+        assert [v["state"] for v in st["volumes"]] == ["freezing", "thawed"]
+    finally:
+        thaw_quietly(outer.path)
+    assert is_writable(inner.path, timeout=5.0), "inner still frozen: the late freeze leaked"
+    proc.communicate(timeout=30)
+    assert wait_gone(gpid)
