@@ -293,11 +293,12 @@ def ms(s: float) -> str:
 
 # -- the freeze window at the hardware's limit (issue 12) ----------------------------------
 
-FREEZE_METHODS = ("pair", "serial", "now")
+FREEZE_METHODS = ["pair", "serial", "now"]  # --methods; "base" needs --baseline-src
 FREEZE_LABEL = {
     "pair": "fsfreeze -f ...; fsfreeze -u ...",
     "serial": "quiesce --no-expedite, serial",
     "now": "quiesce (expedite, concurrent)",
+    "base": "the same, --baseline-src's code",
 }
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F"],
@@ -374,6 +375,53 @@ def quiesce_freeze(paths: list[str], *, expedite: bool, concurrent: bool) -> tup
     return w.duration, t0, t1, w.start_ns / 1e9, w.end_ns / 1e9
 
 
+BASELINE_HELPER = r"""
+import json, sys, time
+import quiesce
+for line in sys.stdin:
+    paths = json.loads(line)
+    t0 = time.monotonic()
+    with quiesce.freeze(paths, timeout=30) as w:
+        pass
+    t1 = time.monotonic()
+    skipped = (w.syncfs or "").startswith("skipped")
+    print(json.dumps([w.duration, t0, t1, w.start_ns / 1e9, w.end_ns / 1e9, skipped]), flush=True)
+"""
+
+
+class Baseline:
+    """quiesce "now" from another source tree (e.g. main's ``src``), in a helper process
+    that freezes on request, so that before/after windows interleave in one run (the
+    same CLOCK_MONOTONIC: the writer's stalls are charged the same way)."""
+
+    def __init__(self, src: str) -> None:
+        env = {**os.environ, "PYTHONPATH": src}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", BASELINE_HELPER], env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        self.skipped = 0
+
+    def freeze(self, paths: list[str]) -> tuple[float, ...]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(paths) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the baseline helper died (see its stderr above)")
+        *run, skipped = json.loads(line)
+        self.skipped += skipped
+        return tuple(run)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+BASELINE: list[Baseline] = []  # set by freeze_table from --baseline-src
+
+
 def stalls(slow: list[list[float]], runs: list[tuple[float, ...]]) -> dict[str, float]:
     """Per snapshot, the writer's worst stall overlapping its operation, split into the
     part inside its window and the part outside; medians and maxima over snapshots."""
@@ -397,6 +445,7 @@ def stalls(slow: list[list[float]], runs: list[tuple[float, ...]]) -> dict[str, 
 
 
 def freeze_case(paths: list[str], profile: str, n: int) -> dict[str, dict[str, float]]:
+    load = os.getloadavg()[0]
     writer = None
     if profile != "idle":
         writer = subprocess.Popen(
@@ -408,6 +457,7 @@ def freeze_case(paths: list[str], profile: str, n: int) -> dict[str, dict[str, f
         "pair": lambda: fsfreeze_pair(paths),
         "serial": lambda: quiesce_freeze(paths, expedite=False, concurrent=False),
         "now": lambda: quiesce_freeze(paths, expedite=True, concurrent=True),
+        "base": lambda: BASELINE[0].freeze(paths),
     }
     runs: dict[str, list[tuple[float, ...]]] = {m: [] for m in FREEZE_METHODS}
     try:
@@ -425,12 +475,18 @@ def freeze_case(paths: list[str], profile: str, n: int) -> dict[str, dict[str, f
     res = {}
     skipped = dict(SYNCFS_SKIPPED)
     SYNCFS_SKIPPED.update({True: 0, False: 0})
+    base_skipped = 0
+    if BASELINE:
+        base_skipped, BASELINE[0].skipped = BASELINE[0].skipped, 0
     for m in FREEZE_METHODS:
         windows = [r[0] for r in runs[m]]
         res[m] = {"median": statistics.median(windows), "p95": pct(windows, 95)}
         if writer is not None:
             res[m] |= stalls(slow, runs[m])
-    res["now"]["syncfs_skipped"] = skipped[True]
+    for m, k in (("now", skipped[True]), ("base", base_skipped)):
+        if m in res:
+            res[m]["syncfs_skipped"] = k
+    res["_load"] = {"at": max(load, os.getloadavg()[0])}  # the higher, start or end
     return res
 
 
@@ -438,6 +494,20 @@ def freeze_table(args: argparse.Namespace) -> None:
     """The freeze window alone (no snapshot): fsfreeze pair vs quiesce before/after."""
     groups = [int(g) for g in args.groups.split(",")]
     profiles = args.profiles.split(",")
+    FREEZE_METHODS[:] = args.methods.split(",")
+    if "base" in FREEZE_METHODS:
+        if not args.baseline_src:
+            raise SystemExit("--methods base needs --baseline-src")
+        BASELINE.append(Baseline(args.baseline_src))
+    try:
+        _freeze_table(args, groups, profiles)
+    finally:
+        for b in BASELINE:
+            b.close()
+        BASELINE.clear()
+
+
+def _freeze_table(args: argparse.Namespace, groups: list[int], profiles: list[str]) -> None:
     results: dict[tuple[str, int, str], dict[str, dict[str, float]]] = {}
     for fstype in args.fs.split(","):
         vols = Volumes(fstype, max(groups))
@@ -455,6 +525,7 @@ def freeze_table(args: argparse.Namespace) -> None:
     print(f"  {'fs':6} {'vols':>4} {'writer':6} {'method':32} {'median':>11} {'p95':>11} "
           + " ".join(f"{c:>11}" for c in cols))  # fmt: skip
     for (fstype, g, profile), res in results.items():
+        print(f"  {fstype:6} {g:>4} {profile:6} load average {res['_load']['at']:.2f}")
         for m in FREEZE_METHODS:
             r = res[m]
             st = (
@@ -463,12 +534,15 @@ def freeze_table(args: argparse.Namespace) -> None:
                 if "stall_med" in r
                 else ""
             )
-            skip = f"  (syncfs skipped {r['syncfs_skipped']}/{args.n})" if m == "now" else ""
+            k = r.get("syncfs_skipped")
+            skip = f"  (syncfs skipped {k}/{args.n})" if k is not None else ""
             print(f"  {fstype:6} {g:>4} {profile:6} {FREEZE_LABEL[m]:32} {ms(r['median'])} "
                   f"{ms(r['p95'])} {st}{skip}")  # fmt: skip
     print("\n  targets (median ratios; target in brackets):")
     for (fstype, g, profile), res in results.items():
         if profile != "fsync" or g != min(groups):
+            continue
+        if "now" not in res or "pair" not in res:
             continue
         now, pair = res["now"], res["pair"]
         print(f"  {fstype:6} fsync writer: window now/pair {now['median'] / pair['median']:.3f} "
@@ -479,10 +553,11 @@ def freeze_table(args: argparse.Namespace) -> None:
         one = results.get((fstype, 1, profile))
         if g == 1 or one is None:
             continue
-        for m in ("serial", "now"):
+        for m in [m for m in ("serial", "now", "base") if m in res]:
             print(f"  {fstype:6} {profile:6} group of {g} / one volume ({m}): "
                   f"{res[m]['median'] / one[m]['median']:.2f}"
-                  + (" [<= 1.5]" if g == 4 and m == "now" else ""))  # fmt: skip
+                  + (" [<= 1.5]" if g == 4 and m != "serial" else "")
+                  + f"  (load {one['_load']['at']:.1f} / {res['_load']['at']:.1f})")  # fmt: skip
 
 
 def reflink_table(args: argparse.Namespace) -> None:
@@ -540,6 +615,13 @@ def main() -> int:
     ap.add_argument("--fs", default="ext4,xfs,btrfs", help="freeze table: filesystems")
     ap.add_argument("--groups", default="1,2,4", help="freeze table: group sizes")
     ap.add_argument("--profiles", default="idle,fsync,bulk", help="freeze table: writer profiles")
+    ap.add_argument(
+        "--methods", default="pair,serial,now", help="freeze table: of pair, serial, now, base"
+    )
+    ap.add_argument(
+        "--baseline-src",
+        help="freeze table, method base: another tree's src (e.g. /work/main/src), interleaved",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)
