@@ -112,6 +112,7 @@ class _Job:
     subs: list[_Job] = field(default_factory=list)  # one per volume (a single op: one)
     left: int = 0  # volumes whose ioctl has not returned yet
     late: bool = False  # a volume's ioctl that returned after the expiry
+    chain: bool = False  # its volumes one after another, in order (a client's thaw)
 
 
 class _InjectedFault(RuntimeError):
@@ -258,6 +259,9 @@ class _Guardian:
         thread never waits on the holders' lock)."""
         if job.expedite in ("set", "set-restore"):
             self.crew.submit(job.idxs[0], lambda: self._expedite_then_run(job))
+        elif job.chain:
+            sub = job.subs[0]
+            self.crew.submit(sub.idx, functools.partial(self._run_sub, job, sub))
         else:
             for sub in job.subs:
                 self.crew.submit(sub.idx, functools.partial(self._run_sub, job, sub))
@@ -283,9 +287,12 @@ class _Guardian:
             sub.late = self.expired is not None and "errno" in sub.result
             job.left -= 1
             last = job.left == 0
+            nxt = job.subs[len(job.subs) - job.left] if job.chain and not last else None
         if sub.late:
             self.finished.put(sub)
             os.write(self.wake_w, b"x")
+        if nxt is not None:
+            self.crew.submit(nxt.idx, functools.partial(self._run_sub, job, nxt))
         if last:
             self._finish(job)
 
@@ -322,8 +329,8 @@ class _Guardian:
                     "expedite": self.rcu.state,
                     "expedite_reason": self.rcu.reason,
                 }
-            else:
-                job.result = dict(subs[0].result)
+            else:  # a single op, or a client's thaw: its last volume's (as always)
+                job.result = dict(subs[-1].result)
             if self.expired is not None:
                 job.result["ok"] = False
                 job.result["expired"] = self.expired
@@ -502,7 +509,14 @@ class _Guardian:
         conn.close()
 
     def _submit(
-        self, op: str, idx: int, reply: Any, req_id: Any, idxs: Sequence[int] = (), expedite=""
+        self,
+        op: str,
+        idx: int,
+        reply: Any,
+        req_id: Any,
+        idxs: Sequence[int] = (),
+        expedite: str = "",
+        chain: bool = False,
     ) -> None:
         bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.vols)]
         if bad:
@@ -512,6 +526,7 @@ class _Guardian:
             self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
             return
         job = _Job(op, idx, reply, req_id, idxs=tuple(idxs) or (idx,), expedite=expedite)
+        job.chain = chain
         base = op.removesuffix("_wave")
         job.subs = [_Job(base, i, None, None) for i in job.idxs]
         job.left = len(job.subs)
@@ -622,8 +637,9 @@ class _Guardian:
                 },
             )
             return
-        for n, i in enumerate(idxs):
-            self._submit("thaw", i, conn if n == len(idxs) - 1 else None, req.id)
+        # One after another in reverse plan order (the fs holding a loop image before the
+        # fs on that image), answered once all returned.
+        self._submit("thaw", idxs[0], conn, req.id, idxs, chain=True)
 
     def _forget(self, conn: socket.socket, req: Request) -> None:
         """A newer freeze of these volumes began: a finished guardian's story is history
