@@ -761,3 +761,21 @@ def test_the_deadline_holds_while_a_wave_mate_is_stuck_and_there_is_no_lease(rig
     assert is_writable(inner.path, timeout=5.0), "inner still frozen: the late freeze leaked"
     proc.communicate(timeout=30)
     assert wait_gone(gpid)
+
+
+def test_a_thaw_of_several_volumes_is_answered_once_all_are_thawed(rig: Rig) -> None:
+    """One client request naming several devices (as the fleet's preflight sends): the
+    guardian thaws them one after another and answers only when the last returned."""
+    a, b, c = rig.volumes(3)
+    r = cli("freeze", "--json", "--timeout", "30", a.path, b.path, c.path)
+    assert r.returncode == 0, r.stderr
+    held = json.loads(r.stdout)
+    gpid = rig.track(held["guardian_pid"])
+    devs = [v["dev"] for v in held["volumes"]]
+    reply = guardian.ask(gpid, {"op": "thaw", "devs": devs}, timeout=10.0)
+    assert reply["ok"], reply
+    with contextlib.suppress(GuardianError):  # it may have left: nothing left to guard
+        assert [v["state"] for v in status(gpid)["volumes"]] == ["thawed"] * 3
+    assert all(is_writable(v.path) for v in (a, b, c))
+    assert wait_gone(gpid)
+    rig.check_writers(min_stall=0.1)
