@@ -772,6 +772,7 @@ def test_a_thaw_of_several_volumes_is_answered_once_all_are_thawed(rig: Rig) -> 
     held = json.loads(r.stdout)
     gpid = rig.track(held["guardian_pid"])
     devs = [v["dev"] for v in held["volumes"]]
+    assert not is_writable(a.path, timeout=0.3)
     reply = guardian.ask(gpid, {"op": "thaw", "devs": devs}, timeout=10.0)
     assert reply["ok"], reply
     with contextlib.suppress(GuardianError):  # it may have left: nothing left to guard
