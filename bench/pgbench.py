@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import glob
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -65,16 +66,27 @@ def pg_bin() -> Path:
 class Snapshotter:
     """Snapshots the mount every ``interval`` seconds until stopped; records windows."""
 
-    def __init__(self, method: str, mnt: Path, image: Path, state: Path, interval: float):
+    def __init__(
+        self, method: str, mnt: Path, image: Path, state: Path, interval: float, trace: bool
+    ):
         self.method, self.mnt, self.image, self.state = method, mnt, image, state
-        self.interval = interval
+        self.interval, self.trace = interval, trace
         self.windows_ms: list[float] = []
+        self.cpu_s: list[float] = []  # CPU per snapshot: this thread + reaped children
+        self.traces: list[str] = []  # --trace: one line per snapshot, its phases
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.errors: list[str] = []
         self.spans: list[tuple[float, float, str]] = []  # (start, end, phase), wall clock
 
     def _one(self, i: int) -> None:
+        cpu0 = _cpu()
+        try:
+            self._snapshot(i)
+        finally:
+            self.cpu_s.append(_cpu() - cpu0)
+
+    def _snapshot(self, i: int) -> None:
         if self.method == "script":
             snap = self.image.with_name(f"script-{i}.img")
             script = (
@@ -97,6 +109,8 @@ class Snapshotter:
             state_dir=self.state,
         )
         self.windows_ms.append((man.window or {}).get("window_s", 0) * 1000)
+        if self.trace:
+            self.traces.append(_trace_line(man))
         for ph in man.phases:  # sequential: their wall-clock spans, to blame slow transactions
             self.spans.append((t, t + ph["duration_s"], ph["phase"]))
             t += ph["duration_s"]
@@ -120,6 +134,26 @@ class Snapshotter:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join(120)
+
+
+def _cpu() -> float:
+    """CPU seconds of the calling thread plus every child reaped so far."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.thread_time() + ch.ru_utime + ch.ru_stime
+
+
+def _trace_line(man) -> str:
+    """One snapshot's phases (ms), pre-freeze syncfs, and what prepare did."""
+    phases = " ".join(f"{p['phase']} {p['duration_s'] * 1000:.0f}" for p in man.phases)
+    w = man.window or {}
+    sync = [v.get("syncfs_s") for v in w.get("volumes", [])]
+    sync_ms = ",".join(f"{x * 1000:.0f}" for x in sync if x is not None) or "-"
+    prep = [s.get("extra", {}).get("prepare") for s in man.snapshots]
+    ranges = [s.get("extra", {}).get("ranges_in_window") for s in man.snapshots]
+    return (
+        f"{phases} | window syncfs {w.get('syncfs')} {sync_ms} ms,"
+        f" in-window ranges {ranges} | prepare {prep}"
+    )
 
 
 def latencies_ms(prefix: Path) -> list[tuple[float, float]]:
@@ -152,7 +186,8 @@ def pct(xs: list[float], p: float) -> float:
 
 def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path) -> dict:
     prefix = work / f"log-{method}"
-    with Snapshotter(method, mnt, image, work / "state", args.interval) as snap:
+    trace = getattr(args, "trace", False)
+    with Snapshotter(method, mnt, image, work / "state", args.interval, trace) as snap:
         out = sh(
             str(pgb / "pgbench"), "-h", str(work / "run"), "-p", str(PORT), "-U", "postgres",
             "-c", "4", "-j", "2", "-T", str(args.seconds), "-l", "--log-prefix", str(prefix),
@@ -168,6 +203,8 @@ def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path)
         "p999": pct(lat, 0.999),
         "max": lat[-1] if lat else float("nan"),
         "windows": snap.windows_ms,
+        "cpu": snap.cpu_s,
+        "traces": snap.traces,
         "errors": snap.errors,
         "blame": blame(slow, snap.spans),
     }
@@ -183,6 +220,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=60, help="seconds of unmeasured aging")
     ap.add_argument("--slow-ms", type=float, default=100, help="report where these overlap")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--trace", action="store_true", help="print each snapshot's phases")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -248,6 +286,11 @@ def main() -> None:
                         f"  p99.9 {res['p999']:7.1f}  max {res['max']:8.1f} ms;"
                         f"  {len(w)} snapshots, window median"
                         f" {statistics.median(w) if w else 0:7.1f} max {max(w, default=0):7.1f} ms"
+                        + (
+                            f"; CPU/snapshot median {statistics.median(res['cpu']) * 1000:.0f} ms"
+                            if res["cpu"]
+                            else ""
+                        )
                         + (f"  ERRORS {res['errors'][:2]}" if res["errors"] else "")
                         + (
                             f"\n      slow transactions overlap: {res['blame']}"
@@ -256,6 +299,9 @@ def main() -> None:
                         ),
                         flush=True,
                     )
+                    for line in res["traces"]:
+                        print(f"      {line}")
+                    print(f"      load average {os.getloadavg()}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nload average {os.getloadavg()}")

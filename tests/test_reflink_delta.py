@@ -42,11 +42,11 @@ class WithReference(ReflinkProvider):
             ref = c.dest + ".ref"
             self.refs.append((ref, os.open(ref, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)))
 
-    def _catch_up(self, c: reflink_mod._Clone) -> int:
+    def _catch_up(self, c: reflink_mod._Clone, pacer=None) -> int:
         if self.in_window and self.skip_window_delta:
             c.trace.drain()  # type: ignore[union-attr]
             return 0
-        return super()._catch_up(c)
+        return super()._catch_up(c, pacer)
 
     in_window = False
 

@@ -66,6 +66,17 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _set_filter(path: str, kdev: int) -> None:
+    """Let the kernel drop other devices' events, reads and empty requests (flushes): a
+    busy database reads far more than it writes, and every event kept is one more line
+    for :meth:`WriteTrace.drain` to parse. A kernel that cannot filter on ``rwbs`` gets
+    the device filter alone (drain skips reads itself)."""
+    try:
+        _write(path, f'dev == {kdev} && nr_sector > 0 && !(rwbs ~ "R*")')
+    except OSError:
+        _write(path, f"dev == {kdev}")
+
+
 def _remove_instance(inst: str) -> None:
     with contextlib.suppress(OSError):
         _write(os.path.join(inst, EVENT, "enable"), "0")
@@ -107,7 +118,7 @@ class WriteTrace:
                 self._made = True
                 _write(os.path.join(inst, "options/overwrite"), "0")
                 _write(os.path.join(inst, "buffer_size_kb"), str(buffer_kb))
-                _write(os.path.join(inst, EVENT, "filter"), f"dev == {kdev}")
+                _set_filter(os.path.join(inst, EVENT, "filter"), kdev)
                 self._stats = [
                     os.open(os.path.join(inst, "per_cpu", cpu, "stats"), os.O_RDONLY)
                     for cpu in sorted(os.listdir(os.path.join(inst, "per_cpu")))
@@ -178,13 +189,16 @@ def _reap_stale(root: str) -> None:
                 _remove_instance(os.path.join(inst_dir, name))
 
 
-def merge(spans: list[tuple[int, int]], align: int = 1) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping (offset, length) covering ``spans``, widened to ``align``."""
+def merge(
+    spans: list[tuple[int, int]], align: int = 1, gap: int = 0
+) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping (offset, length) covering ``spans``, widened to ``align``;
+    spans at most ``gap`` bytes apart become one (covering the gap too)."""
     out: list[tuple[int, int]] = []
     for off, length in sorted(spans):
         start = off - off % align
         stop = -(-(off + length) // align) * align
-        if out and start <= out[-1][0] + out[-1][1]:
+        if out and start <= out[-1][0] + out[-1][1] + gap:
             prev_start, prev_len = out[-1]
             out[-1] = (prev_start, max(prev_len, stop - prev_start))
         else:
