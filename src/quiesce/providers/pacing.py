@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-TARGET_S = 0.002  # the lock hold a piece aims at
-MIN_PIECE = 256 << 10
+TARGET_S = 0.004  # the lock hold a piece aims at
+MIN_PIECE = 1 << 20  # below this the calls' own cost (CPU) outweighs shorter holds
 MAX_PIECE = 64 << 20
-FIRST_PIECE = 4 << 20
+FIRST_PIECE = 16 << 20
 
 
 @dataclass

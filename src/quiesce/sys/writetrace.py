@@ -189,9 +189,7 @@ def _reap_stale(root: str) -> None:
                 _remove_instance(os.path.join(inst_dir, name))
 
 
-def merge(
-    spans: list[tuple[int, int]], align: int = 1, gap: int = 0
-) -> list[tuple[int, int]]:
+def merge(spans: list[tuple[int, int]], align: int = 1, gap: int = 0) -> list[tuple[int, int]]:
     """Sorted, non-overlapping (offset, length) covering ``spans``, widened to ``align``;
     spans at most ``gap`` bytes apart become one (covering the gap too)."""
     out: list[tuple[int, int]] = []
