@@ -35,10 +35,6 @@ from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 from quiesce.sys.writetrace import WriteTrace, merge
 
 BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btrfs: 4 KiB)
-# Written ranges at most this far apart are re-cloned in one call (the gap's bytes are
-# unchanged, so cloning them again changes nothing): a database's scattered 8 KiB writes
-# cost one call per cluster instead of one per write.
-GAP = 64 << 10
 CATCH_UP_ROUNDS = 2  # prepare re-clones what was written meanwhile, at most this often ...
 CATCH_UP_ENOUGH = 64  # ... or until a round finds fewer ranges than this
 
@@ -185,14 +181,16 @@ class ReflinkProvider(Provider):
 
     def _pre_clone(self, c: _Clone) -> None:
         """Delta mode, outside the window: flush the volume, trace the loop device, clone
-        the whole image in paced pieces (writes that land meanwhile are in the trace), then
-        re-clone what was written meanwhile, paced too, until little is left.
+        the whole image in paced pieces (writes that land meanwhile are in the trace), flush
+        again and re-clone what was written meanwhile, paced too, until little is left.
 
-        The flush comes first, while the image shares no extent with a clone: its writes
-        overwrite in place. After the pre-clone every write is copied on write, and a flush
-        there (as before) was a burst of copy-on-write writeback that the database's fsyncs
-        queued behind, and thousands of ranges to re-clone. Writes completed before the
-        trace starts are in the image before the clone begins."""
+        The first flush comes while the image shares no extent with a clone (the last
+        snapshot's clone deleted): its writes overwrite in place. After the pre-clone every
+        write is copied on write; one flush there of all that was dirty (as before) was a
+        burst of copy-on-write writeback that the database's fsyncs queued behind, and
+        thousands of ranges to re-clone. The second flush writes only what the clone's
+        time dirtied, so the freeze (and the window's re-clone) finds little. Writes
+        completed before the trace starts are in the image before the clone begins."""
         source = c.member.volume.source
         cpu0, t0 = time.thread_time(), time.monotonic()
         with contextlib.suppress(OSError):
@@ -212,6 +210,9 @@ class ReflinkProvider(Provider):
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
         clone_s = time.monotonic() - t1
+        with contextlib.suppress(OSError):
+            kernel.syncfs(c.member.fd)
+        syncfs_s += time.monotonic() - t1 - clone_s
         rounds: list[int] = []
         for _ in range(CATCH_UP_ROUNDS):
             rounds.append(self._catch_up(c, pacer))
@@ -241,9 +242,7 @@ class ReflinkProvider(Provider):
             return -1
         spans = [(off + c.offset, n) for off, n in drained.ranges]
         ranges = [
-            (off, min(length, c.size - off))
-            for off, length in merge(spans, BLOCK, GAP)
-            if off < c.size
+            (off, min(length, c.size - off)) for off, length in merge(spans, BLOCK) if off < c.size
         ]
         try:
             if pacer is None:
