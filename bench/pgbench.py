@@ -18,6 +18,12 @@ seconds and deletes each snapshot before the next:
 ``--warmup SECONDS`` first runs pgbench with fsfreeze-script snapshots, unmeasured: every
 write after a clone is copied on write, so this ages the image as nights of snapshots would.
 
+Between methods the host is synced (XFS frees the deleted clones' extents in the
+background: the next method must not pay for the last one's) and left idle 3 s.
+``--trace`` prints each snapshot's phases and, for quiesce, what ``prepare`` did (flush,
+pre-clone pieces, the longest, ranges re-cloned, CPU); every method's CPU per snapshot
+(the snapshotting thread plus its children: guardian, fsfreeze, cp) is printed always.
+
 Printed per method: tps, latency p99 / p99.9 / max (ms, from pgbench's per-transaction
 log), the snapshots' windows; then the ratios the goals are stated in: quiesce / script
 for max latency (goal <= 0.25), p99.9 (goal <= 1) and tps (goal >= 1).
@@ -43,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from quiesce import snapshot as snapshots
+from quiesce.sys import kernel
 
 PORT = 54471
 METHODS = ("none", "script", "quiesce", "quiesce-clone")
@@ -180,6 +187,19 @@ def blame(slow: list[tuple[float, float]], spans: list[tuple[float, float, str]]
     return ", ".join(f"{k} {v}" for k, v in sorted(count.items(), key=lambda kv: -kv[1]))
 
 
+def settle(host: Path, pause: float = 3.0) -> None:
+    """Let the last method's deleted clones be freed before the next method starts: XFS
+    frees a deleted file's extents in the background (inodegc), and for a fragmented clone
+    that is seconds of refcount updates and log traffic the next method would pay for.
+    syncfs of the host waits for them."""
+    fd = os.open(host, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        kernel.syncfs(fd)
+    finally:
+        os.close(fd)
+    time.sleep(pause)
+
+
 def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] if xs else float("nan")
 
@@ -275,10 +295,12 @@ def main() -> None:
             if args.warmup:
                 aged = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
                 run_method("script", aged, pgb, mnt, image, work)
+                settle(host)
                 print(f"  aged the image: {args.warmup} s of pgbench with snapshots", flush=True)
             for r in range(args.rounds):
                 for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
                     res = run_method(m, args, pgb, mnt, image, work)
+                    settle(host)
                     results[m].append(res)
                     w = res["windows"]
                     print(
