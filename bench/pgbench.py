@@ -120,6 +120,12 @@ class Snapshotter:
             self.traces.append(_trace_line(man))
         for ph in man.phases:  # sequential: their wall-clock spans, to blame slow transactions
             self.spans.append((t, t + ph["duration_s"], ph["phase"]))
+            if ph["phase"] == "prepare":  # and prepare's own steps, which end with it
+                steps = [(k, v) for s in man.snapshots for k, v in _steps(s)]
+                u = t + ph["duration_s"] - sum(v for _, v in steps)
+                for name, v in steps:
+                    self.spans.append((u, u + v, f"prepare:{name}"))
+                    u += v
             t += ph["duration_s"]
         snapshots.delete(man.id, self.state)
 
@@ -147,6 +153,10 @@ def _cpu() -> float:
     """CPU seconds of the calling thread plus every child reaped so far."""
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.thread_time() + ch.ru_utime + ch.ru_stime
+
+
+def _steps(snap: dict) -> list[tuple[str, float]]:
+    return list(snap.get("extra", {}).get("prepare", {}).get("steps_s", {}).items())
 
 
 def _trace_line(man) -> str:

@@ -11,7 +11,11 @@ ranges are re-cloned (FICLONERANGE), so the window's cost follows the writes sin
 ``prepare``, not the image's size or history. The result is byte for byte what a
 whole-image FICLONE inside the window gives (tests/test_reflink_delta.py compares them).
 Everything slow happens in ``prepare``: the clone files are created and opened there
-(O_CREAT inside the window would be a write that may block).
+(O_CREAT inside the window would be a write that may block), and the pre-clone is made
+gentle for the applications that keep running (see :meth:`ReflinkProvider._pre_clone`):
+the volume is flushed before the image is shared, the clone goes in pieces paced by
+:class:`~quiesce.providers.pacing.Pacer`, and what the manifest's ``extra.prepare`` says
+it did is recorded.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 from quiesce.sys.writetrace import WriteTrace, merge
 
 BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btrfs: 4 KiB)
-CATCH_UP_ROUNDS = 2  # prepare re-clones what was written meanwhile, at most this often ...
+CATCH_UP_ROUNDS = 4  # prepare flushes and re-clones what was written meanwhile, at most
+# this often (a database's checkpoint can write for seconds) ...
 CATCH_UP_ENOUGH = 64  # ... or until a round finds fewer ranges than this
 
 REFLINK_HINT = (
@@ -181,27 +186,32 @@ class ReflinkProvider(Provider):
 
     def _pre_clone(self, c: _Clone) -> None:
         """Delta mode, outside the window: flush the volume, trace the loop device, clone
-        the whole image in paced pieces (writes that land meanwhile are in the trace), flush
-        again and re-clone what was written meanwhile, paced too, until little is left.
+        the whole image in paced pieces (writes that land meanwhile are in the trace), then
+        flush and re-clone what was written meanwhile, paced too, until little is left.
 
         The first flush comes while the image shares no extent with a clone (the last
         snapshot's clone deleted): its writes overwrite in place. After the pre-clone every
         write is copied on write; one flush there of all that was dirty (as before) was a
         burst of copy-on-write writeback that the database's fsyncs queued behind, and
-        thousands of ranges to re-clone. The second flush writes only what the clone's
+        thousands of ranges to re-clone. Each later flush writes only what the last step's
         time dirtied, so the freeze (and the window's re-clone) finds little. Writes
         completed before the trace starts are in the image before the clone begins."""
         source = c.member.volume.source
         cpu0, t0 = time.thread_time(), time.monotonic()
+        steps: dict[str, float] = {}  # seconds of each step, in order
+
+        def step(name: str) -> None:
+            steps[name] = round(time.monotonic() - t0 - sum(steps.values()), 4)
+
         with contextlib.suppress(OSError):
             kernel.syncfs(c.member.fd)
-        syncfs_s = time.monotonic() - t0
+        step("flush")
         try:
             c.trace = WriteTrace(source)
         except OSError as e:
             c.note = f"no write trace of {source} ({e.strerror or e}): whole-image clone"
             return
-        t1 = time.monotonic()
+        step("trace")
         c.offset = _loop_offset(source)
         c.size = os.fstat(c.src_fd).st_size
         pacer = Pacer()
@@ -209,19 +219,17 @@ class ReflinkProvider(Provider):
             pacer.run([(0, c.size)], lambda off, n: kernel.ficlonerange(c.dst_fd, c.src_fd, off, n))
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
-        clone_s = time.monotonic() - t1
-        with contextlib.suppress(OSError):
-            kernel.syncfs(c.member.fd)
-        syncfs_s += time.monotonic() - t1 - clone_s
+        step("clone")
         rounds: list[int] = []
         for _ in range(CATCH_UP_ROUNDS):
+            with contextlib.suppress(OSError):  # only what the last step's time dirtied
+                kernel.syncfs(c.member.fd)
             rounds.append(self._catch_up(c, pacer))
             if rounds[-1] < CATCH_UP_ENOUGH:
                 break
+        step("catch_up")
         c.stats = {
-            "seconds": round(time.monotonic() - t0, 4),
-            "syncfs_s": round(syncfs_s, 4),
-            "clone_s": round(clone_s, 4),
+            "steps_s": steps,
             "pieces": pacer.pieces,
             "worst_piece_ms": round(pacer.worst_s * 1000, 2),
             "locked_s": round(pacer.busy_s, 4),
