@@ -131,7 +131,7 @@ def test_prepare_flushes_the_volume_before_the_image_is_shared(loopfs, tmp_path)
     assert prep["catch_up_ranges"][0] < 200, prep
     assert snap["extra"]["ranges_in_window"] < 200, snap["extra"]
     assert prep["pieces"] >= 1 and prep["cpu_s"] >= 0
-    assert list(prep["steps_s"]) == ["flush", "trace", "clone", "catch_up"]
+    assert list(prep["steps_s"]) == ["flush", "trace", "clone", "flush_again", "catch_up"]
     fsck = sh("e2fsck", "-fn", snap["location"], check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     snapshots.delete(man.id, tmp_path / "state")

@@ -39,9 +39,9 @@ from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 from quiesce.sys.writetrace import WriteTrace, merge
 
 BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btrfs: 4 KiB)
-CATCH_UP_ROUNDS = 4  # prepare flushes and re-clones what was written meanwhile, at most
-# this often (a database's checkpoint can write for seconds) ...
-CATCH_UP_ENOUGH = 64  # ... or until a round finds fewer ranges than this
+CATCH_UP_ROUNDS = 4  # prepare re-clones what was written meanwhile, at most this often ...
+CATCH_UP_ENOUGH = 64  # ... until a round finds fewer ranges than this, or not half the last
+# round's (a database's checkpoint writes for seconds: chasing it only adds copies on write)
 
 REFLINK_HINT = (
     "the image must live on a filesystem with reflink support: XFS made with "
@@ -186,15 +186,17 @@ class ReflinkProvider(Provider):
 
     def _pre_clone(self, c: _Clone) -> None:
         """Delta mode, outside the window: flush the volume, trace the loop device, clone
-        the whole image in paced pieces (writes that land meanwhile are in the trace), then
-        flush and re-clone what was written meanwhile, paced too, until little is left.
+        the whole image in paced pieces (writes that land meanwhile are in the trace), flush
+        again and re-clone what was written meanwhile, paced too, until little is left.
 
         The first flush comes while the image shares no extent with a clone (the last
         snapshot's clone deleted): its writes overwrite in place. After the pre-clone every
         write is copied on write; one flush there of all that was dirty (as before) was a
         burst of copy-on-write writeback that the database's fsyncs queued behind, and
-        thousands of ranges to re-clone. Each later flush writes only what the last step's
-        time dirtied, so the freeze (and the window's re-clone) finds little. Writes
+        thousands of ranges to re-clone. The second flush writes only what the clone's time
+        dirtied, so the freeze (and the window's re-clone) finds little. (A flush before
+        every catch-up round, tried, chased a checkpoint for 11 s: each round's flush made
+        the next round's ranges.) Writes
         completed before the trace starts are in the image before the clone begins."""
         source = c.member.volume.source
         cpu0, t0 = time.thread_time(), time.monotonic()
@@ -220,13 +222,14 @@ class ReflinkProvider(Provider):
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
         step("clone")
+        with contextlib.suppress(OSError):  # only what the clone's time dirtied
+            kernel.syncfs(c.member.fd)
+        step("flush_again")
         rounds: list[int] = []
         for _ in range(CATCH_UP_ROUNDS):
-            with contextlib.suppress(OSError):  # only what the last step's time dirtied
-                kernel.syncfs(c.member.fd)
             rounds.append(self._catch_up(c, pacer))
-            if rounds[-1] < CATCH_UP_ENOUGH:
-                break
+            if rounds[-1] < CATCH_UP_ENOUGH or (len(rounds) > 1 and rounds[-1] > rounds[-2] // 2):
+                break  # little left, or not converging (a checkpoint): the window takes it
         step("catch_up")
         c.stats = {
             "steps_s": steps,
