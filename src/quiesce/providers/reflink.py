@@ -196,8 +196,8 @@ class ReflinkProvider(Provider):
         thousands of ranges to re-clone. The second flush writes only what the clone's time
         dirtied, so the freeze (and the window's re-clone) finds little. (A flush before
         every catch-up round, tried, chased a checkpoint for 11 s: each round's flush made
-        the next round's ranges.) Writes
-        completed before the trace starts are in the image before the clone begins."""
+        the next round's ranges.) Writes completed before the trace starts are in the image
+        before the clone begins."""
         source = c.member.volume.source
         cpu0, t0 = time.thread_time(), time.monotonic()
         steps: dict[str, float] = {}  # seconds of each step, in order
