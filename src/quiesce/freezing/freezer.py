@@ -328,6 +328,13 @@ class Freezer:
         self._check_run_dir()
         self._presync()
 
+    def disarm(self) -> None:
+        """Give up after ``arm`` and before ``freeze``: the guardian ends, nothing was frozen."""
+        if any(r.state not in ("pending", "skipped") for r in self.results):
+            raise QuiesceError("disarm after a freeze", "thaw the group instead")
+        self._finish()
+        self._exec = None
+
     def freeze(self) -> Window:
         """Arm (guardian, syncfs) unless armed, then freeze the group wave by wave (plan
         order).

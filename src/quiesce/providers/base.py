@@ -90,6 +90,11 @@ class Provider(ABC):
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
         """Slow work outside the window: resolve devices, pick names, import libraries."""
 
+    def before_freeze(self, members: Sequence[GroupMember]) -> None:
+        """The last work outside the window, after the writers quiesced and the volumes
+        were flushed (the guardian is armed, nothing is frozen yet): whatever the flush
+        wrote that the window would otherwise have to handle."""
+
     @abstractmethod
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
         """Inside the window: take the snapshot of every member, fast."""

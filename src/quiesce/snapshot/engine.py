@@ -146,6 +146,12 @@ def _take(
         made.extend(prov.snapshot(members))
         return None, time.monotonic() - t0
     freezer = Freezer(plan, timeout=timeout, lease=lease, syncfs=syncfs, expedite=expedite)
+    freezer.arm()  # the guardian, the pre-freeze flush
+    try:
+        prov.before_freeze(members)  # e.g. reflink: re-clone what the flush wrote
+    except BaseException:
+        freezer.disarm()
+        raise
     freezer.freeze()
     t0 = time.monotonic()
     try:

@@ -243,6 +243,8 @@ class Agent:
                 self.plan, timeout=self.deadline_s, lease=min(self.lease_s, 5.0), syncfs=False
             )
             self.freezer.arm()
+            if self.provider is not None:
+                self.provider.before_freeze([m for m in self.plan.members if not m.skip])
 
     def freeze(self) -> None:
         self.arm()
