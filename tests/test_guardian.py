@@ -658,16 +658,24 @@ def test_sigkill_while_the_guardian_is_inside_fifreeze(rig: Rig) -> None:
     assert any(ln.startswith(f"thawed {inner.path} (controller-died)") for ln in kmsg_lines(gpid))
 
 
-def test_a_stuck_fifreeze_does_not_hold_back_the_thaw_of_its_wave(rig: Rig) -> None:
-    """Two independent volumes freeze in one wave; one FIFREEZE blocks in the kernel (its
-    loop image's fs was frozen by a third party). The controller dies: the guardian thaws
-    the other volume at once, and the stuck one as soon as its FIFREEZE returns."""
+def stuck_wave(rig: Rig) -> tuple[Any, Any, Any]:
+    """Two independent volumes for one wave: ``inner`` (its loop image on ``outer``, frozen
+    here by a third party, with dirty pages: its FIFREEZE will block in the kernel) and
+    ``other``. The caller thaws ``outer`` in a finally."""
     outer = rig.loopfs("ext4", size_mb=128)
     inner = rig.loopfs("ext4", image_dir=outer.mountpoint)
     other = rig.volumes(1)[0]
     with open(os.path.join(inner.path, "dirty.bin"), "wb") as f:
         f.write(os.urandom(8 << 20))  # page cache only: no fsync
     outer.freeze_externally()
+    return outer, inner, other
+
+
+def test_a_stuck_fifreeze_does_not_hold_back_the_thaw_of_its_wave(rig: Rig) -> None:
+    """Two independent volumes freeze in one wave; one FIFREEZE blocks in the kernel (its
+    loop image's fs was frozen by a third party). The controller dies: the guardian thaws
+    the other volume at once, and the stuck one as soon as its FIFREEZE returns."""
+    outer, inner, other = stuck_wave(rig)
     try:
         args = ["--no-syncfs", "--timeout", "60", "--lease", "60"]
         proc = rig.controller([inner.path, other.path], args=args)
@@ -740,12 +748,7 @@ def test_the_deadline_holds_while_a_wave_mate_is_stuck_and_there_is_no_lease(rig
     stuck in the kernel: its wave-mate's thread froze it and set the deadline without
     waking the main thread (which may have gone to sleep before), and no answer goes out
     while one ioctl is in flight: the main thread must still thaw the wave-mate on time."""
-    outer = rig.loopfs("ext4", size_mb=128)
-    inner = rig.loopfs("ext4", image_dir=outer.mountpoint)
-    other = rig.volumes(1)[0]
-    with open(os.path.join(inner.path, "dirty.bin"), "wb") as f:
-        f.write(os.urandom(8 << 20))  # page cache only: no fsync
-    outer.freeze_externally()
+    outer, inner, other = stuck_wave(rig)
     try:
         args = ["--no-syncfs", "--timeout", "2", "--lease", "0"]
         proc = rig.controller([inner.path, other.path], args=args)

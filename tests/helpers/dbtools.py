@@ -26,8 +26,13 @@ SETUP_HINT = "run `bash scripts/db-setup.sh` (installs Debian's postgresql and m
 
 
 def pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    """The newest PostgreSQL's bin directory (by version number: 16 after 9)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_version_key)
     return Path(found[-1]).parent if found else None
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in Path(path).parts[-3].split(".") if x.isdigit())
 
 
 def mariadb_bin() -> dict[str, str] | None:

@@ -18,8 +18,6 @@ and read its rows back.
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
 import shutil
 import signal
 import subprocess
@@ -30,29 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.dbtools import mariadb_bin, pg_bin
 from helpers.fleet import Host
 
 PG_PORT = 5432  # names the socket only (no TCP)
-
-
-def pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_version_key)
-    return Path(found[-1]).parent if found else None
-
-
-def _version_key(path: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in Path(path).parts[-3].split(".") if x.isdigit())
-
-
-def mariadb_bin() -> dict[str, str] | None:
-    tools = {}
-    for tool in ("mariadbd", "mariadb-install-db"):
-        path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
-                                      else None)  # fmt: skip
-        if path is None:
-            return None
-        tools[tool] = path
-    return tools
 
 
 def missing() -> str | None:
