@@ -227,6 +227,7 @@ class Host:
     sshd: subprocess.Popen[bytes]
     ns_fd: int  # /proc/<sshd>/ns/mnt, held open until the namespace is cleaned
     ns: str  # "mnt:[inode]"
+    root_fd: int  # /proc/<sshd>/root: the root directory inside that namespace
     volumes: list[HostFS] = field(default_factory=list)
     holder: subprocess.Popen[str] | None = None  # the freeze holder while frozen
 
@@ -248,13 +249,22 @@ class Host:
         return self.volumes[0]
 
     def nsenter(self, *cmd: str) -> list[str]:
-        """argv that runs ``cmd`` in this host's mount namespace (through the held fd)."""
-        return ["nsenter", f"--mount=/proc/self/fd/{self.ns_fd}", "--", *cmd]
+        """argv that runs ``cmd`` in this host's mount namespace (through the held fd), with
+        sshd's root directory there: entering a mount namespace resets the root to the
+        namespace's own, which under a chroot (a fresh-root check, a container) is not ours."""
+        return [
+            "nsenter", f"--mount=/proc/self/fd/{self.ns_fd}",
+            f"--root=/proc/self/fd/{self.root_fd}", "--", *cmd,
+        ]  # fmt: skip
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return (self.ns_fd, self.root_fd)
 
     def run(
         self, *cmd: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        return run(*self.nsenter(*cmd), check=check, timeout=timeout, pass_fds=(self.ns_fd,))
+        return run(*self.nsenter(*cmd), check=check, timeout=timeout, pass_fds=self.fds)
 
     def popen(
         self,
@@ -268,7 +278,7 @@ class Host:
         it dies with this process unless ``pdeathsig`` is None."""
         return proc.spawn(
             self.nsenter(*cmd), stdin=stdin, stdout=stdout, stderr=stderr, text=True,
-            pass_fds=(self.ns_fd,), pdeathsig=pdeathsig,
+            pass_fds=self.fds, pdeathsig=pdeathsig,
         )  # fmt: skip
 
     def ioctl(
@@ -281,7 +291,7 @@ class Host:
         """A file's bytes as this host sees them (works while its filesystem is frozen)."""
         p = proc.run_bounded(
             self.nsenter("cat", path), timeout=30, limit=proc.TOOL_OUTPUT_LIMIT,
-            pass_fds=(self.ns_fd,),
+            pass_fds=self.fds,
         )  # fmt: skip
         if p.returncode != 0 or p.timed_out:
             raise RuntimeError(f"{self.name}: cat {path}: {_text(p.stderr)}")
@@ -447,12 +457,14 @@ class Fleet:
             raise RuntimeError(f"sshd for host{i} did not start: {(hdir / 'sshd.log').read_text()}")
         ns = mnt_ns_of(sshd.pid)
         ns_fd = os.open(f"/proc/{sshd.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        root_fd = os.open(f"/proc/{sshd.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if ns is None or ns == mnt_ns_of("self") or os.readlink(f"/proc/self/fd/{ns_fd}") != ns:
             os.close(ns_fd)
+            os.close(root_fd)
             end_pids([sshd.pid])
             raise RuntimeError(f"host{i}: sshd is not in a namespace of its own")
         self.namespaces.append(ns)
-        return Host(i, address, port, hdir, sshd, ns_fd, ns)
+        return Host(i, address, port, hdir, sshd, ns_fd, ns, root_fd)
 
     def _mount_host(self, host: Host) -> None:
         i = host.index
@@ -652,8 +664,9 @@ class Fleet:
             step(f"{h.name} processes", self._end_host_processes, h)
         for h in self.hosts:  # 4. unmount inside, then let the namespace go
             step(f"{h.name} unmount", self._unmount_host, h)
-            with contextlib.suppress(OSError):
-                os.close(h.ns_fd)
+            for fd in h.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         for dev, image in reversed(self.loop_devices):  # 5. loops (autocleared by now)
             step(f"losetup -d {dev}", _detach, dev, image)
         step("remove temp dir", shutil.rmtree, self.base)

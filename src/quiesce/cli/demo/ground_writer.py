@@ -73,7 +73,7 @@ class HoppingWriter:
         for h in self.hosts:
             cmd = [python, "-I", "-S", AGENT, "agent", self.path(h)]
             if transport == "nsenter":
-                argv, fds = h.nsenter(*cmd), (h.ns_fd,)
+                argv, fds = h.nsenter(*cmd), h.fds
             elif transport == "ssh":
                 argv, fds = ssh_argv(h, str(ssh_key), *cmd), ()
             else:
