@@ -726,10 +726,12 @@ def test_an_ioctl_thread_that_breaks_after_its_freeze_thaws_the_group(rig: Rig) 
     FIFREEZE returned 0, before it recorded the result. The frozen volumes are still
     known as ours: the last line of defence thaws them all and the guardian leaves."""
     vols = rig.volumes(2)
-    proc = rig.controller(
-        [v.path for v in vols], fault="guardian:worker-raise", args=["--lease", "60"]
+    proc = rig.controller(  # stopped once its guardian runs: found before it leaves
+        [v.path for v in vols], fault="prepare,guardian:worker-raise", args=["--lease", "60"]
     )
+    wait_stopped(proc)
     gpid = rig.track(guardian_of(proc.pid))
+    os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
     data = last_json(out)
     assert proc.returncode != 0 and data["error"] == "GuardianError", (out, err)
