@@ -180,7 +180,7 @@ def test_mode_command_quiesces_both_databases_and_restores_a_prefix(
     g = ground
     dest = g.fleet.base / "array-dc"
     copy = "; ".join(
-        f"mkdir -p {dest}/{h.name} && nsenter --mount=/proc/{h.pid}/ns/mnt -- "
+        f"mkdir -p {dest}/{h.name} && nsenter --target {h.pid} --mount --root -- "
         f"cp -a {h.data.mountpoint}/. {dest}/{h.name}/"
         for h in g.fleet.hosts
     )

@@ -116,7 +116,8 @@ def test_mode_command_one_command_for_the_group_is_consistent(
     dest = fleet.base / "array-gb1"
     dest.mkdir()
     copy = "; ".join(
-        f"nsenter --mount=/proc/{h.pid}/ns/mnt -- cat {h.data.mountpoint}/b.log > {dest}/{h.name}"
+        f"nsenter --target {h.pid} --mount --root -- "
+        f"cat {h.data.mountpoint}/b.log > {dest}/{h.name}"
         for h in fleet.hosts
     )
     w = fleet.start_writer("b.log")

@@ -154,8 +154,17 @@ def run(
     if done.timed_out:
         raise subprocess.TimeoutExpired(list(cmd), timeout, out, err)
     if check and done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, list(cmd), out, err)
+        raise CommandFailed(done.returncode, list(cmd), out, err)
     return subprocess.CompletedProcess(list(cmd), done.returncode, out, err)
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A ground command that failed, its stderr's last lines in the message (what a test
+    report shows: a fresh-root failure must be diagnosable from its log alone)."""
+
+    def __str__(self) -> str:
+        tail = "\n".join(str(self.stderr or self.output or "").strip().splitlines()[-5:])
+        return f"{super().__str__()}{': ' + tail if tail else ''}"
 
 
 def _text(data: bytes) -> str:
