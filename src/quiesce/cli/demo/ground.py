@@ -259,11 +259,14 @@ class Host:
 
     def nsenter(self, *cmd: str) -> list[str]:
         """argv that runs ``cmd`` in this host's mount namespace (through the held fd), with
-        sshd's root directory there: entering a mount namespace resets the root to the
-        namespace's own, which under a chroot (a fresh-root check, a container) is not ours."""
+        sshd's root directory there, also as the working directory: entering a mount
+        namespace resets the root to the namespace's own, which under a chroot (a fresh-root
+        check, a container) is not ours, and nsenter's default keeps our working directory,
+        which in there is unreachable (initdb: "could not identify current directory")."""
         return [
             "nsenter", f"--mount=/proc/self/fd/{self.ns_fd}",
-            f"--root=/proc/self/fd/{self.root_fd}", "--", *cmd,
+            f"--root=/proc/self/fd/{self.root_fd}", f"--wd=/proc/self/fd/{self.root_fd}",
+            "--", *cmd,
         ]  # fmt: skip
 
     @property
