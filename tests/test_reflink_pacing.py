@@ -109,6 +109,22 @@ def test_each_piece_is_followed_by_a_pause_as_long_as_it_held_the_lock():
     assert fast_clock.slept == [] and fast.paused_s == 0 and fast.pieces > 0
 
 
+def preallocate(path: os.PathLike[str]) -> None:
+    """A 24 MiB file, allocated and durable: later writes overwrite its blocks in place."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 24 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_scattered(fd: int) -> None:
+    """Every 3rd block of the first 24 MiB: 2000 writes the trace sees as separate ranges."""
+    for i in range(2000):
+        os.pwrite(fd, os.urandom(4096), i * 3 * 4096)
+
+
 def test_prepare_flushes_the_volume_before_the_image_is_shared(loopfs, tmp_path):
     """Dirty data in the volume's page cache at ``prepare`` goes to the image before the
     pre-clone (in place, traced by nobody): the catch-up after the clone finds only what
@@ -116,12 +132,10 @@ def test_prepare_flushes_the_volume_before_the_image_is_shared(loopfs, tmp_path)
     blocks came back as ~2000 ranges to re-clone, each write copied on write."""
     pair = image_on_reflink_host(loopfs)
     path = pair.inner.mountpoint / "dirty"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    preallocate(path)
+    fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, 24 * MiB)
-        os.fsync(fd)
-        for i in range(2000):  # every 3rd block: 2000 separate ranges, left dirty
-            os.pwrite(fd, os.urandom(4096), i * 3 * 4096)
+        write_scattered(fd)  # left dirty
     finally:
         os.close(fd)
     man = snapshots.create([pair.inner.path], "reflink", state_dir=tmp_path / "state")
@@ -175,8 +189,7 @@ class _Checkpoint:
     def before_freeze(self) -> None:
         fd = os.open(self.path, os.O_RDWR)
         try:
-            for i in range(2000):
-                os.pwrite(fd, os.urandom(4096), i * 3 * 4096)
+            write_scattered(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -193,12 +206,7 @@ def test_what_is_written_after_prepare_is_re_cloned_before_the_freeze(loopfs, tm
     still holds those writes: it is checked against the volume's file."""
     pair = image_on_reflink_host(loopfs)
     path = pair.inner.mountpoint / "table"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, 24 * MiB)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    preallocate(path)
     man = snapshots.create(
         [pair.inner.path], "reflink", state_dir=tmp_path / "state", quiescers=[_Checkpoint(path)]
     )

@@ -217,10 +217,7 @@ class ReflinkProvider(Provider):
         c.offset = _loop_offset(source)
         c.size = os.fstat(c.src_fd).st_size
         pacer = Pacer()
-        try:
-            pacer.run([(0, c.size)], lambda off, n: kernel.ficlonerange(c.dst_fd, c.src_fd, off, n))
-        except OSError as e:
-            raise _clone_error(e, c.backing, c.dest) from None
+        self._clone_ranges(c, [(0, c.size)], pacer)
         step("clone")
         with contextlib.suppress(OSError):  # only what the clone's time dirtied
             kernel.syncfs(c.member.fd)
@@ -255,15 +252,21 @@ class ReflinkProvider(Provider):
         ranges = [
             (off, min(length, c.size - off)) for off, length in merge(spans, BLOCK) if off < c.size
         ]
+        self._clone_ranges(c, ranges, pacer)
+        return len(ranges)
+
+    @staticmethod
+    def _clone_ranges(c: _Clone, ranges: list[tuple[int, int]], pacer: Pacer | None) -> None:
+        """FICLONERANGE each range from the image into the clone: in ``pacer``'s pieces
+        outside the window, whole and back to back inside it (``pacer`` None)."""
         try:
-            if pacer is None:
-                for off, length in ranges:
-                    kernel.ficlonerange(c.dst_fd, c.src_fd, off, length)
-            else:
+            if pacer is not None:
                 pacer.run(ranges, lambda off, n: kernel.ficlonerange(c.dst_fd, c.src_fd, off, n))
+                return
+            for off, length in ranges:
+                kernel.ficlonerange(c.dst_fd, c.src_fd, off, length)
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
-        return len(ranges)
 
     def before_freeze(self, members: Sequence[GroupMember]) -> None:
         """Delta mode: re-clone what was written since ``prepare`` (the writers' quiesce, a

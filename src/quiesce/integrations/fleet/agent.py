@@ -41,10 +41,10 @@ def _error(e: BaseException) -> dict[str, Any]:
     return {"error": f"{type(e).__name__}: {e}", "kind": type(e).__name__}
 
 
-WRITER_KINDS = {  # a spec's "type" -> the built-in writer (module:class), built on the host
-    "sqlite": "quiesce.apps.writers.sqlite:SqliteWriter",
-    "postgresql": "quiesce.apps.writers.postgresql:PostgresWriter",
-    "mysql": "quiesce.apps.writers.mysql:MysqlWriter",
+WRITER_KINDS = {  # a spec's "type" -> the built-in writer's name in quiesce.apps.writers
+    "sqlite": "SqliteWriter",
+    "postgresql": "PostgresWriter",
+    "mysql": "MysqlWriter",
 }
 NO_PASSWORD = (
     "keep passwords out of the inventory: a ~/.pgpass (or PGPASSFILE) for postgresql, "
@@ -72,10 +72,9 @@ def check_writers(specs: list[dict[str, Any]], where: str) -> None:
 
 
 def _writer_class(kind: str) -> Any:
-    import importlib
+    from quiesce.apps import writers  # its lazy exports import only the one asked for
 
-    module, cls = WRITER_KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return getattr(writers, WRITER_KINDS[kind])
 
 
 def _build_writers(specs: list[dict[str, Any]]) -> list[Any]:
