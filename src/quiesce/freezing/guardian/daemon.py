@@ -47,6 +47,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from quiesce.freezing.guardian.core import (
+    HELD,
+    Action,
+    GuardianCore,
+    Lost,
+    Probe,
+    Reason,
+    Thaw,
+    VolState,
+)
 from quiesce.freezing.guardian.crew import Crew
 from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.guardian.protocol import (
@@ -89,16 +99,6 @@ class GuardedVolume:
 
 
 @dataclass
-class _VolState:
-    spec: GuardedVolume
-    state: str = "idle"  # idle freezing frozen thawing thawed foreign failed
-    frozen_at: int | None = None
-    frozen_wall: float | None = None
-    deferred_thaw: bool = False  # expiry came while an ioctl was in flight
-    superseded: bool = False  # a newer freeze of this volume began: our story is old
-
-
-@dataclass
 class _Job:
     op: str  # "freeze" | "thaw" | "freeze_wave" | "thaw_wave"
     idx: int  # the volume (a wave: its first)
@@ -107,11 +107,9 @@ class _Job:
     result: dict[str, Any] = field(default_factory=dict)
     idxs: tuple[int, ...] = ()  # a wave's volumes
     expedite: str = ""  # a freeze wave: "set", "restore", "set-restore" or ""
-    applied: bool = False  # its result is in the volume's state
     answered: bool = False  # its last thread answered the controller itself
     subs: list[_Job] = field(default_factory=list)  # one per volume (a single op: one)
     left: int = 0  # volumes whose ioctl has not returned yet
-    late: bool = False  # a volume's ioctl that returned after the expiry
     chain: bool = False  # its volumes one after another, in order (a client's thaw)
 
 
@@ -166,8 +164,32 @@ class _Syslog:
             self.sock.sendto(msg.encode(), socket.MSG_DONTWAIT, self.target)
 
 
+def checked_thaw(fd: int) -> tuple[int, int]:
+    """FITHAW only a freeze the kernel still holds: a FIFREEZE probe first (EBUSY: still
+    frozen, then FITHAW). A probe that froze means someone thawed our freeze: the probe's
+    own freeze is undone at once. Returns (probe errno, FITHAW errno)."""
+    probe = kernel.freeze_errno(fd)
+    if probe == errno.EBUSY:
+        return probe, kernel.thaw_errno(fd)
+    if probe == 0:
+        return probe, _undo_probe(fd)
+    return probe, errno.EINVAL  # not frozen (the probe's freeze failed): nothing of ours
+
+
+def _undo_probe(fd: int) -> int:
+    """Thaw the freeze a probe just made (ours, seconds old at most); a few tries."""
+    code = kernel.thaw_errno(fd)
+    for _ in range(3):
+        if code in (0, errno.EINVAL):
+            break
+        time.sleep(0.01)
+        code = kernel.thaw_errno(fd)
+    return code
+
+
 class _Guardian:
-    """Runs in the forked child. Never returns: the caller ``os._exit``s."""
+    """Runs in the forked child: the shell around :class:`GuardianCore`. Never returns:
+    the caller ``os._exit``s."""
 
     def __init__(
         self,
@@ -179,34 +201,34 @@ class _Guardian:
         dir_fd: int,
     ) -> None:
         self.ctl: socket.socket | None = ctl
-        # The worker answers waves on its own copy: the main thread may close self.ctl
+        # The threads answer waves on their own copy: the main thread may close self.ctl
         # (controller gone) at any moment, and its fd number be reused.
         self.ctl_at_start = ctl
         self.ctl_w = ctl.dup()
-        self.vols = [_VolState(v) for v in vols]
-        self.timeout_ns = int(timeout * 1e9)
-        self.lease_ns = int(lease * 1e9) if lease > 0 else 0
+        self.specs = list(vols)
+        self.core = GuardianCore(
+            inners=[v.inners for v in vols],
+            timeout_ns=int(timeout * 1e9),
+            lease_ns=int(lease * 1e9) if lease > 0 else 0,
+            now_ns=_now(),
+        )
         self.controller_pid = controller_pid
-        self.started = _now()
         self.started_wall = time.time()
-        self.deadline: int | None = None
-        self.lease_until = self.started + self.lease_ns if self.lease_ns else None
-        self.detached = False
-        self.controller_gone = False
-        self.done = False
+        self.frozen_wall: dict[int, float] = {}
         self.expired: dict[str, Any] | None = None
+        self.expiry_told = False
         self.linger_until: int | None = None
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.finished: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self.busy: set[int] = set()  # indices of the in-flight ioctls
-        self.running: dict[int, _Job] = {}  # volume -> its ioctl, until applied
-        self.dispatched: int | None = None  # first freeze handed out (deadline not yet set)
-        self.rcu = Expedite(os.getpid())
-        self.pending = 0
+        self.pending = 0  # requests not yet answered
         self.crash: str | None = None  # an ioctl thread's exception, for the main thread
+        self.crashed: set[int] = set()  # volumes whose thread raised
+        self.in_kernel: set[int] = set()  # volumes whose ioctl of ours is in the kernel now
+        self.final = False  # the last line of defence took over: threads start nothing new
         self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
         self.retry_delay = 1.0
+        self.rcu = Expedite(os.getpid())
         faults = os.environ.get(FAULT_ENV, "").split(",")
         self.fault = "guardian:raise" in faults
         self.fault_worker = "guardian:worker-raise" in faults
@@ -237,21 +259,117 @@ class _Guardian:
         _kmsg(line)
         self.syslog.write(line)
 
-    def _frozen_count(self) -> int:
-        return sum(1 for v in self.vols if v.state in ("frozen", "freezing", "thawing"))
-
-    # -- the ioctl threads -------------------------------------------------------------
-    def _crashed(self, i: int, exc: BaseException) -> None:
-        """A crew thread raised: keep what its ioctl did, tell the main thread (it thaws
-        and leaves: the last line of defence)."""
-        with contextlib.suppress(BaseException), self.lock:
-            sub = self.running.pop(i, None)
-            if sub is not None:
-                self._apply(sub)  # a FIFREEZE that returned 0 is ours to thaw
-            self.busy.discard(i)  # its thread is out of the kernel
-        self.crash = f"ioctl thread {i}: {type(exc).__name__}: {exc}"
+    def _wake(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
+
+    def _note_expiry(self) -> bool:
+        """Under the lock, after any core call: the expiry's story, once. True if new."""
+        ex = self.core.expiry
+        if ex is None or self.expired is not None:
+            return False
+        self.expired = {"reason": ex.reason, "at": time.time(), "thawed": []}
+        self._event("expired", reason=ex.reason)
+        self.linger_until = _now() + int(LINGER_AFTER_EXPIRY * 1e9)
+        return True
+
+    # -- actions -------------------------------------------------------------------------
+    def _do(self, acts: Sequence[Action], new_expiry: bool = False) -> None:
+        """Carry out the core's actions: each volume's ioctl on its own thread."""
+        if new_expiry:
+            self.rcu.release()  # whatever is in flight, stop costing the others now
+        for a in acts:
+            if isinstance(a, Thaw):
+                self.crew.submit(a.idx, functools.partial(self._expiry_thaw, a.idx))
+            elif isinstance(a, Probe):
+                self.crew.submit(a.idx, functools.partial(self._probe, a.idx))
+            elif isinstance(a, Lost):
+                self._lost(a)
+        if new_expiry or acts:
+            self._wake()
+
+    def _lost(self, a: Lost) -> None:
+        v = self.specs[a.idx]
+        self._event("lost", volume=v.name, dev=v.dev, why=a.why)
+        self._record(
+            f"{v.name}: {a.why}; this freeze is no longer quiesce's: it will never thaw it"
+        )
+        msg = {"event": "lost", "volume": v.name, "dev": v.dev, "why": a.why, "at": time.time()}
+        with contextlib.suppress(OSError):
+            send(self.ctl_w, msg, wait=False)
+
+    def _expiry_thaw(self, i: int) -> None:
+        """An expiry's checked thaw of volume ``i`` (marked busy by the core already)."""
+        v = self.specs[i]
+        with self.lock:
+            if self.final:
+                return  # the main thread thaws it
+            self.in_kernel.add(i)
+        try:
+            probe, code = checked_thaw(v.fd)
+        finally:
+            with self.lock:
+                self.in_kernel.discard(i)
+        with self.lock:
+            acts = self.core.thaw_returned(i, probe, code, _now())
+            vol = self.core.vols[i]
+            held = (_now() - vol.frozen_ns) / 1e9 if vol.frozen_ns else 0.0
+            entry = {
+                "volume": v.name,
+                "dev": v.dev,
+                "errno": code,
+                "held_s": round(held, 6),
+                "end": _now(),
+            }
+            if vol.state == VolState.LOST:
+                entry["lost"] = vol.lost_why
+            elif vol.state == VolState.THAWED:
+                self._release(v)
+            if self.expired is not None:
+                self.expired["thawed"].append(entry)
+            self._event("guardian-thaw", **entry)
+        ok = vol.state != VolState.FROZEN
+        self._record(
+            f"thawed {v.name} ({self.expired and self.expired.get('reason')}) after "
+            f"{held:.3f}s frozen"
+            + ("" if ok else f"; FITHAW failed: errno {code}")
+            + (f"; {vol.lost_why}" if vol.state == VolState.LOST else "")
+        )
+        self._do(acts)
+        self._wake()  # the main thread decides whether anything is left to guard
+
+    def _probe(self, i: int) -> None:
+        """Is our freeze of ``i`` still the kernel's? (FIFREEZE: EBUSY = yes)."""
+        with self.lock:
+            if self.final or not self.core.probe_started(i):
+                return
+            self.in_kernel.add(i)
+        try:
+            code = kernel.freeze_errno(self.specs[i].fd)
+            if code == 0:
+                _undo_probe(self.specs[i].fd)
+        finally:
+            with self.lock:
+                self.in_kernel.discard(i)
+        with self.lock:
+            acts = self.core.probe_returned(i, code, _now())
+        self._do(acts)
+
+    @staticmethod
+    def _release(v: GuardedVolume) -> None:
+        """Close a thawed volume's fd: a lingering guardian must not keep it busy (umount)."""
+        if v.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(v.fd)
+            v.fd = -1
+
+    # -- the requests' ioctls --------------------------------------------------------------
+    def _crashed(self, i: int, exc: BaseException) -> None:
+        """A crew thread raised: tell the main thread (it thaws and leaves: the last line
+        of defence). A FIFREEZE that returned 0 is already in the core: ours to thaw."""
+        self.crashed.add(i)  # out of the kernel: whatever it marked busy is not in flight
+        self.crash = f"ioctl thread {i}: {type(exc).__name__}: {exc}"
+        self._wake()
 
     def _dispatch(self, job: _Job) -> None:
         """Hand each volume of ``job`` to its parked thread. A freeze wave that sets
@@ -274,45 +392,77 @@ class _Guardian:
         self._run_sub(job, job.subs[0])
 
     def _run_sub(self, job: _Job, sub: _Job) -> None:
-        """One volume's ioctl, on its thread. Its result goes into the volume's state at
-        once (an expiry thaws it from there, whatever its wave-mates do); the main thread
-        hears of it only if it returned after an expiry. The last of a wave answers."""
-        self.running[sub.idx] = sub
-        self._ioctl(sub)
-        if self.fault_worker and sub.op == "freeze":
-            raise _InjectedFault("injected by QUIESCE_FAULT=guardian:worker-raise")
+        """One volume's ioctl, on its thread; its result goes into the core at once (an
+        expiry thaws it from there, whatever its wave-mates do). The last answers."""
+        i = sub.idx
+        spec = self.specs[i]
         with self.lock:
-            self.running.pop(sub.idx, None)
-            self._apply(sub)
-            sub.late = self.expired is not None and "errno" in sub.result
+            now = _now()
+            freeze = sub.op == "freeze"
+            go = not self.final and (
+                self.core.freeze_called(i, now) if freeze else self.core.thaw_called(i)
+            )
+            if go:
+                self.in_kernel.add(i)
+            else:
+                sub.result = self._refusal(i, sub.op)
+        if go:
+            t0 = _now()
+            try:
+                if sub.op == "freeze":
+                    probe, code = None, kernel.freeze_errno(spec.fd)
+                else:
+                    probe, code = checked_thaw(spec.fd)
+            finally:
+                with self.lock:
+                    self.in_kernel.discard(i)
+            t1 = _now()
+            if self.fault_worker and sub.op == "freeze":
+                with self.lock:
+                    acts = self.core.freeze_returned(i, code, t1)
+                self._do(acts)
+                raise _InjectedFault("injected by QUIESCE_FAULT=guardian:worker-raise")
+            with self.lock:
+                if sub.op == "freeze":
+                    acts = self.core.freeze_returned(i, code, t1)
+                else:
+                    acts = self.core.thaw_returned(i, probe, code, t1)
+                new = self._note_expiry()
+                vol = self.core.vols[i]
+                ok = code == 0 and probe in (None, errno.EBUSY) and vol.state != VolState.LOST
+                sub.result = {"ok": ok, "errno": code, "start": t0, "end": t1}
+                if vol.state == VolState.LOST:
+                    sub.result["lost"] = vol.lost_why
+                if sub.op == "freeze" and code == 0:
+                    self.frozen_wall[i] = time.time()
+                if vol.state == VolState.THAWED:
+                    self._release(spec)
+                if self.expired is not None:
+                    sub.result |= {"ok": False, "expired": self.expired}
+                self._event(sub.op, volume=spec.name, errno=code)
+                final = self.final
+            if not final:
+                self._do(acts, new)
+        with self.lock:
             job.left -= 1
             last = job.left == 0
             nxt = job.subs[len(job.subs) - job.left] if job.chain and not last else None
-        if sub.late:
-            self.finished.put(sub)
-            os.write(self.wake_w, b"x")
         if nxt is not None:
             self.crew.submit(nxt.idx, functools.partial(self._run_sub, job, nxt))
         if last:
             self._finish(job)
 
-    def _ioctl(self, job: _Job) -> None:
-        """One FIFREEZE or FITHAW; its result is in ``job.result``."""
-        v = self.vols[job.idx]
-        with self.lock:
-            refused = self.expired is not None
-            if not refused:
-                self.busy.add(job.idx)
-                v.state = "freezing" if job.op == "freeze" else "thawing"
-        if refused:
-            job.result = {"ok": False, "expired": self.expired}
-            return
-        t0 = _now()
-        if job.op == "freeze":
-            code = kernel.freeze_errno(v.spec.fd)
-        else:
-            code = kernel.thaw_errno(v.spec.fd)
-        job.result = {"ok": code == 0, "errno": code, "start": t0, "end": _now()}
+    def _refusal(self, i: int, op: str) -> dict[str, Any]:
+        """Why the core would not let this ioctl happen (call under the lock)."""
+        if self.expired is not None or self.core.expiry is not None or self.final:
+            self._note_expiry()
+            return {"ok": False, "expired": self.expired, "error": "the guardian is ending"}
+        vol = self.core.vols[i]
+        if vol.state == VolState.LOST:
+            return {"ok": False, "errno": errno.EINVAL, "lost": vol.lost_why}
+        if op == "thaw":
+            return {"ok": False, "errno": errno.EINVAL, "error": f"not frozen by us: {vol.state}"}
+        return {"ok": False, "errno": errno.EBUSY, "error": f"volume is {vol.state}"}
 
     def _finish(self, job: _Job) -> None:
         """The last volume's thread: restore grace periods after a group's last FIFREEZE
@@ -331,6 +481,9 @@ class _Guardian:
                 }
             else:  # a single op, or a client's thaw: its last volume's (as always)
                 job.result = dict(subs[-1].result)
+                lost = [s.result["lost"] for s in subs if s.result.get("lost")]
+                if lost and "lost" not in job.result:
+                    job.result |= {"ok": False, "lost": lost[0]}
             if self.expired is not None:
                 job.result["ok"] = False
                 job.result["expired"] = self.expired
@@ -339,160 +492,68 @@ class _Guardian:
         if wave and job.reply is not None and job.reply is self.ctl_at_start:
             job.answered = send(self.ctl_w, {"id": job.req_id, **job.result}, wait=False)
         self.finished.put(job)
-        os.write(self.wake_w, b"x")
-
-    def _apply(self, job: _Job) -> None:
-        """Apply a finished ioctl to the state (call under the lock; once per job)."""
-        if job.applied or "errno" not in job.result:
-            return
-        job.applied = True
-        v = self.vols[job.idx]
-        res = job.result
-        self.busy.discard(job.idx)
-        code = res["errno"]
-        if job.op == "freeze":
-            if code == 0:
-                v.state, v.frozen_at, v.frozen_wall = "frozen", res["end"], time.time()
-                if self.deadline is None:
-                    self.deadline = res["start"] + self.timeout_ns
-            elif code == errno.EBUSY:
-                v.state = "foreign"  # someone else's freeze: never ours to thaw
-            else:
-                v.state = "failed"
-        else:
-            if code in (0, errno.EINVAL):
-                v.state = "thawed"
-                self._release(v)
-            else:
-                v.state = "frozen"  # still ours; emergency thaw will retry
-        self._event(job.op, volume=v.spec.name, errno=code)
-        if self.expired is not None:
-            job.result = res | {"ok": False, "expired": self.expired}
+        self._wake()
 
     def _complete(self, job: _Job) -> None:
-        """Main thread: a finished request (answer it unless its last thread did), or an
-        ioctl that returned after an expiry (thaw it, and the inner volumes that waited)."""
-        if not job.late:
-            with self.lock:
-                self.pending -= 1
-            if job.reply is not None and not job.answered:
-                self._answer(job.reply, {"id": job.req_id, **job.result})
-            return
+        """Main thread: a finished request (answer it unless its last thread did)."""
         with self.lock:
-            waiting = self._deferred()  # inners of ioctls still in flight wait on
-            thaw_after = [
-                i for i, w in enumerate(self.vols) if w.deferred_thaw and i not in waiting
-            ]
-            if self.vols[job.idx].state == "frozen":
-                thaw_after.append(job.idx)
-        if thaw_after:
-            self._thaw_indices(sorted(set(thaw_after), reverse=True), self.expired or {})
+            self.pending -= 1
+        if job.reply is not None and not job.answered:
+            self._answer(job.reply, {"id": job.req_id, **job.result})
 
-    @staticmethod
-    def _release(v: _VolState) -> None:
-        """Close a thawed volume's fd: a lingering guardian must not keep it busy (umount)."""
-        if v.spec.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(v.spec.fd)
-            v.spec.fd = -1
-
-    # -- the emergency thaw -------------------------------------------------------------
-    def _thaw_indices(self, indices: Sequence[int], why: dict[str, Any]) -> None:
-        for i in indices:
-            v = self.vols[i]
-            if v.state not in ("frozen", "thawing"):
-                v.deferred_thaw = False
-                continue
-            code = kernel.thaw_errno(v.spec.fd)
-            v.deferred_thaw = False
-            v.state = "thawed" if code in (0, errno.EINVAL) else "frozen"
-            if v.state == "thawed":
-                self._release(v)
-            held = (_now() - v.frozen_at) / 1e9 if v.frozen_at else 0.0
-            entry = {
-                "volume": v.spec.name,
-                "dev": v.spec.dev,
-                "errno": code,
-                "held_s": round(held, 6),
-                "end": _now(),
-            }
-            why.setdefault("thawed", []).append(entry)
-            self._event("guardian-thaw", **entry)
-            self._record(
-                f"thawed {v.spec.name} ({why.get('reason')}) after {held:.3f}s frozen"
-                + ("" if code in (0, errno.EINVAL) else f"; FITHAW failed: errno {code}")
-            )
-
-    def _deferred(self) -> set[int]:
-        """Inner volumes of the volumes whose ioctl is in flight (call under the lock)."""
-        return {i for b in self.busy for i in self.vols[b].spec.inners}
-
-    def _expire(self, reason: str) -> None:
-        self.rcu.release()  # whatever is in flight, stop costing the others now
-        with self.lock:
-            if self.expired is not None:
-                return
-            self.expired = {"reason": reason, "at": time.time(), "thawed": []}
-            # Volumes that must stay frozen until the in-flight ioctls return: thawing a
-            # loop-backed fs while its backing fs is still frozen blocks in the kernel.
-            defer = self._deferred()
-            now_ids = []
-            for i in range(len(self.vols) - 1, -1, -1):
-                if self.vols[i].state not in ("frozen", "thawing"):
-                    continue
-                if i in defer:
-                    self.vols[i].deferred_thaw = True
-                else:
-                    now_ids.append(i)
-        self._event("expired", reason=reason)
-        self._thaw_indices(now_ids, self.expired)
-        if self.ctl is not None:
-            send(self.ctl, {"event": "expired", **self.expired}, wait=False)
-        self.linger_until = _now() + int(LINGER_AFTER_EXPIRY * 1e9)
-
+    # -- the last line of defence --------------------------------------------------------
     def last_resort(self, exc: BaseException) -> None:
         """Something unexpected broke the guardian: thaw everything it froze, now.
 
-        Kept to the bare minimum (no event loop, no replies but one to the controller)
-        so that the bug that brought us here is unlikely to be met again."""
-        reason = f"guardian-error ({type(exc).__name__})"
+        Kept to the bare minimum (no event loop, no replies but one to the controller),
+        so that the bug that brought us here is unlikely to be met again; the thaws are
+        checked ones (never a freeze that is not ours)."""
         with contextlib.suppress(BaseException):
             self.rcu.release()
         with contextlib.suppress(BaseException):
             self._record(f"internal error: {type(exc).__name__}: {exc}"[:400])
-        try:
-            if self.expired is None:
-                self._expire(reason)
-            else:
-                defer = self._deferred()
-                idx = [
-                    i for i in range(len(self.vols) - 1, -1, -1)
-                    if self.vols[i].state in ("frozen", "thawing") and i not in defer
-                ]  # fmt: skip
-                self._thaw_indices(idx, self.expired)
-        except BaseException:
-            # Even the bookkeeping failed: plain FITHAWs of what we know we froze.
-            for v in reversed(self.vols):
-                if v.state in ("frozen", "thawing") and v.spec.fd >= 0:
-                    with contextlib.suppress(BaseException):
-                        kernel.thaw_errno(v.spec.fd)
-                        v.state = "thawed"
-        # An ioctl still in flight decides the rest: wait for it while its thread lives
-        # (the thread puts its result into the volume's state itself).
-        crew = getattr(self, "crew", None)
-        while crew is not None:
+        with contextlib.suppress(BaseException), self.lock:
+            self.final = True  # the threads start nothing new; this thread thaws
+            self.core.expire(f"guardian-error ({type(exc).__name__})", _now())
+            self._note_expiry()
+        end = time.monotonic() + self.core.timeout_ns / 1e9 + 60
+        while time.monotonic() < end:
             with self.lock:
-                waiting = [i for i in self.busy if crew.alive(i)]
+                busy = set(self.in_kernel)
+                blocked = {j for b in busy for j in self.core.vols[b].inners}
+                todo = [
+                    i for i in range(len(self.core.vols) - 1, -1, -1)
+                    if self.core.vols[i].state in (VolState.FROZEN, VolState.THAWING)
+                    and i not in busy and i not in blocked
+                ]  # fmt: skip
+                for i in todo:
+                    self.core.vols[i].state, self.core.vols[i].busy = VolState.FROZEN, False
+            for i in todo:
+                with contextlib.suppress(BaseException):
+                    probe, code = checked_thaw(self.specs[i].fd)
+                    with self.lock:
+                        self.core.thaw_called(i)
+                        self.core.thaw_returned(i, probe, code, _now())
+                    vol = self.core.vols[i]
+                    held = (_now() - vol.frozen_ns) / 1e9 if vol.frozen_ns else 0.0
+                    why = self.expired.get("reason") if self.expired else "guardian-error"
+                    self._record(
+                        f"thawed {self.specs[i].name} ({why}) after {held:.3f}s frozen"
+                        + ("" if code in (0, errno.EINVAL) else f"; FITHAW failed: errno {code}")
+                    )
+            with self.lock:
+                # An ioctl still in the kernel decides the rest (its result lands in the
+                # core); a FIFREEZE whose thread broke before recording it is unknown:
+                # never thawed blindly (it may have been someone else's EBUSY).
+                waiting = bool(self.in_kernel) or any(
+                    v.state in (VolState.FROZEN, VolState.THAWING) for v in self.core.vols
+                )
             if not waiting:
                 break
-            time.sleep(0.05)
-        # Nothing is in flight any more (or its thread is dead): whatever we know we
-        # froze is thawed now, inner volumes included.
-        for i in range(len(self.vols) - 1, -1, -1):
-            v = self.vols[i]
-            if v.state in ("frozen", "thawing"):
-                with contextlib.suppress(BaseException):
-                    self._thaw_indices([i], self.expired or {"reason": reason})
+            time.sleep(0.01)
+        if self.expired is not None and not self.expiry_told and self.ctl is not None:
+            with contextlib.suppress(BaseException):
+                send(self.ctl, {"event": "expired", **self.expired}, wait=False)
 
     # -- requests ----------------------------------------------------------------------
     def _answer(self, conn: socket.socket, msg: dict[str, Any]) -> None:
@@ -518,7 +579,7 @@ class _Guardian:
         expedite: str = "",
         chain: bool = False,
     ) -> None:
-        bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.vols)]
+        bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.specs)]
         if bad:
             self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {bad[0]}"})
             return
@@ -532,8 +593,6 @@ class _Guardian:
         job.left = len(job.subs)
         with self.lock:
             self.pending += 1
-            if base == "freeze" and self.deadline is None and self.dispatched is None:
-                self.dispatched = _now()
         self._dispatch(job)
 
     def _on_controller(self) -> None:
@@ -543,10 +602,10 @@ class _Guardian:
         except OSError:
             data = b""
         if not data:
-            self._controller_died("controller-died")
+            self._controller_died()
             return
-        if self.lease_ns:  # any message is a sign of life
-            self.lease_until = _now() + self.lease_ns
+        with self.lock:  # any message is a sign of life
+            self.core.renew(_now())
         try:
             req = parse_request(data, CONTROLLER_OPS)
         except ProtocolError as e:
@@ -558,26 +617,32 @@ class _Guardian:
         elif req.op in ("freeze_wave", "thaw_wave"):
             self._submit(req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite)
         elif req.op == "detach":
-            self.detached = True
-            self.lease_until = None
+            with self.lock:
+                self.core.detach()
             self._answer(self.ctl, {"id": req.id, "ok": True})
         elif req.op == "done":
-            self.done = True
+            with self.lock:
+                acts = self.core.finish(_now())
+                new = self._note_expiry()
+            self._do(acts, new)
             self._answer(self.ctl, {"id": req.id, "ok": True})
         elif req.op == "status":
             self._answer(self.ctl, {"id": req.id, **self.status()})
         # "renew" needs no answer: receiving it renewed the lease
 
-    def _controller_died(self, reason: str) -> None:
+    def _controller_died(self) -> None:
         if self.ctl is not None:
             self.sel.unregister(self.ctl)
             self.ctl.close()
             self.ctl = None
-        self.controller_gone = True
-        # A request may still be queued or in flight: expiring now makes the worker refuse
-        # what is queued and thaw what completes.
-        if not self.detached and (self._frozen_count() or self.pending):
-            self._expire(reason)
+        # A request may still be queued or in flight: expiring now makes the threads
+        # refuse what is queued and thaw what completes.
+        with self.lock:
+            acts = self.core.controller_died(_now())
+            if not self.core.detached and self.pending and self.core.expiry is None:
+                acts += self.core.expire(Reason.CONTROLLER_DIED, _now())
+            new = self._note_expiry()
+        self._do(acts, new)
 
     def _accept(self) -> None:
         try:
@@ -622,10 +687,8 @@ class _Guardian:
 
     def _client_thaw(self, conn: socket.socket, req: Request) -> None:
         devs = set(req.devs)
-        idxs = [
-            i for i in range(len(self.vols) - 1, -1, -1)
-            if self.vols[i].spec.dev in devs and self.vols[i].state == "frozen"
-        ]  # fmt: skip
+        with self.lock:
+            idxs = self.core.thawable(i for i, v in enumerate(self.specs) if v.dev in devs)
         if self.expired is not None or not idxs:
             self._answer(
                 conn,
@@ -644,104 +707,134 @@ class _Guardian:
     def _forget(self, conn: socket.socket, req: Request) -> None:
         """A newer freeze of these volumes began: a finished guardian's story is history
         that must not answer for it. A guardian still on duty ignores this."""
-        if self.expired is None:
-            self._answer(conn, {"id": req.id, "ok": False, "error": "still guarding"})
-            return
-        n = 0
-        for v in self.vols:
-            if v.spec.dev in req.devs and not v.superseded:
-                v.superseded, n = True, n + 1
+        with self.lock:
+            on_duty = self.expired is None and any(
+                v.state in HELD for i, v in enumerate(self.core.vols)
+                if self.specs[i].dev in req.devs
+            )  # fmt: skip
+            if on_duty:
+                self._answer(conn, {"id": req.id, "ok": False, "error": "still guarding"})
+                return
+            n = 0
+            for i, v in enumerate(self.core.vols):
+                if self.specs[i].dev in req.devs and not v.superseded:
+                    v.superseded, n = True, n + 1
         self._answer(conn, {"id": req.id, "ok": True, "forgotten": n})
 
     def status(self) -> dict[str, Any]:
         now = _now()
+        core = self.core
         finished = self.expired is not None
+        vols = []
+        for i, (spec, v) in enumerate(zip(self.specs, core.vols, strict=True)):
+            vols.append(
+                {
+                    "mount_point": spec.name,
+                    "dev": spec.dev,
+                    "fstype": spec.fstype,
+                    "state": str(v.state),
+                    "superseded": v.superseded,
+                    "frozen_since": self.frozen_wall.get(i),
+                    "frozen_for_s": (now - v.frozen_ns) / 1e9
+                    if v.frozen_ns and v.state == VolState.FROZEN
+                    else None,
+                    "freezing_for_s": (now - v.called_ns) / 1e9
+                    if v.called_ns and v.state == VolState.FREEZING
+                    else None,
+                    "checked_s_ago": (now - v.checked_ns) / 1e9
+                    if v.checked_ns and v.state == VolState.FROZEN
+                    else None,
+                    "lost": v.lost_why,
+                }
+            )
         return {
             "pid": os.getpid(),
             "controller_pid": self.controller_pid,
-            "controller_alive": not self.controller_gone,
-            "detached": self.detached,
+            "controller_alive": not core.controller_gone,
+            "detached": core.detached,
             "finished": finished,
             "started": self.started_wall,
-            "deadline_remaining_s": (self.deadline - now) / 1e9
-            if self.deadline and not finished
+            "deadline_remaining_s": (core.deadline_ns - now) / 1e9
+            if core.deadline_ns and not finished
             else None,
-            "timeout_s": self.timeout_ns / 1e9,
-            "lease_remaining_s": (self.lease_until - now) / 1e9
-            if self.lease_until and not finished
+            "timeout_s": core.timeout_ns / 1e9,
+            "lease_remaining_s": (core.lease_until_ns - now) / 1e9
+            if core.lease_until_ns and not finished
             else None,
-            "volumes": [
-                {
-                    "mount_point": v.spec.name,
-                    "dev": v.spec.dev,
-                    "fstype": v.spec.fstype,
-                    "state": v.state,
-                    "superseded": v.superseded,
-                    "frozen_since": v.frozen_wall,
-                    "frozen_for_s": (now - v.frozen_at) / 1e9
-                    if v.frozen_at and v.state == "frozen"
-                    else None,
-                }
-                for v in self.vols
-            ],
+            "volumes": vols,
             "expired": self.expired,
             "events": self.events[-50:],
         }
 
     # -- loop ----------------------------------------------------------------------------
-    def _retry_failed_thaws(self) -> None:
-        """After an expiry, a volume whose FITHAW failed is still ours: retry, backing off."""
-        if self.expired is None or self.pending or self.retry_at is None:
+    def _timers(self) -> None:
+        """Deadline, lease, probes and thaw retries: what the core asks for now."""
+        now = _now()
+        with self.lock:
+            acts = self.core.tick(now)
+            if self.core.expiry is not None and self._frozen_again() and not self.core.busy():
+                if self.retry_at is None:
+                    self.retry_at = now + int(self.retry_delay * 1e9)
+                elif now >= self.retry_at:
+                    acts += self.core.retry_thaws()
+                    self.retry_delay = min(self.retry_delay * 2, 60.0)
+                    self.retry_at = now + int(self.retry_delay * 1e9)
+            new = self._note_expiry()
+        self._do(acts, new)
+
+    def _frozen_again(self) -> bool:
+        """After an expiry, a volume whose FITHAW failed (still ours, still frozen)."""
+        return any(v.state == VolState.FROZEN for v in self.core.vols)
+
+    def _tell_expiry(self) -> None:
+        """Once every thaw the expiry owes has returned: tell the controller the story."""
+        if self.expired is None or self.expiry_told or self.ctl is None:
             return
-        if _now() < self.retry_at:
-            return
-        stuck = [i for i in range(len(self.vols) - 1, -1, -1) if self.vols[i].state == "frozen"]
-        if stuck:
-            self._thaw_indices(stuck, self.expired)
-        self.retry_delay = min(self.retry_delay * 2, 60.0)
-        still = any(v.state == "frozen" for v in self.vols)
-        self.retry_at = _now() + int(self.retry_delay * 1e9) if still else None
+        with self.lock:
+            settling = any(
+                v.state == VolState.THAWING or (v.deferred_thaw and v.state == VolState.FROZEN)
+                for v in self.core.vols
+            )
+        if not settling:
+            self.expiry_told = True
+            send(self.ctl, {"event": "expired", **self.expired}, wait=False)
 
     def _next_timeout(self) -> float | None:
         """Sleep until the next timer that can still do something (never spin)."""
+        now = _now()
+        with self.lock:
+            t = [self.core.next_timer(now)]
         if self.expired is not None:
-            if self.retry_at is None and any(v.state == "frozen" for v in self.vols):
-                self.retry_at = _now() + int(self.retry_delay * 1e9)
-            over = self.linger_until is not None and _now() >= self.linger_until
-            t = [None if over else self.linger_until, self.retry_at]
-        elif self._frozen_count() or self.pending:
-            deadline = self.deadline
-            if deadline is None and self.dispatched is not None:
-                # Its threads set the deadline when the first FIFREEZE returns, without
-                # waking us: it is no earlier than this.
-                hint = self.dispatched + self.timeout_ns
-                deadline = hint if hint > _now() else None
-            t = [deadline, self.lease_until]
-        else:
-            t = [self.lease_until]  # a silent controller with nothing frozen: just leave
-        t = [x for x in t if x is not None]
-        if not t:
+            over = self.linger_until is not None and now >= self.linger_until
+            t += [None if over else self.linger_until, self.retry_at]
+        t2 = [x for x in t if x is not None]
+        if not t2:
             return None
-        return max(0.0, (min(t) - _now()) / 1e9)
+        return max(0.0, (min(t2) - now) / 1e9)
 
     def _should_exit(self) -> bool:
-        if self.pending or self._frozen_count():
+        with self.lock:
+            held = bool(self.core.held()) or bool(self.core.busy())
+            states = [v.state for v in self.core.vols]
+        if self.pending or held:
             return False
-        if self.done:
+        if self.core.done:
             return True
+        ended = [s for s in states if s in (VolState.THAWED, VolState.LOST)]
         if self.expired is not None:
             over = self.linger_until is not None and _now() >= self.linger_until
-            told = [v for v in self.vols if v.state == "thawed"]
+            told = [v for v, s in zip(self.core.vols, states, strict=True) if s == VolState.THAWED]
             stale = self.ctl is None and all(v.superseded for v in told)
-            return over or stale or (self.ctl is None and not self.detached)
-        if self.controller_gone and not self.detached:
+            return over or stale or (self.ctl is None and not self.core.detached)
+        if self.core.controller_gone and not self.core.detached:
             return True
-        # A held freeze that was thawed through `quiesce thaw`: nothing left to guard.
-        return self.detached and any(v.state == "thawed" for v in self.vols)
+        # A held freeze that was thawed (by `quiesce thaw`, or lost to someone else's
+        # thaw): nothing left to guard.
+        return self.core.detached and bool(ended)
 
     def run(self) -> None:
         # Before anything is frozen: one parked thread per volume (crew.py).
-        self.crew = Crew(len(self.vols), self._crashed)
+        self.crew = Crew(len(self.specs), self._crashed)
         assert self.ctl is not None
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
@@ -759,7 +852,7 @@ class _Guardian:
                     self._on_controller()
                 elif tag == "pidfd":
                     self.sel.unregister(key.fileobj)
-                    self._controller_died("controller-died")
+                    self._controller_died()
                 elif tag == "listen":
                     self._accept()
                 elif tag == "client" and key.fileobj in self.clients:
@@ -771,21 +864,15 @@ class _Guardian:
                         raise RuntimeError(self.crash)
                     while not self.finished.empty():
                         self._complete(self.finished.get())
-            self._retry_failed_thaws()
-            now = _now()
-            if self.expired is None and self._frozen_count():
-                if self.deadline is not None and now >= self.deadline:
-                    self._expire("deadline")
-                elif self.lease_until is not None and now >= self.lease_until:
-                    self._expire("lease")
-            lease_over = self.lease_until is not None and now >= self.lease_until
-            idle = not self._frozen_count() and not self.pending
-            if self.expired is None and lease_over and idle:
+            self._timers()
+            self._tell_expiry()
+            with self.lock:
+                idle_over = self.core.idle_lease_over(_now()) and not self.pending
+            if idle_over:
                 self.crew.close()
                 return  # a stuck controller that froze nothing: nothing to guard
-            if self.done and self._frozen_count() and self.expired is None and not self.pending:
-                self._expire("controller-finished-while-frozen")
             if self._should_exit():
+                self._tell_expiry()
                 self.crew.close()
                 return
 

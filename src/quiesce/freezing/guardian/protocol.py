@@ -40,8 +40,8 @@ SOCKET_SUFFIX = ".sock"
 FAULT_ENV = "QUIESCE_FAULT"  # "guardian:raise": the guardian raises on its next request
 _NAME = re.compile(r"guardian-([1-9][0-9]{0,9})\.sock")
 
-# The volume states a guardian reports.
-STATES = frozenset({"idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed"})
+# The volume states a guardian reports (core.VolState's values).
+STATES = frozenset({"idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost"})
 
 
 class ProtocolError(ValueError):
