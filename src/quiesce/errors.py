@@ -25,6 +25,7 @@ class ExitCode:
     GUARDIAN = 10  # the guardian could not be started or reached
     HOOK = 11  # a hook or writer failed or timed out (policy "abort"): nothing kept
     BACKUP = 12  # the snapshot was made, but the backup or its verification failed
+    BROKEN = 13  # someone else thawed a freeze of quiesce's during the window: not consistent
 
 
 class QuiesceError(Exception):
@@ -119,6 +120,17 @@ class FreezeExpired(QuiesceError):
     default_hint = (
         "a snapshot finished after the guardian's thaw is not consistent; "
         "raise --timeout or make the snapshot step faster"
+    )
+
+
+class FreezeBroken(QuiesceError):
+    """Someone else thawed (and maybe refroze) a freeze of quiesce's during the window:
+    whatever was snapshotted is not consistent, and quiesce never thawed that volume."""
+
+    exit_code = ExitCode.BROKEN
+    default_hint = (
+        "find who runs fsfreeze/FITHAW on these filesystems (quiesce status shows what the "
+        "kernel holds now) and keep it away from quiesce's window; then run again"
     )
 
 

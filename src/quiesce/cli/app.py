@@ -54,7 +54,8 @@ app = typer.Typer(
         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 not root, 4 cannot be frozen, "
         "5 busy (frozen by someone else, or the job is running), 6 unsafe plan, "
         "7 not frozen, 8 thaw failed, 9 the guardian thawed first, 10 guardian error, "
-        "11 hook or writer failed, 12 backup or verification failed. "
+        "11 hook or writer failed, 12 backup or verification failed, "
+        "13 someone else thawed quiesce's freeze. "
         "Docs: README.md, docs/jobs.md, docs/operations.md."
     ),
     add_completion=False,

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quiesce.errors import AlreadyFrozen, FreezeExpired, GuardianError, QuiesceError, ThawFailed
+from quiesce.errors import (
+    AlreadyFrozen,
+    FreezeBroken,
+    FreezeExpired,
+    GuardianError,
+    QuiesceError,
+    ThawFailed,
+)
 from quiesce.freezing.guardian import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
@@ -30,6 +37,7 @@ from quiesce.freezing.guardian import (
     expedite,
     holder_of,
 )
+from quiesce.freezing.guardian.core import GuardianCore, VolState
 from quiesce.freezing.guardian.crew import Crew
 from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
@@ -114,25 +122,51 @@ class Window:
 
 
 class _InProcess:
-    """The executor without a guardian: same answers, no watchdog."""
+    """The executor without a guardian: the same core's rules (ownership, checked thaws),
+    no watchdog (no deadline, no lease)."""
 
     pid = None
     expired = None
 
     def __init__(self, vols: Sequence[GuardedVolume]) -> None:
         self.vols = vols
+        self.core = GuardianCore(
+            inners=[v.inners for v in vols], timeout_ns=1 << 62, now_ns=time.monotonic_ns()
+        )
+        self.lock = threading.Lock()
         self.rcu = Expedite(os.getpid())
         self.crew = Crew(len(vols), lambda i, e: None, name="quiesce-ioctl")
 
     def freeze(self, idx: int) -> dict[str, Any]:
+        with self.lock:
+            go = self.core.freeze_called(idx, time.monotonic_ns())
+        if not go:
+            return {"ok": False, "errno": errno.EBUSY, "error": "already frozen by this run"}
         t0 = time.monotonic_ns()
         code = kernel.freeze_errno(self.vols[idx].fd)
-        return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
+        t1 = time.monotonic_ns()
+        with self.lock:
+            self.core.freeze_returned(idx, code, t1)
+        return {"ok": code == 0, "errno": code, "start": t0, "end": t1}
 
     def thaw(self, idx: int) -> dict[str, Any]:
+        with self.lock:
+            go = self.core.thaw_called(idx)
+            v = self.core.vols[idx]
+        if not go:
+            return {"ok": False, "errno": errno.EINVAL, "lost": v.lost_why or "not frozen by us"}
         t0 = time.monotonic_ns()
-        code = kernel.thaw_errno(self.vols[idx].fd)
-        return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
+        probe, code = kernel.checked_thaw_errno(self.vols[idx].fd)
+        t1 = time.monotonic_ns()
+        with self.lock:
+            self.core.thaw_returned(idx, probe, code, t1)
+        res = {"ok": v.state == VolState.THAWED, "errno": code, "start": t0, "end": t1}
+        if v.state == VolState.LOST:
+            res["lost"] = v.lost_why
+        return res
+
+    def poll_lost(self) -> list[dict[str, Any]]:
+        return []
 
     def freeze_wave(self, idxs: Sequence[int], expedite: str = "") -> dict[str, Any]:
         return _run_wave(self.crew, self.freeze, idxs, expedite, self.rcu)
@@ -474,11 +508,14 @@ class Freezer:
                 return {"ok": False, "expired": expired}
             m = self.members[k]
             t0 = time.monotonic_ns()
-            code = kernel.thaw_errno(m.fd)
+            probe, code = kernel.checked_thaw_errno(m.fd)
             note = f"the guardian was lost ({e.message}): {m.name} thawed with quiesce's own FITHAW"
             if note not in self.window.warnings:
                 self.window.warnings.append(note)
-            return {"ok": code == 0, "errno": code, "start": t0, "end": time.monotonic_ns()}
+            res = {"ok": probe == errno.EBUSY and code == 0, "errno": code}
+            if probe != errno.EBUSY:
+                res["lost"] = "thawed by someone else before quiesce's thaw"
+            return res | {"start": t0, "end": time.monotonic_ns()}
 
     def _fail(self, failures: list[tuple[int, dict[str, Any]]]) -> None:
         """Some volumes of a wave did not freeze: thaw every volume frozen so far (reverse
@@ -556,6 +593,7 @@ class Freezer:
         if self._exec is None:  # nothing was frozen
             return self.window
         failed: list[VolumeResult] = []
+        broken: list[VolumeResult] = []
         with signals_deferred():
             for n, wave in enumerate(reversed(self.waves), start=1):
                 ks = [k for k in wave if self.results[k].state == "frozen"]
@@ -568,12 +606,9 @@ class Freezer:
                     code = res.get("errno", errno.EIO)
                     if res.get("ok"):
                         r.state, r.thawed_by = "thawed", "controller"
-                    elif code == errno.EINVAL:
+                    elif res.get("lost") or code == errno.EINVAL:
                         r.state, r.thawed_by = "thawed", "someone-else"
-                        self.window.warnings.append(
-                            f"{r.mount_point} was thawed by someone else during the window: "
-                            "a snapshot taken after that is not consistent"
-                        )
+                        broken.append(r)
                     else:
                         r.state = "thaw-failed"
                         r.error = kernel.error_for(code, "thaw", r.mount_point, r.fstype).message
@@ -586,13 +621,32 @@ class Freezer:
                         self.window.end_ns = res["end"]
                 _fault_point(f"thaw:{n}", self._fault)
         expired = self._exec.expired
+        seen = {e["dev"]: e for e in self._exec.poll_lost()}
         self._finish()
         if expired:
             self._apply_expiry(expired)
         else:
             self.window.thawed_by = "controller"
+        for r in self.results:
+            if r.dev in seen and r.thawed_by != "someone-else":
+                r.state, r.thawed_by = "thawed", "someone-else"
+                broken.append(r)
+        for r in broken:
+            at = seen.get(r.dev, {}).get("at")
+            when = time.strftime("%H:%M:%S", time.localtime(at)) if at else "before the thaw"
+            r.error = f"thawed by someone else during the window (seen {when})"
+            self.window.warnings.append(
+                f"{r.mount_point} was thawed by someone else during the window (seen {when}): "
+                "the snapshot is not consistent, and quiesce did not thaw that freeze again"
+            )
         if not raise_errors:
             return self.window
+        if broken:
+            raise FreezeBroken(
+                "; ".join(f"{r.mount_point} {r.error}" for r in broken)
+                + ": whatever was snapshotted is not consistent",
+                window=self.window,
+            )
         if failed:
             raise ThawFailed(
                 "; ".join(f"{r.mount_point}: {r.error}" for r in failed), window=self.window

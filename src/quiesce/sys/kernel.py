@@ -196,6 +196,20 @@ def freeze_errno(fd: int) -> int:
         return e.errno or errno.EIO
 
 
+def checked_thaw_errno(fd: int) -> tuple[int, int]:
+    """FITHAW only a freeze the kernel still holds (docs/kernel.md, "Who owns a freeze").
+
+    A FIFREEZE probe first: EBUSY means still frozen, then FITHAW. A probe that froze
+    means someone else had thawed the freeze: the probe's own freeze is undone at once.
+    Any other answer means it was not frozen. Returns (probe errno, FITHAW errno)."""
+    probe = freeze_errno(fd)
+    if probe == errno.EBUSY:
+        return probe, thaw_errno(fd)
+    if probe == 0:
+        return probe, thaw_errno(fd)  # undo the probe's own freeze (ours, just made)
+    return probe, errno.EINVAL
+
+
 def error_for(code: int, op: str, name: str, fstype: str = "") -> QuiesceError:
     """The typed error for an errno returned by freeze_errno/thaw_errno."""
     return _fs_error(OSError(code, os.strerror(code)), op, name, fstype)

@@ -165,15 +165,11 @@ class _Syslog:
 
 
 def checked_thaw(fd: int) -> tuple[int, int]:
-    """FITHAW only a freeze the kernel still holds: a FIFREEZE probe first (EBUSY: still
-    frozen, then FITHAW). A probe that froze means someone thawed our freeze: the probe's
-    own freeze is undone at once. Returns (probe errno, FITHAW errno)."""
-    probe = kernel.freeze_errno(fd)
-    if probe == errno.EBUSY:
-        return probe, kernel.thaw_errno(fd)
-    if probe == 0:
-        return probe, _undo_probe(fd)
-    return probe, errno.EINVAL  # not frozen (the probe's freeze failed): nothing of ours
+    """A checked thaw whose probe, if it froze, is surely undone (a few tries)."""
+    probe, code = kernel.checked_thaw_errno(fd)
+    if probe == 0 and code not in (0, errno.EINVAL):
+        code = _undo_probe(fd)
+    return probe, code
 
 
 def _undo_probe(fd: int) -> int:

@@ -40,6 +40,7 @@ class GuardianHandle:
         self.lease = lease
         self.expired: dict[str, Any] | None = None
         self.lost: str | None = None  # why the guardian can no longer be believed
+        self.lost_volumes: list[dict[str, Any]] = []  # freezes someone else thawed
         self._ids = 0
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -96,6 +97,8 @@ class GuardianHandle:
     def _take(self, msg: dict[str, Any]) -> None:
         if msg.get("event") == "expired":
             self.expired = msg
+        elif msg.get("event") == "lost" and isinstance(msg.get("dev"), str):
+            self.lost_volumes.append(msg)
 
     def request(self, op: str, *, within: float | None = None, **kw: Any) -> dict[str, Any]:
         """One request and its reply; ``within`` seconds at most (None: as long as it takes,
@@ -123,7 +126,7 @@ class GuardianHandle:
             if msg is None:
                 self.lost = "it exited"
                 raise GuardianError("the guardian exited unexpectedly", "check `dmesg`")
-            if msg.get("event") == "expired":
+            if "event" in msg:
                 self._take(msg)
                 continue
             if msg.get("id") == rid:
@@ -134,7 +137,7 @@ class GuardianHandle:
     def poll_expired(self) -> dict[str, Any] | None:
         """Non-blocking: has the guardian thawed on its own?"""
         # MSG_DONTWAIT, not setblocking(False): the lease thread sends on this socket.
-        while self.expired is None:
+        while True:
             try:
                 data = self.sock.recv(MAX_MSG, socket.MSG_DONTWAIT)
             except OSError:
@@ -144,6 +147,11 @@ class GuardianHandle:
             with contextlib.suppress(ProtocolError):
                 self._take(decode(data))
         return self.expired
+
+    def poll_lost(self) -> list[dict[str, Any]]:
+        """Freezes of ours the guardian saw thawed by someone else (so far)."""
+        self.poll_expired()
+        return self.lost_volumes
 
     def freeze(self, idx: int) -> dict[str, Any]:
         return self.request("freeze", vol=idx)
