@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from quiesce.errors import (
     AlreadyFrozen,
+    FreezeBroken,
     FreezeExpired,
     GuardianError,
     NotADirectory,
@@ -64,6 +65,7 @@ __getattr__ = lazy_exports(
 
 __all__ = [
     "AlreadyFrozen",
+    "FreezeBroken",
     "FreezeExpired",
     "Freezer",
     "GuardianError",

@@ -609,6 +609,8 @@ class Freezer:
                     elif res.get("lost") or code == errno.EINVAL:
                         r.state, r.thawed_by = "thawed", "someone-else"
                         broken.append(r)
+                        if "end" not in res:
+                            continue  # refused: quiesce issued no FITHAW
                     else:
                         r.state = "thaw-failed"
                         r.error = kernel.error_for(code, "thaw", r.mount_point, r.fstype).message

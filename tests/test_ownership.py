@@ -1,0 +1,171 @@
+"""Ownership from the kernel, not from belief: quiesce never thaws a freeze that is not
+its own, nor one of its own that someone else thawed (and maybe froze again).
+
+The third party is `fsfreeze` (util-linux) or a plain FIFREEZE/FITHAW from the test.
+"Frozen" is asserted with a FIFREEZE probe (EBUSY), never with a write that times out.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from conftest import LoopFS, thaw_quietly
+
+import quiesce
+from quiesce.errors import ExitCode, FreezeBroken
+from quiesce.freezing import guardian
+
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+WAIT_S = 30.0
+
+
+def is_frozen(path: str) -> bool:
+    """The kernel's word: FIFREEZE answers EBUSY. A probe that froze is undone at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return True
+            raise
+        fcntl.ioctl(fd, FITHAW, 0)
+        return False
+    finally:
+        os.close(fd)
+
+
+def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quiesce", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def volume_state(gpid: int, path: str) -> str | None:
+    """What guardian ``gpid`` says of ``path`` (None: it is gone)."""
+    try:
+        st = guardian.ask(gpid, {"op": "status"}, timeout=5.0)
+    except quiesce.GuardianError:
+        return None
+    return next(v["state"] for v in st["volumes"] if v["mount_point"] == path)
+
+
+def wait_for(cond: Any, what: str) -> None:
+    end = time.monotonic() + WAIT_S
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_an_old_guardian_never_thaws_a_newer_freeze(loopfs: Any) -> None:
+    """Issue case 1: `freeze --timeout 3 M; fsfreeze -u M; freeze --timeout 60 M`. The
+    first guardian sees its freeze thawed (probe), calls it lost, and leaves without a
+    FITHAW; the second freeze is the only one status shows, and thaw goes to its holder."""
+    m: LoopFS = loopfs("ext4")
+    try:
+        r1 = cli("freeze", "--json", "--timeout", "3", m.path)
+        assert r1.returncode == 0, r1.stderr
+        g1 = json.loads(r1.stdout)["guardian_pid"]
+        assert is_frozen(m.path)
+        m.thaw_externally()
+        wait_for(lambda: volume_state(g1, m.path) in ("lost", None), "guardian 1 to see it")
+        r2 = cli("freeze", "--json", "--timeout", "60", m.path)
+        assert r2.returncode == 0, r2.stderr
+        g2 = json.loads(r2.stdout)["guardian_pid"]
+        wait_for(lambda: gone(g1), "guardian 1 to leave: nothing of its own is frozen")
+        assert is_frozen(m.path), "the old guardian thawed the newer freeze"
+        st = json.loads(cli("status", "--json").stdout)
+        holders = [
+            g["pid"]
+            for g in st.get("guardians", [])
+            if any(v["mount_point"] == m.path and v["state"] == "frozen" for v in g["volumes"])
+        ]
+        assert holders == [g2], st
+        r3 = cli("thaw", "--json", m.path)
+        assert r3.returncode == 0, r3.stderr
+        assert json.loads(r3.stdout)["results"][0]["thawed_by"] == f"guardian {g2}"
+        assert not is_frozen(m.path)
+    finally:
+        thaw_quietly(m.path)
+
+
+def test_exec_fails_when_someone_else_thaws_and_refreezes_inside_the_window(
+    loopfs: Any,
+) -> None:
+    """An outside thaw and refreeze inside `quiesce exec`: exit 13, the volume and the
+    moment named on stderr (not only in --json), and the third party's freeze left alone."""
+    m: LoopFS = loopfs("ext4")
+    third_party = (
+        "import fcntl, os, sys, time, json, subprocess\n"
+        f"fd = os.open({m.path!r}, os.O_RDONLY)\n"
+        f"fcntl.ioctl(fd, {FITHAW})\n"  # someone else's thaw of quiesce's freeze
+        "end = time.monotonic() + 20\n"
+        "while time.monotonic() < end:\n"
+        "    st = json.loads(subprocess.run([sys.executable, '-m', 'quiesce', 'status',\n"
+        "        '--json'], capture_output=True, text=True).stdout)\n"
+        "    states = [v['state'] for g in st.get('guardians', []) for v in g['volumes']]\n"
+        "    if 'lost' in states: break\n"
+        "fcntl.ioctl(fd, " + str(FIFREEZE) + ")\n"  # and someone else's new freeze
+    )
+    try:
+        r = cli("exec", "--timeout", "60", m.path, "--", sys.executable, "-c", third_party)
+        assert r.returncode == ExitCode.BROKEN, (r.returncode, r.stdout, r.stderr)
+        assert m.path in r.stderr and "thawed by someone else" in r.stderr, r.stderr
+        assert is_frozen(m.path), "quiesce thawed the third party's freeze"
+    finally:
+        thaw_quietly(m.path)
+    assert not is_frozen(m.path)
+
+
+@pytest.mark.parametrize("use_guardian", [True, False], ids=["guardian", "in-process"])
+def test_the_library_raises_freeze_broken(loopfs: Any, use_guardian: bool) -> None:
+    """`with freeze(...)`: an outside thaw in the body is FreezeBroken on the way out, and
+    the filesystem is left as the third party left it (not frozen)."""
+    m: LoopFS = loopfs("xfs")
+    try:
+        with (
+            pytest.raises(FreezeBroken) as info,
+            quiesce.freeze([m.path], timeout=30, guardian=use_guardian) as window,
+        ):
+            m.thaw_externally()
+            if use_guardian:
+                g = window.guardian_pid
+                assert g is not None
+                wait_for(lambda: volume_state(g, m.path) == "lost", "the probe to see it")
+        assert info.value.exit_code == ExitCode.BROKEN
+        assert m.path in info.value.message
+        assert [v.thawed_by for v in window.volumes] == ["someone-else"]
+        assert not is_frozen(m.path)
+    finally:
+        thaw_quietly(m.path)
+
+
+def test_a_foreign_freeze_is_never_thawed_at_the_deadline(loopfs: Any) -> None:
+    """EBUSY on FIFREEZE: someone else's freeze; quiesce reports it and never thaws it."""
+    m: LoopFS = loopfs("btrfs")
+    try:
+        m.freeze_externally()
+        r = cli("exec", "--timeout", "1", m.path, "--", "true")
+        assert r.returncode == ExitCode.BUSY, r.stderr
+        assert is_frozen(m.path)
+    finally:
+        thaw_quietly(m.path)
