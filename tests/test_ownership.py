@@ -169,3 +169,91 @@ def test_a_foreign_freeze_is_never_thawed_at_the_deadline(loopfs: Any) -> None:
         assert is_frozen(m.path)
     finally:
         thaw_quietly(m.path)
+
+
+# -- a FIFREEZE stuck in the kernel ------------------------------------------------------------
+
+SPLICE_HOLDER = (
+    "import os, sys\n"
+    "r, w = os.pipe()\n"  # the write end stays open: splice waits for data for ever
+    "os.splice(r, int(sys.argv[1]), 65536)\n"
+)
+
+
+def wchan(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def splice_holder(loopfs: Any) -> Any:
+    """An unprivileged process (uid 65534) in splice() from an empty pipe into a file on a
+    fresh filesystem: it holds a write in flight, so a FIFREEZE waits in the kernel, for
+    as long as the holder likes. Ended (by pid) in teardown; the freeze then completes."""
+    m: LoopFS = loopfs("ext4")
+    # A file it may write (handed over as an fd: pytest's tmp dir is root's, 0700).
+    fd = os.open(os.path.join(m.path, "held"), os.O_WRONLY | os.O_CREAT, 0o666)
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        holder = subprocess.Popen(
+            [*cmd, "/usr/bin/python3", "-c", SPLICE_HOLDER, str(fd)], pass_fds=[fd]
+        )
+    finally:
+        os.close(fd)
+    try:
+        wait_for(lambda: wchan(holder.pid) == "pipe_wait_readable", "the splice to start")
+        yield m, holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        end = time.monotonic() + WAIT_S
+        while time.monotonic() < end and not guardian_done_with(m.path):
+            time.sleep(0.01)
+        thaw_quietly(m.path)
+
+
+def guardian_done_with(path: str) -> bool:
+    for g in guardian.survey().active:
+        if any(
+            v["mount_point"] == path and v["state"] in ("freezing", "frozen") for v in g["volumes"]
+        ):
+            return False
+    return True
+
+
+def test_a_stuck_freeze_fails_at_the_deadline_and_is_thawed_when_the_kernel_finishes(
+    splice_holder: Any,
+) -> None:
+    """Issue case 2: the deadline runs from the FIFREEZE *call*: `exec --timeout 2` fails
+    with exit 9 soon after 2 s (not when the holder lets go); status says "freezing";
+    `thaw` says the kernel is still setting the freeze up (exit 5); once the holder ends,
+    the guardian thaws at once."""
+    m, holder = splice_holder
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quiesce", "exec", "--timeout", "2", m.path, "--", "true"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == ExitCode.EXPIRED, (out, err)
+    assert took < 20, f"the run waited for the kernel ({took:.1f} s), not for its deadline"
+    assert holder.poll() is None, "the holder is still there: the FIFREEZE still waits"
+    frozen_by = [
+        g for g in guardian.survey().active
+        if any(v["mount_point"] == m.path and v["state"] == "freezing" for v in g["volumes"])
+    ]  # fmt: skip
+    assert len(frozen_by) == 1, guardian.survey()
+    r = cli("thaw", m.path)
+    assert r.returncode == ExitCode.BUSY, (r.stdout, r.stderr)
+    assert "still being set up by the kernel" in r.stderr, r.stderr
+    holder.kill()
+    holder.wait(timeout=10)
+    gpid = frozen_by[0]["pid"]
+    wait_for(lambda: gone(gpid), "the guardian to thaw the late freeze and leave")
+    assert not is_frozen(m.path), "the late FIFREEZE was left frozen"

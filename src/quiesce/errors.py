@@ -123,6 +123,17 @@ class FreezeExpired(QuiesceError):
     )
 
 
+class FreezePending(QuiesceError):
+    """A thaw asked while quiesce's FIFREEZE still waits in the kernel for writes in flight:
+    nothing can end that wait from user space; the guardian thaws the moment it returns."""
+
+    exit_code = ExitCode.BUSY
+    default_hint = (
+        "`quiesce status` names the processes that hold writes open on it; ending them "
+        "lets the kernel finish the freeze, which the guardian then thaws at once"
+    )
+
+
 class FreezeBroken(QuiesceError):
     """Someone else thawed (and maybe refroze) a freeze of quiesce's during the window:
     whatever was snapshotted is not consistent, and quiesce never thawed that volume."""

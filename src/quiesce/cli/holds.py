@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.cli.plain import emit_json, line, print_error, say, table
-from quiesce.errors import FreezeExpired, GuardianError, NotFrozen, PermissionDenied, QuiesceError
+from quiesce.errors import (
+    FreezeExpired,
+    FreezePending,
+    GuardianError,
+    NotFrozen,
+    PermissionDenied,
+    QuiesceError,
+)
 from quiesce.freezing import guardian
 from quiesce.freezing.guardian import expedite
 from quiesce.freezing.guardian.client import THAW_S
@@ -80,7 +87,8 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
         fstype = target.mount.fstype
         seen = guardian.survey()
         for st in seen.active:
-            if not any(v["dev"] == dev and v["state"] == "frozen" for v in st["volumes"]):
+            held = ("frozen", "freezing")
+            if not any(v["dev"] == dev and v["state"] in held for v in st["volumes"]):
                 continue
             pid = st["pid"]
             try:
@@ -91,6 +99,13 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
                 return {"path": path, "mount_point": name, "thawed_by": f"guardian {pid}"}
             if reply.get("expired"):
                 raise _expired_error(name, reply["expired"])
+            if reply.get("pending"):
+                secs = reply.get("freezing_for_s") or 0.0
+                raise FreezePending(
+                    f"{name}: the freeze is still being set up by the kernel (for {secs:.1f} s: "
+                    f"it waits for writes in flight); guardian {pid} thaws it the moment it "
+                    "completes"
+                )
             raise kernel.error_for(reply.get("errno") or errno.EIO, "thaw", name, fstype)
         why = "no guardian held it"
         if seen.silent:

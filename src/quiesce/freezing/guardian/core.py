@@ -100,6 +100,7 @@ class Volume:
     busy: bool = False  # an ioctl (freeze, thaw, probe) of ours is in the kernel
     busy_op: str = ""
     probe_due: bool = False  # a probe is queued on its thread
+    thaw_on_return: bool = False  # `quiesce thaw` came while our FIFREEZE was in the kernel
     called_ns: int | None = None  # our FIFREEZE was called
     frozen_ns: int | None = None  # our FIFREEZE returned 0
     deferred_thaw: bool = False  # expiry came while a volume it waits on was busy
@@ -185,12 +186,24 @@ class GuardianCore:
             v.state = VolState.FOREIGN  # someone else's freeze: never ours to thaw
         else:
             v.state = VolState.FAILED
+        if self.expiry is None and v.thaw_on_return and code == 0:
+            v.thaw_on_return = False
+            return [Thaw(i, "thaw asked while freezing")] if self.thaw_called(i) else []
         if self.expiry is None:
             return []
         # Returned after an expiry: thaw it now, with the inners that waited for it.
         if code == 0 and i not in self._blocked():
             v.deferred_thaw = True
         return self._release_deferred()
+
+    def thaw_when_frozen(self, i: int) -> bool:
+        """A thaw asked while our FIFREEZE is still in the kernel: thaw it the moment it
+        returns (True), or nothing to do (False: not freezing)."""
+        v = self.vols[i]
+        if v.state != VolState.FREEZING:
+            return False
+        v.thaw_on_return = True
+        return True
 
     def thaw_called(self, i: int) -> bool:
         """Our checked thaw of ``i`` is about to be issued (False: not ours to thaw)."""

@@ -684,7 +684,25 @@ class _Guardian:
     def _client_thaw(self, conn: socket.socket, req: Request) -> None:
         devs = set(req.devs)
         with self.lock:
-            idxs = self.core.thawable(i for i, v in enumerate(self.specs) if v.dev in devs)
+            mine = [i for i, v in enumerate(self.specs) if v.dev in devs]
+            idxs = self.core.thawable(mine) if self.expired is None else []
+            pending = [i for i in mine if self.core.vols[i].state == VolState.FREEZING]
+            for i in pending:  # an expiry thaws it on return anyway
+                self.core.thaw_when_frozen(i)
+        if pending and not idxs:
+            v = self.core.vols[pending[0]]
+            self._answer(
+                conn,
+                {
+                    "id": req.id,
+                    "ok": False,
+                    "pending": True,
+                    "freezing_for_s": (_now() - (v.called_ns or _now())) / 1e9,
+                    "error": "the freeze is still being set up by the kernel (writes in "
+                    "flight); the guardian thaws it the moment it completes",
+                },
+            )
+            return
         if self.expired is not None or not idxs:
             self._answer(
                 conn,
@@ -720,7 +738,9 @@ class _Guardian:
     def status(self) -> dict[str, Any]:
         now = _now()
         core = self.core
-        finished = self.expired is not None
+        with self.lock:
+            # On duty while a freeze of ours may still land (a FIFREEZE in the kernel).
+            finished = self.expired is not None and not core.held()
         vols = []
         for i, (spec, v) in enumerate(zip(self.specs, core.vols, strict=True)):
             vols.append(

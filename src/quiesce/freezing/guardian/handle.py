@@ -128,6 +128,10 @@ class GuardianHandle:
                 raise GuardianError("the guardian exited unexpectedly", "check `dmesg`")
             if "event" in msg:
                 self._take(msg)
+                if op == "freeze_wave" and msg.get("event") == "expired":
+                    # The deadline passed while a FIFREEZE waits in the kernel (writes in
+                    # flight): fail now; the guardian thaws it the moment it returns.
+                    return {"id": rid, "ok": False, "expired": msg}
                 continue
             if msg.get("id") == rid:
                 if msg.get("expired"):
