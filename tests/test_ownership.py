@@ -136,15 +136,19 @@ def test_exec_fails_when_someone_else_thaws_and_refreezes_inside_the_window(
     assert not is_frozen(m.path)
 
 
-@pytest.mark.parametrize("use_guardian", [True, False], ids=["guardian", "in-process"])
-def test_the_library_raises_freeze_broken(loopfs: Any, use_guardian: bool) -> None:
+@pytest.mark.parametrize(
+    ("use_guardian", "trace"),
+    [(True, True), (True, False), (False, False)],
+    ids=["guardian+trace", "guardian-probes-only", "in-process"],
+)
+def test_the_library_raises_freeze_broken(loopfs: Any, use_guardian: bool, trace: bool) -> None:
     """`with freeze(...)`: an outside thaw in the body is FreezeBroken on the way out, and
     the filesystem is left as the third party left it (not frozen)."""
     m: LoopFS = loopfs("xfs")
     try:
         with (
             pytest.raises(FreezeBroken) as info,
-            quiesce.freeze([m.path], timeout=30, guardian=use_guardian) as window,
+            quiesce.freeze([m.path], timeout=30, guardian=use_guardian, trace=trace) as window,
         ):
             m.thaw_externally()
             if use_guardian:

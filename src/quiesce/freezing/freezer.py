@@ -295,8 +295,11 @@ class Freezer:
         guardian: bool = True,
         expedite: bool = True,
         concurrent: bool = True,
+        trace: bool = True,
     ) -> None:
-        """``expedite``: expedited RCU grace periods while the group freezes (machine-wide,
+        """``trace``: the guardian watches everyone's FIFREEZE/FITHAW calls besides probing
+        its freezes (docs/kernel.md, "Who owns a freeze"). ``expedite``: expedited RCU grace
+        periods while the group freezes (machine-wide,
         restored at once; see guardian/expedite.py). ``concurrent``: freeze volumes with
         no order between them at once (False: one after another, in plan order)."""
         plan.check()
@@ -307,6 +310,7 @@ class Freezer:
         self.use_guardian = guardian
         self.expedite = expedite
         self.concurrent = concurrent
+        self.trace = trace
         self.members: list[GroupMember] = [m for m in plan.members if not m.skip]
         self.results = [
             VolumeResult(m.name, m.paths, m.volume.dev, m.volume.fstype) for m in self.members
@@ -354,7 +358,9 @@ class Freezer:
         sys.dont_write_bytecode = True  # no .pyc may land on a frozen volume
         specs = self._specs()
         if self.use_guardian:
-            self._exec = GuardianHandle.start(specs, timeout=self.timeout, lease=self.lease)
+            self._exec = GuardianHandle.start(
+                specs, timeout=self.timeout, lease=self.lease, trace=self.trace
+            )
             self.window.guardian_pid = self._exec.pid
         else:
             self._exec = _InProcess(specs)
@@ -705,14 +711,15 @@ def freeze(
     guardian: bool = True,
     expedite: bool = True,
     concurrent: bool = True,
+    trace: bool = True,
 ) -> Iterator[Window]:
     """Freeze the filesystems mounted at ``paths`` as one group; thaw on exit.
 
     The guardian thaws the group if ``timeout`` seconds pass after the first freeze, if
     this process stops renewing its ``lease``, or if it dies. Leaving the block after
     such a thaw raises :class:`FreezeExpired`: whatever was snapshotted after it is not
-    consistent. Thaws on exceptions and KeyboardInterrupt too. ``expedite`` and
-    ``concurrent``: see :class:`Freezer`.
+    consistent. Thaws on exceptions and KeyboardInterrupt too. ``expedite``,
+    ``concurrent`` and ``trace``: see :class:`Freezer`.
     """
     if isinstance(paths, str | os.PathLike):
         paths = [os.fspath(paths)]
@@ -725,6 +732,7 @@ def freeze(
             guardian=guardian,
             expedite=expedite,
             concurrent=concurrent,
+            trace=trace,
         )
         window = freezer.freeze()
         try:

@@ -101,6 +101,8 @@ class Volume:
     busy_op: str = ""
     probe_due: bool = False  # a probe is queued on its thread
     thaw_on_return: bool = False  # `quiesce thaw` came while our FIFREEZE was in the kernel
+    suspect_ns: int | None = None  # someone else's FITHAW, maybe of this volume, at this time
+    clear_at_ns: int | None = None  # a probe started then found it frozen: decide on catch-up
     called_ns: int | None = None  # our FIFREEZE was called
     frozen_ns: int | None = None  # our FIFREEZE returned 0
     deferred_thaw: bool = False  # expiry came while a volume it waits on was busy
@@ -133,6 +135,7 @@ class GuardianCore:
     controller_gone: bool = field(init=False, default=False)
     done: bool = field(init=False, default=False)
     next_probe_ns: int | None = field(init=False, default=None)
+    foreign_freezes: list[tuple[int, int | None, str]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.vols = [Volume(inners=frozenset(i)) for i in self.inners]
@@ -148,9 +151,10 @@ class GuardianCore:
         return [i for i, v in enumerate(self.vols) if v.busy]
 
     def may_thaw(self, i: int) -> bool:
-        """The invariant: FITHAW only a freeze the kernel confirmed as ours."""
+        """The invariant: FITHAW only a freeze the kernel confirmed as ours (and none that
+        someone else's thaw may have touched, until the trace has ruled that out)."""
         v = self.vols[i]
-        return v.state == VolState.FROZEN and not v.busy
+        return v.state == VolState.FROZEN and not v.busy and v.suspect_ns is None
 
     def thawable(self, devs_idx: Iterable[int]) -> list[int]:
         """Of these volumes, the ones a client's thaw may touch, in reverse plan order."""
@@ -251,16 +255,75 @@ class GuardianCore:
         v.busy, v.busy_op = True, "probe"
         return True
 
-    def probe_returned(self, i: int, code: int, now: int) -> list[Action]:
-        """A probe's FIFREEZE answered ``code`` (0: it froze, and the shell undid it)."""
+    def probe_returned(
+        self, i: int, code: int, now: int, started: int | None = None
+    ) -> list[Action]:
+        """A probe's FIFREEZE answered ``code`` (0: it froze, and the shell undid it);
+        ``started``: when the probe was issued (for a suspect volume's verdict)."""
         v = self.vols[i]
         v.busy, v.busy_op = False, ""
         acts: list[Action] = []
         if v.state == VolState.FROZEN:
-            if code == errno.EBUSY:
-                v.checked_ns = now
-            else:  # the probe froze it (undone by the shell), or found it not frozen
+            if code != errno.EBUSY:  # the probe froze it (undone by the shell), or it was not
                 acts += self._lose(i, "thawed by someone else", now)
+            elif v.suspect_ns is not None:
+                if (started if started is not None else now) >= v.suspect_ns:
+                    # Judged in trace_caught_up, against every freeze call up to the probe's
+                    # *return*: its kernel entry may come later than its start (a busy CPU),
+                    # after someone else's FIFREEZE began, and then EBUSY is theirs.
+                    v.clear_at_ns = now
+                elif not v.probe_due:  # it began before the thaw: says nothing of it
+                    v.probe_due = True
+                    acts.append(Probe(i))
+            else:
+                v.checked_ns = now
+        return acts + self._release_deferred()
+
+    # -- the trace (the kernel's word on every freeze and thaw call) -------------------
+    def outside_call(self, op: str, i: int | None, ts: int, who: str, now: int) -> list[Action]:
+        """Someone else called FIFREEZE/FITHAW at ``ts`` on volume ``i`` (None: on a
+        filesystem the trace could not name). A thaw that may be ours makes the volume
+        suspect and probes it at once; a freeze is kept to judge the probe by."""
+        targets = [i] if i is not None else range(len(self.vols))
+        if op == "freeze":
+            self.foreign_freezes.append((ts, i, who))
+            del self.foreign_freezes[:-256]
+            return []
+        acts: list[Action] = []
+        for j in targets:
+            v = self.vols[j]
+            if v.state != VolState.FROZEN:
+                continue
+            if v.suspect_ns is None:
+                v.suspect_ns = ts
+            if not v.busy and not v.probe_due:
+                v.probe_due = True
+                acts.append(Probe(j))
+        return acts
+
+    def trace_caught_up(self, now: int) -> list[Action]:
+        """Every call before ``now`` has been fed in: judge the suspect volumes whose probe
+        found them frozen. Frozen, with a freeze call by someone else *on this volume*
+        between that thaw and our probe: that freeze is theirs, not ours (lost). A call the
+        trace could not attribute does not count here (on a busy machine most are another
+        filesystem's, and a false "lost" would leave our own freeze standing); it only
+        made the probe come at once. docs/kernel.md gives the residual this leaves."""
+        acts: list[Action] = []
+        for j, v in enumerate(self.vols):
+            if v.state != VolState.FROZEN or v.suspect_ns is None or v.clear_at_ns is None:
+                continue
+            if v.clear_at_ns > now:
+                continue  # calls up to its probe are not all in yet
+            refrozen = [
+                who for ts, k, who in self.foreign_freezes
+                if k == j and v.suspect_ns <= ts <= v.clear_at_ns
+            ]  # fmt: skip
+            if refrozen:
+                why = f"thawed and frozen again by someone else ({refrozen[0]})"
+                acts += self._lose(j, why, now)
+            else:
+                v.checked_ns = now
+            v.suspect_ns = v.clear_at_ns = None
         return acts + self._release_deferred()
 
     def outside_thaw_seen(self, i: int, why: str, now: int) -> list[Action]:
@@ -272,6 +335,7 @@ class GuardianCore:
     def _lose(self, i: int, why: str, now: int) -> list[Action]:
         v = self.vols[i]
         v.state, v.lost_why, v.lost_ns, v.deferred_thaw = VolState.LOST, why, now, False
+        v.suspect_ns = v.clear_at_ns = None
         return [Lost(i, why, now)]
 
     def _any_frozen(self) -> bool:
@@ -329,7 +393,7 @@ class GuardianCore:
         why = self.expiry.reason
         for i in range(len(self.vols) - 1, -1, -1):
             v = self.vols[i]
-            if not v.deferred_thaw or i in self._blocked() or v.busy:
+            if not v.deferred_thaw or i in self._blocked() or v.busy or v.suspect_ns is not None:
                 continue
             if v.state != VolState.FROZEN:
                 v.deferred_thaw = v.state in (VolState.FREEZING, VolState.THAWING)

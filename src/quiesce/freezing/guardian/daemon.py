@@ -74,7 +74,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_file,
 )
-from quiesce.sys import kernel
+from quiesce.sys import freezetrace, kernel
 
 LINGER_AFTER_EXPIRY = 600.0  # a finished guardian keeps its story for `status`/`thaw`
 MAX_CLIENTS = 32  # beyond this, the oldest client connection is dropped
@@ -221,6 +221,9 @@ class _Guardian:
         self.crash: str | None = None  # an ioctl thread's exception, for the main thread
         self.crashed: set[int] = set()  # volumes whose thread raised
         self.in_kernel: set[int] = set()  # volumes whose ioctl of ours is in the kernel now
+        self.trace: freezetrace.FreezeTrace | None = None  # everyone's FIFREEZE/FITHAW calls
+        self.use_trace = True  # False: probes alone (the portable fallback; benches, tests)
+        self.dev_index = {v.dev: i for i, v in enumerate(self.specs)}
         self.final = False  # the last line of defence took over: threads start nothing new
         self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
         self.retry_delay = 1.0
@@ -340,6 +343,7 @@ class _Guardian:
             if self.final or not self.core.probe_started(i):
                 return
             self.in_kernel.add(i)
+        started = _now()
         try:
             code = kernel.freeze_errno(self.specs[i].fd)
             if code == 0:
@@ -348,7 +352,36 @@ class _Guardian:
             with self.lock:
                 self.in_kernel.discard(i)
         with self.lock:
-            acts = self.core.probe_returned(i, code, _now())
+            acts = self.core.probe_returned(i, code, _now(), started)
+            verdict_due = self.core.vols[i].clear_at_ns is not None
+        self._do(acts)
+        if verdict_due:
+            self._wake()  # the main thread reads the trace up to now, then judges
+
+    def _read_trace(self) -> None:
+        """Main thread: feed everyone else's FIFREEZE/FITHAW calls to the core, then let
+        it judge the probes that are waiting for the trace to catch up."""
+        if self.trace is None:
+            return
+        now = _now()  # every call before this instant is in the buffer once read
+        try:
+            calls = self.trace.read()
+        except OSError:
+            calls = []
+        acts: list[Action] = []
+        with self.lock:
+            for c in calls:
+                if c.dev is not None and c.dev not in self.dev_index:
+                    continue  # another filesystem's
+                idx = self.dev_index.get(c.dev) if c.dev is not None else None
+                who = f"{c.comm}[{c.tid}]"
+                self._event(
+                    "outside-" + c.op,
+                    volume=self.specs[idx].name if idx is not None else None,
+                    who=who,
+                )
+                acts += self.core.outside_call(c.op, idx, c.ts_ns, who, now)
+            acts += self.core.trace_caught_up(now)
         self._do(acts)
 
     @staticmethod
@@ -398,6 +431,20 @@ class _Guardian:
             go = not self.final and (
                 self.core.freeze_called(i, now) if freeze else self.core.thaw_called(i)
             )
+        if not go and not freeze:  # a verdict on someone else's thaw may be due: wait a bit
+            for _ in range(200):
+                with self.lock:
+                    v = self.core.vols[i]
+                    if v.suspect_ns is None or v.state != VolState.FROZEN or self.final:
+                        break
+                    probe_here = v.clear_at_ns is None and not v.busy
+                if probe_here:  # its probe would queue behind us on this very thread
+                    self._probe(i)
+                self._wake()
+                time.sleep(0.001)
+        with self.lock:
+            if not go and not freeze:
+                go = not self.final and self.core.thaw_called(i)
             if go:
                 self.in_kernel.add(i)
             else:
@@ -779,6 +826,7 @@ class _Guardian:
             else None,
             "volumes": vols,
             "expired": self.expired,
+            "ownership": "trace+probe" if self.trace is not None else "probe",
             "events": self.events[-50:],
         }
 
@@ -860,6 +908,15 @@ class _Guardian:
             self.sel.register(pidfd, selectors.EVENT_READ, "pidfd")
         except (OSError, AttributeError):
             pidfd = None
+        # Before anything is frozen: everyone else's freeze and thaw calls, as the kernel
+        # sees them (docs/kernel.md, "Who owns a freeze"); None where the kernel has none.
+        own = {threading.get_native_id()} | {t.native_id or 0 for t in self.crew.threads}
+        with contextlib.suppress(Exception):
+            freezetrace.sweep_stale(set())
+        if self.use_trace:
+            self.trace = freezetrace.open_trace(f"quiesce-own-{os.getpid()}", own)
+        if self.trace is not None:
+            self.sel.register(self.trace.fileno(), selectors.EVENT_READ, "trace")
         send(self.ctl, {"ready": True, "pid": os.getpid()})
         while True:
             for key, _ in self.sel.select(self._next_timeout()):
@@ -873,9 +930,12 @@ class _Guardian:
                     self._accept()
                 elif tag == "client" and key.fileobj in self.clients:
                     self._on_client(key.fileobj)  # type: ignore[arg-type]
+                elif tag == "trace":
+                    self._read_trace()
                 elif tag == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
+                    self._read_trace()
                     if self.crash is not None:
                         raise RuntimeError(self.crash)
                     while not self.finished.empty():
@@ -957,6 +1017,7 @@ def serve(
     lease: float,
     controller_pid: int,
     dir_fd: int,
+    trace: bool = True,
 ) -> None:
     """The forked child's whole life: detach, guard, ``_exit``. Never returns.
 
@@ -967,6 +1028,7 @@ def serve(
     try:
         _detach_child({ctl.fileno(), dir_fd, *(v.fd for v in vols)})
         guardian = _Guardian(ctl, vols, timeout, lease, controller_pid, dir_fd)
+        guardian.use_trace = trace
         guardian.run()
     except BaseException as e:
         code = 70
@@ -977,6 +1039,9 @@ def serve(
         if guardian is not None:
             with contextlib.suppress(BaseException):
                 guardian.rcu.release()
+            with contextlib.suppress(BaseException):
+                if guardian.trace is not None:
+                    guardian.trace.close()
             with contextlib.suppress(BaseException):
                 guardian.remove_socket()
         os._exit(code)

@@ -55,7 +55,10 @@ class GuardianHandle:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         lease: float = DEFAULT_LEASE,
+        trace: bool = True,
     ) -> GuardianHandle:
+        """Fork the guardian. ``trace``: watch everyone's FIFREEZE/FITHAW calls (where the
+        kernel allows) besides probing; False leaves the probes alone."""
         timeout = check_seconds("timeout", timeout)
         lease = check_seconds("lease", lease, zero_ok=True)
         dir_fd = open_run_dir(create=True)
@@ -66,7 +69,7 @@ class GuardianHandle:
             pid = os.fork()
             if pid == 0:  # the guardian
                 parent.close()
-                serve(child, vols, timeout, lease, controller, dir_fd)
+                serve(child, vols, timeout, lease, controller, dir_fd, trace)
         finally:
             os.close(dir_fd)
         child.close()
