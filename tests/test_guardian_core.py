@@ -78,8 +78,10 @@ class Kernel:
 
 
 class CoreMachine(RuleBasedStateMachine):
-    # Set by a subclass to drop the one assumption (the residual test).
+    # Set by a subclass to drop the one assumption (the residual test), or to report
+    # every call by someone else to the core, as the kernel's trace does.
     assume_probe_between = True
+    traced = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,7 +121,13 @@ class CoreMachine(RuleBasedStateMachine):
             if code == 0:
                 self.kernel.fithaw(a.idx, "quiesce")
             self.needs_probe[a.idx] = False
-            self.run(self.core.probe_returned(a.idx, code, self.now))
+            self.run(self.core.probe_returned(a.idx, code, self.now, self.now))
+            self.after_probe()
+
+    def after_probe(self) -> None:
+        """The shell reads the trace after a probe, then the core judges."""
+        if self.traced:
+            self.run(self.core.trace_caught_up(self.now))
 
     # -- the controller -----------------------------------------------------------------------
     @rule(i=st.integers(0, N - 1))
@@ -162,17 +170,24 @@ class CoreMachine(RuleBasedStateMachine):
         self.run(self.core.tick(self.now))
 
     # -- someone else ------------------------------------------------------------------------
-    @rule(i=st.integers(0, N - 1))
-    def someone_thaws(self, i: int) -> None:
-        if self.kernel.holder[i] == "quiesce" and i not in self.in_flight:
+    @rule(i=st.integers(0, N - 1), attributed=st.booleans())
+    def someone_thaws(self, i: int, attributed: bool) -> None:
+        if self.kernel.holder[i] == "quiesce" and i not in self.in_flight and not self.traced:
             self.needs_probe[i] = True
         self.kernel.fithaw(i, "other")
+        if self.traced:
+            who = i if attributed else None
+            self.run(self.core.outside_call("thaw", who, self.now, "x", self.now))
+            self.run(self.core.trace_caught_up(self.now))
 
     @rule(i=st.integers(0, N - 1))
     def someone_freezes(self, i: int) -> None:
         if self.assume_probe_between and self.needs_probe[i]:
             return  # the residual: a refreeze before quiesce's next probe
         self.kernel.fifreeze(i, "other")
+        if self.traced:
+            self.run(self.core.outside_call("freeze", i, self.now, "x", self.now))
+            self.run(self.core.trace_caught_up(self.now))
 
     # -- the rules ------------------------------------------------------------------------
     @invariant()
@@ -182,7 +197,7 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def frozen_means_the_kernel_holds_it_for_us_or_a_probe_is_due(self) -> None:
         for i, v in enumerate(self.core.vols):
-            if v.state == VolState.FROZEN and not self.needs_probe[i]:
+            if v.state == VolState.FROZEN and not self.needs_probe[i] and v.suspect_ns is None:
                 assert self.kernel.holder[i] == "quiesce", (i, self.kernel.holder)
 
     @invariant()
@@ -225,7 +240,8 @@ class CoreMachine(RuleBasedStateMachine):
                     code = self.kernel.fifreeze(a.idx, "quiesce")
                     if code == 0:
                         self.kernel.fithaw(a.idx, "quiesce")
-                    self.run(self.core.probe_returned(a.idx, code, self.now))
+                    self.run(self.core.probe_returned(a.idx, code, self.now, self.now))
+                    self.after_probe()
             self.now += TIMEOUT + LEASE + 1
             self.run(self.core.tick(self.now))
             if not self.queued and not self.in_flight:
@@ -239,6 +255,7 @@ CoreMachine.TestCase.settings = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,
+    database=None,  # the machines share a test name: no replay of another's examples
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestGuardianCore = CoreMachine.TestCase
@@ -246,6 +263,26 @@ TestGuardianCore = CoreMachine.TestCase
 
 class ResidualMachine(CoreMachine):
     assume_probe_between = False
+
+
+class TraceMachine(CoreMachine):
+    """The kernel's trace reports every FIFREEZE/FITHAW call by someone else: a thaw
+    attributed to its volume or not (its caller may be gone before it is read), a freeze
+    that succeeds attributed (it lasts milliseconds: its caller is there to be read).
+    Then no assumption is needed: a thaw and a refreeze between two probes is caught."""
+
+    assume_probe_between = False
+    traced = True
+
+
+TraceMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    database=None,  # the machines share a test name: no replay of another's examples
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestGuardianCoreWithTrace = TraceMachine.TestCase
 
 
 def test_the_residual_is_real() -> None:
