@@ -82,7 +82,9 @@ def _check(rec: Any, pid: int) -> str | None:
 def _read_trusted(dir_fd: int, name: str) -> tuple[Any, str | None]:
     """(the parsed file, None) or (None, why it is refused)."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except OSError as e:
         if e.errno == errno.ELOOP:
             return None, "it is a symbolic link"
@@ -132,7 +134,7 @@ def _spared(dir_fd: int, gpid: int) -> set[str]:
 
 
 def _guardian(rec: dict[str, Any]) -> str:
-    """"alive", "dying" (killed, a thread still inside an ioctl) or "gone"."""
+    """Alive, dying (killed, a thread still inside an ioctl) or gone."""
     pid = rec["guardian_pid"]
     fields = proc.stat_fields(pid)
     if fields is None or fields[0] == "X":
@@ -140,13 +142,27 @@ def _guardian(rec: dict[str, Any]) -> str:
     with contextlib.suppress(IndexError, ValueError):
         if rec.get("guardian_start") is not None and int(fields[19]) != rec["guardian_start"]:
             return "gone"  # a recycled pid
-    if fields[0] != "Z":
-        return "alive"
+    if fields[0] == "Z":
+        try:
+            tasks = len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            return "gone"
+        return "dying" if tasks > 1 else "gone"
+    return "dying" if _sigkill_pending(pid) else "alive"
+
+
+def _sigkill_pending(pid: int) -> bool:
+    """SIGKILLed, but a thread is still inside the kernel (an uninterruptible FIFREEZE)."""
     try:
-        tasks = len(os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return "gone"
-    return "dying" if tasks > 1 else "gone"
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & (
+                    1 << (signal.SIGKILL - 1)
+                ):
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _watchdog_alive(rec: dict[str, Any]) -> bool:
