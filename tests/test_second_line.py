@@ -86,6 +86,12 @@ def kmsg_lines(wpid: int) -> list[str]:
     return [line.split(tag, 1)[1] for line in log.splitlines() if tag in line]
 
 
+def has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(eff.split()[1], 16) >> 24 & 1)
+
+
 class Fake:
     """One stand-in guardian and its watchdog; killed by pid in teardown."""
 
@@ -205,3 +211,188 @@ def test_a_guardian_killed_in_the_window_is_thawed_by_its_deadline(
     log.close()
     assert data.startswith(f"<28>quiesce-2nd[{g.watchdog}]: thawed "), data
     assert not (run_dir / record_name(g.pid)).exists(), "the record outlived the watchdog"
+
+
+# -- 2. killed while its FIFREEZE waits in the kernel (case 4) -------------------------------
+
+HOLDER = """
+import os, sys
+fd = int(sys.argv[1])
+r, w = os.pipe()  # nothing is ever written: the splice waits, holding a write on the fs
+os.splice(r, fd, 1 << 16)
+"""
+
+
+def splice_holder(fs: LoopFS) -> subprocess.Popen[bytes]:
+    """uid 65534 splices from an empty pipe into a file on ``fs``: any FIFREEZE of ``fs``
+    then waits in the kernel until the holder ends (the issue's case 2)."""
+    fd = os.open(os.path.join(fs.path, "held"), os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        holder = subprocess.Popen(
+            [*NOBODY, "/usr/bin/python3", "-c", HOLDER, str(fd)], pass_fds=[fd]
+        )
+    finally:
+        os.close(fd)
+
+    def splicing() -> bool:
+        try:
+            with open(f"/proc/{holder.pid}/syscall") as f:
+                return f.read().split()[0] == "275"  # x86_64 splice
+        except (OSError, IndexError):
+            return False
+
+    wait_for(splicing, "the holder to wait inside splice()")
+    return holder
+
+
+@pytest.mark.timeout(120)
+def test_a_guardian_killed_inside_fifreeze_is_thawed_once_the_kernel_completes_it(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    vol = loopfs("ext4")
+    holder = splice_holder(vol)
+    try:
+        g = start(fakes, 3.0, vol)
+        g.send("freeze 0")
+        wait_for(lambda: in_fifreeze(g.pid), "the guardian's FIFREEZE to wait in the kernel")
+        g.kill()
+        # SIGKILLed, but its FIFREEZE is uninterruptible: it cannot die before it returns.
+        assert in_fifreeze(g.pid) and not gone(g.pid)
+        assert read_record(run_dir, g.pid)["volumes"][0]["state"] == "freezing"
+        (seen,) = records.gone_guardians()
+        assert seen["pid"] == g.pid and seen["dying"] and seen["watchdog_alive"]
+        assert seen["volumes"][0]["state"] == "freezing"  # and no probe waited behind it
+        time.sleep(3.5)  # the deadline passes while the kernel still waits for the holder
+        assert not gone(g.watchdog) and in_fifreeze(g.pid)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    # The kernel completes the dead guardian's freeze; the watchdog thaws it at once.
+    wait_for(lambda: gone(g.pid), "the guardian's FIFREEZE to return")
+    wait_for(lambda: gone(g.watchdog), "the watchdog to thaw and leave")
+    assert probe(vol.path) == 0, "the freeze completed after the guardian died leaked"
+    lines = kmsg_lines(g.watchdog)
+    assert any(ln.startswith(f"thawed {vol.path} (guardian {g.pid} is gone") for ln in lines)
+
+
+# -- 3. a freeze that is no longer the guardian's is never thawed ----------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_lost_or_foreign_freeze_is_never_thawed(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """Volume 0: the guardian's freeze thawed and refrozen by a third party (fsfreeze -u,
+    -f), which the guardian noted "lost". Volume 1: frozen by a third party first: the
+    guardian's FIFREEZE got EBUSY ("foreign"). After the guardian's SIGKILL and past its
+    deadline, both are still frozen: the watchdog left at once and touched neither."""
+    lost, foreign = loopfs("ext4"), loopfs("ext4")
+    foreign.freeze_externally()
+    g = start(fakes, 1.0, lost, foreign)
+    first = g.ask("freeze 0")
+    assert first["errno"] == 0
+    assert g.ask("freeze 1")["errno"] == errno.EBUSY
+    lost.thaw_externally()
+    lost.freeze_externally()
+    g.ask("note 0 lost")
+    g.kill()
+    g.proc.wait(timeout=10)
+    wait_for(lambda: gone(g.watchdog), "the watchdog to leave: nothing is its to thaw")
+    end = first["call_ns"] / 1e9 + 1.0 + 0.5
+    time.sleep(max(0.0, end - time.monotonic()))  # past the deadline
+    assert probe(lost.path) == errno.EBUSY and probe(foreign.path) == errno.EBUSY
+    assert kmsg_lines(g.watchdog) == []
+    assert not (run_dir / record_name(g.pid)).exists()
+
+
+@pytest.mark.timeout(90)
+def test_an_unnoted_refreeze_is_thawed_the_residual_window(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """Negative control for the test above, and the probe's documented limit: a third
+    party's thaw and refreeze that the guardian did not note before it died answers the
+    probe with EBUSY, exactly like the guardian's own freeze: it is thawed."""
+    vol = loopfs("ext4")
+    g = start(fakes, 0.5, vol)
+    assert g.ask("freeze 0")["errno"] == 0
+    vol.thaw_externally()
+    vol.freeze_externally()
+    g.kill()
+    wait_for(lambda: gone(g.watchdog), "the watchdog to thaw and leave")
+    assert probe(vol.path) == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_volume_thawed_by_someone_else_is_probed_and_left_thawed(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """The guardian's freeze was thawed by someone else (not noted): the probe froze it,
+    and the watchdog undoes that at once and says so."""
+    vol = loopfs("ext4")
+    g = start(fakes, 0.5, vol)
+    assert g.ask("freeze 0")["errno"] == 0
+    vol.thaw_externally()
+    g.kill()
+    wait_for(lambda: gone(g.watchdog), "the watchdog to probe and leave")
+    assert probe(vol.path) == 0
+    want = f"{vol.path} was thawed by someone else before the deadline"
+    assert any(ln.startswith(want) for ln in kmsg_lines(g.watchdog))
+
+
+# -- 4. the watchdog itself is killed -------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_killing_the_watchdog_breaks_nothing(loopfs: Any, fakes: list[Fake], run_dir: Path) -> None:
+    vol = loopfs("ext4")
+    g = start(fakes, 30.0, vol)
+    with open(f"/proc/{g.watchdog}/comm") as f:
+        assert f.read().strip() == "quiesce-2nd"
+    if has_cap_sys_resource():  # needed to lower it (this VM's root lacks it)
+        with open(f"/proc/{g.watchdog}/oom_score_adj") as f:
+            assert f.read().strip() == "-1000"
+    assert os.getsid(g.watchdog) == g.watchdog
+    links = {
+        os.readlink(f"/proc/{g.watchdog}/fd/{n}") for n in os.listdir(f"/proc/{g.watchdog}/fd")
+    }
+    for n in (0, 1):  # the guardian's stdin and stdout (the test's pipes) are not kept
+        assert os.readlink(f"/proc/{g.pid}/fd/{n}") not in links, links
+    assert os.readlink(f"/proc/{g.watchdog}/cwd") == "/"
+    os.kill(g.watchdog, signal.SIGTERM)  # ignored
+    os.kill(g.watchdog, signal.SIGINT)
+    assert not gone(g.watchdog)
+    assert g.ask("freeze 0")["errno"] == 0
+    wait_for(lambda: read_record(run_dir, g.pid)["volumes"][0]["state"] == "frozen", "record")
+    os.kill(g.watchdog, signal.SIGKILL)
+    wait_for(lambda: gone(g.watchdog), "the watchdog to die")
+    assert g.ask("note 0 frozen") == {"op": "note"}  # a note to nobody neither blocks nor raises
+    assert g.ask("thaw 0")["errno"] == 0
+    assert g.ask("stop") == {"op": "stop"}
+    assert probe(vol.path) == 0
+    g.proc.stdin.close()  # type: ignore[union-attr]
+    g.proc.wait(timeout=10)
+    # Its record stayed ("frozen": the watchdog died before the thaw was noted); the kernel
+    # says otherwise, and cleanup removes it.
+    assert read_record(run_dir, g.pid)["volumes"][0]["state"] == "frozen"
+    (seen,) = records.gone_guardians()
+    assert seen["volumes"][0]["state"] == "thawed" and not seen["watchdog_alive"]
+    done, errors = records.clean_stale()
+    assert errors == [] and done
+    assert not (run_dir / record_name(g.pid)).exists()
+    assert probe(vol.path) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_guardian_that_ends_normally_takes_its_watchdog_along(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    vol = loopfs("ext4")
+    g = start(fakes, 30.0, vol)
+    assert g.ask("freeze 0")["errno"] == 0
+    assert g.ask("thaw 0")["errno"] == 0
+    wait_for(lambda: gone(g.watchdog), "the watchdog to leave: everything is settled")
+    assert not (run_dir / record_name(g.pid)).exists()
+    g2 = start(fakes, 30.0, vol)
+    assert g2.ask("stop") == {"op": "stop"}
+    wait_for(lambda: gone(g2.watchdog), "the watchdog to leave on stop()")
+    assert not (run_dir / record_name(g2.pid)).exists()
