@@ -258,7 +258,10 @@ def test_a_guardian_killed_inside_fifreeze_is_thawed_once_the_kernel_completes_i
         g.kill()
         # SIGKILLed, but its FIFREEZE is uninterruptible: it cannot die before it returns.
         assert in_fifreeze(g.pid) and not gone(g.pid)
-        assert read_record(run_dir, g.pid)["volumes"][0]["state"] == "freezing"
+        wait_for(
+            lambda: read_record(run_dir, g.pid)["volumes"][0]["state"] == "freezing",
+            "the record to say freezing",
+        )
         (seen,) = records.gone_guardians()
         assert seen["pid"] == g.pid and seen["dying"] and seen["watchdog_alive"]
         assert seen["volumes"][0]["state"] == "freezing"  # and no probe waited behind it
@@ -396,3 +399,143 @@ def test_a_guardian_that_ends_normally_takes_its_watchdog_along(
     assert g2.ask("stop") == {"op": "stop"}
     wait_for(lambda: gone(g2.watchdog), "the watchdog to leave on stop()")
     assert not (run_dir / record_name(g2.pid)).exists()
+
+
+# -- 5. status, thaw and cleanup after a SIGKILL -----------------------------------------------
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quiesce", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.timeout(120)
+def test_status_shows_a_killed_guardians_freeze_and_thaw_ends_it(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    vol = loopfs("ext4")
+    g = start(fakes, 60.0, vol)
+    assert g.ask("freeze 0")["errno"] == 0
+    g.kill()
+    g.proc.wait(timeout=10)
+    st = cli("status")
+    assert st.returncode == 0, st.stderr
+    want = f"{vol.path}: frozen \u2014 guardian {g.pid} is gone (killed); thaw with: "
+    want += f"quiesce thaw {vol.path}; "
+    assert want in st.stdout, st.stdout
+    assert f"its watchdog {g.watchdog} thaws it at " in st.stdout
+    assert "nothing is frozen by quiesce" not in st.stdout
+    js = json.loads(cli("status", "--json").stdout)
+    (gone_one,) = js["gone"]
+    assert gone_one["pid"] == g.pid and gone_one["volumes"][0]["state"] == "frozen"
+    assert probe(vol.path) == errno.EBUSY  # status only looked
+    th = cli("thaw", vol.path)
+    assert th.returncode == 0, th.stderr
+    assert f"guardian {g.pid} is gone (killed)" in th.stdout, th.stdout
+    assert probe(vol.path) == 0
+    # Told (a settled marker and SIGUSR1), the watchdog leaves long before the deadline and
+    # will never probe the volume again, whoever freezes it next.
+    wait_for(lambda: gone(g.watchdog), "the watchdog to leave after `quiesce thaw`", 10)
+    assert not (run_dir / record_name(g.pid)).exists()
+    assert kmsg_lines(g.watchdog) == []
+    assert "nothing is frozen by quiesce" in cli("status").stdout
+
+
+def plant(run_dir: Path, pid: int, dev: str, name: str, *, uid: int = 0, mode: int = 0o600) -> Path:
+    """A record of a dead "guardian" ``pid`` that claims ``dev`` frozen."""
+    rec = {
+        "version": 1, "guardian_pid": pid, "guardian_start": 1, "watchdog_pid": pid,
+        "watchdog_start": 1, "started": 0.0, "timeout_s": 1.0, "deadline_wall": 1.0,
+        "expedite": None, "volumes": [{"dev": dev, "name": name, "state": "frozen",
+                                       "call_wall": 0.0}],
+    }  # fmt: skip
+    path = run_dir / record_name(pid)
+    path.write_text(json.dumps(rec))
+    os.chown(path, uid, uid)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_records_that_root_did_not_write_are_refused(loopfs: Any, run_dir: Path) -> None:
+    """A volume frozen by a third party, and records claiming it was a dead guardian's:
+    owned by uid 65534, readable by others, or a symlink. None is believed: status does
+    not show it, thaw says no guardian held it, cleanup leaves the freeze alone. The
+    same record, root's and 0600, is believed (the control)."""
+    vol = loopfs("ext4")
+    dev = f"{os.major(os.stat(vol.device).st_rdev)}:{os.minor(os.stat(vol.device).st_rdev)}"
+    vol.freeze_externally()
+    dead = 4_000_000  # above pid_max: never alive
+    plant(run_dir, dead, dev, vol.path, uid=65534)
+    plant(run_dir, dead + 1, dev, vol.path, mode=0o644)
+    target = plant(run_dir, dead + 2, dev, vol.path)
+    target.rename(run_dir / "elsewhere.json")
+    (run_dir / record_name(dead + 2)).symlink_to(run_dir / "elsewhere.json")
+    gone_list, refused = records.survey_gone()
+    assert gone_list == []
+    assert refused == {
+        record_name(dead): "it is owned by uid 65534, not root",
+        record_name(dead + 1): "its mode is 0644, not 0600",
+        record_name(dead + 2): "it is a symbolic link",
+    }
+    st = cli("status")
+    assert "nothing is frozen by quiesce" in st.stdout, st.stdout
+    assert (
+        f"record {record_name(dead)} not believed: it is owned by uid 65534"
+        in st.stderr + st.stdout
+    )
+    assert records.holder_gone(dev) is None
+    done, errors = records.clean_stale()
+    assert done == [] and errors == []
+    assert probe(vol.path) == errno.EBUSY, "a planted record made quiesce thaw a foreign freeze"
+    # The control: root's own record is believed, and cleanup thaws what it names.
+    for p in run_dir.iterdir():
+        p.unlink()
+    plant(run_dir, dead, dev, vol.path)
+    (seen,) = records.gone_guardians()
+    assert seen["volumes"][0]["state"] == "frozen" and not seen["watchdog_alive"]
+    done, errors = records.clean_stale()
+    assert errors == [] and done[0]["target"] == f"{vol.path} (frozen)"
+    assert probe(vol.path) == 0
+    assert list(run_dir.iterdir()) == []
+
+
+# -- the time from a SIGKILL past the deadline to a writable filesystem ----------------------
+
+
+WRITE = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)  # made before the freeze: no create blocks here
+print("go", flush=True)
+os.write(fd, b"x"); os.fsync(fd)
+print(time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_resumes_promptly_after_a_sigkill_past_the_deadline(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """The deadline has passed when the guardian dies: its watchdog thaws at once. The
+    time from the SIGKILL to a blocked writer's completed fsync is printed (a generous
+    bound only: the machine is shared)."""
+    vol = loopfs("ext4")
+    open(os.path.join(vol.path, "w"), "wb").close()
+    g = start(fakes, 0.2, vol)
+    first = g.ask("freeze 0")
+    assert first["errno"] == 0
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE, os.path.join(vol.path, "w")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "go"
+    time.sleep(max(0.0, first["call_ns"] / 1e9 + 0.3 - time.monotonic()))
+    assert probe(vol.path) == errno.EBUSY  # the fake guardian does not thaw on its own
+    killed = g.kill()
+    resumed = float(writer.stdout.readline())
+    writer.wait(timeout=10)
+    took = resumed - killed
+    print(f"SIGKILL past the deadline -> writer's fsync done: {took * 1000:.1f} ms")
+    assert 0 < took < 5.0

@@ -262,6 +262,7 @@ class _Watchdog:
         self.written = 0
         self.leaving = False
         self.syslog: socket.socket | None = None
+        self.recorder: threading.Thread | None = None
 
     # -- the record (its own thread: a run directory on a frozen fs blocks it alone) --------
     def _snapshot(self) -> dict[str, Any]:
@@ -329,9 +330,12 @@ class _Watchdog:
             self.dirty.notify_all()
 
     def _remove_record(self) -> None:
+        """Last: after a write in flight (it would bring the record back)."""
         with self.lock:
             self.leaving = True
             self.dirty.notify_all()
+        if self.recorder is not None:
+            self.recorder.join(5.0)  # longer only on a run directory frozen by others
         for name in (record_name(self.gpid), settled_name(self.gpid)):
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self.dir_fd)
@@ -509,7 +513,8 @@ class _Watchdog:
         signal.signal(signal.SIGUSR1, lambda *_: None)
         self.syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         os.set_blocking(self.pipe_r, False)
-        threading.Thread(target=self._recorder, name="2nd-record", daemon=True).start()
+        self.recorder = threading.Thread(target=self._recorder, name="2nd-record", daemon=True)
+        self.recorder.start()
         self._changed()  # the first record, before anything is frozen
         try:
             self._watch()
