@@ -4,7 +4,8 @@
 the guardian does, prints ``{"ready": true, "pid": .., "watchdog": ..}``, then obeys one
 command per stdin line and answers one JSON line each:
 
-``freeze I`` (note "freezing" with the call time, FIFREEZE, note the result),
+``freeze I`` (note "freezing" with the call time, FIFREEZE, note the result; ``freeze-thread
+I`` the same on a new thread, the main thread reading on),
 ``thaw I`` (note "thawing", FITHAW, note "thawed"), ``note I STATE``, ``stop``.
 
 The test SIGKILLs it wherever it wants the guardian to die.
@@ -16,6 +17,7 @@ import errno
 import json
 import os
 import sys
+import threading
 import time
 
 from quiesce.freezing.guardian.protocol import open_run_dir
@@ -46,14 +48,21 @@ def main() -> None:
     say(ready=True, pid=os.getpid(), watchdog=line.watchdog_pid)
     for cmd in sys.stdin:
         op, *args = cmd.split()
-        if op == "freeze":
+        if op in ("freeze", "freeze-thread"):
             i = int(args[0])
-            t0 = time.monotonic_ns()
-            line.note(i, "freezing", call_ns=t0)
-            code = kernel.freeze_errno(roots[i].fd)
-            state = "frozen" if code == 0 else "foreign" if code == errno.EBUSY else "failed"
-            line.note(i, state, call_ns=t0)
-            say(op=op, vol=i, errno=code, call_ns=t0)
+
+            def freeze(i: int = i, op: str = op) -> None:
+                t0 = time.monotonic_ns()
+                line.note(i, "freezing", call_ns=t0)
+                code = kernel.freeze_errno(roots[i].fd)
+                state = "frozen" if code == 0 else "foreign" if code == errno.EBUSY else "failed"
+                line.note(i, state, call_ns=t0)
+                say(op=op, vol=i, errno=code, call_ns=t0)
+
+            if op == "freeze":
+                freeze()
+            else:  # on a thread of its own, as the guardian's crew does
+                threading.Thread(target=freeze, daemon=True).start()
         elif op == "thaw":
             i = int(args[0])
             line.note(i, "thawing")
