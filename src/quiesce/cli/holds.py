@@ -103,7 +103,7 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
         try:
             done = _own_fithaw(path, target, why)
             if dead is not None:  # its watchdog must not probe (and thaw) a refreeze
-                records.mark_thawed(dead, [dev])
+                records.mark_thawed(dead["guardian_pid"], [dev])
             return done
         except NotFrozen:
             story = _history_of(dev, seen.finished)

@@ -284,22 +284,26 @@ def _write_private(dir_fd: int, name: str, data: bytes) -> None:
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def mark_thawed(rec: dict[str, Any], devs: list[str]) -> None:
-    """`quiesce thaw` thawed ``devs`` of a gone guardian: its watchdog must never touch
-    them again (a refreeze by someone else would answer its probe with EBUSY). Written
-    for the watchdog, which is woken (SIGUSR1) to read it."""
-    gpid = rec["guardian_pid"]
+def mark_thawed(guardian_pid: int, devs: list[str]) -> bool:
+    """Someone of quiesce's (`quiesce thaw`, a controller that lost its guardian) thawed
+    ``devs`` of guardian ``guardian_pid``'s freeze: its watchdog must never touch them
+    again (a refreeze by someone else would answer its probe with EBUSY). Written next to
+    the record; the watchdog is woken (SIGUSR1) to read it. False if there is no record."""
     dir_fd = open_run_dir(create=False)
     if dir_fd is None:
-        return
+        return False
     try:
-        devs = sorted(_spared(dir_fd, gpid) | set(devs))
-        _write_private(dir_fd, settled_name(gpid), json.dumps(devs).encode())
+        rec, why = _read_trusted(dir_fd, record_name(guardian_pid))
+        if why is not None or _check(rec, guardian_pid) is not None:
+            return False
+        devs = sorted(_spared(dir_fd, guardian_pid) | set(devs))
+        _write_private(dir_fd, settled_name(guardian_pid), json.dumps(devs).encode())
     finally:
         os.close(dir_fd)
     if _watchdog_alive(rec):
         with contextlib.suppress(OSError):
             os.kill(rec["watchdog_pid"], signal.SIGUSR1)
+    return True
 
 
 def clean_stale(*, dry_run: bool = False) -> tuple[list[dict[str, Any]], list[str]]:

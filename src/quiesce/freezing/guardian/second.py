@@ -96,8 +96,14 @@ class SecondLine:
 
     def __init__(self, wfd: int, watchdog_pid: int) -> None:
         self._w = wfd
-        self.watchdog_pid = watchdog_pid
+        self.watchdog_pid = watchdog_pid  # 0 if it did not say so within READY_S
         self._closed = False
+
+    @property
+    def fileno(self) -> int:
+        """The pipe's write end: keep it open (a guardian that closes every fd it does
+        not know would silence its notes; the watchdog would then guard nothing)."""
+        return self._w
 
     @classmethod
     def start(
@@ -361,7 +367,8 @@ class _Watchdog:
             elif new in AT_STAKE and self.first_call is None:
                 self.first_call = time.monotonic_ns()  # no call time given: from now
             if new != self.state[idx]:
-                self.state[idx] = new
+                with self.lock:
+                    self.state[idx] = new
                 changed = True
             if new in SETTLED and self.fds[idx] >= 0:
                 # Not ours to guard any more: never pin its mount (umount).
@@ -434,7 +441,10 @@ class _Watchdog:
             new = "thawed" if res in (0, errno.EINVAL) else "failed"
         elif code == 0:
             res = kernel.thaw_errno(fd, THAW_RETRY_DELAYS)
-            what = "was not frozen" if was == "freezing" else "was thawed by someone else"
+            what = {
+                "freezing": "was not frozen (its FIFREEZE failed or never ran)",
+                "thawing": "was already thawed (the guardian's own FITHAW)",
+            }.get(was, "was thawed by someone else")
             tail = "" if res in (0, errno.EINVAL) else f"; FITHAW failed: errno {res}"
             self._record(f"{name} {what} before the deadline ({who}): probe undone{tail}")
             new = "thawed" if res in (0, errno.EINVAL) else "failed"
