@@ -556,3 +556,34 @@ def test_a_writer_resumes_promptly_after_a_sigkill_past_the_deadline(
     took = resumed - killed
     print(f"SIGKILL past the deadline -> writer's fsync done: {took * 1000:.1f} ms")
     assert 0 < took < 5.0
+
+
+@pytest.mark.timeout(90)
+def test_cleanup_thaws_what_a_killed_guardian_and_watchdog_left(
+    loopfs: Any, fakes: list[Fake], run_dir: Path, tmp_path: Path
+) -> None:
+    """Both the guardian and its watchdog SIGKILLed in the window: only the record is left.
+    `quiesce status` shows the freeze (no watchdog to thaw it); `quiesce cleanup` thaws it
+    and removes the record."""
+    vol = loopfs("ext4")
+    g = start(fakes, 60.0, vol)
+    assert g.ask("freeze 0")["errno"] == 0
+    wait_for(lambda: read_record(run_dir, g.pid)["volumes"][0]["state"] == "frozen", "record")
+    os.kill(g.watchdog, signal.SIGKILL)
+    g.kill()
+    g.proc.wait(timeout=10)
+    wait_for(lambda: gone(g.watchdog), "the watchdog to die")
+    st = cli("status")
+    assert f"{vol.path}: frozen \u2014 guardian {g.pid} is gone (killed)" in st.stdout, st.stdout
+    assert "its watchdog" not in st.stdout
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    dry = cli("cleanup", "--state-dir", str(state), "--dry-run")
+    assert dry.returncode == 0 and probe(vol.path) == errno.EBUSY, dry.stdout + dry.stderr
+    done = cli("cleanup", "--state-dir", str(state))
+    assert done.returncode == 0, done.stdout + done.stderr
+    want = f"removed guardian-record: {vol.path} (frozen) (run dead quiesce guardian {g.pid})"
+    assert want in done.stdout, done.stdout
+    assert probe(vol.path) == 0
+    assert not (run_dir / record_name(g.pid)).exists()
+    assert "nothing to clean up" in cli("cleanup", "--state-dir", str(state)).stdout
