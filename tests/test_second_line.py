@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 from conftest import FIFREEZE, FITHAW, HELPERS, LoopFS, thaw_quietly
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quiesce.freezing import guardian
-from quiesce.freezing.guardian import records
+from quiesce.freezing.guardian import records, second
 from quiesce.freezing.guardian.second import record_name
 
 FAKE = HELPERS / "fake_guardian.py"
@@ -587,3 +589,61 @@ def test_cleanup_thaws_what_a_killed_guardian_and_watchdog_left(
     assert probe(vol.path) == 0
     assert not (run_dir / record_name(g.pid)).exists()
     assert "nothing to clean up" in cli("cleanup", "--state-dir", str(state)).stdout
+
+
+# -- parsers: the notes the watchdog reads, the records status believes ------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=40), max_size=8))
+def test_the_watchdog_reads_any_byte_stream_without_breaking(chunks: list[bytes]) -> None:
+    """Whatever arrives, split anywhere: states stay valid, nothing raises."""
+    spec = {"guardian_pid": 1, "guardian_start": None, "devs": ["7:1", "7:2"],
+            "names": ["/a", "/b"], "timeout_s": 1.0}  # fmt: skip
+    w = second._Watchdog(spec, [-1, -1], -1, -1, -1, -1)
+    for c in chunks:
+        w._apply(c)
+    assert all(s in (*second.STATES, "idle") for s in w.state)
+    assert len(w.buf) < second._MSG.size
+
+
+@settings(max_examples=100, deadline=None)
+@given(notes=st.lists(st.tuples(st.integers(0, 1), st.sampled_from(second.STATES)), max_size=12))
+def test_the_watchdog_keeps_the_last_note_of_each_volume(notes: list[tuple[int, str]]) -> None:
+    spec = {"guardian_pid": 1, "guardian_start": None, "devs": ["7:1", "7:2"],
+            "names": ["/a", "/b"], "timeout_s": 1.0}  # fmt: skip
+    w = second._Watchdog(spec, [-1, -1], -1, -1, -1, -1)
+    data = b"".join(second._MSG.pack(i, second._CODE[s], second._NO_CALL) for i, s in notes)
+    for k in range(0, len(data), 7):  # torn into pieces that cut messages
+        w._apply(data[k : k + 7])
+    want = ["idle", "idle"]
+    for i, s in notes:
+        want[i] = s
+    assert w.state == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(rec=json_values | st.fixed_dictionaries({"guardian_pid": st.just(42)}, optional={
+    "watchdog_pid": json_values | st.integers(), "timeout_s": json_values,
+    "guardian_start": json_values, "watchdog_start": json_values,
+    "deadline_wall": json_values, "started": json_values,
+    "volumes": st.lists(json_values | st.fixed_dictionaries({
+        "dev": st.sampled_from(["7:1", "x", "7:"]), "name": json_values,
+        "state": st.sampled_from(["frozen", "idle", "nope"]), "call_wall": json_values,
+    }), max_size=3),
+}))  # fmt: skip
+def test_a_record_that_does_not_fit_is_refused_never_an_error(rec: Any) -> None:
+    why = records._check(rec, 42)
+    if why is None:  # believed: every field a reader uses has its type
+        assert isinstance(rec["watchdog_pid"], int) and rec["watchdog_pid"] > 0
+        assert rec["volumes"] and all(
+            v["state"] in (*second.STATES, "idle") for v in rec["volumes"]
+        )
