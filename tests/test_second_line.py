@@ -647,3 +647,58 @@ def test_a_record_that_does_not_fit_is_refused_never_an_error(rec: Any) -> None:
         assert rec["volumes"] and all(
             v["state"] in (*second.STATES, "idle") for v in rec["volumes"]
         )
+
+
+@pytest.mark.timeout(120)
+def test_a_stuck_fifreeze_of_a_killed_guardian_does_not_hold_back_the_others(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """Volume 0 frozen; volume 1's FIFREEZE waits in the kernel on a thread of its own
+    (behind the splice holder) when the guardian is SIGKILLed. The guardian is not dead
+    for the kernel (its pidfd waits for that thread), yet at the deadline volume 0 is
+    thawed; volume 1 once the kernel completes its freeze."""
+    a, b = loopfs("ext4"), loopfs("ext4")
+    holder = splice_holder(b)
+    try:
+        g = start(fakes, 2.0, a, b)
+        assert g.ask("freeze 0")["errno"] == 0
+        g.send("freeze-thread 1")
+        wait_for(lambda: fifreeze_task(g.pid), "volume 1's FIFREEZE to wait in the kernel")
+        tid = fifreeze_task(g.pid)
+        assert tid is not None
+        g.kill()
+        want = f"thawed {a.path} (guardian {g.pid} is gone: deadline)"
+        wait_for(
+            lambda: any(ln.startswith(want) for ln in kmsg_lines(g.watchdog)),
+            "volume 0 to be thawed at the deadline",
+        )
+        assert in_fifreeze(tid), "the holder ended early: the test proves nothing"
+        assert probe(a.path) == 0
+        assert not gone(g.watchdog)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    wait_for(lambda: gone(g.watchdog), "the watchdog to thaw volume 1 and leave")
+    assert probe(b.path) == 0
+    assert any(ln.startswith(f"thawed {b.path} (guardian") for ln in kmsg_lines(g.watchdog))
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_guardian_past_its_deadline_is_acted_for(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """SIGSTOP: the guardian lives but cannot act. Past its deadline (and a grace of
+    STOPPED_GRACE_S), its watchdog thaws for it."""
+    vol = loopfs("ext4")
+    g = start(fakes, 0.5, vol)
+    first = g.ask("freeze 0")
+    assert first["errno"] == 0
+    os.kill(g.pid, signal.SIGSTOP)
+    try:
+        assert probe(vol.path) == errno.EBUSY
+        wait_for(lambda: gone(g.watchdog), "the watchdog to thaw and leave")
+        grace = first["call_ns"] / 1e9 + 0.5 + second.STOPPED_GRACE_S
+        assert time.monotonic() >= grace
+        assert probe(vol.path) == 0
+    finally:
+        os.kill(g.pid, signal.SIGCONT)

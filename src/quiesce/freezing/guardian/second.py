@@ -65,6 +65,8 @@ SETTLED_SUFFIX = ".settled"  # record-<pid>.settled: devs `quiesce thaw` thawed
 READY_S = 2.0  # start() waits this long, at most, for the watchdog's first record
 PIPE_SIZE = 1 << 20  # notes are never dropped unless a megabyte is queued
 THAW_RETRY_DELAYS = (0.01, 0.05, 0.2, 1.0, 2.0)  # errors other than EINVAL only
+DYING_POLL_S = 0.05  # past a deadline with volumes at stake: is the guardian beyond acting?
+STOPPED_GRACE_S = 1.0  # a SIGSTOPped guardian past its deadline by this much: act for it
 NAME = b"quiesce-2nd"
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_TEST_ENV = "QUIESCE_TEST_SYSLOG"  # honoured only under pytest, as in daemon.py
@@ -492,16 +494,51 @@ class _Watchdog:
         for t in threads:
             t.join()
 
+    def _deadline(self) -> int | None:
+        if self.first_call is None:
+            return None
+        return self.first_call + int(self.spec["timeout_s"] * 1e9)
+
+    def _poll_ms(self) -> float | None:
+        """None (wait for the guardian) unless something is at stake: then until its
+        deadline, and past it every ``DYING_POLL_S`` (see :meth:`_dying`)."""
+        deadline = self._deadline()
+        if deadline is None or not self._at_stake():
+            return None
+        left = (deadline - time.monotonic_ns()) / 1e6
+        return left + 1 if left > 0 else DYING_POLL_S * 1e3
+
+    def _dying(self) -> bool:
+        """Past the deadline with volumes at stake, is the guardian beyond acting? Its
+        pidfd says so only once every thread has left the kernel: a guardian SIGKILLed
+        while one crew thread waits in FIFREEZE (case 4) would hold the thaw of every
+        other volume until that FIFREEZE returns. So: killed (SIGKILL pending, or its
+        main thread a zombie), or stopped (SIGSTOP) for ``STOPPED_GRACE_S`` past it."""
+        try:
+            with open(f"/proc/{self.gpid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                return True
+            with open(f"/proc/{self.gpid}/status", "rb") as f:
+                for line in f:
+                    pending = line.startswith((b"SigPnd:", b"ShdPnd:"))
+                    if pending and int(line.split()[1], 16) >> (signal.SIGKILL - 1) & 1:
+                        return True
+        except (OSError, IndexError, ValueError):
+            return False  # gone: the pidfd tells
+        deadline = self._deadline()
+        late = deadline is not None and time.monotonic_ns() > deadline + STOPPED_GRACE_S * 1e9
+        return state in (b"T", b"t") and late
+
     def _watch(self) -> None:
-        """Until the guardian stops, settles everything, or dies (its pidfd: a guardian
-        killed inside FIFREEZE is not dead, and its pipe not closed, until the kernel
-        returns from that FIFREEZE)."""
+        """Until the guardian stops, settles everything, or dies (its pidfd; or past the
+        deadline, :meth:`_dying`)."""
         poller = select.poll()
         poller.register(self.pipe_r, select.POLLIN)
         poller.register(self.pidfd, select.POLLIN)
         pipe_open = True
         while True:
-            events = poller.poll()
+            events = poller.poll(self._poll_ms())
             if pipe_open and not self._read_pipe():
                 pipe_open = False
                 poller.unregister(self.pipe_r)
@@ -513,6 +550,9 @@ class _Watchdog:
                 self.dead = not self.stopped
                 return
             if self._settled():
+                return
+            if not events and self._poll_ms() is not None and self._dying():
+                self.dead = True
                 return
 
     def run(self) -> None:
