@@ -108,7 +108,7 @@ class Fake:
         assert hello.get("ready"), hello
         self.pid: int = hello["pid"]
         self.watchdog: int = hello["watchdog"]
-        assert self.watchdog > 0
+        assert self.watchdog > 0 and hello["recorded"], hello
 
     def read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

@@ -45,7 +45,7 @@ def main() -> None:
         timeout_s=timeout,
         dir_fd=dir_fd,
     )
-    say(ready=True, pid=os.getpid(), watchdog=line.watchdog_pid)
+    say(ready=True, pid=os.getpid(), watchdog=line.watchdog_pid, recorded=line.ready)
     for cmd in sys.stdin:
         op, *args = cmd.split()
         if op in ("freeze", "freeze-thread"):

@@ -99,6 +99,7 @@ class SecondLine:
     def __init__(self, wfd: int, watchdog_pid: int) -> None:
         self._w = wfd
         self.watchdog_pid = watchdog_pid  # 0 if it did not say so within READY_S
+        self.ready = False  # its first record was written within READY_S
         self._closed = False
 
     @property
@@ -122,7 +123,10 @@ class SecondLine:
         start). Returns once its first record is written (``READY_S`` at most)."""
         if not len(fds) == len(devs) == len(names):
             raise ValueError("fds, devs and names must have one entry per volume")
-        pidfd = os.pidfd_open(guardian_pid)
+        try:
+            pidfd = os.pidfd_open(guardian_pid)
+        except OSError:  # before Linux 5.3: the pipe's EOF alone (and /proc) tells
+            pidfd = -1
         r, w = os.pipe2(os.O_CLOEXEC)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
@@ -152,7 +156,8 @@ class SecondLine:
             os.waitpid(pid, 0)
         finally:
             for fd in (r, ready_w, pidfd):
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         watchdog = 0
         try:
             end = time.monotonic() + READY_S
@@ -168,7 +173,9 @@ class SecondLine:
         finally:
             os.close(ready_r)
         os.set_blocking(w, False)
-        return cls(w, watchdog)
+        line = cls(w, watchdog)
+        line.ready = got[4:5] == b"R"
+        return line
 
     def note(self, idx: int, state: str, *, call_ns: int | None = None) -> None:
         """Volume ``idx`` is now in ``state``; ``call_ns`` (CLOCK_MONOTONIC) of its
@@ -535,13 +542,17 @@ class _Watchdog:
         deadline, :meth:`_dying`)."""
         poller = select.poll()
         poller.register(self.pipe_r, select.POLLIN)
-        poller.register(self.pidfd, select.POLLIN)
+        if self.pidfd >= 0:
+            poller.register(self.pidfd, select.POLLIN)
         pipe_open = True
         while True:
             events = poller.poll(self._poll_ms())
             if pipe_open and not self._read_pipe():
                 pipe_open = False
                 poller.unregister(self.pipe_r)
+                if self.pidfd < 0:  # no pidfd: the write end's last close is the death
+                    self.dead = not self.stopped
+                    return
             if self.stopped:
                 return
             if any(fd == self.pidfd for fd, _ in events):
@@ -558,6 +569,7 @@ class _Watchdog:
     def run(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         keep = {self.pipe_r, self.pidfd, self.ready_w, self.dir_fd, wake_r, wake_w, *self.fds}
+        keep.discard(-1)
         _detach(keep)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGUSR1, lambda *_: None)
@@ -570,6 +582,8 @@ class _Watchdog:
             self._watch()
         except Exception:  # a bug here must not cost the second line: wait for the death
             with contextlib.suppress(Exception):
+                while self.pidfd < 0 and os.path.exists(f"/proc/{self.gpid}"):
+                    time.sleep(DYING_POLL_S)
                 select.select([self.pidfd], [], [])
             self.dead = not self.stopped
         if self.dead:
