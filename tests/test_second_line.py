@@ -582,8 +582,11 @@ def test_cleanup_thaws_what_a_killed_guardian_and_watchdog_left(
     state.mkdir(mode=0o700)
     dry = cli("cleanup", "--state-dir", str(state), "--dry-run")
     assert dry.returncode == 0 and probe(vol.path) == errno.EBUSY, dry.stdout + dry.stderr
+    half = run_dir / f".{record_name(g.pid)}.4000000.tmp"  # a writer killed mid-write
+    half.write_text("{")
     done = cli("cleanup", "--state-dir", str(state))
     assert done.returncode == 0, done.stdout + done.stderr
+    assert not half.exists()
     want = f"removed guardian-record: {vol.path} (frozen) (run dead quiesce guardian {g.pid})"
     assert want in done.stdout, done.stdout
     assert probe(vol.path) == 0

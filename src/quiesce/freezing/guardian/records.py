@@ -35,6 +35,7 @@ from quiesce.sys.mounts import MountTable
 
 _NAME = re.compile(rf"{RECORD_PREFIX}([1-9][0-9]{{0,9}}){re.escape(RECORD_SUFFIX)}")
 _DEV = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
+_TMP = re.compile(r"\.record-[0-9]+\.(?:json|settled)\.([0-9]+)\.tmp")  # a writer's, half made
 MAX_RECORD = 1 << 20
 
 
@@ -316,6 +317,11 @@ def clean_stale(*, dry_run: bool = False) -> tuple[list[dict[str, Any]], list[st
     if dir_fd is None:
         return done, errors
     try:
+        for name in os.listdir(dir_fd):
+            m = _TMP.fullmatch(name)
+            if m and not dry_run and not proc.pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)  # its writer was killed mid-write
         recs, _ = scan(dir_fd)
         for rec in recs:
             gpid = rec["guardian_pid"]
