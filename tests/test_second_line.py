@@ -284,6 +284,9 @@ def test_a_guardian_killed_inside_fifreeze_is_thawed_once_the_kernel_completes_i
         (seen,) = records.gone_guardians()
         assert seen["pid"] == g.pid and seen["dying"] and seen["watchdog_alive"]
         assert seen["volumes"][0]["state"] == "freezing"  # and no probe waited behind it
+        st = cli("status")
+        want = f"{vol.path}: freezing \u2014 guardian {g.pid} was killed inside FIFREEZE"
+        assert want in st.stdout, st.stdout + st.stderr
         time.sleep(3.5)  # the deadline passes while the kernel still waits for the holder
         assert not gone(g.watchdog) and in_fifreeze(tid)
     finally:
