@@ -708,3 +708,30 @@ def test_a_stopped_guardian_past_its_deadline_is_acted_for(
         assert probe(vol.path) == 0
     finally:
         os.kill(g.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_guardians_watchdog_never_thaws_a_later_runs_freeze(
+    loopfs: Any, fakes: list[Fake], run_dir: Path
+) -> None:
+    """One holder per freeze (the issue's case 1, with a killed guardian): A froze and
+    was SIGKILLed; someone thawed the volume; B froze it again (FIFREEZE returned 0: no
+    freeze of A's was left). A's watchdog must not probe it at A's deadline (the probe
+    would answer EBUSY for B's freeze and thaw it): B's watchdog marks A's claim settled.
+    The negative control is test_an_unnoted_refreeze_is_thawed_the_residual_window."""
+    vol = loopfs("ext4")
+    a = start(fakes, 2.0, vol)
+    first = a.ask("freeze 0")
+    assert first["errno"] == 0
+    wait_for(lambda: read_record(run_dir, a.pid)["volumes"][0]["state"] == "frozen", "record")
+    a.kill()
+    a.proc.wait(timeout=10)
+    vol.thaw_externally()
+    b = start(fakes, 60.0, vol)
+    assert b.ask("freeze 0")["errno"] == 0
+    wait_for(lambda: gone(a.watchdog), "A's watchdog to leave, told its claim is history")
+    assert kmsg_lines(a.watchdog) == []
+    assert probe(vol.path) == errno.EBUSY, "B's freeze was thawed by A's watchdog"
+    assert not (run_dir / record_name(a.pid)).exists()
+    assert b.ask("thaw 0")["errno"] == 0
+    assert probe(vol.path) == 0

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import signal
-import stat
 from typing import Any
 
 from quiesce.freezing.guardian.protocol import open_run_dir
@@ -27,8 +26,10 @@ from quiesce.freezing.guardian.second import (
     RECORD_PREFIX,
     RECORD_SUFFIX,
     STATES,
+    read_trusted,
     record_name,
     settled_name,
+    write_private,
 )
 from quiesce.sys import kernel, proc
 from quiesce.sys.mounts import MountTable
@@ -36,7 +37,6 @@ from quiesce.sys.mounts import MountTable
 _NAME = re.compile(rf"{RECORD_PREFIX}([1-9][0-9]{{0,9}}){re.escape(RECORD_SUFFIX)}")
 _DEV = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
 _TMP = re.compile(r"\.record-[0-9]+\.(?:json|settled)\.([0-9]+)\.tmp")  # a writer's, half made
-MAX_RECORD = 1 << 20
 
 
 def _num(v: Any) -> bool:
@@ -80,34 +80,6 @@ def _check(rec: Any, pid: int) -> str | None:
     return None
 
 
-def _read_trusted(dir_fd: int, name: str) -> tuple[Any, str | None]:
-    """(the parsed file, None) or (None, why it is refused)."""
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-        )
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None, "it is a symbolic link"
-        return None, f"cannot open it: {e.strerror}"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "it is not a regular file"
-        if st.st_uid != 0:
-            return None, f"it is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o177:
-            return None, f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0600"
-        if st.st_size > MAX_RECORD:
-            return None, "it is too large"
-        try:
-            return json.loads(os.read(fd, MAX_RECORD)), None
-        except (ValueError, RecursionError):
-            return None, "it is not JSON"
-    finally:
-        os.close(fd)
-
-
 def scan(dir_fd: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every believed record in the run directory, and the refused ones (name -> why)."""
     found: list[dict[str, Any]] = []
@@ -116,7 +88,7 @@ def scan(dir_fd: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
         m = _NAME.fullmatch(name)
         if m is None:
             continue
-        rec, why = _read_trusted(dir_fd, name)
+        rec, why = read_trusted(dir_fd, name)
         if why is None:
             why = _check(rec, int(m.group(1)))
         if why is not None:
@@ -128,7 +100,7 @@ def scan(dir_fd: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
 
 def _spared(dir_fd: int, gpid: int) -> set[str]:
     """Devs that `quiesce thaw` thawed since guardian ``gpid`` died."""
-    devs, why = _read_trusted(dir_fd, settled_name(gpid))
+    devs, why = read_trusted(dir_fd, settled_name(gpid))
     if why is not None or not isinstance(devs, list):
         return set()
     return {d for d in devs if isinstance(d, str)}
@@ -200,7 +172,7 @@ def _reply(rec: dict[str, Any], life: str, spared: set[str], table: MountTable) 
     for v in rec["volumes"]:
         state, fstype = v["state"], ""
         if v["dev"] in spared:
-            state = "thawed"
+            state = "released"  # thawed by `quiesce thaw`, or frozen anew by a later run
         elif state == "freezing" and life == "dying":
             pass  # its FIFREEZE is still in the kernel: a probe would wait behind it
         elif state in AT_STAKE:
@@ -270,21 +242,6 @@ def holder_gone(dev: str) -> dict[str, Any] | None:
         os.close(dir_fd)
 
 
-def _write_private(dir_fd: int, name: str, data: bytes) -> None:
-    tmp = f".{name}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-
 def mark_thawed(guardian_pid: int, devs: list[str]) -> bool:
     """Someone of quiesce's (`quiesce thaw`, a controller that lost its guardian) thawed
     ``devs`` of guardian ``guardian_pid``'s freeze: its watchdog must never touch them
@@ -294,11 +251,11 @@ def mark_thawed(guardian_pid: int, devs: list[str]) -> bool:
     if dir_fd is None:
         return False
     try:
-        rec, why = _read_trusted(dir_fd, record_name(guardian_pid))
+        rec, why = read_trusted(dir_fd, record_name(guardian_pid))
         if why is not None or _check(rec, guardian_pid) is not None:
             return False
         devs = sorted(_spared(dir_fd, guardian_pid) | set(devs))
-        _write_private(dir_fd, settled_name(guardian_pid), json.dumps(devs).encode())
+        write_private(dir_fd, settled_name(guardian_pid), json.dumps(devs).encode())
     finally:
         os.close(dir_fd)
     if _watchdog_alive(rec):

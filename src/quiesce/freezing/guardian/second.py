@@ -62,6 +62,7 @@ _NO_CALL = -(2**63)
 RECORD_PREFIX = "record-"
 RECORD_SUFFIX = ".json"
 SETTLED_SUFFIX = ".settled"  # record-<pid>.settled: devs `quiesce thaw` thawed
+MAX_RECORD = 1 << 20
 READY_S = 2.0  # start() waits this long, at most, for the watchdog's first record
 PIPE_SIZE = 1 << 20  # notes are never dropped unless a megabyte is queued
 THAW_RETRY_DELAYS = (0.01, 0.05, 0.2, 1.0, 2.0)  # errors other than EINVAL only
@@ -81,6 +82,49 @@ def record_name(guardian_pid: int) -> str:
 
 def settled_name(guardian_pid: int) -> str:
     return f"{RECORD_PREFIX}{guardian_pid}{SETTLED_SUFFIX}"
+
+
+def read_trusted(dir_fd: int, name: str) -> tuple[Any, str | None]:
+    """(the parsed file, None) or (None, why it is refused)."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "it is a symbolic link"
+        return None, f"cannot open it: {e.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, "it is not a regular file"
+        if st.st_uid != 0:
+            return None, f"it is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o177:
+            return None, f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0600"
+        if st.st_size > MAX_RECORD:
+            return None, "it is too large"
+        try:
+            return json.loads(os.read(fd, MAX_RECORD)), None
+        except (ValueError, RecursionError):
+            return None, "it is not JSON"
+    finally:
+        os.close(fd)
+
+
+def write_private(dir_fd: int, name: str, data: bytes) -> None:
+    tmp = f".{name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _start_time(pid: int) -> int | None:
@@ -278,6 +322,7 @@ class _Watchdog:
         self.leaving = False
         self.syslog: socket.socket | None = None
         self.recorder: threading.Thread | None = None
+        self.superseding: set[str] = set()  # devs our guardian froze (FIFREEZE returned 0)
 
     # -- the record (its own thread: a run directory on a frozen fs blocks it alone) --------
     def _snapshot(self) -> dict[str, Any]:
@@ -327,8 +372,12 @@ class _Watchdog:
                 if self.leaving:
                     return
                 version, rec = self.version, self._snapshot()
+                devs, self.superseding = self.superseding, set()
             with contextlib.suppress(OSError):
                 self._write_record(rec)
+            if devs:
+                with contextlib.suppress(Exception):
+                    self._supersede(devs)
             with self.lock:
                 self.written = version
                 self.dirty.notify_all()
@@ -338,6 +387,44 @@ class _Watchdog:
                     os.write(self.ready_w, b"R")
                 with contextlib.suppress(OSError):
                     os.close(self.ready_w)
+
+    def _supersede(self, devs: set[str]) -> None:
+        """Our guardian's FIFREEZE of ``devs`` returned 0: no earlier freeze of them was
+        left. Another record that still has them at stake (a killed guardian's, whose
+        freeze someone thawed) is history: its watchdog must never probe them, or it
+        would thaw ours. Marked settled for it, and it is woken (SIGUSR1)."""
+        for name in os.listdir(self.dir_fd):
+            digits = name.removeprefix(RECORD_PREFIX).removesuffix(RECORD_SUFFIX)
+            if name == record_name(self.gpid) or not name.startswith(RECORD_PREFIX):
+                continue
+            if not name.endswith(RECORD_SUFFIX) or not digits.isdigit():
+                continue
+            rec, why = read_trusted(self.dir_fd, name)
+            vols = rec.get("volumes") if why is None and isinstance(rec, dict) else None
+            if not isinstance(vols, list):
+                continue
+            claimed = {
+                v.get("dev") for v in vols if isinstance(v, dict) and v.get("state") in AT_STAKE
+            }
+            stale = claimed & devs
+            old, why = read_trusted(self.dir_fd, settled_name(int(digits)))
+            have = (
+                {d for d in old if isinstance(d, str)}
+                if isinstance(old, list) and not why
+                else set()
+            )
+            if not stale or stale <= have:
+                continue
+            data = json.dumps(sorted(have | stale)).encode()
+            write_private(self.dir_fd, settled_name(int(digits)), data)
+            wpid = rec.get("watchdog_pid")
+            if (
+                isinstance(wpid, int)
+                and wpid > 0
+                and _start_time(wpid) == rec.get("watchdog_start")
+            ):
+                with contextlib.suppress(OSError):
+                    os.kill(wpid, signal.SIGUSR1)
 
     def _changed(self) -> None:
         with self.lock:
@@ -378,6 +465,8 @@ class _Watchdog:
             if new != self.state[idx]:
                 with self.lock:
                     self.state[idx] = new
+                    if new == "frozen":
+                        self.superseding.add(self.spec["devs"][idx])
                 changed = True
             if new in SETTLED and self.fds[idx] >= 0:
                 # Not ours to guard any more: never pin its mount (umount).
