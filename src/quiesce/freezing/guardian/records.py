@@ -28,6 +28,7 @@ from quiesce.freezing.guardian.second import (
     STATES,
     read_trusted,
     record_name,
+    settled_lock,
     settled_name,
     write_private,
 )
@@ -254,8 +255,9 @@ def mark_thawed(guardian_pid: int, devs: list[str]) -> bool:
         rec, why = read_trusted(dir_fd, record_name(guardian_pid))
         if why is not None or _check(rec, guardian_pid) is not None:
             return False
-        devs = sorted(_spared(dir_fd, guardian_pid) | set(devs))
-        write_private(dir_fd, settled_name(guardian_pid), json.dumps(devs).encode())
+        with settled_lock(dir_fd):
+            devs = sorted(_spared(dir_fd, guardian_pid) | set(devs))
+            write_private(dir_fd, settled_name(guardian_pid), json.dumps(devs).encode())
     finally:
         os.close(dir_fd)
     if _watchdog_alive(rec):

@@ -47,7 +47,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from quiesce.sys import kernel
@@ -125,6 +125,18 @@ def write_private(dir_fd: int, name: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+@contextlib.contextmanager
+def settled_lock(dir_fd: int) -> Iterator[None]:
+    """Serialise the read-modify-write of settled markers (watchdogs, `quiesce thaw`):
+    flock on a fresh open of the run directory (an inherited fd would share the lock)."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _start_time(pid: int) -> int | None:
@@ -407,16 +419,16 @@ class _Watchdog:
                 v.get("dev") for v in vols if isinstance(v, dict) and v.get("state") in AT_STAKE
             }
             stale = claimed & devs
-            old, why = read_trusted(self.dir_fd, settled_name(int(digits)))
-            have = (
-                {d for d in old if isinstance(d, str)}
-                if isinstance(old, list) and not why
-                else set()
-            )
-            if not stale or stale <= have:
+            if not stale:
                 continue
-            data = json.dumps(sorted(have | stale)).encode()
-            write_private(self.dir_fd, settled_name(int(digits)), data)
+            with settled_lock(self.dir_fd):
+                old, why = read_trusted(self.dir_fd, settled_name(int(digits)))
+                ok = isinstance(old, list) and not why
+                have = {d for d in old if isinstance(d, str)} if ok else set()
+                if stale <= have:
+                    continue
+                data = json.dumps(sorted(have | stale)).encode()
+                write_private(self.dir_fd, settled_name(int(digits)), data)
             wpid = rec.get("watchdog_pid")
             if (
                 isinstance(wpid, int)
