@@ -25,7 +25,7 @@ from quiesce.errors import (
     QuiesceError,
 )
 from quiesce.freezing import guardian
-from quiesce.freezing.guardian import expedite
+from quiesce.freezing.guardian import expedite, records
 from quiesce.freezing.guardian.client import THAW_S
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, resolve
@@ -108,12 +108,18 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
                 )
             raise kernel.error_for(reply.get("errno") or errno.EIO, "thaw", name, fstype)
         why = "no guardian held it"
+        dead = records.holder_gone(dev)
+        if dead is not None:
+            why = f"guardian {dead['guardian_pid']} is gone (killed); the freeze was quiesce's"
         if seen.silent:
             why += "; not answering: " + ", ".join(
                 f"guardian {p} ({w})" for p, w in sorted(seen.silent.items())
             )
         try:
-            return _own_fithaw(path, target, why)
+            done = _own_fithaw(path, target, why)
+            if dead is not None:  # its watchdog must not probe (and thaw) a refreeze
+                records.mark_thawed(dead["guardian_pid"], [dev])
+            return done
         except NotFrozen:
             story = _history_of(dev, seen.finished)
             if story is not None:
@@ -163,6 +169,7 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "run `quiesce status` as root",
             )
         seen = guardian.survey()
+        gone, refused = records.survey_gone()
     except QuiesceError as e:
         return _fail(e, as_json)
     jobs = running(state_dir(state))
@@ -173,6 +180,8 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "guardians": seen.active,
                 "history": seen.finished,
                 "not_answering": [{"pid": p, "why": w} for p, w in sorted(seen.silent.items())],
+                "gone": gone,
+                "refused_records": refused,
                 "running": [asdict(j) for j in jobs],
                 "rcu_expedited": rcu,
             }
@@ -187,7 +196,12 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
         line(f"job {j.job}: {j.what} running since {since} (pid {j.pid})")
     for p, w in sorted(seen.silent.items()):
         say("warning:", "yellow", f"guardian {p} did not answer: {w}")
-    if not seen.active:
+    for name, why in sorted(refused.items()):
+        say("warning:", "yellow", f"record {name} not believed: {why}")
+    held_by_gone = _gone_lines(gone)
+    for text in held_by_gone:
+        line(text)
+    if not seen.active and not held_by_gone:
         line("nothing is frozen by quiesce")
     else:
         rows = []
@@ -217,6 +231,28 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 f"{now - at:.0f} s ago (guardian {s['pid']}){bad}"
             )
     return 0
+
+
+def _gone_lines(gone: list[dict[str, Any]]) -> list[str]:
+    """One line per volume a killed guardian left frozen (the kernel's word) or in FIFREEZE."""
+    out = []
+    for g in gone:
+        wd = f"; its watchdog {g['watchdog_pid']} thaws it" if g["watchdog_alive"] else ""
+        if wd and g.get("deadline_wall"):
+            wd += " at " + time.strftime("%H:%M:%S", time.localtime(g["deadline_wall"]))
+        for v in g["volumes"]:
+            mp = v["mount_point"]
+            if v["state"] == "frozen":
+                out.append(
+                    f"{mp}: frozen — guardian {g['pid']} is gone (killed); "
+                    f"thaw with: quiesce thaw {mp}{wd}"
+                )
+            elif v["state"] == "freezing":
+                out.append(
+                    f"{mp}: freezing — guardian {g['pid']} was killed inside FIFREEZE; "
+                    f"the kernel completes it once the writes in flight end{wd}"
+                )
+    return out
 
 
 __all__ = ["STATUS_COLUMNS", "status", "thaw", "thaw_one_volume"]

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from quiesce.freezing.guardian import expedite
+from quiesce.errors import QuiesceError
+from quiesce.freezing.guardian import expedite, records
 from quiesce.providers.base import Snapshot
 from quiesce.providers.registry import get_provider
 from quiesce.state import cleanup as state_cleanup
@@ -35,8 +36,15 @@ def cleanup(
 ) -> CleanupReport:
     """:func:`quiesce.state.cleanup.cleanup` that can also remove snapshots (and what
     ``undo`` adds: higher layers' entry kinds), and restores ``rcu_expedited`` if a
-    quiesce process killed while freezing left it set."""
+    quiesce process killed while freezing left it set, and thaws what a guardian killed
+    with SIGKILL (its watchdog dead too) left frozen: the second line's records."""
     rep = state_cleanup.cleanup(state, dry_run=dry_run, undo={**UNDO, **(undo or {})})
+    try:
+        done, errors = records.clean_stale(dry_run=dry_run)  # what killed guardians left
+    except QuiesceError as e:  # an untrusted run directory: nothing in it is believed
+        done, errors = [], [e.message]
+    rep.removed += done
+    rep.errors += errors
     rec = expedite.holders()
     if rec and rec["holders"] and not any(h["alive"] for h in rec["holders"]):
         dead = ", ".join(str(h["pid"]) for h in rec["holders"])
