@@ -36,6 +36,7 @@ from quiesce.freezing.guardian import (
     check_seconds,
     expedite,
     holder_of,
+    records,
 )
 from quiesce.freezing.guardian.core import GuardianCore, VolState
 from quiesce.freezing.guardian.crew import Crew
@@ -519,6 +520,9 @@ class Freezer:
             if note not in self.window.warnings:
                 self.window.warnings.append(note)
             res = {"ok": probe == errno.EBUSY and code == 0, "errno": code}
+            if self.window.guardian_pid is not None:  # its watchdog must leave it alone now
+                with contextlib.suppress(Exception):
+                    records.mark_thawed(self.window.guardian_pid, [m.volume.dev])
             if probe != errno.EBUSY:
                 res["lost"] = "thawed by someone else before quiesce's thaw"
             return res | {"start": t0, "end": time.monotonic_ns()}

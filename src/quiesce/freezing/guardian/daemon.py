@@ -74,6 +74,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_file,
 )
+from quiesce.freezing.guardian.second import SecondLine
 from quiesce.sys import freezetrace, kernel
 
 LINGER_AFTER_EXPIRY = 600.0  # a finished guardian keeps its story for `status`/`thaw`
@@ -224,6 +225,8 @@ class _Guardian:
         self.trace: freezetrace.FreezeTrace | None = None  # everyone's FIFREEZE/FITHAW calls
         self.use_trace = True  # False: probes alone (the portable fallback; benches, tests)
         self.dev_index = {v.dev: i for i, v in enumerate(self.specs)}
+        self.second: SecondLine | None = None  # the watchdog that outlives a SIGKILL of us
+        self.noted: list[str] = ["idle"] * len(self.specs)  # states the watchdog knows
         self.final = False  # the last line of defence took over: threads start nothing new
         self.retry_at: int | None = None  # next FITHAW retry of a volume whose thaw failed
         self.retry_delay = 1.0
@@ -273,8 +276,20 @@ class _Guardian:
         return True
 
     # -- actions -------------------------------------------------------------------------
+    def _note_changes(self) -> None:
+        """Tell the second line every state that changed (a few bytes to a pipe each)."""
+        if self.second is None:
+            return
+        for i, v in enumerate(self.core.vols):
+            state = str(v.state)
+            if state != self.noted[i] and state != "idle":
+                self.noted[i] = state
+                self.second.note(i, state, call_ns=v.called_ns)
+
     def _do(self, acts: Sequence[Action], new_expiry: bool = False) -> None:
         """Carry out the core's actions: each volume's ioctl on its own thread."""
+        with self.lock:
+            self._note_changes()  # before any thaw starts: the watchdog must know it
         if new_expiry:
             self.rcu.release()  # whatever is in flight, stop costing the others now
         for a in acts:
@@ -447,6 +462,7 @@ class _Guardian:
                 go = not self.final and self.core.thaw_called(i)
             if go:
                 self.in_kernel.add(i)
+                self._note_changes()  # "freezing"/"thawing" before the ioctl, not after
             else:
                 sub.result = self._refusal(i, sub.op)
         if go:
@@ -484,6 +500,7 @@ class _Guardian:
                     sub.result |= {"ok": False, "expired": self.expired}
                 self._event(sub.op, volume=spec.name, errno=code)
                 final = self.final
+                self._note_changes()
             if not final:
                 self._do(acts, new)
         with self.lock:
@@ -577,6 +594,7 @@ class _Guardian:
                     with self.lock:
                         self.core.thaw_called(i)
                         self.core.thaw_returned(i, probe, code, _now())
+                        self._note_changes()
                     vol = self.core.vols[i]
                     held = (_now() - vol.frozen_ns) / 1e9 if vol.frozen_ns else 0.0
                     why = self.expired.get("reason") if self.expired else "guardian-error"
@@ -897,6 +915,19 @@ class _Guardian:
         return self.core.detached and bool(ended)
 
     def run(self) -> None:
+        # Before anything is frozen and before any thread of ours exists (it forks): the
+        # second line, which thaws by the deadline what we froze if we are killed.
+        try:
+            self.second = SecondLine.start(
+                guardian_pid=os.getpid(),
+                fds=[v.fd for v in self.specs],
+                devs=[v.dev for v in self.specs],
+                names=[v.name for v in self.specs],
+                timeout_s=self.core.timeout_ns / 1e9,
+                dir_fd=self.dir_fd,
+            )
+        except OSError as e:
+            self._record(f"no second line (the watchdog did not start: {e.strerror})")
         # Before anything is frozen: one parked thread per volume (crew.py).
         self.crew = Crew(len(self.specs), self._crashed)
         assert self.ctl is not None
@@ -951,6 +982,20 @@ class _Guardian:
                 self._tell_expiry()
                 self.crew.close()
                 return
+
+    def end_second_line(self) -> None:
+        """Leaving: the watchdog ends too, unless something of ours may still be frozen
+        (a FIFREEZE whose thread broke): then it stays, and thaws it by the deadline."""
+        if self.second is None:
+            return
+        with self.lock:
+            self._note_changes()
+            at_stake = any(
+                v.state in (VolState.FREEZING, VolState.FROZEN, VolState.THAWING)
+                for v in self.core.vols
+            )
+        if not at_stake:
+            self.second.stop()
 
     def remove_socket(self) -> None:
         """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
@@ -1037,6 +1082,8 @@ def serve(
                 guardian.last_resort(e)
     finally:
         if guardian is not None:
+            with contextlib.suppress(BaseException):
+                guardian.end_second_line()
             with contextlib.suppress(BaseException):
                 guardian.rcu.release()
             with contextlib.suppress(BaseException):
