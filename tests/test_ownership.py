@@ -261,3 +261,68 @@ def test_a_stuck_freeze_fails_at_the_deadline_and_is_thawed_when_the_kernel_fini
     gpid = frozen_by[0]["pid"]
     wait_for(lambda: gone(gpid), "the guardian to thaw the late freeze and leave")
     assert not is_frozen(m.path), "the late FIFREEZE was left frozen"
+
+
+# -- the second line: SIGKILL of the guardian itself -------------------------------------------
+
+
+def record_gone(gpid: int) -> bool:
+    """The watchdog removes its guardian's record once what it guarded is settled."""
+    from quiesce.freezing.guardian.protocol import run_dir_path
+    from quiesce.freezing.guardian.second import record_name
+
+    return not os.path.exists(os.path.join(run_dir_path(), record_name(gpid)))
+
+
+def test_a_sigkilled_guardian_is_thawed_by_its_second_line_at_the_deadline(loopfs: Any) -> None:
+    """Issue case 3: `kill -9` of a guardian holding a freeze. status says so (and how to
+    thaw); the watchdog thaws it by the deadline, not before."""
+    m: LoopFS = loopfs("ext4")
+    try:
+        t0 = time.monotonic()
+        r = cli("freeze", "--json", "--timeout", "3", m.path)
+        assert r.returncode == 0, r.stderr
+        gpid = json.loads(r.stdout)["guardian_pid"]
+        os.kill(gpid, 9)
+        wait_for(lambda: gone(gpid), "the guardian to die")
+        st = cli("status")
+        assert f"guardian {gpid} is gone" in st.stdout, st.stdout
+        assert is_frozen(m.path), "thawed before the deadline"
+        wait_for(lambda: record_gone(gpid), "the second line to thaw and leave")
+        assert time.monotonic() - t0 >= 3.0 - 0.5
+        assert not is_frozen(m.path), "left frozen after the guardian's death"
+    finally:
+        thaw_quietly(m.path)
+
+
+def test_a_guardian_killed_inside_its_fifreeze_is_thawed_when_the_kernel_finishes(
+    splice_holder: Any,
+) -> None:
+    """Issue case 4: the guardian is SIGKILLed while its FIFREEZE waits behind writes in
+    flight; the kernel completes that freeze later, and the second line thaws it."""
+    m, holder = splice_holder
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quiesce", "freeze", "--timeout", "2", m.path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def freezing() -> list[int]:
+            return [
+                g["pid"] for g in guardian.survey().active
+                if any(v["state"] == "freezing" for v in g["volumes"])
+                and any(v["mount_point"] == m.path for v in g["volumes"])
+            ]  # fmt: skip
+
+        wait_for(lambda: bool(freezing()), "the guardian's FIFREEZE to wait in the kernel")
+        gpid = freezing()[0]
+        os.kill(gpid, 9)  # it dies once the ioctl returns: the kernel finishes it first
+        holder.kill()
+        holder.wait(timeout=10)
+        wait_for(lambda: gone(gpid), "the guardian to die")
+        wait_for(lambda: record_gone(gpid), "the second line to thaw the late freeze")
+        assert not is_frozen(m.path), "the late FIFREEZE of a killed guardian stayed frozen"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
