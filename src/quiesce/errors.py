@@ -25,6 +25,7 @@ class ExitCode:
     GUARDIAN = 10  # the guardian could not be started or reached
     HOOK = 11  # a hook or writer failed or timed out (policy "abort"): nothing kept
     BACKUP = 12  # the snapshot was made, but the backup or its verification failed
+    DRILL = 13  # the restore drill failed: an application did not recover or check clean
 
 
 class QuiesceError(Exception):

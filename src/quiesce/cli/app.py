@@ -15,7 +15,7 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli import holds
-from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
+from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd, verify_cmd
 from quiesce.cli.common import (
     JobStateOpt,
     JsonOpt,
@@ -54,7 +54,7 @@ app = typer.Typer(
         "Exit codes: 0 ok, 1 internal error, 2 bad input, 3 not root, 4 cannot be frozen, "
         "5 busy (frozen by someone else, or the job is running), 6 unsafe plan, "
         "7 not frozen, 8 thaw failed, 9 the guardian thawed first, 10 guardian error, "
-        "11 hook or writer failed, 12 backup or verification failed. "
+        "11 hook or writer failed, 12 backup or verification failed, 13 restore drill failed. "
         "Docs: README.md, docs/jobs.md, docs/operations.md."
     ),
     add_completion=False,
@@ -408,6 +408,7 @@ def version_cmd(as_json: JsonOpt = False) -> None:
 app.command("run")(run_cmd)
 app.command("check")(check_cmd)
 app.command("backup")(backup_cmd)
+app.command("verify")(verify_cmd)
 app.command("restore")(restore_cmd)
 app.command("cleanup")(cleanup_cmd)
 app.command("systemd")(systemd_cmd)

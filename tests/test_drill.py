@@ -1,0 +1,279 @@
+"""The restore drill (issue 19): each application started on a throwaway overlay copy of
+a snapshot, recovered, checked with its own tool, and everything removed again.
+
+Real servers on loop filesystems (helpers/dbtools.py). The negative controls prove that
+the drill can fail: a PostgreSQL group captured volume by volume (the WAL volume before
+the data volume, a CHECKPOINT in between) and a group with its WAL volume left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
+from test_writers_postgresql import Cluster
+
+from quiesce import snapshot as snapshots
+from quiesce.apps.drills import AppTarget, drill_mounted, drill_snapshot
+from quiesce.sys.mounts import MountTable
+
+pytestmark = pytest.mark.timeout(300)
+PORT = 54411
+
+
+def _drill_mounts() -> list[str]:
+    return [m.mount_point for m in MountTable.read().mounts if m.source == "quiesce-drill"]
+
+
+def _postgres_on(path: Path) -> list[int]:
+    """Pids of processes whose command line names ``path`` (a drill's cluster)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+def _assert_nothing_left(scratch: Path) -> None:
+    assert _drill_mounts() == []
+    assert list(scratch.iterdir()) == []  # the copy (upper layer, sockets, logs) is gone
+    assert _postgres_on(scratch) == []
+
+
+def _pg_group(loops, bin_dir: Path, run_dir: Path) -> tuple[Cluster, Path, Path]:
+    """A cluster with its data on one loop volume and its WAL on another (a group)."""
+    data_vol, wal_vol = loops("ext4", 256, image_dir=loops.outer), loops("ext4", 256,
+                                                                        image_dir=loops.outer)  # fmt: skip
+    for v in (data_vol, wal_vol):
+        v.mountpoint.chmod(0o755)
+    data, wal = data_vol.mountpoint / "pgdata", wal_vol.mountpoint / "pg_wal"
+    for d in (data, wal):
+        d.mkdir()
+        shutil.chown(d, "postgres", "postgres")
+    as_user("postgres", str(bin_dir / "initdb"), "-D", str(data), "--waldir", str(wal),
+            "-A", "trust", "-U", "postgres", "--no-sync", "--no-instructions")  # fmt: skip
+    db = Cluster(bin_dir, data, run_dir, PORT)
+    db.start()
+    return db, data_vol.mountpoint, wal_vol.mountpoint
+
+
+@contextlib.contextmanager
+def _pg_setup():
+    bin_dir = pg_bin()
+    need(bin_dir is not None, "PostgreSQL server binaries")
+    psycopg = pytest.importorskip("psycopg", reason="pip install 'quiesce[writers]'")
+    run_dir = shared_dir("postgres")
+    with open_loops() as loops:
+        loops.outer = loops("xfs").mountpoint  # reflink clones and inner images live here
+        db = None
+        try:
+            db, data_mp, wal_mp = _pg_group(loops, bin_dir, run_dir)
+            with psycopg.connect(db.dsn, autocommit=True) as conn:
+                conn.execute("CREATE TABLE t (seq int PRIMARY KEY, pad text)")
+                conn.execute("CREATE INDEX ON t (pad)")
+            yield psycopg, loops, db, data_mp, wal_mp
+        finally:
+            if db is not None:
+                with contextlib.suppress(AssertionError):
+                    db.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _quiesce(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quiesce", *args], capture_output=True, text=True, timeout=240
+    )
+
+
+def test_run_with_verify_app_drills_the_snapshot_under_writes(tmp_path: Path):
+    """A nightly job with verify = ["repository", "app"] under writes: the drill passes,
+    and its result is in the report (--json and human), the manifest and the metrics."""
+    with _pg_setup() as (psycopg, loops, db, data_mp, wal_mp):
+        scratch = loops.base / "scratch"
+        acked, stop, t = start_row_writer(
+            lambda: psycopg.connect(db.dsn, autocommit=True),
+            lambda c, n: c.execute("INSERT INTO t VALUES (%s, repeat('x', 300))", (n,)),
+        )
+        try:
+            job = tmp_path / "pg.toml"
+            job.write_text(
+                f'volumes = ["{data_mp}", "{wal_mp}"]\nstate_dir = "{tmp_path / "state"}"\n'
+                f'metrics_file = "{tmp_path / "m.prom"}"\n'
+                f'[provider]\ntype = "reflink"\ndest = "{loops.outer}"\n\n'
+                f'[[writers.postgresql]]\ndsn = "{db.dsn}"\n\n'
+                f'[backup]\ntarget = "tar"\ndirectory = "{tmp_path / "tar"}"\n'
+                f'verify = ["repository", "app"]\nverify_dir = "{scratch}"\n'
+                f'mount_root = "{tmp_path / "run"}"\n'
+            )
+            job.chmod(0o600)
+            p = _quiesce("run", "--json", str(job))
+        finally:
+            stop.set()
+            t.join()
+        assert p.returncode == 0, p.stdout + p.stderr
+        report = json.loads(p.stdout)
+        drill = report["backup"]["drill"]
+        assert drill["ok"] is True, drill
+        [app] = drill["apps"]
+        assert app["kind"] == "postgresql" and app["path"] == str(data_mp / "pgdata")
+        assert "no corruption" in app["check"] and app["recovery_s"] > 0
+        assert app["replayed"] and app["replayed_bytes"] is not None  # crash recovery ran
+        assert any(n.startswith("pg_wal -> ") for n in app["notes"])  # into the copy
+        [man] = snapshots.list_manifests(tmp_path / "state")
+        assert man.drill is not None and man.drill["ok"] is True
+        assert man.drill["recovery_s"] == drill["recovery_s"]
+        prom = (tmp_path / "m.prom").read_text()
+        assert 'quiesce_drill_success{job="pg"} 1' in prom
+        assert 'quiesce_drill_recovery_seconds{job="pg"}' in prom
+        _assert_nothing_left(scratch)
+        # the drill wrote nothing on the live volumes and left the snapshot as it was
+        p = _quiesce("verify", "--app", man.id, "--job", str(job))
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "restore drill: ok" in p.stdout and "no corruption" in p.stdout
+        _assert_nothing_left(scratch)
+
+
+def _clone_volume(src_mp: Path, image: Path, dest: Path) -> None:
+    """A copy of a live volume's image without the freeze: syncfs, then FICLONE."""
+    fd = os.open(src_mp, os.O_RDONLY)
+    try:
+        os.sync()
+    finally:
+        os.close(fd)
+    subprocess.run(["cp", "--reflink=always", str(image), str(dest)], check=True)
+
+
+@contextlib.contextmanager
+def _mounted_clones(images: list[Path], base: Path):
+    """Each clone attached read-write (ext4 replays its journal into the clone: like
+    after a power cut) and mounted read-only."""
+    made = []
+    try:
+        for i, img in enumerate(images):
+            dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True,
+                                 text=True, check=True).stdout.strip()  # fmt: skip
+            mp = base / f"clone{i}"
+            mp.mkdir()
+            made.append((dev, mp))
+            subprocess.run(["mount", "-o", "ro", dev, str(mp)], check=True)
+        yield [mp for _, mp in made]
+    finally:
+        for dev, mp in reversed(made):
+            subprocess.run(["umount", str(mp)], check=False)
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _torn_drill(psycopg, loops, db, data_mp, wal_mp, n: int, scratch: Path, state: Path):
+    """The WAL volume copied first, then rows and a CHECKPOINT, then the data volume."""
+    from quiesce.state.journal import Journal
+
+    imgs = {m: next(f.image for f in loops.made if f.mountpoint == m) for m in (data_mp, wal_mp)}
+    clones = [loops.outer / f"torn{n}-data.img", loops.outer / f"torn{n}-wal.img"]
+    _clone_volume(wal_mp, imgs[wal_mp], clones[1])
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO t SELECT g, repeat('y', 300) FROM generate_series(%s, %s) g",
+            (1_000_000 * (n + 1), 1_000_000 * (n + 1) + 2000),
+        )
+        conn.execute("CHECKPOINT")
+    _clone_volume(data_mp, imgs[data_mp], clones[0])
+    try:
+        with _mounted_clones(clones, loops.base) as (d, w), Journal.open(state) as j:
+            return drill_mounted(
+                [(str(data_mp), d), (str(wal_mp), w)],
+                [AppTarget("postgresql", "pg", str(data_mp / "pgdata"))],
+                snapshot=f"torn{n}", journal=j, scratch_root=scratch, timeout=120,
+            )  # fmt: skip
+    finally:
+        for c in clones:
+            c.unlink(missing_ok=True)
+
+
+def test_drill_passes_on_a_group_snapshot_and_catches_a_torn_copy(tmp_path: Path):
+    """Positive control: the group frozen together passes. Negative control: the same
+    group copied volume by volume (WAL first, a CHECKPOINT, then the data) fails the
+    drill (the cluster cannot find its checkpoint); and so does a snapshot without the
+    WAL volume. Nothing is left behind either way."""
+    from quiesce.apps.writers.postgresql import PostgresWriter
+
+    with _pg_setup() as (psycopg, loops, db, data_mp, wal_mp):
+        scratch = loops.base / "scratch"
+        state = tmp_path / "state"
+        target = [AppTarget("postgresql", "pg", str(data_mp / "pgdata"))]
+        man = snapshots.create(
+            [str(data_mp), str(wal_mp)], "reflink", job="pg",
+            options={"dest": str(loops.outer)}, state_dir=state,
+            quiescers=[PostgresWriter(db.dsn)],
+        )  # fmt: skip
+        good = drill_snapshot(man, state=state, targets=target, scratch_root=scratch,
+                              mount_root=tmp_path / "run", timeout=120)  # fmt: skip
+        assert good.ok, good.to_dict()
+        _assert_nothing_left(scratch)
+
+        torn = _torn_drill(psycopg, loops, db, data_mp, wal_mp, 0, scratch, state)
+        assert not torn.ok
+        [app] = torn.apps
+        assert app["check"] if isinstance(app, dict) else app.check == "did not start"
+        assert "checkpoint" in app.detail.lower(), app.detail
+        _assert_nothing_left(scratch)
+
+        # the WAL volume left out of the group: pg_wal points outside the snapshot
+        data_only = snapshots.create(
+            [str(data_mp)], "reflink", job="pg", options={"dest": str(loops.outer)},
+            state_dir=state, quiescers=[PostgresWriter(db.dsn)], allow_self=False,
+        )  # fmt: skip
+        missing = drill_snapshot(data_only, state=state, targets=target, scratch_root=scratch,
+                                 mount_root=tmp_path / "run", timeout=60)  # fmt: skip
+        assert not missing.ok and "not on the snapshot" in missing.apps[0].detail
+        _assert_nothing_left(scratch)
+        for m in (man, data_only):
+            snapshots.delete(m.id, state)
+
+
+def test_sqlite_drill_passes_and_catches_a_corrupt_database(tmp_path: Path, loopfs):
+    """SQLite in WAL mode: integrity_check on the copy (its -wal replayed) passes; a
+    database with a damaged page fails it; the live file is never written."""
+    outer = loopfs("xfs")
+    inner = loopfs("ext4", 64, image_dir=outer.mountpoint)
+    db = inner.mountpoint / "app.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+    conn.execute("CREATE INDEX tb ON t (b)")
+    conn.executemany("INSERT INTO t (b) VALUES (?)", [(f"row {i}" * 5,) for i in range(3000)])
+    state, scratch = tmp_path / "state", tmp_path / "scratch"
+    target = [AppTarget("sqlite", "app", str(db))]
+    man = snapshots.create([inner.path], "reflink", job="s", options={"dest": str(outer.mountpoint)},
+                           state_dir=state)  # fmt: skip
+    live_before = db.read_bytes()
+    r = drill_snapshot(man, state=state, targets=target, scratch_root=scratch,
+                       mount_root=tmp_path / "run")  # fmt: skip
+    assert r.ok, r.to_dict()
+    assert r.apps[0].replayed.endswith("WAL frame(s)")  # the -wal held the rows
+    assert db.read_bytes() == live_before
+    assert list(scratch.iterdir()) == [] and _drill_mounts() == []
+
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    page = 4096
+    with open(db, "r+b") as f:  # a leaf page of the index, overwritten
+        f.seek(page * 5 + 100)
+        f.write(b"\xff" * 600)
+    bad = snapshots.create([inner.path], "reflink", job="s", options={"dest": str(outer.mountpoint)},
+                           state_dir=state)  # fmt: skip
+    r = drill_snapshot(bad, state=state, targets=target, scratch_root=scratch,
+                       mount_root=tmp_path / "run")  # fmt: skip
+    assert not r.ok and r.apps[0].check.endswith("FAILED") or "malformed" in r.apps[0].detail
+    assert list(scratch.iterdir()) == [] and _drill_mounts() == []
+    for m in (man, bad):
+        snapshots.delete(m.id, state)
