@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from helpers.dbtools import as_user, need, open_loops, pg_bin, shared_dir, start_row_writer
+from hypothesis import given
+from hypothesis import strategies as st
 from test_writers_postgresql import Cluster
 
 from quiesce import snapshot as snapshots
@@ -51,8 +53,8 @@ def _assert_nothing_left(scratch: Path) -> None:
 
 def _pg_group(loops, bin_dir: Path, run_dir: Path) -> tuple[Cluster, Path, Path]:
     """A cluster with its data on one loop volume and its WAL on another (a group)."""
-    data_vol, wal_vol = loops("ext4", 256, image_dir=loops.outer), loops("ext4", 256,
-                                                                        image_dir=loops.outer)  # fmt: skip
+    data_vol = loops("ext4", 256, image_dir=loops.outer)
+    wal_vol = loops("ext4", 256, image_dir=loops.outer)
     for v in (data_vol, wal_vol):
         v.mountpoint.chmod(0o755)
     data, wal = data_vol.mountpoint / "pgdata", wal_vol.mountpoint / "pg_wal"
@@ -99,7 +101,7 @@ def test_run_with_verify_app_drills_the_snapshot_under_writes(tmp_path: Path):
     and its result is in the report (--json and human), the manifest and the metrics."""
     with _pg_setup() as (psycopg, loops, db, data_mp, wal_mp):
         scratch = loops.base / "scratch"
-        acked, stop, t = start_row_writer(
+        _acked, stop, t = start_row_writer(
             lambda: psycopg.connect(db.dsn, autocommit=True),
             lambda c, n: c.execute("INSERT INTO t VALUES (%s, repeat('x', 300))", (n,)),
         )
@@ -222,7 +224,7 @@ def test_drill_passes_on_a_group_snapshot_and_catches_a_torn_copy(tmp_path: Path
         torn = _torn_drill(psycopg, loops, db, data_mp, wal_mp, 0, scratch, state)
         assert not torn.ok
         [app] = torn.apps
-        assert app["check"] if isinstance(app, dict) else app.check == "did not start"
+        assert app.check == "did not start"
         assert "checkpoint" in app.detail.lower(), app.detail
         _assert_nothing_left(scratch)
 
@@ -253,8 +255,8 @@ def test_sqlite_drill_passes_and_catches_a_corrupt_database(tmp_path: Path, loop
     conn.executemany("INSERT INTO t (b) VALUES (?)", [(f"row {i}" * 5,) for i in range(3000)])
     state, scratch = tmp_path / "state", tmp_path / "scratch"
     target = [AppTarget("sqlite", "app", str(db))]
-    man = snapshots.create([inner.path], "reflink", job="s", options={"dest": str(outer.mountpoint)},
-                           state_dir=state)  # fmt: skip
+    opts = {"dest": str(outer.mountpoint)}
+    man = snapshots.create([inner.path], "reflink", job="s", options=opts, state_dir=state)
     live_before = db.read_bytes()
     r = drill_snapshot(man, state=state, targets=target, scratch_root=scratch,
                        mount_root=tmp_path / "run")  # fmt: skip
@@ -269,11 +271,85 @@ def test_sqlite_drill_passes_and_catches_a_corrupt_database(tmp_path: Path, loop
     with open(db, "r+b") as f:  # a leaf page of the index, overwritten
         f.seek(page * 5 + 100)
         f.write(b"\xff" * 600)
-    bad = snapshots.create([inner.path], "reflink", job="s", options={"dest": str(outer.mountpoint)},
-                           state_dir=state)  # fmt: skip
+    bad = snapshots.create([inner.path], "reflink", job="s", options=opts, state_dir=state)
     r = drill_snapshot(bad, state=state, targets=target, scratch_root=scratch,
                        mount_root=tmp_path / "run")  # fmt: skip
-    assert not r.ok and r.apps[0].check.endswith("FAILED") or "malformed" in r.apps[0].detail
+    assert not r.ok
+    assert r.apps[0].check.endswith("FAILED") or "malformed" in r.apps[0].detail
     assert list(scratch.iterdir()) == [] and _drill_mounts() == []
     for m in (man, bad):
         snapshots.delete(m.id, state)
+
+
+# -- the pure parts: configuration, logs, metrics -------------------------------------------
+
+
+def test_verify_takes_app_alone_or_beside_one_backup_check(tmp_path: Path):
+    from pydantic import ValidationError
+
+    from quiesce.backup.config import BackupConfig
+
+    def cfg(verify):
+        return BackupConfig(target="tar", directory=str(tmp_path), verify=verify)
+
+    assert (cfg("sample").check, cfg("sample").drill) == ("sample", False)  # as before
+    assert (cfg("app").check, cfg("app").drill) == ("none", True)
+    assert (cfg(["full", "app"]).check, cfg(["full", "app"]).drill) == ("full", True)
+    for bad in (["sample", "full"], [], ["none", "app"], ["app", "app"], ["restore"]):
+        with pytest.raises(ValidationError):
+            cfg(bad)
+
+
+def test_a_job_with_a_bad_verify_list_names_the_key(tmp_path: Path):
+    from quiesce.job.schema import JobConfigError
+    from quiesce.job.validate import load_job
+
+    job = tmp_path / "j.toml"
+    job.write_text(
+        'volumes = ["/srv/db"]\n[provider]\ntype = "reflink"\n[backup]\ntarget = "tar"\n'
+        f'directory = "{tmp_path}"\nverify = ["sample", "full"]\n'
+    )
+    job.chmod(0o600)
+    with pytest.raises(JobConfigError) as e:
+        load_job(job, check_volumes=False)
+    assert e.value.exit_code == 2
+    assert any(p.path.startswith("backup") and "verify" in p.message for p in e.value.problems)
+
+
+@given(a=st.integers(0, 2**40), n=st.integers(0, 2**32), form=st.sampled_from(["{:X}", "{:08X}"]))
+def test_the_wal_replayed_is_read_from_postgresql_s_log(a: int, n: int, form: str):
+    from quiesce.apps.drills.postgresql import replayed_from_log
+
+    def text(x: int) -> str:
+        return f"{x >> 32:X}/{form.format(x & 0xFFFFFFFF)}"
+
+    log = (
+        f"LOG:  database system was interrupted; last known up at ...\n"
+        f"LOG:  redo starts at {text(a)}\nLOG:  invalid record length at ...\n"
+        f"LOG:  redo done at {text(a + n)} system usage: CPU: user: 0.01 s\n"
+    )
+    said, replayed = replayed_from_log(log)
+    assert replayed == n and said is not None and text(a) in said
+    assert replayed_from_log("LOG:  redo is not required\n")[1] == 0
+    assert replayed_from_log("FATAL:  could not locate a valid checkpoint record\n") == (
+        None, None,
+    )  # fmt: skip
+
+
+def test_drill_metrics_come_from_the_backup_report():
+    from quiesce.job.metrics import render, run_metrics
+
+    ok = {"drill": {"ok": True, "recovery_s": 1.5}}
+    text = render({"j": run_metrics("j", success=True, duration_s=1, freeze_window_s=0.01,
+                                    backup=ok).samples()})  # fmt: skip
+    assert 'quiesce_drill_success{job="j"} 1' in text
+    assert 'quiesce_drill_recovery_seconds{job="j"} 1.5' in text
+    bad = run_metrics("j", success=False, duration_s=1, freeze_window_s=None,
+                      backup={"drill": {"ok": False, "recovery_s": None}}).samples()  # fmt: skip
+    assert bad["drill_success"] == 0.0 and "drill_recovery_seconds" not in bad
+    assert (
+        "drill_success"
+        not in run_metrics(
+            "j", success=True, duration_s=1, freeze_window_s=None, backup={"drill": None}
+        ).samples()
+    )

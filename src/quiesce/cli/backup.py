@@ -160,7 +160,9 @@ def verify_cmd(
                 "quiesce verify --app SNAPSHOT; backups are verified by [backup] verify",
             )
         state = chosen_state_dir(state_dir, job_file)
-        man = snapshots.load(snapshots.resolve_id(snapshot, state), state)
+        from quiesce.snapshot.store import resolve_id
+
+        man = snapshots.load(resolve_id(snapshot, state), state)
         targets = targets_from_manifest(man)
         root: str | Path = scratch or "/var/tmp"
         mount_root = None

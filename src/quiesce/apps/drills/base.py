@@ -188,6 +188,9 @@ def writable_copy(
             upper, work, merged = (root / d / str(i) for d in ("upper", "work", "copy"))
             for d in (upper, work):
                 d.mkdir(parents=True, mode=0o700)
+            st = os.stat(lower)  # the overlay's root is the upper dir: as the volume's root
+            os.chown(upper, st.st_uid, st.st_gid)
+            upper.chmod(stat.S_IMODE(st.st_mode))
             merged.mkdir(parents=True, mode=0o711)
             (root / "copy").chmod(0o711)
             opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
