@@ -35,12 +35,13 @@ def _drill_mounts() -> list[str]:
     return [m.mount_point for m in MountTable.read().mounts if m.source == "quiesce-drill"]
 
 
-def _postgres_on(path: Path) -> list[int]:
-    """Pids of processes whose command line names ``path`` (a drill's cluster)."""
+def _servers_in(path: Path) -> list[int]:
+    """Pids of processes working in ``path`` (a drill's server: postgres and mariadbd
+    chdir to their data directory, and so do all their children)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if os.readlink(f"/proc/{pid}/cwd").startswith(str(path) + "/"):
                 found.append(int(pid))
     return found
 
@@ -48,7 +49,7 @@ def _postgres_on(path: Path) -> list[int]:
 def _assert_nothing_left(scratch: Path) -> None:
     assert _drill_mounts() == []
     assert list(scratch.iterdir()) == []  # the copy (upper layer, sockets, logs) is gone
-    assert _postgres_on(scratch) == []
+    assert _servers_in(scratch) == []
 
 
 def _pg_group(loops, bin_dir: Path, run_dir: Path) -> tuple[Cluster, Path, Path]:
@@ -279,6 +280,112 @@ def test_sqlite_drill_passes_and_catches_a_corrupt_database(tmp_path: Path, loop
     assert list(scratch.iterdir()) == [] and _drill_mounts() == []
     for m in (man, bad):
         snapshots.delete(m.id, state)
+
+
+def test_mariadb_drill_found_on_the_snapshot_recovers_and_checks(tmp_path: Path):
+    """MariaDB under writes, snapshotted with its writer: the drill finds the datadir on
+    the snapshot (no target given), InnoDB recovers, every table checks OK."""
+    from helpers.dbtools import mariadb_bin
+    from test_writers_mysql import Server
+
+    from quiesce.apps.writers.mysql import MysqlWriter
+
+    tools = mariadb_bin()
+    need(tools is not None, "MariaDB server binaries")
+    pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
+    run_dir = shared_dir("mysql")
+    with open_loops() as loops:
+        outer = loops("xfs")
+        inner = loops("ext4", 320, image_dir=outer.mountpoint)
+        inner.mountpoint.chmod(0o755)
+        db = Server(tools, inner.mountpoint / "data", run_dir, "origin")
+        try:
+            db.install()
+            db.start()
+
+            def connect():  # type: ignore[no-untyped-def]
+                return pymysql.connect(unix_socket=str(db.socket), user="root", autocommit=True)
+
+            with connect() as c, c.cursor() as cur:
+                cur.execute("CREATE DATABASE app")
+                cur.execute("CREATE TABLE app.t (seq INT PRIMARY KEY, pad TEXT, KEY (pad(20)))")
+            _acked, stop, t = start_row_writer(
+                connect,
+                lambda c, n: c.cursor().execute(
+                    "INSERT INTO app.t VALUES (%s, REPEAT('x', 300))", (n,)
+                ),
+            )
+            try:
+                man = snapshots.create(
+                    [inner.path], "reflink", job="m", options={"dest": str(outer.mountpoint)},
+                    state_dir=tmp_path / "state",
+                    quiescers=[MysqlWriter(unix_socket=str(db.socket), user="root")],
+                )  # fmt: skip
+            finally:
+                stop.set()
+                t.join()
+            scratch = loops.base / "scratch"
+            r = drill_snapshot(man, state=tmp_path / "state", scratch_root=scratch,
+                               mount_root=tmp_path / "run", timeout=180)  # fmt: skip
+            assert r.ok, r.to_dict()
+            [app] = r.apps
+            assert app.kind == "mysql" and app.path == str(inner.mountpoint / "data")
+            assert "table(s) OK" in app.check and app.recovery_s and app.recovery_s > 0
+            assert _drill_mounts() == [] and list(scratch.iterdir()) == []
+            assert _servers_in(scratch) == []  # no mariadbd either
+            snapshots.delete(man.id, tmp_path / "state")
+        finally:
+            db.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_drill_killed_midway_is_removed_by_cleanup(tmp_path: Path):
+    """SIGKILL to `quiesce verify --app` while the cluster recovers: the server dies with
+    it (PR_SET_PDEATHSIG), and `quiesce cleanup` removes the overlay, the scratch
+    directory and the snapshot's read-only mounts."""
+    import signal
+    import time
+
+    from quiesce.apps.writers.postgresql import PostgresWriter
+
+    with _pg_setup() as (psycopg, loops, db, data_mp, wal_mp):
+        scratch, state = loops.base / "scratch", tmp_path / "state"
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO t SELECT g, repeat('z', 300) FROM generate_series(1, 20000) g"
+            )
+        man = snapshots.create(
+            [str(data_mp), str(wal_mp)], "reflink", job="pg",
+            options={"dest": str(loops.outer)}, state_dir=state,
+            quiescers=[PostgresWriter(db.dsn, checkpoint=False)],
+        )  # fmt: skip
+        p = subprocess.Popen(
+            [sys.executable, "-m", "quiesce", "verify", "--app", man.id, "--state-dir",
+             str(state), "--dir", str(scratch)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not _servers_in(scratch):  # the drill's cluster is up (or recovering)
+                assert p.poll() is None, "the drill ended before its cluster was seen"
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert _drill_mounts()
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        deadline = time.monotonic() + 30
+        while _servers_in(scratch):  # postmaster got SIGKILL; its children follow
+            assert time.monotonic() < deadline, "the drill's cluster outlived quiesce"
+            time.sleep(0.05)
+        c = _quiesce("cleanup", "--state-dir", str(state))
+        assert c.returncode == 0, c.stdout + c.stderr
+        _assert_nothing_left(scratch)
+        assert not [m for m in MountTable.read().mounts if ".drill" in m.mount_point]
+        snapshots.delete(man.id, state)
 
 
 # -- the pure parts: configuration, logs, metrics -------------------------------------------
