@@ -24,8 +24,10 @@ drill / baseline (goal <= 2) and drill recovery / baseline (the overlay's cost a
 
 ``--torn N``: the negative control. N times, the WAL volume's image is cloned, pgbench
 goes on for ``--gap`` seconds, then the data volume's image is cloned (a group copied
-volume by volume, without the freeze); the drill runs on the pair. Printed: how many of
-the N torn copies the drill caught (failed), and how (did not start / amcheck).
+volume by volume, without the freeze); the drill runs on the pair. Twice: ``plain``
+(only pgbench in the gap: the data volume gets what the small ``--buffers`` evict) and
+``checkpoint`` (a CHECKPOINT in the gap too). Printed: how many of the N torn copies
+the drill caught (failed), and how (did not start / amcheck).
 Everything it makes is removed at the end, also on failure.
 """
 
@@ -75,6 +77,7 @@ class Ground:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        self.outer = base / "outer"  # the XFS (reflink) that holds every image
         self.undo: list[list[str]] = []
 
     def loopfs(self, image: Path, size_mb: int, fstype: str, mnt: Path) -> str:
@@ -120,7 +123,7 @@ def baseline(g: Ground, bins: Path, man, data_mp: Path, wal_mp: Path, sock: Path
     by_vol = {s.volume: Path(s.location) for s in man.snapshot_objects()}
     copies = {}
     for name, mp in (("data", data_mp), ("wal", wal_mp)):
-        img = g.base / f"base-{name}.img"
+        img = g.outer / f"base-{name}.img"
         sh("cp", "--reflink=always", str(by_vol[str(mp)]), str(img))
         copies[name] = g.base / f"base-{name}"
         g.attach(img, copies[name])
@@ -142,7 +145,7 @@ def baseline(g: Ground, bins: Path, man, data_mp: Path, wal_mp: Path, sock: Path
         stop_pg(bins, data, "immediate")
         g.release(4)
         for name in ("data", "wal"):
-            (g.base / f"base-{name}.img").unlink(missing_ok=True)
+            (g.outer / f"base-{name}.img").unlink(missing_ok=True)
 
 
 def _ids(p: Path) -> tuple[int, int]:
@@ -163,11 +166,14 @@ def pgbench(bins: Path, sock: Path, port: int, seconds: int) -> Iterator[subproc
         p.wait()
 
 
-def torn_copy(g, data_img: Path, wal_img: Path, data_mp, wal_mp, gap, state, scratch, i):
-    clones = [g.base / f"torn-data{i}.img", g.base / f"torn-wal{i}.img"]
+def torn_copy(g, data_img: Path, wal_img: Path, data_mp, wal_mp, gap, state, scratch, i,
+              checkpoint: str | None = None):  # fmt: skip
+    clones = [g.outer / f"torn-data{i}.img", g.outer / f"torn-wal{i}.img"]
     os.sync()
     sh("cp", "--reflink=always", str(wal_img), str(clones[1]))
     time.sleep(gap)
+    if checkpoint:
+        sh("psql", "-X", "-q", "-d", checkpoint, "-c", "CHECKPOINT", user="postgres")
     os.sync()
     sh("cp", "--reflink=always", str(data_img), str(clones[0]))
     mnts = [g.base / f"torn-d{i}", g.base / f"torn-w{i}"]
@@ -192,7 +198,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20, help="pgbench before each snapshot")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--torn", type=int, default=5)
-    ap.add_argument("--gap", type=float, default=1.0)
+    ap.add_argument("--gap", type=float, default=2.0)
+    ap.add_argument(
+        "--buffers",
+        default="16MB",
+        help="the origin's shared_buffers (small: "
+        "pgbench's pages are evicted to the data volume all the time)",
+    )
     args = ap.parse_args()
     bins = pg_bin()
     base = Path(tempfile.mkdtemp(prefix="quiesce-drillbench-", dir="/tmp"))
@@ -204,7 +216,7 @@ def main() -> None:
     state, scratch = base / "state", base / "scratch"
     data = None
     try:
-        outer = base / "outer"
+        outer = g.outer
         g.loopfs(base / "outer.img", 4096, "xfs", outer)
         outer.chmod(0o755)
         data_mp, wal_mp = base / "data", base / "wal"
@@ -218,7 +230,7 @@ def main() -> None:
             shutil.chown(d, "postgres", "postgres")
         sh(str(bins / "initdb"), "-D", str(data), "--waldir", str(wal), "-A", "trust", "-U",
            "postgres", "--no-instructions", user="postgres")  # fmt: skip
-        conf = "-c checkpoint_timeout=1h -c max_wal_size=4GB -c shared_buffers=128MB"
+        conf = f"-c checkpoint_timeout=1h -c max_wal_size=4GB -c shared_buffers={args.buffers}"
         start_pg(bins, data, sock, PORT, conf)
         sh(str(bins / "pgbench"), "-h", str(sock), "-p", str(PORT), "-i", "-q", "-s",
            str(args.scale), "postgres", user="postgres")  # fmt: skip
@@ -255,21 +267,26 @@ def main() -> None:
             print(f"median: baseline {b:.2f} s, drill {d:.2f} s, drill recovery {rec:.2f} s")
             print(f"ratio drill / PostgreSQL's own recovery: {d / b:.2f} (goal <= 2)")
             print(f"ratio drill recovery / PostgreSQL's own recovery: {rec / b:.2f}")
-        caught, how = 0, []
-        for i in range(args.torn):
-            with pgbench(bins, sock, PORT, int(args.gap) + 60):
-                time.sleep(2)
-                rep = torn_copy(g, imgs[data_mp], imgs[wal_mp], data_mp, wal_mp, args.gap,
-                                state, scratch, i)  # fmt: skip
-            caught += not rep.ok
-            a = rep.apps[0] if rep.apps else None
-            how.append("passed" if rep.ok else (a.check if a else str(rep.error)))
-            print(f"torn {i}: {'CAUGHT' if not rep.ok else 'passed'}: {how[-1]}", flush=True)
-        if args.torn:
-            print(
-                f"negative control: the drill caught {caught}/{args.torn} torn copies "
-                f"(WAL volume copied {args.gap:g} s before the data volume, under pgbench)"
-            )
+        for kind in ("plain", "checkpoint"):
+            caught = 0
+            for i in range(args.torn):
+                with pgbench(bins, sock, PORT, int(args.gap) + 60):
+                    time.sleep(2)
+                    rep = torn_copy(
+                        g, imgs[data_mp], imgs[wal_mp], data_mp, wal_mp, args.gap, state,
+                        scratch, i, dsn if kind == "checkpoint" else None,
+                    )  # fmt: skip
+                caught += not rep.ok
+                a = rep.apps[0] if rep.apps else None
+                how = "" if rep.ok else (f"{a.check}: {a.detail[-200:]}" if a else rep.error)
+                print(f"torn ({kind}) {i}: {'CAUGHT' if not rep.ok else 'passed'} {how}",
+                      flush=True)  # fmt: skip
+            if args.torn:
+                print(
+                    f"negative control ({kind}): the drill caught {caught}/{args.torn} torn "
+                    f"copies (the WAL volume copied {args.gap:g} s before the data volume, "
+                    f"under pgbench{', a CHECKPOINT between' if kind == 'checkpoint' else ''})"
+                )
     finally:
         if data is not None:
             stop_pg(bins, data, "immediate")
