@@ -388,6 +388,50 @@ def test_a_drill_killed_midway_is_removed_by_cleanup(tmp_path: Path):
         snapshots.delete(man.id, state)
 
 
+def test_a_failed_drill_fails_the_run_with_13_and_prunes_nothing(tmp_path: Path, loopfs):
+    """A job whose SQLite database is damaged: the run exits 13, the report, manifest and
+    metrics say the drill failed, and retention keeps the older snapshot."""
+    outer = loopfs("xfs")
+    inner = loopfs("ext4", 64, image_dir=outer.mountpoint)
+    db = inner.mountpoint / "app.db"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+        conn.execute("CREATE INDEX tb ON t (b)")
+        conn.executemany("INSERT INTO t (b) VALUES (?)", [(f"row {i}" * 5,) for i in range(3000)])
+    job = tmp_path / "s.toml"
+    job.write_text(
+        f'name = "s"\nvolumes = ["{inner.path}"]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'metrics_file = "{tmp_path / "m.prom"}"\n'
+        f'[provider]\ntype = "reflink"\ndest = "{outer.mountpoint}"\n'
+        f'[[writers.sqlite]]\ndatabases = ["{db}"]\n'
+        f'[backup]\ntarget = "tar"\ndirectory = "{tmp_path / "tar"}"\nverify = "app"\n'
+        f'verify_dir = "{tmp_path / "scratch"}"\nmount_root = "{tmp_path / "run"}"\n'
+        "[retention]\nkeep_last = 1\n"
+    )
+    job.chmod(0o600)
+    p = _quiesce("run", "--json", str(job))
+    assert p.returncode == 0, p.stdout + p.stderr
+    [first] = snapshots.list_manifests(tmp_path / "state")
+    assert first.drill is not None and first.drill["ok"] is True
+    with open(db, "r+b") as f:  # a page of the table, overwritten
+        f.seek(4096 * 5 + 100)
+        f.write(b"\xff" * 600)
+    p = _quiesce("run", "--json", str(job))
+    assert p.returncode == 13, p.stdout + p.stderr
+    report = json.loads(p.stdout)
+    assert report["backup"]["drill"]["ok"] is False
+    assert report["error"]["exit_code"] == 13 and "restore drill" in report["error"]["message"]
+    mans = snapshots.list_manifests(tmp_path / "state")
+    assert mans[0].id == first.id and len(mans) == 2  # nothing pruned
+    assert mans[1].drill is not None and mans[1].drill["ok"] is False
+    assert 'quiesce_drill_success{job="s"} 0' in (tmp_path / "m.prom").read_text()
+    assert 'quiesce_last_run_exit_code{job="s"} 13' in (tmp_path / "m.prom").read_text()
+    assert _drill_mounts() == [] and list((tmp_path / "scratch").iterdir()) == []
+    for m in mans:
+        snapshots.delete(m.id, tmp_path / "state")
+
+
 # -- the pure parts: configuration, logs, metrics -------------------------------------------
 
 
