@@ -259,6 +259,11 @@ def test_sqlite_drill_passes_and_catches_a_corrupt_database(tmp_path: Path, loop
     opts = {"dest": str(outer.mountpoint)}
     man = snapshots.create([inner.path], "reflink", job="s", options=opts, state_dir=state)
     live_before = db.read_bytes()
+    on_group = inner.mountpoint / "drill-scratch"  # refused before anything is made
+    r = drill_snapshot(man, state=state, targets=target, scratch_root=on_group,
+                       mount_root=tmp_path / "run")  # fmt: skip
+    assert not r.ok and "on a volume of the group" in str(r.error)
+    assert not on_group.exists() and _drill_mounts() == []
     r = drill_snapshot(man, state=state, targets=target, scratch_root=scratch,
                        mount_root=tmp_path / "run")  # fmt: skip
     assert r.ok, r.to_dict()

@@ -153,7 +153,12 @@ class WritableCopy:
 
 
 def _refuse_on_group(scratch: Path, devs: Sequence[str]) -> None:
-    st = os.stat(scratch)
+    """Before anything is made: the scratch directory (or, if it does not exist yet,
+    its nearest existing parent) must not be on a volume of the group."""
+    probe = Path(os.path.abspath(scratch))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    st = os.stat(probe)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     if dev in devs:
         raise UsageError(
@@ -175,9 +180,9 @@ def writable_copy(
     its upper layer in a fresh scratch directory under ``scratch_root``; all removed on
     exit (journaled first, so cleanup removes what a killed drill left)."""
     base = Path(scratch_root)
+    _refuse_on_group(base, group_devs)
     for made in make_private_dirs(base):
         made.chmod(0o711)  # the server's user goes through (lists nothing)
-    _refuse_on_group(base, group_devs)
     root = Path(tempfile.mkdtemp(prefix="quiesce-drill-", dir=base))
     root_entry = journal.intent("dir", path=str(root), recursive=True)
     root.chmod(0o711)  # the server's user must reach its data directory (traverse only)
