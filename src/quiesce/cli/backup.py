@@ -368,6 +368,7 @@ def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: st
         rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
         environment_file=env_file,
         state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
+        drill=b is not None and b.drill,
     )
 
 
