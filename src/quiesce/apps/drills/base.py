@@ -273,7 +273,12 @@ class Server:
             return ""
 
     def tail(self, n: int = LOG_TAIL) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+        """The log's errors (PANIC/FATAL/ERROR lines: the cause), then its last lines."""
+        lines = self.log_text().splitlines()
+        marks = ("PANIC:", "FATAL:", "ERROR:", "[ERROR]")
+        errors = [line for line in lines if any(m in line for m in marks)][:5]
+        last = [line for line in lines[-(n - len(errors)) :] if line not in errors]
+        return "\n".join(errors + last)
 
     def wait_ready(self, ready: Any, timeout: float, what: str) -> float:
         """Poll ``ready()`` until true; the seconds from start. DrillFailed-like
