@@ -509,3 +509,37 @@ def test_drill_metrics_come_from_the_backup_report():
             "j", success=True, duration_s=1, freeze_window_s=None, backup={"drill": None}
         ).samples()
     )
+
+
+def test_mariadb_check_output_and_redo_log_are_read():
+    from quiesce.apps.drills.mysql import _check_failed, replayed_from_log
+
+    ok = "app.t                                              OK\nmysql.user          OK\n"
+    assert _check_failed(ok) == []
+    bad = ok + "app.u\nerror    : Table 'u' is marked as crashed\nwarning  : 1 client\n"
+    assert _check_failed(bad) == [
+        "app.u", "error    : Table 'u' is marked as crashed", "warning  : 1 client",
+    ]  # fmt: skip
+    log = (
+        "[Note] InnoDB: Starting crash recovery from checkpoint LSN=46846\n"
+        "[Note] InnoDB: End of log at LSN=1046846\n[Note] mariadbd: ready for connections.\n"
+    )
+    assert replayed_from_log(log) == ("redo log LSN 46846 to 1046846", 1_000_000)
+    assert replayed_from_log("[Note] mariadbd: ready for connections.\n")[1] == 0
+
+
+def test_the_dry_run_names_the_drill(tmp_path: Path, loopfs):
+    from quiesce.job.run import run_job
+    from quiesce.job.validate import load_job
+
+    job = tmp_path / "j.toml"
+    job.write_text(
+        f'volumes = ["{loopfs("ext4").path}"]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[provider]\ntype = "command"\ncreate = ["true"]\n'
+        f'[backup]\ntarget = "tar"\ndirectory = "{tmp_path}"\nverify = ["sample", "app"]\n'
+    )
+    job.chmod(0o600)
+    report = run_job(load_job(job), dry_run=True)
+    steps = " | ".join(report.steps)
+    assert report.error is None, report.error
+    assert "verify (sample)" in steps and "restore drill (verify = app)" in steps
