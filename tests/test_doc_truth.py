@@ -191,6 +191,7 @@ def test_exit_codes_in_readme_jobs_md_and_help_are_exit_code():
     said = {
         r"A run exits with `(\d+)` when a hook or writer failed": ExitCode.HOOK,
         r"and with `(\d+)` when the snapshot was made but the backup": ExitCode.BACKUP,
+        r"`(\d+)` when the restore drill": ExitCode.DRILL,
         r"the run exits with code (\d+)\s+\(`HookFailed`\)": ExitCode.HOOK,
         r"the run reports it and exits with code (\d+), because the application": ExitCode.HOOK,
     }

@@ -36,7 +36,7 @@ def test_success_then_failure_keeps_last_success(tmp_path: Path) -> None:
     ok = RunMetrics(
         "db", True, finished=1000.0, duration_s=12.5, freeze_window_s=0.0042,
         backup_bytes=2 << 30, backup_added_bytes=123, backup_files=4000,
-        backup_duration_s=10.25, verify_ok=True,
+        backup_duration_s=10.25, verify_ok=True, drill_ok=True, drill_recovery_s=1.25,
     )  # fmt: skip
     text = write_textfile(f, ok)
     _check_format(text)

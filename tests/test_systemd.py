@@ -112,3 +112,13 @@ def test_unit_keeps_the_guardians_records_and_sockets_reachable(tmp_path: Path) 
     assert _values(s, "RuntimeDirectory") == [Path(RUN_DIR).name]
     assert Path(RUN_DIR).parent == Path("/run")
     assert _values(s, "RuntimeDirectoryMode") == ["0700"]
+
+
+def test_a_job_with_the_restore_drill_may_switch_users(tmp_path: Path) -> None:
+    """verify = "app" starts each server as its data's owner (setpriv): its unit keeps
+    CAP_SETUID/CAP_SETGID; other jobs' units do not get them."""
+    plain = render(UnitSpec(job="j", job_file=tmp_path / "j.toml"))["quiesce-j.service"]
+    drill = render(UnitSpec(job="j", job_file=tmp_path / "j.toml", drill=True))
+    caps = _values(drill["quiesce-j.service"], "CapabilityBoundingSet")[0].split()
+    assert {"CAP_SETUID", "CAP_SETGID"} <= set(caps)
+    assert "CAP_SETUID" not in _values(plain, "CapabilityBoundingSet")[0]

@@ -26,6 +26,7 @@ class ExitCode:
     HOOK = 11  # a hook or writer failed or timed out (policy "abort"): nothing kept
     BACKUP = 12  # the snapshot was made, but the backup or its verification failed
     BROKEN = 13  # someone else thawed a freeze of quiesce's during the window: not consistent
+    DRILL = 14  # the restore drill failed: an application did not recover or check clean
 
 
 class QuiesceError(Exception):

@@ -9,7 +9,8 @@ file or an environment variable that holds one.
     repository = "/srv/backup/restic"  # restic/borg repository (tar: `directory`)
     password_file = "/etc/quiesce/restic.pass"
     tags = ["nightly"]
-    verify = "sample"                  # none | repository | sample | full
+    verify = "sample"                  # none | repository | sample | full | app
+    # or a list: verify = ["sample", "app"] (one backup check, plus the restore drill)
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from quiesce.snapshot.readonly import DEFAULT_MOUNT_ROOT
 from quiesce.sys.redact import register_url_secrets
 
-Verify = Literal["none", "repository", "sample", "full"]
+Verify = Literal["none", "repository", "sample", "full", "app"]
+BACKUP_CHECKS = ("none", "repository", "sample", "full")
 
 
 class BackupConfig(BaseModel):
@@ -45,12 +47,26 @@ class BackupConfig(BaseModel):
     sha256_dir: str | None = None  # tar with `command`: where the .sha256 goes
     # the phase
     mount_root: str = DEFAULT_MOUNT_ROOT  # stable paths: <mount_root>/<job>/<volume>
-    verify: Verify = "sample"
+    verify: Verify | list[Verify] = "sample"  # "app": the restore drill (apps/drills)
     sample_files: PositiveInt = 20
     verify_dir: str = "/var/tmp"  # restores for verification go to a temp dir here
     prune: bool = True  # pass [retention] to the target's forget --prune / prune
     timeout: PositiveFloat | None = None  # the backup command's own deadline (seconds)
     delete_snapshot: bool = False  # delete the snapshot after a good backup
+
+    @property
+    def verify_modes(self) -> list[str]:
+        return [self.verify] if isinstance(self.verify, str) else list(self.verify)
+
+    @property
+    def check(self) -> str:
+        """How the backup itself is checked (``none`` if only the drill is asked for)."""
+        return next((m for m in self.verify_modes if m != "app"), "none")
+
+    @property
+    def drill(self) -> bool:
+        """``app`` in ``verify``: the restore drill runs on the snapshot."""
+        return "app" in self.verify_modes
 
     @model_validator(mode="after")
     def _target_needs(self) -> BackupConfig:
@@ -73,14 +89,28 @@ def semantic_problems(raw: dict[str, Any]) -> list[str]:
             problems.append("the tar target needs exactly one of `directory` or `command`")
         if raw.get("compression") not in (None, "zstd", "gzip"):
             problems.append("tar compression must be 'zstd' or 'gzip'")
-        if raw.get("command") and raw.get("verify", "sample") in ("sample", "full"):
+        if raw.get("command") and _backup_check(raw.get("verify", "sample")) in ("sample", "full"):
             problems.append(
                 "a tar stream sent to a command cannot be read back: use verify = "
                 "'none' or 'repository', or write to `directory`"
+            )
+    modes = raw.get("verify", "sample")
+    if isinstance(modes, list):
+        checks = [m for m in modes if m in BACKUP_CHECKS]
+        if not modes or len(set(modes)) != len(modes) or len(checks) > 1 or "none" in modes:
+            problems.append(
+                "verify: a list holds at most one of 'repository', 'sample', 'full' and "
+                '\'app\', each once (e.g. verify = ["sample", "app"])'
             )
     if raw.get("password_file") and raw.get("password_env"):
         problems.append("give either `password_file` or `password_env`, not both")
     return problems
 
 
-__all__ = ["DEFAULT_MOUNT_ROOT", "BackupConfig", "Verify", "semantic_problems"]
+def _backup_check(verify: object) -> object:
+    if isinstance(verify, list):
+        return next((m for m in verify if m != "app"), "none")
+    return verify
+
+
+__all__ = ["BACKUP_CHECKS", "DEFAULT_MOUNT_ROOT", "BackupConfig", "Verify", "semantic_problems"]

@@ -13,7 +13,7 @@ import contextlib
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +43,20 @@ class VerifyFailed(QuiesceError):
     )
 
 
+class DrillFailed(QuiesceError):
+    exit_code = ExitCode.DRILL
+    default_hint = (
+        "an application did not recover (or failed its check) on a copy of the snapshot: "
+        "the snapshot is not counted as good and nothing was pruned; see the drill's "
+        "details (--json), and `quiesce verify --app SNAPSHOT` to try it again"
+    )
+
+
+# (manifest, [(origin mount point, read-only mount path)], journal) -> a DrillReport:
+# apps/drills (a higher layer) passes it in, like state's undo actions.
+DrillFn = Callable[[Any, Sequence[tuple[str, Path]], Journal], Any]
+
+
 @dataclass
 class BackupReport:
     """What the backup phase did; ``to_dict`` goes into the run's report as ``backup``."""
@@ -56,6 +70,7 @@ class BackupReport:
     mounts: list[dict[str, Any]] = field(default_factory=list)
     result: BackupResult | None = None
     verify: VerifyResult | None = None
+    drill: Any = None  # apps.drills.DrillReport
     retention: dict[str, Any] | None = None
     already_backed_up: bool = False  # the target held a backup of this snapshot: reported
     cleanup: dict[str, Any] | None = None  # what crashed runs had left (removed first)
@@ -83,6 +98,7 @@ class BackupReport:
             "mounts": self.mounts,
             "backup": self.result.to_dict() if self.result else None,
             "verify": self.verify.to_dict() if self.verify else None,
+            "drill": self.drill.to_dict() if self.drill is not None else None,
             "retention": self.retention,
             "already_backed_up": self.already_backed_up,
             "cleanup": self.cleanup,
@@ -197,6 +213,7 @@ def run_backup(
     rng: random.Random | None = None,
     events: EventFn | None = None,
     force: bool = False,
+    drill: DrillFn | None = None,
 ) -> BackupReport:
     """Back up the snapshot of ``manifest`` to ``cfg``'s target. Never raises for the
     run's own failures: they are in ``report.error`` (like job.run_job). ``events``
@@ -204,7 +221,9 @@ def run_backup(
 
     A snapshot the target already holds a backup of is not backed up again: that
     backup is reported (``already_backed_up``), unless ``force``. The target's pruning
-    never removes the backup this call made or reported."""
+    never removes the backup this call made or reported. ``drill`` (``verify`` holds
+    ``app``) runs on the read-only mounts after the verification, before any pruning;
+    a failed drill stops the pruning and ends with exit code 13."""
     state_path = state_dir(state)
     report = BackupReport(job=job, target=cfg.target, snapshot=getattr(manifest, "id", None))
     phase = _Phases(report.phases, events)
@@ -219,7 +238,7 @@ def run_backup(
             _backup_and_verify(
                 manifest, cfg, job, state_path, report, phase,
                 _both(progress, _progress_events(events, "backup")),
-                _progress_events(events, "verify"), rng, force=force,
+                _progress_events(events, "verify"), rng, force=force, drill=drill,
             )  # fmt: skip
             policy = retention or RetentionPolicy()
             if report.ok and (cfg.delete_snapshot or not policy.empty):
@@ -273,6 +292,7 @@ def _backup_and_verify(
     rng: random.Random | None,
     *,
     force: bool = False,
+    drill: DrillFn | None = None,
 ) -> None:
     from quiesce.providers.registry import get_provider
 
@@ -315,23 +335,58 @@ def _backup_and_verify(
                     progress=progress,
                     timeout=cfg.timeout,
                 )
-            if cfg.verify != "none":
-                with phase("verify", cfg.verify):
+            if cfg.check != "none":
+                with phase("verify", cfg.check):
                     report.verify = verify(
-                        target, report.result, root, names, cfg.verify,
+                        target, report.result, root, names, cfg.check,
                         sample_files=cfg.sample_files, temp_root=cfg.verify_dir,
                         journal=journal, rng=rng, progress=verify_progress,
                     )  # fmt: skip
                 if not report.verify.ok:
                     shown = "; ".join(report.verify.mismatches[:3]) or report.verify.detail
                     report.set_error(
-                        VerifyFailed(f"verification ({cfg.verify}) of the backup failed: {shown}")
+                        VerifyFailed(f"verification ({cfg.check}) of the backup failed: {shown}")
                     )
+            if cfg.drill:
+                _drill(manifest, snaps, mounted, journal, state, report, phase, drill)
             if locked is not None:
                 journal.done(locked)
         finally:
             with phase("umount"):
                 mounts.close()
+
+
+def _drill(
+    manifest: Any,
+    snaps: Sequence[Any],
+    mounted: Sequence[Any],
+    journal: Journal,
+    state: Path,
+    report: BackupReport,
+    phase: _Phases,
+    drill: DrillFn | None,
+) -> None:
+    """The restore drill on the read-only mounts; its result goes into the manifest too
+    (retention reads ``manifest.drill.ok``)."""
+    from quiesce import snapshot as snapshots
+
+    if drill is None:
+        report.warnings.append(
+            "verify = app: no restore drill was given to this backup (quiesce.job runs it)"
+        )
+        return
+    with phase("drill", "applications recover on a copy of the snapshot"):
+        pairs = [(s.volume, m.path) for s, m in zip(snaps, mounted, strict=True)]
+        report.drill = drill(manifest, pairs, journal)
+    manifest.drill = report.drill.to_dict()
+    try:
+        snapshots.save_manifest(state, manifest)
+    except (OSError, QuiesceError) as e:
+        report.warnings.append(f"cannot record the drill in the manifest {manifest.id}: {e}")
+    if not report.drill.ok and report.ok:
+        report.set_error(
+            DrillFailed(f"the restore drill of {manifest.id} failed: {report.drill.summary()}")
+        )
 
 
 def _report_existing(target: Target, manifest: Any, report: BackupReport, phase: _Phases) -> bool:
@@ -361,6 +416,8 @@ def _report_existing(target: Target, manifest: Any, report: BackupReport, phase:
 
 __all__ = [
     "BackupReport",
+    "DrillFailed",
+    "DrillFn",
     "VerifyFailed",
     "apply_snapshot_retention",
     "make_target",

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli import holds
-from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
+from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd, verify_cmd
 from quiesce.cli.common import (
     JobStateOpt,
     JsonOpt,
@@ -55,7 +55,7 @@ app = typer.Typer(
         "5 busy (frozen by someone else, or the job is running), 6 unsafe plan, "
         "7 not frozen, 8 thaw failed, 9 the guardian thawed first, 10 guardian error, "
         "11 hook or writer failed, 12 backup or verification failed, "
-        "13 someone else thawed quiesce's freeze. "
+        "13 someone else thawed quiesce's freeze, 14 restore drill failed. "
         "Docs: README.md, docs/jobs.md, docs/operations.md."
     ),
     add_completion=False,
@@ -409,6 +409,7 @@ def version_cmd(as_json: JsonOpt = False) -> None:
 app.command("run")(run_cmd)
 app.command("check")(check_cmd)
 app.command("backup")(backup_cmd)
+app.command("verify")(verify_cmd)
 app.command("restore")(restore_cmd)
 app.command("cleanup")(cleanup_cmd)
 app.command("systemd")(systemd_cmd)

@@ -72,11 +72,17 @@ def backup_cmd(
         man = snapshots.load(snapshot, state) if snapshot else newest_snapshot(job.name, state)
     except QuiesceError as e:
         raise fail(e, as_json) from None
+    drill = None
+    if job.backup.drill:
+        from quiesce.apps.drills import backup_drill, targets_from_config
+
+        fallback = targets_from_config(getattr(job.config, "writers", None))
+        drill = backup_drill(None, scratch_root=job.backup.verify_dir, fallback=fallback)
     try:
         with watching(err, verbose=verbose, quiet=quiet) as events:
             report = run_backup(
                 man, job.backup, job=job.name, state=state, retention=job.retention,
-                events=events, force=force,
+                events=events, force=force, drill=drill,
             )  # fmt: skip
     except (SystemExit, KeyboardInterrupt) as stop:
         err.print("quiesce: stopped by a signal; the snapshot's mounts were removed", markup=False)
@@ -111,6 +117,91 @@ def backup_cmd(
 
         print_backup_report(data, out, err)
     raise typer.Exit(report.exit_code)
+
+
+def verify_cmd(
+    snapshot: Annotated[str, typer.Argument(metavar="SNAPSHOT", help="A snapshot id (or prefix).")],
+    app: Annotated[
+        bool,
+        typer.Option(
+            "--app",
+            help="The restore drill: start each application on a throwaway copy of the "
+            "snapshot, let it recover, run its own check, remove the copy.",
+        ),
+    ] = False,
+    job_file: JobStateOpt = None,
+    state_dir: StateDirOpt = None,
+    scratch: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Where the copy's writable layer goes (default: the --job's "
+            "[backup] verify_dir, else /var/tmp); never on a volume of the group.",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds for the whole drill.", min=1)
+    ] = 600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drill a snapshot: every application on it (the --job's writers, the snapshot's
+    last drill, or the PostgreSQL and MariaDB data directories found on it) must
+    recover on a throwaway copy and pass its own check. The result is recorded in the
+    snapshot's manifest. Exit 14 if the drill failed."""
+    from quiesce import snapshot as snapshots
+    from quiesce.apps.drills import drill_snapshot, targets_from_config, targets_from_manifest
+    from quiesce.backup.phase import DrillFailed
+
+    _terminate_as_exit()
+    try:
+        if not app:
+            raise UsageError(
+                "say what to verify: --app (the restore drill)",
+                "quiesce verify --app SNAPSHOT; backups are verified by [backup] verify",
+            )
+        state = chosen_state_dir(state_dir, job_file)
+        from quiesce.snapshot.store import resolve_id
+
+        man = snapshots.load(resolve_id(snapshot, state), state)
+        targets = targets_from_manifest(man)
+        root: str | Path = scratch or "/var/tmp"
+        mount_root = None
+        if job_file is not None:
+            from quiesce.job.backupjob import load_backup_job
+
+            job = load_backup_job(job_file)
+            targets = targets or targets_from_config(getattr(job.config, "writers", None))
+            if job.backup is not None:
+                root = scratch or job.backup.verify_dir
+                mount_root = job.backup.mount_root
+        from quiesce.state.statedir import state_dir as resolve_state
+
+        report = drill_snapshot(
+            man, state=resolve_state(state), targets=targets, scratch_root=root,
+            mount_root=mount_root, timeout=timeout,
+        )  # fmt: skip
+    except QuiesceError as e:
+        raise fail(e, as_json) from None
+    data = report.to_dict()
+    man.drill = data
+    try:
+        snapshots.save_manifest(state, man)
+    except (OSError, QuiesceError) as e:
+        err.print(f"quiesce: cannot record the drill in the manifest: {e}", markup=False)
+    code = ExitCode.OK
+    if not report.ok:
+        failed = DrillFailed(f"the restore drill of {man.id} failed: {report.summary()}")
+        code = failed.exit_code
+        data["error"] = failed.to_dict()
+    if as_json:
+        emit_json(data)
+    else:
+        from quiesce.cli.render import print_drill
+
+        print_drill(data, out, err)
+        if data.get("error"):
+            print_error(data["error"], err)
+    raise typer.Exit(code)
 
 
 def _stop_code(stop: BaseException) -> int:
@@ -262,7 +353,7 @@ def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: st
         for p in (_local(b.repository), b.directory, b.sha256_dir):
             if p:
                 rw.append(p)
-        if b.verify in ("sample", "full"):
+        if b.check in ("sample", "full") or b.drill:
             rw.append(b.verify_dir)
         timeout += b.timeout or 12 * 3600
     if job.metrics_file:
@@ -277,6 +368,7 @@ def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: st
         rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
         environment_file=env_file,
         state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
+        drill=b is not None and b.drill,
     )
 
 

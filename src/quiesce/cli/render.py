@@ -163,6 +163,8 @@ def print_backup_report(
         )
         for m in v.get("mismatches", [])[:10]:
             _say(errors, f"  [red]differs:[/] {escape(m)}")
+    if data.get("drill"):
+        print_drill(data["drill"], console, errors)
     r = data.get("retention") or {}
     snaps = r.get("snapshots") or r
     if snaps.get("deleted") or snaps.get("kept"):
@@ -184,4 +186,28 @@ def print_backup_report(
         print_error(data["error"], errors)
 
 
-__all__ = ["print_backup_report", "render"]
+def print_drill(d: dict[str, Any], console: Console, errors: Console) -> None:
+    """The restore drill (apps/drills): one line, then one per application."""
+    colour, word = ("green", "ok") if d["ok"] else ("red", "FAILED")
+    _say(
+        console,
+        f"restore drill: [{colour}]{word}[/] in {human_duration(d.get('duration_s'))} "
+        f"on an {d.get('copy', 'overlay')} copy of the snapshot"
+        + (f", longest recovery {human_duration(d['recovery_s'])}" if d.get("recovery_s") else ""),
+    )
+    if d.get("error"):
+        _say(errors, f"  [red]{escape(d['error'])}[/]")
+    for a in d.get("apps", []):
+        mark = "[green]ok[/]" if a["ok"] else "[red]FAILED[/]"
+        rec = human_duration(a.get("recovery_s")) if a.get("recovery_s") is not None else "-"
+        _say(
+            console,
+            f"  {escape(a['name'])} ({a['kind']}, {escape(a['path'])}): {mark}; recovery "
+            f"{rec}, replayed {escape(str(a.get('replayed') or '?'))}; {escape(a['check'])}",
+        )
+        if not a["ok"] and a.get("detail"):
+            for line in str(a["detail"]).splitlines()[-8:]:
+                _say(errors, f"    {escape(line)}")
+
+
+__all__ = ["print_backup_report", "print_drill", "render"]

@@ -28,6 +28,8 @@ from quiesce.sys.files import write_atomic
 
 UNIT_DIR = Path("/etc/systemd/system")
 
+# the restore drill (verify = "app") starts each server as its data's owner (setpriv)
+DRILL_CAPABILITIES = ["CAP_SETUID", "CAP_SETGID"]
 CAPABILITIES = [
     "CAP_SYS_ADMIN",  # FIFREEZE/FITHAW, mount/umount, loop devices, snapshot ioctls
     "CAP_DAC_READ_SEARCH",  # read every file of the snapshot for the backup
@@ -56,6 +58,7 @@ class UnitSpec:
     environment_file: str | None = None  # e.g. /etc/quiesce/<job>.env with the password var
     description: str | None = None
     state_dir: str | None = None  # the job's own state_dir: ExecStartPre's cleanup uses it
+    drill: bool = False  # verify = "app": the drill starts servers as their own users
 
 
 def unit_name(job: str) -> str:
@@ -125,7 +128,7 @@ def render(spec: UnitSpec) -> dict[str, str]:
         "UMask=0077",
         "",
         "# Hardening: quiesce needs CAP_SYS_ADMIN and to read every file; nothing else.",
-        "CapabilityBoundingSet=" + " ".join(CAPABILITIES),
+        "CapabilityBoundingSet=" + " ".join(CAPABILITIES + DRILL_CAPABILITIES * spec.drill),
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
     ]

@@ -76,11 +76,16 @@ def _after_steps(job: Job) -> list[str]:
             f"backup: {b.target} backup to {where}"
             + (f" (timeout {b.timeout:g}s)" if b.timeout else "")
         )
-        if b.verify != "none":
+        if b.check != "none":
             detail = f", {b.sample_files} file(s) restored under {b.verify_dir}"
             steps.append(
-                f"verify ({b.verify}) the backup against the snapshot"
-                + (detail if b.verify in ("sample", "full") else "")
+                f"verify ({b.check}) the backup against the snapshot"
+                + (detail if b.check in ("sample", "full") else "")
+            )
+        if b.drill:
+            steps.append(
+                "restore drill (verify = app): each writer's application started on an overlay "
+                f"copy of the snapshot (upper layer under {b.verify_dir}), recovered, checked"
             )
         steps.append("backup: unmount the snapshot")
         if b.delete_snapshot:

@@ -44,6 +44,11 @@ METRICS: dict[str, str] = {
     "backup_files": "Files the last backup processed.",
     "backup_duration_seconds": "Duration of the last backup phase (the target's command).",
     "verify_success": "1 if the last backup was verified good, 0 if it failed verification.",
+    "drill_success": (
+        "1 if the last restore drill passed (every application recovered on a copy of the "
+        "snapshot and passed its check), 0 if it failed."
+    ),
+    "drill_recovery_seconds": "Longest application recovery of the last restore drill.",
 }
 COUNTERS = frozenset({"runs_total"})
 _SAMPLE = re.compile(
@@ -68,6 +73,8 @@ class RunMetrics:
     backup_files: int | None = None
     backup_duration_s: float | None = None
     verify_ok: bool | None = None
+    drill_ok: bool | None = None
+    drill_recovery_s: float | None = None
     keep: frozenset[str] = frozenset()
 
     def samples(self, previous: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -89,6 +96,8 @@ class RunMetrics:
             "backup_files": self.backup_files,
             "backup_duration_seconds": self.backup_duration_s,
             "verify_success": None if self.verify_ok is None else float(self.verify_ok),
+            "drill_success": None if self.drill_ok is None else float(self.drill_ok),
+            "drill_recovery_seconds": self.drill_recovery_s,
         }
         for name in self.keep:
             if out.get(name) is None and name in previous:
@@ -110,6 +119,7 @@ def run_metrics(
     ``backup`` is a BackupReport's ``to_dict()``, or None when no backup ran."""
     b = (backup or {}).get("backup") or {}
     v = (backup or {}).get("verify")
+    d = (backup or {}).get("drill") or {}
     return RunMetrics(
         job=job,
         success=success,
@@ -122,6 +132,8 @@ def run_metrics(
         backup_files=b.get("files"),
         backup_duration_s=b.get("duration_s"),
         verify_ok=None if not v or v.get("mode") == "none" else bool(v.get("ok")),
+        drill_ok=bool(d["ok"]) if d else None,
+        drill_recovery_s=d.get("recovery_s"),
     )
 
 

@@ -130,7 +130,7 @@ def _backup_problems(job: Job, b: BackupConfig) -> list[Problem]:
         problems += _repository_problems(job, b)
     for key, value, what, create in (
         ("backup.mount_root", b.mount_root, "the snapshot mounts", True),
-        ("backup.verify_dir", b.verify_dir if b.verify in ("sample", "full") else None,
+        ("backup.verify_dir", b.verify_dir if b.check in ("sample", "full") or b.drill else None,
          "verification restores", False),
         ("backup.directory", b.directory, "the tar files", True),
         ("backup.sha256_dir", b.sha256_dir, "the .sha256 files", True),

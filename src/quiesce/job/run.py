@@ -163,6 +163,7 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
         metrics_file=c.metrics_file,
         state=c.state_dir,
         events=events,
+        writers=writers,
     )
     report.finish()
     if job.config.hooks.after_run:
@@ -182,16 +183,24 @@ def after_run(
     state: str | Path | None = None,
     progress: ProgressFn | None = None,
     events: EventFn | None = None,
+    writers: Sequence[Any] | None = None,
 ) -> BackupReport | None:
     """What ``quiesce run`` does after the snapshot: the backup phase if the job has
     ``[backup]`` and the snapshot succeeded (else [retention] prunes snapshots), then the
     metrics file. Mutates ``report``: ``backup``, phases, warnings, and the error/exit
-    code of a failed backup."""
+    code of a failed backup. ``writers`` name the applications the restore drill starts
+    (``verify`` holds ``app``)."""
     bk = None
     if backup is not None and manifest is not None and report.error is None:
+        drill = None
+        if backup.drill:
+            from quiesce.apps.drills import backup_drill, targets_from_writers
+
+            targets = targets_from_writers(writers) if writers else None
+            drill = backup_drill(targets, scratch_root=backup.verify_dir)
         bk = run_backup(
             manifest, backup, job=job, state=state, retention=retention, progress=progress,
-            events=events,
+            events=events, drill=drill,
         )  # fmt: skip
         report.backup = bk.to_dict()
         report.phases += [Phase.from_any(p | {"name": f"backup: {p['name']}"}) for p in bk.phases]

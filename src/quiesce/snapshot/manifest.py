@@ -32,6 +32,9 @@ class Manifest:
     # files an application returned that belong beside its restored data (PostgreSQL's
     # backup_label): {"volume", "slug", "path" (in the volume), "name", "content", "writer"}
     app_files: list[dict[str, Any]] = field(default_factory=list)
+    # the restore drill's last result (apps/drills: DrillReport.to_dict()): ``ok``,
+    # ``recovery_s``, ``check``, ``replayed``, ``apps``; None if never drilled
+    drill: dict[str, Any] | None = None
     version: int = MANIFEST_VERSION
 
     @property
