@@ -139,7 +139,6 @@ STATUS_COLUMNS = ("volume", "state", "guardian", "controller", "frozen for", "de
 def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
     """What quiesce holds frozen, what its guardians thawed lately, the jobs running now."""
     from quiesce.state.locks import running
-    from quiesce.state.statedir import state_dir
 
     try:
         if os.geteuid() != 0:
@@ -147,10 +146,10 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "cannot tell what quiesce has frozen: only root can ask its guardians",
                 "run `quiesce status` as root",
             )
+        jobs = running(state)  # refused (exit 2) like cleanup: a dir others could write
         seen = guardian.survey()
     except QuiesceError as e:
         return _fail(e, as_json)
-    jobs = running(state_dir(state))
     rcu = expedite.holders()
     if as_json:
         emit_json(
