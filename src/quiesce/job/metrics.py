@@ -192,7 +192,16 @@ def _refused(why: str) -> OSError:
 def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
     """``path`` opened without following a link or blocking on a FIFO, and kept only if
     it is a regular file of root's that nobody else may write."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:  # a FIFO without a reader (ENXIO), fs.protected_fifos (EACCES)
+        try:
+            odd = e.errno != errno.ELOOP and not stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            odd = False
+        if odd:
+            raise _refused(f"refusing {path}: it is not a regular file (remove it)") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

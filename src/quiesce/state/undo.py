@@ -80,6 +80,13 @@ def _undo_mount(e: dict[str, Any]) -> None:
         if e.get("mnt_id") is not None and mnt_id != e["mnt_id"]:
             ours = False  # another mount on top of (or in place of) ours
         if not ours:
+            if e.get("mnt_id") is not None and any(i == e["mnt_id"] for *_, i in stacked):
+                raise JournalError(
+                    f"cannot unmount {target}: another mount sits on top of ours "
+                    f"(mount id {e['mnt_id']})",
+                    f"unmount what was mounted over it (findmnt {target}), then run "
+                    "`quiesce cleanup`",
+                )
             return  # someone else's mount sits there now: not ours to remove
         if attempt == 0 and (problem := _parent_problem(target)):
             raise JournalError(
