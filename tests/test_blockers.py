@@ -146,3 +146,34 @@ def test_end_blockers_spares_writers_that_only_wait_for_the_freeze(stuck) -> Non
     finally:
         thaw_quietly(fs.path)
         assert w.wait(timeout=30) == 0
+
+
+def test_freeze_with_end_blockers_after_ends_the_holder_and_says_so(stuck) -> None:
+    """`quiesce freeze --end-blockers-after 1`: the uid-65534 splice holder that kept the
+    FIFREEZE waiting is ended past the bound, logged, and the freeze completes (EBUSY)."""
+    fs = stuck["fs"]
+    h = SpliceHolder(fs.mountpoint / "victim")
+    stuck["holders"].append(h)
+    p = subprocess.run(
+        [sys.executable, "-m", "quiesce", "freeze", "--timeout", "60", "--lease", "0",
+         "--end-blockers-after", "1", fs.path],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        assert p.returncode == 0, p.stderr
+        assert h.proc.wait(timeout=10) == -signal.SIGKILL
+        assert f"ended pid {h.pid} (uid 65534, python" in p.stderr
+        assert probe_frozen(fs.path)
+    finally:
+        subprocess.run([sys.executable, "-m", "quiesce", "thaw", fs.path], capture_output=True)
+    assert not probe_frozen(fs.path)
+
+
+def test_end_blockers_after_must_be_positive(stuck) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "quiesce", "exec", "--end-blockers-after", "0", stuck["fs"].path,
+         "--", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2 and "--end-blockers-after must be" in p.stderr
+    assert not probe_frozen(stuck["fs"].path)
