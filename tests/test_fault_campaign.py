@@ -46,7 +46,7 @@ def _run(c: Campaign, kinds: tuple[str, ...]) -> None:
         c.step(c.rng.choice(kinds))
     c.stop_load()
     c.check_writes()
-    assert c.n > 0
+    assert sum(c.effective[k] for k in kinds) > 0, "no fault took place: " + c.summary()
     assert not c.violations, c.summary() + "\n" + "\n".join(map(str, c.violations))
 
 

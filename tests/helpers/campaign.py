@@ -42,6 +42,7 @@ from pathlib import Path
 HELPERS = Path(__file__).parent
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 BOUND_S = 3.0  # what "promptly" may take on a busy 2-core machine
+FREEZE_S = 8.0  # deadline of a held freeze: longer than the CLI's start on a loaded machine
 RCU = Path("/sys/kernel/rcu_expedited")
 
 STRESS = r"""
@@ -105,6 +106,7 @@ class Campaign:
     log: Callable[[str], None] = lambda _line: None
     violations: list[Violation] = field(default_factory=list)
     steps: Counter[str] = field(default_factory=Counter)
+    effective: Counter[str] = field(default_factory=Counter)  # steps whose fault happened
     foreign: set[str] = field(default_factory=set)  # volumes a third party holds frozen
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     writers: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -187,8 +189,10 @@ class Campaign:
     def controller_kill(self) -> float:
         """``quiesce exec`` SIGKILLed at a random instant (or left to finish)."""
         vols = self._subset()
-        p = self._spawn("exec", "--timeout", "3", "--lease", "1", *vols, "--", "sleep", "0.5")
+        p = self._spawn("exec", "--timeout", "8", "--lease", "1", *vols, "--", "sleep", "0.5")
         time.sleep(self.rng.uniform(0, 1.5))
+        if p.poll() is None:
+            self.effective["controller_kill"] += 1
         with contextlib.suppress(ProcessLookupError):
             p.kill()
         p.wait(timeout=60)
@@ -197,7 +201,8 @@ class Campaign:
     def guardian_kill(self) -> float:
         """``quiesce freeze`` (the guardian holds it), then SIGKILL of that guardian."""
         vols = self._subset()
-        p = self._spawn("freeze", "--timeout", "3", "--lease", "0", *vols)
+        t0 = time.monotonic()
+        p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", *vols)
         rc = p.wait(timeout=60)
         pids = self._guardians_of(vols)
         self.log(f"step {self.n} guardian_kill {vols}: freeze exit {rc}, guardians {pids}")
@@ -205,26 +210,31 @@ class Campaign:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        return 3.0  # at the latest by the deadline (the second line's job)
+                self.effective["guardian_kill"] += 1
+        # at the latest by the deadline (the second line's job)
+        return max(0.0, t0 + FREEZE_S - time.monotonic())
 
     def outside_thaw(self) -> float:
         """A third party thaws quiesce's freeze and freezes again: quiesce must never
         thaw that second freeze (it is not its own)."""
         [vol] = self._subset(1)
-        p = self._spawn("freeze", "--timeout", "2", "--lease", "0", vol)
+        t0 = time.monotonic()
+        p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", vol)
         if (rc := p.wait(timeout=60)) != 0:
             self.log(f"step {self.n} outside_thaw {vol}: freeze exit {rc}")
-            return 2.0
+            return 0.0
         time.sleep(self.rng.uniform(0, 0.5))
         if fsfreeze("-u", vol) == 0 and fsfreeze("-f", vol) == 0:
             self.foreign.add(vol)
-        return 2.0
+            self.effective["outside_thaw"] += 1
+        return max(0.0, t0 + FREEZE_S - time.monotonic())  # the old deadline passes
 
     def outside_freeze(self) -> float:
         """A third party's freeze first: quiesce's run fails and leaves it frozen."""
         [vol] = self._subset(1)
         if fsfreeze("-f", vol) == 0:
             self.foreign.add(vol)
+            self.effective["outside_freeze"] += 1
         vols = sorted({vol, *self._subset()})
         p = self._spawn("exec", "--timeout", "3", *vols, "--", "true")
         p.wait(timeout=60)
@@ -292,7 +302,9 @@ class Campaign:
             self._violate(kind, "cleanup", f"left mounted: {extra}")
 
     def summary(self) -> str:
-        steps = ", ".join(f"{k} {n}" for k, n in sorted(self.steps.items()))
+        steps = ", ".join(
+            f"{k} {n} ({self.effective[k]} with the fault)" for k, n in sorted(self.steps.items())
+        )
         by = Counter(f"{v.kind}/{v.invariant}" for v in self.violations)
         return f"{self.n} steps ({steps}); violations: {dict(by) or 0}"
 
