@@ -68,6 +68,7 @@ def main() -> int:
         made = [_fs(base, i) for i in range(3)]
         c = Campaign([m for m, _ in made], base, random.Random(seed), log=print)
         print(f"seed {seed}; families {', '.join(kinds)}; {args.minutes:g} min", flush=True)
+        c.isolate()  # its own run directory and stand-in knob: other users flip the real one
         c.start_load()
         end = t0 + args.minutes * 60
         while time.monotonic() < end:

@@ -29,14 +29,15 @@ def campaign(loopfs, tmp_path) -> Iterator[Campaign]:
     seed = int(os.environ.get("QUIESCE_CAMPAIGN_SEED", random.randrange(1 << 30)))
     print(f"campaign seed {seed}")
     c = Campaign(vols, tmp_path, random.Random(seed), log=print)
-    c.start_load()
+    c.isolate()  # its own run directory and stand-in knob
     try:
+        c.start_load()
         yield c
     finally:
         for v in vols:  # whatever a failed step left: the load must be able to stop
             thaw_quietly(v)
         c.stop_load()
-        c.check_writes()
+        c.restore_env()
         print(c.summary())
 
 

@@ -16,7 +16,10 @@ Invariants, after every step once its processes have ended and its deadlines pas
   once) unless a third party holds it; a volume frozen otherwise is a violation, thawed
   by the campaign so that it can go on;
 - ``foreign``: a third party's freeze is still there (quiesce never thawed it);
-- ``knob``: /sys/kernel/rcu_expedited is not left at 1 without a holder record;
+- ``knob``: after ``quiesce cleanup``, rcu_expedited is back to 0 unless a live run holds
+  it. The campaign's runs get a knob and a run directory of their own (a stand-in
+  ``rcu_expedited`` file, ``QUIESCE_RUN_DIR``): the real knob is machine-wide and other
+  users' runs flip it, so only the campaign's own record and value are checked;
 - ``cleanup``: after ``quiesce cleanup``, nothing is mounted below the work directory
   but the volumes, no loop device is attached to a file there but theirs;
 - ``writes`` (at the end): every acknowledged record is on disk, in order.
@@ -43,7 +46,6 @@ HELPERS = Path(__file__).parent
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 BOUND_S = 3.0  # what "promptly" may take on a busy 2-core machine
 FREEZE_S = 8.0  # deadline of a held freeze: longer than the CLI's start on a loaded machine
-RCU = Path("/sys/kernel/rcu_expedited")
 
 STRESS = r"""
 import os, random, sys, time
@@ -112,6 +114,39 @@ class Campaign:
     writers: list[subprocess.Popen[str]] = field(default_factory=list)
     acks: dict[int, int] = field(default_factory=dict)  # writer index -> last acked
     n: int = 0
+
+    saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    # -- isolation ----------------------------------------------------------------------
+    def isolate(self) -> None:
+        """The campaign's guardians, sockets and knob apart from every other quiesce user:
+        a run directory and a stand-in /sys/kernel (honoured only under pytest, so the
+        variable saying so is set for the bench too). Undone by :meth:`restore_env`."""
+        run, knob = self.work / "run", self.work / "sys-kernel"
+        run.mkdir(mode=0o700, exist_ok=True)
+        knob.mkdir(exist_ok=True)
+        for name in ("rcu_expedited", "rcu_normal"):
+            (knob / name).write_text("0\n")
+        env = {
+            "QUIESCE_RUN_DIR": str(run),
+            "QUIESCE_TEST_RCU_DIR": str(knob),
+            "PYTEST_CURRENT_TEST": os.environ.get("PYTEST_CURRENT_TEST") or "fault-campaign",
+        }
+        for k, v in env.items():
+            self.saved_env.setdefault(k, os.environ.get(k))
+            os.environ[k] = v
+
+    def restore_env(self) -> None:
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self.saved_env.clear()
+
+    @property
+    def knob(self) -> Path:
+        return self.work / "sys-kernel" / "rcu_expedited"
 
     # -- load -------------------------------------------------------------------------
     def start_load(self) -> None:
@@ -278,15 +313,17 @@ class Campaign:
                 self._violate(kind, "foreign", f"{v}: a third party's freeze was thawed")
             fsfreeze("-u", v)  # the third party ends its own freeze
         self.foreign.clear()
-        if RCU.exists() and RCU.read_text().strip() == "1" and not self._rcu_recorded():
-            self._violate(kind, "knob", "rcu_expedited is 1 and no run holds a record of it")
-        self._check_cleanup(kind)
+        self._check_cleanup(kind)  # restores a knob a dead holder left, with its record
+        if self.knob.read_text().strip() != "0" and not self._rcu_held():
+            self._violate(kind, "knob", "rcu_expedited left at 1 after cleanup, no live holder")
+            self.knob.write_text("0\n")
         self._drain_acks()
 
-    def _rcu_recorded(self) -> bool:
+    def _rcu_held(self) -> bool:
         from quiesce.freezing.guardian import expedite
 
-        return bool(expedite.holders())
+        rec = expedite.holders()
+        return bool(rec) and any(h["alive"] for h in rec["holders"])
 
     def _check_cleanup(self, kind: str) -> None:
         from quiesce.snapshot.cleanup import cleanup  # what `quiesce cleanup` runs
