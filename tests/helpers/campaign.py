@@ -278,7 +278,9 @@ class Campaign:
     def concurrent(self) -> float:
         """Two runs on overlapping volumes at once, one maybe SIGKILLed."""
         a, b = self._subset(), self._subset()
-        ps = [self._spawn("exec", "--timeout", "3", *vols, "--", "sleep", "0.3") for vols in (a, b)]
+        ps = [self._spawn("exec", "--timeout", "8", *vols, "--", "sleep", "0.3") for vols in (a, b)]
+        if set(a) & set(b):
+            self.effective["concurrent"] += 1
         time.sleep(self.rng.uniform(0, 0.8))
         if self.rng.random() < 0.5:
             with contextlib.suppress(ProcessLookupError):
