@@ -210,16 +210,19 @@ class Campaign:
             quiesce_argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
 
-    def _guardians_of(self, vols: list[str]) -> list[int]:
+    def _guardians_of(self, vols: list[str]) -> tuple[list[int], float]:
+        """The guardians holding ``vols`` (``quiesce status --json``) and the latest of
+        their deadlines, in seconds from now (FREEZE_S if none answered)."""
         p = subprocess.run(quiesce_argv("status", "--json"), capture_output=True, text=True)
         with contextlib.suppress(ValueError):
-            data = json.loads(p.stdout)
-            return [
-                g["pid"]
-                for g in data.get("guardians", [])
+            held = [
+                g
+                for g in json.loads(p.stdout).get("guardians", [])
                 if any(v["mount_point"] in vols for v in g["volumes"])
             ]
-        return []
+            left = [g["deadline_remaining_s"] or 0.0 for g in held]
+            return [g["pid"] for g in held], max(left, default=FREEZE_S)
+        return [], FREEZE_S
 
     def controller_kill(self) -> float:
         """``quiesce exec`` SIGKILLed at a random instant (or left to finish)."""
@@ -236,10 +239,10 @@ class Campaign:
     def guardian_kill(self) -> float:
         """``quiesce freeze`` (the guardian holds it), then SIGKILL of that guardian."""
         vols = self._subset()
-        t0 = time.monotonic()
         p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", *vols)
         rc = p.wait(timeout=60)
-        pids = self._guardians_of(vols)
+        pids, left = self._guardians_of(vols)
+        t0 = time.monotonic() - (FREEZE_S - left)  # when the deadline's clock started
         self.log(f"step {self.n} guardian_kill {vols}: freeze exit {rc}, guardians {pids}")
         time.sleep(self.rng.uniform(0, 1.0))
         for pid in pids:
@@ -253,11 +256,12 @@ class Campaign:
         """A third party thaws quiesce's freeze and freezes again: quiesce must never
         thaw that second freeze (it is not its own)."""
         [vol] = self._subset(1)
-        t0 = time.monotonic()
         p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", vol)
         if (rc := p.wait(timeout=60)) != 0:
             self.log(f"step {self.n} outside_thaw {vol}: freeze exit {rc}")
             return 0.0
+        _pids, left = self._guardians_of([vol])
+        t0 = time.monotonic() - (FREEZE_S - left)  # when the old guardian's deadline started
         time.sleep(self.rng.uniform(0, 0.5))
         if fsfreeze("-u", vol) == 0 and fsfreeze("-f", vol) == 0:
             self.foreign.add(vol)
