@@ -66,9 +66,14 @@ def test_a_pending_freeze_shows_how_long_and_its_blockers() -> None:
         "  blocked by pid 4242 (uid 65534) python3 [S pipe_read]: splice by tid 4242 on "
         "/srv/my db/victim"
     )
-    lost = _volume("lost")
+    # the guardian's own reply says how long (freezing_for_s) rather than since when
+    assert state_text(_guardian(), _volume("freezing", freezing_for_s=3.25), 0.0) == (
+        "freezing for 3.2 s"
+    )
+    lost = _volume("lost", lost="FITHAW by someone else seen at 10:01:02")
     assert state_text(_guardian(), lost, 0.0).startswith("lost — thawed by someone else")
-    assert "will not thaw it again" in detail_lines(_guardian(), lost, 0.0)[0]
+    [line] = detail_lines(_guardian(), lost, 0.0)
+    assert "will not thaw it again" in line and "seen at 10:01:02" in line
 
 
 @given(

@@ -146,8 +146,10 @@ def state_text(st: GuardianStatus, v: VolumeStatus, now: float) -> str:
         why = st.get("gone_reason")
         return f"frozen — guardian {st['pid']} is gone" + (f" ({why})" if why else "")
     if state == "freezing":
-        since = v.get("freezing_since")
-        return f"freezing for {now - since:.1f} s" if since else "freezing"
+        secs = v.get("freezing_for_s")
+        if secs is None and v.get("freezing_since"):
+            secs = now - v["freezing_since"]  # type: ignore[operator]
+        return f"freezing for {secs:.1f} s" if secs is not None else "freezing"
     if state == "lost":
         return "lost — thawed by someone else"
     return state
@@ -160,9 +162,10 @@ def detail_lines(st: GuardianStatus, v: VolumeStatus, now: float) -> list[str]:
     if v["state"] == "frozen" and st.get("gone"):
         return [f"{mp}: {state_text(st, v, now)}; thaw it: quiesce thaw {shlex.quote(mp)}"]
     if v["state"] == "lost":
+        why = f" ({v['lost']})" if v.get("lost") else ""
         return [
-            f"{mp}: someone else thawed it while guardian {st['pid']} held it; quiesce will "
-            "not thaw it again (the snapshot is only crash-consistent)"
+            f"{mp}: someone else thawed it while guardian {st['pid']} held it{why}; quiesce "
+            "will not thaw it again (the snapshot is only crash-consistent)"
         ]
     if v["state"] != "freezing":
         return []

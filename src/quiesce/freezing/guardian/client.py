@@ -42,9 +42,10 @@ class VolumeStatus(TypedDict):
     """One volume of a guardian's status reply, as ``quiesce status`` renders it.
 
     ``state`` is what the kernel says (checked by the guardian's ownership probes):
-    ``freezing`` = its FIFREEZE has not returned (``freezing_since``: wall time of the
-    call); ``frozen`` = ours and still frozen; ``lost`` = someone else thawed (and maybe
-    refroze) it: never thawed by quiesce again. ``blockers`` is added by the client, not
+    ``freezing`` = its FIFREEZE has not returned (``freezing_for_s``: since the call, or
+    ``freezing_since``: its wall time); ``frozen`` = ours and still frozen; ``lost`` =
+    someone else thawed (and maybe refroze) it (``lost``: why): never thawed by quiesce
+    again. ``blockers`` is added by the client, not
     the guardian: the processes that keep a pending FIFREEZE waiting
     (:func:`quiesce.sys.blockers.find_blockers`, ``Blocker.to_dict()``)."""
 
@@ -55,7 +56,9 @@ class VolumeStatus(TypedDict):
     superseded: NotRequired[bool]
     frozen_since: NotRequired[float | None]  # wall time the FIFREEZE returned
     frozen_for_s: float | None
-    freezing_since: NotRequired[float | None]  # wall time the FIFREEZE was called
+    freezing_for_s: NotRequired[float | None]  # since the FIFREEZE was called
+    freezing_since: NotRequired[float | None]  # or: wall time it was called
+    lost: NotRequired[str | None]  # why it is lost (who thawed it, when it was seen)
     blockers: NotRequired[list[dict[str, Any]]]
 
 
