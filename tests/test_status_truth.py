@@ -7,15 +7,15 @@ shapes the guardian's new status reply will carry (``gone``, ``freezing_since``,
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import thaw_quietly
-from helpers.stuck import SpliceHolder, probe_frozen, state_of, syscall_of, wait_for
+from helpers.stuck import SpliceHolder, probe_frozen, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -118,20 +118,20 @@ def held_freeze(loopfs):
         thaw_quietly(fs.path)
 
 
-def _guardian_waiting() -> bool:
-    """Some guardian thread sits in FIFREEZE (ioctl, D)."""
-    from quiesce.freezing.guardian.client import list_guardians
-
-    for pid in list_guardians():
-        for task in os.listdir(f"/proc/{pid}/task"):
-            if syscall_of(int(task)) == 16 and state_of(int(task)) == "D":
-                return True
+def _freezing(mountpoint: str) -> bool:
+    """A guardian reports ``mountpoint`` as freezing (its FIFREEZE waits in the kernel)."""
+    p = _quiesce("status", "--json")
+    with contextlib.suppress(ValueError):
+        for g in json.loads(p.stdout)["guardians"]:
+            for v in g["volumes"]:
+                if v["mount_point"] == mountpoint and v["state"] == "freezing":
+                    return True
     return False
 
 
 def test_status_names_what_a_stuck_freeze_waits_for(held_freeze) -> None:
     fs, holder, cmd = held_freeze
-    wait_for(_guardian_waiting, what="the guardian's FIFREEZE to wait in the kernel")
+    wait_for(lambda: _freezing(fs.path), what="the guardian to report the pending freeze")
     p = _quiesce("status")
     assert p.returncode == 0, p.stderr
     assert "freezing" in p.stdout
