@@ -309,3 +309,25 @@ def test_a_child_started_as_nobody_cannot_see_the_password(monkeypatch: pytest.M
     done = proc.run_tool(*NOBODY, "sh", "-c", "cat /proc/$$/environ | tr '\\0' '\\n'")
     assert done.returncode == 0, done.stderr
     assert "writer-password-5678" not in done.stdout and "PG_NIGHTLY_PW" not in done.stdout
+
+
+def test_check_names_an_untrusted_mount_root_and_metrics_directory(
+    arena: Path, loopfs, tmp_path: Path
+) -> None:
+    """`quiesce check` says it before a run would: both keys, with the culprit."""
+    fs = loopfs("ext4")
+    shared = arena / "shared"
+    job = tmp_path / "nightly.toml"
+    job.write_text(
+        f'name = "nightly"\nvolumes = ["{fs.path}"]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'metrics_file = "{shared / "m" / "q.prom"}"\n'
+        '[provider]\ntype = "command"\ncreate = ["true"]\n'
+        f'[backup]\ntarget = "tar"\ndirectory = "{tmp_path / "tars"}"\nverify = "none"\n'
+        f'mount_root = "{shared / "qbk"}"\n'
+    )
+    job.chmod(0o600)
+    p = _quiesce("check", str(job), "--json")
+    assert p.returncode == 2, p.stderr
+    got = {x["path"]: x["message"] for x in json.loads(p.stdout)["problems"]}
+    assert "owned by uid 65534" in got["backup.mount_root"]
+    assert "owned by uid 65534" in got["metrics_file"]
