@@ -36,6 +36,7 @@ from quiesce.errors import (
     QuiesceError,
     UsageError,
 )
+from quiesce.freezing.blockwatch import ending_blockers
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds
 from quiesce.freezing.plan import Plan, make_plan
@@ -119,6 +120,15 @@ NoExpedite = Annotated[
         "/sys/kernel/rcu_expedited, set only until the last FIFREEZE returns).",
     ),
 ]
+EndBlockersOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--end-blockers-after",
+        metavar="SECONDS",
+        help="End unprivileged processes (uid != 0) whose writes keep a FIFREEZE waiting "
+        "longer than this (off by default; logged). Root's processes are never ended.",
+    ),
+]
 
 
 def _check_durations(timeout: float, lease: float, as_json: bool) -> None:
@@ -188,6 +198,7 @@ def freeze_cmd(
     allow_self: AllowSelf = False,
     no_syncfs: NoSyncfs = False,
     no_expedite: NoExpedite = False,
+    end_blockers_after: EndBlockersOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Freeze and return, leaving the guardian holding the freeze until `quiesce thaw`
@@ -205,7 +216,7 @@ def freeze_cmd(
                 syncfs=not no_syncfs,
                 expedite=not no_expedite,
             )
-            window = freezer.freeze()
+            window, ended = _freeze_ending_blockers(freezer, plan, end_blockers_after)
             freezer.hold()
     except QuiesceError as e:
         raise fail(e, as_json) from None
@@ -214,7 +225,7 @@ def freeze_cmd(
     if as_json:
         emit_json(window.to_dict() | {"deadline_s": timeout})
         return
-    for w in window.warnings:
+    for w in window.warnings + ended:
         _say(err, "warning:", "yellow", w)
     names = ", ".join(v.mount_point for v in window.volumes if v.state == "frozen")
     if not names:
@@ -250,6 +261,23 @@ def status_cmd(
         raise typer.Exit(code)
 
 
+def _freeze_ending_blockers(
+    freezer: Freezer, plan: Plan, after: float | None
+) -> tuple[Window, list[str]]:
+    """``freezer.freeze()``, with the opt-in blocker policy (--end-blockers-after) from
+    the first FIFREEZE on: what it ended, one line each, to print after the window."""
+    if after is not None and not after > 0:
+        raise UsageError(
+            f"--end-blockers-after must be a number of seconds above 0 (got {after:g})",
+            "for example --end-blockers-after 10",
+        )
+    freezer.arm()  # guardian and pre-flush first: the bound counts from the first FIFREEZE
+    devs = [m.volume.dev for m in plan.members if not m.skip]
+    with ending_blockers(devs, after) as watch:
+        window = freezer.freeze()
+    return window, watch.ended
+
+
 def _stream_is_on(plan: Plan, fd: int) -> bool:
     table = MountTable.read()
     vol = table.volume_of_path(f"/proc/self/fd/{fd}")
@@ -267,6 +295,7 @@ def exec_cmd(
     allow_self: AllowSelf = False,
     no_syncfs: NoSyncfs = False,
     no_expedite: NoExpedite = False,
+    end_blockers_after: EndBlockersOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Freeze PATHS, run `-- CMD ARGS` (the snapshot), thaw, and exit with CMD's status.
@@ -301,7 +330,7 @@ def exec_cmd(
                 syncfs=not no_syncfs,
                 expedite=not no_expedite,
             )
-            window = freezer.freeze()
+            window, ended = _freeze_ending_blockers(freezer, plan, end_blockers_after)
             try:
                 rc, cmd_out, cmd_err, killed = _run_in_window(
                     cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
@@ -312,6 +341,8 @@ def exec_cmd(
             try:
                 window = freezer.thaw()
             finally:
+                for line in ended:  # held in memory through the window
+                    _say(err, "warning:", "yellow", line)
                 if cmd_out:
                     sys.stdout.buffer.write(cmd_out) if not as_json else None
                 if cmd_err:

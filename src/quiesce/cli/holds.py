@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from quiesce.errors import (
 )
 from quiesce.freezing import guardian
 from quiesce.freezing.guardian import expedite, records
-from quiesce.freezing.guardian.client import THAW_S
+from quiesce.freezing.guardian.client import THAW_S, GuardianStatus, VolumeStatus, gone_guardians
 from quiesce.sys import kernel
 from quiesce.sys.mounts import MountTable, resolve
 
@@ -155,12 +156,79 @@ def _expired_error(name: str, expired: dict[str, Any]) -> FreezeExpired:
 
 
 STATUS_COLUMNS = ("volume", "state", "guardian", "controller", "frozen for", "deadline in", "lease")
+WAITS = "the kernel waits for writes in flight"
+
+
+def state_text(st: GuardianStatus, v: VolumeStatus, now: float) -> str:
+    """The state column: the kernel's truth in words (``frozen — guardian 812 is gone
+    (killed)``, ``freezing for 12.4 s``, ``lost — thawed by someone else``)."""
+    state = v["state"]
+    if state == "frozen" and st.get("gone"):
+        why = st.get("gone_reason")
+        return f"frozen — guardian {st['pid']} is gone" + (f" ({why})" if why else "")
+    if state == "freezing":
+        secs = v.get("freezing_for_s")
+        if secs is None and v.get("freezing_since"):
+            secs = now - v["freezing_since"]  # type: ignore[operator]
+        return f"freezing for {secs:.1f} s" if secs is not None else "freezing"
+    if state == "lost":
+        return "lost — thawed by someone else"
+    return state
+
+
+def detail_lines(st: GuardianStatus, v: VolumeStatus, now: float) -> list[str]:
+    """What an admin does about a volume that needs it: the thaw command for a freeze
+    whose guardian is gone, the processes a pending FIFREEZE waits for."""
+    mp = v["mount_point"]
+    if v["state"] == "frozen" and st.get("gone"):
+        return [f"{mp}: {state_text(st, v, now)}; thaw it: quiesce thaw {shlex.quote(mp)}"]
+    if v["state"] == "lost":
+        why = f" ({v['lost']})" if v.get("lost") else ""
+        return [
+            f"{mp}: someone else thawed it while guardian {st['pid']} held it{why}; quiesce "
+            "will not thaw it again (the snapshot is only crash-consistent)"
+        ]
+    if v["state"] != "freezing":
+        return []
+    out = [f"{mp}: {state_text(st, v, now)}: {WAITS}"]
+    blockers = v.get("blockers") or []
+    holding = [b for b in blockers if b.get("holds_write")]
+    for b in holding or blockers:
+        out.append(f"  blocked by {_describe(b)}")
+    if not blockers:
+        out.append(
+            "  no process has writes open on it (a flush, or the filesystem that holds its image)"
+        )
+    out.append(
+        "  quiesce thaws it the moment the freeze completes; ending a blocker lets it complete "
+        "(--end-blockers-after does it for unprivileged ones)"
+    )
+    return out
+
+
+def _describe(b: dict[str, Any]) -> str:
+    what = "; ".join(b.get("in_flight") or []) or ", ".join(b.get("files") or []) or "-"
+    d = b.get("d_threads") or []
+    ds = f", D threads {','.join(map(str, d))}" if d else ""
+    return (
+        f"pid {b['pid']} (uid {b['uid']}) {b['comm']} [{b['state']} {b.get('wchan') or '-'}"
+        f"{ds}]: {what}"
+    )
+
+
+def _add_blockers(active: list[dict[str, Any]]) -> None:
+    """Each freezing volume gets the processes its FIFREEZE waits for (from /proc)."""
+    from quiesce.sys.blockers import find_blockers
+
+    for s in active:
+        for v in s["volumes"]:
+            if v.get("state") == "freezing":
+                v["blockers"] = [b.to_dict() for b in find_blockers(v["dev"], exclude={s["pid"]})]
 
 
 def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
     """What quiesce holds frozen, what its guardians thawed lately, the jobs running now."""
     from quiesce.state.locks import running
-    from quiesce.state.statedir import state_dir
 
     try:
         if os.geteuid() != 0:
@@ -168,11 +236,16 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "cannot tell what quiesce has frozen: only root can ask its guardians",
                 "run `quiesce status` as root",
             )
+        jobs = running(state)  # refused (exit 2) like cleanup: a dir others could write
         seen = guardian.survey()
         gone, refused = records.survey_gone()
+        recorded = {g["pid"] for g in gone}
+        sockets_left = [
+            p for p in gone_guardians() if p not in {s["pid"] for s in seen.active} | recorded
+        ]
     except QuiesceError as e:
         return _fail(e, as_json)
-    jobs = running(state_dir(state))
+    _add_blockers(seen.active)
     rcu = expedite.holders()
     if as_json:
         emit_json(
@@ -182,6 +255,7 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "not_answering": [{"pid": p, "why": w} for p, w in sorted(seen.silent.items())],
                 "gone": gone,
                 "refused_records": refused,
+                "sockets_left": sockets_left,
                 "running": [asdict(j) for j in jobs],
                 "rcu_expedited": rcu,
             }
@@ -198,26 +272,36 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
         say("warning:", "yellow", f"guardian {p} did not answer: {w}")
     for name, why in sorted(refused.items()):
         say("warning:", "yellow", f"record {name} not believed: {why}")
+    for p in sockets_left:
+        say(
+            "warning:",
+            "yellow",
+            f"guardian {p} is gone (killed: its socket is left) and nothing answers for it: "
+            "a volume it froze may still be frozen (`fsfreeze -u MOUNT` thaws one)",
+        )
     held_by_gone = _gone_lines(gone)
     for text in held_by_gone:
         line(text)
+    now = time.time()
     if not seen.active and not held_by_gone:
         line("nothing is frozen by quiesce")
     else:
-        rows = []
+        rows, details = [], []
         for s in seen.active:
             ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
             if s["detached"]:
                 ctl += " (held)"
             for v in s["volumes"]:
                 rows.append((
-                    v["mount_point"], v["state"], str(s["pid"]), ctl,
+                    v["mount_point"], state_text(s, v, now), str(s["pid"]), ctl,
                     f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
                     f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
                     f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
                 ))  # fmt: skip
+                details += detail_lines(s, v, now)
         line(table(STATUS_COLUMNS, rows))
-    now = time.time()
+        for d in details:
+            line(d)
     for s in seen.finished:
         ex = s["expired"] or {}
         at = ex.get("at") or now
@@ -255,4 +339,4 @@ def _gone_lines(gone: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-__all__ = ["STATUS_COLUMNS", "status", "thaw", "thaw_one_volume"]
+__all__ = ["STATUS_COLUMNS", "detail_lines", "state_text", "status", "thaw", "thaw_one_volume"]

@@ -9,15 +9,26 @@ it; it holds no secrets.
 ``last_success_timestamp_seconds`` survives a failed run (alert on its age); a job that
 has never succeeded has it at 0, so that the same alert fires for it too.
 ``runs_total`` counts the runs (a counter: the file keeps it across runs).
+
+The directory is a trust boundary like the state directory (:mod:`quiesce.sys.trust`):
+it and every directory above it must be root's and not writable by others (a root-owned
+sticky one such as /tmp passes), else another user could swap it for a link to a
+directory of their choice. The lock and the textfile are opened with
+``O_NOFOLLOW|O_NONBLOCK`` and refused unless they are regular files that root owns: a
+FIFO planted at either name must not hang a run (an open of a FIFO blocks until its
+other end is opened). A refusal is an ``OSError`` (EPERM) whose text says why: the run
+reports it as a warning, like a full disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +37,7 @@ from typing import Any
 
 from quiesce.sys.files import write_atomic
 from quiesce.sys.redact import redact
+from quiesce.sys.trust import TrustError, open_trusted_dir
 
 PREFIX = "quiesce_"
 # name -> help text (gauges, but for COUNTERS)
@@ -185,11 +197,62 @@ def render(jobs: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _refused(why: str) -> OSError:
+    return OSError(errno.EPERM, why)
+
+
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``path`` opened without following a link or blocking on a FIFO, and kept only if
+    it is a regular file of root's that nobody else may write."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:  # a FIFO without a reader (ENXIO), fs.protected_fifos (EACCES)
+        try:
+            odd = e.errno != errno.ELOOP and not stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            odd = False
+        if odd:
+            raise _refused(f"refusing {path}: it is not a regular file (remove it)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refused(f"refusing {path}: it is not a regular file (remove it)")
+        if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _refused(f"refusing {path}: someone other than root may write it (remove it)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_dir(directory: Path) -> None:
+    """The metrics directory, made 0755 if missing (node_exporter reads it), and refused
+    unless root may trust it and every directory above it."""
+    missing, probe = [], directory
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        fd = open_trusted_dir(
+            directory, create=True, what="metrics_file's directory", as_parent=True
+        )
+    except TrustError as e:
+        raise _refused(e.message) from None
+    os.close(fd)
+    for d in missing:  # made 0700 by root just now: node_exporter (its own user) reads them
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(dfd, 0o755)
+        finally:
+            os.close(dfd)
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     lock = path.with_name(f".{path.name}.lock")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(lock, flags, 0o600)
+    fd = _open_regular(lock, os.O_WRONLY | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -198,16 +261,17 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _read_nofollow(path: Path) -> str:
-    """The current textfile; a symbolic link there is not followed (ELOOP)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """The current textfile; a link, FIFO or device there is refused, not followed."""
+    fd = _open_regular(path, os.O_RDONLY)
     with os.fdopen(fd) as f:
         return f.read()
 
 
 def write_textfile(path: str | Path, run: RunMetrics) -> str:
-    """Replace ``run.job``'s samples in the file at ``path``, atomically. Returns the text."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # node_exporter reads it
+    """Replace ``run.job``'s samples in the file at ``path``, atomically. Returns the text.
+    OSError (EPERM, saying why) if the directory or a file in it is not root's alone."""
+    path = Path(os.path.abspath(path))
+    _check_dir(path.parent)
     with _locked(path):
         try:
             jobs = parse(_read_nofollow(path))

@@ -21,6 +21,7 @@ from quiesce.backup.config import BackupConfig
 from quiesce.errors import QuiesceError
 from quiesce.job.schema import Job, Problem
 from quiesce.sys.redact import redact
+from quiesce.sys.trust import TrustError, open_checked
 
 _PROGRAMS = {"restic": ("restic", "restic"), "borg": ("borg", "borgbackup")}
 
@@ -47,7 +48,30 @@ def _directory_problem(key: str, value: str, what: str, *, create: bool) -> Prob
             f"{base} is not writable" + (f" (where {value} would be made)" if base != p else ""),
             f"make it writable by root, or name another directory for {what}",
         )
+    if key in _TRUSTED_DIRS:
+        return _trust_problem(key, base, what)
     return None
+
+
+# Directories a run mounts into or writes root's files in: the same trust check as the
+# state directory (sys/trust.py), which the run itself makes too.
+_TRUSTED_DIRS = frozenset({"backup.mount_root", "metrics_file"})
+
+
+def _trust_problem(key: str, base: Path, what: str) -> Problem | None:
+    try:
+        checked = open_checked(base, os.O_RDONLY | os.O_DIRECTORY, as_parent=True)
+    except (TrustError, OSError) as e:
+        return Problem(key, f"refusing {base}: {e}", f"name a directory root alone owns for {what}")
+    os.close(checked.fd)
+    if checked.problem is None:
+        return None
+    return Problem(
+        key,
+        f"refusing {base}: {checked.problem}",
+        f"make {checked.culprit} root's and not writable by group or others, or name another "
+        f"directory for {what}",
+    )
 
 
 def _password_problems(b: BackupConfig) -> list[Problem]:

@@ -109,6 +109,7 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
             lease=c.timeouts.lease,
             syncfs=c.syncfs,
             expedite=c.expedite,
+            end_blockers_after=c.timeouts.end_blockers_after,
             allow_self=c.allow_self,
             state_dir=Path(c.state_dir) if c.state_dir else None,
             quiescers=quiescers,

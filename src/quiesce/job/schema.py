@@ -160,6 +160,8 @@ class TimeoutsConfig(_Strict):
     lease: NonNegativeFloat = 5.0
     hook: PositiveFloat = 60.0  # default for each hook and writer step
     run: PositiveFloat = 3600.0  # the whole run (hooks are cut to what is left)
+    # opt-in: end unprivileged processes whose writes keep a FIFREEZE waiting this long
+    end_blockers_after: PositiveFloat | None = None
 
 
 class ProviderConfig(BaseModel):

@@ -119,7 +119,9 @@ class CommandProvider(Provider):
             }
             for m in members
         ]
-        self._env = os.environ | {
+        # the user's command: our environment (its cloud CLI's credentials) but no secret
+        # quiesce read (a writer's password): proc.child_env with every prefix
+        self._env = proc.child_env(inherit=("",)) | {
             "QUIESCE_VOLUMES": "\n".join(v["mount_point"] for v in vols),
             "QUIESCE_DEVICES": "\n".join(v["device"] for v in vols),
             "QUIESCE_FSTYPES": "\n".join(v["fstype"] for v in vols),
@@ -174,7 +176,7 @@ class CommandProvider(Provider):
     def _run_aux(self, what: str, argv: list[str], snap_id: str | None = None) -> bytes:
         if snap_id is not None:
             argv = [a.replace("{id}", snap_id) for a in argv]
-        env = os.environ | ({"QUIESCE_SNAPSHOT_ID": snap_id} if snap_id else {})
+        env = proc.child_env({"QUIESCE_SNAPSHOT_ID": snap_id} if snap_id else {}, inherit=("",))
         rc, out, err, timed_out = run_bounded(
             argv, stdin=b"", env=env, timeout=max(self.timeout, 60.0), limit=64 << 20
         )

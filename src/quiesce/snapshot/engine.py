@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import QuiesceError, UnsupportedFilesystem, UsageError
+from quiesce.freezing.blockwatch import ending_blockers
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
 from quiesce.providers.base import FreezeMode, Provider, Snapshot
@@ -134,6 +135,7 @@ def _take(
     lease: float,
     syncfs: bool,
     expedite: bool = True,
+    end_blockers_after: float | None = None,
 ) -> tuple[Window | None, float]:
     """The window. Everything the provider returned lands in ``made`` before the thaw."""
     members = plan.members
@@ -152,19 +154,24 @@ def _take(
     except BaseException:
         freezer.disarm()
         raise
-    freezer.freeze()
+    devs = [m.volume.dev for m in members if not m.skip]
+    with ending_blockers(devs, end_blockers_after) as watch:  # opt-in; off: a no-op
+        freezer.freeze()
     t0 = time.monotonic()
     try:
         made.extend(prov.snapshot(members))
     except BaseException as e:
         t1 = time.monotonic()
         window = freezer.thaw(raise_errors=False)
+        window.warnings += watch.ended
         _annotate(
             e, f"{_window_note(window)} after the snapshot failed in {human_duration(t1 - t0)}"
         )
         raise
     t1 = time.monotonic()
-    return freezer.thaw(), t1 - t0
+    window = freezer.thaw()
+    window.warnings += watch.ended  # held in memory through the window
+    return window, t1 - t0
 
 
 def _discard(prov: Provider, made: list[Snapshot], errors: list[str]) -> None:
@@ -197,12 +204,14 @@ def create(
     quiescers: Sequence[Quiescer] = (),
     expedite: bool = True,
     events: EventFn | None = None,
+    end_blockers_after: float | None = None,
 ) -> Manifest:
     """Snapshot the filesystems mounted at ``paths`` as one group; return the manifest.
 
     ``events`` hears each phase start and end; those of the freeze window are held in
     memory and delivered after the thaw (whoever renders them may write to a frozen
-    volume)."""
+    volume). ``end_blockers_after``: the opt-in blocker policy
+    (:mod:`quiesce.freezing.blockwatch`), off by default."""
     if not _JOB_RE.fullmatch(job):
         raise UsageError(
             f"bad job name {job!r}", "use letters, digits, '.', '_' and '-' (at most 64)"
@@ -245,6 +254,7 @@ def create(
                     lease=lease,
                     syncfs=syncfs,
                     expedite=expedite,
+                    end_blockers_after=end_blockers_after,
                 )
             if window is not None and window.duration is not None:
                 detail = f"volumes were frozen for {human_duration(window.duration)}"

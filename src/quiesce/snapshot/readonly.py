@@ -9,6 +9,14 @@ provider's ``mount_options``: XFS clone ``nouuid,norecovery``; a frozen ext4 clo
 subvolume) is bind-mounted with the same flags. Every loop device, directory and mount
 is written to the cleanup journal before it is made; :func:`unmount_point` removes a
 mount (and its loop device) with the journal's own undo actions.
+
+The mount point is a trust boundary like the state directory (:mod:`quiesce.sys.trust`):
+the mount root and every directory above it must be root's and not writable by others
+(else another user pre-creates the mount point and reads the snapshot through it, or
+plants a link that makes root mount it over a directory of their choice). The mount point
+is reached without following a link, checked through its fd, and ``mount`` is given that
+fd (``/proc/self/fd/N``, ``--no-canonicalize``): what was checked is where it mounts. The
+journal records the mount's id, so cleanup removes that mount and no other.
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ from typing import Any
 from quiesce.errors import ExitCode, QuiesceError, UsageError
 from quiesce.state.journal import Journal
 from quiesce.state.undo import undo_entry
-from quiesce.sys import proc
+from quiesce.sys import kernel, proc
 from quiesce.sys.mounts import MountTable, loop_backing_file
-from quiesce.sys.trust import make_private_dirs
+from quiesce.sys.trust import TrustError, open_trusted_dir
 
 DEFAULT_MOUNT_ROOT = "/run/quiesce/backup"  # the backup's stable paths: <root>/<job>/<slug>
 
@@ -147,20 +155,36 @@ def _attach_readonly(journal: Journal, location: str, fs_block: int | None) -> t
     return device, eid
 
 
-def _make_dirs(journal: Journal, path: Path, upto: Path) -> list[int]:
-    """mkdir the missing components of ``path`` below ``upto``, each journaled first."""
-    make_private_dirs(upto)  # 0700 each, whatever the umask
+def _make_dirs(journal: Journal, path: Path, upto: Path) -> tuple[list[int], Path]:
+    """mkdir the missing components of ``path`` below ``upto``, each journaled first,
+    each made inside its parent's fd (reached without following a link, checked); the
+    mount root ``upto`` (made 0700 if missing) must be a directory root may trust."""
+    if upto not in path.parents:
+        raise UsageError(f"the mount point {path} is not below {upto}")
     made = []
-    missing = []
-    p = path
-    while p != upto and not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        eid = journal.intent("dir", path=str(d))
-        d.mkdir(mode=0o700)
-        made.append(eid)
-    return made
+    fd = open_trusted_dir(upto, create=True, what="the mount root", as_parent=True)
+    try:
+        where = upto
+        for name in path.relative_to(upto).parts:
+            where = where / name
+            try:
+                nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                made.append(journal.intent("dir", path=str(where)))
+                os.mkdir(name, 0o700, dir_fd=fd)
+                nxt = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=fd)
+            except OSError as e:  # ELOOP (a link), ENOTDIR
+                raise TrustError(
+                    f"refusing the mount point {path}: {where} is not a directory root made "
+                    f"({e.strerror})",
+                    f"remove {where} if root did not make it",
+                    culprit=str(where),
+                ) from None
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    return made, where
 
 
 def mount_readonly(
@@ -176,6 +200,7 @@ def mount_readonly(
 ) -> MountedVolume:
     """Mount ``location`` (image file, block device, directory, or ZFS ``fs@snap``)
     read-only at ``target``; undone via the journal on failure."""
+    target = Path(os.path.abspath(target))
     table = MountTable.read()
     if is_mount_point(target, table):
         raise UsageError(
@@ -186,7 +211,8 @@ def mount_readonly(
     entries: list[int] = []
     warnings: list[str] = []
     try:
-        entries += _make_dirs(journal, target, root or target.parent)
+        made, target = _make_dirs(journal, target, Path(os.path.abspath(root or target.parent)))
+        entries += made
         loc = Path(location)
         mode = os.stat(location).st_mode if loc.exists() else 0
         bind = stat.S_ISDIR(mode)
@@ -209,23 +235,31 @@ def mount_readonly(
         if wanted is None:
             wanted = DEFAULT_OPTIONS.get(fstype, [])
         options += [o for o in wanted if o not in options]
-        eid = journal.intent(
-            "mount", target=str(target), source=source, backing=backing, holds=holds,
-            dev=_expected_dev(source, bind, table),
-        )  # fmt: skip
-        entries.append(eid)
-        err = _mount(source, target, fstype, options, bind)
-        if err and fstype in NO_REPLAY and not bind:
-            retry = options + [o for o in NO_REPLAY[fstype] if o not in options]
-            if _mount(source, target, fstype, retry, bind) is None:
-                options = retry
-                err = None
-                warnings.append(
-                    f"{location} needed journal recovery (a crash-consistent copy): mounted "
-                    f"with {','.join(NO_REPLAY[fstype])}, the latest writes may be missing"
-                )
-        if err:
-            raise MountError(f"cannot mount {location} ({fstype}) at {target}: {err}")
+        target_fd = open_trusted_dir(target, what="the mount point")
+        try:
+            eid = journal.intent(
+                "mount", target=str(target), source=source, backing=backing, holds=holds,
+                dev=_expected_dev(source, bind, table),
+            )  # fmt: skip
+            entries.append(eid)
+            err = _mount(source, target_fd, fstype, options, bind)
+            if err and fstype in NO_REPLAY and not bind:
+                retry = options + [o for o in NO_REPLAY[fstype] if o not in options]
+                if _mount(source, target_fd, fstype, retry, bind) is None:
+                    options = retry
+                    err = None
+                    warnings.append(
+                        f"{location} needed journal recovery (a crash-consistent copy): "
+                        f"mounted with {','.join(NO_REPLAY[fstype])}, the latest writes may "
+                        "be missing"
+                    )
+            if err:
+                raise MountError(f"cannot mount {location} ({fstype}) at {target}: {err}")
+            mnt_id = _mounted_on(target_fd, target)
+            if mnt_id is not None:
+                journal.update(eid, mnt_id=mnt_id)
+        finally:
+            os.close(target_fd)
     except BaseException:
         for eid in reversed(entries):
             with contextlib.suppress(QuiesceError, OSError):
@@ -244,6 +278,18 @@ def mount_readonly(
     )
 
 
+def _mounted_on(target_fd: int, target: Path) -> int | None:
+    """The id of the mount just made on the directory ``target_fd`` (the newest mount at
+    ``target`` whose parent is the mount that directory is on)."""
+    under = kernel.fd_mount_id(target_fd)
+    ids = [
+        m.mount_id
+        for m in MountTable.read().mounts
+        if m.mount_point == str(target) and m.parent_id == under
+    ]
+    return ids[-1] if ids else None
+
+
 def _expected_dev(source: str, bind: bool, table: MountTable) -> str | None:
     """The ``major:minor`` mountinfo will show for this mount (the journal's check that
     a mount found at the target later is ours)."""
@@ -257,13 +303,31 @@ def _expected_dev(source: str, bind: bool, table: MountTable) -> str | None:
     return None
 
 
-def _mount(source: str, target: Path, fstype: str, options: list[str], bind: bool) -> str | None:
+def _mount(source: str, target_fd: int, fstype: str, options: list[str], bind: bool) -> str | None:
+    """mount onto the checked directory itself: ``/proc/self/fd/N`` of the fd passed down,
+    not canonicalized (util-linux would resolve it back to a path someone could swap)."""
     opts = ",".join(options)
-    if bind:
-        # util-linux applies the flags with a second (remount,bind) step by itself
-        p = proc.run_tool("mount", "--bind", "-o", opts, source, str(target))
-    else:
-        p = proc.run_tool("mount", "-t", fstype, "-o", opts, source, str(target))
+    at = f"/proc/self/fd/{target_fd}"
+    if not bind:
+        argv = ["mount", "--no-canonicalize", "-t", fstype, "-o", opts, source, at]
+        p = proc.run_tool(*argv, pass_fds=(target_fd,))
+        return None if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
+    # A bind mount takes its flags in a second step (remount,bind) on the new mount's own
+    # root, which the fd (the directory under it) is not: bind, then remount through an fd
+    # of the new mount's root, opened below the same checked directory's parent.
+    p = proc.run_tool("mount", "--no-canonicalize", "--bind", source, at, pass_fds=(target_fd,))
+    if p.returncode != 0:
+        return p.stderr.strip() or f"exit {p.returncode}"
+    path = os.readlink(at)
+    new_id = _mounted_on(target_fd, Path(path))
+    root = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if new_id is None or kernel.fd_mount_id(root) != new_id:
+            return f"the bind mount at {path} was replaced before its flags were set"
+        argv = ["mount", "--no-canonicalize", "-o", f"remount,bind,{opts}", f"/proc/self/fd/{root}"]
+        p = proc.run_tool(*argv, pass_fds=(root,))
+    finally:
+        os.close(root)
     return None if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
 
 

@@ -56,9 +56,12 @@ class Running:
     since: float  # unix time the lock was taken
 
 
-def running(state: Path) -> list[Running]:
+def running(state: Path | None) -> list[Running]:
     """The locks held in ``<state>/locks`` now: what (run, backup), job, pid, since when.
-    Read from /proc/locks, so looking never takes a lock a starting run would miss."""
+    Read from /proc/locks, so looking never takes a lock a starting run would miss.
+    The state directory is checked first (UntrustedState, exit 2), like ``cleanup`` does:
+    a lock that another user could have made there says nothing about quiesce."""
+    locks = checked_subdir(state, "locks")
     held: dict[int, list[tuple[int, int, int]]] = {}  # inode -> (major, minor, pid)
     try:
         with open("/proc/locks") as f:
@@ -72,12 +75,12 @@ def running(state: Path) -> list[Running]:
     except (OSError, ValueError):
         return []
     out: list[Running] = []
-    for lock in sorted((state / "locks").glob("*-*.lock")):
+    for lock in sorted(locks.glob("*-*.lock")) if locks.is_dir() else []:
         try:
             st = lock.lstat()
         except OSError:
             continue
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             continue  # not a lock quiesce made
         holders = held.get(st.st_ino, [])
         # /proc/locks names the superblock's device; btrfs's stat() a subvolume's: then

@@ -23,6 +23,7 @@ from typing import Any
 from quiesce.errors import QuiesceError
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable, loop_backing_file, loop_devices_of
+from quiesce.sys.trust import TrustError, open_checked
 
 KINDS = ("mount", "loop", "file", "dir", "snapshot", "command", "repository")
 UndoFn = Callable[[dict[str, Any]], None]
@@ -32,10 +33,22 @@ class JournalError(QuiesceError):
     default_hint = "run `quiesce cleanup` again; see the message for what could not be removed"
 
 
-def _mounts_at(target: str) -> list[tuple[str, str]]:
-    """(source, dev) of every mount stacked on ``target``, read from mountinfo."""
+def _mounts_at(target: str) -> list[tuple[str, str, int]]:
+    """(source, dev, mount id) of every mount stacked on ``target``, from mountinfo."""
     table = MountTable.read()
-    return [(m.source, m.dev) for m in table.mounts if m.mount_point == target]
+    return [(m.source, m.dev, m.mount_id) for m in table.mounts if m.mount_point == target]
+
+
+def _parent_problem(target: str) -> str | None:
+    """Why the directory holding ``target`` is not root's alone (then another user could
+    have swapped what the path names), or None."""
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        checked = open_checked(parent, os.O_RDONLY | os.O_DIRECTORY, as_parent=True)
+    except (TrustError, OSError) as e:
+        return str(e)
+    os.close(checked.fd)
+    return checked.problem
 
 
 def _backing(device: str) -> str | None:
@@ -49,20 +62,37 @@ def _same_loop(source: str, e: dict[str, Any]) -> bool:
 
 
 def _undo_mount(e: dict[str, Any]) -> None:
+    """Unmount what the entry made: the mount of the journaled id (with the journaled
+    source or device) at the journaled, resolved path. A path whose directory another
+    user could change is refused: the name may lead elsewhere now."""
     target = e["target"]
     for attempt in range(30):
         stacked = _mounts_at(target)
         if not stacked:
             return
-        source, dev = stacked[-1]
+        source, dev, mnt_id = stacked[-1]
         ours = (
             not e.get("source")
             or source == e["source"]
             or (e.get("dev") and dev == e["dev"])
             or _same_loop(source, e)
         )
+        if e.get("mnt_id") is not None and mnt_id != e["mnt_id"]:
+            ours = False  # another mount on top of (or in place of) ours
         if not ours:
+            if e.get("mnt_id") is not None and any(i == e["mnt_id"] for *_, i in stacked):
+                raise JournalError(
+                    f"cannot unmount {target}: another mount sits on top of ours "
+                    f"(mount id {e['mnt_id']})",
+                    f"unmount what was mounted over it (findmnt {target}), then run "
+                    "`quiesce cleanup`",
+                )
             return  # someone else's mount sits there now: not ours to remove
+        if attempt == 0 and (problem := _parent_problem(target)):
+            raise JournalError(
+                f"refusing to unmount {target}: {problem}",
+                f"check what is mounted there (findmnt {target}) and unmount it by hand",
+            )
         p = proc.run_tool("umount", target)
         if p.returncode != 0 and attempt >= 20:
             p = proc.run_tool("umount", "-l", target)

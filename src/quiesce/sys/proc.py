@@ -9,7 +9,12 @@ Every child started here gets the same rules, because each one was learnt the ha
   ``/dev/tty`` (ssh under restic's sftp) fails instead of hanging stopped;
 - the signal ``pdeathsig`` when quiesce dies, even by SIGKILL (``PR_SET_PDEATHSIG``): a
   restic left running keeps its repository locked. Session hooks opt out (``None``): they
-  must outlive quiesce to see EOF on their stdin.
+  must outlive quiesce to see EOF on their stdin;
+- a minimal environment (:func:`child_env`) unless the caller builds one: PATH, HOME,
+  locale, TMPDIR and nothing else, so a writer's password variable (or any secret quiesce
+  was given) never reaches mount, blkid or restic; a caller adds what its child needs
+  (``RESTIC_PASSWORD_FILE``) and may inherit the variables of a few named prefixes (a
+  backup tool's cloud credentials), never one that holds a secret quiesce read.
 
 PDEATHSIG is sent when the *thread* that forked the child exits, not the process. The
 shapes below that wait for their child (:func:`run_bounded`, :func:`run_tool`,
@@ -47,6 +52,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from quiesce.errors import QuiesceError, UsageError
+from quiesce.sys.redact import is_secret_name, known_secrets
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 TOOL_OUTPUT_LIMIT = 64 << 20  # an admin tool's listing (zfs list, lvs) is parsed: keep it all
@@ -61,6 +67,36 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
+
+
+# What every child may inherit from quiesce's environment: nothing that steers or feeds
+# a tool beyond where it finds programs, its home, locale and temporary files.
+CHILD_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "NO_COLOR"})
+_CHILD_ENV_PREFIXES = ("LC_",)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def child_env(
+    extra: Mapping[str, str] | None = None,
+    *,
+    inherit: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """A child's whole environment: the names of :data:`CHILD_ENV_NAMES` (and ``LC_*``)
+    from ``environ`` (default: ours), those starting with one of ``inherit`` (a backup
+    tool's own settings and cloud credentials: ``RESTIC_``, ``AWS_``), then ``extra``
+    (what this call needs). An inherited variable holding a secret quiesce read
+    (a writer's or another tool's password: :func:`~quiesce.sys.redact.register_secret`)
+    is left out whatever its name; only ``extra`` may pass a secret, on purpose."""
+    env = os.environ if environ is None else environ
+    secrets = set(known_secrets({}))
+    out: dict[str, str] = {}
+    for k, v in env.items():
+        base = k in CHILD_ENV_NAMES or (k.startswith(_CHILD_ENV_PREFIXES) and not is_secret_name(k))
+        if (base or k.startswith(tuple(inherit))) and v not in secrets:
+            out[k] = v
+    out.setdefault("PATH", DEFAULT_PATH)
+    return out | dict(extra or {})
 
 
 class ToolTimedOut(QuiesceError):
@@ -140,12 +176,14 @@ def _popen(
     pass_fds: Sequence[int] = (),
     text: bool = False,
 ) -> subprocess.Popen[Any]:
-    """The only ``Popen`` in quiesce (but for the guardian's own fork)."""
+    """The only ``Popen`` in quiesce (but for the guardian's own fork). ``env`` None: the
+    minimal :func:`child_env`, never our whole environment."""
+    whole = dict(env) if env is not None else child_env()
 
     def start() -> subprocess.Popen[Any]:
         return subprocess.Popen(
             list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
-            env=dict(env) if env is not None else None, cwd=cwd,
+            env=whole, cwd=cwd,
             start_new_session=True, close_fds=True, pass_fds=pass_fds, text=text,
             preexec_fn=_die_with(os.getpid(), pdeathsig) if pdeathsig is not None else None,
         )  # fmt: skip
@@ -466,11 +504,17 @@ def run_streaming(
 
 
 def run_tool(
-    *cmd: str, timeout: float = 120, pdeathsig: int | None = signal.SIGKILL
+    *cmd: str,
+    timeout: float = 120,
+    pdeathsig: int | None = signal.SIGKILL,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """An admin tool outside the window (mount, losetup, lvs, zfs): text output captured,
-    stdin closed; the caller judges the exit status. ToolTimedOut after ``timeout``."""
-    done = run_bounded(cmd, timeout=timeout, limit=TOOL_OUTPUT_LIMIT, pdeathsig=pdeathsig)
+    stdin closed; the caller judges the exit status. ToolTimedOut after ``timeout``.
+    ``pass_fds``: fds it inherits (a checked mount point as ``/proc/self/fd/N``)."""
+    done = run_bounded(
+        cmd, timeout=timeout, limit=TOOL_OUTPUT_LIMIT, pdeathsig=pdeathsig, pass_fds=pass_fds
+    )
     if done.timed_out:
         raise ToolTimedOut(f"{' '.join(cmd)} did not finish in {timeout:g} s and was killed")
     return subprocess.CompletedProcess(

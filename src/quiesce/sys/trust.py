@@ -225,6 +225,45 @@ def make_private_dirs(path: str | Path) -> list[Path]:
     return made
 
 
+def open_trusted_dir(
+    path: str | Path, *, create: bool = False, what: str = "", as_parent: bool = False
+) -> int:
+    """An fd (O_RDONLY|O_DIRECTORY, reached without following a link) of a directory
+    that root may trust, every directory above it included; with ``create``, the missing
+    components are made 0700 once the directory they go into passed the check (a refusal
+    makes nothing). TrustError names the first culprit; ``what`` says what it is for
+    (the TOML key), so the one-line message tells the user what to change. ``as_parent``:
+    the directory only holds what root makes in it (a root-owned sticky one passes)."""
+    where = f"{what} {path}" if what else str(path)
+    target = os.path.abspath(os.fspath(path))
+    if create and not os.path.lexists(target):
+        base = target
+        while not os.path.lexists(base) and base != "/":
+            base = os.path.dirname(base)
+        checked = open_checked(base, os.O_RDONLY | os.O_DIRECTORY, as_parent=True)
+        os.close(checked.fd)
+        if checked.problem:
+            raise TrustError(f"refusing {where}: {checked.problem}", culprit=checked.culprit)
+        make_private_dirs(target)
+    try:
+        checked = open_checked(target, os.O_RDONLY | os.O_DIRECTORY, as_parent=as_parent)
+    except TrustError as e:
+        raise TrustError(f"refusing {where}: {e.message}", e.hint, culprit=e.culprit) from None
+    if checked.problem:
+        os.close(checked.fd)
+        raise TrustError(
+            f"refusing {where}: {checked.problem}",
+            f"make {checked.culprit} root's and not writable by group or others, or name a "
+            "directory that is",
+            culprit=checked.culprit,
+        )
+    st = os.fstat(checked.fd)
+    if not stat.S_ISDIR(st.st_mode):
+        os.close(checked.fd)
+        raise TrustError(f"refusing {where}: it is not a directory", culprit=target)
+    return checked.fd
+
+
 def read_all(fd: int) -> bytes:
     """Everything from ``fd``'s current offset to its end."""
     chunks = []
@@ -240,6 +279,7 @@ __all__ = [
     "object_problem",
     "open_checked",
     "open_trusted",
+    "open_trusted_dir",
     "parent_problem",
     "read_all",
     "trust_problem",

@@ -276,6 +276,15 @@ def secret_env(
     return {}
 
 
+# What a backup tool inherits from quiesce's environment beyond the minimal one: its own
+# settings and the credentials of the backends it talks to (S3, B2, Azure, GCS, Swift,
+# rclone), the ssh agent for sftp/ssh repositories and the proxy settings. Nothing else
+# (a writer's password variable, another tool's settings) reaches it.
+_BACKENDS = ("AWS_", "B2_", "AZURE_", "GOOGLE_", "OS_", "ST_", "RCLONE_", "SSH_AUTH_SOCK")
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+RESTIC_INHERIT = ("RESTIC_", *_BACKENDS, *_PROXIES)
+BORG_INHERIT = ("BORG_", "SSH_AUTH_SOCK", *_PROXIES)
+
 # A target's child gets its stop signal on a timeout or an interrupt (then SIGKILL after
 # the grace) and also when quiesce dies (PR_SET_PDEATHSIG): it is the signal on which the
 # tool releases its repository lock (SIGKILL leaves it locked). borg: SIGTERM (on SIGINT
@@ -307,13 +316,17 @@ def run_child(
     on_stdout_line: Callable[[str], None] | None = None,
     on_stderr_line: Callable[[str], None] | None = None,
     stop_signal: int = STOP_SIGNAL,
+    inherit: Sequence[str] = (),
 ) -> ChildResult:
-    """A target's child (:func:`proc.run_streaming`): ``env`` added to ours, lines handed
-    to the callbacks as they come; TargetNotInstalled if it cannot be found. Its cwd is
-    ours unless given (as it always was: a relative repository path keeps working)."""
+    """A target's child (:func:`proc.run_streaming`): the minimal environment
+    (:func:`proc.child_env`) with the variables of the ``inherit`` prefixes (the tool's
+    own settings, its backends' credentials) and ``env`` (repository, password file);
+    lines handed to the callbacks as they come; TargetNotInstalled if it cannot be found.
+    Its cwd is ours unless given (as it always was: a relative repository path keeps
+    working)."""
     try:
         done = proc.run_streaming(
-            argv, timeout=timeout, env=os.environ | dict(env or {}), cwd=cwd,
+            argv, timeout=timeout, env=proc.child_env(env, inherit=inherit), cwd=cwd,
             on_stdout_line=on_stdout_line, on_stderr_line=on_stderr_line,
             grace=KILL_GRACE, stop_signal=stop_signal, pdeathsig=stop_signal,
         )  # fmt: skip
@@ -352,6 +365,8 @@ def timed() -> Iterator[list[float]]:
 
 
 __all__ = [
+    "BORG_INHERIT",
+    "RESTIC_INHERIT",
     "BackupError",
     "BackupResult",
     "CheckResult",

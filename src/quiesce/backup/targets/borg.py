@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.backup.targets.base import (
+    BORG_INHERIT,
     BackupError,
     BackupResult,
     CheckResult,
@@ -102,14 +103,18 @@ class BorgTarget(Target):
 
     def _run(self, *args: str, what: str, timeout: float | None = None, **kw: Any):
         require(self.binary, "borgbackup")
-        res = run_child([self.binary, *args], env=self.env(), timeout=timeout, **kw)
+        res = run_child(
+            [self.binary, *args], env=self.env(), inherit=BORG_INHERIT, timeout=timeout, **kw
+        )
         # borg exit 1 is "warning" (a file vanished, ...): the archive is complete
         check_child(res, what, ok_codes=(0, 1))
         return res
 
     def exists(self) -> bool:
         require(self.binary, "borgbackup")
-        res = run_child([self.binary, "info", "--json"], env=self.env(), timeout=120)
+        res = run_child(
+            [self.binary, "info", "--json"], env=self.env(), inherit=BORG_INHERIT, timeout=120
+        )
         return res.returncode == 0
 
     def init(self) -> None:
@@ -166,6 +171,7 @@ class BorgTarget(Target):
         res = run_child(
             [self.binary, *args],
             env=self.env(),
+            inherit=BORG_INHERIT,
             cwd=source_dir,
             timeout=timeout,
             on_stderr_line=on_err,
@@ -213,7 +219,7 @@ class BorgTarget(Target):
     # -- the rest ----------------------------------------------------------------------
     def check(self) -> CheckResult:
         require(self.binary, "borgbackup")
-        res = run_child([self.binary, "check"], env=self.env(), timeout=None)
+        res = run_child([self.binary, "check"], env=self.env(), inherit=BORG_INHERIT, timeout=None)
         return CheckResult(res.returncode == 0, res.duration_s, (res.stdout + res.stderr)[-2000:])
 
     def restore(self, snapshot_id: str, dest: Path, paths: Sequence[str] | None = None) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.backup.targets.base import (
+    RESTIC_INHERIT,
     BackupError,
     BackupResult,
     CheckResult,
@@ -92,7 +93,13 @@ class ResticTarget(Target):
         """restic releases its repository lock on SIGINT, not on SIGTERM (0.14): that is
         its stop signal, on a timeout and when quiesce dies."""
         require(self.binary, "restic")
-        return run_child([self.binary, *args], env=self.env(), stop_signal=signal.SIGINT, **kw)
+        return run_child(
+            [self.binary, *args],
+            env=self.env(),
+            inherit=RESTIC_INHERIT,
+            stop_signal=signal.SIGINT,
+            **kw,
+        )
 
     def _run(self, *args: str, what: str, timeout: float | None = None, **kw: Any):
         res = self._child(*args, timeout=timeout, **kw)

@@ -16,7 +16,7 @@ import socket
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 from quiesce.errors import GuardianError
 from quiesce.freezing.guardian.protocol import (
@@ -32,6 +32,55 @@ from quiesce.freezing.guardian.protocol import (
     socket_path,
 )
 from quiesce.sys import proc
+
+VolumeState = Literal[
+    "idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost"
+]
+
+
+class VolumeStatus(TypedDict):
+    """One volume of a guardian's status reply, as ``quiesce status`` renders it.
+
+    ``state`` is what the kernel says (checked by the guardian's ownership probes):
+    ``freezing`` = its FIFREEZE has not returned (``freezing_for_s``: since the call, or
+    ``freezing_since``: its wall time); ``frozen`` = ours and still frozen; ``lost`` =
+    someone else thawed (and maybe refroze) it (``lost``: why): never thawed by quiesce
+    again. ``blockers`` is added by the client, not
+    the guardian: the processes that keep a pending FIFREEZE waiting
+    (:func:`quiesce.sys.blockers.find_blockers`, ``Blocker.to_dict()``)."""
+
+    mount_point: str
+    dev: str
+    fstype: str
+    state: VolumeState
+    superseded: NotRequired[bool]
+    frozen_since: NotRequired[float | None]  # wall time the FIFREEZE returned
+    frozen_for_s: float | None
+    freezing_for_s: NotRequired[float | None]  # since the FIFREEZE was called
+    freezing_since: NotRequired[float | None]  # or: wall time it was called
+    lost: NotRequired[str | None]  # why it is lost (who thawed it, when it was seen)
+    blockers: NotRequired[list[dict[str, Any]]]
+
+
+class GuardianStatus(TypedDict):
+    """A guardian's status reply (``op: status``), the fields ``quiesce status`` reads.
+    ``gone``: the guardian process has died (answered by its second line, which still
+    holds what it froze); ``gone_reason``: how (``killed``: a signal, SIGKILL or the OOM
+    killer; ``exited``)."""
+
+    pid: int
+    controller_pid: int
+    controller_alive: bool
+    detached: bool
+    finished: bool
+    deadline_remaining_s: float | None
+    lease_remaining_s: float | None
+    timeout_s: float | None
+    volumes: list[VolumeStatus]
+    expired: dict[str, Any] | None
+    gone: NotRequired[bool]
+    gone_reason: NotRequired[str]
+
 
 ANSWER_S = 1.0  # what a silent socket may cost a status or a thaw, at most
 THAW_S = 2.0  # a guardian that just answered `status` gets this long to thaw
@@ -57,6 +106,26 @@ def list_guardians() -> list[int]:
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
             if pid is None or not proc.pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    pids.append(pid)
+        return sorted(pids)
+    finally:
+        os.close(dir_fd)
+
+
+def gone_guardians() -> list[int]:
+    """Pids of guardians whose socket is still in the root-only directory but whose
+    process is gone (SIGKILL, the OOM killer): what they froze may still be frozen."""
+    dir_fd = open_run_dir(create=False)
+    if dir_fd is None:
+        return []
+    try:
+        pids = []
+        for name in os.listdir(dir_fd):
+            pid = pid_of(name)
+            if pid is None or proc.pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):

@@ -208,7 +208,9 @@ class Group:
     def connect(self) -> None:
         for m in self.members:
             try:
-                p = proc.spawn(m.argv(), stdin=subprocess.PIPE)
+                # ssh (its agent socket, its config): our environment minus every secret
+                # quiesce read
+                p = proc.spawn(m.argv(), stdin=subprocess.PIPE, env=proc.child_env(inherit=("",)))
             except OSError as e:
                 self.fail(m.name, f"cannot start ssh: {e}")
                 continue
@@ -276,7 +278,7 @@ class Group:
             return
         assert self.command is not None
         c0 = time.monotonic_ns()
-        p = proc.spawn(self.command, stdin=subprocess.DEVNULL)
+        p = proc.spawn(self.command, stdin=subprocess.DEVNULL, env=proc.child_env(inherit=("",)))
         try:
             out, err = self._wait_command(p)
         finally:
