@@ -3,10 +3,8 @@ ext4 loop filesystems under an fsstress-like load with an fsync'ing sequence wri
 the kernel's word after every step (tests/helpers/campaign.py says what is checked).
 bench/fault_campaign.py runs the same for 30 minutes and more, every family mixed.
 
-Two families only pass once the guardian's ownership core lands (issue 18): a third
-party's thaw and refreeze must never be thawed by quiesce, and a SIGKILLed guardian's
-freeze must be thawed by its second line. They are marked xfail (not strict) for that
-reason alone.
+Two families prove the ownership rules (issue 18): a third party's thaw and refreeze is
+never thawed by quiesce, and a SIGKILLed guardian's freeze is thawed by its second line.
 """
 
 from __future__ import annotations
@@ -55,11 +53,9 @@ def test_controller_kills_concurrent_runs_and_foreign_freezes(campaign: Campaign
     _run(campaign, ("controller_kill", "concurrent", "outside_freeze"))
 
 
-@pytest.mark.xfail(strict=False, reason="needs lead's ownership core")
 def test_a_killed_guardians_freeze_is_thawed_by_its_second_line(campaign: Campaign) -> None:
     _run(campaign, ("guardian_kill",))
 
 
-@pytest.mark.xfail(strict=False, reason="needs lead's ownership core")
 def test_a_freeze_thawed_and_refrozen_by_others_is_never_thawed(campaign: Campaign) -> None:
     _run(campaign, ("outside_thaw",))
