@@ -26,12 +26,6 @@ class FreezeMode(enum.StrEnum):
     NONE = "none"  # atomic snapshots that must not be frozen (btrfs, zfs)
 
 
-class Consistency(enum.StrEnum):
-    APPLICATION = "application"  # writers/hooks quiesced the apps, and the fs was frozen
-    FILESYSTEM = "filesystem"  # frozen (or atomic) filesystem image: mounts without recovery
-    CRASH = "crash"  # as after a power cut: needs journal recovery, apps may be torn
-
-
 @dataclass
 class Snapshot:
     """One snapshot of one volume, as a provider made it."""

@@ -1,7 +1,10 @@
 """SQLite: checkpoint the WAL, then hold a write lock (BEGIN IMMEDIATE) across the window.
 
 With the lock held no connection can commit, so the snapshot holds exactly the
-committed state (the database file plus its -wal, which SQLite replays on open).
+committed state. When the WAL is also empty under the lock (a TRUNCATE checkpoint that
+no commit followed before the lock), the database file alone holds it: the level is
+``clean`` (a restore opens with nothing to replay). Otherwise the -wal holds commits
+that SQLite replays on open: ``atomic``.
 Readers go on. Writers wait in their busy handler: give them a ``busy_timeout``
 longer than the window plus the hooks, or they see SQLITE_BUSY.
 """
@@ -14,8 +17,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from quiesce.apps.writers import Writer, WriterError
+from quiesce.snapshot.consistency import Claim, Consistency
 
 CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+_BESIDE = (("-wal", "WAL"), ("-shm", "WAL index"), ("-journal", "rollback journal"))
 
 
 class SqliteWriter(Writer):
@@ -37,7 +42,7 @@ class SqliteWriter(Writer):
         self.checkpoint = checkpoint.upper()
         self.conns: list[sqlite3.Connection] = []
 
-    def _lock(self, db: Path) -> sqlite3.Connection:
+    def _lock(self, db: Path, *, checkpoint: bool = True) -> sqlite3.Connection:
         # mode=rw: never create a database that is not there.
         uri = f"file:{quote(str(db))}?mode=rw"
         try:
@@ -50,20 +55,63 @@ class SqliteWriter(Writer):
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             info: dict[str, object] = {"journal_mode": mode}
-            if mode == "wal":
+            if mode == "wal" and checkpoint:
                 busy, log, done = conn.execute(
                     f"PRAGMA wal_checkpoint({self.checkpoint})"
                 ).fetchone()
                 info["checkpoint"] = {"busy": bool(busy), "wal_frames": log, "checkpointed": done}
             conn.execute("BEGIN IMMEDIATE")
+            if mode == "wal":  # under the lock: no commit can land in it any more
+                info["wal_bytes_held"] = _size(Path(f"{db}-wal"))
         except sqlite3.Error as e:
             conn.close()
             raise WriterError(
                 f"sqlite: cannot lock {db}: {e}",
                 "a writer held the database longer than busy_timeout; raise it in the job",
             ) from None
-        self.info[str(db)] = info
+        if checkpoint:
+            self.info[str(db)] = info
         return conn
+
+    def _ask_files(self) -> list[tuple[str, str]]:
+        """Each database and the journal files SQLite keeps beside it."""
+        files = []
+        for db in self.databases:
+            files.append((str(db), "database"))
+            files += [(f"{db}{sfx}", what) for sfx, what in _BESIDE]
+        return files
+
+    def readiness(self) -> list[str]:
+        """Each database opens read-write and its write lock can be taken (and is
+        dropped at once: nothing written)."""
+        problems = []
+        for db in self.databases:
+            try:
+                self._lock(db, checkpoint=False).close()
+            except WriterError as e:
+                problems.append(e.message)
+        return problems
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """CLEAN for a database whose WAL was empty under the held lock (or that has no
+        WAL: the lock keeps the rollback journal away); ATOMIC otherwise."""
+        out = []
+        for db in self.databases:
+            info = self.info.get(str(db), {})
+            held = info.get("wal_bytes_held")
+            if info.get("journal_mode") != "wal":
+                says = f"write lock held across the window on {db} ({info.get('journal_mode')})"
+                out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
+            elif held == 0 and self.checkpoint == "TRUNCATE":
+                says = f"WAL empty under the write lock held across the window on {db}"
+                out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
+            else:
+                says = (
+                    f"write lock held across the window on {db}; its WAL held {held} bytes "
+                    "under the lock: SQLite replays them on open"
+                )
+                out.append(Claim(f"writer {self.name}", Consistency.ATOMIC, says, held=True))
+        return out
 
     def describe(self) -> tuple[str, str | None]:
         dbs = ", ".join(str(d) for d in self.databases)
@@ -89,3 +137,10 @@ class SqliteWriter(Writer):
                 pass
             finally:
                 conn.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.backup.targets.base import (
+    WRONG_PASSWORD,
     BackupError,
     BackupResult,
     CheckResult,
@@ -112,9 +113,21 @@ class BorgTarget(Target):
         res = run_child([self.binary, "info", "--json"], env=self.env(), timeout=120)
         return res.returncode == 0
 
+    def locked_out(self) -> str | None:
+        require(self.binary, "borgbackup")
+        res = run_child([self.binary, "info", "--json"], env=self.env(), timeout=120)
+        if (
+            res.returncode != 0
+            and "passphrase supplied" in (res.stderr or "")
+            and "incorrect" in (res.stderr or "")
+        ):
+            return WRONG_PASSWORD.format(target="borg", repo=redact(self.repository))
+        return None
+
     def init(self) -> None:
         if self.exists():
             return
+        self.refuse_locked_out()
         mode = "repokey-blake2" if (self.password_file or self.password_env) else "none"
         self._run("init", "--encryption", mode, what="borg init", timeout=300)
 
