@@ -55,14 +55,24 @@ class SqliteWriter(Writer):
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             info: dict[str, object] = {"journal_mode": mode}
-            if mode == "wal" and checkpoint:
-                busy, log, done = conn.execute(
-                    f"PRAGMA wal_checkpoint({self.checkpoint})"
-                ).fetchone()
-                info["checkpoint"] = {"busy": bool(busy), "wal_frames": log, "checkpointed": done}
-            conn.execute("BEGIN IMMEDIATE")
-            if mode == "wal":  # under the lock: no commit can land in it any more
+            for attempt in range(1, 4 if mode == "wal" and checkpoint else 2):
+                if mode == "wal" and checkpoint:
+                    busy, log, done = conn.execute(
+                        f"PRAGMA wal_checkpoint({self.checkpoint})"
+                    ).fetchone()
+                    info["checkpoint"] = {
+                        "busy": bool(busy), "wal_frames": log, "checkpointed": done,
+                    }  # fmt: skip
+                conn.execute("BEGIN IMMEDIATE")
+                if mode != "wal":
+                    break
+                # under the lock no commit can land in the WAL any more; one that came
+                # between the checkpoint and the lock: drop the lock, checkpoint again
                 info["wal_bytes_held"] = _size(Path(f"{db}-wal"))
+                info["attempts"] = attempt
+                if info["wal_bytes_held"] == 0 or attempt == 3 or self.checkpoint != "TRUNCATE":
+                    break
+                conn.execute("ROLLBACK")
         except sqlite3.Error as e:
             conn.close()
             raise WriterError(
