@@ -21,7 +21,7 @@ from quiesce.apps.hooks import (
     SessionSpec,
     StepTimer,
 )
-from quiesce.errors import UsageError
+from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
 from quiesce.snapshot.consistency import Claim
@@ -119,7 +119,15 @@ class GuardedWriter:
         return f"writer {self.writer.name}"
 
     def depends_on(self) -> list[tuple[str, str]]:
-        return list(self.writer.depends_on())
+        """The writer's files; under ``on_hook_failure = "crash-consistent"`` a writer
+        that cannot say (its server is down) declares none: its before_freeze fails the
+        same way and the policy records it."""
+        try:
+            return list(self.writer.depends_on())
+        except QuiesceError:
+            if self.ctx.on_hook_failure == "crash-consistent":
+                return []
+            raise
 
     def claims(self, frozen_ns: int | None) -> list[Claim]:
         """The writer's own, if it quiesced (a failure the policy let pass claims none)."""
