@@ -106,7 +106,7 @@ def test_the_label_is_atomic_with_the_checkpoint_and_a_wal_bound_that_recovery_k
 ):
     import psycopg
 
-    acked, stop, thread = start_row_writer(
+    _acked, stop, thread = start_row_writer(
         lambda: psycopg.connect(pg.cluster.dsn, autocommit=True),
         lambda c, n: c.execute(
             "INSERT INTO t VALUES (%s, repeat('x', 2000)) ON CONFLICT DO NOTHING", (n,)
@@ -131,9 +131,7 @@ def test_the_label_is_atomic_with_the_checkpoint_and_a_wal_bound_that_recovery_k
     assert f"files proven on the group: writer postgresql[0]'s 2 file(s) on {pg.a.path}" in reason
     bound = report["writers"][0]["info"]["wal_since_checkpoint_bytes"]
     assert bound > 0
-    man = json.loads(
-        (tmp_path / "state/snapshots" / f"{report['manifest_id']}.json").read_text()
-    )
+    man = json.loads((tmp_path / "state/snapshots" / f"{report['manifest_id']}.json").read_text())
     assert (man["consistency"], man["consistency_reason"]) == ("atomic", reason)
 
     # What a restore sees: a writable copy of the snapshot, started as it is.
@@ -176,10 +174,7 @@ def _one_error_line(stderr: str) -> str:
 def test_a_writer_whose_data_is_off_the_group_is_refused_by_check_and_run(pg, tmp_path):
     job = _job(tmp_path, [str(pg.b.path)], _writer(pg.dsn()))
     data = pg.a.mountpoint / "pgdata"
-    want = (
-        f"writer postgresql[0] depends on {data} (data_directory), which is on "
-        f"{pg.a.path} ("
-    )
+    want = f"writer postgresql[0] depends on {data} (data_directory), which is on {pg.a.path} ("
     c = _quiesce("check", str(job))
     assert c.returncode == 2, c.stdout + c.stderr
     assert want in c.stderr and f"outside the group ({pg.b.path})" in c.stderr, c.stderr
@@ -262,9 +257,7 @@ def test_every_refusal_of_a_run_is_a_refusal_of_check(pg, tmp_path):
     assert not failures, "\n".join(failures)
 
 
-def test_stopping_the_writer_between_check_and_run_is_refused_before_anything_is_made(
-    pg, tmp_path
-):
+def test_stopping_the_writer_between_check_and_run_is_refused_before_anything_is_made(pg, tmp_path):
     """The run asks the server for its files before the provider makes anything."""
     job = _job(tmp_path, [str(pg.a.path)], _writer(pg.dsn(port=DEAD_PORT)))
     r = _quiesce("run", str(job), "--json")
@@ -272,5 +265,3 @@ def test_stopping_the_writer_between_check_and_run_is_refused_before_anything_is
     assert "postgresql: cannot connect" in json.loads(r.stdout)["error"]["message"]
     assert not list((tmp_path / "state" / "snapshots").glob("*.json"))
     assert not [p for p in pg.outer.mountpoint.iterdir() if p.name.startswith("pg-")]
-
-
