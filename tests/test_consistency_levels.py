@@ -252,6 +252,9 @@ def test_every_refusal_of_a_run_is_a_refusal_of_check(pg, tmp_path):
             failures.append(f"{name}: check exit {c.returncode}: {c.stdout}{c.stderr}")
         if r.returncode != code or says not in r.stderr:
             failures.append(f"{name}: run exit {r.returncode}: {r.stderr}")
+        said = [ln for ln in r.stderr.splitlines() if ln.startswith(("quiesce:", "hint:"))]
+        if len(said) != len(set(said)):
+            failures.append(f"{name}: an error line printed twice: {r.stderr}")
         if "config file already exists" in r.stderr:
             failures.append(f"{name}: the run hid the cause: {r.stderr}")
     assert not failures, "\n".join(failures)

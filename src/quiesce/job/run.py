@@ -232,6 +232,7 @@ def after_run(
             duration_s=time.monotonic() - report.t0,
             freeze_window_s=report.window_s,
             backup=bk.to_dict() if bk is not None else None,
+            consistency=getattr(manifest, "consistency", None),
         )
         try:
             write_textfile(metrics_file, metrics)
