@@ -175,11 +175,23 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
         state=c.state_dir,
         events=events,
     )
+    if c.state_dir and job.path:  # its hints must name the job's state directory
+        _hints_with_job(report, str(job.path))
     report.finish()
     if job.config.hooks.after_run:
         with phase_events(events, "after-run hooks"):
             _after_run_hooks(job, ctx, report)
     return report
+
+
+def _hints_with_job(report: Report, job_file: str) -> None:
+    from quiesce.job.hints import with_job
+
+    if report.error:
+        for key in ("message", "hint"):
+            if isinstance(report.error.get(key), str):
+                report.error[key] = with_job(report.error[key], job_file)
+    report.warnings = [with_job(w, job_file) for w in report.warnings]
 
 
 def after_run(

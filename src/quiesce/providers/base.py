@@ -89,6 +89,10 @@ class Provider(ABC):
         were flushed (the guardian is armed, nothing is frozen yet): whatever the flush
         wrote that the window would otherwise have to handle."""
 
+    def before_freeze_step(self) -> str | None:
+        """What ``before_freeze`` does, for ``--dry-run`` (None: nothing)."""
+        return None
+
     @abstractmethod
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
         """Inside the window: take the snapshot of every member, fast."""

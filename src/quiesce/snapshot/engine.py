@@ -44,7 +44,7 @@ _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ANNOUNCED = {
     "prepare": "prepare snapshot",
     "before_freeze": "quiesce applications",
-    "window": "freeze window",
+    "window": "take snapshot",  # syncfs, re-clone, freeze, snapshot, thaw: the window is inside
     "after_thaw": "release applications",
 }
 
