@@ -61,6 +61,8 @@ def test_a_killed_backup_never_counts_and_is_removed_after_the_next_complete_run
     assert killed.returncode == -9, killed.stderr
     failed = _run(failing)
     assert failed.returncode == 12, failed.stderr
+    said = [ln for ln in failed.stderr.splitlines() if ln.startswith(("quiesce:", "warning:"))]
+    assert said and len(said) == len(set(said)), failed.stderr  # issue 19: printed twice
     done, pending, broken = snapshots.list_manifests(state)  # oldest first
     assert done.complete and done.backup["ok"]
     assert not pending.complete and pending.backup["state"] == "pending"  # killed

@@ -77,7 +77,7 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
     if report.window_s is not None:
         _say(out, f"freeze window: {human_duration(report.window_s)}")
     if report.consistency:
-        colour = {"application": "green", "filesystem": "green"}.get(report.consistency, "yellow")
+        colour = {"clean": "green", "atomic": "green"}.get(report.consistency, "yellow")
         why = f" ({report.consistency_reason})" if report.consistency_reason else ""
         _say(out, f"consistency: [{colour}]{report.consistency}[/]{escape(why)}")
     if report.backup:
@@ -119,7 +119,7 @@ def print_backup_report(
     data: dict[str, Any], console: Console, errors: Console, *, phases: bool = True
 ) -> None:
     """The human rendering of a BackupReport.to_dict(); ``phases=False`` inside a run's
-    report, whose own phase table lists them already."""
+    report, whose own phase table, warnings and error list them already."""
     _say(
         console,
         f"[bold]backup of {escape(str(data.get('snapshot')))}[/] "
@@ -179,6 +179,8 @@ def print_backup_report(
             f"{data['target']} prune: kept {len(r['target']['kept'])}, "
             f"removed {len(r['target']['removed'])}",
         )
+    if not phases:  # inside a run's report: it prints the warnings and the error, once
+        return
     for w in data.get("warnings", []):
         _say(errors, f"[yellow]warning:[/] {escape(w)}")
     if data.get("error"):
