@@ -268,3 +268,42 @@ def test_stopping_the_writer_between_check_and_run_is_refused_before_anything_is
     assert "postgresql: cannot connect" in json.loads(r.stdout)["error"]["message"]
     assert not list((tmp_path / "state" / "snapshots").glob("*.json"))
     assert not [p for p in pg.outer.mountpoint.iterdir() if p.name.startswith("pg-")]
+
+
+def test_mariadb_declares_its_files_and_check_knows_its_privileges(tmp_path):
+    """datadir (and InnoDB's and Aria's logs) asked from the server; an account without
+    RELOAD/BACKUP_ADMIN is refused by check as by the run."""
+    from helpers.dbtools import mariadb_bin
+    from test_writers_mysql import Server
+
+    tools = mariadb_bin()
+    need(tools is not None, "MariaDB server binaries")
+    assert tools is not None
+    pymysql = pytest.importorskip("pymysql", reason="pip install 'quiesce[writers]'")
+    run_dir = shared_dir("mysql")
+    with open_loops() as loops:
+        outer = loops("xfs")
+        a = loops("ext4", 320, image_dir=outer.mountpoint)
+        b = loops("ext4", 64, image_dir=outer.mountpoint)
+        a.mountpoint.chmod(0o755)
+        db = Server(tools, a.mountpoint / "data", run_dir, "levels")
+        try:
+            db.install()
+            db.start()
+            with pymysql.connect(unix_socket=str(db.socket), user="root") as c, c.cursor() as cur:
+                cur.execute("CREATE USER 'plain'@'localhost'")
+            writer = f'[[writers.mysql]]\nunix_socket = "{db.socket}"\n'
+            off = _job(tmp_path, [str(b.path)], writer, "off.toml")
+            c = _quiesce("check", str(off))
+            assert c.returncode == 2, c.stdout + c.stderr
+            assert f"writer mysql[0] depends on {a.mountpoint / 'data'} (datadir)" in c.stderr
+            on = _job(tmp_path, [str(a.path)], writer, "on.toml")
+            assert _quiesce("check", str(on)).returncode == 0  # the control
+            plain = _job(tmp_path, [str(a.path)], writer + 'user = "plain"\n', "plain.toml")
+            c = _quiesce("check", str(plain))
+            r = _quiesce("run", str(plain))
+            assert c.returncode == 2 and "RELOAD" in c.stderr, c.stdout + c.stderr
+            assert r.returncode == 11 and "RELOAD" in r.stderr, r.stdout + r.stderr
+        finally:
+            db.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
