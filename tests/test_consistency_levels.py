@@ -238,6 +238,10 @@ def _refusals(pg: Pg, tmp_path: Path) -> list[tuple[str, Path, str, int]]:
         ("sqlite-not-a-database", _job(tmp_path, [a], '[[writers.sqlite]]\ndatabases = '
                                        f'["{garbage}"]\n', "r5.toml"),
          "sqlite: cannot lock", 11),
+        ("hook-off-group", _job(tmp_path, [a], '[[hooks.pre_freeze]]\nname = "app"\n'
+                                'command = ["true"]\n'
+                                f'depends_on = ["{pg.b.mountpoint}/app.db"]\n', "r7.toml"),
+         "hook 'app' depends on", 2),
         ("wrong-password-init", _job(tmp_path, [b], restic, "r6.toml"),
          "restic repository exists at", 12),
     ]  # fmt: skip

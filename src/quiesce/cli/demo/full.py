@@ -216,7 +216,7 @@ def _one_run(
         f"(FIFREEZE {human_duration(vol.get('freeze_s'))}, "
         f"clone {human_duration(window.get('snapshot_s'))}, "
         f"frozen {human_duration(vol.get('frozen_for_s'))}), "
-        f"snapshot {escape(man.id)} ({man.consistency}-consistent)"
+        f"snapshot {escape(man.id)} (consistency: {man.consistency})"
     )
     with progress_for(console, f"restic backup {n}", interval=5.0) as progress:
         bk = run_backup(
