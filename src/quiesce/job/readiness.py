@@ -179,7 +179,7 @@ def _writer_problems(job: Job) -> list[Problem]:
     declared = hook_files(job)
     keys: dict[str, str] = {}
     for key, w in zip(_writer_keys(job), writers, strict=True):
-        said = w.readiness()
+        said = [" ".join(p.split()) for p in w.readiness()]  # a client's message: one line
         problems += [Problem(key, p) for p in said]
         if not said:
             declared[f"writer {w.name}"] = w.depends_on()
