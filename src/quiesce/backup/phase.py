@@ -178,7 +178,8 @@ def apply_snapshot_retention(
     from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
-    held = _held(state, mans) | set(keep)
+    in_use = _held(state, mans)  # mounted, or named by a live run's journal
+    held = in_use | set(keep)
     complete = [m for m in mans if m.complete or m.id in keep]
     complete_ids = {m.id for m in complete}
     decision = decide({m.id: _created(m) for m in complete}, policy, held)
@@ -206,7 +207,7 @@ def apply_snapshot_retention(
         "kept": decision.keep,
         "deleted": deleted,
         "failed": failed,
-        "held": sorted(held),
+        "held": sorted(in_use),  # not the run's own new snapshot: it is simply kept
         "incomplete": incomplete,
     }
 
