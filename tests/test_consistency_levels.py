@@ -161,6 +161,7 @@ def test_the_label_is_atomic_with_the_checkpoint_and_a_wal_bound_that_recovery_k
     assert starts and done, log
     replayed = _lsn(done.group(1)) - _lsn(starts.group(1))
     assert 0 < replayed <= bound, (replayed, bound)
+    print(f"CHECKPOINT {m.group(1)} before the freeze; bound {bound} B; replayed {replayed} B")
 
 
 def _one_error_line(stderr: str) -> str:
