@@ -267,12 +267,13 @@ def test_every_refusal_of_a_run_is_a_refusal_of_check(pg, tmp_path):
 
 def test_stopping_the_writer_between_check_and_run_is_refused_before_anything_is_made(pg, tmp_path):
     """The run asks the server for its files before the provider makes anything."""
-    job = _job(tmp_path, [str(pg.a.path)], _writer(pg.dsn(port=DEAD_PORT)))
+    job = _job(tmp_path, [str(pg.a.path)], _writer(pg.dsn(port=DEAD_PORT)), "down.toml")
+    before = set(pg.outer.mountpoint.iterdir())
     r = _quiesce("run", str(job), "--json")
     assert r.returncode != 0
     assert "postgresql: cannot connect" in json.loads(r.stdout)["error"]["message"]
     assert not list((tmp_path / "state" / "snapshots").glob("*.json"))
-    assert not [p for p in pg.outer.mountpoint.iterdir() if p.name.startswith("pg-")]
+    assert set(pg.outer.mountpoint.iterdir()) == before  # no clone was made
 
 
 def test_mariadb_declares_its_files_and_check_knows_its_privileges(tmp_path):

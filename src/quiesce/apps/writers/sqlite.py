@@ -1,10 +1,10 @@
 """SQLite: checkpoint the WAL, then hold a write lock (BEGIN IMMEDIATE) across the window.
 
 With the lock held no connection can commit, so the snapshot holds exactly the
-committed state. When the WAL is also empty under the lock (a TRUNCATE checkpoint that
-no commit followed before the lock), the database file alone holds it: the level is
-``clean`` (a restore opens with nothing to replay). Otherwise the -wal holds commits
-that SQLite replays on open: ``atomic``.
+committed state. Under the lock a second connection checkpoints (PASSIVE: a checkpoint
+needs no write lock): when every WAL frame is then in the database file, that file alone
+holds every commit and the level is ``clean`` (a restore replays nothing); a reader that
+pins old frames leaves some in the -wal, which SQLite replays on open: ``atomic``.
 Readers go on. Writers wait in their busy handler: give them a ``busy_timeout``
 longer than the window plus the hooks, or they see SQLITE_BUSY.
 """
@@ -55,24 +55,17 @@ class SqliteWriter(Writer):
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             info: dict[str, object] = {"journal_mode": mode}
-            for attempt in range(1, 4 if mode == "wal" and checkpoint else 2):
-                if mode == "wal" and checkpoint:
-                    busy, log, done = conn.execute(
-                        f"PRAGMA wal_checkpoint({self.checkpoint})"
-                    ).fetchone()
-                    info["checkpoint"] = {
-                        "busy": bool(busy), "wal_frames": log, "checkpointed": done,
-                    }  # fmt: skip
-                conn.execute("BEGIN IMMEDIATE")
-                if mode != "wal":
-                    break
-                # under the lock no commit can land in the WAL any more; one that came
-                # between the checkpoint and the lock: drop the lock, checkpoint again
+            if mode == "wal" and checkpoint:
+                busy, log, done = conn.execute(
+                    f"PRAGMA wal_checkpoint({self.checkpoint})"
+                ).fetchone()
+                info["checkpoint"] = {"busy": bool(busy), "wal_frames": log, "checkpointed": done}
+            conn.execute("BEGIN IMMEDIATE")
+            if mode == "wal" and checkpoint:
+                # under the lock no commit lands in the WAL any more: copy what is there
+                # into the database file, and count what could not be
                 info["wal_bytes_held"] = _size(Path(f"{db}-wal"))
-                info["attempts"] = attempt
-                if info["wal_bytes_held"] == 0 or attempt == 3 or self.checkpoint != "TRUNCATE":
-                    break
-                conn.execute("ROLLBACK")
+                info["wal_frames_pending"] = self._backfill(db)
         except sqlite3.Error as e:
             conn.close()
             raise WriterError(
@@ -82,6 +75,25 @@ class SqliteWriter(Writer):
         if checkpoint:
             self.info[str(db)] = info
         return conn
+
+    def _backfill(self, db: Path) -> int | None:
+        """A PASSIVE checkpoint from a second connection while this one holds the write
+        lock (a checkpoint needs no write lock): every WAL frame goes into the database
+        file unless a reader still needs it. Returns the frames left out of the database
+        file (None if it cannot tell). Through SQLite, never by opening -shm ourselves:
+        closing any fd of that file drops this process's POSIX locks, the write lock too."""
+        uri = f"file:{quote(str(db))}?mode=rw"
+        try:
+            other = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None)
+        except sqlite3.Error:
+            return None
+        try:
+            _busy, log, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            other.close()
+        return None if log < 0 else max(log - done, 0)
 
     def _ask_files(self) -> list[tuple[str, str]]:
         """Each database and the journal files SQLite keeps beside it."""
@@ -108,17 +120,21 @@ class SqliteWriter(Writer):
         out = []
         for db in self.databases:
             info = self.info.get(str(db), {})
-            held = info.get("wal_bytes_held")
+            pending = info.get("wal_frames_pending")
             if info.get("journal_mode") != "wal":
                 says = f"write lock held across the window on {db} ({info.get('journal_mode')})"
                 out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
-            elif held == 0 and self.checkpoint == "TRUNCATE":
-                says = f"WAL empty under the write lock held across the window on {db}"
+            elif pending == 0:
+                says = (
+                    f"write lock held across the window on {db}, every WAL frame already in "
+                    "the database file: nothing to replay"
+                )
                 out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
             else:
+                said = f"{pending} WAL frame(s)" if pending is not None else "the WAL (not read)"
                 says = (
-                    f"write lock held across the window on {db}; its WAL held {held} bytes "
-                    "under the lock: SQLite replays them on open"
+                    f"write lock held across the window on {db}; {said} not yet in the "
+                    "database file: SQLite replays them on open"
                 )
                 out.append(Claim(f"writer {self.name}", Consistency.ATOMIC, says, held=True))
         return out
