@@ -133,7 +133,7 @@ def test_session_hook_holds_its_lock_across_the_window(loopfs, tmp_path):
     # The snapshot command fails unless the lock is held while the volume is frozen.
     check = f"flock -n {lock} true && exit 1; exit 0"
     manifest = create(fs, tmp_path, [hook], ["/bin/sh", "-c", check])
-    assert manifest.consistency == "application"
+    assert manifest.consistency == "atomic"
     assert events(log) == ["started", "locked", "released-thaw", "exit"]
     assert lock_is_free(lock, timeout=1)
     r = ctx.results[0]

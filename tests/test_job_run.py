@@ -97,7 +97,7 @@ command = ["{PY}", "-c", "raise SystemExit(7)"]
     assert inside.read_text() == "frozen"
     assert log.read_text().split("\n")[:2] == ["pre-freeze ok", "post-thaw ok"]
     assert report["ok"] and report["exit_code"] == 0 and report["error"] is None
-    assert report["consistency"] == "application"
+    assert report["consistency"] == "atomic"
     assert [h["kind"] for h in report["hooks"]] == ["pre-freeze", "post-thaw"]
     assert all(h["status"] == "ok" for h in report["hooks"])
     names = [ph["name"] for ph in report["phases"]]
@@ -118,7 +118,7 @@ command = ["{PY}", "-c", "raise SystemExit(7)"]
     assert report["snapshots"] and report["snapshots"][0]["provider"] == "command"
     manifest = json.loads((tmp_path / "state/snapshots" / f"{report['manifest_id']}.json")
                           .read_text())  # fmt: skip
-    assert manifest["consistency"] == "application"
+    assert manifest["consistency"] == "atomic"
     assert is_writable(fs.path)
 
 
@@ -187,17 +187,21 @@ timeout = 0.5
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert report["hooks"][0]["status"] == "timeout"
-    assert report["consistency"] == "crash"
+    assert report["consistency"] == "atomic"  # frozen as one instant, but not quiesced
     reason = report["consistency_reason"]
-    assert reason.startswith("only crash-consistent: pre-freeze 'slow': timed out after 0.5s")
+    assert reason.startswith(
+        "not quiesced, as after a power cut at best: pre-freeze 'slow': timed out after 0.5s"
+    )
     assert any("only crash-consistent" in w for w in report["warnings"])
     manifest = json.loads(
         (tmp_path / "state/snapshots" / f"{report['manifest_id']}.json").read_text()
     )
-    assert (manifest["consistency"], manifest["consistency_reason"]) == ("crash", reason)
+    assert (manifest["consistency"], manifest["consistency_reason"]) == ("atomic", reason)
     human = quiesce("run", str(job))
     assert human.returncode == 0
-    assert "consistency: crash (only crash-consistent: pre-freeze 'slow'" in human.stdout
+    assert "consistency: atomic (not quiesced, as after a power cut at best: pre-freeze 'slow'" in (
+        human.stdout
+    )
 
 
 def test_guardian_thaw_still_runs_post_thaw_hooks(loopfs, tmp_path):
@@ -468,7 +472,7 @@ command = ["true"]
     p = quiesce("run", str(job), "--json")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["consistency"] == "filesystem", report["consistency_reason"]
+    assert report["consistency"] == "atomic", report["consistency_reason"]
     assert "quiesced" not in report["consistency_reason"]
 
 
@@ -486,9 +490,9 @@ command = ["true"]
     p = quiesce("run", str(job), "--json")
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert report["consistency"] == "application"
+    assert report["consistency"] == "atomic"  # a hook proves no flushed state: never clean
     assert report["consistency_reason"].endswith(
-        "; pre-freeze hook 'flush' quiesced the applications first"
+        "; pre-freeze hook 'flush': ran before the freeze (a hook proves no flushed state)"
     ), report["consistency_reason"]
 
 

@@ -37,8 +37,10 @@ def test_success_then_failure_keeps_last_success(tmp_path: Path) -> None:
         "db", True, finished=1000.0, duration_s=12.5, freeze_window_s=0.0042,
         backup_bytes=2 << 30, backup_added_bytes=123, backup_files=4000,
         backup_duration_s=10.25, verify_ok=True, drill_ok=True, drill_recovery_s=1.25,
+        consistency="atomic",
     )  # fmt: skip
     text = write_textfile(f, ok)
+    assert 'quiesce_consistency_level{job="db"} 1' in text
     _check_format(text)
     assert 'quiesce_freeze_window_seconds{job="db"} 0.0042' in text
     assert 'quiesce_backup_bytes{job="db"} 2147483648' in text
@@ -159,3 +161,37 @@ def test_keep_leaves_an_unmeasured_figure_alone(tmp_path: Path) -> None:
     old = RunMetrics("db", True, keep=frozenset({"freeze_window_seconds"}))
     db = parse(write_textfile(f, old))["db"]
     assert db["freeze_window_seconds"] == 0.004 and "backup_bytes" not in db
+
+
+def test_the_level_metric_reads_old_names_and_orders_the_levels(tmp_path: Path) -> None:
+    from quiesce.job.metrics import LEVEL_VALUE
+    from quiesce.snapshot.consistency import Consistency
+
+    assert [LEVEL_VALUE[c] for c in Consistency] == [2, 1, 0]  # the strongest is highest
+    f = tmp_path / "q.prom"
+    for old, want in (("application", 1), ("crash", 0), ("clean", 2)):
+        write_textfile(f, RunMetrics("db", True, consistency=old))
+        assert parse(f.read_text())["db"]["consistency_level"] == want
+
+
+def test_a_run_refused_before_it_starts_sets_last_run_success_to_0(tmp_path: Path) -> None:
+    """Issue 19: a key typo left last_run_success at 1 until the staleness alert fired."""
+    import subprocess
+    import sys
+
+    prom = tmp_path / "m" / "q.prom"
+    write_textfile(prom, RunMetrics("nightly", True, finished=1000.0, freeze_window_s=0.01))
+    job = tmp_path / "nightly.toml"
+    job.write_text(f'volumes = ["/nonexistent"]\nmetrics_file = "{prom}"\nvolumse = 1\n'
+                   '[provider]\ntype = "reflink"\n')  # fmt: skip
+    job.chmod(0o600)
+    p = subprocess.run([sys.executable, "-m", "quiesce", "run", str(job)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    db = parse(prom.read_text())["nightly"]
+    assert db["last_run_success"] == 0 and db["last_run_exit_code"] == 2
+    assert db["freeze_window_seconds"] == 0.01  # the last good run's samples stay
+    assert db["runs_total"] == 2
+    # the control: check (and --dry-run) are not runs
+    subprocess.run([sys.executable, "-m", "quiesce", "check", str(job)], capture_output=True)
+    assert parse(prom.read_text())["nightly"]["runs_total"] == 2

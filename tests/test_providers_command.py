@@ -142,7 +142,7 @@ def test_cli_create_list_delete(loopfs, tmp_path):
     r = runner.invoke(snapshot_app, args, env=env)
     assert r.exit_code == 0, r.output
     man = json.loads(r.stdout)
-    assert man["snapshots"][0]["location"] == "snap-42" and man["consistency"] == "filesystem"
+    assert man["snapshots"][0]["location"] == "snap-42" and man["consistency"] == "atomic"
     r = runner.invoke(snapshot_app, ["list", "--json"], env=env)
     assert [m["id"] for m in json.loads(r.stdout)["snapshots"]] == [man["id"]]
     r = runner.invoke(snapshot_app, ["delete", man["id"]], env=env)

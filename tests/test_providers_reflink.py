@@ -27,7 +27,7 @@ def test_clone_of_ext4_image_mounts_and_deletes(loopfs, tmp_path, outer):
     state = tmp_path / "state"
     man = snapshots.create([pair.inner.path], "reflink", job="nightly", state_dir=state)
 
-    assert man.freeze_mode == "fifreeze" and man.consistency == "filesystem"
+    assert man.freeze_mode == "fifreeze" and man.consistency == "atomic"
     assert man.window is not None and man.window["thawed_by"] == "controller"
     [snap] = man.snapshots
     clone = Path(snap["location"])

@@ -83,8 +83,9 @@ def test_phases_hooks_and_manifest(loopfs, tmp_path):
     assert re.fullmatch(r"nightly-\d{8}T\d{6}Z", man.id)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", man.created)
     assert (
-        man.consistency == "application"
-        and "hook 'db', hook 'wal' quiesced" in man.consistency_reason
+        man.consistency == "atomic"
+        and "hook 'db': ran before the freeze" in man.consistency_reason
+        and "hook 'wal': ran before the freeze" in man.consistency_reason
     )
     assert man.window["thawed_by"] == "controller" and man.window_s > 0
     assert [p["phase"] for p in man.phases] == [
@@ -161,7 +162,7 @@ def test_atomic_provider_is_not_frozen_and_ids_stay_unique(loopfs, tmp_path, mon
     first = snapshots.create([fs.path], prov, job="j")
     assert prov.writable_inside is True
     assert first.window is None and first.freeze_mode == "none"
-    assert first.consistency == "filesystem" and "without a freeze" in first.consistency_reason
+    assert first.consistency == "atomic" and "without a freeze" in first.consistency_reason
     second = snapshots.create([fs.path], FakeProvider(log, FreezeMode.NONE), job="j")
     assert second.id != first.id
     assert [m.id for m in snapshots.list_manifests()] == [first.id, second.id]
@@ -246,15 +247,16 @@ def test_a_post_thaw_hook_does_not_upgrade_a_non_atomic_group_to_application(loo
         [a.path, b.path], _Sequential([], FreezeMode.NONE), job="grp",
         state_dir=tmp_path / "s1", quiescers=PhaseMarks().wrap([post]),
     )  # fmt: skip
-    assert man.consistency == "crash", man.consistency_reason
+    assert man.consistency == "per-volume", man.consistency_reason
     pre = PreFreezeCommands(ctx, [HookSpec("flush", ["true"])])
     man = snapshots.create(
         [a.path, b.path], _Sequential([], FreezeMode.NONE), job="grp",
         state_dir=tmp_path / "s2", quiescers=PhaseMarks().wrap([post, pre]),
     )  # fmt: skip
-    assert man.consistency == "application"  # the negative control: a real quiescer
+    # a hook cannot make volumes taken one after another one instant
+    assert man.consistency == "per-volume", man.consistency_reason
     assert man.consistency_reason.endswith(
-        "pre-freeze hook 'flush' quiesced the applications first"
+        "pre-freeze hook 'flush': ran before the freeze (a hook proves no flushed state)"
     )
 
 

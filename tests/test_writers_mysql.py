@@ -8,6 +8,7 @@ fresh mariadbd started on a writable clone of the snapshot's datadir holds every
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import threading
@@ -142,6 +143,15 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
                 clone.stop()
             assert n == top  # whole transactions, no gaps
             assert n >= before_lock >= 100
+            # the level (issue 19): atomic, never clean: InnoDB recovers on the restore
+            reason = manifest.consistency_reason
+            assert manifest.consistency == "atomic", reason
+            assert "writer mysql: BACKUP STAGE BLOCK_COMMIT held across the window: " in reason
+            assert re.search(r"InnoDB recovery replays ≤ [\d.]+ \w+ of redo", reason), reason
+            assert f"files proven on the group: mysql's 4 file(s) on {inner.path}" in reason
+            assert writer.info["redo_since_checkpoint_bytes"] >= 0
+            log = (run_dir / "clone.err").read_text()
+            assert "crash recovery" in log.lower(), log  # what "clean" would have hidden
             print(f"rows: acked before the lock {before_lock}, in the snapshot {n}")
         finally:
             stop_all = [s for s in (clone, db) if s is not None]

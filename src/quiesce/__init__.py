@@ -28,6 +28,7 @@ from quiesce.errors import (
     NotADirectory,
     NotAMountRoot,
     NotFrozen,
+    OutsideGroup,
     PathNotFound,
     PermissionDenied,
     QuiesceError,
@@ -41,12 +42,14 @@ from quiesce.sys.lazy import lazy_exports
 if TYPE_CHECKING:
     from quiesce.freezing.freezer import Freezer, VolumeResult, Window, freeze
     from quiesce.freezing.plan import Plan, make_plan
+    from quiesce.snapshot.consistency import Consistency
 
 __version__ = "0.1.0"
 
 __getattr__ = lazy_exports(
     __name__,
     {
+        "Consistency": ".snapshot.consistency:Consistency",
         "Freezer": ".freezing.freezer:Freezer",
         "Plan": ".freezing.plan:Plan",
         "VolumeResult": ".freezing.freezer:VolumeResult",
@@ -65,6 +68,7 @@ __getattr__ = lazy_exports(
 
 __all__ = [
     "AlreadyFrozen",
+    "Consistency",
     "FreezeBroken",
     "FreezeExpired",
     "Freezer",
@@ -72,6 +76,7 @@ __all__ = [
     "NotADirectory",
     "NotAMountRoot",
     "NotFrozen",
+    "OutsideGroup",
     "PathNotFound",
     "PermissionDenied",
     "Plan",

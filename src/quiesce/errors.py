@@ -60,6 +60,12 @@ class UsageError(QuiesceError):
     exit_code = ExitCode.USAGE
 
 
+class OutsideGroup(UsageError):
+    """A writer or hook depends on a file that the group does not capture."""
+
+    default_hint = "add that volume to the job's volumes, or move the file onto the group"
+
+
 class PathNotFound(UsageError):
     default_hint = "check the spelling; give the directory where the filesystem is mounted"
 

@@ -64,7 +64,7 @@ def one_lv() -> None:
     expect(not writer.errors, f"writer had no errors ({writer.errors})")
     expect(man.freeze_mode == "provider", f"freeze mode is provider ({man.freeze_mode})")
     expect(man.window is None, "quiesce did not FIFREEZE (LVM froze the fs itself)")
-    expect(man.consistency == "filesystem", f"consistency {man.consistency}")
+    expect(man.consistency == "atomic", f"consistency {man.consistency}")
     (snap,) = man.snapshot_objects()
     log(f"snapshot {snap.id} at {snap.location}: {man.consistency_reason}")
     expect(snap.location.startswith(f"/dev/{VG}/a-vm61-"), f"predictable name {snap.location}")

@@ -71,7 +71,7 @@ def group_of_two() -> None:
     result("lvm612_window_s", f"{man.window['window_s']:.3f}")
     states = [v["state"] for v in man.window["volumes"]]
     expect(states == ["thawed", "thawed"], f"both frozen and thawed by quiesce ({states})")
-    expect(man.consistency == "filesystem", f"consistency {man.consistency}")
+    expect(man.consistency == "atomic", f"consistency {man.consistency}")
     log(f"consistency: {man.consistency_reason}")
     snaps = {s.volume: s for s in man.snapshot_objects()}
     a, x = snaps["/tmp/q/a"], snaps["/tmp/q/x"]

@@ -76,7 +76,7 @@ def group_snapshot() -> None:
     expect(sorted(calls[0][-2:]) == names, f"both snapshots in that command: {names}")
     expect(all(s.extra["one_instant"] for s in snaps), "records say: one instant")
     log(f"consistency {man.consistency}: {man.consistency_reason}")
-    expect(man.consistency == "filesystem", "filesystem-consistent")
+    expect(man.consistency == "atomic", "atomic")
 
     seen = {}
     for s in snaps:

@@ -186,20 +186,72 @@ def _held(state: Path, manifests: list[Any]) -> set[str]:
 def apply_snapshot_retention(
     job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
 ) -> dict[str, Any]:
-    """Delete the job's snapshots that ``policy`` does not keep (never a held one)."""
+    """Delete the job's snapshots that ``policy`` does not keep (never a held one).
+
+    Only complete snapshots (``Manifest.complete``: backed up, verified, drilled, as
+    configured) count towards the keep_* rules. An incomplete one is kept until a complete
+    run is newer than it, then deleted; both are listed under ``incomplete``."""
     from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
-    held = _held(state, mans) | set(keep)
-    decision = decide({m.id: _created(m) for m in mans}, policy, held)
+    in_use = _held(state, mans)  # mounted, or named by a live run's journal
+    held = in_use | set(keep)
+    complete = [m for m in mans if m.complete or m.id in keep]
+    complete_ids = {m.id for m in complete}
+    decision = decide({m.id: _created(m) for m in complete}, policy, held)
+    newest = max((_created(m) for m in complete), default=None)
+    incomplete: dict[str, list[str]] = {"kept": [], "deleted": []}
+    doomed = list(decision.delete)
+    for m in mans:
+        if m.id in complete_ids:
+            continue
+        if m.id in held:
+            decision.keep[m.id] = ["held"]
+        elif newest is not None and _created(m) < newest:
+            doomed.append(m.id)
+            incomplete["deleted"].append(m.id)
+        else:
+            incomplete["kept"].append(m.id)  # until the next complete run
     deleted, failed = [], []
-    for snap_id in decision.delete:
+    for snap_id in doomed:
         try:
             snapshots.delete(snap_id, state)
             deleted.append(snap_id)
         except QuiesceError as e:  # mounted meanwhile, storage error: keep going
             failed.append(f"{snap_id}: {e.message}")
-    return {"kept": decision.keep, "deleted": deleted, "failed": failed, "held": sorted(held)}
+    return {
+        "kept": decision.keep,
+        "deleted": deleted,
+        "failed": failed,
+        "held": sorted(in_use),  # not the run's own new snapshot: it is simply kept
+        "incomplete": incomplete,
+    }
+
+
+def _record_backup(
+    manifest: Any, cfg: BackupConfig, report: BackupReport, state: Path
+) -> str | None:
+    """The backup's outcome into the manifest (what ``Manifest.complete`` reads). A
+    failed retry never undoes an earlier success. Returns a warning if it cannot."""
+    from quiesce import snapshot as snapshots
+
+    before = getattr(manifest, "backup", None) or {}
+    if not report.ok and before.get("ok"):
+        return None
+    manifest.backup = {
+        "ok": report.ok,
+        "verified": (report.verify.ok if report.verify else None),
+        "verify": cfg.verify,
+        "target": cfg.target,
+        "backup_id": report.result.snapshot_id if report.result else None,
+        "already_backed_up": report.already_backed_up,
+        "error": (report.error or {}).get("message"),
+    }
+    try:
+        snapshots.save_manifest(state, manifest)
+    except (OSError, QuiesceError) as e:
+        return f"could not record the backup in the manifest {manifest.id}: {e}"
+    return None
 
 
 def run_backup(
@@ -235,11 +287,18 @@ def run_backup(
                 if left.removed or left.errors:
                     report.cleanup = left.to_dict()
                     report.warnings += [f"cleanup: {e}" for e in left.errors]
-            _backup_and_verify(
-                manifest, cfg, job, state_path, report, phase,
-                _both(progress, _progress_events(events, "backup")),
-                _progress_events(events, "verify"), rng, force=force, drill=drill,
-            )  # fmt: skip
+            try:
+                _backup_and_verify(
+                    manifest, cfg, job, state_path, report, phase,
+                    _both(progress, _progress_events(events, "backup")),
+                    _progress_events(events, "verify"), rng, force=force, drill=drill,
+                )  # fmt: skip
+            except QuiesceError as e:
+                report.set_error(e)
+            if hasattr(manifest, "backup"):
+                problem = _record_backup(manifest, cfg, report, state_path)
+                if problem:
+                    report.warnings.append(problem)
             policy = retention or RetentionPolicy()
             if report.ok and (cfg.delete_snapshot or not policy.empty):
                 with phase("retention"):
@@ -269,6 +328,7 @@ def _snapshot_retention(
         try:
             snapshots.delete(manifest.id, state)
             out["deleted"].append(manifest.id)
+            out["deleted_backed_up"] = manifest.id  # delete_snapshot: the one just backed up
         except QuiesceError as e:
             out["failed"].append(f"{manifest.id}: {e.message}")
     if not policy.empty:
@@ -277,6 +337,7 @@ def _snapshot_retention(
         out["deleted"] += more["deleted"]
         out["failed"] += more["failed"]
         out["held"] = more["held"]
+        out["incomplete"] = more["incomplete"]
     return out
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -403,6 +404,12 @@ def demo_cmd(
         ),
     ] = False,
     hosts: Annotated[int, typer.Option("--hosts", help="With --fleet: how many hosts")] = 3,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Build the throwaway filesystems here (default: $TMPDIR, else /var/tmp)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole job on a throwaway filesystem: an SQLite writer, freeze, reflink snapshot,
@@ -417,13 +424,13 @@ def demo_cmd(
         elif simple:
             from quiesce.cli.demo.simple import run_demo
 
-            run_demo(fstype, out if not as_json else None, as_json)
+            run_demo(fstype, out if not as_json else None, as_json, directory)
         else:
             from quiesce.cli.demo.full import run_full_demo
 
             # The demo's own lines carry rich markup (and only paths it made itself).
             styled = console(markup=True)
-            run_full_demo(styled if not as_json else None, as_json)
+            run_full_demo(styled if not as_json else None, as_json, directory)
     except QuiesceError as e:
         raise fail(e, as_json) from None
 

@@ -95,6 +95,13 @@ def backup_cmd(
                 write_textfile(job.metrics_file, stopped)
         raise
     data = report.to_dict()
+    if job.state_dir:  # hints must name the job's own state directory
+        from quiesce.job.hints import with_job
+
+        data["warnings"] = [with_job(w, str(job_file)) for w in data["warnings"]]
+        for key in ("message", "hint"):
+            if data.get("error") and isinstance(data["error"].get(key), str):
+                data["error"][key] = with_job(data["error"][key], str(job_file))
     if job.metrics_file:
         from quiesce.job.metrics import run_metrics, write_textfile
 

@@ -49,7 +49,14 @@ def run_cmd(
     from quiesce.cli.watch import watching
     from quiesce.job.run import run_job
 
-    job = _load(job_file, as_json)
+    try:
+        job = _load(job_file, as_json)
+    except typer.Exit as e:  # refused before it ran: the metrics say so too
+        from quiesce.job.metrics import refused_run_metrics
+
+        if not dry_run:
+            refused_run_metrics(job_file, e.exit_code)
+        raise
     # SIGTERM (systemd, cron, kill) unwinds like Ctrl-C: thaw, release every hook.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with watching(err, verbose=verbose, quiet=quiet or dry_run) as events:

@@ -77,7 +77,7 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
     if report.window_s is not None:
         _say(out, f"freeze window: {human_duration(report.window_s)}")
     if report.consistency:
-        colour = {"application": "green", "filesystem": "green"}.get(report.consistency, "yellow")
+        colour = {"clean": "green", "atomic": "green"}.get(report.consistency, "yellow")
         why = f" ({report.consistency_reason})" if report.consistency_reason else ""
         _say(out, f"consistency: [{colour}]{report.consistency}[/]{escape(why)}")
     if report.backup:
@@ -119,7 +119,7 @@ def print_backup_report(
     data: dict[str, Any], console: Console, errors: Console, *, phases: bool = True
 ) -> None:
     """The human rendering of a BackupReport.to_dict(); ``phases=False`` inside a run's
-    report, whose own phase table lists them already."""
+    report, whose own phase table, warnings and error list them already."""
     _say(
         console,
         f"[bold]backup of {escape(str(data.get('snapshot')))}[/] "
@@ -136,7 +136,13 @@ def print_backup_report(
             )
         _say(console, table)
     b = data.get("backup")
-    if b:
+    if b and data.get("already_backed_up"):
+        _say(
+            console,
+            f"already backed up as {escape(str(b['snapshot_id']))}: made no new backup "
+            "(--force makes another)",
+        )
+    elif b:
         rate = human_bytes(b.get("throughput_bps")) + "/s"
         _say(
             console,
@@ -167,19 +173,16 @@ def print_backup_report(
         print_drill(data["drill"], console, errors)
     r = data.get("retention") or {}
     snaps = r.get("snapshots") or r
-    if snaps.get("deleted") or snaps.get("kept"):
-        _say(
-            console,
-            f"retention: kept {len(snaps.get('kept') or {})} snapshot(s), deleted "
-            f"{len(snaps.get('deleted') or [])}"
-            + (f" (held: {', '.join(snaps['held'])})" if snaps.get("held") else ""),
-        )
+    for line in retention_lines(snaps):
+        _say(console, line)
     if r.get("target"):
         _say(
             console,
             f"{data['target']} prune: kept {len(r['target']['kept'])}, "
             f"removed {len(r['target']['removed'])}",
         )
+    if not phases:  # inside a run's report: it prints the warnings and the error, once
+        return
     for w in data.get("warnings", []):
         _say(errors, f"[yellow]warning:[/] {escape(w)}")
     if data.get("error"):
@@ -210,4 +213,35 @@ def print_drill(d: dict[str, Any], console: Console, errors: Console) -> None:
                 _say(errors, f"    {escape(line)}")
 
 
-__all__ = ["print_backup_report", "print_drill", "render"]
+def retention_lines(r: dict[str, Any]) -> list[str]:
+    """What retention did to the snapshots, in words: the snapshot deleted because
+    ``delete_snapshot`` asks for it, what the keep_* rules kept and deleted (complete runs
+    only), and the incomplete ones (kept until the next complete run, then deleted)."""
+    lines = []
+    gone = r.get("deleted_backed_up")
+    if gone:
+        lines.append(f"deleted snapshot {escape(gone)} after its backup (delete_snapshot = true)")
+    by_rule = [d for d in r.get("deleted") or [] if d != gone]
+    inc = r.get("incomplete") or {}
+    by_rule = [d for d in by_rule if d not in (inc.get("deleted") or [])]
+    if r.get("kept") or by_rule:
+        held = [h for h in r.get("held") or [] if h != gone]
+        lines.append(
+            f"retention: kept {len(r.get('kept') or {})} complete snapshot(s), deleted "
+            f"{len(by_rule)}" + (f" (held: {escape(', '.join(held))})" if held else "")
+        )
+    if inc.get("deleted"):
+        lines.append(
+            f"retention: deleted {len(inc['deleted'])} incomplete snapshot(s) (backup, "
+            f"verification or drill failed; a newer run is complete): "
+            + escape(", ".join(inc["deleted"]))
+        )
+    if inc.get("kept"):
+        lines.append(
+            f"retention: kept {len(inc['kept'])} incomplete snapshot(s) until the next "
+            "complete run: " + escape(", ".join(inc["kept"]))
+        )
+    return lines
+
+
+__all__ = ["print_backup_report", "print_drill", "render", "retention_lines"]

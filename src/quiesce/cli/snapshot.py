@@ -136,7 +136,7 @@ def create_cmd(
     if as_json:
         emit_json(man.to_dict())
         return
-    _say(f"snapshot {man.id} ({man.provider}, {man.consistency}-consistent)")
+    _say(f"snapshot {man.id} ({man.provider}, consistency: {man.consistency})")
     for s in man.snapshots:
         _say(f"  {s['volume']}: {s['location']}")
     if man.window is not None:

@@ -21,10 +21,11 @@ from quiesce.apps.hooks import (
     SessionSpec,
     StepTimer,
 )
-from quiesce.errors import UsageError
+from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
-from quiesce.snapshot.quiescers import Quiescer, quiesces, quiescing_steps
+from quiesce.snapshot.consistency import Claim
+from quiesce.snapshot.quiescers import Quiescer, claim_of, files_of, quiesces, quiescing_steps
 from quiesce.sys.redact import redact, register_secret
 
 
@@ -42,6 +43,17 @@ class _Marked:
     @property
     def steps(self) -> list[str]:
         return quiescing_steps(self.inner)
+
+    @property
+    def who(self) -> str:
+        q = self.inner
+        return str(getattr(q, "who", None) or getattr(q, "name", None) or type(q).__name__)
+
+    def depends_on(self) -> list[tuple[str, str]]:
+        return files_of(self.inner)
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        return claim_of(self.inner, frozen_ns)
 
     def before_freeze(self) -> None:
         if self.first:
@@ -95,11 +107,31 @@ class GuardedWriter:
     def __init__(self, ctx: HookContext, writer: Any) -> None:
         self.ctx, self.writer = ctx, writer
         self.held = False
+        self.quiesced = False  # before_freeze succeeded (stays set after the release)
 
     @property
     def steps(self) -> list[str]:
         """What quiesced, for the consistency reason."""
         return [f"writer {self.writer.name}"]
+
+    @property
+    def who(self) -> str:
+        return f"writer {self.writer.name}"
+
+    def depends_on(self) -> list[tuple[str, str]]:
+        """The writer's files; under ``on_hook_failure = "crash-consistent"`` a writer
+        that cannot say (its server is down) declares none: its before_freeze fails the
+        same way and the policy records it."""
+        try:
+            return list(self.writer.depends_on())
+        except QuiesceError:
+            if self.ctx.on_hook_failure == "crash-consistent":
+                return []
+            raise
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """The writer's own, if it quiesced (a failure the policy let pass claims none)."""
+        return list(self.writer.claims(frozen_ns)) if self.quiesced else []
 
     def _step(self, kind: str, fn: Any, *args: Any) -> HookResult:
         r = HookResult(name=self.writer.name, kind=kind)
@@ -118,7 +150,7 @@ class GuardedWriter:
     def before_freeze(self) -> None:
         r = self._step("writer", self.writer.before_freeze)
         if r.ok:
-            self.held = True
+            self.held = self.quiesced = True
         else:
             self.ctx.failed(r, quiescing=True)
 
@@ -194,6 +226,18 @@ def build_writers(config: JobConfig) -> list[Any]:
     return out
 
 
+def hook_files(job: Job) -> dict[str, list[tuple[str, str]]]:
+    """The files each hook declares (``depends_on``), by hook name, for the proof that
+    they lie on the group."""
+    h = job.config.hooks
+    out: dict[str, list[tuple[str, str]]] = {}
+    for kind, hooks in (("pre_freeze", h.pre_freeze), ("session", h.session)):
+        for i, x in enumerate(hooks):
+            if x.depends_on:
+                out[f"hook {hook_name(x, kind, i)!r}"] = [(p, "depends_on") for p in x.depends_on]
+    return out
+
+
 def hook_name(h: CommandHookConfig | SessionHookConfig, kind: str, i: int) -> str:
     """The hook's name, else its kind, index and program (the script, for interpreters)."""
     if h.name:
@@ -242,6 +286,7 @@ __all__ = [
     "PhaseMarks",
     "build_quiescers",
     "build_writers",
+    "hook_files",
     "hook_name",
     "writer_password",
 ]

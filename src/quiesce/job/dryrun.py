@@ -127,6 +127,7 @@ def describe_plan(job: Job, report: Report) -> None:
         members = [m for m in plan.members if not m.skip]
         names = [m.name for m in members]
         mode: str = FreezeMode.FIFREEZE
+        provider = None
         try:
             provider = get_provider(c.provider.type)(**c.provider.options)
             mode = provider.freeze_mode(members)
@@ -153,6 +154,9 @@ def describe_plan(job: Job, report: Report) -> None:
             steps.append(f"start the guardian (deadline {t.freeze:g}s, lease {t.lease:g}s)")
         if c.syncfs:
             steps.append("syncfs: " + ", ".join(names))
+        step = provider.before_freeze_step() if provider is not None else None
+        if step:
+            steps.append(step)
         if mode == FreezeMode.FIFREEZE:
             steps.append("FIFREEZE in order: " + ", ".join(names))
         elif mode == FreezeMode.PROVIDER:

@@ -36,4 +36,19 @@ def job_hint(hint: str) -> str:
     return hint
 
 
-__all__ = ["job_hint"]
+# the commands that read a state directory (they take --job JOB.toml for its state_dir)
+_STATE_COMMANDS = re.compile(
+    r"`quiesce (status|cleanup|snapshot (?:list|mount|umount|delete))((?:(?!--job)[^`])*)`"
+)
+
+
+def with_job(text: str, job_file: str | None) -> str:
+    """``text`` with ``--job JOB.toml`` added to each command that reads the state
+    directory (`quiesce status`, `cleanup`, `snapshot list/mount/umount/delete`): for a job
+    with its own ``state_dir``, the default directory is the wrong one."""
+    if not job_file:
+        return text
+    return _STATE_COMMANDS.sub(lambda m: f"`quiesce {m[1]}{m[2]} --job {job_file}`", text)
+
+
+__all__ = ["job_hint", "with_job"]

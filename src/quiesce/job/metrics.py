@@ -35,9 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce.snapshot.consistency import Consistency
 from quiesce.sys.files import write_atomic
 from quiesce.sys.redact import redact
 from quiesce.sys.trust import TrustError, open_trusted_dir
+
+# the level as a number (alert on ``< 1``): the strongest level is the highest
+LEVEL_VALUE = {level: len(Consistency) - 1 - level.rank for level in Consistency}
 
 PREFIX = "quiesce_"
 # name -> help text (gauges, but for COUNTERS)
@@ -52,7 +56,9 @@ METRICS: dict[str, str] = {
     "run_duration_seconds": "Duration of the last run, from start to report.",
     "freeze_window_seconds": "Freeze window of the last run: first FIFREEZE to last FITHAW.",
     "backup_bytes": "Bytes of file content the last backup processed.",
-    "backup_added_bytes": "New bytes the last backup stored in the target (after dedup).",
+    "backup_added_bytes": (
+        "New bytes the last backup added to the target (after dedup, before compression)."
+    ),
     "backup_files": "Files the last backup processed.",
     "backup_duration_seconds": "Duration of the last backup phase (the target's command).",
     "verify_success": "1 if the last backup was verified good, 0 if it failed verification.",
@@ -61,6 +67,9 @@ METRICS: dict[str, str] = {
         "snapshot and passed its check), 0 if it failed."
     ),
     "drill_recovery_seconds": "Longest application recovery of the last restore drill.",
+    "consistency_level": "Consistency of the last snapshot: "
+    + ", ".join(f"{v} {level}" for level, v in LEVEL_VALUE.items())
+    + " (docs/consistency.md).",
 }
 COUNTERS = frozenset({"runs_total"})
 _SAMPLE = re.compile(
@@ -87,6 +96,7 @@ class RunMetrics:
     verify_ok: bool | None = None
     drill_ok: bool | None = None
     drill_recovery_s: float | None = None
+    consistency: str | None = None  # a Consistency, when a snapshot was made
     keep: frozenset[str] = frozenset()
 
     def samples(self, previous: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -110,6 +120,9 @@ class RunMetrics:
             "verify_success": None if self.verify_ok is None else float(self.verify_ok),
             "drill_success": None if self.drill_ok is None else float(self.drill_ok),
             "drill_recovery_seconds": self.drill_recovery_s,
+            "consistency_level": (
+                LEVEL_VALUE[Consistency.read(self.consistency)] if self.consistency else None
+            ),
         }
         for name in self.keep:
             if out.get(name) is None and name in previous:
@@ -126,6 +139,7 @@ def run_metrics(
     backup: Mapping[str, Any] | None,
     exit_code: int | None = None,
     keep: frozenset[str] = frozenset(),
+    consistency: str | None = None,
 ) -> RunMetrics:
     """The one mapping from what a run (or ``quiesce backup``) did to its metrics;
     ``backup`` is a BackupReport's ``to_dict()``, or None when no backup ran."""
@@ -137,6 +151,7 @@ def run_metrics(
         success=success,
         exit_code=exit_code,
         keep=keep,
+        consistency=consistency,
         duration_s=duration_s,
         freeze_window_s=freeze_window_s,
         backup_bytes=b.get("bytes"),
@@ -147,6 +162,32 @@ def run_metrics(
         drill_ok=bool(d["ok"]) if d else None,
         drill_recovery_s=d.get("recovery_s"),
     )
+
+
+def refused_run_metrics(job_file: str | Path, exit_code: int) -> str | None:
+    """A run refused before it started (the job file does not load: a key typo, a
+    missing password file) still counts: ``last_run_success`` 0, when the file names
+    its ``metrics_file`` (read from the raw TOML, as far as it parses). Returns the
+    metrics file written, or None."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(Path(job_file).read_text())
+    except (OSError, ValueError):
+        return None
+    target = raw.get("metrics_file")
+    if not isinstance(target, str) or not os.path.isabs(target):
+        return None
+    from quiesce.job.schema import NAME_RE
+
+    name, stem = raw.get("name"), Path(job_file).stem
+    job = name if isinstance(name, str) and name else (stem if NAME_RE.match(stem) else "job")
+    run = RunMetrics(job=job, success=False, exit_code=exit_code, keep=frozenset(METRICS))
+    try:
+        write_textfile(target, run)  # the last good run's other samples stay
+    except OSError:
+        return None
+    return target
 
 
 def escape_label(value: str) -> str:
@@ -283,4 +324,14 @@ def write_textfile(path: str | Path, run: RunMetrics) -> str:
     return text
 
 
-__all__ = ["COUNTERS", "METRICS", "RunMetrics", "parse", "render", "run_metrics", "write_textfile"]
+__all__ = [
+    "COUNTERS",
+    "LEVEL_VALUE",
+    "METRICS",
+    "RunMetrics",
+    "parse",
+    "refused_run_metrics",
+    "render",
+    "run_metrics",
+    "write_textfile",
+]

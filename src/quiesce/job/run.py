@@ -17,12 +17,13 @@ from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import BackupReport, apply_snapshot_retention, run_backup
 from quiesce.backup.targets.base import ProgressFn
 from quiesce.errors import QuiesceError
-from quiesce.job.build import PhaseMarks, build_quiescers, build_writers, hook_name
+from quiesce.job.build import PhaseMarks, build_quiescers, build_writers, hook_files, hook_name
 from quiesce.job.dryrun import describe_plan
 from quiesce.job.metrics import run_metrics, write_textfile
 from quiesce.job.report import Phase, Report
 from quiesce.job.schema import Job
 from quiesce.job.timeline import fill_from_manifest, window_phases
+from quiesce.snapshot.consistency import Consistency
 from quiesce.state.locks import JobBusy, job_lock
 from quiesce.state.retention import RetentionPolicy
 from quiesce.state.statedir import UntrustedState, state_dir
@@ -31,12 +32,18 @@ from quiesce.sys.redact import redact
 
 
 def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:
-    """A failed hook that the policy let pass: the stored manifest must say so too."""
+    """A failed hook that the policy let pass: the application was not quiesced, so at
+    best the restore sees what a power cut leaves (``atomic``); the stored manifest must
+    say so too."""
     from quiesce import snapshot as snapshots
 
-    manifest.consistency = "crash"
+    level = Consistency.read(manifest.consistency).at_most(Consistency.ATOMIC)
+    manifest.consistency = str(level)
     manifest.consistency_reason = (
-        "only crash-consistent: " + "; ".join(reasons) + " (on_hook_failure = crash-consistent)"
+        "not quiesced, as after a power cut at best: "
+        + "; ".join(reasons)
+        + " (on_hook_failure = crash-consistent); "
+        + manifest.consistency_reason
     )
     try:
         snapshots.save_manifest(state, manifest)
@@ -114,7 +121,11 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
             state_dir=Path(c.state_dir) if c.state_dir else None,
             quiescers=quiescers,
             events=events,
+            depends_on=hook_files(job),
         )
+        if c.backup is not None:  # incomplete (retention: not counted) until backed up
+            manifest.backup = {"ok": False, "state": "pending", "target": c.backup.target}
+            snapshots.save_manifest(c.state_dir, manifest)
     except QuiesceError as e:
         report.set_error(e)
         manifest = e.details.get("manifest")
@@ -166,11 +177,23 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
         events=events,
         writers=writers,
     )
+    if c.state_dir and job.path:  # its hints must name the job's state directory
+        _hints_with_job(report, str(job.path))
     report.finish()
     if job.config.hooks.after_run:
         with phase_events(events, "after-run hooks"):
             _after_run_hooks(job, ctx, report)
     return report
+
+
+def _hints_with_job(report: Report, job_file: str) -> None:
+    from quiesce.job.hints import with_job
+
+    if report.error:
+        for key in ("message", "hint"):
+            if isinstance(report.error.get(key), str):
+                report.error[key] = with_job(report.error[key], job_file)
+    report.warnings = [with_job(w, job_file) for w in report.warnings]
 
 
 def after_run(
@@ -231,6 +254,7 @@ def after_run(
             duration_s=time.monotonic() - report.t0,
             freeze_window_s=report.window_s,
             backup=bk.to_dict() if bk is not None else None,
+            consistency=getattr(manifest, "consistency", None),
         )
         try:
             write_textfile(metrics_file, metrics)

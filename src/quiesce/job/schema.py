@@ -92,6 +92,7 @@ class CommandHookConfig(_Strict):
     name: str | None = None
     timeout: PositiveFloat | None = None  # default: timeouts.hook
     env: HookEnv = {}
+    depends_on: list[str] = []  # files the hook's application needs: proven on the group
 
     _check_argv = field_validator("command", mode="before")(_argv)
 
@@ -102,6 +103,7 @@ class SessionHookConfig(_Strict):
     ready_timeout: PositiveFloat | None = None  # default: timeouts.hook
     done_timeout: PositiveFloat | None = None
     env: HookEnv = {}
+    depends_on: list[str] = []  # files the hook's application needs: proven on the group
 
     _check_argv = field_validator("command", mode="before")(_argv)
 

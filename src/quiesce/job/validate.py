@@ -248,6 +248,25 @@ def _env_problems(env: Any, key: str) -> list[Problem]:
     return problems
 
 
+def _depends_problems(paths: Any, key: str) -> list[Problem]:
+    """``depends_on``: absolute paths, on a hook that quiesces (proven on the group)."""
+    if not paths or not isinstance(paths, list):
+        return []  # empty, or the schema reports the type
+    if key.startswith(("hooks.post_thaw", "hooks.after_run")):
+        return [
+            Problem(
+                f"{key}.depends_on",
+                "only a pre_freeze or session hook quiesces an application",
+                "move depends_on to the hook that quiesces it",
+            )
+        ]
+    return [
+        Problem(f"{key}.depends_on[{i}]", f"{p!r} is not an absolute path", 'e.g. "/srv/app/data"')
+        for i, p in enumerate(paths)
+        if isinstance(p, str) and not os.path.isabs(p)
+    ]
+
+
 def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
     problems: list[Problem] = []
     for section in ("pre_freeze", "post_thaw", "session", "after_run"):
@@ -255,6 +274,7 @@ def _hook_problems(raw: dict[str, Any]) -> tuple[list[Problem], list[Path]]:
             key = f"hooks.{section}[{i}].command"
             problems += _command_problems(table.get("command"), key, table.get("env"))
             problems += _env_problems(table.get("env"), f"hooks.{section}[{i}].env")
+            problems += _depends_problems(table.get("depends_on"), f"hooks.{section}[{i}]")
     hooks = raw.get("hooks")
     if isinstance(hooks, dict):
         problems += _env_problems(hooks.get("directory_env"), "hooks.directory_env")

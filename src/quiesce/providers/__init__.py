@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from quiesce.sys.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
+    from quiesce.providers.base import FreezeMode, Provider, Snapshot
     from quiesce.providers.options import (
         BtrfsOptions,
         CommandOptions,
@@ -35,7 +35,6 @@ __getattr__ = lazy_exports(
     {
         "BtrfsOptions": ".options:BtrfsOptions",
         "CommandOptions": ".options:CommandOptions",
-        "Consistency": ".base:Consistency",
         "EbsOptions": ".options:EbsOptions",
         "FreezeMode": ".base:FreezeMode",
         "LvmOptions": ".options:LvmOptions",
@@ -55,7 +54,6 @@ __all__ = [
     "PROVIDERS",
     "BtrfsOptions",
     "CommandOptions",
-    "Consistency",
     "EbsOptions",
     "FreezeMode",
     "LvmOptions",

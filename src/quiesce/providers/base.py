@@ -26,12 +26,6 @@ class FreezeMode(enum.StrEnum):
     NONE = "none"  # atomic snapshots that must not be frozen (btrfs, zfs)
 
 
-class Consistency(enum.StrEnum):
-    APPLICATION = "application"  # writers/hooks quiesced the apps, and the fs was frozen
-    FILESYSTEM = "filesystem"  # frozen (or atomic) filesystem image: mounts without recovery
-    CRASH = "crash"  # as after a power cut: needs journal recovery, apps may be torn
-
-
 @dataclass
 class Snapshot:
     """One snapshot of one volume, as a provider made it."""
@@ -94,6 +88,10 @@ class Provider(ABC):
         """The last work outside the window, after the writers quiesced and the volumes
         were flushed (the guardian is armed, nothing is frozen yet): whatever the flush
         wrote that the window would otherwise have to handle."""
+
+    def before_freeze_step(self) -> str | None:
+        """What ``before_freeze`` does, for ``--dry-run`` (None: nothing)."""
+        return None
 
     @abstractmethod
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:

@@ -268,6 +268,14 @@ class ReflinkProvider(Provider):
         except OSError as e:
             raise _clone_error(e, c.backing, c.dest) from None
 
+    def before_freeze_step(self) -> str | None:
+        if self.config.mode != "delta":
+            return None
+        return (
+            "reflink: re-clone what was written since prepare (the quiesce, the checkpoint, "
+            "the flush), paced, before the freeze: the longest step outside the window"
+        )
+
     def before_freeze(self, members: Sequence[GroupMember]) -> None:
         """Delta mode: re-clone what was written since ``prepare`` (the writers' quiesce, a
         database checkpoint, the pre-freeze flush), paced, so the window re-clones only the

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
-from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import ZfsOptions
 from quiesce.sys import proc
 
@@ -163,7 +163,6 @@ class ZfsProvider(Provider):
                         "snapshot": p.snap,
                         "atomic_with": together,
                         "one_instant": one_instant,
-                        "consistency": Consistency.FILESYSTEM.value,
                         "consistency_reason": (
                             "one zfs snapshot command: every dataset in one transaction group"
                             if one_instant

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from quiesce.sys.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from quiesce.snapshot.consistency import Claim, Consistency
     from quiesce.snapshot.deleting import delete
     from quiesce.snapshot.engine import create
     from quiesce.snapshot.manifest import MANIFEST_VERSION, Manifest
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(
     __name__,
     {
+        "Claim": ".consistency:Claim",
+        "Consistency": ".consistency:Consistency",
         "DEFAULT_STATE_DIR": ".store:DEFAULT_STATE_DIR",
         "MANIFEST_VERSION": ".manifest:MANIFEST_VERSION",
         "Manifest": ".manifest:Manifest",
@@ -57,6 +60,8 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "MANIFEST_VERSION",
     "STATE_ENV",
+    "Claim",
+    "Consistency",
     "Manifest",
     "Quiescer",
     "QuiescerStack",

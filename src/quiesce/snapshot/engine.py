@@ -27,9 +27,9 @@ from quiesce.providers.base import FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.cleanup import UNDO
-from quiesce.snapshot.consistency import consistency
+from quiesce.snapshot.consistency import consistency, prove_on_group
 from quiesce.snapshot.manifest import Manifest
-from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, quiescing_steps
+from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, claim_of, files_of
 from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
@@ -45,7 +45,7 @@ _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ANNOUNCED = {
     "prepare": "prepare snapshot",
     "before_freeze": "quiesce applications",
-    "window": "freeze window",
+    "window": "take snapshot",  # syncfs, re-clone, freeze, snapshot, thaw: the window is inside
     "after_thaw": "release applications",
 }
 
@@ -205,8 +205,13 @@ def create(
     expedite: bool = True,
     events: EventFn | None = None,
     end_blockers_after: float | None = None,
+    depends_on: Mapping[str, Sequence[tuple[str, str]]] | None = None,
 ) -> Manifest:
     """Snapshot the filesystems mounted at ``paths`` as one group; return the manifest.
+
+    Every file a quiescer depends on (its ``depends_on()``, and ``depends_on``:
+    ``{who: [(path, what)]}`` for the caller's own, e.g. a job's hooks) must lie on the
+    group, or nothing is made (:class:`~quiesce.snapshot.consistency.OutsideGroup`).
 
     ``events`` hears each phase start and end; those of the freeze window are held in
     memory and delivered after the thaw (whoever renders them may write to a frozen
@@ -231,6 +236,8 @@ def create(
             if mode is FreezeMode.FIFREEZE:
                 plan.check()
             prov.check(members)
+            declared = {_who(q): files_of(q) for q in quiescers} | dict(depends_on or {})
+            proven = prove_on_group(declared, members)
         now = datetime.now(UTC)
         snap_id = _unique_id(job, state, now)
         quiesced = QuiescerStack()
@@ -263,8 +270,11 @@ def create(
                 errors += _released(quiesced, True)
             with phases("provider_after_thaw"):
                 prov.after_thaw(made)
-            steps = [step for q in quiescers for step in quiescing_steps(q)]
-            level, reason = consistency(mode, prov, plan, window, made, snapshot_s, steps)
+            frozen_ns = window.start_ns if window is not None else None
+            claims = [c for q in quiescers for c in claim_of(q, frozen_ns)]
+            level, reason = consistency(
+                mode, prov, plan, window, made, snapshot_s, claims, proven
+            )  # fmt: skip
             man = Manifest(
                 id=snap_id,
                 job=job,
@@ -305,6 +315,11 @@ def create(
             manifest=man,
         )
     return man
+
+
+def _who(q: Quiescer) -> str:
+    name = getattr(q, "who", None) or getattr(q, "name", None)
+    return str(name) if name else type(q).__name__
 
 
 def _volume_dict(m: GroupMember) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
+from quiesce.snapshot.consistency import Claim, Consistency
+
 
 @runtime_checkable
 class Quiescer(Protocol):
@@ -39,6 +41,26 @@ def quiescing_steps(q: Quiescer) -> list[str]:
         return [str(s) for s in steps]
     name = getattr(q, "name", None)
     return [f"hook {name!r}" if name else type(q).__name__]
+
+
+def files_of(q: Quiescer) -> list[tuple[str, str]]:
+    """The files ``q`` depends on, ``[(path, what)]``: its optional ``depends_on()``
+    (a writer asks its application), else none declared."""
+    fn = getattr(q, "depends_on", None)
+    return [(str(p), str(w)) for p, w in fn()] if callable(fn) else []
+
+
+def claim_of(q: Quiescer, frozen_ns: int | None) -> list[Claim]:
+    """What ``q`` did, for the level and its reason: its optional ``claims(frozen_ns)``
+    (``frozen_ns``: CLOCK_MONOTONIC of the first freeze, or None), else, for a step that
+    quiesces, an ATOMIC claim (a hook cannot prove a recovery-free state)."""
+    fn = getattr(q, "claims", None)
+    if callable(fn):
+        return list(fn(frozen_ns))
+    return [
+        Claim(step, Consistency.ATOMIC, "ran before the freeze (a hook proves no flushed state)")
+        for step in quiescing_steps(q)
+    ]
 
 
 class QuiescerStack:
@@ -82,4 +104,12 @@ def held(quiescers: Sequence[Quiescer]) -> Iterator[None]:
             raise failed[0][1]
 
 
-__all__ = ["Quiescer", "QuiescerStack", "held", "quiesces", "quiescing_steps"]
+__all__ = [
+    "Quiescer",
+    "QuiescerStack",
+    "claim_of",
+    "files_of",
+    "held",
+    "quiesces",
+    "quiescing_steps",
+]

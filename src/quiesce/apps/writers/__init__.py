@@ -12,6 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from quiesce.errors import ExitCode, QuiesceError
+from quiesce.snapshot.consistency import Claim
 from quiesce.sys.lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Writer:
         self.name = name
         self.info: dict[str, Any] = {}
         self.conn: Any = None
+        self._files: list[tuple[str, str]] | None = None
 
     def _close(self) -> None:
         """Close the session (which releases whatever it still holds); never raises."""
@@ -53,6 +55,30 @@ class Writer:
 
     def describe(self) -> tuple[str, str | None]:
         """What it does before the window, and after it (None: nothing), for --dry-run."""
+        raise NotImplementedError
+
+    def depends_on(self) -> list[tuple[str, str]]:
+        """Every file the application needs for a restore, ``[(path, what)]``, asked from
+        the application itself (a WriterError if it cannot say). The run and `quiesce
+        check` prove each lies on the group. Cached: asked once per writer."""
+        if self._files is None:
+            self._files = self._ask_files()
+        return self._files
+
+    def _ask_files(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def readiness(self) -> list[str]:
+        """What would stop ``before_freeze`` (connection, privileges, the lock), checked
+        without changing anything; each a sentence. For `quiesce check`."""
+        try:
+            self.depends_on()
+        except WriterError as e:
+            return [e.message + (f" ({e.hint})" if e.hint else "")]
+        return []
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """What this writer did, for the consistency level (after the window)."""
         raise NotImplementedError
 
 

@@ -4,7 +4,9 @@ The lock lives only as long as the connection, so this writer keeps it open from
 before the freeze until right after the thaw (a one-shot hook cannot: AWS's sample
 script released the lock when its client exited, before the snapshot). While it is
 held no transaction commits and non-transactional tables are flushed and closed;
-InnoDB recovers the rest from its redo log.
+InnoDB recovers the rest from its redo log: a restore runs crash recovery, so the level
+is ``atomic``, never ``clean`` (the report says how much redo, at most: the checkpoint
+age measured under the lock).
 
 Two locks give that. ``BACKUP STAGE START`` + ``BLOCK_COMMIT`` (MariaDB >= 10.4.1,
 the sequence MariaDB documents for storage snapshots) blocks only commits and lets
@@ -17,11 +19,15 @@ first where the server has it. ``lock_wait_timeout`` bounds either wait.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from typing import Any, Literal
 
 from quiesce.apps.writers import Writer, WriterError, need_module
+from quiesce.snapshot.consistency import Claim, Consistency
 from quiesce.sys.redact import redact, register_secret
+from quiesce.sys.units import human_bytes
 
 LockMode = Literal["auto", "backup_stage", "flush_tables"]
 TAKE = {
@@ -30,6 +36,14 @@ TAKE = {
 }
 RELEASE = {"backup_stage": "BACKUP STAGE END", "flush_tables": "UNLOCK TABLES"}
 ER_LOCK_WAIT_TIMEOUT = 1205
+# where the server keeps what a restore needs (relative paths are below datadir)
+_FILES = (
+    ("innodb_data_home_dir", "InnoDB system tablespace"),
+    ("innodb_log_group_home_dir", "InnoDB redo log"),
+    ("aria_log_dir_path", "Aria log"),
+)
+# the privileges each lock needs (either one)
+_NEEDS = {"backup_stage": ("RELOAD", "BACKUP_ADMIN"), "flush_tables": ("RELOAD",)}
 
 
 def has_backup_stage(version: str) -> bool:
@@ -64,6 +78,7 @@ class MysqlWriter(Writer):
         self.user, self._password, self.defaults_file = user, password, defaults_file
         register_secret(password)
         self.timeout = timeout
+        self._checkpoint_lsn: int | None = None
 
     def _sql(self, query: str) -> Any:
         try:
@@ -85,7 +100,54 @@ class MysqlWriter(Writer):
         }[self.lock]
         return f"{take} (session held)", release
 
-    def before_freeze(self) -> None:
+    def _ask_files(self) -> list[tuple[str, str]]:
+        """datadir, InnoDB's data and redo directories, the Aria log directory."""
+        self._connect()
+        try:
+            datadir = str(self._sql("SELECT @@datadir")[0][0])
+            files = [(datadir, "datadir")]
+            for var, what in _FILES:
+                try:
+                    value = self._sql(f"SELECT @@{var}")[0][0]
+                except WriterError:
+                    continue  # not this server (MySQL has no Aria)
+                files.append((os.path.join(datadir, str(value or "")), what))
+            return [(os.path.normpath(p), w) for p, w in files]
+        finally:
+            self._close()
+
+    def readiness(self) -> list[str]:
+        """Connects with the job's credentials; the account holds what its lock needs
+        (RELOAD, or BACKUP_ADMIN for BACKUP STAGE); changes nothing."""
+        problems = super().readiness()
+        if problems:
+            return problems
+        self._connect()
+        try:
+            mode = self._lock_mode(self._sql("SELECT VERSION()")[0][0])
+            grants = " ".join(str(r[0]) for r in self._sql("SHOW GRANTS")).upper()
+            global_grants = [g for g in grants.split("GRANT ") if " ON *.* " in g]
+            have = " ".join(global_grants)
+            if "ALL PRIVILEGES" not in have and not any(p in have for p in _NEEDS[mode]):
+                problems.append(
+                    f"mysql: the account may not take {TAKE[mode][-1]} (GRANT "
+                    f"{' or '.join(_NEEDS[mode])} ON *.* to it)"
+                )
+        except WriterError as e:
+            problems.append(e.message)
+        finally:
+            self._close()
+        return problems
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """ATOMIC: commits held, but InnoDB still replays its redo log on restore."""
+        lock = self.info.get("lock", "flush_tables")
+        says = f"{TAKE[lock][-1]} held across the window: no commit torn; InnoDB recovery "
+        age = self.info.get("redo_since_checkpoint_bytes")
+        says += f"replays ≤ {human_bytes(age)} of redo" if age is not None else "replays its redo"
+        return [Claim(f"writer {self.name}", Consistency.ATOMIC, says)]
+
+    def _connect(self) -> None:
         pymysql = need_module("pymysql", "PyMySQL")
         kw: dict[str, Any] = {
             "user": self.user,
@@ -106,6 +168,9 @@ class MysqlWriter(Writer):
             self.conn = pymysql.connect(**kw)
         except Exception as e:
             raise WriterError(redact(f"mysql: cannot connect: {e}")) from None
+
+    def before_freeze(self) -> None:
+        self._connect()
         try:
             self._sql(f"SET SESSION lock_wait_timeout = {max(int(self.timeout), 1)}")
             version = self.info["server_version"] = self._sql("SELECT VERSION()")[0][0]
@@ -129,6 +194,9 @@ class MysqlWriter(Writer):
                     ) from None
             self.info["lock"] = mode
             self.info["locked"] = True
+            # recovery replays from the snapshot's checkpoint (no earlier than this one)
+            # to its log end (no later than the LSN after the thaw): that bounds it
+            self._checkpoint_lsn = self._status("Innodb_lsn_last_checkpoint")
         except BaseException:
             self._close()
             raise
@@ -143,10 +211,19 @@ class MysqlWriter(Writer):
             )
         return self.lock
 
+    def _status(self, var: str) -> int | None:
+        """A numeric global status variable (MariaDB's InnoDB LSNs), None if absent."""
+        with contextlib.suppress(WriterError, IndexError, ValueError):
+            return int(self._sql(f"SHOW GLOBAL STATUS LIKE '{var}'")[0][1])
+        return None
+
     def after_thaw(self, ok: bool) -> None:
         if self.conn is None:
             return
         try:
+            end = self._status("Innodb_lsn_current")
+            if end is not None and self._checkpoint_lsn is not None:
+                self.info["redo_since_checkpoint_bytes"] = max(end - self._checkpoint_lsn, 0)
             self._sql(RELEASE[self.info.get("lock", "flush_tables")])
             self.info["locked"] = False
         finally:

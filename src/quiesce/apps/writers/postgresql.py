@@ -1,8 +1,10 @@
 """PostgreSQL: CHECKPOINT before the freeze; optionally pg_backup_start/stop in a session.
 
-A snapshot of every volume of the cluster (data directory and WAL) taken at one instant
-is crash-consistent, and PostgreSQL recovers it like after a power cut; the CHECKPOINT
-just before the freeze keeps that recovery short. ``backup = true`` additionally brackets
+A snapshot of every volume of the cluster (data directory, WAL, tablespaces: asked from
+the server, proven on the group) taken at one instant is ``atomic``: PostgreSQL recovers
+it like after a power cut, replaying the WAL written since the CHECKPOINT just before the
+freeze (measured: the report says how much, at most). It is never ``clean``: nothing
+holds the cluster still. ``backup = true`` additionally brackets
 the window with ``pg_backup_start``/``pg_backup_stop`` (non-exclusive, so the session is
 held across the window) and returns the backup_label (and tablespace_map) with the data
 directory they belong in: the job keeps them in the manifest, and ``quiesce restore``
@@ -12,10 +14,19 @@ captured at one instant, or for archive-based PITR.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from quiesce.apps.writers import Writer, WriterError, need_module
+from quiesce.snapshot.consistency import Claim, Consistency
 from quiesce.sys.redact import redact, register_secret, register_url_secrets
+from quiesce.sys.units import human_bytes, human_duration
+
+_SETTINGS_HINT = (
+    "grant pg_read_all_settings to the job's role (or connect as a superuser): quiesce "
+    "proves the cluster's files lie on the group"
+)
 
 
 class PostgresWriter(Writer):
@@ -37,6 +48,7 @@ class PostgresWriter(Writer):
         self.label, self.timeout = label, timeout
         # In memory only (a job's password_env): libpq gets it as a connection keyword.
         self._password = password
+        self._checkpoint_ns: int | None = None  # CLOCK_MONOTONIC when CHECKPOINT returned
         register_secret(password)
         register_url_secrets(dsn)
 
@@ -57,7 +69,7 @@ class PostgresWriter(Writer):
             "pg_backup_stop (backup_label in the report)",
         )
 
-    def before_freeze(self) -> None:
+    def _connect(self) -> None:
         psycopg = need_module("psycopg", "psycopg[binary]")
         kw: dict[str, Any] = {"autocommit": True, "connect_timeout": max(int(self.timeout), 1)}
         if self._password is not None:
@@ -66,13 +78,99 @@ class PostgresWriter(Writer):
             self.conn = psycopg.connect(self.dsn, **kw)
         except Exception as e:
             raise WriterError(redact(f"postgresql: cannot connect: {e}".strip())) from None
+
+    def _ask_files(self) -> list[tuple[str, str]]:
+        """data_directory, the WAL directory (pg_wal's target), every tablespace."""
+        self._connect()
+        try:
+            try:
+                row = self.conn.execute("SELECT current_setting('data_directory')").fetchone()
+            except Exception as e:
+                raise WriterError(
+                    redact(f"postgresql: cannot read data_directory: {e}".strip()),
+                    _SETTINGS_HINT,
+                ) from None
+            data = str(row[0])
+            files = [(data, "data_directory")]
+            files.append((os.path.realpath(os.path.join(data, "pg_wal")), "WAL directory"))
+            rows = self._sql(
+                "SELECT spcname, pg_tablespace_location(oid) FROM pg_tablespace"
+            ).fetchall()
+            files += [(str(loc), f"tablespace {name}") for name, loc in rows if loc]
+            return files
+        finally:
+            self._close()
+
+    def readiness(self) -> list[str]:
+        """Connects with the job's credentials; the role may CHECKPOINT (superuser or
+        pg_checkpoint) and run pg_backup_start when the writer does; changes nothing."""
+        problems = super().readiness()
+        if problems:
+            return problems
+        self._connect()
+        try:
+            version = self.conn.info.server_version
+            if self.checkpoint:
+                role = "pg_checkpoint" if version >= 150000 else None
+                q = "SELECT rolsuper" + (
+                    " OR pg_has_role(current_user, 'pg_checkpoint', 'MEMBER')" if role else ""
+                )
+                ok = self._sql(q + " FROM pg_roles WHERE rolname = current_user").fetchone()
+                if not (ok and ok[0]):
+                    problems.append(
+                        "postgresql: the role may not run CHECKPOINT (grant it "
+                        + ("pg_checkpoint, or " if role else "")
+                        + "connect as a superuser; or set checkpoint = false)"
+                    )
+            if self.backup:
+                fn = (
+                    "pg_backup_start(text, boolean)"
+                    if version >= 150000
+                    else "pg_start_backup(text, boolean, boolean)"
+                )
+                ok = self._sql("SELECT has_function_privilege(%s, 'EXECUTE')", (fn,)).fetchone()
+                if not (ok and ok[0]):
+                    problems.append(
+                        f"postgresql: the role may not execute {fn.split('(')[0]} "
+                        f"(GRANT EXECUTE ON FUNCTION {fn} TO the role)"
+                    )
+        finally:
+            self._close()
+        return problems
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """Always ATOMIC: a restore runs crash recovery; says how much WAL, at most."""
+        done = self._checkpoint_ns
+        wal = self.info.get("wal_since_checkpoint_bytes")
+        if done is not None:
+            when = (
+                f"{human_duration((frozen_ns - done) / 1e9)} before the freeze"
+                if frozen_ns is not None
+                else "before the snapshot"
+            )
+            says = f"CHECKPOINT {when}: recovery replays "
+            says += f"≤ {human_bytes(wal)} of WAL" if wal is not None else "the WAL since then"
+        else:
+            says = "no CHECKPOINT: recovery replays the WAL since the server's last checkpoint"
+        if self.backup:
+            says += "; pg_backup_start/stop around the window (backup_label kept for restore)"
+        return [Claim(f"writer {self.name}", Consistency.ATOMIC, says)]
+
+    def before_freeze(self) -> None:
+        self._connect()
         try:
             self._sql(f"SET statement_timeout = {int(self.timeout * 1000)}")
             version = self.conn.info.server_version
             self.info["server_version"] = version
             self._note_data_directory()
             if self.checkpoint:
+                # recovery starts at the redo point of the last checkpoint, which is no
+                # earlier than this: the WAL written from here bounds what it replays
+                self.info["lsn_before_checkpoint"] = str(
+                    self._sql("SELECT pg_current_wal_lsn()").fetchone()[0]
+                )
                 self._sql("CHECKPOINT")
+                self._checkpoint_ns = time.monotonic_ns()
             if self.backup:
                 start = (
                     "pg_backup_start(%s, true)"
@@ -81,8 +179,8 @@ class PostgresWriter(Writer):
                 )
                 row = self._sql(f"SELECT {start}", (self.label,)).fetchone()
                 self.info["backup_start_lsn"] = str(row[0])
-            else:
-                self._close()  # nothing is held across the window
+            # else the idle session (no lock, no transaction) stays open across the window
+            # only to measure the WAL after the thaw
         except BaseException:
             self._close()
             raise
@@ -102,6 +200,12 @@ class PostgresWriter(Writer):
         if self.conn is None:
             return
         try:
+            start = self.info.get("lsn_before_checkpoint")
+            if start is not None:
+                row = self._sql(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", (start,)
+                ).fetchone()
+                self.info["wal_since_checkpoint_bytes"] = int(row[0])
             if self.backup and ok:
                 version = self.info.get("server_version", 150000)
                 stop = (

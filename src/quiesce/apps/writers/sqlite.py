@@ -1,7 +1,10 @@
 """SQLite: checkpoint the WAL, then hold a write lock (BEGIN IMMEDIATE) across the window.
 
 With the lock held no connection can commit, so the snapshot holds exactly the
-committed state (the database file plus its -wal, which SQLite replays on open).
+committed state. Under the lock a second connection checkpoints (PASSIVE: a checkpoint
+needs no write lock): when every WAL frame is then in the database file, that file alone
+holds every commit and the level is ``clean`` (a restore replays nothing); a reader that
+pins old frames leaves some in the -wal, which SQLite replays on open: ``atomic``.
 Readers go on. Writers wait in their busy handler: give them a ``busy_timeout``
 longer than the window plus the hooks, or they see SQLITE_BUSY.
 """
@@ -14,8 +17,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from quiesce.apps.writers import Writer, WriterError
+from quiesce.snapshot.consistency import Claim, Consistency
 
 CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+_BESIDE = (("-wal", "WAL"), ("-shm", "WAL index"), ("-journal", "rollback journal"))
 
 
 class SqliteWriter(Writer):
@@ -37,7 +42,7 @@ class SqliteWriter(Writer):
         self.checkpoint = checkpoint.upper()
         self.conns: list[sqlite3.Connection] = []
 
-    def _lock(self, db: Path) -> sqlite3.Connection:
+    def _lock(self, db: Path, *, checkpoint: bool = True) -> sqlite3.Connection:
         # mode=rw: never create a database that is not there.
         uri = f"file:{quote(str(db))}?mode=rw"
         try:
@@ -50,20 +55,89 @@ class SqliteWriter(Writer):
         try:
             mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             info: dict[str, object] = {"journal_mode": mode}
-            if mode == "wal":
+            if mode == "wal" and checkpoint:
                 busy, log, done = conn.execute(
                     f"PRAGMA wal_checkpoint({self.checkpoint})"
                 ).fetchone()
                 info["checkpoint"] = {"busy": bool(busy), "wal_frames": log, "checkpointed": done}
             conn.execute("BEGIN IMMEDIATE")
+            if mode == "wal" and checkpoint:
+                # under the lock no commit lands in the WAL any more: copy what is there
+                # into the database file, and count what could not be
+                info["wal_bytes_held"] = _size(Path(f"{db}-wal"))
+                info["wal_frames_pending"] = self._backfill(db)
         except sqlite3.Error as e:
             conn.close()
             raise WriterError(
                 f"sqlite: cannot lock {db}: {e}",
                 "a writer held the database longer than busy_timeout; raise it in the job",
             ) from None
-        self.info[str(db)] = info
+        if checkpoint:
+            self.info[str(db)] = info
         return conn
+
+    def _backfill(self, db: Path) -> int | None:
+        """A PASSIVE checkpoint from a second connection while this one holds the write
+        lock (a checkpoint needs no write lock): every WAL frame goes into the database
+        file unless a reader still needs it. Returns the frames left out of the database
+        file (None if it cannot tell). Through SQLite, never by opening -shm ourselves:
+        closing any fd of that file drops this process's POSIX locks, the write lock too."""
+        uri = f"file:{quote(str(db))}?mode=rw"
+        try:
+            other = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None)
+        except sqlite3.Error:
+            return None
+        try:
+            _busy, log, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            other.close()
+        return None if log < 0 else max(log - done, 0)
+
+    def _ask_files(self) -> list[tuple[str, str]]:
+        """Each database and the journal files SQLite keeps beside it."""
+        files = []
+        for db in self.databases:
+            files.append((str(db), "database"))
+            files += [(f"{db}{sfx}", what) for sfx, what in _BESIDE]
+        return files
+
+    def readiness(self) -> list[str]:
+        """Each database opens read-write and its write lock can be taken (and is
+        dropped at once: nothing written)."""
+        problems = []
+        for db in self.databases:
+            try:
+                self._lock(db, checkpoint=False).close()
+            except WriterError as e:
+                problems.append(e.message)
+        return problems
+
+    def claims(self, frozen_ns: int | None) -> list[Claim]:
+        """CLEAN for a database whose WAL was empty under the held lock (or that has no
+        WAL: the lock keeps the rollback journal away); ATOMIC otherwise."""
+        out = []
+        for db in self.databases:
+            info = self.info.get(str(db), {})
+            pending = info.get("wal_frames_pending")
+            if info.get("journal_mode") != "wal":
+                says = f"write lock held across the window on {db} ({info.get('journal_mode')})"
+                out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
+            elif pending == 0:
+                says = (
+                    f"write lock held across the window on {db}, every WAL frame already in "
+                    "the database file: nothing to replay"
+                )
+                out.append(Claim(f"writer {self.name}", Consistency.CLEAN, says, held=True))
+            else:
+                said = f"{pending} WAL frame(s)" if pending is not None else "the WAL (not read)"
+                says = (
+                    f"write lock held across the window on {db}; {said} not yet in the "
+                    "database file: SQLite replays them on open"
+                )
+                out.append(Claim(f"writer {self.name}", Consistency.ATOMIC, says, held=True))
+        return out
 
     def describe(self) -> tuple[str, str | None]:
         dbs = ", ".join(str(d) for d in self.databases)
@@ -89,3 +163,10 @@ class SqliteWriter(Writer):
                 pass
             finally:
                 conn.close()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -37,6 +37,9 @@ class BackupError(QuiesceError):
     )
 
 
+WRONG_PASSWORD = "a {target} repository exists at {repo} and the password does not open it"
+
+
 class TargetNotInstalled(UsageError):
     default_hint = "run scripts/backup-setup.sh (apt-get install restic borgbackup zstd)"
 
@@ -211,6 +214,21 @@ class Target(ABC):
 
     def exists(self) -> bool:
         return True
+
+    def locked_out(self) -> str | None:
+        """When a repository is there but the job's password does not open it, a
+        sentence saying so (init must never be tried on it); else None."""
+        return None
+
+    def refuse_locked_out(self) -> None:
+        """Raise what :meth:`locked_out` says, as the run's error and `check`'s."""
+        said = self.locked_out()
+        if said:
+            raise BackupError(
+                said,
+                "fix password_file / password_env (init = true never touches an existing "
+                "repository)",
+            )
 
     def remove_stale_locks(self) -> list[str]:
         """Remove the repository locks that a process of this host left when it died

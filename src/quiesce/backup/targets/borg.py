@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from quiesce.backup.targets.base import (
     BORG_INHERIT,
+    WRONG_PASSWORD,
     BackupError,
     BackupResult,
     CheckResult,
@@ -117,9 +118,21 @@ class BorgTarget(Target):
         )
         return res.returncode == 0
 
+    def locked_out(self) -> str | None:
+        require(self.binary, "borgbackup")
+        res = run_child([self.binary, "info", "--json"], env=self.env(), timeout=120)
+        if (
+            res.returncode != 0
+            and "passphrase supplied" in (res.stderr or "")
+            and "incorrect" in (res.stderr or "")
+        ):
+            return WRONG_PASSWORD.format(target="borg", repo=redact(self.repository))
+        return None
+
     def init(self) -> None:
         if self.exists():
             return
+        self.refuse_locked_out()
         mode = "repokey-blake2" if (self.password_file or self.password_env) else "none"
         self._run("init", "--encryption", mode, what="borg init", timeout=300)
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from quiesce.backup.targets.base import (
     RESTIC_INHERIT,
+    WRONG_PASSWORD,
     BackupError,
     BackupResult,
     CheckResult,
@@ -110,8 +111,15 @@ class ResticTarget(Target):
         # --no-cache: `quiesce check` asks too, and must not create a cache
         return self._child("--no-cache", "cat", "config", timeout=120).returncode == 0
 
+    def locked_out(self) -> str | None:
+        res = self._child("--no-cache", "cat", "config", timeout=120)
+        if res.returncode != 0 and "wrong password" in (res.stderr or ""):
+            return WRONG_PASSWORD.format(target="restic", repo=redact(self.repository))
+        return None
+
     def init(self) -> None:
         if not self.exists():
+            self.refuse_locked_out()
             self._run("init", what="restic init", timeout=300)
 
     def remove_stale_locks(self) -> list[str]:

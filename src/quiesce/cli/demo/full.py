@@ -80,8 +80,12 @@ class _Rows:
         return self.acks[-1][1] if self.acks else 0
 
 
-def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
-    """Run the demo; print as it goes (``console``) and/or return the result dict."""
+def run_full_demo(
+    console: Console | None, as_json: bool, directory: Path | None = None
+) -> dict[str, Any]:
+    """Run the demo; print as it goes (``console``) and/or return the result dict. It
+    builds in ``directory``, else $TMPDIR, else /var/tmp (room for a sparse 512 MiB
+    image, and not a tmpfs that a reboot-less machine fills)."""
     for tool, package in NEEDS.items():
         if shutil.which(tool) is None:
             raise UsageError(f"{tool} is not installed", f"apt-get install {package}")
@@ -89,7 +93,8 @@ def run_full_demo(console: Console | None, as_json: bool) -> dict[str, Any]:
         raise UsageError("the demo needs root", "run it with sudo: sudo quiesce demo")
     say = console.print if console is not None else (lambda *_a, **_k: None)
     t_start = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="quiesce-demo-", dir="/var/tmp"))
+    where = directory or os.environ.get("TMPDIR") or "/var/tmp"
+    base = Path(tempfile.mkdtemp(prefix="quiesce-demo-", dir=where))
     mounted: list[Path] = []
     loops: list[str] = []
     writer: subprocess.Popen[bytes] | None = None
@@ -211,7 +216,7 @@ def _one_run(
         f"(FIFREEZE {human_duration(vol.get('freeze_s'))}, "
         f"clone {human_duration(window.get('snapshot_s'))}, "
         f"frozen {human_duration(vol.get('frozen_for_s'))}), "
-        f"snapshot {escape(man.id)} ({man.consistency}-consistent)"
+        f"snapshot {escape(man.id)} (consistency: {man.consistency})"
     )
     with progress_for(console, f"restic backup {n}", interval=5.0) as progress:
         bk = run_backup(

@@ -40,14 +40,16 @@ print(seq, stall)
 """
 
 
-def run_demo(fstype: str, console: Console | None, as_json: bool) -> dict[str, Any]:
+def run_demo(
+    fstype: str, console: Console | None, as_json: bool, directory: Path | None = None
+) -> dict[str, Any]:
     if fstype not in MKFS:
         raise UsageError(f"unknown filesystem {fstype!r}", "choose ext4, xfs or btrfs")
     mkfs, size_mb, package = MKFS[fstype]
     if shutil.which(mkfs[0]) is None:
         raise UsageError(f"{mkfs[0]} is not installed", f"apt-get install {package}")
     say = console.print if console else (lambda *_a, **_k: None)
-    base = Path(tempfile.mkdtemp(prefix="quiesce-demo-"))
+    base = Path(tempfile.mkdtemp(prefix="quiesce-demo-", dir=directory))  # else $TMPDIR
     image, mnt = base / f"{fstype}.img", base / "mnt"
     device = None
     mounted = False
