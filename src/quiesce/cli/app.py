@@ -365,6 +365,8 @@ def exec_cmd(
             }
         )
     else:
+        for w in window.warnings:  # a lost guardian, a skipped volume: not only in --json
+            err.print(f"quiesce: warning: {w}", markup=False)
         err.print(f"quiesce: freeze window {human_duration(window.duration)}; {cmd[0]} exited {rc}")
     raise typer.Exit(rc if rc >= 0 else 128 - rc)
 
