@@ -368,7 +368,7 @@ class ReflinkProvider(Provider):
                 finally:
                     os.close(fd)
             for c, snap in zip(self._clones, snaps, strict=False):
-                if c.done:
+                if c.done and c.trace is not None:  # no trace: no base could serve
                     t0 = time.monotonic()
                     snap.extra["base_update"] = _update_base(c)
                     snap.extra["base_update"]["s"] = round(time.monotonic() - t0, 4)
