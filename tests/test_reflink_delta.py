@@ -8,6 +8,7 @@ control (the window's re-clone skipped) shows the comparison can fail.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -444,3 +445,14 @@ def test_compare_flags_every_block_not_shared_and_no_other(a_items, b_items):
     want = {blk for blk in range(32) if am.get(blk) != bm.get(blk)}
     assert flagged == want
     assert got == writetrace.merge(got)  # sorted, merged
+
+
+@settings(deadline=None)
+@given(spans, st.sampled_from([0, 4096, 65536]))
+def test_merge_with_a_gap_covers_the_union_and_leaves_only_wider_gaps(items, gap):
+    out = writetrace.merge(items, 512, gap)
+    covered = {b for off, n in out for b in range(off // 512, (off + n) // 512)}
+    for off, n in items:
+        assert set(range(off // 512, -(-(off + n) // 512))) <= covered
+    for (a, an), (b, _) in itertools.pairwise(out):
+        assert b - (a + an) > gap

@@ -44,6 +44,9 @@ CATCH_UP_ROUNDS = 4  # prepare re-clones what was written meanwhile, at most thi
 CATCH_UP_ENOUGH = 64  # ... until a round finds fewer ranges than this, or not half the last
 # round's (a database's checkpoint writes for seconds: chasing it only adds copies on write)
 
+GAP = 64 << 10  # changed ranges this close are cloned as one: fewer calls, and the blocks
+# between are the same in both files (re-sharing a shared block changes nothing)
+
 REFLINK_HINT = (
     "the image must live on a filesystem with reflink support: XFS made with "
     "`mkfs.xfs -m reflink=1`, or btrfs; ext4 cannot clone files"
@@ -241,7 +244,7 @@ class ReflinkProvider(Provider):
                     raise _clone_error(e, c.base, c.dest) from None
                 step("clone_base")
                 c.trace.forget()  # the comparison below covers everything until now
-                diff = extents.changed(c.src_fd, base, c.size, BLOCK)
+                diff = merge(extents.changed(c.src_fd, base, c.size, BLOCK), BLOCK, GAP)
             finally:
                 os.close(base)
             step("compare")
@@ -426,7 +429,7 @@ def _update_base(c: _Clone) -> dict[str, Any]:
     next snapshot clones the whole image) and does not fail the snapshot."""
     try:
         if c.cloned is not None and c.base and os.path.exists(c.base):
-            ranges = merge(c.cloned, BLOCK)
+            ranges = merge(c.cloned, BLOCK, GAP)
             fd = os.open(c.base, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 for off, n in ranges:

@@ -207,7 +207,7 @@ def merge(spans: list[tuple[int, int]], align: int = 1, gap: int = 0) -> list[tu
     for off, length in sorted(spans):
         start = off - off % align
         stop = -(-(off + length) // align) * align
-        if out and start <= out[-1][0] + out[-1][1]:
+        if out and start <= out[-1][0] + out[-1][1] + gap:
             prev_start, prev_len = out[-1]
             out[-1] = (prev_start, max(prev_len, stop - prev_start))
         else:
