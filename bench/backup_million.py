@@ -177,7 +177,11 @@ def main() -> int:
         devs.append((host_dev, base / "host"))
         mnt = base / "host" / "live"
         dev = loop(
-            base / "host" / "live.img", inner_size, ["mkfs.ext4", "-q", "-F"], mnt, direct=True
+            base / "host" / "live.img",
+            inner_size,
+            ["mkfs.ext4", "-q", "-F", "-N", str(args.files + args.files // 10 + 10_000)],
+            mnt,
+            direct=True,
         )
         devs.insert(0, (dev, mnt))
         t0 = time.monotonic()

@@ -456,3 +456,14 @@ def test_merge_with_a_gap_covers_the_union_and_leaves_only_wider_gaps(items, gap
         assert set(range(off // 512, -(-(off + n) // 512))) <= covered
     for (a, an), (b, _) in itertools.pairwise(out):
         assert b - (a + an) > gap
+
+
+def test_base_false_keeps_no_base_and_clones_the_whole_image(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        for n in range(2):
+            snap, clone, ref = _take(pair, tmp_path, WithReference(base=False), writer, n)
+            assert "base" not in snap["extra"]["prepare"] and "base_update" not in snap["extra"]
+            assert _sha(clone) == _sha(ref)
+    assert _bases(pair) == []

@@ -74,7 +74,8 @@ class _Clone:
 
 class ReflinkProvider(Provider):
     """Options (:class:`ReflinkOptions`): ``dest`` (directory for the clones; default: next
-    to each image), ``mode`` (``delta``, the default, or ``clone``)."""
+    to each image), ``mode`` (``delta``, the default, or ``clone``), ``base`` (delta: seed
+    each snapshot from the last one's content; default true)."""
 
     name: ClassVar[str] = "reflink"
 
@@ -231,7 +232,7 @@ class ReflinkProvider(Provider):
         c.offset = _loop_offset(source)
         c.size = os.fstat(c.src_fd).st_size
         pacer = Pacer()
-        base = self._open_base(c)
+        base = self._open_base(c) if self.config.base else None
         if base is None:
             c.cloned = None  # the whole image: the base is made anew after the thaw
             self._clone_ranges(c, [(0, c.size)], pacer)
@@ -347,7 +348,7 @@ class ReflinkProvider(Provider):
             snap.created = time.time()
             if ranges < 0:
                 c.cloned = None  # a whole-image clone: the base is made anew from it
-            c.done = self.config.mode == "delta"
+            c.done = self.config.mode == "delta" and self.config.base
             snap.extra["mode"] = "delta" if ranges >= 0 else "clone"
             if ranges >= 0:
                 snap.extra["ranges_in_window"] = ranges
