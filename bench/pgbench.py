@@ -13,7 +13,8 @@ seconds and deletes each snapshot before the next:
 - ``none``: no snapshots (the baseline);
 - ``script``: ``fsfreeze -f M; cp --reflink=always IMG SNAP; fsfreeze -u M`` (one shell);
 - ``quiesce``: ``quiesce.snapshots.create(..., "reflink")``, mode delta (the default);
-- ``quiesce-clone``: the same with ``mode = "clone"`` (the old in-window FICLONE).
+- ``quiesce-clone``: the same with ``mode = "clone"`` (the old in-window FICLONE; not
+  in the default ``--methods``).
 
 ``--warmup SECONDS`` first runs pgbench with fsfreeze-script snapshots, unmeasured: every
 write after a clone is copied on write, so this ages the image as nights of snapshots would.
@@ -25,8 +26,11 @@ pre-clone pieces, the longest, ranges re-cloned, CPU); every method's CPU per sn
 (the snapshotting thread plus its children: guardian, fsfreeze, cp) is printed always.
 
 Printed per method: tps, latency p99 / p99.9 / max (ms, from pgbench's per-transaction
-log), the snapshots' windows; then the ratios the goals are stated in: quiesce / script
-for max latency (goal <= 0.25), p99.9 (goal <= 1) and tps (goal >= 1).
+log), the snapshots' windows; then issue 21's table (tps, p99.9, max, the 1st and 11th
+snapshot's command time and window, CPU per snapshot, the image's extent count before and
+after the phase) and the ratios its targets are stated in: tps quiesce / script (>= 1)
+and / none (>= 0.9), p99.9 / script (<= 1), max / script (<= 0.1), 11th / 1st snapshot
+command and window (<= 1.5), CPU per snapshot / script (<= 2).
 Everything it makes is removed at the end, also on failure.
 """
 
@@ -49,10 +53,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from quiesce import snapshot as snapshots
-from quiesce.sys import kernel
+from quiesce.sys import extents, kernel
 
 PORT = 54471
-METHODS = ("none", "script", "quiesce", "quiesce-clone")
+METHODS = ("none", "quiesce", "script")  # also: quiesce-clone
 
 
 def sh(*cmd: str, user: str | None = None, cwd: str | None = None) -> str:
@@ -79,6 +83,7 @@ class Snapshotter:
         self.method, self.mnt, self.image, self.state = method, mnt, image, state
         self.interval, self.trace = interval, trace
         self.windows_ms: list[float] = []
+        self.cmd_ms: list[float] = []  # each snapshot's command, start to end (not delete)
         self.cpu_s: list[float] = []  # CPU per snapshot: this thread + reaped children
         self.traces: list[str] = []  # --trace: one line per snapshot, its phases
         self.stop = threading.Event()
@@ -103,11 +108,12 @@ class Snapshotter:
             t0, wall = time.monotonic(), time.time()
             subprocess.run(["sh", "-c", script], check=True)
             self.windows_ms.append((time.monotonic() - t0) * 1000)
+            self.cmd_ms.append(self.windows_ms[-1])
             self.spans.append((wall, time.time(), "script"))
             snap.unlink()
             return
         mode = "clone" if self.method == "quiesce-clone" else "delta"
-        t = time.time()
+        t, t0 = time.time(), time.monotonic()
         man = snapshots.create(
             [str(self.mnt)],
             "reflink",
@@ -115,6 +121,7 @@ class Snapshotter:
             job=f"pgb{i}",
             state_dir=self.state,
         )
+        self.cmd_ms.append((time.monotonic() - t0) * 1000)
         self.windows_ms.append((man.window or {}).get("window_s", 0) * 1000)
         if self.trace:
             self.traces.append(_trace_line(man))
@@ -214,8 +221,17 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p))] if xs else float("nan")
 
 
+def extent_count(image: Path) -> int:
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        return extents.count(fd)
+    finally:
+        os.close(fd)
+
+
 def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path) -> dict:
     prefix = work / f"log-{method}"
+    ext0 = extent_count(image)
     trace = getattr(args, "trace", False)
     with Snapshotter(method, mnt, image, work / "state", args.interval, trace) as snap:
         out = sh(
@@ -233,6 +249,8 @@ def run_method(method: str, args, pgb: Path, mnt: Path, image: Path, work: Path)
         "p999": pct(lat, 0.999),
         "max": lat[-1] if lat else float("nan"),
         "windows": snap.windows_ms,
+        "cmd": snap.cmd_ms,
+        "extents": (ext0, extent_count(image)),
         "cpu": snap.cpu_s,
         "traces": snap.traces,
         "errors": snap.errors,
@@ -337,25 +355,49 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nload average {os.getloadavg()}")
+    for m in methods:
+        for r in results[m]:
+            print(f"  {m}: command ms {[round(x) for x in r['cmd']]}")
+            print(f"  {m}: window ms {[round(x, 1) for x in r['windows']]}")
 
     def agg(m: str, k: str) -> float:
         vals = [r[k] for r in results[m]]
         return max(vals) if k == "max" else statistics.median(vals)
 
+    def first_nth(m: str, k: str, n: int = 11) -> tuple[float, float]:
+        xs = results[m][0][k]  # the first round's run of this method
+        return (xs[0], xs[min(n, len(xs)) - 1]) if xs else (float("nan"), float("nan"))
+
+    print("\n| phase | tps | p99.9 | max | snapshot command (1st → 11th) | window (1st → 11th)"
+          " | CPU/snapshot | image extents before → after |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in methods:
-        print(
-            f"  {m:>13}: tps {agg(m, 'tps'):8.1f}  p99 {agg(m, 'p99'):7.1f}"
-            f"  p99.9 {agg(m, 'p999'):7.1f}  max {agg(m, 'max'):8.1f} ms"
-        )
+        r0 = results[m][0]
+        if m == "none":
+            cmd = win = cpu = "–"
+        else:
+            c1, c11 = first_nth(m, "cmd")
+            w1, w11 = first_nth(m, "windows")
+            cmd, win = f"{c1:,.0f} → {c11:,.0f} ms", f"{w1:,.1f} → {w11:,.1f} ms"
+            cpu = f"{statistics.median(r0['cpu']) * 1000:,.0f} ms" if r0["cpu"] else "–"
+        e0, e1 = r0["extents"]
+        print(f"| {m} | {agg(m, 'tps'):,.0f} | {agg(m, 'p999'):.1f} ms | {agg(m, 'max'):,.1f} ms"
+              f" | {cmd} | {win} | {cpu} | {e0:,} → {e1:,} |")  # fmt: skip
     if {"script", "quiesce"} <= set(methods):
-        print("quiesce / script (goals: max <= 0.25, p99.9 <= 1, tps >= 1):")
-        for k in ("max", "p999", "tps"):
-            print(f"  {k:>5}: {agg('quiesce', k) / agg('script', k):6.3f}")
-    if "none" in methods:
-        for m in methods:
-            if m != "none":
-                print(f"  {m} / none: max {agg(m, 'max') / agg('none', 'max'):6.2f}"
-                      f"  tps {agg(m, 'tps') / agg('none', 'tps'):6.3f}")  # fmt: skip
+        q, sc = "quiesce", "script"
+        print("\nratios (targets in brackets):")
+        print(f"  tps quiesce/script {agg(q, 'tps') / agg(sc, 'tps'):.3f} [>= 1.0]")
+        if "none" in methods:
+            print(f"  tps quiesce/none {agg(q, 'tps') / agg('none', 'tps'):.3f} [>= 0.9]")
+            print(f"  tps script/none {agg(sc, 'tps') / agg('none', 'tps'):.3f}")
+        print(f"  p99.9 quiesce/script {agg(q, 'p999') / agg(sc, 'p999'):.3f} [<= 1.0]")
+        print(f"  max quiesce/script {agg(q, 'max') / agg(sc, 'max'):.3f} [<= 0.1]")
+        c1, c11 = first_nth(q, "cmd")
+        w1, w11 = first_nth(q, "windows")
+        print(f"  quiesce 11th/1st: command {c11 / c1:.2f}, window {w11 / w1:.2f} [<= 1.5]")
+        cpu_q = statistics.median(results[q][0]["cpu"])
+        cpu_s = statistics.median(results[sc][0]["cpu"])
+        print(f"  CPU/snapshot quiesce/script {cpu_q / cpu_s:.2f} [<= 2]")
 
 
 if __name__ == "__main__":

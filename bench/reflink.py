@@ -164,6 +164,7 @@ def run_series(
             rows.append(
                 {
                     "window_ms": w.get("window_s", 0) * 1000,
+                    "cmd_ms": (t1 - t0) * 1000,
                     "call_ms": w.get("snapshot_s", 0) * 1000,
                     "extents": extents(host / f"{label}-{mode}.img"),
                     "ranges": man.snapshots[0]["extra"].get("ranges_in_window", -1),
@@ -172,7 +173,8 @@ def run_series(
             )
             r = rows[-1]
             print(
-                f"  {label:>5} {mode:>5} #{i + 1:<2} window {r['window_ms']:8.1f} ms"
+                f"  {label:>5} {mode:>5} #{i + 1:<2} command {r['cmd_ms']:7.0f} ms"
+                f"  window {r['window_ms']:8.1f} ms"
                 f"  FICLONE call {r['call_ms']:8.1f} ms  probe stall {r['stall_ms']:7.1f} ms"
                 f"  extents {r['extents']:7d}"
                 f"  ranges in window {r['ranges']}",
@@ -220,6 +222,19 @@ def main() -> None:
                 f" {b[k]['window_ms']:8.1f}  big/small {ratio:6.2f}"
                 f"   (probe stall: small {s[k]['stall_ms']:7.1f}  big {b[k]['stall_ms']:7.1f})"
             )
+    print("command time and window, 11th / 1st and Nth / 1st (goal <= 1.5):")
+    for (label, mode), rows in results.items():
+        first, nth = rows[0], rows[-1]
+        eleventh = rows[min(10, len(rows) - 1)]
+        print(
+            f"  {label:>5} {mode:>5}: command {first['cmd_ms']:.0f} / {eleventh['cmd_ms']:.0f}"
+            f" / {nth['cmd_ms']:.0f} ms ({eleventh['cmd_ms'] / first['cmd_ms']:.2f}x,"
+            f" {nth['cmd_ms'] / first['cmd_ms']:.2f}x); window {first['window_ms']:.1f} /"
+            f" {eleventh['window_ms']:.1f} / {nth['window_ms']:.1f} ms"
+            f" ({eleventh['window_ms'] / max(first['window_ms'], 1e-3):.2f}x,"
+            f" {nth['window_ms'] / max(first['window_ms'], 1e-3):.2f}x); image extents"
+            f" {first['extents']} -> {nth['extents']}"
+        )
     if {"clone", "delta"} <= set(modes):
         for label in sizes:
             c, d = results[label, "clone"][-1], results[label, "delta"][-1]

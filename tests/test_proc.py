@@ -292,3 +292,57 @@ def test_pass_fds_reach_the_child_and_nothing_else_does():
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- Gated: started before a window, run inside it -----------------------------------------
+
+
+def _exe(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def test_gated_holds_the_command_before_its_exec_until_released(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    g = proc.Gated(["/usr/bin/touch", str(marker)])
+    try:
+        # held before its exec (the shell, or the fork that becomes it): nothing ran
+        assert _exe(g.p.pid) != "/usr/bin/touch"
+        assert not marker.exists()
+        g.release()
+        done = g.wait(10)
+    finally:
+        g.cancel()
+    assert done.returncode == 0 and not done.timed_out
+    assert marker.exists()
+
+
+def test_gated_cancelled_never_runs_the_command(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    g = proc.Gated(["/usr/bin/touch", str(marker)])
+    pid = g.p.pid
+    g.cancel()
+    assert g.p.wait(10) in (proc.GATE_CLOSED, -signal.SIGKILL)
+    assert not marker.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("size", [0, 10, 4095, 300_000])
+def test_gated_command_reads_its_whole_input_after_the_gate(size: int) -> None:
+    data = os.urandom(size)
+    g = proc.Gated([sys.executable, "-c", GATED_SHA], input=data)
+    g.release()
+    done = g.wait(30)
+    assert done.returncode == 0
+    assert done.stdout.decode().strip() == hashlib.sha256(data).hexdigest()
+
+
+GATED_SHA = "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
+
+
+def test_gated_timeout_kills_the_group() -> None:
+    g = proc.Gated(["sleep", "30"])
+    g.release()
+    done = g.wait(0.2)
+    assert done.timed_out
+    assert g.p.returncode == -signal.SIGKILL

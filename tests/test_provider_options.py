@@ -139,7 +139,11 @@ _size = st.one_of(
 )
 # Valid values of every key, in the types a job or a Python caller gives them.
 VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
-    "reflink": {"dest": _path, "mode": st.sampled_from(["delta", "clone"])},
+    "reflink": {
+        "dest": _path,
+        "mode": st.sampled_from(["delta", "clone"]),
+        "base": st.booleans(),
+    },
     "btrfs": {"dest": _path},
     "lvm": {"size": _size, "kernel": _word, "lvcreate_timeout": _pos},
     "zfs": {"timeout": _pos},

@@ -149,3 +149,55 @@ def test_cli_create_list_delete(loopfs, tmp_path):
     assert r.exit_code == 2 and "no delete command" in r.stderr and "hint:" in r.stderr
     r = runner.invoke(snapshot_app, ["create", "-p", "command", fs.path], env=env)
     assert r.exit_code == 2 and "--option create: required by provider command" in r.stderr
+
+
+# Prints its own pid and time: after exec the pid is the gate's, started before the window.
+PID_AND_TIME = "import os, time; print('snap'); print(os.getpid(), time.monotonic_ns())"
+
+
+class Watched(CommandProvider):
+    """Records, as the window begins, the held child's pid and argv (the gate, not yet
+    the command)."""
+
+    seen: tuple[int, str] | None = None
+
+    def snapshot(self, members):
+        gated = self._gated
+        assert gated is not None
+        with open(f"/proc/{gated.p.pid}/cmdline", "rb") as f:
+            self.seen = (gated.p.pid, f.read().decode())
+        return super().snapshot(members)
+
+
+def test_the_command_is_started_before_the_freeze_and_runs_inside_it(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    prov = Watched({"create": _py(PID_AND_TIME)})
+    man = snapshots.create([fs.path], prov, state_dir=tmp_path)
+    pid, t = map(int, man.snapshots[0]["extra"]["stdout"].splitlines()[1].split())
+    assert prov.seen is not None
+    held_pid, cmdline = prov.seen
+    assert pid == held_pid  # the process that ran it existed before the window
+    assert "IFS= read" in cmdline and PID_AND_TIME not in cmdline.split("\0")[:3]
+    assert man.window["start_ns"] < t < man.window["end_ns"]
+
+
+def test_a_failed_freeze_never_runs_the_held_command(loopfs, tmp_path):
+    fs = loopfs("ext4")
+    marker = tmp_path / "ran"
+    prov = Watched({"create": ["/usr/bin/touch", str(marker)]})
+    started: list[int] = []
+    real = prov.before_freeze
+
+    def before(members):
+        real(members)
+        started.append(prov._gated.p.pid)  # type: ignore[union-attr]
+        fs.freeze_externally()  # the freeze now meets EBUSY
+
+    prov.before_freeze = before  # type: ignore[method-assign]
+    try:
+        with pytest.raises(QuiesceError):
+            snapshots.create([fs.path], prov, state_dir=tmp_path / "s")
+    finally:
+        fs.thaw_externally()
+    assert started and not _alive(started[0])
+    assert not marker.exists()

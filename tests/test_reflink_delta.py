@@ -8,6 +8,7 @@ control (the window's re-clone skipped) shows the comparison can fail.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -25,7 +26,7 @@ from quiesce.freezing.plan import GroupMember
 from quiesce.providers import reflink as reflink_mod
 from quiesce.providers.base import Snapshot
 from quiesce.providers.reflink import ReflinkProvider
-from quiesce.sys import kernel, writetrace
+from quiesce.sys import extents, kernel, writetrace
 
 DATA_MB = 24
 
@@ -337,3 +338,132 @@ def test_a_full_trace_buffer_is_reported_lost(loopfs):
             assert not got.lost and got.events > 0
         finally:
             trace.close()
+
+
+# -- the base: each snapshot seeded from the last one's content ---------------------------
+
+
+def _sha(path: Path) -> str:
+    return sh("sha256sum", str(path)).stdout.split()[0]
+
+
+def _bases(pair) -> list[Path]:
+    return sorted(pair.inner.image.parent.glob(reflink_mod.BASE_PREFIX + "*"))
+
+
+def test_consecutive_snapshots_from_the_base_equal_the_frozen_image(loopfs, tmp_path):
+    """Five snapshots in a row under scattered writes, each deleted before the next (as a
+    job that backs up and prunes does): from the second on the clone is seeded from the
+    base and only what changed since is cloned from the image; each equals (sha256) the
+    image as it was frozen, cloned whole inside the same window."""
+    pair = image_on_reflink_host(loopfs, "ext4", "xfs")
+    writer = BlockWriter(pair.inner.mountpoint / "data", size_mb=4)  # the journal: 4 MiB
+    image_size = pair.inner.image.stat().st_size
+    with writer.running():
+        for n in range(5):
+            writer.burst(200)  # between snapshots: only the extent comparison sees these
+            prov = WithReference()
+            snap, clone, ref = _take(pair, tmp_path, prov, writer, n)
+            extra = snap["extra"]
+            assert extra["mode"] == "delta", extra
+            assert _sha(clone) == _sha(ref), f"snapshot {n} differs from the frozen image"
+            if n == 0:
+                assert "base" not in extra["prepare"]
+                assert extra["base_update"].get("whole") is True, extra["base_update"]
+            else:
+                base = extra["prepare"]["base"]
+                assert base["changed_ranges"] > 0
+                # the work follows the writes (data file and journal), not the image's size
+                assert 0 < base["changed_bytes"] < image_size // 4, base
+                assert "ranges" in extra["base_update"], extra["base_update"]
+            assert len(_bases(pair)) == 1
+            clone.unlink()
+            ref.unlink()
+
+
+def test_negative_control_a_base_without_the_comparison_misses_writes(
+    loopfs, tmp_path, monkeypatch
+):
+    """The comparison skipped (nothing 'changed' since the base): the writes made between
+    two snapshots are missing from the second, so the checksum test above can fail."""
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        _, clone, ref = _take(pair, tmp_path, WithReference(), writer, 0)
+        assert _sha(clone) == _sha(ref)
+        monkeypatch.setattr(reflink_mod.extents, "changed", lambda *a, **k: [])
+        writer.burst(200)
+        snap, clone, ref = _take(pair, tmp_path, WithReference(), writer, 1)
+        assert snap["extra"]["prepare"]["base"]["changed_ranges"] == 0
+        assert _sha(clone) != _sha(ref)
+
+
+def test_a_base_of_another_size_is_not_used(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        _take(pair, tmp_path, WithReference(), writer, 0)
+        [base] = _bases(pair)
+        os.truncate(base, 4096)  # someone's, or a stale one: whole-image clone instead
+        snap, clone, ref = _take(pair, tmp_path, WithReference(), writer, 1)
+        assert "base" not in snap["extra"]["prepare"]
+        assert _sha(clone) == _sha(ref)
+        assert base.stat().st_size == pair.inner.image.stat().st_size  # made anew
+
+
+BLK = 4096
+ext_lists = st.lists(
+    st.tuples(st.integers(0, 31), st.integers(1, 4), st.integers(0, 3), st.booleans()),
+    max_size=12,
+)
+
+
+def _layout(items, phys_base: int):
+    """Extents from (block, blocks, physical choice, unwritten) items, non-overlapping,
+    and the per-block model: block -> (physical block or None, unwritten)."""
+    exts, model, used = [], {}, set()
+    for blk, n, choice, unwritten in items:
+        blocks = [b for b in range(blk, min(blk + n, 32))]
+        if not blocks or used & set(blocks):
+            continue
+        used |= set(blocks)
+        phys = (choice * 100 + blk) if choice < 3 else phys_base + blk  # 3: unique to it
+        flags = extents.UNWRITTEN if unwritten else 0
+        exts.append((blk * BLK, phys * BLK, len(blocks) * BLK, flags))
+        for i, b in enumerate(blocks):
+            model[b] = (phys + i, unwritten)
+    return sorted(exts), model
+
+
+@settings(deadline=None)
+@given(ext_lists, ext_lists)
+def test_compare_flags_every_block_not_shared_and_no_other(a_items, b_items):
+    a, am = _layout(a_items, 1000)
+    b, bm = _layout(b_items, 2000)
+    got = extents.compare(a, b, 32 * BLK, BLK)
+    flagged = {o // BLK + i for o, n in got for i in range(n // BLK)}
+    want = {blk for blk in range(32) if am.get(blk) != bm.get(blk)}
+    assert flagged == want
+    assert got == writetrace.merge(got)  # sorted, merged
+
+
+@settings(deadline=None)
+@given(spans, st.sampled_from([0, 4096, 65536]))
+def test_merge_with_a_gap_covers_the_union_and_leaves_only_wider_gaps(items, gap):
+    out = writetrace.merge(items, 512, gap)
+    covered = {b for off, n in out for b in range(off // 512, (off + n) // 512)}
+    for off, n in items:
+        assert set(range(off // 512, -(-(off + n) // 512))) <= covered
+    for (a, an), (b, _) in itertools.pairwise(out):
+        assert b - (a + an) > gap
+
+
+def test_base_false_keeps_no_base_and_clones_the_whole_image(loopfs, tmp_path):
+    pair = image_on_reflink_host(loopfs)
+    writer = BlockWriter(pair.inner.mountpoint / "data")
+    with writer.running():
+        for n in range(2):
+            snap, clone, ref = _take(pair, tmp_path, WithReference(base=False), writer, n)
+            assert "base" not in snap["extra"]["prepare"] and "base_update" not in snap["extra"]
+            assert _sha(clone) == _sha(ref)
+    assert _bases(pair) == []

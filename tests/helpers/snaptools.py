@@ -19,7 +19,8 @@ class ImageOnHost:
 def image_on_reflink_host(loopfs: Any, inner: str = "ext4", outer: str = "xfs") -> ImageOnHost:
     """outer = XFS (reflink=1) or btrfs; inner = a loop filesystem whose image is on it."""
     size = 400 if inner == "xfs" else None
-    host = loopfs(outer, size_mb=size)
+    # btrfs: room for the clones and the reflink provider's base beside the image
+    host = loopfs(outer, size_mb=size or (256 if outer == "btrfs" else None))
     return ImageOnHost(host, loopfs(inner, image_dir=host.mountpoint))
 
 

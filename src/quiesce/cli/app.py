@@ -301,15 +301,18 @@ def exec_cmd(
 ) -> None:
     """Freeze PATHS, run `-- CMD ARGS` (the snapshot), thaw, and exit with CMD's status.
 
-    CMD is killed if it outlives the deadline. If quiesce's own output goes to a file on
-    a frozen volume, CMD's output is held in memory and written after the thaw."""
+    CMD is started before the freeze and held before its exec until the volumes are
+    frozen, so the window is the ioctls and CMD's own run. Its stdin is empty. CMD is
+    killed if it outlives the deadline. If quiesce's own output goes to a file on a
+    frozen volume, CMD's output is held in memory and written after the thaw."""
     cmd = list(_EXEC_CMD)
     _check_durations(timeout, lease, as_json)
     if not cmd:
         raise fail(
             UsageError("no command given", "usage: quiesce exec PATH... -- CMD ARGS"), as_json
         )
-    if shutil.which(cmd[0]) is None:  # before anything is frozen
+    exe = shutil.which(cmd[0])
+    if exe is None:  # before anything is frozen
         raise fail(
             UsageError(
                 f"cannot run {cmd[0]}: not found, or not an executable file",
@@ -331,12 +334,19 @@ def exec_cmd(
                 syncfs=not no_syncfs,
                 expedite=not no_expedite,
             )
-            window, ended = _freeze_ending_blockers(freezer, plan, end_blockers_after)
+            gated = _start_gated(exe, cmd, env, buffer_out, buffer_err)  # before the freeze
             try:
-                rc, cmd_out, cmd_err, killed = _run_in_window(
-                    cmd, env, timeout - (window.duration or 0), buffer_out, buffer_err
-                )
+                window, ended = _freeze_ending_blockers(freezer, plan, end_blockers_after)
+            except BaseException:
+                gated.cancel()
+                raise
+            try:
+                gated.release()  # the command runs now: the window holds its run alone
+                done = gated.wait(timeout - (window.duration or 0))
+                rc, killed = done.returncode, done.timed_out
+                cmd_out, cmd_err = done.stdout or None, done.stderr or None
             except BaseException:  # Ctrl-C: the command is dead, thaw before anything else
+                gated.cancel()
                 freezer.thaw(raise_errors=False)
                 raise
             try:
@@ -371,15 +381,15 @@ def exec_cmd(
     raise typer.Exit(rc if rc >= 0 else 128 - rc)
 
 
-def _run_in_window(
-    cmd: list[str], env: dict[str, str], budget: float, buffer_out: bool, buffer_err: bool
-) -> tuple[int, bytes | None, bytes | None, bool]:
-    """The snapshot command: killed with its process group at the deadline. A stream
-    that would land on a frozen volume is held in memory (64 MiB at most) instead."""
+def _start_gated(
+    exe: str, cmd: list[str], env: dict[str, str], buffer_out: bool, buffer_err: bool
+) -> proc.Gated:
+    """The snapshot command, started before the freeze and held before its exec until the
+    freeze returns (its binary path resolved now: no PATH search in the window). A
+    stream that would land on a frozen volume is held in memory (64 MiB at most)."""
     try:
-        done = proc.run_bounded(
-            cmd,
-            timeout=max(budget, 0.01),
+        return proc.Gated(
+            [exe, *cmd[1:]],
             env=env,
             capture_stdout=buffer_out,
             capture_stderr=buffer_err,
@@ -387,8 +397,9 @@ def _run_in_window(
             cwd=os.getcwd(),
         )
     except OSError as e:
-        return 127, None, f"quiesce: cannot run {cmd[0]}: {e.strerror}\n".encode(), False
-    return done.returncode, done.stdout, done.stderr, done.timed_out
+        raise UsageError(
+            f"cannot start {cmd[0]}: {e.strerror}", "nothing was frozen; check the command"
+        ) from None
 
 
 @app.command("demo")

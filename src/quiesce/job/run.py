@@ -225,6 +225,7 @@ def after_run(
         bk = run_backup(
             manifest, backup, job=job, state=state, retention=retention, progress=progress,
             events=events, drill=drill,
+            force=True,  # this run just made the snapshot: no target holds it (one restic less)
         )  # fmt: skip
         report.backup = bk.to_dict()
         report.phases += [Phase.from_any(p | {"name": f"backup: {p['name']}"}) for p in bk.phases]

@@ -1,9 +1,11 @@
 """command: run any storage CLI (array snapshot, replica split, cloud CLI) in the window.
 
 The command is an argv list (no shell unless you write ``["sh", "-c", "..."]``; a string
-option is split with shlex). It runs inside the freeze window, in its own process
-group, with a hard timeout: on timeout the whole group is killed and the window closes
-anyway. It learns the volumes from
+option is split with shlex). It is started just before the freeze and held before its
+exec (:class:`quiesce.sys.proc.Gated`) until the volumes are frozen, so the window holds
+the command's own run, not the start of a process; it runs in its own process group,
+with a hard timeout: on timeout the whole group is killed and the window closes anyway.
+Its binary lives off the group (refused otherwise). It learns the volumes from
 
 * environment: ``QUIESCE_VOLUMES``, ``QUIESCE_DEVICES``, ``QUIESCE_FSTYPES`` (one entry
   per line, in the same order) and ``QUIESCE_SNAPSHOT_NAME``;
@@ -78,6 +80,7 @@ class CommandProvider(Provider):
         self._stdin = b""
         self._snaps: list[Snapshot] = []
         self._deleted: set[str] = set()
+        self._gated: proc.Gated | None = None
 
     @property
     def timeout(self) -> float:
@@ -142,11 +145,24 @@ class CommandProvider(Provider):
             for m in members
         ]
 
+    def before_freeze(self, members: Sequence[GroupMember]) -> None:
+        """Start the command, held before its exec until :meth:`snapshot` releases it."""
+        try:
+            self._gated = proc.Gated(self._argv, env=self._env, input=self._stdin, limit=1 << 20)
+        except OSError as e:
+            raise QuiesceError(f"cannot run {self._argv[0]}: {e.strerror}") from None
+
     def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
         t0 = time.monotonic()
-        rc, out, err, timed_out = run_bounded(
-            self._argv, stdin=self._stdin, env=self._env, timeout=self.timeout
-        )
+        gated, self._gated = self._gated, None
+        if gated is None:  # not started before the freeze (a caller without before_freeze)
+            rc, out, err, timed_out = run_bounded(
+                self._argv, stdin=self._stdin, env=self._env, timeout=self.timeout
+            )
+        else:
+            gated.release()
+            done = gated.wait(self.timeout)
+            rc, out, err, timed_out = done.returncode, done.stdout, done.stderr, done.timed_out
         took = time.monotonic() - t0
         if timed_out:
             raise QuiesceError(
@@ -172,6 +188,11 @@ class CommandProvider(Provider):
                 s.location = first
             s.extra |= {"stdout": _text(out), "stderr": _text(err), "duration_s": took}
         return self._snaps
+
+    def abort(self) -> None:
+        if self._gated is not None:  # never released: the command does not run
+            self._gated.cancel()
+            self._gated = None
 
     def _run_aux(self, what: str, argv: list[str], snap_id: str | None = None) -> bytes:
         if snap_id is not None:

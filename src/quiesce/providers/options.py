@@ -151,6 +151,11 @@ class ReflinkOptions(ProviderOptions):
         description="delta: clone before the freeze, re-clone only what was written since "
         "inside the window; clone: one FICLONE of the whole image inside the window",
     )
+    base: bool = Field(
+        True,
+        description="delta: keep the last snapshot's content (a base file beside the clones) "
+        "and seed the next from it, taking from the image only what changed since",
+    )
 
 
 class BtrfsOptions(ProviderOptions):

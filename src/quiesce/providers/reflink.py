@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import ReflinkOptions
 from quiesce.providers.pacing import Pacer
-from quiesce.sys import kernel
+from quiesce.sys import extents, kernel
 from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
 from quiesce.sys.writetrace import WriteTrace, merge
 
@@ -42,6 +43,9 @@ BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btr
 CATCH_UP_ROUNDS = 4  # prepare re-clones what was written meanwhile, at most this often ...
 CATCH_UP_ENOUGH = 64  # ... until a round finds fewer ranges than this, or not half the last
 # round's (a database's checkpoint writes for seconds: chasing it only adds copies on write)
+
+GAP = 64 << 10  # changed ranges this close are cloned as one: fewer calls, and the blocks
+# between are the same in both files (re-sharing a shared block changes nothing)
 
 REFLINK_HINT = (
     "the image must live on a filesystem with reflink support: XFS made with "
@@ -63,11 +67,15 @@ class _Clone:
     size: int = 0  # the image's size at the pre-clone
     note: str = ""  # why this volume fell back to a whole-image clone
     stats: dict[str, Any] = field(default_factory=dict)  # what prepare did (the manifest's)
+    base: str = ""  # the base file (delta mode): the last snapshot's content
+    cloned: list[tuple[int, int]] | None = None  # ranges from the image (None: all of it)
+    done: bool = False  # the window's snapshot was taken (the base may follow it)
 
 
 class ReflinkProvider(Provider):
     """Options (:class:`ReflinkOptions`): ``dest`` (directory for the clones; default: next
-    to each image), ``mode`` (``delta``, the default, or ``clone``)."""
+    to each image), ``mode`` (``delta``, the default, or ``clone``), ``base`` (delta: seed
+    each snapshot from the last one's content; default true)."""
 
     name: ClassVar[str] = "reflink"
 
@@ -155,7 +163,8 @@ class ReflinkProvider(Provider):
                 c.src_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
                 eid = self.journal.intent("file", path=dest) if self.journal else None
                 try:
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    # readable too: after the thaw the base is cloned from it
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                     c.dst_fd = os.open(dest, flags, 0o600)
                 except FileExistsError:
                     if eid is not None:
@@ -185,19 +194,25 @@ class ReflinkProvider(Provider):
             raise QuiesceError(f"cannot prepare the clone {e.filename}: {e.strerror}") from None
 
     def _pre_clone(self, c: _Clone) -> None:
-        """Delta mode, outside the window: flush the volume, trace the loop device, clone
-        the whole image in paced pieces (writes that land meanwhile are in the trace), flush
-        again and re-clone what was written meanwhile, paced too, until little is left.
+        """Delta mode, outside the window: trace the loop device, flush the volume, then
+        make the clone hold the image's content as of now, paced; flush again and re-clone
+        what was written meanwhile, paced too, until little is left.
 
-        The first flush comes while the image shares no extent with a clone (the last
-        snapshot's clone deleted): its writes overwrite in place. After the pre-clone every
-        write is copied on write; one flush there of all that was dirty (as before) was a
-        burst of copy-on-write writeback that the database's fsyncs queued behind, and
-        thousands of ranges to re-clone. The second flush writes only what the clone's time
-        dirtied, so the freeze (and the window's re-clone) finds little. (A flush before
-        every catch-up round, tried, chased a checkpoint for 11 s: each round's flush made
-        the next round's ranges.) Writes completed before the trace starts are in the image
-        before the clone begins."""
+        With a base (the last snapshot's content, kept next to the clones: see
+        :func:`base_path`) the clone is a FICLONE of the base, which nobody writes, so it
+        stalls nobody; only the ranges where the image and the base no longer share blocks
+        (:func:`quiesce.sys.extents.changed`: what the image wrote since the last snapshot)
+        are cloned from the image, so the work that holds the image's lock follows the
+        writes, not the image's size or fragmentation. Without one (the first snapshot,
+        or a base of another size), the whole image is cloned in paced pieces.
+
+        The second flush writes only what the clone's time dirtied, so the freeze (and the
+        window's re-clone) finds little. (A flush before every catch-up round, tried,
+        chased a checkpoint for 11 s: each round's flush made the next round's ranges.)
+        The first flush comes before the trace, so that its writes are in the image before
+        the clone begins and not re-cloned after it. With a base, what was traced before the
+        extents are compared is dropped: the comparison (which writes the image's dirty
+        pages back first) covers it, and the trace covers everything after."""
         source = c.member.volume.source
         cpu0, t0 = time.thread_time(), time.monotonic()
         steps: dict[str, float] = {}  # seconds of each step, in order
@@ -217,8 +232,27 @@ class ReflinkProvider(Provider):
         c.offset = _loop_offset(source)
         c.size = os.fstat(c.src_fd).st_size
         pacer = Pacer()
-        self._clone_ranges(c, [(0, c.size)], pacer)
-        step("clone")
+        base = self._open_base(c) if self.config.base else None
+        if base is None:
+            c.cloned = None  # the whole image: the base is made anew after the thaw
+            self._clone_ranges(c, [(0, c.size)], pacer)
+            step("clone")
+        else:
+            try:
+                try:
+                    kernel.ficlone(c.dst_fd, base)
+                except OSError as e:
+                    raise _clone_error(e, c.base, c.dest) from None
+                step("clone_base")
+                c.trace.forget()  # the comparison below covers everything until now
+                diff = merge(extents.changed(c.src_fd, base, c.size, BLOCK), BLOCK, GAP)
+            finally:
+                os.close(base)
+            step("compare")
+            self._clone_ranges(c, diff, pacer)
+            c.cloned = list(diff)
+            step("clone_changed")
+            c.stats["base"] = {"changed_ranges": len(diff), "changed_bytes": _total(diff)}
         with contextlib.suppress(OSError):  # only what the clone's time dirtied
             kernel.syncfs(c.member.fd)
         step("flush_again")
@@ -228,14 +262,31 @@ class ReflinkProvider(Provider):
             if rounds[-1] < CATCH_UP_ENOUGH or (len(rounds) > 1 and rounds[-1] > rounds[-2] // 2):
                 break  # little left, or not converging (a checkpoint): the window takes it
         step("catch_up")
-        c.stats = {
-            "steps_s": steps,
-            "pieces": pacer.pieces,
-            "worst_piece_ms": round(pacer.worst_s * 1000, 2),
-            "locked_s": round(pacer.busy_s, 4),
-            "catch_up_ranges": rounds,
-            "cpu_s": round(time.thread_time() - cpu0, 4),
-        }
+        c.stats.update(
+            {
+                "steps_s": steps,
+                "pieces": pacer.pieces,
+                "worst_piece_ms": round(pacer.worst_s * 1000, 2),
+                "locked_s": round(pacer.busy_s, 4),
+                "catch_up_ranges": rounds,
+                "cpu_s": round(time.thread_time() - cpu0, 4),
+            }
+        )
+
+    def _open_base(self, c: _Clone) -> int | None:
+        """The base's fd if it can seed this clone (a regular file of the image's size,
+        not a link: ours), else None. Its content need not be trusted: only blocks it
+        shares with the image are kept."""
+        c.base = base_path(c.dest, c.backing, os.fstat(c.src_fd).st_ino)
+        try:
+            fd = os.open(c.base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != c.size or st.st_uid != os.geteuid():
+            os.close(fd)
+            return None
+        return fd
 
     def _catch_up(self, c: _Clone, pacer: Pacer | None = None) -> int:
         """Re-clone the ranges written since the last call (in ``pacer``'s pieces, if
@@ -253,6 +304,8 @@ class ReflinkProvider(Provider):
             (off, min(length, c.size - off)) for off, length in merge(spans, BLOCK) if off < c.size
         ]
         self._clone_ranges(c, ranges, pacer)
+        if c.cloned is not None:
+            c.cloned.extend(ranges)
         return len(ranges)
 
     @staticmethod
@@ -301,6 +354,9 @@ class ReflinkProvider(Provider):
             except OSError as e:
                 raise _clone_error(e, c.backing, c.dest) from None
             snap.created = time.time()
+            if ranges < 0:
+                c.cloned = None  # a whole-image clone: the base is made anew from it
+            c.done = self.config.mode == "delta" and self.config.base
             snap.extra["mode"] = "delta" if ranges >= 0 else "clone"
             if ranges >= 0:
                 snap.extra["ranges_in_window"] = ranges
@@ -323,6 +379,11 @@ class ReflinkProvider(Provider):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            for c, snap in zip(self._clones, snaps, strict=False):
+                if c.done and c.trace is not None:  # no trace: no base could serve
+                    t0 = time.monotonic()
+                    snap.extra["base_update"] = _update_base(c)
+                    snap.extra["base_update"]["s"] = round(time.monotonic() - t0, 4)
         finally:
             self._close()
 
@@ -353,6 +414,58 @@ class ReflinkProvider(Provider):
         # A frozen XFS log is covered but has no unmount record: a read-only mount
         # must skip recovery, and the copy carries the origin's UUID.
         return ["nouuid", "norecovery"] if snap.fstype == "xfs" else []
+
+
+BASE_PREFIX = ".quiesce-base-"
+
+
+def base_path(dest: str, backing: str, ino: int) -> str:
+    """Where the base of an image lives: beside its clones, named by the image's inode
+    (the clone directory is on the image's filesystem) and name. Delete it to start over;
+    it holds the blocks the image has overwritten since the last snapshot."""
+    return os.path.join(os.path.dirname(dest), f"{BASE_PREFIX}{ino}--{os.path.basename(backing)}")
+
+
+def _total(ranges: list[tuple[int, int]]) -> int:
+    return sum(n for _, n in ranges)
+
+
+def _update_base(c: _Clone) -> dict[str, Any]:
+    """After the thaw: make the base hold this snapshot's content. Ranges cloned from the
+    image are cloned from the snapshot into the base (work in proportion to the writes);
+    with no base yet (or after a whole-image clone) the snapshot is cloned whole into a
+    new file that replaces it. Neither touches the image. A failure leaves no base (the
+    next snapshot clones the whole image) and does not fail the snapshot."""
+    try:
+        if c.cloned is not None and c.base and os.path.exists(c.base):
+            ranges = merge(c.cloned, BLOCK, GAP)
+            fd = os.open(c.base, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                for off, n in ranges:
+                    kernel.ficlonerange(fd, c.dst_fd, off, min(n, c.size - off))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return {"ranges": len(ranges), "bytes": _total(ranges)}
+        if not c.base:
+            c.base = base_path(c.dest, c.backing, os.fstat(c.src_fd).st_ino)
+        tmp = f"{c.base}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            kernel.ficlone(fd, c.dst_fd)
+            os.fsync(fd)
+            os.rename(tmp, c.base)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return {"whole": True}
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(c.base)
+        return {"error": e.strerror or str(e)}
 
 
 def _loop_offset(source: str) -> int:

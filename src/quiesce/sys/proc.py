@@ -477,6 +477,168 @@ def run_bounded(
     )  # fmt: skip
 
 
+GATE_SHELL = "/bin/sh"
+# A fixed script, not user text: the command is "$@", never parsed by the shell. It waits
+# for one line on stdin (the gate), then becomes the command, which reads the rest of it.
+GATE_SCRIPT = 'IFS= read -r _ || exit 125; exec "$@"'
+GATE_CLOSED = 125  # the gate closed unopened: the command never ran
+
+
+class Gated:
+    """A child started now (outside a freeze window) that waits, before it even execs the
+    command, until :meth:`release` (inside the window): the window then holds the
+    command's own run time, not a fork and an exec from a large Python process.
+
+    The child is a tiny ``/bin/sh`` blocked reading its stdin; :meth:`release` writes one
+    newline (then ``input``, if any) and it execs ``argv``. :meth:`wait` reads its
+    output into memory until it exits or ``timeout`` passes (its group is then killed).
+    :meth:`cancel` (every path that does not release) closes the gate: the child exits
+    with :data:`GATE_CLOSED` without running the command. If quiesce dies first, the
+    child gets SIGKILL (``PR_SET_PDEATHSIG``) or EOF on the gate. Raises OSError if the
+    child cannot start."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Cwd = "/",
+        input: bytes | None = None,
+        capture_stdout: bool = True,
+        capture_stderr: bool = True,
+        limit: int = OUTPUT_LIMIT,
+    ) -> None:
+        self.out = BoundedOutput(limit) if capture_stdout else None
+        self.err = BoundedOutput(limit) if capture_stderr else None
+        self.input = input or b""
+        self.sinks: dict[int, _Sink] = {}
+        ends: list[int] = []
+        gate_r, self._gate = os.pipe()
+        try:
+            for sink in (self.out, self.err):
+                if sink is not None:
+                    r, w = os.pipe()
+                    self.sinks[r] = sink
+                    ends.append(w)
+            out_end = ends[0] if self.out is not None else None
+            err_end = ends[-1] if self.err is not None else None
+            with signals_deferred():
+                self.p: subprocess.Popen[bytes] = _popen(
+                    [GATE_SHELL, "-c", GATE_SCRIPT, "quiesce-gate", *argv],
+                    stdin=gate_r, stdout=out_end, stderr=err_end, env=env, cwd=cwd,
+                    pdeathsig=signal.SIGKILL,
+                )  # fmt: skip
+        except BaseException:
+            for fd in (self._gate, *self.sinks):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (gate_r, *ends):
+                os.close(fd)
+        self.released_at = 0.0
+        self._pidfd = os.pidfd_open(self.p.pid)
+
+    def release(self) -> None:
+        """Let the command run (one write; a pipe's worth of input goes in the same write,
+        more is fed by a thread)."""
+        self.released_at = time.monotonic()
+        data = b"\n" + self.input
+        head, rest = data[:PIPE_ATOMIC], data[PIPE_ATOMIC:]
+        try:
+            os.write(self._gate, head)
+        except OSError:
+            rest = b""  # it is gone already: wait() tells how
+        if rest:
+            gate, self._gate = self._gate, -1
+            threading.Thread(target=_feed_fd, args=(gate, rest), daemon=True).start()
+        else:
+            self._close_gate()
+
+    def _close_gate(self) -> None:
+        if self._gate >= 0:
+            os.close(self._gate)
+            self._gate = -1
+
+    def wait(self, timeout: float | None) -> Completed:
+        """Its output until it exits, or ``timeout`` (then its group is killed). Its exit
+        wakes this at once (a pidfd in the same poll as its pipes; ``Popen.wait`` with a
+        timeout polls with growing sleeps, which alone added milliseconds to a window)."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        try:
+            timed_out = self._pump(deadline)
+            if timed_out:
+                kill_group(self.p)
+        except BaseException:
+            kill_group(self.p)
+            raise
+        finally:
+            self._close_sinks()
+        return Completed(
+            returncode=self.p.returncode,
+            stdout=self.out.bytes() if self.out is not None else b"",
+            stderr=self.err.bytes() if self.err is not None else b"",
+            timed_out=timed_out,
+            duration_s=time.monotonic() - (self.released_at or time.monotonic()),
+        )
+
+    def _pump(self, deadline: float | None) -> bool:
+        """Read its pipes until it has exited (True: the deadline passed first)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._pidfd, selectors.EVENT_READ, None)
+            for stream, sink in self.sinks.items():
+                sel.register(stream, selectors.EVENT_READ, sink)
+            exited = False
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0 and not exited:
+                    return True
+                ready = sel.select(timeout=0 if exited else left)
+                if exited and not ready:
+                    break  # exited and nothing left to read now (a grandchild's pipe)
+                for key, _ in ready:
+                    if key.data is None:
+                        exited = True
+                        sel.unregister(key.fileobj)
+                        continue
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        key.data.add(data)
+                    else:
+                        sel.unregister(key.fileobj)
+                if exited and len(sel.get_map()) == 0:
+                    break
+        self.p.wait()
+        return False
+
+    def cancel(self) -> None:
+        """Never release it: the command does not run. Never raises."""
+        self._close_gate()
+        with contextlib.suppress(Exception):
+            kill_group(self.p)
+        self._close_sinks()
+
+    def _close_sinks(self) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = -1
+        while self.sinks:
+            fd, _ = self.sinks.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+PIPE_ATOMIC = 4096  # PIPE_BUF: written at once into an empty pipe
+
+
+def _feed_fd(fd: int, data: bytes) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            os.write(fd, data)  # blocks until the command has read it all
+    finally:
+        os.close(fd)
+
+
 def run_streaming(
     argv: Sequence[str],
     *,

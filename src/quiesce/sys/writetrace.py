@@ -105,6 +105,7 @@ class WriteTrace:
         self.device = device
         self._pipe = -1
         self._stats: list[int] = []
+        self._baseline: list[int] = []  # drops counted before the last forget()
         self._partial = b""
         self._name = f"{PREFIX}{os.getpid()}-{os.major(st.st_rdev)}-{os.minor(st.st_rdev)}"
         kdev = (os.major(st.st_rdev) << 20) | os.minor(st.st_rdev)
@@ -131,14 +132,24 @@ class WriteTrace:
 
     _made = False
 
-    def _dropped(self) -> bool:
+    def _drops(self) -> list[int]:
+        counts = []
         for fd in self._stats:
             text = os.pread(fd, 4096, 0)
             for key in (b"overrun: ", b"dropped events: "):
                 m = re.search(key + rb"(\d+)", text)
-                if m and int(m.group(1)):
-                    return True
-        return False
+                counts.append(int(m.group(1)) if m else 0)
+        return counts
+
+    def _dropped(self) -> bool:
+        base = self._baseline or [0] * (2 * len(self._stats))
+        return any(n > b for n, b in zip(self._drops(), base, strict=False))
+
+    def forget(self) -> None:
+        """Drop what was traced so far, lost events included: the caller has another
+        account of that time (the reflink provider's extent comparison, taken after)."""
+        self.drain()
+        self._baseline = self._drops()
 
     def drain(self) -> Drained:
         """Every write completed since the last drain, as merged byte ranges."""
@@ -196,7 +207,7 @@ def merge(spans: list[tuple[int, int]], align: int = 1, gap: int = 0) -> list[tu
     for off, length in sorted(spans):
         start = off - off % align
         stop = -(-(off + length) // align) * align
-        if out and start <= out[-1][0] + out[-1][1]:
+        if out and start <= out[-1][0] + out[-1][1] + gap:
             prev_start, prev_len = out[-1]
             out[-1] = (prev_start, max(prev_len, stop - prev_start))
         else:

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""``quiesce exec M -- true``: the freeze window when the command is started before it.
+
+Not a test: run as root, ``python3 bench/exec_window.py [--n 30]``. It makes an idle
+ext4 loop filesystem and, interleaved N times each:
+
+- ``quiesce``: ``python3 -m quiesce exec --json M -- true`` (the command held before its
+  exec until the freeze returns); its window is the report's ``window_s`` (first FIFREEZE
+  issued -> last FITHAW returned);
+- ``ungated``: the same freezer, with ``true`` forked and exec'd from this Python process
+  inside the window (what ``exec`` did before);
+- ``gated``: the same as ``quiesce`` from this process (no CLI start-up around it);
+- ``guardian``: the same freezer with no command at all (the guardian's round trips);
+- ``floor``: FIFREEZE + FITHAW back to back in this process (no guardian, no command).
+
+Prints median and p90 of each and the ratios quiesce / floor and quiesce / ungated. The
+target: quiesce's median window <= 2 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+sys.path.insert(0, str(SRC))
+
+from quiesce.freezing.freezer import Freezer  # noqa: E402
+from quiesce.freezing.plan import make_plan  # noqa: E402
+from quiesce.sys import kernel, proc  # noqa: E402
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def quiesce_exec(mnt: str) -> float:
+    env = os.environ | {"PYTHONPATH": str(SRC)}
+    out = subprocess.run(
+        [sys.executable, "-m", "quiesce", "exec", "--json", mnt, "--", "true"],
+        check=True, capture_output=True, text=True, env=env,
+    ).stdout  # fmt: skip
+    return float(json.loads(out)["window_s"])
+
+
+def ungated(mnt: str) -> float:
+    with make_plan([mnt]) as plan:
+        f = Freezer(plan, timeout=10, lease=5)
+        f.freeze()
+        proc.run_bounded(["/usr/bin/true"], timeout=5)
+        w = f.thaw()
+    return float(w.duration or 0)
+
+
+def guardian(mnt: str) -> float:
+    with make_plan([mnt]) as plan:
+        f = Freezer(plan, timeout=10, lease=5)
+        f.freeze()
+        w = f.thaw()
+    return float(w.duration or 0)
+
+
+def gated(mnt: str) -> float:
+    with make_plan([mnt]) as plan:
+        f = Freezer(plan, timeout=10, lease=5)
+        g = proc.Gated(["/usr/bin/true"])
+        f.freeze()
+        g.release()
+        g.wait(5)
+        w = f.thaw()
+    return float(w.duration or 0)
+
+
+def floor(mnt: str) -> float:
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        kernel.syncfs(fd)
+        t0 = time.perf_counter()
+        kernel.fifreeze(fd)
+        kernel.fithaw(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=30)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="quiesce-bench-exec-"))
+    img, mnt = work / "fs.img", work / "mnt"
+    mnt.mkdir()
+    loop = ""
+    try:
+        with open(img, "wb") as f:
+            f.truncate(256 << 20)
+        sh("mkfs.ext4", "-q", str(img))
+        loop = sh("losetup", "-f", "--show", str(img))
+        sh("mount", loop, str(mnt))
+        methods = {
+            "quiesce": quiesce_exec,
+            "gated": gated,
+            "ungated": ungated,
+            "guardian": guardian,
+            "floor": floor,
+        }
+        got: dict[str, list[float]] = {m: [] for m in methods}
+        for _ in range(args.n):
+            for name, fn in methods.items():
+                got[name].append(fn(str(mnt)))
+        print(f"`quiesce exec M -- true` on idle ext4, {args.n} each, interleaved")
+        print("| method | median ms | p90 ms |\n| --- | --- | --- |")
+        med = {}
+        for name, xs in got.items():
+            xs.sort()
+            med[name] = statistics.median(xs)
+            print(f"| {name} | {med[name] * 1e3:.2f} | {xs[int(len(xs) * 0.9)] * 1e3:.2f} |")
+        ok = "met" if med["quiesce"] <= 0.002 else "missed"
+        for base in ("ungated", "guardian", "floor"):
+            print(f"quiesce / {base}: {med['quiesce'] / med[base]:.2f}x")
+        print(f"target quiesce <= 2 ms: {ok}")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            sh("umount", str(mnt))
+        if loop:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                sh("losetup", "-d", loop)
+        img.unlink(missing_ok=True)
+        mnt.rmdir()
+        work.rmdir()
+
+
+if __name__ == "__main__":
+    main()
