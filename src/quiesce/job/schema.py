@@ -23,6 +23,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from quiesce.apps.writers import WriterConfig
+from quiesce.apps.writers.mysql import MysqlConfig
+from quiesce.apps.writers.postgresql import PostgresConfig
+from quiesce.apps.writers.sqlite import SqliteConfig
 from quiesce.backup.config import BackupConfig
 from quiesce.errors import UsageError
 from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
@@ -116,43 +120,21 @@ class HooksConfig(_Strict):
     directory_env: HookEnv = {}  # the hook directory's scripts' own variables
 
 
-class SqliteConfig(_Strict):
-    databases: Annotated[list[str], Field(min_length=1)]
-    busy_timeout: PositiveFloat = 10.0
-    checkpoint: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "TRUNCATE"
-    name: str | None = None
-
-
-# Passwords never go in a job file: a writer names an environment variable that holds
-# one (password_env), or uses the client's own file (~/.pgpass, a MySQL option file).
-
-
-class PostgresConfig(_Strict):
-    dsn: str = ""  # without password= or user:pass@ (validate.py refuses them)
-    password_env: str | None = None  # the NAME of an environment variable holding it
-    checkpoint: bool = True
-    backup: bool = False
-    label: str = "quiesce"
-    timeout: PositiveFloat = 60.0
-    name: str | None = None
-
-
-class MysqlConfig(_Strict):
-    unix_socket: str | None = None
-    host: str | None = None
-    port: int = 3306
-    user: str = "root"
-    password_env: str | None = None  # the NAME of an environment variable holding it
-    defaults_file: str | None = None  # a root-owned 0600 option file ([client] password=)
-    timeout: PositiveFloat = 30.0
-    lock: Literal["auto", "backup_stage", "flush_tables"] = "auto"
-    name: str | None = None
-
-
 class WritersConfig(_Strict):
+    """``[writers]``: each writer's own model (apps/writers/<name>.py), taken as is by the
+    writer's constructor."""
+
     sqlite: list[SqliteConfig] = []
     postgresql: list[PostgresConfig] = []
     mysql: list[MysqlConfig] = []
+
+
+# A job's [writers] tables (and a fleet host's writer "type"s) by name.
+WRITER_CONFIGS: dict[str, type[WriterConfig]] = {
+    "sqlite": SqliteConfig,
+    "postgresql": PostgresConfig,
+    "mysql": MysqlConfig,
+}
 
 
 class TimeoutsConfig(_Strict):
@@ -226,6 +208,7 @@ class Job:
 __all__ = [
     "NAME_RE",
     "PROVIDERS",
+    "WRITER_CONFIGS",
     "CommandHookConfig",
     "HookEnv",
     "HooksConfig",
