@@ -26,7 +26,12 @@ LAYERS = [
     "integrations",
     "cli",
 ]
-TOP = {"__init__", "__main__"}  # the public API and `python -m quiesce` see every layer
+TOP = {
+    "__init__",
+    "__main__",
+    "writers",
+    "hooks",
+}  # the public API (and `python -m quiesce`) sees every layer
 
 
 def _module_name(path: Path) -> str:

@@ -397,7 +397,7 @@ def test_deadline_thaws_under_a_live_controller(rig: Rig) -> None:
         time.sleep(2.0)
         body_end = time.monotonic()
     assert window is not None
-    assert caught.value.details["window"] is window
+    assert caught.value.window is window
     assert window.thawed_by == "guardian" and window.expired_reason == "deadline"
     assert [v.thawed_by for v in window.volumes] == ["guardian"]
     assert window.duration is not None and 0.8 < window.duration < 1.8, window.duration

@@ -187,7 +187,7 @@ def test_release_failure_keeps_the_snapshot_and_says_so(loopfs, tmp_path):
             [fs.path], FakeProvider(log, FreezeMode.NONE), state_dir=tmp_path, quiescers=hooks
         )
     assert log[-3:] == ["b.after_thaw(True)", "a.after_thaw(True)", "after_thaw"]
-    man = err.value.details["manifest"]
+    man = err.value.manifest
     assert [m.id for m in snapshots.list_manifests(tmp_path)] == [man.id]
     assert any("b could not resume" in w for w in man.warnings)
 

@@ -89,7 +89,7 @@ def test_snapshot_holds_every_row_committed_before_the_lock(loopfs, tmp_path):
     assert timed.inner.info[str(db)]["journal_mode"] == "wal"
     committed_before_lock = writer.acked_before(timed.locked_at)
     assert committed_before_lock >= 50
-    clone = manifest.snapshots[0]["location"]
+    clone = manifest.snapshots[0].location
     with mounted_image(clone, tmp_path / "snap") as snap:
         conn = sqlite3.connect(snap / "app.sqlite")
         try:

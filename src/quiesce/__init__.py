@@ -22,18 +22,37 @@ from typing import TYPE_CHECKING
 
 from quiesce.errors import (
     AlreadyFrozen,
+    BackupError,
+    ControllerGone,
+    ExitCode,
     FreezeExpired,
     GuardianError,
+    HookFailed,
+    Interrupted,
+    JobBusy,
+    JobConfigError,
+    JournalError,
+    MountError,
     NotADirectory,
     NotAMountRoot,
     NotFrozen,
     PathNotFound,
     PermissionDenied,
+    ProviderOptionsError,
     QuiesceError,
+    ReleaseFailed,
+    RunTimeout,
+    TargetNotInstalled,
     ThawFailed,
+    ToolFailed,
+    ToolTimedOut,
+    TrustError,
     UnsafePlan,
     UnsupportedFilesystem,
+    UntrustedState,
     UsageError,
+    VerifyFailed,
+    WriterError,
 )
 from quiesce.sys.lazy import lazy_exports
 
@@ -42,6 +61,8 @@ if TYPE_CHECKING:
     from quiesce.freezing.plan import Plan, make_plan
 
 __version__ = "0.1.0"
+
+_PACKAGES = {"backup", "hooks", "job", "providers", "snapshot", "writers"}
 
 __getattr__ = lazy_exports(
     __name__,
@@ -54,33 +75,58 @@ __getattr__ = lazy_exports(
         "make_plan": ".freezing.plan:make_plan",
         # the product's packages, as namespaces
         "backup": ".backup",
-        "hooks": ".apps.hooks",
+        "hooks": ".hooks",
         "job": ".job",
         "providers": ".providers",
         "snapshot": ".snapshot",
-        "writers": ".apps.writers",
+        "writers": ".writers",
     },
 )
 
 __all__ = [
     "AlreadyFrozen",
+    "BackupError",
+    "ControllerGone",
+    "ExitCode",
     "FreezeExpired",
     "Freezer",
     "GuardianError",
+    "HookFailed",
+    "Interrupted",
+    "JobBusy",
+    "JobConfigError",
+    "JournalError",
+    "MountError",
     "NotADirectory",
     "NotAMountRoot",
     "NotFrozen",
     "PathNotFound",
     "PermissionDenied",
     "Plan",
+    "ProviderOptionsError",
     "QuiesceError",
+    "ReleaseFailed",
+    "RunTimeout",
+    "TargetNotInstalled",
     "ThawFailed",
+    "ToolFailed",
+    "ToolTimedOut",
+    "TrustError",
     "UnsafePlan",
     "UnsupportedFilesystem",
+    "UntrustedState",
     "UsageError",
+    "VerifyFailed",
     "VolumeResult",
     "Window",
+    "WriterError",
     "__version__",
     "freeze",
     "make_plan",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API, lazy names included (``dir(quiesce)`` lists ``freeze``), and the
+    product's packages (modules, so not in ``__all__``)."""
+    return sorted(set(__all__) | set(globals()) | _PACKAGES)

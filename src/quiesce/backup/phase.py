@@ -25,7 +25,7 @@ from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets import make_target
 from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
 from quiesce.backup.verification import VerifyResult, verify
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import ExitCode, QuiesceError, UsageError, VerifyFailed
 from quiesce.state.cleanup import held_snapshot_ids
 from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
@@ -33,14 +33,6 @@ from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.state.statedir import state_dir
 from quiesce.sys.events import Event, EventFn, emit
 from quiesce.sys.redact import redact_data
-
-
-class VerifyFailed(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = (
-        "the backup does not match the snapshot: the snapshot and older backups were kept; "
-        "check the target's storage, then run `quiesce backup JOB.toml` again"
-    )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from quiesce.cli.snapshot import snapshot_app
 from quiesce.errors import (
     ExitCode,
     FreezeExpired,
+    Interrupted,
     NotFrozen,
     QuiesceError,
     UsageError,
@@ -428,11 +429,6 @@ def main(argv: list[str] | None = None) -> None:
         if e.hint:
             _say(err, "hint:", "dim", e.hint)
         sys.exit(e.exit_code)
-
-
-class Interrupted(QuiesceError):
-    exit_code = 130
-    default_hint = "stopped by Ctrl-C; everything quiesce had frozen was thawed first"
 
 
 def _interrupted(_sig: int, _frame: object) -> None:

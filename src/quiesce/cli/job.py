@@ -67,8 +67,8 @@ def run_cmd(
 def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
     """Validate a job file (schema, permissions, hooks, volumes) and make every check a
     run would make (the backup repository, password file, directories); run nothing."""
+    from quiesce.errors import JobConfigError
     from quiesce.job.readiness import readiness_problems
-    from quiesce.job.schema import JobConfigError
 
     job = _load(job_file, as_json)
     problems = readiness_problems(job)

@@ -138,7 +138,7 @@ def create_cmd(
         return
     _say(f"snapshot {man.id} ({man.provider}, {man.consistency}-consistent)")
     for s in man.snapshots:
-        _say(f"  {s['volume']}: {s['location']}")
+        _say(f"  {s.volume}: {s.location}")
     if man.window is not None:
         _say(f"freeze window: {human_duration(man.window_s)}")
     _say(f"consistency: {man.consistency_reason}")

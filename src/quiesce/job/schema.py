@@ -28,7 +28,7 @@ from quiesce.apps.writers.mysql import MysqlConfig
 from quiesce.apps.writers.postgresql import PostgresConfig
 from quiesce.apps.writers.sqlite import SqliteConfig
 from quiesce.backup.config import BackupConfig
-from quiesce.errors import UsageError
+from quiesce.errors import JobConfigError
 from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
 from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
@@ -53,20 +53,6 @@ class Problem:
     def to_dict(self) -> dict[str, str]:
         """Redacted: a message may quote a value of the job file (a URL, a dsn)."""
         return redact_data({"path": self.path, "message": self.message, "hint": self.hint})
-
-
-class JobConfigError(UsageError):
-    """The job file is invalid or unsafe; ``problems`` lists every reason."""
-
-    default_hint = "fix the job file (see docs/jobs.md), then `quiesce check JOB.toml`"
-
-    def __init__(self, file: str, problems: Sequence[Problem]) -> None:
-        n = len(problems)
-        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''}; nothing was run")
-        self.problems = list(problems)
-
-    def to_dict(self) -> dict[str, Any]:
-        return super().to_dict() | {"problems": [p.to_dict() for p in self.problems]}
 
 
 # -- the schema ---------------------------------------------------------------------------

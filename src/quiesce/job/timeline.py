@@ -124,7 +124,7 @@ def fill_from_manifest(
     report.consistency_reason = manifest.consistency_reason
     report.freeze_mode = manifest.freeze_mode
     report.window = manifest.window
-    report.snapshots = list(manifest.snapshots)
+    report.snapshots = [s.to_dict() for s in manifest.snapshots]
     report.phases += _create_phases(manifest.phases, called, hooks_start)
     if manifest.window:
         report.phases += window_phases(manifest.window, anchor)

@@ -25,7 +25,7 @@ from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_
 from quiesce.apps.hooks.context import SAFE_PATH
 from quiesce.apps.writers import ENV_NAME_RE
 from quiesce.backup.config import semantic_problems
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import QuiesceError, TrustError, UntrustedState, UsageError
 from quiesce.job.hints import job_hint
 from quiesce.job.schema import (
     NAME_RE,
@@ -37,9 +37,9 @@ from quiesce.job.schema import (
     Problem,
 )
 from quiesce.providers.options import OPTIONS, ProviderOptions
-from quiesce.state.statedir import UntrustedState, checked_state_dir
+from quiesce.state.statedir import checked_state_dir
 from quiesce.sys.redact import has_credentials, holds_secret_value
-from quiesce.sys.trust import TrustError, open_checked, read_all
+from quiesce.sys.trust import open_checked, read_all
 
 if TYPE_CHECKING:
     from quiesce.freezing.plan import GroupMember
@@ -422,7 +422,7 @@ def _provider(raw: dict[str, Any]) -> Provider | None:
 
 def _check_problem(e: QuiesceError) -> Problem:
     """What the provider's own check refused, at the option it names (``provider.dest``)."""
-    option = e.details.get("option")
+    option = e.option
     return Problem(f"provider.{option}" if option else "provider", e.message, job_hint(e.hint))
 
 

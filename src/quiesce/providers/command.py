@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import CommandOptions
@@ -147,7 +147,7 @@ class CommandProvider(Provider):
         )
         took = time.monotonic() - t0
         if timed_out:
-            raise QuiesceError(
+            raise ToolFailed(
                 f"the snapshot command {self._argv[0]} did not finish within "
                 f"{self.timeout:g}s: its process group was killed",
                 "the storage may hold a half-made snapshot: check it; raise --option timeout",
@@ -155,7 +155,7 @@ class CommandProvider(Provider):
                 stderr=_text(err),
             )
         if rc != 0:
-            raise QuiesceError(
+            raise ToolFailed(
                 f"the snapshot command {self._argv[0]} exited with {rc}"
                 + (f": {_last_line(err)}" if _last_line(err) else ""),
                 "run it by hand to see why",

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import LvmOptions
@@ -351,7 +351,7 @@ class LvmProvider(Provider):
             if failed:
                 self._failed = [*done, p]
                 self._leftovers = self._clean_up(self._failed)
-                raise QuiesceError(
+                raise ToolFailed(
                     f"lvcreate --snapshot of {p.origin.full_name} failed: {_first_cause(why)}"
                     + (
                         f"; not removed yet: {', '.join(self._leftovers)}"

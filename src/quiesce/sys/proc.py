@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import QuiesceError, ToolTimedOut, UsageError
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 TOOL_OUTPUT_LIMIT = 64 << 20  # an admin tool's listing (zfs list, lvs) is parsed: keep it all
@@ -61,12 +61,6 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
-
-
-class ToolTimedOut(QuiesceError):
-    """An admin tool outlived its timeout and was killed (a hung device, a stuck pool)."""
-
-    default_hint = "the storage may be hung: check `dmesg` and the device, then retry"
 
 
 # -- starting a child ----------------------------------------------------------------------

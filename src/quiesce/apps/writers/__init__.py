@@ -15,20 +15,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import PydanticCustomError
 
-from quiesce.errors import ExitCode, QuiesceError
+from quiesce.errors import WriterError
 from quiesce.sys.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.apps.writers.mysql import MysqlWriter
     from quiesce.apps.writers.postgresql import PostgresWriter
     from quiesce.apps.writers.sqlite import SqliteWriter
-
-
-class WriterError(QuiesceError):
-    """A built-in writer could not quiesce (or release) its application."""
-
-    exit_code = ExitCode.HOOK
-    default_hint = "check that the server is running and that the job's connection settings work"
 
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

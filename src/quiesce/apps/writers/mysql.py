@@ -149,7 +149,7 @@ class MysqlWriter(Writer):
                 try:
                     self._sql(statement)
                 except WriterError as e:
-                    if e.details.get("code") != ER_LOCK_WAIT_TIMEOUT:
+                    if e.code != ER_LOCK_WAIT_TIMEOUT:
                         raise
                     raise WriterError(
                         f"mysql: {statement} waited longer than timeout = "

@@ -16,7 +16,8 @@ from urllib.parse import quote
 
 from pydantic import Field, PositiveFloat
 
-from quiesce.apps.writers import Finding, Writer, WriterConfig, WriterError
+from quiesce.apps.writers import Finding, Writer, WriterConfig
+from quiesce.errors import WriterError
 
 Checkpoint = Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
 CHECKPOINT_MODES: tuple[str, ...] = get_args(Checkpoint)

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import BackupError, TargetNotInstalled, UsageError
 from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.sys import proc
 from quiesce.sys.redact import (
@@ -28,17 +28,6 @@ from quiesce.sys.redact import (
     register_secret,
     register_secret_file,
 )
-
-
-class BackupError(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = (
-        "see the target's message; the snapshot was kept: retry with `quiesce backup JOB.toml`"
-    )
-
-
-class TargetNotInstalled(UsageError):
-    default_hint = "run scripts/backup-setup.sh (apt-get install restic borgbackup zstd)"
 
 
 @dataclass

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiesce.errors import QuiesceError
+from quiesce.errors import ControllerGone, QuiesceError
 from quiesce.integrations.fleet.agent import check_writers
 from quiesce.integrations.fleet.clock import Offset
 from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
@@ -36,10 +36,6 @@ from quiesce.integrations.fleet.wire import LineReader, write
 from quiesce.sys import proc
 
 PINGS = 8
-
-
-class ControllerGone(QuiesceError):
-    """ansible-playbook (or whoever started us) died: stop, let every host thaw."""
 
 
 @dataclass
