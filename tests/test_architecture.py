@@ -54,7 +54,7 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("quiesce")}
+            out |= {a.name for a in node.names if _ours(a.name)}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -62,7 +62,7 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
                 mod = ".".join([*base, node.module] if node.module else base)
             else:
                 mod = node.module or ""
-            if not mod.startswith("quiesce"):
+            if not _ours(mod):
                 continue
             for a in node.names:  # `from quiesce.sys import kernel` imports a module
                 sub = f"{mod}.{a.name}"
@@ -78,6 +78,11 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
                 target = package + target
             out.add(target)
     return {m for m in out if m != me}
+
+
+def _ours(module: str) -> bool:
+    """A module of the quiesce package (not quiesce_testing, the test ground beside it)."""
+    return module == "quiesce" or module.startswith("quiesce.")
 
 
 def _exists(module: str) -> bool:

@@ -96,3 +96,26 @@ def test_manifest_fields_are_the_typed_objects(tmp_path: Path) -> None:
     back = Manifest.from_json(man.to_json())
     assert back == man and isinstance(back.snapshots[0], Snapshot)
     assert back.freeze_mode is FreezeMode.FIFREEZE and back.to_dict()["consistency"] == "filesystem"
+
+
+def test_the_product_does_not_need_the_test_ground() -> None:
+    """quiesce_testing (the fleet ground, fault agents) is imported only by the fleet
+    demo's command, inside it; nothing in the product reads PYTEST_CURRENT_TEST
+    (the guardian's two seams excepted until the lead's rewrite)."""
+    allowed = {"quiesce/cli/demo/fleet.py"}
+    sniffing_left = {"quiesce/freezing/guardian/daemon.py", "quiesce/freezing/guardian/expedite.py"}
+    for path in (SRC / "quiesce").rglob("*.py"):
+        rel = str(path.relative_to(SRC))
+        text = path.read_text()
+        tree = ast.parse(text)
+        top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+        assert not any(m.startswith("quiesce_testing") for m in top), rel
+        every = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        every |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        if any(m.startswith("quiesce_testing") for m in every):
+            assert rel in allowed, rel
+        if "PYTEST_CURRENT_TEST" in text:
+            assert rel in sniffing_left, rel
+    code = "import quiesce, quiesce.cli.app, sys; assert 'quiesce_testing' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": str(SRC)})

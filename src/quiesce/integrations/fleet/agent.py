@@ -128,7 +128,6 @@ class Agent:
         self.record: dict[str, Any] = {}
         self.done = False
         self.last_heard = _now()
-        self.thaw_early_s: float | None = None  # a negative control's fault (see handle)
         self.ready = False  # writers quiesced and guardian armed for the next instant
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -164,14 +163,7 @@ class Agent:
                 self.ready = False
                 self.freeze()
                 self.send({"op": "frozen", "ok": True, **self.record})
-                if self.thaw_early_s is not None:  # the fault: thaw unasked, say nothing
-                    time.sleep(self.thaw_early_s)
-                    self.thaw_now("test-early")
-            elif op == "test-thaw-early":
-                # A negative control's fault (the controller sends it only under pytest):
-                # this host thaws by itself after its freeze, as a foreign FITHAW that
-                # went unnoticed would; the verdict must not prove an instant then.
-                self.thaw_early_s = float(msg["after_s"])
+                self.frozen_sent()
             elif op == "quiesce":
                 self.ready_to_freeze()
             elif op == "arm":
@@ -186,6 +178,10 @@ class Agent:
                 self.send({"op": "error", "error": f"unknown op {op!r}"})
         except Exception as e:
             self.fail(op, e)
+
+    def frozen_sent(self) -> None:
+        """After "frozen" went out (mode command): nothing to do here; an agent with a
+        fault (quiesce_testing.faults) thaws unasked at this point."""
 
     def fail(self, op: Any, e: BaseException) -> None:
         """Any failure: thaw first (the Freezer rolled back its own group already)."""
@@ -393,10 +389,10 @@ class Agent:
                 self.plan.close()
 
 
-def main() -> None:
+def main(agent: type[Agent] = Agent) -> None:
     sys.dont_write_bytecode = True  # nothing may land on a frozen volume
     os.chdir("/")
-    Agent().run()
+    agent().run()
 
 
 if __name__ == "__main__":
