@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import quiesce
-from quiesce.sys import proc
+from quiesce.sys import pids, proc
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; made only if missing
@@ -211,7 +211,7 @@ def end_pids(pids: Sequence[int], grace: float = 3.0) -> list[int]:
     return [p for p in living if alive(p)]
 
 
-alive = proc.pid_alive  # gone or a zombie: not alive
+alive = pids.pid_alive  # gone or a zombie: not alive
 
 
 @dataclass

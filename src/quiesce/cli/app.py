@@ -15,7 +15,8 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli import holds
-from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd
+from quiesce.cli.backup import backup_cmd, restore_cmd
+from quiesce.cli.cleanup import cleanup_cmd
 from quiesce.cli.common import (
     JobStateOpt,
     JsonOpt,
@@ -29,6 +30,7 @@ from quiesce.cli.common import (
 )
 from quiesce.cli.job import check_cmd, run_cmd
 from quiesce.cli.snapshot import snapshot_app
+from quiesce.cli.systemd import systemd_cmd
 from quiesce.errors import (
     ExitCode,
     FreezeExpired,

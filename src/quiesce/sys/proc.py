@@ -41,12 +41,17 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from quiesce.errors import QuiesceError, ToolTimedOut, UsageError
+
+# Moved to their own modules (sys/pids.py, sys/signals.py); kept here for the guardian's
+# modules until they import from there.
+from quiesce.sys.pids import pid_alive, start_time, stat_fields  # noqa: F401
+from quiesce.sys.signals import signals_deferred
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 TOOL_OUTPUT_LIMIT = 64 << 20  # an admin tool's listing (zfs list, lvs) is parsed: keep it all
@@ -188,27 +193,6 @@ def kill_group(
     # Stragglers that left the group keep nothing of ours but maybe the pipes.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM across a step that must not be cut in half (a group of
-    ioctls, starting a child that must be tracked); deliver them right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {
-        sig: signal.signal(sig, lambda s, _f: got.append(s))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig in got:
-            os.kill(os.getpid(), sig)
 
 
 # -- where a child's output goes -----------------------------------------------------------
@@ -730,36 +714,3 @@ class _Pipeline:
             rc = p.returncode if p.returncode is not None else -signal.SIGKILL
             out.append(StageResult(stage.name, rc, err.bytes(), rc in stage.ok))
         return PipelineResult(out, list(self.errors), self.timed_out, time.monotonic() - self.t0)
-
-
-# -- other processes, by pid ---------------------------------------------------------------
-
-
-def stat_fields(pid: int) -> list[str] | None:
-    """``/proc/PID/stat`` after the command name (state first), or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-        return data[data.rindex(b")") + 2 :].decode().split()
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: object) -> bool:
-    """Whether a process of this pid runs on this host: a zombie (dead, not yet reaped by
-    its parent) counts as gone."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot), so that a recycled pid does not
-    pass for the process recorded; None if it is gone or a zombie."""
-    fields = stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None

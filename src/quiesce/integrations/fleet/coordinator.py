@@ -33,7 +33,7 @@ from quiesce.integrations.fleet.agent import check_writers
 from quiesce.integrations.fleet.clock import Offset
 from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
 from quiesce.integrations.fleet.wire import LineReader, write
-from quiesce.sys import proc
+from quiesce.sys import pids, proc
 
 PINGS = 8
 
@@ -139,7 +139,7 @@ class Group:
 
     def check_controller(self) -> None:
         for pid in self.watch_pids:
-            if not proc.pid_alive(pid):
+            if not pids.pid_alive(pid):
                 raise ControllerGone(f"the controller process {pid} died")
 
     def renew(self) -> None:
@@ -453,7 +453,7 @@ def ancestors(pid: int | None = None) -> list[int]:
     """This process's parents up to (not including) init: the controller's chain."""
     out, pid = [], pid or os.getpid()
     for _ in range(16):
-        fields = proc.stat_fields(pid)
+        fields = pids.stat_fields(pid)
         try:
             ppid = int(fields[1]) if fields else 0
         except ValueError:
