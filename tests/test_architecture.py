@@ -7,6 +7,7 @@ Read from the source (ast), so an import inside a function counts like one at th
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,42 @@ def test_the_runner_check_sees_a_direct_call():
     assert _direct_subprocess_calls("import subprocess\nsubprocess.run(['true'])\n") == [2]
     assert _direct_subprocess_calls("import os\nos.system('true')\n") == [2]
     assert _direct_subprocess_calls("from quiesce.sys import proc\nproc.spawn(['true'])\n") == []
+
+
+def _doc_table() -> dict[str, tuple[set[str], str]]:
+    """docs/architecture.md's module table: per package, the names in its module column
+    (``kernel.py``, ``guardian/``) and the text of its rows."""
+    doc = (PKG.parents[1] / "docs" / "architecture.md").read_text()
+    table: dict[str, tuple[set[str], str]] = {}
+    package = ""
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 3 or re.fullmatch(r"[-: ]+", cells[0]):
+            continue
+        if cells[0] not in ("", "package"):
+            package = cells[0].strip("`")
+        if package and cells[0] != "package":
+            names, text = table.get(package, (set(), ""))
+            names |= set(re.findall(r"`([\w/.]+)`", cells[1]))
+            table[package] = (names, text + " " + " ".join(cells[1:]))
+    return table
+
+
+def test_architecture_table_matches_the_tree():
+    """Each layer package's row lists exactly its modules and subpackages (``name.py``,
+    ``name/``), and names every module of a subpackage; nothing listed is missing."""
+    table = _doc_table()
+    assert set(table) == set(LAYERS), sorted(set(table) ^ set(LAYERS))
+    for package, (names, text) in table.items():
+        if package == "errors":
+            assert names == {"errors.py"}
+            continue
+        root = PKG / package
+        on_disk = {p.name for p in root.glob("*.py") if p.name != "__init__.py"}
+        on_disk |= {p.name + "/" for p in root.iterdir() if (p / "__init__.py").is_file()}
+        listed = {n for n in names if n.endswith((".py", "/"))}
+        assert listed == on_disk, (package, sorted(listed ^ on_disk))
+        for sub in (p for p in root.iterdir() if (p / "__init__.py").is_file()):
+            for mod in sub.rglob("*.py"):
+                if mod.name != "__init__.py":
+                    assert re.search(rf"\b{mod.stem}\b", text), f"{package}/{sub.name}: {mod.stem}"

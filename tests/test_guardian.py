@@ -632,7 +632,7 @@ def test_report_names_who_thawed(rig: Rig) -> None:
 def test_sigkill_while_the_guardian_is_inside_fifreeze(rig: Rig) -> None:
     """The inner fs lives on a loop image in the outer fs, which a third party froze; the
     inner's FIFREEZE must flush dirty pages into the outer, so it blocks in the kernel
-    (kernel-freeze-facts §7.4) until the outer thaws. Kill the controller meanwhile: the
+    (docs/kernel.md §5) until the outer thaws. Kill the controller meanwhile: the
     guardian must wait for its ioctl, then thaw what it turned out to have frozen."""
     outer = rig.loopfs("ext4", size_mb=128)
     inner = rig.loopfs("ext4", image_dir=outer.mountpoint)

@@ -132,7 +132,7 @@ def _both(a: ProgressFn | None, b: ProgressFn | None) -> ProgressFn | None:
 
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
-    """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
+    """The newest manifest of ``job`` (snapshot/store.py), or a UsageError if there is none."""
     from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from quiesce.cli.common import (
     JobStateOpt,
@@ -12,6 +13,7 @@ from quiesce.cli.common import (
     StateDirOpt,
     chosen_state_dir,
     emit_json,
+    err,
     fail,
     out,
     print_error,
@@ -48,6 +50,12 @@ def cleanup_cmd(
             out.print(f"{verb} {r['kind']}: {what!s} (run {r['run']})")
         for s in rep.skipped_live:
             out.print(f"left alone: run {s} is still running")
+        for u in rep.unreadable:  # its snapshot may exist: say so, never hide it
+            err.print(
+                Text.assemble(("warning:", "yellow"), f" manifest {u['path']} is unreadable "
+                              f"({u['reason']}): its snapshot (if any) is not managed; fix or "
+                              "remove the file")
+            )  # fmt: skip
         if not rep.removed and not rep.errors:
             out.print("nothing to clean up")
         for e in rep.errors:

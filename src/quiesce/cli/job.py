@@ -1,4 +1,4 @@
-"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli.py).
+"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli/app.py).
 
 The job machinery (pydantic schema, writers, backup targets) is imported when one of
 these commands runs, so that `quiesce thaw` and `quiesce status` start fast.

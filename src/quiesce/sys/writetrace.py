@@ -189,9 +189,10 @@ def _reap_stale(root: str) -> None:
                 _remove_instance(os.path.join(inst_dir, name))
 
 
-def merge(spans: list[tuple[int, int]], align: int = 1, gap: int = 0) -> list[tuple[int, int]]:
+def merge(spans: list[tuple[int, int]], align: int = 1) -> list[tuple[int, int]]:
     """Sorted, non-overlapping (offset, length) covering ``spans``, widened to ``align``;
-    spans at most ``gap`` bytes apart become one (covering the gap too)."""
+    touching or overlapping spans become one (gaps stay out: re-cloning them would cost
+    extents inside the window)."""
     out: list[tuple[int, int]] = []
     for off, length in sorted(spans):
         start = off - off % align

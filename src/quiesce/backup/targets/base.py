@@ -8,12 +8,11 @@ its argv, which ``ps`` shows to everyone), and no message ever contains them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -327,17 +326,6 @@ def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> 
         raise BackupError(
             redact(f"{what} failed (exit {res.returncode}): {_tail(res.stderr, 600)}")
         )
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` then ``t[0]`` is the duration in seconds."""
-    box = [0.0]
-    t0 = time.monotonic()
-    try:
-        yield box
-    finally:
-        box[0] = time.monotonic() - t0
 
 
 __all__ = [
