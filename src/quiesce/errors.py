@@ -19,8 +19,10 @@ from typing import Any, Protocol
 class _WindowLike(Protocol):
     """The freeze window as far as it went (``quiesce.Window``)."""
 
-    start_ns: int | None
-    end_ns: int | None
+    @property
+    def start_ns(self) -> int | None: ...
+    @property
+    def end_ns(self) -> int | None: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -28,13 +30,15 @@ class _WindowLike(Protocol):
 class _HazardLike(Protocol):
     """One thing the plan found unsafe (``quiesce.freezing.plan.Hazard``)."""
 
-    message: str
+    @property
+    def message(self) -> str: ...
 
 
 class _ManifestLike(Protocol):
     """The record of a snapshot (``quiesce.snapshot.Manifest``)."""
 
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -235,8 +239,10 @@ class WriterError(QuiesceError):
 class _HookResultLike(Protocol):
     """What HookFailed carries (apps.hooks.results.HookResult, a higher layer)."""
 
-    name: str
-    status: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def status(self) -> str: ...
 
 
 class HookFailed(QuiesceError):
@@ -371,9 +377,10 @@ class ProviderOptionsError(UsageError):
 class _ProblemLike(Protocol):
     """One problem of a job (quiesce.job.Problem, a higher layer)."""
 
-    path: str
-    message: str
-
+    @property
+    def path(self) -> str: ...
+    @property
+    def message(self) -> str: ...
     def to_dict(self) -> dict[str, str]: ...
 
 

@@ -617,7 +617,7 @@ class Fleet:
         argv = [pattern, "-m", module, "--tree", str(tree)]
         if args:
             argv += ["-a", args]
-        p = self.ansible_cli("adhoc", *argv, **env)
+        p = self.ansible_cli("adhoc", *argv, timeout=120, **env)
         results = {f.name: json.loads(f.read_text()) for f in tree.iterdir()}
         if p.returncode != 0:
             raise AnsibleFailed(p, results)
@@ -632,6 +632,7 @@ class Fleet:
             "playbook",
             str(playbook),
             *args,
+            timeout=120,
             ANSIBLE_CALLBACKS_ENABLED="ansible.builtin.tree",
             ANSIBLE_CALLBACK_TREE_DIR=str(tree),
             **env,

@@ -160,7 +160,7 @@ def _held(state: Path, manifests: list[Any]) -> set[str]:
 
 
 def apply_snapshot_retention(
-    job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
+    job: str, policy: RetentionPolicy, state: Path, *, keep: frozenset[str] | set[str] = frozenset()
 ) -> dict[str, Any]:
     """Delete the job's snapshots that ``policy`` does not keep (never a held one)."""
     from quiesce import snapshot as snapshots

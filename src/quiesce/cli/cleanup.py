@@ -58,8 +58,8 @@ def cleanup_cmd(
             )  # fmt: skip
         if not rep.removed and not rep.errors:
             out.print("nothing to clean up")
-        for e in rep.errors:
-            print_error({"message": e})
+        for problem in rep.errors:
+            print_error({"message": problem})
     if rep.errors:
         if not as_json:
             print_error(

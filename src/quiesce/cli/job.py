@@ -101,7 +101,7 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
         return
     n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.after_run) + len(h.session)
     n_hooks += len(job.hook_dir_scripts)
-    n_writers = sum(summary["writers"].values())
+    n_writers = sum(len(v) for v in (c.writers.sqlite, c.writers.postgresql, c.writers.mysql))
     out.print(
         f"{job_file!s}: OK (job {job.name}: {len(c.volumes)} volume(s), "
         f"provider {c.provider.type}, {n_hooks} hook(s), {n_writers} writer(s))"

@@ -109,7 +109,7 @@ class CommandProvider(Provider):
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
         argv = self.config.create
         self._argv = [a.replace("{name}", name) for a in self._resolve(argv, members)]
-        vols = [
+        vols: list[dict[str, Any]] = [
             {
                 "mount_point": m.name,
                 "paths": m.paths,

@@ -137,10 +137,10 @@ class ZfsProvider(Provider):
         """One ``zfs snapshot`` per pool: every dataset of a pool in one instant."""
         now = time.time()
         for argv in self._commands:
-            p = proc.run_tool(*argv, timeout=self.timeout)
-            if p.returncode != 0:
+            res = proc.run_tool(*argv, timeout=self.timeout)
+            if res.returncode != 0:
                 raise QuiesceError(
-                    f"zfs snapshot failed: {p.stderr.strip() or p.returncode}",
+                    f"zfs snapshot failed: {res.stderr.strip() or res.returncode}",
                     "see `zfs list -t snapshot` and `zpool status`",
                 )
         one_instant = len(self._commands) == 1

@@ -22,7 +22,7 @@ from typing import Any, cast
 from quiesce.errors import QuiesceError, ReleaseFailed, UnsupportedFilesystem, UsageError
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
-from quiesce.providers.base import FreezeMode, Provider, Snapshot
+from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.cleanup import UNDO
@@ -104,7 +104,9 @@ def _plan_for(paths: Sequence[str], allow_self: bool, prov: Provider) -> Plan:
 def _window_dict(window: Window, snapshot_s: float) -> WindowRecord:
     """Window.to_dict(), its monotonic bounds, and how long the provider call took."""
     record = cast(WindowRecord, window.to_dict())
-    record.update(start_ns=window.start_ns, end_ns=window.end_ns, snapshot_s=round(snapshot_s, 9))
+    record["start_ns"] = window.start_ns
+    record["end_ns"] = window.end_ns
+    record["snapshot_s"] = round(snapshot_s, 9)
     return record
 
 
@@ -262,7 +264,7 @@ def create(
                 snapshots=list(made),
                 window=_window_dict(window, snapshot_s) if window is not None else None,
                 freeze_mode=mode,
-                consistency=level,
+                consistency=Consistency(level),
                 consistency_reason=reason,
                 phases=phases.done,
                 options=_json_safe(prov.options),

@@ -151,7 +151,7 @@ def _popen(
 
     if pdeathsig is None or threading.current_thread() is threading.main_thread():
         return start()
-    return _forker.call(start)  # type: ignore[no-any-return]
+    return _forker.call(start)
 
 
 def spawn(
@@ -312,7 +312,7 @@ def _run(
         for name, sink in (("out", out), ("err", err)):
             if sink is not None and sink != "merge":
                 r, ends[name] = os.pipe()
-                sinks[r] = sink  # type: ignore[assignment]
+                sinks[r] = sink
                 if last_words:
                     with contextlib.suppress(OSError):
                         fcntl.fcntl(ends[name], fcntl.F_SETPIPE_SZ, 1 << 20)

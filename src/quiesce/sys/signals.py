@@ -27,8 +27,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        for sig in got:
-            os.kill(os.getpid(), sig)
+        for number in got:
+            os.kill(os.getpid(), number)
 
 
 __all__ = ["signals_deferred"]
