@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How short is a fleet group's window, against one host's own window, in the same run?
 
-On the fleet ground (quiesce.cli.demo.ground: N hosts, sshd in its own mount namespace
+On the fleet ground (quiesce_testing.ground: N hosts, sshd in its own mount namespace
 each, own loop filesystem), under the hopping writer, with the coordinator driven
 directly (the same code the quiesce.fleet.group module calls; Ansible's task overhead is
 outside the window):
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.cli.demo.fleet import _copy_provider
-from quiesce.cli.demo.ground import Fleet, Host
-from quiesce.cli.demo.ground_writer import check_cut
 from quiesce.integrations.fleet.coordinator import Member, run_group
+from quiesce_testing.ground import Fleet, Host
+from quiesce_testing.ground_writer import check_cut
 
 
 def member(f: Fleet, h: Host) -> Member:

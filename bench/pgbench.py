@@ -162,8 +162,8 @@ def _cpu() -> float:
     return time.thread_time() + ch.ru_utime + ch.ru_stime
 
 
-def _steps(snap: dict) -> list[tuple[str, float]]:
-    return list(snap.get("extra", {}).get("prepare", {}).get("steps_s", {}).items())
+def _steps(snap) -> list[tuple[str, float]]:
+    return list(snap.extra.get("prepare", {}).get("steps_s", {}).items())
 
 
 def _trace_line(man) -> str:
@@ -172,8 +172,8 @@ def _trace_line(man) -> str:
     w = man.window or {}
     sync = [v.get("syncfs_s") for v in w.get("volumes", [])]
     sync_ms = ",".join(f"{x * 1000:.0f}" for x in sync if x is not None) or "-"
-    prep = [s.get("extra", {}).get("prepare") for s in man.snapshots]
-    ranges = [s.get("extra", {}).get("ranges_in_window") for s in man.snapshots]
+    prep = [s.extra.get("prepare") for s in man.snapshots]
+    ranges = [s.extra.get("ranges_in_window") for s in man.snapshots]
     return (
         f"{phases} | window syncfs {w.get('syncfs')} {sync_ms} ms,"
         f" in-window ranges {ranges} | prepare {prep}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does the README's promise hold on a fresh Debian 12 machine? Run by hand, as root (not in CI).
 #
-#   bash scripts/fresh-root-check.sh [--tests all|host|none|demo] [--keep] [--base-cache FILE]
+#   bash scripts/fresh-root-check.sh [--tests all|host|none|demo|package] [--dist DIR] [--keep] [--base-cache FILE]
 #
 # 1. debootstraps a fresh Debian 12 root (the default variant: what a minimal install has) from
 #    the Debian mirror this machine's apt already uses, in /var/tmp/quiesce-fresh-root.XXXXXX/root;
@@ -14,6 +14,11 @@
 #    into its install part and its run part, timed: install + demo, then install --test +
 #    pytest (--tests host: PYTEST_ADDOPTS='-m "not vm"'; --tests none: the install only;
 #    --tests demo: the first command only, a quick check in about three minutes);
+#    --tests package: instead of the README's commands, the packages a user installs: builds
+#    the wheel, the sdist and the .deb on this machine (scripts/build-deb.sh; --dist DIR: take
+#    them from DIR instead), then in the root `apt-get install ./quiesce_*.deb` and
+#    `quiesce demo --simple`, then a venv of Debian's python3 with `pip install` of the wheel
+#    and its `quiesce demo --simple`, each timed;
 # 5. always tears down, also on failure or Ctrl-C: kills the processes whose root is the chroot
 #    (only those: they are ours), thaws and unmounts what is mounted under it (thaw only for
 #    loop devices backed by a file inside it), detaches its loop devices, then checks that no
@@ -208,6 +213,19 @@ EOF
     CMD_PART=$run timed "$label: $run" in_root "$@"
   }
   rc=0
+  if [ "$TESTS" = package ]; then
+    cp "$WORK"/dist/* "$ROOT/root/"
+    deb=$(cd "$ROOT/root" && ls quiesce_*.deb) whl=$(cd "$ROOT/root" && ls quiesce-*.whl)
+    pkg() { local label=$1; shift; CMD_PART="$*" timed "$label" in_root; }
+    pkg "deb: apt-get install ./$deb" "cd /root && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./$deb" || rc=1
+    pkg "deb: quiesce demo --simple" "cd /tmp && quiesce --version && quiesce demo --simple" || rc=1
+    pkg "deb: apt-get remove quiesce" "DEBIAN_FRONTEND=noninteractive apt-get remove -y -qq quiesce && test ! -e /usr/lib/quiesce/bin/quiesce" || rc=1
+    pkg "wheel: python3 -m venv + pip install $whl" "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && python3 -m venv /opt/quiesce && /opt/quiesce/bin/pip install -q /root/$whl" || rc=1
+    pkg "wheel: quiesce demo --simple" "cd /tmp && /opt/quiesce/bin/quiesce demo --simple" || rc=1
+    current="teardown"
+    echo "inner total $((SECONDS - t_start)) $rc" >>"$TIMES"
+    exit "$rc"
+  fi
   run_cmd README-1 "${CMDS[0]}" || rc=1
   if [ "$TESTS" = demo ]; then
     :
@@ -223,16 +241,17 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # outer: this machine's mount namespace
-TESTS=all KEEP=0 BASE_CACHE=""
+TESTS=all KEEP=0 BASE_CACHE="" DIST=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS=${2:?}; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --base-cache) BASE_CACHE=$(realpath -m "${2:?}"); shift 2 ;;
+    --dist) DIST=$(realpath -m "${2:?}"); shift 2 ;;
     *) usage ;;
   esac
 done
-case "$TESTS" in all | host | none | demo) ;; *) usage ;; esac
+case "$TESTS" in all | host | none | demo | package) ;; *) usage ;; esac
 t0=$SECONDS
 
 # the Debian mirror this machine's apt uses for $SUITE and $SUITE-security
@@ -272,6 +291,18 @@ dirty=""
 [ -z "$(git -C "$REPO" status --porcelain --untracked-files=no)" ] ||
   dirty=" (uncommitted changes in $REPO are NOT tested)"
 echo "fresh-root-check.sh: commit $commit$dirty; tests=$TESTS; work dir $WORK"
+if [ "$TESTS" = package ]; then
+  mkdir "$WORK/dist"
+  if [ -n "$DIST" ]; then
+    cp "$DIST"/quiesce-*.whl "$DIST"/quiesce-*.tar.gz "$DIST"/quiesce_*.deb "$WORK/dist/"
+  else
+    t_build=$SECONDS
+    # from the committed tree, like the rest of the check
+    mkdir "$WORK/src" && tar -x -C "$WORK/src" -f "$WORK/repo.tar"
+    bash "$WORK/src/scripts/build-deb.sh" "$WORK/dist"
+    echo "build (wheel, sdist, deb) $((SECONDS - t_build)) 0" >"$WORK/timings"
+  fi
+fi
 
 outer_teardown() {
   local rc=$? leftover_m leftover_l

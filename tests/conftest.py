@@ -318,11 +318,11 @@ def _rcu_held_by_a_live_run() -> bool:
     """Another quiesce run on this machine (not this test's) holds the knob right now:
     its record says so; leave it to that run."""
     from quiesce.freezing.guardian import expedite
-    from quiesce.sys import proc
+    from quiesce.sys import pids
 
     try:
         rec = json.loads((Path(expedite.RUN_DIR) / expedite.HOLDERS_FILE).read_text())
-        return any(proc.start_time(h["pid"]) == h["start"] for h in rec["holders"])
+        return any(pids.start_time(h["pid"]) == h["start"] for h in rec["holders"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -7,6 +7,7 @@ Read from the source (ast), so an import inside a function counts like one at th
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,12 @@ LAYERS = [
     "integrations",
     "cli",
 ]
-TOP = {"__init__", "__main__"}  # the public API and `python -m quiesce` see every layer
+TOP = {
+    "__init__",
+    "__main__",
+    "writers",
+    "hooks",
+}  # the public API (and `python -m quiesce`) sees every layer
 
 
 def _module_name(path: Path) -> str:
@@ -49,7 +55,7 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("quiesce")}
+            out |= {a.name for a in node.names if _ours(a.name)}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -57,7 +63,7 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
                 mod = ".".join([*base, node.module] if node.module else base)
             else:
                 mod = node.module or ""
-            if not mod.startswith("quiesce"):
+            if not _ours(mod):
                 continue
             for a in node.names:  # `from quiesce.sys import kernel` imports a module
                 sub = f"{mod}.{a.name}"
@@ -73,6 +79,11 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
                 target = package + target
             out.add(target)
     return {m for m in out if m != me}
+
+
+def _ours(module: str) -> bool:
+    """A module of the quiesce package (not quiesce_testing, the test ground beside it)."""
+    return module == "quiesce" or module.startswith("quiesce.")
 
 
 def _exists(module: str) -> bool:
@@ -216,3 +227,42 @@ def test_the_runner_check_sees_a_direct_call():
     assert _direct_subprocess_calls("import subprocess\nsubprocess.run(['true'])\n") == [2]
     assert _direct_subprocess_calls("import os\nos.system('true')\n") == [2]
     assert _direct_subprocess_calls("from quiesce.sys import proc\nproc.spawn(['true'])\n") == []
+
+
+def _doc_table() -> dict[str, tuple[set[str], str]]:
+    """docs/architecture.md's module table: per package, the names in its module column
+    (``kernel.py``, ``guardian/``) and the text of its rows."""
+    doc = (PKG.parents[1] / "docs" / "architecture.md").read_text()
+    table: dict[str, tuple[set[str], str]] = {}
+    package = ""
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 3 or re.fullmatch(r"[-: ]+", cells[0]):
+            continue
+        if cells[0] not in ("", "package"):
+            package = cells[0].strip("`")
+        if package and cells[0] != "package":
+            names, text = table.get(package, (set(), ""))
+            names |= set(re.findall(r"`([\w/.]+)`", cells[1]))
+            table[package] = (names, text + " " + " ".join(cells[1:]))
+    return table
+
+
+def test_architecture_table_matches_the_tree():
+    """Each layer package's row lists exactly its modules and subpackages (``name.py``,
+    ``name/``), and names every module of a subpackage; nothing listed is missing."""
+    table = _doc_table()
+    assert set(table) == set(LAYERS), sorted(set(table) ^ set(LAYERS))
+    for package, (names, text) in table.items():
+        if package == "errors":
+            assert names == {"errors.py"}
+            continue
+        root = PKG / package
+        on_disk = {p.name for p in root.glob("*.py") if p.name != "__init__.py"}
+        on_disk |= {p.name + "/" for p in root.iterdir() if (p / "__init__.py").is_file()}
+        listed = {n for n in names if n.endswith((".py", "/"))}
+        assert listed == on_disk, (package, sorted(listed ^ on_disk))
+        for sub in (p for p in root.iterdir() if (p / "__init__.py").is_file()):
+            for mod in sub.rglob("*.py"):
+                if mod.name != "__init__.py":
+                    assert re.search(rf"\b{mod.stem}\b", text), f"{package}/{sub.name}: {mod.stem}"

@@ -70,7 +70,7 @@ def test_restic_backups_of_two_snapshots_incremental_and_retention(loopfs, tmp_p
     # nothing left behind
     assert not (tmp_path / "run" / "web").exists()
     assert list(journal_dir(state).iterdir()) == []
-    assert str(second.snapshots[0]["location"]) not in sh("losetup", "-a").stdout
+    assert str(second.snapshots[0].location) not in sh("losetup", "-a").stdout
 
 
 def _job(tmp_path: Path, volume: str, backup: str, extra: str = "") -> Path:

@@ -155,7 +155,7 @@ def test_systemd_install_refuses_a_hand_edit_and_warns_about_tmp(loopfs, tmp_pat
 
 
 def test_systemd_warns_about_job_paths_under_tmp(tmp_path: Path) -> None:
-    from quiesce.cli.backup import private_tmp_warnings
+    from quiesce.integrations.systemd import private_tmp_warnings
 
     assert private_tmp_warnings(["/srv/db", "/var/lib/quiesce"]) == []
     (w,) = private_tmp_warnings(["/tmp/repo", "/srv/db"])

@@ -78,7 +78,7 @@ def test_ext4_clone_is_clean_and_complete(loopfs, writer_factory, tmp_path):
     crash = pair.outer.mountpoint / "crash.img"
     t_crash = _plain_clone(pair.inner.image, crash)
     summary = w.stop()
-    clone = Path(man.snapshots[0]["location"])
+    clone = Path(man.snapshots[0].location)
 
     assert "needs_recovery" not in _ext4_features(clone)
     assert sh("e2fsck", "-fn", str(clone), check=False).returncode == 0
@@ -104,7 +104,7 @@ def test_xfs_clone_mounts_norecovery_complete(loopfs, writer_factory, tmp_path):
     state = tmp_path / "state"
     man = snapshots.create([pair.inner.path], "reflink", state_dir=state)
     w.stop()
-    clone = Path(man.snapshots[0]["location"])
+    clone = Path(man.snapshots[0].location)
 
     log = _xfs_log_items(clone)
     assert "SUPER Block" in log and "INODE:" not in log  # only the cover records
@@ -142,8 +142,8 @@ def test_btrfs_snapshot_holds_every_acknowledged_record(loopfs, writer_factory, 
     man = snapshots.create([fs.path], "btrfs", state_dir=tmp_path)
     summary = w.stop()
     snap = man.snapshots[0]
-    acked = w.acked_before(snap["extra"]["monotonic_ns"] / 1e9)
+    acked = w.acked_before(snap.extra["monotonic_ns"] / 1e9)
     assert acked >= 30
-    _assert_holds(read_records(Path(snap["location"]) / "records.log"), acked)
+    _assert_holds(read_records(Path(snap.location) / "records.log"), acked)
     assert summary["errors"] == 0
     snapshots.delete(man.id, tmp_path)

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 import yaml
 from helpers import fleet_db
-from helpers.fleet import Fleet, Host, freeze_host, thaw_host
 from helpers.fleet_db import HoppingRows, HostMariadb, HostPostgres, restore_pair
+
+from quiesce_testing.ground import Fleet, Host, freeze_host, thaw_host
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOK = ROOT / "ansible_collections" / "quiesce" / "fleet" / "playbooks" / "group.yml"

@@ -1,7 +1,7 @@
 """The fleet test ground: simulated hosts reached by Ansible over real SSH (issue 13).
 
 Each host is an sshd of the test's own in a mount namespace of its own, with its own
-loop-image filesystem (tests/helpers/fleet.py). These tests prove the ground itself: it
+loop-image filesystem (quiesce_testing/ground.py). These tests prove the ground itself: it
 comes up and goes away leaving nothing, Ansible reaches every host and each host sees only
 its own volumes, a cut taken with overlapping freezes is consistent (and, as the negative
 control, one taken host by host is caught), and the quiesce.fleet collection builds,
@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.fleet import (
+
+import quiesce
+from quiesce_testing.ground import (
     PYTHON,
     SRC,
     Fleet,
@@ -29,15 +31,11 @@ from helpers.fleet import (
     freeze_host,
     mnt_ns_of,
     pids_in_ns,
-    thaw_host,
-)
-from helpers.fleet_writer import (
-    check_cut,
     snapshot_one_by_one,
     snapshot_overlapping,
+    thaw_host,
 )
-
-import quiesce
+from quiesce_testing.ground_writer import check_cut
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = ROOT / "ansible_collections" / "quiesce" / "fleet"

@@ -1,6 +1,6 @@
 """One group snapshot across hosts, driven by Ansible, always thawed (issue 13).
 
-On the fleet ground (tests/helpers/fleet.py: sshd per host in its own mount namespace,
+On the fleet ground (quiesce_testing/ground.py: sshd per host in its own mount namespace,
 Ansible over real SSH), the collection's group playbook runs under the hopping writer
 (records that hop between hosts, each acknowledged before the next): the hosts'
 snapshots must hold a prefix of the records (check_cut). The negative control (cuts
@@ -10,6 +10,7 @@ taken host by host are caught) is in test_fleet_ground.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,8 +27,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers.fleet import Fleet, Host, freeze_host, thaw_host
-from helpers.fleet_writer import check_cut
+
+from quiesce_testing.ground import Fleet, Host, freeze_host, thaw_host
+from quiesce_testing.ground_writer import check_cut
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIONS = ROOT  # ansible_collections/ lives at the repo root
@@ -232,9 +234,8 @@ def test_coordinator_unreachable_host_reports_it_and_freezes_nothing(fleet: Flee
 
 
 def member(fleet: Fleet, h: Host, **kw: Any) -> Any:
-    from helpers.fleet import PYTHON, SRC
-
     from quiesce.integrations.fleet.coordinator import Member
+    from quiesce_testing.ground import PYTHON, SRC
 
     ssh = ["ssh", "-p", str(h.port), "-i", str(fleet.key), "-o", "BatchMode=yes",
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
@@ -420,7 +421,7 @@ def test_a_hold_too_short_is_caught_by_the_verdict_and_retried(
 def test_check_refuses_a_volume_quiesce_holds_and_thaw_releases_it(fleet: Fleet) -> None:
     """The per-host modules: check names a volume another quiesce run holds frozen; the
     play's safety net (thaw) asks that guardian to thaw it."""
-    from helpers.fleet import PYTHON, AnsibleFailed
+    from quiesce_testing.ground import PYTHON, AnsibleFailed
 
     h = fleet.hosts[0]
     mp = h.data.mountpoint
@@ -446,11 +447,12 @@ def test_check_refuses_a_volume_quiesce_holds_and_thaw_releases_it(fleet: Fleet)
 def test_mode_command_negative_control_a_host_thawed_before_the_command_is_caught(
     fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Mode command's negative control: one host thaws by itself right after its freeze
-    (test-only knob), so the group command's instant is not inside every host's frozen
-    span although every host said "frozen" before it started and none was told to thaw
-    before it ended. The verdict must say inconsistent every time and nothing be kept;
-    the same group without the fault is consistent (the verdict can say both)."""
+    """Mode command's negative control: one host runs an agent with a fault
+    (quiesce_testing.faults: it thaws by itself right after its freeze), so the group
+    command's instant is not inside every host's frozen span although every host said
+    "frozen" before it started and none was told to thaw before it ended. The verdict
+    must say inconsistent every time and nothing be kept; the same group without the
+    fault is consistent (the verdict can say both)."""
     from quiesce.integrations.fleet.coordinator import run_group
 
     members = [member(fleet, h) for h in fleet.hosts]
@@ -461,8 +463,9 @@ def test_mode_command_negative_control_a_host_thawed_before_the_command_is_caugh
     reasons = []
     for i, (host, after) in enumerate(faults):
         w.wait_for(10)
-        rep = run_group(members, name=f"gnc{i}", mode="command", command=cmd,
-                        thaw_early_s={host: after})  # fmt: skip
+        faulty = ("-m", "quiesce_testing.faults", "early-thaw", str(after))
+        group = [dataclasses.replace(m, agent=faulty) if m.name == host else m for m in members]
+        rep = run_group(group, name=f"gnc{i}", mode="command", command=cmd)
         assert rep["per_host"][host]["thaw_reason"] == "test-early", rep["per_host"]
         if not rep["consistent"]:
             caught += 1

@@ -64,10 +64,44 @@ def test_a_bad_writer_spec_is_refused_before_anything_starts(spec: dict, says: s
     assert e.value.hint
 
 
-def test_the_early_thaw_fault_is_refused_outside_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The negative control's knob (a host thaws unasked) exists only under pytest."""
-    member = Member("db1", ["ssh", "root@db1"], ["/srv/db"])
-    Group([member], mode="command", command=["true"], thaw_early_s={"db1": 0.0})
-    monkeypatch.delenv("PYTEST_CURRENT_TEST")
-    with pytest.raises(QuiesceError, match="test-only"):
-        Group([member], mode="command", command=["true"], thaw_early_s={"db1": 0.0})
+def test_the_agent_has_no_test_operation() -> None:
+    """The product's agent takes no fault from the wire: a negative control runs its own
+    faulty agent (quiesce_testing.faults) instead."""
+    import os
+
+    from quiesce.integrations.fleet.agent import Agent
+
+    r, w = os.pipe()
+    try:
+        Agent(rfd=r, wfd=w).handle({"op": "test-thaw-early", "after_s": 0})
+        said = json.loads(os.read(r, 4096).decode().splitlines()[-1])
+    finally:
+        os.close(r)
+        os.close(w)
+    assert said == {"op": "error", "error": "unknown op 'test-thaw-early'"}
+
+
+def test_one_model_per_writer_for_the_job_the_fleet_and_python(tmp_path: Path) -> None:
+    """A writer's settings are one model (next to the writer): a job's table, a fleet spec
+    and a Python call give the writer the same config, and each refuses the same typo."""
+    from pydantic import ValidationError
+
+    from quiesce.apps.writers import MysqlWriter, SqliteWriter
+    from quiesce.job.build import build_writers
+    from quiesce.job.schema import WRITER_CONFIGS, JobConfig
+
+    db = str(tmp_path / "a.db")
+    table = {"databases": [db], "busy_timeout": 3.0, "checkpoint": "FULL", "name": "app"}
+    job = JobConfig.model_validate(
+        {"volumes": ["/srv"], "provider": {"type": "reflink", "dest": "/x"},
+         "writers": {"sqlite": [table]}}
+    )  # fmt: skip
+    (from_job,) = build_writers(job)
+    (from_fleet,) = _build_writers([{"type": "sqlite", **table}])
+    from_python = SqliteWriter([db], busy_timeout=3, checkpoint="full", name="app")
+    assert from_job.config == from_fleet.config == from_python.config
+    assert type(from_job.config) is WRITER_CONFIGS["sqlite"] is SqliteWriter.Config
+    with pytest.raises(ValidationError):
+        MysqlWriter(socket="/run/m.sock")
+    with pytest.raises(QuiesceError, match="unknown key 'socket'"):
+        check_writers([{"type": "mysql", "socket": "/run/m.sock"}], "w")

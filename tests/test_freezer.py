@@ -34,7 +34,7 @@ def dirty(path: str, mb: int) -> None:
 @pytest.mark.timeout(60)
 def test_nested_loop_group_given_in_the_wrong_order(loopfs, writer_factory) -> None:
     """Outer named first on purpose: freezing it first would hang the inner's freeze in
-    the kernel (kernel-freeze-facts §7.4). No syncfs, so the inner's FIFREEZE itself must
+    the kernel (docs/kernel.md §5). No syncfs, so the inner's FIFREEZE itself must
     flush its dirty data through the loop device into the outer."""
     outer: LoopFS = loopfs("xfs")
     inner: LoopFS = loopfs("ext4", size_mb=128, image_dir=outer.mountpoint)

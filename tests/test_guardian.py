@@ -397,7 +397,7 @@ def test_deadline_thaws_under_a_live_controller(rig: Rig) -> None:
         time.sleep(2.0)
         body_end = time.monotonic()
     assert window is not None
-    assert caught.value.details["window"] is window
+    assert caught.value.window is window
     assert window.thawed_by == "guardian" and window.expired_reason == "deadline"
     assert [v.thawed_by for v in window.volumes] == ["guardian"]
     assert window.duration is not None and 0.8 < window.duration < 1.8, window.duration
@@ -632,7 +632,7 @@ def test_report_names_who_thawed(rig: Rig) -> None:
 def test_sigkill_while_the_guardian_is_inside_fifreeze(rig: Rig) -> None:
     """The inner fs lives on a loop image in the outer fs, which a third party froze; the
     inner's FIFREEZE must flush dirty pages into the outer, so it blocks in the kernel
-    (kernel-freeze-facts §7.4) until the outer thaws. Kill the controller meanwhile: the
+    (docs/kernel.md §5) until the outer thaws. Kill the controller meanwhile: the
     guardian must wait for its ioctl, then thaw what it turned out to have frozen."""
     outer = rig.loopfs("ext4", size_mb=128)
     inner = rig.loopfs("ext4", image_dir=outer.mountpoint)

@@ -231,11 +231,11 @@ def test_sigterm_during_quiesce_backup_unwinds_by_itself(loopfs, tmp_path: Path)
             proc.kill()
     assert proc.returncode == 143 and "stopped by a signal" in err
     assert mnt not in Path("/proc/self/mountinfo").read_text()
-    assert loop_devices_of(man.snapshots[0]["location"]) == []
+    assert loop_devices_of(man.snapshots[0].location) == []
     assert list(journal_dir(state).iterdir()) == []
     assert _processes_with_env(f"RESTIC_REPOSITORY={tmp_path / 'repo'}") == []  # not orphaned
     assert parse((tmp_path / "q.prom").read_text())["sig"]["last_run_success"] == 0
-    assert Path(man.snapshots[0]["location"]).exists()  # the snapshot itself is kept
+    assert Path(man.snapshots[0].location).exists()  # the snapshot itself is kept
 
 
 # -- the state directory is a trust boundary ----------------------------------------------

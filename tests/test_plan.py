@@ -1,6 +1,6 @@
 """The planner: freeze order over loop-backing dependencies, and plans of real mounts.
 
-The order rule comes from kernel-freeze-facts §7.4: a filesystem whose loop image lives
+The order rule comes from docs/kernel.md §5: a filesystem whose loop image lives
 on another one must freeze before it and thaw after it, or the kernel deadlocks.
 """
 

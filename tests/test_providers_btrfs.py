@@ -67,7 +67,7 @@ def test_two_subvolumes_back_to_back_read_only(subvol_mounts, tmp_path):
     assert man.freeze_mode == "none" and man.window is None
     assert man.consistency == "per-volume"  # a hook cannot make two snapshots one instant
     assert "not one atomic instant" in man.consistency_reason
-    locs = [Path(s["location"]) for s in man.snapshots]
+    locs = [Path(s.location) for s in man.snapshots]
     assert locs == [m / ".snapshots" / f"{man.id}--{volume_slug(str(m))}" for m in (a, b)]
     (a / "data").write_text("a2")
     assert (locs[0] / "data").read_text() == "a1"

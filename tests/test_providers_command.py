@@ -53,9 +53,9 @@ def test_runs_inside_the_window_with_env_stdin_and_id(loopfs, tmp_path):
         options={"create": _py(REPORT, "{name}", "$HOME")}, state_dir=tmp_path,
     )  # fmt: skip
     snap = man.snapshots[0]
-    assert snap["location"] == f"array-snap-{man.id}"
-    assert {s["location"] for s in man.snapshots} == {snap["location"]}
-    report = json.loads(snap["extra"]["stdout"].splitlines()[1])
+    assert snap.location == f"array-snap-{man.id}"
+    assert {s.location for s in man.snapshots} == {snap.location}
+    report = json.loads(snap.extra["stdout"].splitlines()[1])
     assert man.window["start_ns"] < report["t"] < man.window["end_ns"]
     assert report["argv"] == [man.id, "$HOME"]  # no shell: nothing expanded
     env = report["env"]
@@ -82,7 +82,7 @@ def test_timeout_kills_the_process_group_and_thaws(loopfs, tmp_path):
         )  # fmt: skip
     assert time.monotonic() - t0 < 10
     assert "group was thawed" in err.value.message
-    grandchild = int(err.value.details["stdout"].split()[0])
+    grandchild = int(err.value.stdout.split()[0])
     deadline = time.monotonic() + 5
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -127,7 +127,7 @@ def test_delete_and_list_commands(tmp_path):
 def test_without_delete_command_only_forget_drops_the_record(loopfs, tmp_path):
     fs = loopfs("ext4")
     man = snapshots.create([fs.path], "command", options={"create": ["true"]}, state_dir=tmp_path)
-    assert man.snapshots[0]["location"] == man.id  # no stdout: the name is the id
+    assert man.snapshots[0].location == man.id  # no stdout: the name is the id
     with pytest.raises(UsageError, match="no delete command"):
         snapshots.delete(man.id, tmp_path)
     snapshots.delete(man.id, tmp_path, forget=True)

@@ -80,11 +80,11 @@ def test_create_snapshots_of_the_group_only(ec2, loopfs, tmp_path):
     man = snapshots.create([a.path, b.path], "ebs", job="aws", options=options, state_dir=state)
 
     assert man.window["thawed_by"] == "controller" and man.consistency == "filesystem"
-    got = {s["volume"]: s for s in man.snapshots}
-    assert {v: got[v]["extra"]["volume_id"] for v in got} == {a.path: vols[0], b.path: vols[1]}
-    assert {s["extra"]["state"] for s in man.snapshots} == {"completed"}
+    got = {s.volume: s for s in man.snapshots}
+    assert {v: got[v].extra["volume_id"] for v in got} == {a.path: vols[0], b.path: vols[1]}
+    assert {s.extra["state"] for s in man.snapshots} == {"completed"}
     listed = ec2.describe_snapshots(Filters=[{"Name": "volume-id", "Values": vols}])["Snapshots"]
-    assert sorted(s["SnapshotId"] for s in listed) == sorted(s["location"] for s in man.snapshots)
+    assert sorted(s["SnapshotId"] for s in listed) == sorted(s.location for s in man.snapshots)
     for s in listed:
         tags = {t["Key"]: t["Value"] for t in s["Tags"]}
         assert tags == {"team": "db", "quiesce:snapshot": man.id}

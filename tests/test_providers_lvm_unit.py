@@ -194,11 +194,11 @@ def test_snapshot_mount_of_an_lvm_snapshot_block_device(tmp_path: Path) -> None:
         "dev": "254:0", "fstype": "ext4", "created": 0.0, "location": dev,
         "extra": {"vg": "vgq", "lv": "a-t-20260101T000000Z", "origin": "vgq/a", "thin": False},
     }  # fmt: skip
-    man = snapshots.Manifest(
+    man = snapshots.Manifest.from_dict(dict(
         id="t-20260101T000000Z", job="t", provider="lvm", created="2026-01-01T00:00:00Z",
         volumes=[], snapshots=[snap], window=None, freeze_mode="provider",
         consistency="filesystem", consistency_reason="test", phases=[],
-    )  # fmt: skip
+    ))  # fmt: skip
     (state / "snapshots").mkdir(parents=True)
     (state / "snapshots" / f"{man.id}.json").write_text(man.to_json())
     try:

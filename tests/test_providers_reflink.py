@@ -30,7 +30,7 @@ def test_clone_of_ext4_image_mounts_and_deletes(loopfs, tmp_path, outer):
     assert man.freeze_mode == "fifreeze" and man.consistency == "atomic"
     assert man.window is not None and man.window["thawed_by"] == "controller"
     [snap] = man.snapshots
-    clone = Path(snap["location"])
+    clone = Path(snap.location)
     assert clone.parent == pair.outer.mountpoint
     assert clone.name == f"{man.id}--{volume_slug(pair.inner.path)}.img"
     assert clone.stat().st_size == pair.inner.image.stat().st_size
@@ -89,7 +89,7 @@ def test_dest_option_places_the_clone(loopfs, tmp_path):
     man = snapshots.create(
         [pair.inner.path], "reflink", options={"dest": str(dest)}, state_dir=tmp_path / "s"
     )
-    assert Path(man.snapshots[0]["location"]).parent == dest
+    assert Path(man.snapshots[0].location).parent == dest
     snapshots.delete(man.id, tmp_path / "s")
     # the base (the last snapshot's content, which seeds the next) stays
     assert [p.name.startswith(BASE_PREFIX) for p in dest.iterdir()] == [True]
@@ -129,8 +129,8 @@ def test_two_images_one_window(loopfs, tmp_path):
     man = snapshots.create([a.path, b.path], "reflink", state_dir=tmp_path / "s")
     assert len(man.snapshots) == 2
     assert {v["state"] for v in man.window["volumes"]} == {"thawed"}
-    assert len({s["location"] for s in man.snapshots}) == 2
-    assert all(os.path.isfile(s["location"]) for s in man.snapshots)
+    assert len({s.location for s in man.snapshots}) == 2
+    assert all(os.path.isfile(s.location) for s in man.snapshots)
 
 
 def test_clone_of_btrfs_image_mounts_beside_the_origin(loopfs, tmp_path):

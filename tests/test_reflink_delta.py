@@ -120,7 +120,7 @@ def _take(pair, tmp_path: Path, prov: WithReference, writer: BlockWriter, n: int
         quiescers=[writer],
     )
     [snap] = man.snapshots
-    clone = Path(snap["location"])
+    clone = Path(snap.location)
     return snap, clone, Path(str(clone) + ".ref")
 
 
@@ -136,8 +136,8 @@ def test_delta_clone_equals_a_plain_clone_taken_in_the_same_window(loopfs, tmp_p
         for n in range(3):  # in a row: the image fragments, the next pre-clone shares it
             prov = WithReference()
             snap, clone, ref = _take(pair, tmp_path, prov, writer, n)
-            assert snap["extra"]["mode"] == "delta", snap["extra"]
-            assert snap["extra"]["ranges_in_window"] > 0  # the burst landed after prepare
+            assert snap.extra["mode"] == "delta", snap.extra
+            assert snap.extra["ranges_in_window"] > 0  # the burst landed after prepare
             assert _identical(clone, ref), f"snapshot {n}: delta clone differs from FICLONE"
             fsck = sh("e2fsck", "-fn", str(clone), check=False)
             assert fsck.returncode == 0, fsck.stdout + fsck.stderr
@@ -168,8 +168,8 @@ def test_lost_trace_events_fall_back_to_a_whole_image_clone(loopfs, tmp_path, mo
     monkeypatch.setattr(writetrace.WriteTrace, "drain", lossy)
     with writer.running():
         snap, clone, ref = _take(pair, tmp_path, WithReference(), writer)
-    assert snap["extra"]["mode"] == "clone"
-    assert "lost events" in snap["extra"]["note"]
+    assert snap.extra["mode"] == "clone"
+    assert "lost events" in snap.extra["note"]
     assert _identical(clone, ref)
 
 
@@ -183,8 +183,8 @@ def test_no_trace_falls_back_to_a_whole_image_clone(loopfs, tmp_path, monkeypatc
     monkeypatch.setattr(reflink_mod, "WriteTrace", refuse)
     with writer.running():
         snap, clone, ref = _take(pair, tmp_path, WithReference(), writer)
-    assert snap["extra"]["mode"] == "clone"
-    assert "no write trace" in snap["extra"]["note"]
+    assert snap.extra["mode"] == "clone"
+    assert "no write trace" in snap.extra["note"]
     assert _identical(clone, ref)
 
 
@@ -198,7 +198,7 @@ def test_clone_mode_takes_no_trace(loopfs, tmp_path, monkeypatch):
     monkeypatch.setattr(reflink_mod, "WriteTrace", forbidden)
     with writer.running():
         snap, clone, ref = _take(pair, tmp_path, WithReference(mode="clone"), writer)
-    assert snap["extra"] == {
+    assert snap.extra == {
         "image": str(pair.inner.image),
         "loop_device": pair.inner.device,
         "mode": "clone",
@@ -283,8 +283,8 @@ def test_discards_after_the_pre_clone_are_re_cloned(loopfs, tmp_path):
     )
     assert "trimmed" in trimmer.trimmed and "(0 bytes)" not in trimmer.trimmed
     [snap] = man.snapshots
-    clone = Path(snap["location"])
-    assert snap["extra"]["mode"] == "delta" and snap["extra"]["ranges_in_window"] > 0
+    clone = Path(snap.location)
+    assert snap.extra["mode"] == "delta" and snap.extra["ranges_in_window"] > 0
     assert _identical(clone, Path(str(clone) + ".ref"))
 
 
@@ -308,8 +308,8 @@ def test_a_loop_device_with_an_offset_maps_its_writes_into_the_image(loopfs, tmp
                     [str(mnt)], WithReference(), state_dir=tmp_path / "state", quiescers=[writer]
                 )
             [snap] = man.snapshots
-            clone = Path(snap["location"])
-            assert snap["extra"]["mode"] == "delta" and snap["extra"]["ranges_in_window"] > 0
+            clone = Path(snap.location)
+            assert snap.extra["mode"] == "delta" and snap.extra["ranges_in_window"] > 0
             assert _identical(clone, Path(str(clone) + ".ref"))
         finally:
             sh("umount", str(mnt), check=False)

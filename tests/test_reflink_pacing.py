@@ -140,13 +140,13 @@ def test_prepare_flushes_the_volume_before_the_image_is_shared(loopfs, tmp_path)
         os.close(fd)
     man = snapshots.create([pair.inner.path], "reflink", state_dir=tmp_path / "state")
     [snap] = man.snapshots
-    prep = snap["extra"]["prepare"]
-    assert snap["extra"]["mode"] == "delta", snap["extra"]
+    prep = snap.extra["prepare"]
+    assert snap.extra["mode"] == "delta", snap.extra
     assert prep["catch_up_ranges"][0] < 200, prep
-    assert snap["extra"]["ranges_in_window"] < 200, snap["extra"]
+    assert snap.extra["ranges_in_window"] < 200, snap.extra
     assert prep["pieces"] >= 1 and prep["cpu_s"] >= 0
     assert list(prep["steps_s"]) == ["flush", "trace", "clone", "flush_again", "catch_up"]
-    fsck = sh("e2fsck", "-fn", snap["location"], check=False)
+    fsck = sh("e2fsck", "-fn", snap.location, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     snapshots.delete(man.id, tmp_path / "state")
 
@@ -211,14 +211,14 @@ def test_what_is_written_after_prepare_is_re_cloned_before_the_freeze(loopfs, tm
         [pair.inner.path], "reflink", state_dir=tmp_path / "state", quiescers=[_Checkpoint(path)]
     )
     [snap] = man.snapshots
-    extra = snap["extra"]
+    extra = snap.extra
     assert extra["mode"] == "delta", extra
     assert extra["prepare"]["before_freeze"]["ranges"] >= 1000, extra["prepare"]
     assert extra["ranges_in_window"] < 200, extra
-    fsck = sh("e2fsck", "-fn", snap["location"], check=False)
+    fsck = sh("e2fsck", "-fn", snap.location, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     dumped = tmp_path / "table-from-snapshot"
-    sh("debugfs", "-R", f"dump /table {dumped}", snap["location"])
+    sh("debugfs", "-R", f"dump /table {dumped}", snap.location)
     assert dumped.read_bytes() == path.read_bytes(), "the checkpoint's writes are not in it"
     snapshots.delete(man.id, tmp_path / "state")
 

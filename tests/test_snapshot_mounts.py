@@ -35,9 +35,7 @@ def _two_volumes(loopfs, tmp_path: Path):
 
 def _loops_of(man) -> str:
     out = sh("losetup", "-a").stdout
-    return "\n".join(
-        line for line in out.splitlines() for s in man.snapshots if s["location"] in line
-    )
+    return "\n".join(line for line in out.splitlines() for s in man.snapshots if s.location in line)
 
 
 def test_multi_volume_mount_by_prefix_then_umount_dir(loopfs, tmp_path: Path) -> None:

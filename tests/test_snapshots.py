@@ -188,7 +188,7 @@ def test_release_failure_keeps_the_snapshot_and_says_so(loopfs, tmp_path):
             [fs.path], FakeProvider(log, FreezeMode.NONE), state_dir=tmp_path, quiescers=hooks
         )
     assert log[-3:] == ["b.after_thaw(True)", "a.after_thaw(True)", "after_thaw"]
-    man = err.value.details["manifest"]
+    man = err.value.manifest
     assert [m.id for m in snapshots.list_manifests(tmp_path)] == [man.id]
     assert any("b could not resume" in w for w in man.warnings)
 
@@ -288,3 +288,40 @@ def test_what_quiesces_before_the_freeze_is_named_and_a_post_thaw_hook_is_not(tm
         "pre-freeze hook 'flush'", "hook-directory script '10-app'", "session hook 'lock'",
         "writer sqlite[0]",
     ]  # fmt: skip
+
+
+def test_an_unreadable_manifest_is_reported_not_dropped(tmp_path):
+    """A truncated manifest beside a good one: the library names it, and `snapshot list`
+    and `cleanup` show it (JSON and text) instead of acting as if it were not there."""
+    import json
+
+    from quiesce.providers.base import Consistency
+    from quiesce.snapshot.manifest import Manifest
+
+    state = tmp_path / "state"
+    (state / "snapshots").mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    good = Manifest("app-1", "app", "reflink", "2026-01-01T00:00:00Z", [], [], None,
+                    FreezeMode.NONE, Consistency.CRASH, "test", [])  # fmt: skip
+    (state / "snapshots" / "app-1.json").write_text(good.to_json())
+    (state / "snapshots" / "app-2.json").write_text('{"id": "app-2", "job"')
+    for p in (state / "snapshots").iterdir():
+        p.chmod(0o600)
+    found = snapshots.scan_manifests(state)
+    assert [m.id for m in found.manifests] == ["app-1"]
+    assert [u.path.name for u in found.unreadable] == ["app-2.json"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quiesce", *args, "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+
+    listed = cli("snapshot", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
+    assert [s["id"] for s in data["snapshots"]] == ["app-1"]
+    assert [u["path"] for u in data["unreadable"]] == [str(state / "snapshots" / "app-2.json")]
+    text = cli("snapshot", "list")
+    assert "app-2.json is unreadable" in text.stderr and "app-1" in text.stdout
+    cleaned = cli("cleanup", "--json")
+    assert json.loads(cleaned.stdout)["unreadable"][0]["path"].endswith("app-2.json")
+    assert "app-2.json is unreadable" in cli("cleanup").stderr

@@ -134,7 +134,7 @@ def test_snapshot_datadir_starts_and_holds_every_committed_row(tmp_path):
             before_lock = max(s for when, s in acked if when < writer.locked_at)
             db.stop()
 
-            with mounted_image(manifest.snapshots[0]["location"], loops.base / "clone") as m:
+            with mounted_image(manifest.snapshots[0].location, loops.base / "clone") as m:
                 clone = Server(tools, m / "data", run_dir, "clone")
                 clone.start()
                 with connect(clone) as c, c.cursor() as cur:

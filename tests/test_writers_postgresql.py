@@ -91,7 +91,7 @@ def test_snapshot_of_a_live_cluster_starts_and_holds_every_committed_row(tmp_pat
             db.stop()
 
             # A writable clone of the snapshot, with a fresh postgres on it.
-            with mounted_image(manifest.snapshots[0]["location"], loops.base / "clone") as m:
+            with mounted_image(manifest.snapshots[0].location, loops.base / "clone") as m:
                 (m / "pgdata" / "postmaster.pid").unlink(missing_ok=True)  # the origin's
                 clone_db = Cluster(bin_dir, m / "pgdata", run_dir, CLONE_PORT)
                 clone_db.start()

@@ -100,7 +100,7 @@ def test_snapshot_holds_every_row_committed_before_the_lock(loopfs, tmp_path):
     assert "app.sqlite" in manifest.consistency_reason
     committed_before_lock = writer.acked_before(timed.locked_at)
     assert committed_before_lock >= 50
-    clone = manifest.snapshots[0]["location"]
+    clone = manifest.snapshots[0].location
     alone = tmp_path / "alone.sqlite"
     with mounted_image(clone, tmp_path / "snap") as snap:
         wal = snap / "app.sqlite-wal"

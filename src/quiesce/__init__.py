@@ -22,20 +22,39 @@ from typing import TYPE_CHECKING
 
 from quiesce.errors import (
     AlreadyFrozen,
+    BackupError,
+    ControllerGone,
+    ExitCode,
     FreezeBroken,
     FreezeExpired,
     GuardianError,
+    HookFailed,
+    Interrupted,
+    JobBusy,
+    JobConfigError,
+    JournalError,
+    MountError,
     NotADirectory,
     NotAMountRoot,
     NotFrozen,
     OutsideGroup,
     PathNotFound,
     PermissionDenied,
+    ProviderOptionsError,
     QuiesceError,
+    ReleaseFailed,
+    RunTimeout,
+    TargetNotInstalled,
     ThawFailed,
+    ToolFailed,
+    ToolTimedOut,
+    TrustError,
     UnsafePlan,
     UnsupportedFilesystem,
+    UntrustedState,
     UsageError,
+    VerifyFailed,
+    WriterError,
 )
 from quiesce.sys.lazy import lazy_exports
 
@@ -45,6 +64,8 @@ if TYPE_CHECKING:
     from quiesce.snapshot.consistency import Consistency
 
 __version__ = "0.1.0"
+
+_PACKAGES = {"backup", "hooks", "job", "providers", "snapshot", "writers"}
 
 __getattr__ = lazy_exports(
     __name__,
@@ -58,21 +79,30 @@ __getattr__ = lazy_exports(
         "make_plan": ".freezing.plan:make_plan",
         # the product's packages, as namespaces
         "backup": ".backup",
-        "hooks": ".apps.hooks",
+        "hooks": ".hooks",
         "job": ".job",
         "providers": ".providers",
         "snapshot": ".snapshot",
-        "writers": ".apps.writers",
+        "writers": ".writers",
     },
 )
 
 __all__ = [
     "AlreadyFrozen",
+    "BackupError",
     "Consistency",
+    "ControllerGone",
+    "ExitCode",
     "FreezeBroken",
     "FreezeExpired",
     "Freezer",
     "GuardianError",
+    "HookFailed",
+    "Interrupted",
+    "JobBusy",
+    "JobConfigError",
+    "JournalError",
+    "MountError",
     "NotADirectory",
     "NotAMountRoot",
     "NotFrozen",
@@ -80,14 +110,30 @@ __all__ = [
     "PathNotFound",
     "PermissionDenied",
     "Plan",
+    "ProviderOptionsError",
     "QuiesceError",
+    "ReleaseFailed",
+    "RunTimeout",
+    "TargetNotInstalled",
     "ThawFailed",
+    "ToolFailed",
+    "ToolTimedOut",
+    "TrustError",
     "UnsafePlan",
     "UnsupportedFilesystem",
+    "UntrustedState",
     "UsageError",
+    "VerifyFailed",
     "VolumeResult",
     "Window",
+    "WriterError",
     "__version__",
     "freeze",
     "make_plan",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API, lazy names included (``dir(quiesce)`` lists ``freeze``), and the
+    product's packages (modules, so not in ``__all__``)."""
+    return sorted(set(__all__) | set(globals()) | _PACKAGES)

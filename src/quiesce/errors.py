@@ -2,11 +2,45 @@
 
 The CLI prints ``quiesce: <message>`` and ``hint: <hint>`` and exits with ``exit_code``;
 library users catch the typed classes (like psutil's NoSuchProcess / AccessDenied).
+Every class is defined here and exported from ``quiesce``; what an error knows beyond
+its message is a typed attribute (``UnsafePlan.hazards``, ``WriterError.code``,
+``ToolFailed.stderr``), never an untyped bag.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, MutableMapping, Sequence
+from typing import Any, Protocol
+
+# What errors carry from higher layers, as protocols: errors is the lowest layer and
+# imports nothing of quiesce (not even for types: tests/test_architecture.py).
+
+
+class _WindowLike(Protocol):
+    """The freeze window as far as it went (``quiesce.Window``)."""
+
+    @property
+    def start_ns(self) -> int | None: ...
+    @property
+    def end_ns(self) -> int | None: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class _HazardLike(Protocol):
+    """One thing the plan found unsafe (``quiesce.freezing.plan.Hazard``)."""
+
+    @property
+    def message(self) -> str: ...
+
+
+class _ManifestLike(Protocol):
+    """The record of a snapshot (``quiesce.snapshot.Manifest``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class ExitCode:
@@ -30,16 +64,35 @@ class ExitCode:
 
 
 class QuiesceError(Exception):
-    """Base of every error quiesce raises on purpose."""
+    """Base of every error quiesce raises on purpose.
+
+    ``window``: the freeze window as far as it went, when the error ended a freeze (set by
+    the freezer on its way out; ``outcomes`` is each volume's state after its rollback).
+    ``option``: the provider or command-line option the error is about, if one is."""
 
     exit_code: int = ExitCode.FAILURE
     default_hint: str = ""
 
-    def __init__(self, message: str, hint: str | None = None, **details: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        option: str | None = None,
+        window: _WindowLike | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint if hint is not None else self.default_hint
-        self.details = details
+        self.option = option
+        self.window = window
+        self.outcomes: dict[str, str] | None = None
+
+    @property
+    def details(self) -> MutableMapping[str, Any]:
+        """Deprecated: the typed attributes as a mapping, for code written before them
+        (freezing/freezer.py until its rewrite). Use the attributes."""
+        return _Details(self)
 
     def add_context(self, note: str) -> None:
         """Append what happened around the error (``"; rolled back: /srv/a"``) to its
@@ -54,6 +107,39 @@ class QuiesceError(Exception):
             "hint": self.hint,
             "exit_code": self.exit_code,
         }
+
+
+class _Details(MutableMapping[str, Any]):
+    """An error's typed attributes seen as a mapping (``QuiesceError.details``): a key is
+    present when its attribute is set (not None); setting a key sets the attribute."""
+
+    _KEYS = ("window", "outcomes", "option", "manifest", "hazards", "fstype", "code", "result",
+             "stdout", "stderr", "culprit")  # fmt: skip
+
+    def __init__(self, error: QuiesceError) -> None:
+        self._error = error
+
+    def _present(self) -> list[str]:
+        return [k for k in self._KEYS if getattr(self._error, k, None) is not None]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._present():
+            raise KeyError(key)
+        return getattr(self._error, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._KEYS:
+            raise KeyError(f"{type(self._error).__name__} has no attribute {key!r}")
+        setattr(self._error, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        setattr(self._error, key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._present())
+
+    def __len__(self) -> int:
+        return len(self._present())
 
 
 class UsageError(QuiesceError):
@@ -90,6 +176,11 @@ class UnsupportedFilesystem(QuiesceError):
     exit_code = ExitCode.UNSUPPORTED
     default_hint = "only filesystems with freeze support (ext4, xfs, btrfs, ...) can be frozen"
 
+    def __init__(self, message: str, hint: str | None = None, *, fstype: str | None = None,
+                 **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.fstype = fstype  # the filesystem type that cannot be frozen
+
 
 class AlreadyFrozen(QuiesceError):
     exit_code = ExitCode.BUSY
@@ -111,6 +202,11 @@ class UnsafePlan(QuiesceError):
         "while it is frozen"
     )
 
+    def __init__(self, message: str, hint: str | None = None, *,
+                 hazards: Sequence[_HazardLike] = (), **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.hazards = list(hazards)  # what the plan refused
+
 
 class ThawFailed(QuiesceError):
     exit_code = ExitCode.THAW_FAILED
@@ -127,6 +223,18 @@ class FreezeExpired(QuiesceError):
     default_hint = (
         "a snapshot finished after the guardian's thaw is not consistent; "
         "raise --timeout or make the snapshot step faster"
+    )
+
+
+class DrillFailed(QuiesceError):
+    """The restore drill failed: an application did not recover, or failed its own check,
+    on a throwaway copy of the snapshot."""
+
+    exit_code = ExitCode.DRILL
+    default_hint = (
+        "an application did not recover (or failed its check) on a copy of the snapshot: "
+        "the snapshot is not counted as good and nothing was pruned; see the drill's "
+        "details (--json), and `quiesce verify --app SNAPSHOT` to try it again"
     )
 
 
@@ -155,3 +263,191 @@ class FreezeBroken(QuiesceError):
 class GuardianError(QuiesceError):
     exit_code = ExitCode.GUARDIAN
     default_hint = "nothing was frozen; retry, and report a bug if it persists"
+
+
+class WriterError(QuiesceError):
+    """A built-in writer could not quiesce (or release) its application. ``code``: the
+    server's error number, when it sent one (MySQL's 1205: lock wait timeout)."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = "check that the server is running and that the job's connection settings work"
+
+    def __init__(self, message: str, hint: str | None = None, *, code: int | None = None,
+                 **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.code = code
+
+
+class _HookResultLike(Protocol):
+    """What HookFailed carries (apps.hooks.results.HookResult, a higher layer)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+
+
+class HookFailed(QuiesceError):
+    """A hook or writer failed or timed out and the policy is ``abort``; ``result`` is
+    its step (:class:`quiesce.hooks.HookResult`)."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = (
+        "see the hook's output in the report; to snapshot anyway (only crash-consistent), "
+        'set on_hook_failure = "crash-consistent"'
+    )
+
+    def __init__(self, message: str, hint: str | None = None, *,
+                 result: _HookResultLike | None = None, **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.result = result
+
+
+class RunTimeout(QuiesceError):
+    """The whole run's time budget (timeouts.run) was used up."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = "raise timeouts.run in the job file, or shorten the hooks"
+
+
+class ToolFailed(QuiesceError):
+    """An admin tool or a snapshot command failed; ``stdout``/``stderr``: what it said."""
+
+    def __init__(self, message: str, hint: str | None = None, *, stdout: str = "",
+                 stderr: str = "", **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.stdout, self.stderr = stdout, stderr
+
+
+class ToolTimedOut(QuiesceError):
+    """An admin tool outlived its timeout and was killed (a hung device, a stuck pool)."""
+
+    default_hint = "the storage may be hung: check `dmesg` and the device, then retry"
+
+
+class TrustError(UsageError):
+    """A file or directory that someone other than root can change (exit 2); ``culprit``
+    is the path to fix."""
+
+    default_hint = "make it root's and writable only by root"
+
+    def __init__(self, message: str, hint: str | None = None, *, culprit: str = "",
+                 **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.culprit = culprit
+
+
+class UntrustedState(TrustError):
+    """The state directory, or a file in it, could have been written by someone else."""
+
+
+class JobBusy(QuiesceError):
+    """Another run of the same job holds its lock."""
+
+    exit_code = ExitCode.BUSY
+    default_hint = "wait for it to finish (`quiesce status` shows what it holds frozen)"
+
+
+class JournalError(QuiesceError):
+    """Something a journal entry names could not be undone."""
+
+    default_hint = "run `quiesce cleanup` again; see the message for what could not be removed"
+
+
+class ReleaseFailed(QuiesceError):
+    """The snapshot was made and kept, but an application was not released cleanly;
+    ``manifest`` is the snapshot's record."""
+
+    default_hint = "the snapshot was kept; check the application that was quiesced"
+
+    def __init__(self, message: str, hint: str | None = None, *,
+                 manifest: _ManifestLike | None = None, **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.manifest = manifest
+
+
+class MountError(QuiesceError):
+    """A snapshot could not be mounted read-only."""
+
+    exit_code = ExitCode.BACKUP
+    default_hint = "see the kernel log (dmesg) for the filesystem's own message"
+
+
+class BackupError(QuiesceError):
+    """The backup target failed; the snapshot is kept."""
+
+    exit_code = ExitCode.BACKUP
+    default_hint = (
+        "see the target's message; the snapshot was kept: retry with `quiesce backup JOB.toml`"
+    )
+
+
+class TargetNotInstalled(UsageError):
+    """The backup target's program is not installed."""
+
+    default_hint = "run scripts/backup-setup.sh (apt-get install restic borgbackup zstd)"
+
+
+class VerifyFailed(QuiesceError):
+    """The backup does not match the snapshot."""
+
+    exit_code = ExitCode.BACKUP
+    default_hint = (
+        "the backup does not match the snapshot: the snapshot and older backups were kept; "
+        "check the target's storage, then run `quiesce backup JOB.toml` again"
+    )
+
+
+class ProviderOptionsError(UsageError):
+    """Options a provider does not take, or values of the wrong type (built by
+    ``quiesce.providers.options``). ``keys``: the options at fault; :meth:`for_flags`:
+    the same error in the command line's syntax (``--option KEY=VALUE``)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, provider: str = "",
+                 keys: Sequence[str] = (), flags: tuple[str, str] | None = None,
+                 **kw: Any) -> None:  # fmt: skip
+        super().__init__(message, hint, **kw)
+        self.provider, self.keys, self._flags = provider, list(keys), flags
+
+    def for_flags(self) -> ProviderOptionsError:
+        if self._flags is None:
+            return self
+        message, hint = self._flags
+        return ProviderOptionsError(message, hint, provider=self.provider, keys=self.keys)
+
+
+class _ProblemLike(Protocol):
+    """One problem of a job (quiesce.job.Problem, a higher layer)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    def to_dict(self) -> dict[str, str]: ...
+
+
+class JobConfigError(UsageError):
+    """The job file is invalid or unsafe; ``problems`` lists every reason
+    (:class:`quiesce.job.Problem`: the TOML key, what is wrong, what to do)."""
+
+    default_hint = "fix the job file (see docs/jobs.md), then `quiesce check JOB.toml`"
+
+    def __init__(self, file: str, problems: Sequence[_ProblemLike]) -> None:
+        n = len(problems)
+        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''}; nothing was run")
+        self.problems = list(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"problems": [p.to_dict() for p in self.problems]}
+
+
+class ControllerGone(QuiesceError):
+    """ansible-playbook (or whoever started the fleet controller) died: stop, let every
+    host thaw."""
+
+
+class Interrupted(QuiesceError):
+    """Ctrl-C (SIGINT): everything quiesce had frozen was thawed first."""
+
+    exit_code = 130
+    default_hint = "stopped by Ctrl-C; everything quiesce had frozen was thawed first"

@@ -47,7 +47,7 @@ def run_freezer(args: argparse.Namespace) -> int:
     except quiesce.QuiesceError as e:
         code = e.exit_code
         result = {"ok": False, **e.to_dict()}
-        found = e.details.get("window")
+        found = e.window
         window = found if isinstance(found, quiesce.Window) else window
     if window is not None:
         result["window"] = window.to_dict()

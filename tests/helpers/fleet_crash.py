@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.fleet import Fleet, freeze_host
+from quiesce_testing.ground import Fleet, freeze_host
 
 fleet = Fleet(2).start()
 writer = fleet.start_writer()

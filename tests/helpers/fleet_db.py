@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers.dbtools import mariadb_bin, pg_bin
-from helpers.fleet import Host
+
+from quiesce_testing.ground import Host
 
 PG_PORT = 5432  # names the socket only (no TCP)
 

@@ -126,7 +126,7 @@ def raw_fifreeze_then_lvcreate() -> None:
             except QuiesceError as e:
                 result("lvm61_lvcreate_under_fifreeze_s", f"{time.monotonic() - t0:.2f}")
                 log(f"lvcreate under FIFREEZE failed: {e.message}")
-                stderr = e.details.get("stderr", "")
+                stderr = getattr(e, "stderr", "")
                 expect("busy" in stderr.lower(), f"the dm suspend got EBUSY: {stderr!r}")
             else:
                 raise AssertionError("lvcreate -s under FIFREEZE succeeded on 6.1")

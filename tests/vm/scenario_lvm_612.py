@@ -93,7 +93,7 @@ def group_of_two() -> None:
         finally:
             sh("umount", mnt)
         check_records(seen[mnt], acked, f"snapshot of {snap.volume} ({opts})")
-    # A frozen XFS has a covered but not clean log (kernel-freeze-facts §7.5): xfs_repair -n
+    # A frozen XFS has a covered but not clean log (docs/kernel.md §7): xfs_repair -n
     # on the untouched snapshot reports the log; after a trivial replay it is clean.
     repair = sh("xfs_repair", "-n", x.location, check=False)
     result("lvm612_xfs_repair_n_untouched_exit", repair.returncode)

@@ -25,7 +25,7 @@ from quiesce.backup.mount import mounted_snapshots
 from quiesce.backup.targets import make_target
 from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
 from quiesce.backup.verification import VerifyResult, verify
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import DrillFailed, ExitCode, QuiesceError, UsageError, VerifyFailed
 from quiesce.state.cleanup import held_snapshot_ids
 from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
@@ -33,24 +33,6 @@ from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.state.statedir import state_dir
 from quiesce.sys.events import Event, EventFn, emit
 from quiesce.sys.redact import redact_data
-
-
-class VerifyFailed(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = (
-        "the backup does not match the snapshot: the snapshot and older backups were kept; "
-        "check the target's storage, then run `quiesce backup JOB.toml` again"
-    )
-
-
-class DrillFailed(QuiesceError):
-    exit_code = ExitCode.DRILL
-    default_hint = (
-        "an application did not recover (or failed its check) on a copy of the snapshot: "
-        "the snapshot is not counted as good and nothing was pruned; see the drill's "
-        "details (--json), and `quiesce verify --app SNAPSHOT` to try it again"
-    )
-
 
 # (manifest, [(origin mount point, read-only mount path)], journal) -> a DrillReport:
 # apps/drills (a higher layer) passes it in, like state's undo actions.
@@ -156,7 +138,7 @@ def _both(a: ProgressFn | None, b: ProgressFn | None) -> ProgressFn | None:
 
 
 def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
-    """The newest manifest of ``job`` (snapshots.py), or a UsageError if there is none."""
+    """The newest manifest of ``job`` (snapshot/store.py), or a UsageError if there is none."""
     from quiesce import snapshot as snapshots
 
     mans = [m for m in snapshots.list_manifests(state) if m.job == job]
@@ -184,7 +166,7 @@ def _held(state: Path, manifests: list[Any]) -> set[str]:
 
 
 def apply_snapshot_retention(
-    job: str, policy: RetentionPolicy, state: Path, *, keep: set[str] = frozenset()
+    job: str, policy: RetentionPolicy, state: Path, *, keep: frozenset[str] | set[str] = frozenset()
 ) -> dict[str, Any]:
     """Delete the job's snapshots that ``policy`` does not keep (never a held one).
 

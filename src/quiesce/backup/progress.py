@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import IO
 
 from rich.console import Console
 from rich.progress import (
@@ -31,7 +31,7 @@ from quiesce.sys.units import human_bytes
 class PlainProgress:
     """``backup: 1.2 GiB / 2.0 GiB (60%), 1200/2000 files, ETA 0:12`` every interval."""
 
-    def __init__(self, stream: TextIO, label: str = "backup", interval: float = 10.0) -> None:
+    def __init__(self, stream: IO[str], label: str = "backup", interval: float = 10.0) -> None:
         self.stream = stream
         self.label = label
         self.interval = interval

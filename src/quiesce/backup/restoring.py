@@ -23,8 +23,8 @@ from typing import Any
 
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import make_target
-from quiesce.backup.targets.base import BackupError, Target, TargetSnapshot
-from quiesce.errors import UsageError
+from quiesce.backup.targets.base import Target, TargetSnapshot
+from quiesce.errors import BackupError, UsageError
 from quiesce.sys.redact import redact_url
 
 

@@ -16,7 +16,8 @@ from rich.text import Text
 
 from quiesce import __version__
 from quiesce.cli import holds
-from quiesce.cli.backup import backup_cmd, cleanup_cmd, restore_cmd, systemd_cmd, verify_cmd
+from quiesce.cli.backup import backup_cmd, restore_cmd, verify_cmd
+from quiesce.cli.cleanup import cleanup_cmd
 from quiesce.cli.common import (
     JobStateOpt,
     JsonOpt,
@@ -30,9 +31,11 @@ from quiesce.cli.common import (
 )
 from quiesce.cli.job import check_cmd, run_cmd
 from quiesce.cli.snapshot import snapshot_app
+from quiesce.cli.systemd import systemd_cmd
 from quiesce.errors import (
     ExitCode,
     FreezeExpired,
+    Interrupted,
     NotFrozen,
     QuiesceError,
     UsageError,
@@ -481,11 +484,6 @@ def main(argv: list[str] | None = None) -> None:
         if e.hint:
             _say(err, "hint:", "dim", e.hint)
         sys.exit(e.exit_code)
-
-
-class Interrupted(QuiesceError):
-    exit_code = 130
-    default_hint = "stopped by Ctrl-C; everything quiesce had frozen was thawed first"
 
 
 def _interrupted(_sig: int, _frame: object) -> None:

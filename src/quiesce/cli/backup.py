@@ -1,10 +1,8 @@
-"""`quiesce backup JOB.toml`, `quiesce cleanup` and `quiesce systemd JOB.toml`
-(registered by cli.py)."""
+"""`quiesce backup JOB.toml` and `quiesce restore` (registered by cli/app.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -157,7 +155,7 @@ def verify_cmd(
     snapshot's manifest. Exit 14 if the drill failed."""
     from quiesce import snapshot as snapshots
     from quiesce.apps.drills import drill_snapshot, targets_from_config, targets_from_manifest
-    from quiesce.backup.phase import DrillFailed
+    from quiesce.errors import DrillFailed
 
     _terminate_as_exit()
     try:
@@ -281,181 +279,7 @@ def restore_cmd(
         err.print(f"warning: {w}", markup=False)
 
 
-def cleanup_cmd(
-    state_dir_opt: StateDirOpt = None,
-    job_file: JobStateOpt = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only list what would be removed.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Remove what crashed runs left behind (mounts, loop devices, clone files, temp
-    dirs), newest first, from the cleanup journal. Runs that are alive are left alone."""
-    from quiesce.backup.cleanup import cleanup
-
-    try:
-        rep = cleanup(chosen_state_dir(state_dir_opt, job_file), dry_run=dry_run)
-    except QuiesceError as e:  # an untrusted state directory or journal: nothing was run
-        raise fail(e, as_json) from None
-    if as_json:
-        emit_json(rep.to_dict() | {"dry_run": dry_run})
-    else:
-        verb = "would remove" if dry_run else "removed"
-        for r in rep.removed:
-            what = r.get("target") or r.get("path") or r.get("device") or r.get("backing") or ""
-            if r["kind"] == "loop" and r.get("device"):
-                what = f"{r['device']} ({r.get('backing')})"
-            if r["kind"] == "repository":
-                what = f"stale locks of {r.get('tool')} {r.get('location')}"
-            out.print(f"{verb} {r['kind']}: {what!s} (run {r['run']})")
-        for s in rep.skipped_live:
-            out.print(f"left alone: run {s} is still running")
-        if not rep.removed and not rep.errors:
-            out.print("nothing to clean up")
-        for e in rep.errors:
-            print_error({"message": e})
-    if rep.errors:
-        if not as_json:
-            print_error(
-                {
-                    "message": "cleanup is not complete",
-                    "hint": "fix the cause (a busy mount?) and run `quiesce cleanup` again",
-                }
-            )
-        raise typer.Exit(ExitCode.FAILURE)
-
-
-def _local(path: str | None) -> str | None:
-    """A local filesystem path (restic/borg repositories may be URLs or ssh://)."""
-    if not path or not path.startswith("/"):
-        return None
-    return path
-
-
-def unit_spec(job: Any, *, on_calendar: str, randomized_delay: str, env_file: str | None) -> Any:
-    """What the job writes: the units' ReadWritePaths and their timeout."""
-    from quiesce.integrations.systemd import UnitSpec
-    from quiesce.state.statedir import state_dir
-    from quiesce.sys.mounts import MountTable, loop_backing_file
-
-    rw = [*job.volumes, str(state_dir(job.state_dir))]
-    optional: list[str] = []
-    table = MountTable.read()
-    dest = job.provider_options.get("dest")
-    if job.provider == "reflink":
-        if dest:
-            rw.append(str(dest))
-        for v in job.volumes:  # clones go next to the image by default
-            vol = table.volume_of_path(v)
-            backing = loop_backing_file(vol.source) if vol else None
-            if backing and not dest:
-                rw.append(os.path.dirname(backing))
-    if job.provider == "lvm":
-        optional += ["/etc/lvm", "/run/lvm", "/run/lock"]
-    b = job.backup
-    timeout = job.run_timeout or 3600.0
-    if b is not None:
-        if not b.mount_root.startswith("/run/quiesce/"):  # else RuntimeDirectory= has it
-            rw.append(b.mount_root)
-        for p in (_local(b.repository), b.directory, b.sha256_dir):
-            if p:
-                rw.append(p)
-        if b.check in ("sample", "full") or b.drill:
-            rw.append(b.verify_dir)
-        timeout += b.timeout or 12 * 3600
-    if job.metrics_file:
-        rw.append(str(Path(job.metrics_file).parent))
-    return UnitSpec(
-        job=job.name,
-        job_file=Path(job.path),
-        on_calendar=on_calendar,
-        randomized_delay=randomized_delay,
-        timeout_s=timeout + 600,
-        rw_paths=[p for p in dict.fromkeys(rw) if os.path.exists(p)],
-        rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
-        environment_file=env_file,
-        state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
-        drill=b is not None and b.drill,
-    )
-
-
-def systemd_cmd(
-    job_file: JobFile,
-    install: Annotated[
-        bool, typer.Option("--install", help="Write the units to /etc/systemd/system.")
-    ] = False,
-    on_calendar: Annotated[
-        str, typer.Option("--on-calendar", help="When to run (systemd.time(7)).")
-    ] = "daily",
-    randomized_delay: Annotated[
-        str, typer.Option("--randomized-delay", help="RandomizedDelaySec= of the timer.")
-    ] = "15min",
-    environment_file: Annotated[
-        str | None,
-        typer.Option("--environment-file", help="EnvironmentFile= (e.g. the password variable)."),
-    ] = None,
-    unit_dir: Annotated[
-        Path, typer.Option("--unit-dir", hidden=True, help="Where --install writes.")
-    ] = Path("/etc/systemd/system"),
-    force: Annotated[
-        bool, typer.Option("--force", help="With --install: replace units edited by hand.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Print (or install with --install) a hardened service + timer pair for the job."""
-    from quiesce.integrations.systemd import check_calendar, render
-    from quiesce.integrations.systemd import install as install_units
-    from quiesce.job.backupjob import load_backup_job
-
-    try:
-        job = load_backup_job(job_file)
-        check_calendar(on_calendar)
-        spec = unit_spec(
-            job,
-            on_calendar=on_calendar,
-            randomized_delay=randomized_delay,
-            env_file=environment_file,
-        )
-        units = render(spec)
-        warnings = private_tmp_warnings([str(job.path), *spec.rw_paths, *spec.rw_optional])
-        written = install_units(units, unit_dir, force=force) if install else []
-    except QuiesceError as e:
-        raise fail(e, as_json) from None
-    except OSError as e:
-        raise fail(QuiesceError(f"cannot write the units: {e}"), as_json) from None
-    if as_json:
-        emit_json({"units": units, "written": [str(p) for p in written], "warnings": warnings})
-        return
-    for w in warnings:
-        err.print(f"warning: {w}", markup=False)
-    if not install:
-        for name, text in units.items():
-            out.print(f"# {unit_dir / name}", markup=False)
-            out.print(text, markup=False)
-        return
-    for p in written:
-        out.print(f"wrote {p}")
-    timer = next(n for n in units if n.endswith(".timer"))
-    out.print(f"enable it with: systemctl enable --now {timer}")
-
-
-def private_tmp_warnings(paths: list[str]) -> list[str]:
-    """The service has PrivateTmp=yes: a job path under /tmp or /var/tmp is not the
-    directory the user sees (an empty private one instead)."""
-    found = []
-    for p in dict.fromkeys(paths):
-        real = os.path.realpath(p)
-        if any(real == t or real.startswith(t + "/") for t in ("/tmp", "/var/tmp")):
-            found.append(
-                f"{p} is under /tmp or /var/tmp: the unit has PrivateTmp=yes, so the service "
-                "sees an empty private directory there; move it elsewhere"
-            )
-    return found
-
-
 __all__ = [
     "backup_cmd",
-    "cleanup_cmd",
     "restore_cmd",
-    "systemd_cmd",
 ]

@@ -90,9 +90,8 @@ def fail(e: QuiesceError, as_json: bool = False) -> typer.Exit:
     return the Exit that carries its exit code."""
     data = e.to_dict()
     if as_json:
-        window = e.details.get("window")
-        if window is not None and hasattr(window, "to_dict"):
-            data["window"] = window.to_dict()
+        if e.window is not None:
+            data["window"] = e.window.to_dict()
         emit_json(data)
     print_error(data)
     return typer.Exit(e.exit_code)

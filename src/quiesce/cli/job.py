@@ -1,4 +1,4 @@
-"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli.py).
+"""`quiesce run JOB.toml` and `quiesce check JOB.toml` (registered by cli/app.py).
 
 The job machinery (pydantic schema, writers, backup targets) is imported when one of
 these commands runs, so that `quiesce thaw` and `quiesce status` start fast.
@@ -74,8 +74,8 @@ def run_cmd(
 def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
     """Validate a job file (schema, permissions, hooks, volumes) and make every check a
     run would make (the backup repository, password file, directories); run nothing."""
+    from quiesce.errors import JobConfigError
     from quiesce.job.readiness import readiness_problems
-    from quiesce.job.schema import JobConfigError
 
     job = _load(job_file, as_json)
     problems = readiness_problems(job)
@@ -108,7 +108,7 @@ def check_cmd(job_file: JobFile, as_json: JsonOpt = False) -> None:
         return
     n_hooks = len(h.pre_freeze) + len(h.post_thaw) + len(h.after_run) + len(h.session)
     n_hooks += len(job.hook_dir_scripts)
-    n_writers = sum(summary["writers"].values())
+    n_writers = sum(len(v) for v in (c.writers.sqlite, c.writers.postgresql, c.writers.mysql))
     out.print(
         f"{job_file!s}: OK (job {job.name}: {len(c.volumes)} volume(s), "
         f"provider {c.provider.type}, {n_hooks} hook(s), {n_writers} writer(s))"

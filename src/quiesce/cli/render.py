@@ -82,8 +82,8 @@ def render(report: Report, out: Console, err: Console | None = None) -> None:
         _say(out, f"consistency: [{colour}]{report.consistency}[/]{escape(why)}")
     if report.backup:
         print_backup_report(report.backup, out, err, phases=False)
-    for w in report.warnings:
-        _say(err, f"[yellow]warning:[/] {escape(w)}")
+    for warning in report.warnings:
+        _say(err, f"[yellow]warning:[/] {escape(warning)}")
     if report.error:
         print_error(report.error, err)
     elif not report.dry_run:

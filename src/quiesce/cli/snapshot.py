@@ -1,7 +1,7 @@
 """`quiesce snapshot ...`: create, list, mount, umount and delete snapshots.
 
-Registered in cli.py with ``app.add_typer(snapshot_app, name="snapshot")``. The error
-helpers of cli.py are imported when called (cli.py imports this module).
+Registered in cli/app.py with ``app.add_typer(snapshot_app, name="snapshot")``; the
+console and the error printer come from cli/common.py.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def create_cmd(
         return
     _say(f"snapshot {man.id} ({man.provider}, consistency: {man.consistency})")
     for s in man.snapshots:
-        _say(f"  {s['volume']}: {s['location']}")
+        _say(f"  {s.volume}: {s.location}")
     if man.window is not None:
         _say(f"freeze window: {human_duration(man.window_s)}")
     _say(f"consistency: {man.consistency_reason}")
@@ -152,12 +152,17 @@ def list_cmd(
 ) -> None:
     """List the snapshots recorded in the state directory."""
     try:
-        mans = snapshots.list_manifests(chosen_state_dir(state_dir, job_file))
+        mans, unreadable = snapshots.scan_manifests(chosen_state_dir(state_dir, job_file))
     except QuiesceError as e:
         raise fail(e, as_json) from None
     if as_json:
-        emit_json({"snapshots": [m.to_dict() for m in mans]})
+        emit_json(
+            {"snapshots": [m.to_dict() for m in mans],
+             "unreadable": [u.to_dict() for u in unreadable]}
+        )  # fmt: skip
         return
+    for u in unreadable:  # its snapshot may exist: say so, never hide it
+        _warn(f"{u}: its snapshot (if any) is not listed; fix or remove the file")
     if not mans:
         _say("no snapshots")
         return

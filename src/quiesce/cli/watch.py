@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any, TextIO
+from typing import IO, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -59,7 +59,7 @@ def progress_text(e: Event, speed: float | None = None) -> str:
 class LineRenderer:
     """``HH:MM:SS phase: ...`` lines; progress at most every ``interval`` s per phase."""
 
-    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
+    def __init__(self, stream: IO[str], interval: float = 10.0) -> None:
         self.stream = stream
         self.interval = interval
         self._first: dict[str, Event] = {}

@@ -1,6 +1,6 @@
 """Order a group of volumes for freezing and find the hazards that make a plan unsafe.
 
-Order rule (kernel-freeze-facts §7.4): a filesystem whose block device is a loop file on
+Order rule (docs/kernel.md §5): a filesystem whose block device is a loop file on
 another filesystem freezes *before* that backing filesystem and thaws *after* it; the
 reverse order deadlocks in the kernel. Otherwise children freeze before parents.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from quiesce.errors import UnsafePlan, UnsupportedFilesystem
 from quiesce.sys.mounts import MountRoot, MountTable, Volume, loop_backing_file, resolve
 
-# Filesystems with no freeze_fs/freeze_super (kernel-freeze-facts §2).
+# Filesystems with no freeze_fs/freeze_super (docs/kernel.md §2).
 UNFREEZABLE = frozenset(
     {
         "tmpfs", "ramfs", "overlay", "nfs", "nfs4", "vfat", "msdos", "exfat", "ntfs", "ntfs3",

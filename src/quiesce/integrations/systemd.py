@@ -21,10 +21,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quiesce.errors import UsageError
 from quiesce.sys import proc
 from quiesce.sys.files import write_atomic
+
+if TYPE_CHECKING:
+    from quiesce.job.backupjob import BackupJob
 
 UNIT_DIR = Path("/etc/systemd/system")
 
@@ -251,6 +255,76 @@ def install(
     return written
 
 
+def _local(path: str | None) -> str | None:
+    """A local filesystem path (restic/borg repositories may be URLs or ssh://)."""
+    if not path or not path.startswith("/"):
+        return None
+    return path
+
+
+def unit_spec(
+    job: BackupJob, *, on_calendar: str, randomized_delay: str, env_file: str | None
+) -> UnitSpec:
+    """The units of a job (a ``job.backupjob.BackupJob``): the paths it writes
+    (ReadWritePaths=: volumes, state, clones, backup repository, metrics) and its
+    timeout (the run's, plus the backup's)."""
+    from quiesce.state.statedir import state_dir
+    from quiesce.sys.mounts import MountTable, loop_backing_file
+
+    rw = [*job.volumes, str(state_dir(job.state_dir))]
+    optional: list[str] = []
+    table = MountTable.read()
+    dest = job.provider_options.get("dest")
+    if job.provider == "reflink":
+        if dest:
+            rw.append(str(dest))
+        for v in job.volumes:  # clones go next to the image by default
+            vol = table.volume_of_path(v)
+            backing = loop_backing_file(vol.source) if vol else None
+            if backing and not dest:
+                rw.append(os.path.dirname(backing))
+    if job.provider == "lvm":
+        optional += ["/etc/lvm", "/run/lvm", "/run/lock"]
+    b = job.backup
+    timeout = job.run_timeout or 3600.0
+    if b is not None:
+        if not b.mount_root.startswith("/run/quiesce/"):  # else RuntimeDirectory= has it
+            rw.append(b.mount_root)
+        for p in (_local(b.repository), b.directory, b.sha256_dir):
+            if p:
+                rw.append(p)
+        if b.verify in ("sample", "full"):
+            rw.append(b.verify_dir)
+        timeout += b.timeout or 12 * 3600
+    if job.metrics_file:
+        rw.append(str(Path(job.metrics_file).parent))
+    return UnitSpec(
+        job=job.name,
+        job_file=Path(job.path),
+        on_calendar=on_calendar,
+        randomized_delay=randomized_delay,
+        timeout_s=timeout + 600,
+        rw_paths=[p for p in dict.fromkeys(rw) if os.path.exists(p)],
+        rw_optional=optional + [p for p in dict.fromkeys(rw) if not os.path.exists(p)],
+        environment_file=env_file,
+        state_dir=str(Path(state_dir(job.state_dir)).absolute()) if job.state_dir else None,
+    )
+
+
+def private_tmp_warnings(paths: list[str]) -> list[str]:
+    """The service has PrivateTmp=yes: a job path under /tmp or /var/tmp is not the
+    directory the user sees (an empty private one instead)."""
+    found = []
+    for p in dict.fromkeys(paths):
+        real = os.path.realpath(p)
+        if any(real == t or real.startswith(t + "/") for t in ("/tmp", "/var/tmp")):
+            found.append(
+                f"{p} is under /tmp or /var/tmp: the unit has PrivateTmp=yes, so the service "
+                "sees an empty private directory there; move it elsewhere"
+            )
+    return found
+
+
 __all__ = [
     "CAPABILITIES",
     "UNIT_DIR",
@@ -258,7 +332,9 @@ __all__ = [
     "check_calendar",
     "edited_by_hand",
     "install",
+    "private_tmp_warnings",
     "render",
     "stamp",
     "unit_name",
+    "unit_spec",
 ]

@@ -27,7 +27,7 @@ __getattr__ = lazy_exports(
     {
         "Job": ".schema:Job",
         "JobConfig": ".schema:JobConfig",
-        "JobConfigError": ".schema:JobConfigError",
+        "JobConfigError": "quiesce.errors:JobConfigError",
         "Phase": ".report:Phase",
         "Problem": ".schema:Problem",
         "Report": ".report:Report",

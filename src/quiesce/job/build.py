@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quiesce.apps.hooks import (
     INTERPRETERS,
@@ -21,12 +21,15 @@ from quiesce.apps.hooks import (
     SessionSpec,
     StepTimer,
 )
+from quiesce.apps.writers import WriterConfig
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
 from quiesce.snapshot.consistency import Claim
 from quiesce.snapshot.quiescers import Quiescer, claim_of, files_of, quiesces, quiescing_steps
 from quiesce.sys.redact import redact, register_secret
+
+_C = TypeVar("_C", bound=WriterConfig)
 
 
 class _Marked:
@@ -180,8 +183,8 @@ def writer_password(password_env: str | None, key: str) -> str | None:
 
 
 def build_writers(config: JobConfig) -> list[Any]:
-    """The job's built-in writers; a UsageError (nothing has run yet) if a writer's
-    ``password_env`` is not set."""
+    """The job's built-in writers, each from its own config model; a UsageError (nothing
+    has run yet) if a writer's ``password_env`` is not set."""
     from quiesce.apps.writers.mysql import MysqlWriter
     from quiesce.apps.writers.postgresql import PostgresWriter
     from quiesce.apps.writers.sqlite import SqliteWriter
@@ -189,40 +192,13 @@ def build_writers(config: JobConfig) -> list[Any]:
     w = config.writers
     out: list[Any] = []
     for i, s in enumerate(w.sqlite):
-        out.append(
-            SqliteWriter(
-                s.databases,
-                busy_timeout=s.busy_timeout,
-                checkpoint=s.checkpoint,
-                name=s.name or f"sqlite[{i}]",
-            )
-        )
+        out.append(SqliteWriter(_named(s, f"sqlite[{i}]")))
     for i, pg in enumerate(w.postgresql):
-        out.append(
-            PostgresWriter(
-                pg.dsn,
-                checkpoint=pg.checkpoint,
-                backup=pg.backup,
-                label=pg.label,
-                timeout=pg.timeout,
-                password=writer_password(pg.password_env, f"writers.postgresql[{i}].password_env"),
-                name=pg.name or f"postgresql[{i}]",
-            )
-        )
+        pw = writer_password(pg.password_env, f"writers.postgresql[{i}].password_env")
+        out.append(PostgresWriter(_named(pg, f"postgresql[{i}]"), password=pw))
     for i, m in enumerate(w.mysql):
-        out.append(
-            MysqlWriter(
-                unix_socket=m.unix_socket,
-                host=m.host,
-                port=m.port,
-                user=m.user,
-                password=writer_password(m.password_env, f"writers.mysql[{i}].password_env"),
-                defaults_file=m.defaults_file,
-                timeout=m.timeout,
-                lock=m.lock,
-                name=m.name or f"mysql[{i}]",
-            )
-        )
+        pw = writer_password(m.password_env, f"writers.mysql[{i}].password_env")
+        out.append(MysqlWriter(_named(m, f"mysql[{i}]"), password=pw))
     return out
 
 
@@ -236,6 +212,11 @@ def hook_files(job: Job) -> dict[str, list[tuple[str, str]]]:
             if x.depends_on:
                 out[f"hook {hook_name(x, kind, i)!r}"] = [(p, "depends_on") for p in x.depends_on]
     return out
+
+
+def _named(config: _C, default: str) -> _C:
+    """The config with a name for the report: its own, else its table and index."""
+    return config if config.name else config.model_copy(update={"name": default})
 
 
 def hook_name(h: CommandHookConfig | SessionHookConfig, kind: str, i: int) -> str:

@@ -29,16 +29,16 @@ def _quiesce_steps(job: Job) -> tuple[list[str], list[str]]:
     for s in job.hook_dir_scripts:
         before.append(f"hook directory: {s} freeze (timeout {h.directory_timeout or t.hook:g}s)")
         after.insert(0, f"hook directory: {s} thaw")
-    for i, x in enumerate(h.session):
-        name = hook_name(x, "session", i)
+    for i, sx in enumerate(h.session):
+        name = hook_name(sx, "session", i)
         before.append(
-            f"session hook {name!r}: start {_argv_text(x.command)}, send 'freeze', "
-            f"wait for 'ready' ({x.ready_timeout or t.hook:g}s)"
+            f"session hook {name!r}: start {_argv_text(sx.command)}, send 'freeze', "
+            f"wait for 'ready' ({sx.ready_timeout or t.hook:g}s)"
         )
         after.insert(
             0,
             f"session hook {name!r}: send 'thaw', wait for 'done' "
-            f"({x.done_timeout or t.hook:g}s), close its stdin",
+            f"({sx.done_timeout or t.hook:g}s), close its stdin",
         )
     for w in build_writers(c):
         take, release = w.describe()

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from quiesce import snapshot as snapshots
-from quiesce.apps.hooks import HookContext, HookFailed, run_command
+from quiesce.apps.hooks import HookContext, run_command
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import BackupReport, apply_snapshot_retention, run_backup
 from quiesce.backup.targets.base import ProgressFn
-from quiesce.errors import QuiesceError
+from quiesce.errors import HookFailed, JobBusy, QuiesceError, ReleaseFailed, UntrustedState
 from quiesce.job.build import PhaseMarks, build_quiescers, build_writers, hook_files, hook_name
 from quiesce.job.dryrun import describe_plan
 from quiesce.job.metrics import run_metrics, write_textfile
@@ -24,9 +24,9 @@ from quiesce.job.report import Phase, Report
 from quiesce.job.schema import Job
 from quiesce.job.timeline import fill_from_manifest, window_phases
 from quiesce.snapshot.consistency import Consistency
-from quiesce.state.locks import JobBusy, job_lock
+from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy
-from quiesce.state.statedir import UntrustedState, state_dir
+from quiesce.state.statedir import state_dir
 from quiesce.sys.events import EventFn, emit, phase_events
 from quiesce.sys.redact import redact
 
@@ -128,8 +128,8 @@ def _run_locked(job: Job, report: Report, events: EventFn | None = None) -> Repo
             snapshots.save_manifest(c.state_dir, manifest)
     except QuiesceError as e:
         report.set_error(e)
-        manifest = e.details.get("manifest")
-        window = e.details.get("window")
+        manifest = e.manifest if isinstance(e, ReleaseFailed) else None
+        window = e.window
         if manifest is None and window is not None:
             report.window = window.to_dict() | {
                 "start_ns": window.start_ns,

@@ -23,8 +23,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from quiesce.apps.writers import WriterConfig
+from quiesce.apps.writers.mysql import MysqlConfig
+from quiesce.apps.writers.postgresql import PostgresConfig
+from quiesce.apps.writers.sqlite import SqliteConfig
 from quiesce.backup.config import BackupConfig
-from quiesce.errors import UsageError
+from quiesce.errors import JobConfigError
 from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
 from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
@@ -49,20 +53,6 @@ class Problem:
     def to_dict(self) -> dict[str, str]:
         """Redacted: a message may quote a value of the job file (a URL, a dsn)."""
         return redact_data({"path": self.path, "message": self.message, "hint": self.hint})
-
-
-class JobConfigError(UsageError):
-    """The job file is invalid or unsafe; ``problems`` lists every reason."""
-
-    default_hint = "fix the job file (see docs/jobs.md), then `quiesce check JOB.toml`"
-
-    def __init__(self, file: str, problems: Sequence[Problem]) -> None:
-        n = len(problems)
-        super().__init__(f"{file}: {n} problem{'s' if n != 1 else ''}; nothing was run")
-        self.problems = list(problems)
-
-    def to_dict(self) -> dict[str, Any]:
-        return super().to_dict() | {"problems": [p.to_dict() for p in self.problems]}
 
 
 # -- the schema ---------------------------------------------------------------------------
@@ -118,43 +108,21 @@ class HooksConfig(_Strict):
     directory_env: HookEnv = {}  # the hook directory's scripts' own variables
 
 
-class SqliteConfig(_Strict):
-    databases: Annotated[list[str], Field(min_length=1)]
-    busy_timeout: PositiveFloat = 10.0
-    checkpoint: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "TRUNCATE"
-    name: str | None = None
-
-
-# Passwords never go in a job file: a writer names an environment variable that holds
-# one (password_env), or uses the client's own file (~/.pgpass, a MySQL option file).
-
-
-class PostgresConfig(_Strict):
-    dsn: str = ""  # without password= or user:pass@ (validate.py refuses them)
-    password_env: str | None = None  # the NAME of an environment variable holding it
-    checkpoint: bool = True
-    backup: bool = False
-    label: str = "quiesce"
-    timeout: PositiveFloat = 60.0
-    name: str | None = None
-
-
-class MysqlConfig(_Strict):
-    unix_socket: str | None = None
-    host: str | None = None
-    port: int = 3306
-    user: str = "root"
-    password_env: str | None = None  # the NAME of an environment variable holding it
-    defaults_file: str | None = None  # a root-owned 0600 option file ([client] password=)
-    timeout: PositiveFloat = 30.0
-    lock: Literal["auto", "backup_stage", "flush_tables"] = "auto"
-    name: str | None = None
-
-
 class WritersConfig(_Strict):
+    """``[writers]``: each writer's own model (apps/writers/<name>.py), taken as is by the
+    writer's constructor."""
+
     sqlite: list[SqliteConfig] = []
     postgresql: list[PostgresConfig] = []
     mysql: list[MysqlConfig] = []
+
+
+# A job's [writers] tables (and a fleet host's writer "type"s) by name.
+WRITER_CONFIGS: dict[str, type[WriterConfig]] = {
+    "sqlite": SqliteConfig,
+    "postgresql": PostgresConfig,
+    "mysql": MysqlConfig,
+}
 
 
 class TimeoutsConfig(_Strict):
@@ -230,6 +198,7 @@ class Job:
 __all__ = [
     "NAME_RE",
     "PROVIDERS",
+    "WRITER_CONFIGS",
     "CommandHookConfig",
     "HookEnv",
     "HooksConfig",

@@ -107,8 +107,10 @@ def _create_phases(
         out.append(ph)
     mark = next((p.start for p in out if p.name == "before_freeze"), None)
     if hooks_start is not None and mark is not None:
+        shift = hooks_start - mark
         for p in out:
-            p.start, p.end = p.start + hooks_start - mark, p.end + hooks_start - mark
+            p.start = None if p.start is None else p.start + shift
+            p.end = None if p.end is None else p.end + shift
     return [p for p in out if p.name not in _SKIPPED_PHASES]
 
 
@@ -124,7 +126,7 @@ def fill_from_manifest(
     report.consistency_reason = manifest.consistency_reason
     report.freeze_mode = manifest.freeze_mode
     report.window = manifest.window
-    report.snapshots = list(manifest.snapshots)
+    report.snapshots = [s.to_dict() for s in manifest.snapshots]
     report.phases += _create_phases(manifest.phases, called, hooks_start)
     if manifest.window:
         report.phases += window_phases(manifest.window, anchor)

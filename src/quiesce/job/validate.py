@@ -23,14 +23,23 @@ from pydantic import BaseModel, ValidationError
 
 from quiesce.apps.hooks import executable_problem, hook_dir_scripts, permission_problem
 from quiesce.apps.hooks.context import SAFE_PATH
+from quiesce.apps.writers import ENV_NAME_RE
 from quiesce.backup.config import semantic_problems
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import QuiesceError, TrustError, UntrustedState, UsageError
 from quiesce.job.hints import job_hint
-from quiesce.job.schema import NAME_RE, PROVIDERS, Job, JobConfig, JobConfigError, Problem
+from quiesce.job.schema import (
+    NAME_RE,
+    PROVIDERS,
+    WRITER_CONFIGS,
+    Job,
+    JobConfig,
+    JobConfigError,
+    Problem,
+)
 from quiesce.providers.options import OPTIONS, ProviderOptions
-from quiesce.state.statedir import UntrustedState, checked_state_dir
-from quiesce.sys.redact import has_credentials, holds_secret_value, redact
-from quiesce.sys.trust import TrustError, open_checked, read_all
+from quiesce.state.statedir import checked_state_dir
+from quiesce.sys.redact import has_credentials, holds_secret_value
+from quiesce.sys.trust import open_checked, read_all
 
 if TYPE_CHECKING:
     from quiesce.freezing.plan import GroupMember
@@ -38,7 +47,6 @@ if TYPE_CHECKING:
     from quiesce.sys.mounts import MountTable
 
 CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Where a password goes instead of the job file, by the table that tried to hold one.
 _PASSWORD_HINTS = {
     "writers.mysql": 'use defaults_file = "/etc/mysql/debian.cnf" (a root-owned 0600 option '
@@ -150,6 +158,8 @@ def _problem_from(err: dict[str, Any]) -> Problem:
         return Problem(path, err["msg"].replace("Input should be", "must be"), "")
     if kind == "value_error":
         return Problem(path, str(err["msg"]).removeprefix("Value error, "), "")
+    if kind == "job_problem":  # a model's own check, with its hint (apps.writers.problem)
+        return Problem(path, err["msg"], str((err.get("ctx") or {}).get("hint", "")))
     if kind in _EXPECTED:
         hint = "see docs/jobs.md for this key's type"
         if isinstance(value, str) and kind in ("float_type", "int_type", "bool_type"):
@@ -356,53 +366,19 @@ def _provider_problems(raw: dict[str, Any]) -> list[Problem]:
 
 
 def _writer_problems(raw: dict[str, Any]) -> list[Problem]:
+    """What each writer's config model says about this machine (files that must be
+    there), for every table the model accepts (the schema reports the others)."""
     problems = []
-    for i, table in enumerate(_list_of_tables(raw, "writers", "sqlite")):
-        dbs = table.get("databases")
-        for j, db in enumerate(dbs if isinstance(dbs, list) else []):
-            if isinstance(db, str) and not Path(db).is_file():
-                problems.append(
-                    Problem(
-                        f"writers.sqlite[{i}].databases[{j}]",
-                        f"{db} does not exist",
-                        "give the database file's path",
-                    )
-                )
-    for kind in ("mysql", "postgresql"):
+    for kind, model in WRITER_CONFIGS.items():
         for i, table in enumerate(_list_of_tables(raw, "writers", kind)):
-            name = table.get("password_env")
-            if isinstance(name, str) and not ENV_NAME_RE.match(name):
-                problems.append(
-                    Problem(
-                        f"writers.{kind}[{i}].password_env",
-                        f"{name!r} is not an environment variable's name",
-                        'the NAME of the variable that holds the password: password_env = "DB_PW"',
-                    )
-                )
-    for i, table in enumerate(_list_of_tables(raw, "writers", "postgresql")):
-        dsn = table.get("dsn")
-        if isinstance(dsn, str) and has_credentials(dsn):
-            problems.append(
-                Problem(
-                    f"writers.postgresql[{i}].dsn",
-                    f"the dsn carries a password: {redact(dsn)}",
-                    "remove it; use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
-                    'password_env = "NAME" (an environment variable quiesce reads)',
-                )
-            )
-    for i, table in enumerate(_list_of_tables(raw, "writers", "mysql")):
-        f = table.get("defaults_file")
-        if isinstance(f, str):
-            if not Path(f).is_file():
-                problems.append(
-                    Problem(
-                        f"writers.mysql[{i}].defaults_file",
-                        f"{f} does not exist",
-                        "e.g. /etc/mysql/debian.cnf",
-                    )
-                )
-            else:
-                problems += _file_problems(Path(f), f"writers.mysql[{i}].defaults_file")
+            try:
+                config = model.model_validate(table)
+            except ValidationError:
+                continue
+            problems += [
+                Problem(f"writers.{kind}[{i}].{f.key}", f.message, f.hint)
+                for f in config.findings()
+            ]
     return problems
 
 
@@ -466,7 +442,7 @@ def _provider(raw: dict[str, Any]) -> Provider | None:
 
 def _check_problem(e: QuiesceError) -> Problem:
     """What the provider's own check refused, at the option it names (``provider.dest``)."""
-    option = e.details.get("option")
+    option = e.option
     return Problem(f"provider.{option}" if option else "provider", e.message, job_hint(e.hint))
 
 

@@ -57,7 +57,7 @@ class Provider(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[ProviderOptions]] = ProviderOptions
     # False if snapshot() of several members is not one instant (btrfs: back to back).
-    group_atomic: ClassVar[bool] = True
+    group_atomic: bool = True  # a class default; zfs decides per group (one pool or several)
 
     def __init__(
         self, options: ProviderOptions | Mapping[str, Any] | None = None, /, **kwargs: Any

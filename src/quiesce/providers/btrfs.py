@@ -63,7 +63,7 @@ class BtrfsProvider(Provider):
     ``<mount point>/.snapshots``)."""
 
     name: ClassVar[str] = "btrfs"
-    group_atomic: ClassVar[bool] = False
+    group_atomic = False
 
     Options: ClassVar[type[BtrfsOptions]] = BtrfsOptions
     config: BtrfsOptions

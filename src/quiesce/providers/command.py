@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import CommandOptions
@@ -112,7 +112,7 @@ class CommandProvider(Provider):
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
         argv = self.config.create
         self._argv = [a.replace("{name}", name) for a in self._resolve(argv, members)]
-        vols = [
+        vols: list[dict[str, Any]] = [
             {
                 "mount_point": m.name,
                 "paths": m.paths,
@@ -165,7 +165,7 @@ class CommandProvider(Provider):
             rc, out, err, timed_out = done.returncode, done.stdout, done.stderr, done.timed_out
         took = time.monotonic() - t0
         if timed_out:
-            raise QuiesceError(
+            raise ToolFailed(
                 f"the snapshot command {self._argv[0]} did not finish within "
                 f"{self.timeout:g}s: its process group was killed",
                 "the storage may hold a half-made snapshot: check it; raise --option timeout",
@@ -173,7 +173,7 @@ class CommandProvider(Provider):
                 stderr=_text(err),
             )
         if rc != 0:
-            raise QuiesceError(
+            raise ToolFailed(
                 f"the snapshot command {self._argv[0]} exited with {rc}"
                 + (f": {_last_line(err)}" if _last_line(err) else ""),
                 "run it by hand to see why",

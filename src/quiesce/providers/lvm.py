@@ -1,7 +1,7 @@
 """LVM snapshots: ``lvcreate --snapshot`` of each member's logical volume.
 
 LVM suspends the device-mapper device with ``lockfs`` while it takes a snapshot, and that
-freezes the filesystem by itself (kernel-freeze-facts §5). So one LV needs no FIFREEZE
+freezes the filesystem by itself (docs/kernel.md §6). So one LV needs no FIFREEZE
 from quiesce (:attr:`FreezeMode.PROVIDER`). A group of several LVs needs one frozen window
 across all the ``lvcreate`` calls, which works only where the kernel lets dm's freeze nest
 inside a held FIFREEZE (>= 6.8, see :func:`kernel_nests_dm_freeze`); on older kernels the
@@ -22,20 +22,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import QuiesceError, UnsafePlan, UsageError
+from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import LvmOptions
 from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
-DEFAULT_SIZE = "20%ORIGIN"
 LVS_FIELDS = (
     "vg_name,lv_name,lv_attr,lv_size,pool_lv,origin,lv_tags,lv_time,"
     "lv_kernel_major,lv_kernel_minor,vg_free"
 )
 NESTING_SINCE = (6, 8)
-LVCREATE_TIMEOUT = 60.0
 TOOL_TIMEOUT = 60.0  # lvs, dmsetup, lvchange
 # lvcreate, lvremove, lvchange and dmsetup remove suspend and reload device-mapper tables:
 # killed half-way (as the runner's children are when quiesce dies) they can leave the
@@ -50,7 +48,7 @@ _LV_NAME_BAD = re.compile(r"[^A-Za-z0-9+_.-]")
 def kernel_nests_dm_freeze(release: str) -> bool:
     """Whether a dm ``lockfs`` suspend (``lvcreate -s``) nests inside a held FIFREEZE.
 
-    kernel-freeze-facts §1.2 and §5: since the block-device holder ops with
+    docs/kernel.md §3 and §6: since the block-device holder ops with
     ``FREEZE_MAY_NEST`` (~6.8) the dm freeze nests (verified in 6.12 source and in a 6.12
     VM); before that ``freeze_super`` returns EBUSY to the dm suspend (verified on 6.1).
     An unparseable release counts as old: refusing is safe, a half-made LV is not.
@@ -351,7 +349,7 @@ class LvmProvider(Provider):
             if failed:
                 self._failed = [*done, p]
                 self._leftovers = self._clean_up(self._failed)
-                raise QuiesceError(
+                raise ToolFailed(
                     f"lvcreate --snapshot of {p.origin.full_name} failed: {_first_cause(why)}"
                     + (
                         f"; not removed yet: {', '.join(self._leftovers)}"

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from quiesce.errors import UsageError
+from quiesce.errors import ProviderOptionsError, UsageError
 
 # -- value types ------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class ProviderOptions(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ProviderOptionsError(cls, e.errors(), data) from None
+            raise options_error(cls, e.errors(), data) from None
 
     @classmethod
     def lenient(cls, options: Mapping[str, Any] | None) -> Self:
@@ -136,7 +136,7 @@ class ProviderOptions(BaseModel):
             try:
                 return cls.model_validate(kept)
             except ValidationError as e2:
-                raise ProviderOptionsError(cls, e2.errors(), kept) from None
+                raise options_error(cls, e2.errors(), kept) from None
 
 
 class ReflinkOptions(ProviderOptions):
@@ -240,58 +240,51 @@ def option_hint(model: type[ProviderOptions], key: str, style: Style) -> str:
     return f"{key}={example!r}"
 
 
-class ProviderOptionsError(UsageError):
-    """Options a provider does not take, or values of the wrong type. ``errors`` are
-    pydantic's, so each front end can say it in its own syntax (:meth:`for_flags`)."""
+def options_error(
+    model: type[ProviderOptions], errors: list[Any], data: Mapping[str, Any]
+) -> ProviderOptionsError:
+    """pydantic's errors for ``model`` as one :class:`ProviderOptionsError`, said in
+    Python's syntax and (``for_flags()``) in the command line's (``--option KEY=VALUE``).
+    An unknown key first: it is often why a required one looks missing (comand=)."""
+    errors = sorted(errors, key=lambda err: err["type"] != "extra_forbidden")
+    data = dict(data)
 
-    def __init__(
-        self,
-        model: type[ProviderOptions],
-        errors: list[Any],
-        data: Mapping[str, Any],
-        style: Style = "python",
-    ) -> None:
-        # an unknown key first: it is often why a required one looks missing (comand=)
-        errors = sorted(errors, key=lambda err: err["type"] != "extra_forbidden")
-        self.model, self.errors, self.data, self.style = model, errors, dict(data), style
-        said = [self._describe(err) for err in self.errors]
-        super().__init__("; ".join(m for m, _ in said), next((h for _, h in said if h), ""))
+    def said(style: Style) -> tuple[str, str]:
+        both = [_describe(model, err, data, style) for err in errors]
+        return "; ".join(m for m, _ in both), next((h for _, h in both if h), "")
 
-    @property
-    def provider(self) -> str:
-        return self.model.provider
+    keys = [str(err["loc"][0]) if err["loc"] else "" for err in errors]
+    message, hint = said("python")
+    return ProviderOptionsError(
+        message, hint, provider=model.provider, keys=keys, flags=said("flag")
+    )
 
-    @property
-    def keys(self) -> list[str]:
-        return [str(err["loc"][0]) if err["loc"] else "" for err in self.errors]
 
-    def for_flags(self) -> "ProviderOptionsError":
-        """The same error in the command line's syntax (``--option KEY=VALUE``)."""
-        return ProviderOptionsError(self.model, self.errors, self.data, "flag")
-
-    def _describe(self, err: Mapping[str, Any]) -> tuple[str, str]:
-        key = str(err["loc"][0]) if err["loc"] else ""
-        fields = sorted(self.model.model_fields)
-        flag = self.style == "flag"
-        where = f"--option {key}" if flag else f"option {key!r}"
-        allowed = f"options of {self.provider}: " + (", ".join(fields) or "none")
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, fields, n=1)
-            mean = (close[0] if flag else repr(close[0])) if close else ""
-            said = f"{where}: unknown option for provider {self.provider}"
-            return said + (f"; did you mean {mean}?" if mean else ""), allowed
-        if err["type"] == "missing":
-            return (
-                f"{where}: required by provider {self.provider}",
-                option_hint(self.model, key, self.style),
-            )
-        value = self.data.get(key)
-        if flag and key in self.data:
-            shown = value if isinstance(value, str) else json.dumps(value)
-            where = f"--option {key}={shown}"
-        elif key in self.data:
-            where = f"option {key}={value!r}"
-        return f"{where}: {_clean(str(err['msg']))}", ""
+def _describe(
+    model: type[ProviderOptions], err: Mapping[str, Any], data: Mapping[str, Any], style: Style
+) -> tuple[str, str]:
+    key = str(err["loc"][0]) if err["loc"] else ""
+    fields = sorted(model.model_fields)
+    flag = style == "flag"
+    where = f"--option {key}" if flag else f"option {key!r}"
+    allowed = f"options of {model.provider}: " + (", ".join(fields) or "none")
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, fields, n=1)
+        mean = (close[0] if flag else repr(close[0])) if close else ""
+        said = f"{where}: unknown option for provider {model.provider}"
+        return said + (f"; did you mean {mean}?" if mean else ""), allowed
+    if err["type"] == "missing":
+        return (
+            f"{where}: required by provider {model.provider}",
+            option_hint(model, key, style),
+        )
+    value = data.get(key)
+    if flag and key in data:
+        shown = value if isinstance(value, str) else json.dumps(value)
+        where = f"--option {key}={shown}"
+    elif key in data:
+        where = f"option {key}={value!r}"
+    return f"{where}: {_clean(str(err['msg']))}", ""
 
 
 def options_model(provider: str) -> type[ProviderOptions]:
@@ -314,5 +307,6 @@ __all__ = [
     "ProviderOptionsError",
     "ReflinkOptions",
     "ZfsOptions",
+    "options_error",
     "options_model",
 ]

@@ -27,7 +27,8 @@ def get_provider(name: str) -> type[Provider]:
         raise UsageError(f"unknown provider {name!r}", "choose one of: " + ", ".join(PROVIDERS))
     module, _, cls = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        provider: type[Provider] = getattr(importlib.import_module(module), cls)
+        return provider
     except ImportError as e:
         raise UsageError(f"provider {name!r} is not available: {e}") from None
 

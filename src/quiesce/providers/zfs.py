@@ -1,6 +1,6 @@
 """ZFS snapshots: one ``zfs snapshot a@n b@n ...`` for the whole group.
 
-ZFS has no FIFREEZE (EOPNOTSUPP; kernel-freeze-facts §2, openzfs/zfs#260) and needs none:
+ZFS has no FIFREEZE (EOPNOTSUPP; docs/kernel.md §2, openzfs/zfs#260) and needs none:
 a snapshot is atomic, and all snapshots named in one ``zfs snapshot`` command are taken in
 the same transaction group, one instant. That holds within one pool only, so a group that
 spans pools gets one command per pool and its records say it is not one instant.
@@ -23,7 +23,6 @@ from quiesce.sys import proc
 
 JOB_PROPERTY = "quiesce:name"  # user property set on every snapshot quiesce makes
 LIST_FIELDS = ("name", "creation", "used", "referenced", JOB_PROPERTY)
-ZFS_TIMEOUT = 60.0
 
 _SNAP_NAME_BAD = re.compile(r"[^A-Za-z0-9_.:-]")
 
@@ -138,10 +137,10 @@ class ZfsProvider(Provider):
         """One ``zfs snapshot`` per pool: every dataset of a pool in one instant."""
         now = time.time()
         for argv in self._commands:
-            p = proc.run_tool(*argv, timeout=self.timeout)
-            if p.returncode != 0:
+            res = proc.run_tool(*argv, timeout=self.timeout)
+            if res.returncode != 0:
                 raise QuiesceError(
-                    f"zfs snapshot failed: {p.stderr.strip() or p.returncode}",
+                    f"zfs snapshot failed: {res.stderr.strip() or res.returncode}",
                     "see `zfs list -t snapshot` and `zpool status`",
                 )
         one_instant = len(self._commands) == 1

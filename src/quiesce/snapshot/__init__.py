@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from quiesce.snapshot.store import (
         DEFAULT_STATE_DIR,
         STATE_ENV,
+        UnreadableManifest,
         list_manifests,
         load,
         save_manifest,
+        scan_manifests,
         state_dir_path,
     )
 
@@ -51,6 +53,8 @@ __getattr__ = lazy_exports(
         "mount": ".mounting:mount",
         "mounts_of": ".mounting:mounts_of",
         "save_manifest": ".store:save_manifest",
+        "scan_manifests": ".store:scan_manifests",
+        "UnreadableManifest": ".store:UnreadableManifest",
         "state_dir_path": ".store:state_dir_path",
         "umount": ".mounting:umount",
     },
@@ -65,6 +69,7 @@ __all__ = [
     "Manifest",
     "Quiescer",
     "QuiescerStack",
+    "UnreadableManifest",
     "create",
     "delete",
     "held",
@@ -73,6 +78,7 @@ __all__ = [
     "mount",
     "mounts_of",
     "save_manifest",
+    "scan_manifests",
     "state_dir_path",
     "umount",
 ]

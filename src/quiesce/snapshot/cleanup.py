@@ -13,6 +13,7 @@ from quiesce.errors import QuiesceError
 from quiesce.freezing.guardian import expedite, records
 from quiesce.providers.base import Snapshot
 from quiesce.providers.registry import get_provider
+from quiesce.snapshot.store import scan_manifests
 from quiesce.state import cleanup as state_cleanup
 from quiesce.state.cleanup import CleanupReport
 from quiesce.state.undo import UndoFn
@@ -57,6 +58,7 @@ def cleanup(
             rep.removed.append(entry)
         else:
             rep.errors.append(f"could not restore rcu_expedited (left set by {dead})")
+    rep.unreadable += [u.to_dict() for u in scan_manifests(state).unreadable]
     return rep
 
 

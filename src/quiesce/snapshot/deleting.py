@@ -39,7 +39,7 @@ def delete(snap_id: str, state_dir: str | Path | None = None, *, forget: bool = 
             try:
                 prov.delete(snap)
             except BaseException:
-                man.snapshots = [s.to_dict() for s in left]
+                man.snapshots = list(left)
                 save_manifest(state, man)
                 raise
             left.remove(snap)

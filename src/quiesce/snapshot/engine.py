@@ -17,19 +17,24 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from quiesce.errors import QuiesceError, UnsupportedFilesystem, UsageError
+from quiesce.errors import QuiesceError, ReleaseFailed, UnsupportedFilesystem, UsageError
 from quiesce.freezing.blockwatch import ending_blockers
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
-from quiesce.providers.base import FreezeMode, Provider, Snapshot
+from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.cleanup import UNDO
 from quiesce.snapshot.consistency import consistency, prove_on_group
-from quiesce.snapshot.manifest import Manifest
-from quiesce.snapshot.quiescers import Quiescer, QuiescerStack, claim_of, files_of
+from quiesce.snapshot.manifest import Manifest, WindowRecord
+from quiesce.snapshot.quiescers import (
+    Quiescer,
+    QuiescerStack,
+    claim_of,
+    files_of,
+)
 from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
@@ -102,13 +107,13 @@ def _plan_for(paths: Sequence[str], allow_self: bool, prov: Provider) -> Plan:
         return plan
 
 
-def _window_dict(window: Window, snapshot_s: float) -> dict[str, Any]:
+def _window_dict(window: Window, snapshot_s: float) -> WindowRecord:
     """Window.to_dict(), its monotonic bounds, and how long the provider call took."""
-    return window.to_dict() | {
-        "start_ns": window.start_ns,
-        "end_ns": window.end_ns,
-        "snapshot_s": round(snapshot_s, 9),
-    }
+    record = cast(WindowRecord, window.to_dict())
+    record["start_ns"] = window.start_ns
+    record["end_ns"] = window.end_ns
+    record["snapshot_s"] = round(snapshot_s, 9)
+    return record
 
 
 def _annotate(e: BaseException, note: str) -> None:
@@ -281,10 +286,10 @@ def create(
                 provider=prov.name,
                 created=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
                 volumes=[_volume_dict(m) for m in members],
-                snapshots=[s.to_dict() for s in made],
+                snapshots=list(made),
                 window=_window_dict(window, snapshot_s) if window is not None else None,
-                freeze_mode=str(mode),
-                consistency=str(level),
+                freeze_mode=mode,
+                consistency=Consistency(level),
                 consistency_reason=reason,
                 phases=phases.done,
                 options=_json_safe(prov.options),
@@ -309,11 +314,7 @@ def create(
             journal.close()
             prov.journal = None
     if errors:  # the snapshot is good, but an application was not released cleanly
-        raise QuiesceError(
-            "; ".join(errors),
-            "the snapshot was kept; check the application that was quiesced",
-            manifest=man,
-        )
+        raise ReleaseFailed("; ".join(errors), manifest=man)
     return man
 
 

@@ -3,15 +3,32 @@ and delete it later."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypedDict
 
-from quiesce.providers.base import Snapshot
+from quiesce.providers.base import FreezeMode, Snapshot
 from quiesce.snapshot.consistency import Consistency
 
 MANIFEST_VERSION = 1
+
+
+class WindowRecord(TypedDict, total=False):
+    """The freeze window as a manifest records it: ``Window.to_dict()`` (window_s,
+    thawed_by, volumes, ...), its monotonic bounds and how long the provider call took."""
+
+    window_s: float | None
+    thawed_by: str | None
+    expired_reason: str | None
+    guardian_pid: int | None
+    expedite: str | None
+    syncfs: str | None
+    waves: list[list[str]]
+    volumes: list[dict[str, Any]]
+    warnings: list[str]
+    start_ns: int | None
+    end_ns: int | None
+    snapshot_s: float
 
 
 @dataclass
@@ -23,10 +40,10 @@ class Manifest:
     provider: str
     created: str  # UTC ISO 8601
     volumes: list[dict[str, Any]]
-    snapshots: list[dict[str, Any]]
-    window: dict[str, Any] | None  # Window.to_dict() + start_ns/end_ns; None if not frozen
-    freeze_mode: str
-    consistency: str  # a Consistency: clean | atomic | per-volume (old names are mapped)
+    snapshots: list[Snapshot]
+    window: WindowRecord | None  # None if quiesce did not freeze
+    freeze_mode: FreezeMode
+    consistency: Consistency  # clean | atomic | per-volume (older names are mapped)
     consistency_reason: str
     phases: list[dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
@@ -57,10 +74,14 @@ class Manifest:
         return self.window.get("window_s") if self.window else None
 
     def snapshot_objects(self) -> list[Snapshot]:
-        return [Snapshot(**s) for s in self.snapshots]
+        return list(self.snapshots)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able: the enums as their values, the snapshots as dicts."""
+        data = asdict(self)
+        data["freeze_mode"] = str(self.freeze_mode)
+        data["consistency"] = str(self.consistency)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -69,9 +90,16 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         known = {f.name for f in fields(cls)}
         kept = {k: v for k, v in data.items() if k in known}
+        snap_keys = {f.name for f in fields(Snapshot)}
+        kept["snapshots"] = [
+            s
+            if isinstance(s, Snapshot)
+            else Snapshot(**{k: v for k, v in s.items() if k in snap_keys})
+            for s in kept.get("snapshots", [])
+        ]
+        kept["freeze_mode"] = FreezeMode(kept["freeze_mode"])
         # older names ("application", "filesystem", "crash") promised too much
-        with contextlib.suppress(ValueError):
-            kept["consistency"] = str(Consistency.read(str(kept.get("consistency"))))
+        kept["consistency"] = Consistency.read(str(kept.get("consistency")))
         return cls(**kept)
 
     @classmethod
@@ -81,4 +109,4 @@ class Manifest:
 
 # -- the state directory -----------------------------------------------------------------
 
-__all__ = ["MANIFEST_VERSION", "Manifest"]
+__all__ = ["MANIFEST_VERSION", "Manifest", "WindowRecord"]

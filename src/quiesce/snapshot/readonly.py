@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import MountError, QuiesceError, UsageError
 from quiesce.state.journal import Journal
 from quiesce.state.undo import undo_entry
 from quiesce.sys import kernel, proc
@@ -54,11 +54,6 @@ NO_REPLAY: dict[str, list[str]] = {
     "ext3": ["noload"],
     "btrfs": ["rescue=nologreplay"],
 }
-
-
-class MountError(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = "see the kernel log (dmesg) for the filesystem's own message"
 
 
 @dataclass

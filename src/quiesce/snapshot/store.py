@@ -5,11 +5,12 @@ the trust check (root's alone, O_NOFOLLOW; UntrustedState otherwise)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.snapshot.manifest import Manifest
@@ -50,14 +51,45 @@ def save_manifest(state_dir: str | Path | None, man: Manifest) -> Path:
     return _write_manifest(state_dir_path(state_dir), man)
 
 
-def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
-    """Every manifest in the state directory, oldest first (unreadable files skipped)."""
+@dataclass(frozen=True)
+class UnreadableManifest:
+    """A manifest file that could not be read or parsed: its snapshot may still exist,
+    so it is reported (``snapshot list``, ``cleanup``), never silently dropped."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"manifest {self.path} is unreadable ({self.reason})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "reason": self.reason}
+
+
+class ManifestScan(NamedTuple):
+    manifests: list[Manifest]  # oldest first
+    unreadable: list[UnreadableManifest]
+
+
+def scan_manifests(state_dir: str | Path | None = None) -> ManifestScan:
+    """Every manifest in the state directory, oldest first, and the files that are not
+    readable manifests (a truncated or hand-edited file, a newer version's)."""
     d = checked_subdir(state_dir, "snapshots")
-    out = []
+    out, bad = [], []
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError, TypeError):
+        try:
             out.append(Manifest.from_json(read_state_file(p).decode()))
-    return sorted(out, key=lambda m: (m.created, m.id))
+        except FileNotFoundError:
+            continue  # deleted meanwhile
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            bad.append(UnreadableManifest(p, f"{type(e).__name__}: {e}"))
+    return ManifestScan(sorted(out, key=lambda m: (m.created, m.id)), bad)
+
+
+def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
+    """Every readable manifest in the state directory, oldest first
+    (:func:`scan_manifests` also names the unreadable ones)."""
+    return scan_manifests(state_dir).manifests
 
 
 def load(snap_id: str, state_dir: str | Path | None = None) -> Manifest:
@@ -70,7 +102,7 @@ def load(snap_id: str, state_dir: str | Path | None = None) -> Manifest:
         raise UsageError(
             f"no snapshot {snap_id!r} in {_manifest_dir(state)}", "see `quiesce snapshot list`"
         ) from None
-    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+    except (ValueError, TypeError, KeyError) as e:  # UnicodeDecodeError is a ValueError
         raise QuiesceError(f"manifest {path} is unreadable: {e}") from None
 
 
@@ -115,9 +147,12 @@ def _unique_id(job: str, state: Path, now: datetime) -> str:
 __all__ = [
     "DEFAULT_STATE_DIR",
     "STATE_ENV",
+    "ManifestScan",
+    "UnreadableManifest",
     "list_manifests",
     "load",
     "resolve_id",
     "save_manifest",
+    "scan_manifests",
     "state_dir_path",
 ]

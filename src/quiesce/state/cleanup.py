@@ -28,6 +28,8 @@ class CleanupReport:
     removed: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     skipped_live: list[str] = field(default_factory=list)  # runs still alive
+    # state files cleanup could not read (a manifest): shown, left for the admin
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class CleanupReport:
             "removed": self.removed,
             "errors": self.errors,
             "skipped_live": self.skipped_live,
+            "unreadable": self.unreadable,
         }
 
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quiesce.errors import QuiesceError
+from quiesce.errors import JournalError, QuiesceError
 from quiesce.state.statedir import checked_subdir
-from quiesce.state.undo import KINDS, JournalError, UndoFn, describe, undo_entry
+from quiesce.state.undo import KINDS, UndoFn, describe, undo_entry
 from quiesce.sys.kernel import fsync_dir as _fsync_dir
 
 

@@ -16,13 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiesce.errors import ExitCode, QuiesceError
+from quiesce.errors import JobBusy
 from quiesce.state.statedir import checked_subdir, open_state_file
-
-
-class JobBusy(QuiesceError):
-    exit_code = ExitCode.BUSY
-    default_hint = "wait for it to finish (`quiesce status` shows what it holds frozen)"
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from quiesce.errors import UnsafePlan
+from quiesce.errors import UnsafePlan, UntrustedState
 from quiesce.freezing.plan import GroupMember
 from quiesce.sys.mounts import MountTable
 from quiesce.sys.trust import (
@@ -42,10 +42,6 @@ def state_dir(explicit: str | Path | None = None) -> Path:
 
 def journal_dir(state: str | Path | None = None) -> Path:
     return state_dir(state) / "journal"
-
-
-class UntrustedState(TrustError):
-    """The state directory, or a file in it, could have been written by someone else."""
 
 
 def _hint(culprit: str) -> str:

@@ -20,17 +20,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from quiesce.errors import QuiesceError
+from quiesce.errors import JournalError
 from quiesce.sys import proc
 from quiesce.sys.mounts import MountTable, loop_backing_file, loop_devices_of
 from quiesce.sys.trust import TrustError, open_checked
 
 KINDS = ("mount", "loop", "file", "dir", "snapshot", "command", "repository")
 UndoFn = Callable[[dict[str, Any]], None]
-
-
-class JournalError(QuiesceError):
-    default_hint = "run `quiesce cleanup` again; see the message for what could not be removed"
 
 
 def _mounts_at(target: str) -> list[tuple[str, str, int]]:

@@ -46,13 +46,18 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import QuiesceError, ToolTimedOut, UsageError
+
+# Moved to their own modules (sys/pids.py, sys/signals.py); kept here for the guardian's
+# modules until they import from there.
+from quiesce.sys.pids import pid_alive, start_time, stat_fields  # noqa: F401
 from quiesce.sys.redact import is_secret_name, known_secrets
+from quiesce.sys.signals import signals_deferred
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 TOOL_OUTPUT_LIMIT = 64 << 20  # an admin tool's listing (zfs list, lvs) is parsed: keep it all
@@ -97,12 +102,6 @@ def child_env(
             out[k] = v
     out.setdefault("PATH", DEFAULT_PATH)
     return out | dict(extra or {})
-
-
-class ToolTimedOut(QuiesceError):
-    """An admin tool outlived its timeout and was killed (a hung device, a stuck pool)."""
-
-    default_hint = "the storage may be hung: check `dmesg` and the device, then retry"
 
 
 # -- starting a child ----------------------------------------------------------------------
@@ -190,7 +189,7 @@ def _popen(
 
     if pdeathsig is None or threading.current_thread() is threading.main_thread():
         return start()
-    return _forker.call(start)  # type: ignore[no-any-return]
+    return _forker.call(start)
 
 
 def spawn(
@@ -232,27 +231,6 @@ def kill_group(
     # Stragglers that left the group keep nothing of ours but maybe the pipes.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM across a step that must not be cut in half (a group of
-    ioctls, starting a child that must be tracked); deliver them right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {
-        sig: signal.signal(sig, lambda s, _f: got.append(s))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig in got:
-            os.kill(os.getpid(), sig)
 
 
 # -- where a child's output goes -----------------------------------------------------------
@@ -372,7 +350,7 @@ def _run(
         for name, sink in (("out", out), ("err", err)):
             if sink is not None and sink != "merge":
                 r, ends[name] = os.pipe()
-                sinks[r] = sink  # type: ignore[assignment]
+                sinks[r] = sink
                 if last_words:
                     with contextlib.suppress(OSError):
                         fcntl.fcntl(ends[name], fcntl.F_SETPIPE_SZ, 1 << 20)
@@ -942,36 +920,3 @@ class _Pipeline:
             rc = p.returncode if p.returncode is not None else -signal.SIGKILL
             out.append(StageResult(stage.name, rc, err.bytes(), rc in stage.ok))
         return PipelineResult(out, list(self.errors), self.timed_out, time.monotonic() - self.t0)
-
-
-# -- other processes, by pid ---------------------------------------------------------------
-
-
-def stat_fields(pid: int) -> list[str] | None:
-    """``/proc/PID/stat`` after the command name (state first), or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-        return data[data.rindex(b")") + 2 :].decode().split()
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: object) -> bool:
-    """Whether a process of this pid runs on this host: a zombie (dead, not yet reaped by
-    its parent) counts as gone."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot), so that a recycled pid does not
-    pass for the process recorded; None if it is gone or a zombie."""
-    fields = stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None

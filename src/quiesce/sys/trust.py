@@ -19,20 +19,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from quiesce.errors import UsageError
+from quiesce.errors import TrustError
 
 _MAX_LINKS = 40
 _WRITABLE = stat.S_IWGRP | stat.S_IWOTH
-
-
-class TrustError(UsageError):
-    """A file or directory that someone other than root can change (exit 2)."""
-
-    default_hint = "make it root's and writable only by root"
-
-    def __init__(self, message: str, hint: str | None = None, *, culprit: str = "") -> None:
-        super().__init__(message, hint)
-        self.culprit = culprit
 
 
 def _who(mode: int) -> str:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from quiesce.sys import proc
+from quiesce.sys import pids
 
 TRACEFS = "/sys/kernel/tracing"
 EVENT = "events/block/block_rq_complete"
@@ -195,7 +195,7 @@ def _reap_stale(root: str) -> None:
         if not name.startswith(PREFIX):
             continue
         pid = name.removeprefix(PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not proc.pid_alive(int(pid)):
+        if pid.isdigit() and not pids.pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 _remove_instance(os.path.join(inst_dir, name))
 

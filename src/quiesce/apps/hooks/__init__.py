@@ -20,7 +20,7 @@ from quiesce.apps.hooks.commands import (
     run_command,
 )
 from quiesce.apps.hooks.context import HookContext
-from quiesce.apps.hooks.results import HookFailed, HookResult, RunTimeout, StepTimer
+from quiesce.apps.hooks.results import HookResult, StepTimer
 from quiesce.apps.hooks.session import SessionHook, SessionSpec
 from quiesce.apps.hooks.trust import (
     INTERPRETERS,
@@ -28,6 +28,7 @@ from quiesce.apps.hooks.trust import (
     permission_problem,
     resolve_executable,
 )
+from quiesce.errors import HookFailed, RunTimeout
 from quiesce.snapshot.quiescers import Quiescer, held
 
 __all__ = [

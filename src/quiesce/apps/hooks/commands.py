@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quiesce.apps.hooks.context import HookContext
-from quiesce.apps.hooks.results import HookFailed, HookResult, StepTimer
+from quiesce.apps.hooks.results import HookResult, StepTimer
+from quiesce.errors import HookFailed
 from quiesce.sys import proc
 from quiesce.sys.proc import OUTPUT_LIMIT
 from quiesce.sys.redact import redact, redact_url

@@ -9,7 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from quiesce.apps.hooks.results import HookFailed, HookResult, RunTimeout
+from quiesce.apps.hooks.results import HookResult
+from quiesce.errors import HookFailed, RunTimeout
 from quiesce.sys.redact import is_secret_name
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -6,25 +6,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quiesce.errors import ExitCode, QuiesceError
+from quiesce.errors import HookFailed, RunTimeout
 from quiesce.sys.redact import redact, redact_data
-
-
-class HookFailed(QuiesceError):
-    """A hook or writer failed or timed out and the policy is ``abort``."""
-
-    exit_code = ExitCode.HOOK
-    default_hint = (
-        "see the hook's output in the report; to snapshot anyway (only crash-consistent), "
-        'set on_hook_failure = "crash-consistent"'
-    )
-
-
-class RunTimeout(QuiesceError):
-    """The whole run's time budget (timeouts.run) was used up."""
-
-    exit_code = ExitCode.HOOK
-    default_hint = "raise timeouts.run in the job file, or shorten the hooks"
 
 
 @dataclass

@@ -9,9 +9,13 @@ a job wraps them so that its ``on_hook_failure`` policy applies.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self
 
-from quiesce.errors import ExitCode, QuiesceError
+from pydantic import BaseModel, ConfigDict
+from pydantic_core import PydanticCustomError
+
+from quiesce.errors import WriterError
 from quiesce.snapshot.consistency import Claim
 from quiesce.sys.lazy import lazy_exports
 
@@ -21,11 +25,55 @@ if TYPE_CHECKING:
     from quiesce.apps.writers.sqlite import SqliteWriter
 
 
-class WriterError(QuiesceError):
-    """A built-in writer could not quiesce (or release) its application."""
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-    exit_code = ExitCode.HOOK
-    default_hint = "check that the server is running and that the job's connection settings work"
+
+class Finding(NamedTuple):
+    """A problem a writer's settings have on this machine (a file that is not there): the
+    key it concerns (relative to the writer's table), what is wrong, what to do."""
+
+    key: str
+    message: str
+    hint: str = ""
+
+
+def problem(message: str, hint: str) -> PydanticCustomError:
+    """A validation error with a hint: the job's validation shows both at the TOML key."""
+    return PydanticCustomError("job_problem", message, {"hint": hint})
+
+
+def check_password_env(value: str | None) -> str | None:
+    """``password_env`` names an environment variable (never holds the password)."""
+    if value is not None and not ENV_NAME_RE.match(value):
+        raise problem(
+            f"{value!r} is not an environment variable's name",
+            'the NAME of the variable that holds the password: password_env = "DB_PW"',
+        )
+    return value
+
+
+class WriterConfig(BaseModel):
+    """A writer's settings: one model per writer, next to it, taken by its constructor and
+    used as is by the job schema, the job builder and the fleet agent. Unknown keys are
+    refused and TOML types are strict. Passwords never go in it: ``password_env`` names a
+    variable, read by whoever builds the writer (job/build.py, the fleet agent)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    name: str | None = None  # in the report; default: the writer's kind (a job: its table)
+
+    def findings(self) -> list[Finding]:
+        """What the machine says about these settings (files that must exist)."""
+        return []
+
+    @classmethod
+    def of(cls, config: Self | None, options: dict[str, Any]) -> Self:
+        """The model a constructor was given, or one validated from its keywords (laxly:
+        a Python caller may pass a Path or an int where TOML needs a string or a float)."""
+        if config is None:
+            return cls.model_validate(options, strict=False)
+        if options:
+            raise TypeError(f"pass either a {cls.__name__} or keywords, not both")
+        return config
 
 
 class Writer:
@@ -33,6 +81,7 @@ class Writer:
     connection (``conn``) whose session holds the lock, if the writer has one."""
 
     kind: str = "writer"
+    Config: ClassVar[type[WriterConfig]] = WriterConfig
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -105,10 +154,15 @@ __getattr__ = lazy_exports(
 )
 
 __all__ = [
+    "ENV_NAME_RE",
+    "Finding",
     "MysqlWriter",
     "PostgresWriter",
     "SqliteWriter",
     "Writer",
+    "WriterConfig",
     "WriterError",
+    "check_password_env",
     "need_module",
+    "problem",
 ]

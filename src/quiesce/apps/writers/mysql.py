@@ -22,11 +22,22 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
-from quiesce.apps.writers import Writer, WriterError, need_module
+from pydantic import PositiveFloat, field_validator
+
+from quiesce.apps.writers import (
+    Finding,
+    Writer,
+    WriterConfig,
+    WriterError,
+    check_password_env,
+    need_module,
+)
 from quiesce.snapshot.consistency import Claim, Consistency
 from quiesce.sys.redact import redact, register_secret
+from quiesce.sys.trust import trust_problem
 from quiesce.sys.units import human_bytes
 
 LockMode = Literal["auto", "backup_stage", "flush_tables"]
@@ -54,30 +65,54 @@ def has_backup_stage(version: str) -> bool:
     )  # fmt: skip
 
 
+CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
+
+
+class MysqlConfig(WriterConfig):
+    """``[[writers.mysql]]``: the connection (no password: ``password_env`` or a
+    ``defaults_file``), the lock and how long to wait for it."""
+
+    unix_socket: str | None = None
+    host: str | None = None
+    port: int = 3306
+    user: str = "root"
+    password_env: str | None = None  # the NAME of an environment variable holding it
+    defaults_file: str | None = None  # a root-owned 0600 option file ([client] password=)
+    timeout: PositiveFloat = 30.0
+    lock: LockMode = "auto"
+    name: str | None = None
+
+    _check_password_env = field_validator("password_env")(check_password_env)
+
+    def findings(self) -> list[Finding]:
+        f = self.defaults_file
+        if f is None:
+            return []
+        if not Path(f).is_file():
+            return [Finding("defaults_file", f"{f} does not exist", "e.g. /etc/mysql/debian.cnf")]
+        bad = trust_problem(Path(f), follow=True)  # root's, like a hook (apps/hooks/trust)
+        return [Finding("defaults_file", bad, CHOWN_HINT.format(p=f))] if bad else []
+
+
 class MysqlWriter(Writer):
     kind = "mysql"
+    Config = MysqlConfig
 
     def __init__(
-        self,
-        *,
-        unix_socket: str | None = None,
-        host: str | None = None,
-        port: int = 3306,
-        user: str = "root",
-        password: str | None = None,
-        defaults_file: str | None = None,
-        timeout: float = 30.0,
-        lock: LockMode = "auto",
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name or "mysql")
-        self.lock = lock
-        self.unix_socket, self.host, self.port = unix_socket, host, port
-        # ``password``: Python callers only (a job names a variable: password_env). It
-        # goes to the client library in memory, never into an argv or a hook's environment.
-        self.user, self._password, self.defaults_file = user, password, defaults_file
+        self, config: MysqlConfig | None = None, /, *, password: str | None = None,
+        **options: Any,
+    ) -> None:  # fmt: skip
+        """``MysqlWriter(MysqlConfig(...))`` or ``MysqlWriter(unix_socket=...)``.
+        ``password``: Python callers, or the value of the job's ``password_env``; it goes
+        to the client library in memory, never into an argv or a hook's environment."""
+        cfg = MysqlConfig.of(config, options)
+        super().__init__(cfg.name or "mysql")
+        self.config = cfg
+        self.lock = cfg.lock
+        self.unix_socket, self.host, self.port = cfg.unix_socket, cfg.host, cfg.port
+        self.user, self._password, self.defaults_file = cfg.user, password, cfg.defaults_file
         register_secret(password)
-        self.timeout = timeout
+        self.timeout = cfg.timeout
         self._checkpoint_lsn: int | None = None
 
     def _sql(self, query: str) -> Any:
@@ -179,7 +214,7 @@ class MysqlWriter(Writer):
                 try:
                     self._sql(statement)
                 except WriterError as e:
-                    if e.details.get("code") != ER_LOCK_WAIT_TIMEOUT:
+                    if e.code != ER_LOCK_WAIT_TIMEOUT:
                         raise
                     raise WriterError(
                         f"mysql: {statement} waited longer than timeout = "

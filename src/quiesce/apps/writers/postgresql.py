@@ -18,9 +18,18 @@ import os
 import time
 from typing import Any
 
-from quiesce.apps.writers import Writer, WriterError, need_module
+from pydantic import PositiveFloat, field_validator
+
+from quiesce.apps.writers import (
+    Writer,
+    WriterConfig,
+    WriterError,
+    check_password_env,
+    need_module,
+    problem,
+)
 from quiesce.snapshot.consistency import Claim, Consistency
-from quiesce.sys.redact import redact, register_secret, register_url_secrets
+from quiesce.sys.redact import has_credentials, redact, register_secret, register_url_secrets
 from quiesce.sys.units import human_bytes, human_duration
 
 _SETTINGS_HINT = (
@@ -28,29 +37,63 @@ _SETTINGS_HINT = (
     "proves the cluster's files lie on the group"
 )
 
+# Passwords never go in a job file: a writer names an environment variable that holds
+# one (password_env), or uses the client's own file (~/.pgpass).
+
+
+class PostgresConfig(WriterConfig):
+    """``[[writers.postgresql]]``: the connection (a libpq dsn without a password) and
+    what to do around the window."""
+
+    dsn: str = ""  # without password= or user:pass@ (refused below)
+    password_env: str | None = None  # the NAME of an environment variable holding it
+    checkpoint: bool = True
+    backup: bool = False
+    label: str = "quiesce"
+    timeout: PositiveFloat = 60.0
+    name: str | None = None
+
+    _check_password_env = field_validator("password_env")(check_password_env)
+
+    @field_validator("dsn")
+    @classmethod
+    def _no_password(cls, dsn: str) -> str:
+        if has_credentials(dsn):
+            raise problem(
+                f"the dsn carries a password: {redact(dsn)}",
+                "remove it; use ~/.pgpass or PGPASSFILE (a root-owned 0600 file), or "
+                'password_env = "NAME" (an environment variable quiesce reads)',
+            )
+        return dsn
+
 
 class PostgresWriter(Writer):
     kind = "postgresql"
+    Config = PostgresConfig
 
     def __init__(
         self,
-        dsn: str = "",
+        config: PostgresConfig | str = "",
+        /,
         *,
-        checkpoint: bool = True,
-        backup: bool = False,
-        label: str = "quiesce",
-        timeout: float = 60.0,
         password: str | None = None,
-        name: str | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(name or "postgresql")
-        self.dsn, self.checkpoint, self.backup = dsn, checkpoint, backup
-        self.label, self.timeout = label, timeout
-        # In memory only (a job's password_env): libpq gets it as a connection keyword.
+        """``PostgresWriter(PostgresConfig(...))``, or the dsn and the config's keys.
+        ``password`` (Python callers, or the value of the job's ``password_env``) goes to
+        libpq in memory only."""
+        if isinstance(config, str):
+            cfg = PostgresConfig.of(None, {"dsn": config, **options})
+        else:
+            cfg = PostgresConfig.of(config, options)
+        super().__init__(cfg.name or "postgresql")
+        self.config = cfg
+        self.dsn, self.checkpoint, self.backup = cfg.dsn, cfg.checkpoint, cfg.backup
+        self.label, self.timeout = cfg.label, cfg.timeout
         self._password = password
         self._checkpoint_ns: int | None = None  # CLOCK_MONOTONIC when CHECKPOINT returned
         register_secret(password)
-        register_url_secrets(dsn)
+        register_url_secrets(cfg.dsn)
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         try:

@@ -14,32 +14,53 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote
 
-from quiesce.apps.writers import Writer, WriterError
+from pydantic import Field, PositiveFloat
+
+from quiesce.apps.writers import Finding, Writer, WriterConfig
+from quiesce.errors import WriterError
 from quiesce.snapshot.consistency import Claim, Consistency
 
-CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+Checkpoint = Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"]
+CHECKPOINT_MODES: tuple[str, ...] = get_args(Checkpoint)
 _BESIDE = (("-wal", "WAL"), ("-shm", "WAL index"), ("-journal", "rollback journal"))
+
+
+class SqliteConfig(WriterConfig):
+    """``[[writers.sqlite]]``: the database files, and how long to wait for their lock."""
+
+    databases: Annotated[list[str], Field(min_length=1)]
+    busy_timeout: PositiveFloat = 10.0
+    checkpoint: Checkpoint = "TRUNCATE"
+    name: str | None = None
+
+    def findings(self) -> list[Finding]:
+        return [
+            Finding(f"databases[{j}]", f"{db} does not exist", "give the database file's path")
+            for j, db in enumerate(self.databases)
+            if not Path(db).is_file()
+        ]
 
 
 class SqliteWriter(Writer):
     kind = "sqlite"
+    Config = SqliteConfig
 
-    def __init__(
-        self,
-        databases: Sequence[str | Path],
-        *,
-        busy_timeout: float = 10.0,
-        checkpoint: str = "TRUNCATE",
-        name: str | None = None,
-    ) -> None:
-        super().__init__(name or "sqlite")
-        if checkpoint.upper() not in CHECKPOINT_MODES:
-            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}")
-        self.databases = [Path(d) for d in databases]
-        self.busy_timeout = busy_timeout
-        self.checkpoint = checkpoint.upper()
+    def __init__(self, config: SqliteConfig | Sequence[str | Path], /, **options: Any) -> None:
+        """``SqliteWriter(SqliteConfig(...))``, or the databases and the config's keys
+        (``SqliteWriter(["/srv/app.db"], busy_timeout=30)``)."""
+        if not isinstance(config, SqliteConfig):
+            if isinstance(options.get("checkpoint"), str):
+                options["checkpoint"] = options["checkpoint"].upper()
+            options["databases"] = [str(d) for d in config]
+        cfg = SqliteConfig.of(config if isinstance(config, SqliteConfig) else None, options)
+        super().__init__(cfg.name or "sqlite")
+        self.config = cfg
+        self.databases = [Path(d) for d in cfg.databases]
+        self.busy_timeout = cfg.busy_timeout
+        self.checkpoint = cfg.checkpoint
         self.conns: list[sqlite3.Connection] = []
 
     def _lock(self, db: Path, *, checkpoint: bool = True) -> sqlite3.Connection:

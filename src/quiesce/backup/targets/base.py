@@ -8,18 +8,17 @@ its argv, which ``ps`` shows to everyone), and no message ever contains them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import BackupError, TargetNotInstalled, UsageError
 from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.sys import proc
 from quiesce.sys.redact import (
@@ -29,19 +28,7 @@ from quiesce.sys.redact import (
     register_secret_file,
 )
 
-
-class BackupError(QuiesceError):
-    exit_code = ExitCode.BACKUP
-    default_hint = (
-        "see the target's message; the snapshot was kept: retry with `quiesce backup JOB.toml`"
-    )
-
-
 WRONG_PASSWORD = "a {target} repository exists at {repo} and the password does not open it"
-
-
-class TargetNotInstalled(UsageError):
-    default_hint = "run scripts/backup-setup.sh (apt-get install restic borgbackup zstd)"
 
 
 @dataclass
@@ -369,17 +356,6 @@ def check_child(res: ChildResult, what: str, ok_codes: Sequence[int] = (0,)) -> 
         raise BackupError(
             redact(f"{what} failed (exit {res.returncode}): {_tail(res.stderr, 600)}")
         )
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` then ``t[0]`` is the duration in seconds."""
-    box = [0.0]
-    t0 = time.monotonic()
-    try:
-        yield box
-    finally:
-        box[0] = time.monotonic() - t0
 
 
 __all__ = [

@@ -37,7 +37,7 @@ from quiesce.backup.targets.base import (
 )
 from quiesce.errors import UsageError
 from quiesce.state.retention import as_datetime
-from quiesce.sys import proc
+from quiesce.sys import pids
 from quiesce.sys.redact import redact, register_url_secrets
 
 _GLOB = re.compile(r"([*?\[\]\\])")
@@ -139,7 +139,7 @@ class ResticTarget(Target):
                 lock = json.loads(res.stdout)
             except ValueError:
                 continue
-            if lock.get("hostname") == socket.gethostname() and not proc.pid_alive(lock.get("pid")):
+            if lock.get("hostname") == socket.gethostname() and not pids.pid_alive(lock.get("pid")):
                 stale.append(f"{lock_id[:8]} (pid {lock.get('pid')})")
         if stale:
             self._run("unlock", what="restic unlock", timeout=300)

@@ -1,6 +1,6 @@
 """`quiesce demo --fleet`: one group snapshot across simulated hosts, checked.
 
-Builds N hosts on this machine (quiesce.cli.demo.ground: sshd per host in its own mount
+Builds N hosts on this machine (quiesce_testing.ground: sshd per host in its own mount
 namespace, its own loop filesystem), runs the quiesce.fleet group playbook with Ansible
 over real SSH while a writer hops records across the hosts, checks that the hosts'
 snapshots hold a prefix of the records (one instant), and removes everything.
@@ -53,8 +53,8 @@ def _copy_provider(snaps: Path, volume: str) -> dict[str, Any]:
 
 
 def run_fleet_demo(console: Console | None, as_json: bool, hosts: int = 3) -> dict[str, Any]:
-    from quiesce.cli.demo.ground import Fleet
-    from quiesce.cli.demo.ground_writer import check_cut
+    from quiesce_testing.ground import Fleet
+    from quiesce_testing.ground_writer import check_cut
 
     if hosts < 2:
         raise UsageError("--hosts must be at least 2", "a group spans several hosts: --hosts 3")

@@ -93,10 +93,11 @@ def run_demo(
         else:
             v = window.volumes[0]
             say(
-                f"frozen in {v.freeze_s * 1000:.2f} ms (syncfs before it: "
+                f"frozen in {(v.freeze_s or 0) * 1000:.2f} ms (syncfs before it: "
                 f"{(v.syncfs_s or 0) * 1000:.2f} ms), thawed in {(v.thaw_s or 0) * 1000:.3f} ms"
             )
-            say(f"freeze window: {window.duration * 1000:.1f} ms (thawed by {window.thawed_by})")
+            took = (window.duration or 0) * 1000
+            say(f"freeze window: {took:.1f} ms (thawed by {window.thawed_by})")
             say(
                 f"records on disk while frozen: {before} -> {during} (no write got through); "
                 f"writer's longest stall: {float(stall) * 1000:.0f} ms"

@@ -18,7 +18,6 @@ clock with the offsets it measures with ``ping`` (see ``clock``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import sys
 import time
@@ -52,23 +51,43 @@ NO_PASSWORD = (
 )
 
 
-def check_writers(specs: list[dict[str, Any]], where: str) -> None:
-    """Refuse what cannot work or must not travel, before anything starts: an unknown
-    type, or a password (in the spec or a DSN), which Ansible would show in its output."""
-    from quiesce.sys.redact import has_credentials
+def check_writers(specs: list[dict[str, Any]], where: str) -> list[Any]:
+    """Each spec as its writer's config model (the one a job's ``[[writers.<type>]]``
+    table is), refusing what cannot work or must not travel, before anything starts:
+    an unknown type or key, a bad value, or a password (in the spec or a DSN), which
+    Ansible would show in its output."""
+    from pydantic import ValidationError
 
+    configs = []
     for i, spec in enumerate(specs):
         key = f"{where}[{i}]"
         if not isinstance(spec, dict) or spec.get("type") not in WRITER_KINDS:
             kind = spec.get("type") if isinstance(spec, dict) else spec
             raise QuiesceError(f"{key}: unknown writer type {kind!r}",
                                f"use one of: {', '.join(sorted(WRITER_KINDS))}")  # fmt: skip
-        if "password" in spec or has_credentials(str(spec.get("dsn") or "")):
+        if "password" in spec:
             raise QuiesceError(f"{key}: a password in the writer's settings", NO_PASSWORD)
-        known = set(inspect.signature(_writer_class(spec["type"])).parameters) - {"password"}
-        if unknown := sorted(set(spec) - known - {"type"}):
-            raise QuiesceError(f"{key}: unknown key {unknown[0]!r} for a {spec['type']} writer",
-                               f"use: {', '.join(sorted(known))}")  # fmt: skip
+        model = _writer_class(spec["type"]).Config
+        try:
+            configs.append(model.model_validate({k: v for k, v in spec.items() if k != "type"}))
+        except ValidationError as e:
+            raise _spec_error(key, spec["type"], model, e) from None
+    return configs
+
+
+def _spec_error(key: str, kind: str, model: Any, e: Any) -> QuiesceError:
+    """The first thing wrong with a writer spec, at its key, with what to write."""
+    err = e.errors()[0]
+    at = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return QuiesceError(f"{key}: unknown key {at!r} for a {kind} writer",
+                            f"use: {', '.join(sorted(model.model_fields))}")  # fmt: skip
+    if err["type"] == "job_problem":
+        hint = str(err["ctx"]["hint"])
+        if "password" in err["msg"]:
+            hint = NO_PASSWORD
+        return QuiesceError(f"{key}: {err['msg']}", hint)
+    return QuiesceError(f"{key}: {at}: {err['msg']}", "see docs/fleet.md for the writers' keys")
 
 
 def _writer_class(kind: str) -> Any:
@@ -78,12 +97,18 @@ def _writer_class(kind: str) -> Any:
 
 
 def _build_writers(specs: list[dict[str, Any]]) -> list[Any]:
-    """Built-in writers from their specs ({"type": "sqlite", "databases": [...]}, ...)."""
-    check_writers(specs, "writers")
+    """Built-in writers from their specs ({"type": "sqlite", "databases": [...]}, ...),
+    each given its config model; a ``password_env`` is read on this host."""
+    from quiesce.job.build import writer_password
+
     out = []
-    for spec in specs:
-        spec = dict(spec)
-        out.append(_writer_class(spec.pop("type"))(**spec))
+    for i, (spec, config) in enumerate(zip(specs, check_writers(specs, "writers"), strict=True)):
+        cls = _writer_class(spec["type"])
+        password_env = getattr(config, "password_env", None)
+        if password_env is None:
+            out.append(cls(config))
+        else:
+            out.append(cls(config, password=writer_password(password_env, f"writers[{i}]")))
     return out
 
 
@@ -103,7 +128,6 @@ class Agent:
         self.record: dict[str, Any] = {}
         self.done = False
         self.last_heard = _now()
-        self.thaw_early_s: float | None = None  # a negative control's fault (see handle)
         self.ready = False  # writers quiesced and guardian armed for the next instant
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -139,14 +163,7 @@ class Agent:
                 self.ready = False
                 self.freeze()
                 self.send({"op": "frozen", "ok": True, **self.record})
-                if self.thaw_early_s is not None:  # the fault: thaw unasked, say nothing
-                    time.sleep(self.thaw_early_s)
-                    self.thaw_now("test-early")
-            elif op == "test-thaw-early":
-                # A negative control's fault (the controller sends it only under pytest):
-                # this host thaws by itself after its freeze, as a foreign FITHAW that
-                # went unnoticed would; the verdict must not prove an instant then.
-                self.thaw_early_s = float(msg["after_s"])
+                self.frozen_sent()
             elif op == "quiesce":
                 self.ready_to_freeze()
             elif op == "arm":
@@ -161,6 +178,10 @@ class Agent:
                 self.send({"op": "error", "error": f"unknown op {op!r}"})
         except Exception as e:
             self.fail(op, e)
+
+    def frozen_sent(self) -> None:
+        """After "frozen" went out (mode command): nothing to do here; an agent with a
+        fault (quiesce_testing.faults) thaws unasked at this point."""
 
     def fail(self, op: Any, e: BaseException) -> None:
         """Any failure: thaw first (the Freezer rolled back its own group already)."""
@@ -368,10 +389,10 @@ class Agent:
                 self.plan.close()
 
 
-def main() -> None:
+def main(agent: type[Agent] = Agent) -> None:
     sys.dont_write_bytecode = True  # nothing may land on a frozen volume
     os.chdir("/")
-    Agent().run()
+    agent().run()
 
 
 if __name__ == "__main__":

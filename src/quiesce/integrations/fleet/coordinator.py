@@ -28,18 +28,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiesce.errors import QuiesceError
+from quiesce.errors import ControllerGone, QuiesceError
 from quiesce.integrations.fleet.agent import check_writers
 from quiesce.integrations.fleet.clock import Offset
 from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
 from quiesce.integrations.fleet.wire import LineReader, write
-from quiesce.sys import proc
+from quiesce.sys import pids, proc
 
 PINGS = 8
-
-
-class ControllerGone(QuiesceError):
-    """ansible-playbook (or whoever started us) died: stop, let every host thaw."""
 
 
 @dataclass
@@ -53,9 +49,12 @@ class Member:
     pythonpath: str | None = None
     provider: dict[str, Any] | None = None
     writers: list[dict[str, Any]] = field(default_factory=list)
+    # How ``python`` runs the host's agent: quiesce's, or one that speaks its protocol
+    # (a negative control brings an agent with a fault: quiesce_testing.faults).
+    agent: tuple[str, ...] = ("-m", "quiesce.integrations.fleet.agent")
 
     def argv(self) -> list[str]:
-        remote = [self.python, "-m", "quiesce.integrations.fleet.agent"]
+        remote = [self.python, *self.agent]
         if self.pythonpath:
             remote = ["env", f"PYTHONPATH={self.pythonpath}", *remote]
         return [*self.ssh, *remote]
@@ -102,15 +101,9 @@ class Group:
         watch_pids: list[int] | None = None,
         attempts: int = 3,
         stagger_s: float = 0.0,
-        thaw_early_s: dict[str, float] | None = None,
     ) -> None:
-        """Two knobs only for negative controls: ``stagger_s`` offsets host i's agreed
-        instant by i × stagger_s (mode hosts: freezes that do not overlap);
-        ``thaw_early_s`` ({host: s}, mode command, honoured only under pytest) makes
-        those hosts thaw by themselves that long after their freeze, without a word to
-        the controller (the group command then runs while they are thawed)."""
-        if thaw_early_s and not os.environ.get("PYTEST_CURRENT_TEST"):
-            raise QuiesceError("thaw_early_s is a test-only knob", "leave it unset")
+        """``stagger_s`` (a negative control's knob) offsets host i's agreed instant by
+        i × stagger_s (mode hosts: freezes that do not overlap)."""
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
         for m in members:
@@ -119,7 +112,6 @@ class Group:
             raise QuiesceError("mode command needs a command", "set command: [argv...]")
         self.members = members
         self.stagger_s = stagger_s
-        self.thaw_early_s = dict(thaw_early_s or {})
         self.name, self.mode, self.command = name, mode, command
         self.command_timeout = command_timeout
         self.deadline_s, self.lease_s, self.hold_s, self.lead_s = (
@@ -147,7 +139,7 @@ class Group:
 
     def check_controller(self) -> None:
         for pid in self.watch_pids:
-            if not proc.pid_alive(pid):
+            if not pids.pid_alive(pid):
                 raise ControllerGone(f"the controller process {pid} died")
 
     def renew(self) -> None:
@@ -239,8 +231,6 @@ class Group:
                      "provider": m.provider if self.mode == "hosts" else None,
                      "writers": m.writers, "deadline_s": self.deadline_s,
                      "lease_s": self.lease_s})  # fmt: skip
-            if m.name in self.thaw_early_s:
-                lk.send({"op": "test-thaw-early", "after_s": self.thaw_early_s[m.name]})
         self.collect(self.links, {"prepared"}, 60.0)
 
     def ready(self) -> bool:
@@ -465,7 +455,7 @@ def ancestors(pid: int | None = None) -> list[int]:
     """This process's parents up to (not including) init: the controller's chain."""
     out, pid = [], pid or os.getpid()
     for _ in range(16):
-        fields = proc.stat_fields(pid)
+        fields = pids.stat_fields(pid)
         try:
             ppid = int(fields[1]) if fields else 0
         except ValueError:

@@ -1,6 +1,6 @@
 """The fleet ground: simulated hosts on this machine, reached by Ansible over real SSH.
 
-Used by `quiesce demo --fleet` and by the tests (tests/helpers/fleet.py re-exports it).
+Used by `quiesce demo --fleet` and by the tests.
 
 Host i is Debian's sshd, started by the test with its own config, host key and
 authorized_keys, listening on 127.0.0.(i+2) on a free port, and running in a mount
@@ -49,14 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quiesce.sys import proc
+import quiesce
+from quiesce.sys import pids, proc
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; made only if missing
 MIN_SIZE_MB = {"ext4": 64, "xfs": 320}
 MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
 PYTHON = os.path.realpath(sys.executable)  # not a pyenv shim: it is spawned per ioctl
-SRC = Path(__file__).resolve().parents[3]  # the directory that holds the quiesce package
+SRC = Path(quiesce.__file__).resolve().parents[1]  # what holds the quiesce package
 
 # Runs inside a host's namespace: a plain FITHAW (teardown). It refuses a path whose
 # filesystem is not the fixture's loop device (a missing mount must never lead to an ioctl
@@ -210,7 +211,7 @@ def end_pids(pids: Sequence[int], grace: float = 3.0) -> list[int]:
     return [p for p in living if alive(p)]
 
 
-alive = proc.pid_alive  # gone or a zombie: not alive
+alive = pids.pid_alive  # gone or a zombie: not alive
 
 
 @dataclass
@@ -616,7 +617,7 @@ class Fleet:
         argv = [pattern, "-m", module, "--tree", str(tree)]
         if args:
             argv += ["-a", args]
-        p = self.ansible_cli("adhoc", *argv, **env)
+        p = self.ansible_cli("adhoc", *argv, timeout=120, **env)
         results = {f.name: json.loads(f.read_text()) for f in tree.iterdir()}
         if p.returncode != 0:
             raise AnsibleFailed(p, results)
@@ -631,6 +632,7 @@ class Fleet:
             "playbook",
             str(playbook),
             *args,
+            timeout=120,
             ANSIBLE_CALLBACKS_ENABLED="ansible.builtin.tree",
             ANSIBLE_CALLBACK_TREE_DIR=str(tree),
             **env,
@@ -641,7 +643,7 @@ class Fleet:
 
     def start_writer(self, name: str = "records.log", **kw: Any) -> Any:
         """A hopping writer over every host's data filesystem (stopped by :meth:`close`)."""
-        from quiesce.cli.demo.ground_writer import HoppingWriter
+        from quiesce_testing.ground_writer import HoppingWriter
 
         w = HoppingWriter(self.hosts, name, **kw)
         self.writers.append(w)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-Host = Any  # quiesce.cli.demo.ground.Host (not imported: ground imports this module)
+Host = Any  # quiesce_testing.ground.Host (not imported: ground imports this module)
 
 AGENT = os.path.abspath(__file__)
 
