@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from quiesce import snapshot as snapshots
 from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import run_backup
-from quiesce.sys import proc
+from quiesce.host import proc
 
 PASSWORD = "bench"
 TOOLS: dict[str, float] = defaultdict(float)  # seconds per admin tool, since the last reset

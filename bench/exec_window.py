@@ -35,7 +35,7 @@ sys.path.insert(0, str(SRC))
 
 from quiesce.freezing.freezer import Freezer  # noqa: E402
 from quiesce.freezing.plan import make_plan  # noqa: E402
-from quiesce.sys import kernel, proc  # noqa: E402
+from quiesce.host import kernel, proc  # noqa: E402
 
 
 def sh(*cmd: str) -> str:

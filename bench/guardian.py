@@ -33,7 +33,7 @@ from pathlib import Path
 import quiesce
 from quiesce.freezing import guardian
 from quiesce.freezing.freezer import FAULT_ENV, Freezer
-from quiesce.sys import kernel
+from quiesce.host import kernel
 
 REPO = Path(__file__).resolve().parents[1]
 CONTROLLER = REPO / "tests" / "helpers" / "controller.py"

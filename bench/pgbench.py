@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from quiesce import snapshot as snapshots
-from quiesce.sys import extents, kernel
+from quiesce.host import extents, kernel
 
 PORT = 54471
 METHODS = ("none", "quiesce", "script")  # also: quiesce-clone

@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from quiesce import snapshot as snapshots
-from quiesce.sys import kernel
+from quiesce.host import kernel
 
 FIFREEZE, FITHAW, FICLONE = kernel.FIFREEZE, kernel.FITHAW, kernel.FICLONE
 

@@ -318,7 +318,7 @@ def _rcu_held_by_a_live_run() -> bool:
     """Another quiesce run on this machine (not this test's) holds the knob right now:
     its record says so; leave it to that run."""
     from quiesce.freezing.guardian import expedite
-    from quiesce.sys import pids
+    from quiesce.host import pids
 
     try:
         rec = json.loads((Path(expedite.RUN_DIR) / expedite.HOLDERS_FILE).read_text())

@@ -16,7 +16,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "quiesce"
 # Lowest first. A module may import its own layer and the layers before it.
 LAYERS = [
     "errors",
-    "sys",
+    "util",
+    "host",
     "freezing",
     "state",
     "providers",
@@ -65,7 +66,7 @@ def _imports_of(source: str, me: str, *, is_package: bool) -> set[str]:
                 mod = node.module or ""
             if not _ours(mod):
                 continue
-            for a in node.names:  # `from quiesce.sys import kernel` imports a module
+            for a in node.names:  # `from quiesce.host import kernel` imports a module
                 sub = f"{mod}.{a.name}"
                 out.add(sub if _exists(sub) else mod)
         elif (
@@ -154,17 +155,17 @@ def test_nothing_below_the_cli_imports_it():
 
 def test_the_checker_sees_lazy_and_relative_upward_imports():
     """Negative control: imports hidden in a function, relative ones and lazy-export
-    targets are all found, and would fail the layer rule from the sys layer."""
+    targets are all found, and would fail the layer rule from the host layer."""
     code = (
         "def f():\n    from quiesce.cli.app import main\n"
         "from ..job import run\n"
         "X = {'a': '.engine:create'}\n"
     )
-    found = _imports_of(code, "quiesce.sys.probe", is_package=False)
+    found = _imports_of(code, "quiesce.host.probe", is_package=False)
     assert "quiesce.cli.app" in found
     assert "quiesce.job.run" in found
-    assert "quiesce.sys.engine" in found
-    assert all((_layer(m) or 0) > LAYERS.index("sys") for m in found - {"quiesce.sys.engine"})
+    assert "quiesce.host.engine" in found
+    assert all((_layer(m) or 0) > LAYERS.index("host") for m in found - {"quiesce.host.engine"})
 
 
 @pytest.mark.parametrize(
@@ -197,7 +198,7 @@ _SPAWNERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput",
 
 
 def _direct_subprocess_calls(source: str) -> list[int]:
-    """Lines that start a child without quiesce.sys.proc (subprocess.X(...), os.system)."""
+    """Lines that start a child without quiesce.host.proc (subprocess.X(...), os.system)."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -211,12 +212,12 @@ def _direct_subprocess_calls(source: str) -> list[int]:
 
 
 def test_children_are_started_only_by_the_one_runner():
-    """Every child process in src/ goes through quiesce.sys.proc (PDEATHSIG, own process
+    """Every child process in src/ goes through quiesce.host.proc (PDEATHSIG, own process
     group, bounded output): nothing else calls subprocess directly."""
     found = {
         str(path.relative_to(PKG)): calls
         for path in sorted(PKG.rglob("*.py"))
-        if path.name != "proc.py" or path.parent.name != "sys"
+        if path.name != "proc.py" or path.parent.name != "host"
         if (calls := _direct_subprocess_calls(path.read_text()))
     }
     assert found == {}
@@ -226,7 +227,7 @@ def test_the_runner_check_sees_a_direct_call():
     """Negative control for the check above."""
     assert _direct_subprocess_calls("import subprocess\nsubprocess.run(['true'])\n") == [2]
     assert _direct_subprocess_calls("import os\nos.system('true')\n") == [2]
-    assert _direct_subprocess_calls("from quiesce.sys import proc\nproc.spawn(['true'])\n") == []
+    assert _direct_subprocess_calls("from quiesce.host import proc\nproc.spawn(['true'])\n") == []
 
 
 def _doc_table() -> dict[str, tuple[set[str], str]]:

@@ -17,11 +17,11 @@ from helpers.snaptools import image_on_reflink_host, sh
 from quiesce import snapshot as snapshots
 from quiesce.backup.mount import mount_readonly, mounted_snapshots, stable_path, unmount
 from quiesce.errors import UsageError
+from quiesce.host import kernel
+from quiesce.host.mounts import loop_devices_of
 from quiesce.providers.registry import get_provider
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import journal_dir
-from quiesce.sys import kernel
-from quiesce.sys.mounts import loop_devices_of
 
 
 def _options(path: Path) -> set[str]:

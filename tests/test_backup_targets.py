@@ -355,7 +355,7 @@ def test_a_sigkilled_run_leaves_no_restic_and_no_lock(tmp_path: Path) -> None:
     import sys
     import time
 
-    from quiesce.sys import proc
+    from quiesce.host import proc
 
     target = _target("restic", tmp_path)
     src = tmp_path / "src"

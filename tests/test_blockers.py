@@ -1,4 +1,4 @@
-"""Who blocks a freeze (sys/blockers.py), against a real splice holder as uid 65534.
+"""Who blocks a freeze (host/blockers.py), against a real splice holder as uid 65534.
 
 The holder splices from an empty pipe into a file on a test filesystem while holding the
 pipe's write end: the kernel's write level stays taken, and a FIFREEZE started from a
@@ -27,8 +27,8 @@ from helpers.stuck import (
     wait_for,
 )
 
-from quiesce.sys.blockers import end_blockers, find_blockers
-from quiesce.sys.mounts import MountTable
+from quiesce.host.blockers import end_blockers, find_blockers
+from quiesce.host.mounts import MountTable
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from conftest import Writer
 from helpers.snaptools import image_on_reflink_host, read_records, sh
 
 from quiesce import snapshot as snapshots
-from quiesce.sys import kernel
+from quiesce.host import kernel
 
 
 def _wait_for_acks(w: Writer, n: int = 30, timeout: float = 10.0) -> None:

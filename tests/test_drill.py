@@ -25,7 +25,7 @@ from test_writers_postgresql import Cluster
 
 from quiesce import snapshot as snapshots
 from quiesce.apps.drills import AppTarget, drill_mounted, drill_snapshot
-from quiesce.sys.mounts import MountTable
+from quiesce.host.mounts import MountTable
 
 pytestmark = pytest.mark.timeout(300)
 PORT = 54411

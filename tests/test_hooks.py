@@ -21,7 +21,7 @@ from quiesce.apps.hooks import (
     held,
     run_command,
 )
-from quiesce.sys.proc import OUTPUT_LIMIT
+from quiesce.host.proc import OUTPUT_LIMIT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -298,7 +298,7 @@ def test_session_hooks_and_the_hook_directory_get_the_clean_environment(tmp_path
 
 
 def test_a_known_secret_in_a_hooks_output_is_scrubbed(monkeypatch):
-    from quiesce.sys.redact import register_secret
+    from quiesce.util.redact import register_secret
 
     register_secret("s3cr3t-read-from-a-password-file")
     r = run([PY, "-c", "print('the password is s3cr3t-read-from-a-password-file; "

@@ -19,11 +19,11 @@ import pytest
 from conftest import HELPERS, is_writable
 from helpers.snaptools import image_on_reflink_host, sh
 
+from quiesce.host.mounts import loop_devices_of
 from quiesce.snapshot.cleanup import cleanup
 from quiesce.state.cleanup import held_snapshot_ids
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import UntrustedState, journal_dir
-from quiesce.sys.mounts import loop_devices_of
 
 
 def _digest(root: Path) -> dict[str, str]:

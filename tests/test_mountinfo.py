@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quiesce.errors import NotADirectory, NotAMountRoot, PathNotFound
-from quiesce.sys.mounts import (
+from quiesce.host.mounts import (
     Mount,
     MountinfoError,
     MountTable,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from quiesce.errors import QuiesceError, UsageError
-from quiesce.sys import proc
+from quiesce.host import proc
 
 
 def test_a_hung_tool_is_killed_and_reported_as_a_typed_error(tmp_path):
@@ -161,7 +161,7 @@ def test_pipeline_timeout_kills_every_stage(tmp_path):
 
 PARENT = r"""
 import signal, sys, threading, time
-from quiesce.sys import proc
+from quiesce.host import proc
 
 shape, pid_file, nap = sys.argv[1:4]
 child = ["sh", "-c", f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; exec sleep {nap}"]

@@ -10,6 +10,7 @@ import pytest
 
 from quiesce.errors import UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host.mounts import Mount, MountRoot, Volume
 from quiesce.providers.base import FreezeMode
 from quiesce.providers.lvm import (
     LvmProvider,
@@ -25,7 +26,6 @@ from quiesce.providers.lvm import (
     split_dm_name,
 )
 from quiesce.providers.registry import get_provider
-from quiesce.sys.mounts import Mount, MountRoot, Volume
 
 LVS_JSON = """\
   {

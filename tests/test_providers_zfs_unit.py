@@ -8,6 +8,7 @@ import pytest
 
 from quiesce.errors import UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host.mounts import Mount, MountRoot, Volume
 from quiesce.providers.base import FreezeMode, Snapshot
 from quiesce.providers.registry import get_provider
 from quiesce.providers.zfs import (
@@ -18,7 +19,6 @@ from quiesce.providers.zfs import (
     pool_of,
     snapshot_suffix,
 )
-from quiesce.sys.mounts import Mount, MountRoot, Volume
 
 ZFS_LIST = (  # two rows as printed in the VM, plus one snapshot quiesce did not make
     "qz/one@vmzfs-20261126T075816Z\t1795679897\t0\t25088\tvmzfs-20261126T075816Z\n"

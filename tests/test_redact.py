@@ -1,4 +1,4 @@
-"""quiesce.sys.redact: URL credentials and known secrets never reach what quiesce shows.
+"""quiesce.util.redact: URL credentials and known secrets never reach what quiesce shows.
 
 Property tests (hypothesis) for the URL forms restic and borg take, and worked examples."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quiesce.sys.redact import (
+from quiesce.util.redact import (
     MASK,
     has_credentials,
     is_secret_name,
@@ -125,7 +125,7 @@ def test_a_repository_password_with_a_slash_never_survives_once_registered(
     scheme, user, pw, host, path
 ):
     """AWS secret keys have '/': a repository the job names is parsed to its last '@'."""
-    import quiesce.sys.redact as r
+    import quiesce.util.redact as r
 
     saved = set(r._secrets)
     try:

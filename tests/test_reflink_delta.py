@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from quiesce import snapshot as snapshots
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import extents, kernel, writetrace
 from quiesce.providers import reflink as reflink_mod
 from quiesce.providers.base import Snapshot
 from quiesce.providers.reflink import ReflinkProvider
-from quiesce.sys import extents, kernel, writetrace
 
 DATA_MB = 24
 

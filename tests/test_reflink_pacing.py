@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quiesce import snapshot as snapshots
+from quiesce.host import writetrace
 from quiesce.providers.pacing import Pacer
-from quiesce.sys import writetrace
 
 MiB = 1 << 20
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from quiesce.backup.targets.base import RESTIC_INHERIT, run_child
+from quiesce.host import proc
+from quiesce.host.mounts import MountTable, loop_devices_of
+from quiesce.host.trust import TrustError
 from quiesce.job.metrics import RunMetrics, write_textfile
 from quiesce.snapshot.readonly import mount_readonly, unmount
 from quiesce.state.journal import Journal
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable, loop_devices_of
-from quiesce.sys.redact import register_secret
-from quiesce.sys.trust import TrustError
+from quiesce.util.redact import register_secret
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from quiesce.sys.units import human_bytes, human_duration
+from quiesce.util.units import human_bytes, human_duration
 
 
 @pytest.mark.parametrize(

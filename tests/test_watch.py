@@ -23,7 +23,7 @@ from helpers.jobtools import PY, toml_list, write_job
 from helpers.snaptools import image_on_reflink_host
 
 from quiesce.cli.watch import LineRenderer, describe
-from quiesce.sys.events import Event, HeldEvents
+from quiesce.util.events import Event, HeldEvents
 
 pytestmark = pytest.mark.timeout(180)
 

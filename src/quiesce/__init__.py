@@ -24,9 +24,12 @@ from quiesce.errors import (
     AlreadyFrozen,
     BackupError,
     ControllerGone,
+    DrillError,
+    DrillFailed,
     ExitCode,
     FreezeBroken,
     FreezeExpired,
+    FreezePending,
     GuardianError,
     HookFailed,
     Interrupted,
@@ -56,7 +59,7 @@ from quiesce.errors import (
     VerifyFailed,
     WriterError,
 )
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.freezing.freezer import Freezer, VolumeResult, Window, freeze
@@ -92,9 +95,12 @@ __all__ = [
     "BackupError",
     "Consistency",
     "ControllerGone",
+    "DrillError",
+    "DrillFailed",
     "ExitCode",
     "FreezeBroken",
     "FreezeExpired",
+    "FreezePending",
     "Freezer",
     "GuardianError",
     "HookFailed",

@@ -226,6 +226,12 @@ class FreezeExpired(QuiesceError):
     )
 
 
+class DrillError(QuiesceError):
+    """The drill could not be set up (scratch directory, overlay): nothing was started."""
+
+    default_hint = "see the message; `quiesce cleanup` removes what a killed drill left"
+
+
 class DrillFailed(QuiesceError):
     """The restore drill failed: an application did not recover, or failed its own check,
     on a throwaway copy of the snapshot."""

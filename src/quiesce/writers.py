@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from quiesce.errors import WriterError
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.apps.writers import Writer, WriterConfig

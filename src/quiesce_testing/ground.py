@@ -21,7 +21,7 @@ Teardown (:meth:`Fleet.close`, also on failure): thaw every fixture filesystem (
 in the namespaces by pid, unmount inside them, drop the namespaces, detach the loops,
 remove the temp dir, then check that nothing is left (loops, mounts, processes, dirs).
 
-Every child goes through quiesce's runner (quiesce.sys.proc: own process group, a
+Every child goes through quiesce's runner (quiesce.host.proc: own process group, a
 parent-death signal, bounded output): sshd gets SIGTERM when this process dies (the
 signal survives unshare's exec), the other children SIGKILL. One opts out: the freeze
 holder (below) must outlive this process to see EOF and thaw; killed, it could not.
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import quiesce
-from quiesce.sys import pids, proc
+from quiesce.host import pids, proc
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into Debian's sshd; made only if missing
@@ -497,7 +497,7 @@ class Fleet:
         unmount from reaching the machine's table. What the fleet itself needs (the
         interpreter, the worktree, its temp dir) is never dropped.
         """
-        from quiesce.sys.mounts import parse_mountinfo
+        from quiesce.host.mounts import parse_mountinfo
 
         needed = [PYTHON, str(SRC), str(self.base), "/proc", "/dev", "/sys"]
         drop = []

@@ -67,7 +67,7 @@ class HoppingWriter:
         self.latencies: list[float] = []  # send -> ack, per record
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        from quiesce.sys import proc  # here: this file also runs as the stdlib-only agent
+        from quiesce.host import proc  # here: this file also runs as the stdlib-only agent
 
         self.agents: list[subprocess.Popen[bytes]] = []
         for h in self.hosts:

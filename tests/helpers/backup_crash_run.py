@@ -16,8 +16,8 @@ from pathlib import Path
 from quiesce import freeze
 from quiesce.backup.mount import mount_readonly, stable_path
 from quiesce.backup.targets.restic import ResticTarget
+from quiesce.host import kernel
 from quiesce.state.journal import Journal
-from quiesce.sys import kernel
 
 state, inner_mount, inner_image, clone, root, repo, pw = sys.argv[1:8]
 j = Journal.open(state, job="crash")

@@ -22,8 +22,8 @@ import time
 
 from quiesce.freezing.guardian.protocol import open_run_dir
 from quiesce.freezing.guardian.second import SecondLine
-from quiesce.sys import kernel
-from quiesce.sys.mounts import MountTable, resolve
+from quiesce.host import kernel
+from quiesce.host.mounts import MountTable, resolve
 
 
 def say(**kw: object) -> None:

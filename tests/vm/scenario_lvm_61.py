@@ -33,8 +33,8 @@ from scenario_common import (
 from quiesce import snapshot as snapshots
 from quiesce.errors import QuiesceError, UnsafePlan, UsageError
 from quiesce.freezing.plan import make_plan
+from quiesce.host import kernel
 from quiesce.providers.lvm import LvmProvider, kernel_nests_dm_freeze
-from quiesce.sys import kernel
 
 VG = "vgq"
 STATE = "/tmp/quiesce-state"

@@ -27,10 +27,10 @@ from scenario_common import (
 from quiesce import snapshot as snapshots
 from quiesce.errors import UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import kernel
+from quiesce.host.mounts import MountTable, resolve
 from quiesce.providers.base import Snapshot
 from quiesce.providers.zfs import LIST_FIELDS, ZfsProvider
-from quiesce.sys import kernel
-from quiesce.sys.mounts import MountTable, resolve
 
 POOL = "qz"
 STATE = "/tmp/quiesce-state"

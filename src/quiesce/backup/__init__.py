@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.backup.config import BackupConfig

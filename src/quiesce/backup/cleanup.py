@@ -18,7 +18,7 @@ from quiesce.snapshot.cleanup import UNDO as SNAPSHOT_UNDO
 from quiesce.state.cleanup import CleanupReport
 from quiesce.state.journal import Journal
 from quiesce.state.undo import UndoFn
-from quiesce.sys.redact import redact_url
+from quiesce.util.redact import redact_url
 
 
 def journal_repository(journal: Journal, cfg: BackupConfig, job: str, state: Path) -> int:

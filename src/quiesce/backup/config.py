@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from quiesce.snapshot.readonly import DEFAULT_MOUNT_ROOT
-from quiesce.sys.redact import register_url_secrets
+from quiesce.util.redact import register_url_secrets
 
 Verify = Literal["none", "repository", "sample", "full", "app"]
 BACKUP_CHECKS = ("none", "repository", "sample", "full")

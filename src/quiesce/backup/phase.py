@@ -31,8 +31,8 @@ from quiesce.state.journal import Journal
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy, decide
 from quiesce.state.statedir import state_dir
-from quiesce.sys.events import Event, EventFn, emit
-from quiesce.sys.redact import redact_data
+from quiesce.util.events import Event, EventFn, emit
+from quiesce.util.redact import redact_data
 
 # (manifest, [(origin mount point, read-only mount path)], journal) -> a DrillReport:
 # apps/drills (a higher layer) passes it in, like state's undo actions.

@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 from quiesce.backup.targets.base import ProgressFn, ProgressUpdate
-from quiesce.sys.units import human_bytes
+from quiesce.util.units import human_bytes
 
 
 class PlainProgress:

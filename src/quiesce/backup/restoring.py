@@ -25,7 +25,7 @@ from quiesce.backup.config import BackupConfig
 from quiesce.backup.phase import make_target
 from quiesce.backup.targets.base import Target, TargetSnapshot
 from quiesce.errors import BackupError, UsageError
-from quiesce.sys.redact import redact_url
+from quiesce.util.redact import redact_url
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.backup.targets.base import BackupResult, ProgressFn, ProgressUpdate, Target
+from quiesce.host.trust import make_private_dirs
 from quiesce.state.journal import Journal
-from quiesce.sys.trust import make_private_dirs
 
 MODES = ("none", "repository", "sample", "full")
 CHUNK = 1 << 20

@@ -44,9 +44,9 @@ from quiesce.freezing.blockwatch import ending_blockers
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.guardian import DEFAULT_LEASE, DEFAULT_TIMEOUT, check_seconds
 from quiesce.freezing.plan import Plan, make_plan
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.units import human_duration
+from quiesce.host import proc
+from quiesce.host.mounts import MountTable
+from quiesce.util.units import human_duration
 
 sys.dont_write_bytecode = True  # quiesce may run from a venv on a volume it freezes
 

@@ -266,7 +266,7 @@ def restore_cmd(
     if as_json:
         emit_json(res.to_dict())
         return
-    from quiesce.sys.units import human_bytes, human_duration
+    from quiesce.util.units import human_bytes, human_duration
 
     out.print(
         f"restored {res.target} backup {res.backup_id} ({res.backup_time}) of job "

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from quiesce.errors import QuiesceError
-from quiesce.sys.redact import redact_data
+from quiesce.util.redact import redact_data
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 JobFile = Annotated[Path, typer.Argument(help="The job file (TOML; see docs/jobs.md).")]

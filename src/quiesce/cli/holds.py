@@ -28,8 +28,8 @@ from quiesce.errors import (
 from quiesce.freezing import guardian
 from quiesce.freezing.guardian import expedite, records
 from quiesce.freezing.guardian.client import THAW_S, GuardianStatus, VolumeStatus, gone_guardians
-from quiesce.sys import kernel
-from quiesce.sys.mounts import MountTable, resolve
+from quiesce.host import kernel
+from quiesce.host.mounts import MountTable, resolve
 
 
 def _fail(e: QuiesceError, as_json: bool) -> int:
@@ -218,7 +218,7 @@ def _describe(b: dict[str, Any]) -> str:
 
 def _add_blockers(active: list[dict[str, Any]]) -> None:
     """Each freezing volume gets the processes its FIFREEZE waits for (from /proc)."""
-    from quiesce.sys.blockers import find_blockers
+    from quiesce.host.blockers import find_blockers
 
     for s in active:
         for v in s["volumes"]:

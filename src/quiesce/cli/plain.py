@@ -56,7 +56,7 @@ def emit_json(data: Any) -> None:
     """JSON on stdout, redacted: nothing quiesce prints carries a password."""
     import json
 
-    from quiesce.sys.redact import redact_data
+    from quiesce.util.redact import redact_data
 
     data = redact_data(json.loads(json.dumps(data, default=str)))
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -65,7 +65,7 @@ def emit_json(data: Any) -> None:
 
 def print_error(error: dict[str, Any]) -> None:
     """``quiesce: <message>``, each job-file problem with its hint, then ``hint: <hint>``."""
-    from quiesce.sys.redact import redact_data
+    from quiesce.util.redact import redact_data
 
     error = redact_data(error)
     say("quiesce:", "bold red", error["message"])

@@ -13,8 +13,8 @@ from rich.text import Text
 
 from quiesce.cli.common import print_error
 from quiesce.job.report import Report
-from quiesce.sys.redact import redact_url
-from quiesce.sys.units import human_bytes, human_duration
+from quiesce.util.redact import redact_url
+from quiesce.util.units import human_bytes, human_duration
 
 OUTPUT_SHOWN = 400  # characters of hook output in the human rendering (JSON has more)
 

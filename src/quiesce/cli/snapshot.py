@@ -24,7 +24,7 @@ from quiesce.cli.common import (
     out,
 )
 from quiesce.errors import QuiesceError, UsageError
-from quiesce.sys.units import human_duration
+from quiesce.util.units import human_duration
 
 if TYPE_CHECKING:
     from quiesce.providers.options import ProviderOptions

@@ -1,4 +1,4 @@
-"""Watching a run: the CLI's renderers of progress events (quiesce.sys.events).
+"""Watching a run: the CLI's renderers of progress events (quiesce.util.events).
 
 On a terminal, a rich progress display: each phase as it starts and ends, and a bar with
 bytes, speed (binary units, like the report) and files for the backup and the
@@ -20,8 +20,8 @@ from typing import IO, Annotated, Any
 import typer
 from rich.console import Console
 
-from quiesce.sys.events import Event, EventFn
-from quiesce.sys.units import human_bytes, human_duration
+from quiesce.util.events import Event, EventFn
+from quiesce.util.units import human_bytes, human_duration
 
 Verbose = Annotated[
     bool, typer.Option("--verbose", "-v", help="Progress lines every second, not every ten.")

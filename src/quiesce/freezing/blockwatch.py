@@ -1,6 +1,6 @@
 """The opt-in blocker policy around a group's FIFREEZEs (``[timeouts] end_blockers_after``,
 ``--end-blockers-after``): once a freeze has waited that long, end the unprivileged
-processes whose writes keep it waiting (:func:`quiesce.sys.blockers.end_blockers`).
+processes whose writes keep it waiting (:func:`quiesce.host.blockers.end_blockers`).
 
 Off by default: ending another user's process is the admin's choice. Root's processes
 are never ended, nor writers that only wait for the freeze. It runs on the controller's
@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from quiesce.sys.blockers import end_blockers
+from quiesce.host.blockers import end_blockers
 
 POLL_S = 0.2  # how often a freeze past the bound is looked at again
 

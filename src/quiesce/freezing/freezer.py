@@ -42,9 +42,9 @@ from quiesce.freezing.guardian.core import GuardianCore, VolState
 from quiesce.freezing.guardian.crew import Crew
 from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
-from quiesce.sys import kernel
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.proc import signals_deferred
+from quiesce.host import kernel
+from quiesce.host.mounts import MountTable
+from quiesce.host.proc import signals_deferred
 
 FAULT_ENV = "QUIESCE_FAULT"
 """Fault injection for tests: ``QUIESCE_FAULT=<phase>`` makes the controller SIGSTOP

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quiesce.errors import UnsafePlan, UnsupportedFilesystem
-from quiesce.sys.mounts import MountRoot, MountTable, Volume, loop_backing_file, resolve
+from quiesce.host.mounts import MountRoot, MountTable, Volume, loop_backing_file, resolve
 
 # Filesystems with no freeze_fs/freeze_super (docs/kernel.md §2).
 UNFREEZABLE = frozenset(

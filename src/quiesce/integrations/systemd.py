@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quiesce.errors import UsageError
-from quiesce.sys import proc
-from quiesce.sys.files import write_atomic
+from quiesce.host import proc
+from quiesce.host.files import write_atomic
 
 if TYPE_CHECKING:
     from quiesce.job.backupjob import BackupJob
@@ -268,8 +268,8 @@ def unit_spec(
     """The units of a job (a ``job.backupjob.BackupJob``): the paths it writes
     (ReadWritePaths=: volumes, state, clones, backup repository, metrics) and its
     timeout (the run's, plus the backup's)."""
+    from quiesce.host.mounts import MountTable, loop_backing_file
     from quiesce.state.statedir import state_dir
-    from quiesce.sys.mounts import MountTable, loop_backing_file
 
     rw = [*job.volumes, str(state_dir(job.state_dir))]
     optional: list[str] = []

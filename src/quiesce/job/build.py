@@ -27,7 +27,7 @@ from quiesce.job.report import Phase
 from quiesce.job.schema import CommandHookConfig, Job, JobConfig, SessionHookConfig
 from quiesce.snapshot.consistency import Claim
 from quiesce.snapshot.quiescers import Quiescer, claim_of, files_of, quiesces, quiescing_steps
-from quiesce.sys.redact import redact, register_secret
+from quiesce.util.redact import redact, register_secret
 
 _C = TypeVar("_C", bound=WriterConfig)
 

@@ -10,7 +10,7 @@ it; it holds no secrets.
 has never succeeded has it at 0, so that the same alert fires for it too.
 ``runs_total`` counts the runs (a counter: the file keeps it across runs).
 
-The directory is a trust boundary like the state directory (:mod:`quiesce.sys.trust`):
+The directory is a trust boundary like the state directory (:mod:`quiesce.host.trust`):
 it and every directory above it must be root's and not writable by others (a root-owned
 sticky one such as /tmp passes), else another user could swap it for a link to a
 directory of their choice. The lock and the textfile are opened with
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quiesce.host.files import write_atomic
+from quiesce.host.trust import TrustError, open_trusted_dir
 from quiesce.snapshot.consistency import Consistency
-from quiesce.sys.files import write_atomic
-from quiesce.sys.redact import redact
-from quiesce.sys.trust import TrustError, open_trusted_dir
+from quiesce.util.redact import redact
 
 # the level as a number (alert on ``< 1``): the strongest level is the highest
 LEVEL_VALUE = {level: len(Consistency) - 1 - level.rank for level in Consistency}

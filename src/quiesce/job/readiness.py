@@ -21,9 +21,9 @@ from pathlib import Path
 
 from quiesce.backup.config import BackupConfig
 from quiesce.errors import QuiesceError
+from quiesce.host.trust import TrustError, open_checked
 from quiesce.job.schema import Job, Problem
-from quiesce.sys.redact import redact
-from quiesce.sys.trust import TrustError, open_checked
+from quiesce.util.redact import redact
 
 _PROGRAMS = {"restic": ("restic", "restic"), "borg": ("borg", "borgbackup")}
 
@@ -56,7 +56,7 @@ def _directory_problem(key: str, value: str, what: str, *, create: bool) -> Prob
 
 
 # Directories a run mounts into or writes root's files in: the same trust check as the
-# state directory (sys/trust.py), which the run itself makes too.
+# state directory (host/trust.py), which the run itself makes too.
 _TRUSTED_DIRS = frozenset({"backup.mount_root", "metrics_file"})
 
 
@@ -190,9 +190,9 @@ def _writer_problems(job: Job) -> list[Problem]:
     run's check phase refuses. Nothing is changed (a lock taken is dropped at once)."""
     from quiesce.errors import UsageError
     from quiesce.freezing.plan import resolve_group
+    from quiesce.host.mounts import MountTable
     from quiesce.job.build import build_writers, hook_files
     from quiesce.snapshot.consistency import prove_on_group
-    from quiesce.sys.mounts import MountTable
 
     try:
         writers = build_writers(job.config)

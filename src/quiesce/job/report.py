@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_seri
 
 from quiesce.errors import ExitCode, QuiesceError
 from quiesce.job.hints import job_hint
-from quiesce.sys.redact import known_secrets, redact, redact_data
+from quiesce.util.redact import known_secrets, redact, redact_data
 
 
 class Phase(BaseModel):
@@ -67,7 +67,7 @@ class Phase(BaseModel):
 class Report(BaseModel):
     """Everything a run did. ``exit_code`` follows errors.ExitCode.
 
-    Redacted (quiesce.sys.redact) when finished and whenever it is serialised: hook and
+    Redacted (quiesce.util.redact) when finished and whenever it is serialised: hook and
     target output, errors and repository URLs may carry a password, and the report goes
     to stdout, to the ``after_run`` hooks' stdin and into monitoring.
     """

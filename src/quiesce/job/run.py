@@ -27,8 +27,8 @@ from quiesce.snapshot.consistency import Consistency
 from quiesce.state.locks import job_lock
 from quiesce.state.retention import RetentionPolicy
 from quiesce.state.statedir import state_dir
-from quiesce.sys.events import EventFn, emit, phase_events
-from quiesce.sys.redact import redact
+from quiesce.util.events import EventFn, emit, phase_events
+from quiesce.util.redact import redact
 
 
 def _degrade(manifest: Any, reasons: Sequence[str], state: str | None) -> str | None:

@@ -32,7 +32,7 @@ from quiesce.errors import JobConfigError
 from quiesce.providers.options import OPTIONS, ProviderOptions, options_model
 from quiesce.providers.registry import PROVIDERS
 from quiesce.state.retention import RetentionPolicy
-from quiesce.sys.redact import redact, redact_data
+from quiesce.util.redact import redact, redact_data
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # -- problems -----------------------------------------------------------------------------

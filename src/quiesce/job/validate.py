@@ -26,6 +26,7 @@ from quiesce.apps.hooks.context import SAFE_PATH
 from quiesce.apps.writers import ENV_NAME_RE
 from quiesce.backup.config import semantic_problems
 from quiesce.errors import QuiesceError, TrustError, UntrustedState, UsageError
+from quiesce.host.trust import open_checked, read_all
 from quiesce.job.hints import job_hint
 from quiesce.job.schema import (
     NAME_RE,
@@ -38,13 +39,12 @@ from quiesce.job.schema import (
 )
 from quiesce.providers.options import OPTIONS, ProviderOptions
 from quiesce.state.statedir import checked_state_dir
-from quiesce.sys.redact import has_credentials, holds_secret_value
-from quiesce.sys.trust import open_checked, read_all
+from quiesce.util.redact import has_credentials, holds_secret_value
 
 if TYPE_CHECKING:
     from quiesce.freezing.plan import GroupMember
+    from quiesce.host.mounts import MountTable
     from quiesce.providers.base import Provider
-    from quiesce.sys.mounts import MountTable
 
 CHOWN_HINT = "make it root's and writable only by root: chown root:root {p} && chmod go-w {p}"
 # Where a password goes instead of the job file, by the table that tried to hold one.
@@ -450,8 +450,8 @@ def _volume_problems(raw: dict[str, Any]) -> list[Problem]:
     """The volumes resolve, the plan is safe (when the provider freezes), and the
     provider's own check passes: what the run's check phase would refuse, before it runs."""
     from quiesce.freezing.plan import make_plan
+    from quiesce.host.mounts import MountTable, resolve
     from quiesce.providers.base import FreezeMode
-    from quiesce.sys.mounts import MountTable, resolve
 
     vols = raw.get("volumes")
     if not isinstance(vols, list):

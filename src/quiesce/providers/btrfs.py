@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import proc
+from quiesce.host.mounts import MountRoot, MountTable
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import BtrfsOptions
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountRoot, MountTable
 
 # include/uapi/linux/btrfs.h
 BTRFS_SUBVOL_NAME_MAX = 4039

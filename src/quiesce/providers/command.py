@@ -2,7 +2,7 @@
 
 The command is an argv list (no shell unless you write ``["sh", "-c", "..."]``; a string
 option is split with shlex). It is started just before the freeze and held before its
-exec (:class:`quiesce.sys.proc.Gated`) until the volumes are frozen, so the window holds
+exec (:class:`quiesce.host.proc.Gated`) until the volumes are frozen, so the window holds
 the command's own run, not the start of a process; it runs in its own process group,
 with a hard timeout: on timeout the whole group is killed and the window closes anyway.
 Its binary lives off the group (refused otherwise). It learns the volumes from
@@ -35,10 +35,10 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import proc
+from quiesce.host.mounts import MountTable
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import CommandOptions
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable
 
 KEEP_OUTPUT = 4096  # bytes of stdout/stderr kept in the manifest
 

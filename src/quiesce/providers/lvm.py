@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import proc
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import LvmOptions
-from quiesce.sys import proc
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
 LVS_FIELDS = (

@@ -6,7 +6,7 @@ extents, and clones fragment the image (every later write is copied on write int
 small extent): a whole-image FICLONE inside the window (``mode = "clone"``) grows night
 after night. ``mode = "delta"`` (the default) clones the whole image in ``prepare``,
 outside the window, while a trace of the loop device's completed writes
-(:mod:`quiesce.sys.writetrace`) records what changes after it; inside the window only those
+(:mod:`quiesce.host.writetrace`) records what changes after it; inside the window only those
 ranges are re-cloned (FICLONERANGE), so the window's cost follows the writes since
 ``prepare``, not the image's size or history. The result is byte for byte what a
 whole-image FICLONE inside the window gives (tests/test_reflink_delta.py compares them).
@@ -32,12 +32,12 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UnsafePlan, UnsupportedFilesystem, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import extents, kernel
+from quiesce.host.mounts import MountTable, Volume, loop_backing_file
+from quiesce.host.writetrace import WriteTrace, merge
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import ReflinkOptions
 from quiesce.providers.pacing import Pacer
-from quiesce.sys import extents, kernel
-from quiesce.sys.mounts import MountTable, Volume, loop_backing_file
-from quiesce.sys.writetrace import WriteTrace, merge
 
 BLOCK = 4096  # FICLONERANGE alignment: the host filesystem's block (XFS and btrfs: 4 KiB)
 CATCH_UP_ROUNDS = 4  # prepare re-clones what was written meanwhile, at most this often ...
@@ -201,7 +201,7 @@ class ReflinkProvider(Provider):
         With a base (the last snapshot's content, kept next to the clones: see
         :func:`base_path`) the clone is a FICLONE of the base, which nobody writes, so it
         stalls nobody; only the ranges where the image and the base no longer share blocks
-        (:func:`quiesce.sys.extents.changed`: what the image wrote since the last snapshot)
+        (:func:`quiesce.host.extents.changed`: what the image wrote since the last snapshot)
         are cloned from the image, so the work that holds the image's lock follows the
         writes, not the image's size or fragmentation. Without one (the first snapshot,
         or a base of another size), the whole image is cloned in paced pieces.

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.plan import GroupMember
+from quiesce.host import proc
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import ZfsOptions
-from quiesce.sys import proc
 
 JOB_PROPERTY = "quiesce:name"  # user property set on every snapshot quiesce makes
 LIST_FIELDS = ("name", "creation", "used", "referenced", JOB_PROPERTY)

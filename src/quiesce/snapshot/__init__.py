@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.snapshot.consistency import Claim, Consistency

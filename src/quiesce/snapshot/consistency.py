@@ -15,13 +15,17 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quiesce.errors import OutsideGroup
-from quiesce.freezing.freezer import Window
-from quiesce.freezing.plan import GroupMember, Plan
-from quiesce.providers.base import FreezeMode, Provider, Snapshot
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.units import human_duration
+from quiesce.host.mounts import MountTable
+from quiesce.providers.base import FreezeMode, Snapshot
+
+if TYPE_CHECKING:  # annotations only: a writer that names a Claim needs no freezer
+    from quiesce.freezing.freezer import Window
+    from quiesce.freezing.plan import GroupMember, Plan
+    from quiesce.providers.base import Provider
+from quiesce.util.units import human_duration
 
 
 class Consistency(enum.StrEnum):

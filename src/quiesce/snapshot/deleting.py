@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quiesce.errors import UsageError
+from quiesce.host.mounts import MountTable
 from quiesce.snapshot.manifest import Manifest
 from quiesce.snapshot.mounting import mounts_of, provider_for
 from quiesce.snapshot.store import (
@@ -14,7 +15,6 @@ from quiesce.snapshot.store import (
     save_manifest,
     state_dir_path,
 )
-from quiesce.sys.mounts import MountTable
 
 
 def delete(snap_id: str, state_dir: str | Path | None = None, *, forget: bool = False) -> Manifest:

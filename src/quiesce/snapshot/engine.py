@@ -23,6 +23,8 @@ from quiesce.errors import QuiesceError, ReleaseFailed, UnsupportedFilesystem, U
 from quiesce.freezing.blockwatch import ending_blockers
 from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
+from quiesce.host import kernel
+from quiesce.host.mounts import MountTable
 from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
@@ -38,10 +40,8 @@ from quiesce.snapshot.quiescers import (
 from quiesce.snapshot.store import _unique_id, _write_manifest, state_dir_path
 from quiesce.state.journal import Journal
 from quiesce.state.statedir import checked_state_dir, refuse_state_on_group
-from quiesce.sys import kernel
-from quiesce.sys.events import EventFn, HeldEvents, emit
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.units import human_duration
+from quiesce.util.events import EventFn, HeldEvents, emit
+from quiesce.util.units import human_duration
 
 _JOB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

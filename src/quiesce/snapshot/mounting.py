@@ -8,13 +8,13 @@ import stat
 from pathlib import Path
 
 from quiesce.errors import UsageError
+from quiesce.host.mounts import MountTable, loop_backing_file
 from quiesce.providers.base import Provider, Snapshot
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.manifest import Manifest
 from quiesce.snapshot.readonly import MountedVolume, mount_readonly, unmount_point
 from quiesce.snapshot.store import list_manifests, load, resolve_id
 from quiesce.state.journal import Journal
-from quiesce.sys.mounts import MountTable, loop_backing_file
 
 
 def provider_for(man: Manifest) -> Provider:

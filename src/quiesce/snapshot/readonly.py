@@ -10,7 +10,7 @@ subvolume) is bind-mounted with the same flags. Every loop device, directory and
 is written to the cleanup journal before it is made; :func:`unmount_point` removes a
 mount (and its loop device) with the journal's own undo actions.
 
-The mount point is a trust boundary like the state directory (:mod:`quiesce.sys.trust`):
+The mount point is a trust boundary like the state directory (:mod:`quiesce.host.trust`):
 the mount root and every directory above it must be root's and not writable by others
 (else another user pre-creates the mount point and reads the snapshot through it, or
 plants a link that makes root mount it over a directory of their choice). The mount point
@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import MountError, QuiesceError, UsageError
+from quiesce.host import kernel, proc
+from quiesce.host.mounts import MountTable, loop_backing_file
+from quiesce.host.trust import TrustError, open_trusted_dir
 from quiesce.state.journal import Journal
 from quiesce.state.undo import undo_entry
-from quiesce.sys import kernel, proc
-from quiesce.sys.mounts import MountTable, loop_backing_file
-from quiesce.sys.trust import TrustError, open_trusted_dir
 
 DEFAULT_MOUNT_ROOT = "/run/quiesce/backup"  # the backup's stable paths: <root>/<job>/<slug>
 

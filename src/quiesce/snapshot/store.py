@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from quiesce.errors import QuiesceError, UsageError
+from quiesce.host.files import write_atomic
 from quiesce.snapshot.manifest import Manifest
 from quiesce.state.statedir import (
     DEFAULT_STATE_DIR,
@@ -21,7 +22,6 @@ from quiesce.state.statedir import (
     read_state_file,
 )
 from quiesce.state.statedir import state_dir as state_dir_path
-from quiesce.sys.files import write_atomic
 
 STATE_ENV = STATE_DIR_ENV
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from quiesce.errors import JournalError, QuiesceError
+from quiesce.host.kernel import fsync_dir as _fsync_dir
 from quiesce.state.statedir import checked_subdir
 from quiesce.state.undo import KINDS, UndoFn, describe, undo_entry
-from quiesce.sys.kernel import fsync_dir as _fsync_dir
 
 
 def _boot_id() -> str:

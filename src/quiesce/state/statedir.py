@@ -6,7 +6,7 @@ The state directory holds manifests, journals and locks: journals name commands 
 deletes. So it is a trust boundary: the directory and every directory above it must be
 root's and not writable by group or others (a root-owned sticky parent such as /tmp is
 fine), and every file in it is opened with O_NOFOLLOW and checked through its fd (root's,
-not group/other-writable) before a byte of it is believed (:mod:`quiesce.sys.trust`).
+not group/other-writable) before a byte of it is believed (:mod:`quiesce.host.trust`).
 
 It must never be on a volume that a run freezes or snapshots either: a journal or
 manifest write would then hang the run inside its own window, or land in the snapshot.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from quiesce.errors import UnsafePlan, UntrustedState
 from quiesce.freezing.plan import GroupMember
-from quiesce.sys.mounts import MountTable
-from quiesce.sys.trust import (
+from quiesce.host.mounts import MountTable
+from quiesce.host.trust import (
     TrustError,
     make_private_dirs,
     open_checked,

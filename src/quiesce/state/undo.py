@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from quiesce.errors import JournalError
-from quiesce.sys import proc
-from quiesce.sys.mounts import MountTable, loop_backing_file, loop_devices_of
-from quiesce.sys.trust import TrustError, open_checked
+from quiesce.host import proc
+from quiesce.host.mounts import MountTable, loop_backing_file, loop_devices_of
+from quiesce.host.trust import TrustError, open_checked
 
 KINDS = ("mount", "loop", "file", "dir", "snapshot", "command", "repository")
 UndoFn = Callable[[dict[str, Any]], None]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.apps.drills.base import AppDrill, AppTarget, DrillReport

@@ -25,19 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from quiesce.errors import QuiesceError, UsageError
+from quiesce.errors import DrillError, UsageError
+from quiesce.host import proc
+from quiesce.host.trust import make_private_dirs
 from quiesce.state.journal import Journal
-from quiesce.sys import proc
-from quiesce.sys.trust import make_private_dirs
 
 LOG_TAIL = 12  # lines of a server's log kept in a failed drill's result
 DEFAULT_TIMEOUT = 600.0
-
-
-class DrillError(QuiesceError):
-    """The drill could not be set up (scratch directory, overlay): nothing was started."""
-
-    default_hint = "see the message; `quiesce cleanup` removes what a killed drill left"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from quiesce.apps.drills.base import (
     private_dir,
     server,
 )
-from quiesce.sys import proc
+from quiesce.host import proc
 
 CHECKPOINT = re.compile(r"crash recovery from checkpoint LSN=(\d+)")
 END = re.compile(r"(?:End of log at LSN=|to LSN=|recovered up to LSN=)(\d+)")

@@ -31,7 +31,7 @@ from quiesce.apps.drills.base import (
     private_dir,
     server,
 )
-from quiesce.sys import proc
+from quiesce.host import proc
 
 REDO_START = re.compile(r"redo starts at ([0-9A-F]+)/([0-9A-F]+)")
 REDO_DONE = re.compile(r"redo done at ([0-9A-F]+)/([0-9A-F]+)")

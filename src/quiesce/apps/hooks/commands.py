@@ -17,9 +17,9 @@ from pathlib import Path
 from quiesce.apps.hooks.context import HookContext
 from quiesce.apps.hooks.results import HookResult, StepTimer
 from quiesce.errors import HookFailed
-from quiesce.sys import proc
-from quiesce.sys.proc import OUTPUT_LIMIT
-from quiesce.sys.redact import redact, redact_url
+from quiesce.host import proc
+from quiesce.host.proc import OUTPUT_LIMIT
+from quiesce.util.redact import redact, redact_url
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of a hook's process group
 _SKIPPED_SUFFIXES = (

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from quiesce.apps.hooks.results import HookResult
 from quiesce.errors import HookFailed, RunTimeout
-from quiesce.sys.redact import is_secret_name
+from quiesce.util.redact import is_secret_name
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _LOCALE = re.compile(r"^(LANG|LANGUAGE|LC_[A-Z_]+|TZ)$")

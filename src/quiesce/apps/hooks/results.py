@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quiesce.errors import HookFailed, RunTimeout
-from quiesce.sys.redact import redact, redact_data
+from quiesce.util.redact import redact, redact_data
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 from quiesce.apps.hooks.commands import KILL_GRACE
 from quiesce.apps.hooks.context import HookContext
 from quiesce.apps.hooks.results import HookResult, StepTimer
-from quiesce.sys import proc
-from quiesce.sys.proc import BoundedOutput, kill_group
-from quiesce.sys.redact import redact, redact_url
+from quiesce.host import proc
+from quiesce.host.proc import BoundedOutput, kill_group
+from quiesce.util.redact import redact, redact_url
 
 
 @dataclass

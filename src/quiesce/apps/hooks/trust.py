@@ -1,6 +1,6 @@
 """Whether quiesce, running as root, may run a hook: like sudo and cron, the code it runs
 must be root's and writable by nobody else, and so must every directory above it (else
-its owner could swap the file after the check). The check is :mod:`quiesce.sys.trust`'s,
+its owner could swap the file after the check). The check is :mod:`quiesce.host.trust`'s,
 made through the opened file and each parent's fd."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from quiesce.sys.trust import trust_problem
+from quiesce.host.trust import trust_problem
 
 INTERPRETERS = frozenset({"sh", "bash", "dash", "python3", "python", "perl", "ruby", "env"})
 

@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from quiesce.errors import WriterError
 from quiesce.snapshot.consistency import Claim
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from quiesce.apps.writers.mysql import MysqlWriter

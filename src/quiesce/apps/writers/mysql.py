@@ -35,10 +35,10 @@ from quiesce.apps.writers import (
     check_password_env,
     need_module,
 )
+from quiesce.host.trust import trust_problem
 from quiesce.snapshot.consistency import Claim, Consistency
-from quiesce.sys.redact import redact, register_secret
-from quiesce.sys.trust import trust_problem
-from quiesce.sys.units import human_bytes
+from quiesce.util.redact import redact, register_secret
+from quiesce.util.units import human_bytes
 
 LockMode = Literal["auto", "backup_stage", "flush_tables"]
 TAKE = {

@@ -29,8 +29,8 @@ from quiesce.apps.writers import (
     problem,
 )
 from quiesce.snapshot.consistency import Claim, Consistency
-from quiesce.sys.redact import has_credentials, redact, register_secret, register_url_secrets
-from quiesce.sys.units import human_bytes, human_duration
+from quiesce.util.redact import has_credentials, redact, register_secret, register_url_secrets
+from quiesce.util.units import human_bytes, human_duration
 
 _SETTINGS_HINT = (
     "grant pg_read_all_settings to the job's role (or connect as a superuser): quiesce "

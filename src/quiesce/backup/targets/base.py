@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.errors import BackupError, TargetNotInstalled, UsageError
+from quiesce.host import proc
 from quiesce.state.retention import RetentionPolicy, decide
-from quiesce.sys import proc
-from quiesce.sys.redact import (
+from quiesce.util.redact import (
     redact,
     redact_data,
     register_secret,

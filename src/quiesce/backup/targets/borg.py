@@ -38,7 +38,7 @@ from quiesce.backup.targets.base import (
 )
 from quiesce.errors import UsageError
 from quiesce.state.retention import as_datetime
-from quiesce.sys.redact import redact, register_url_secrets
+from quiesce.util.redact import redact, register_url_secrets
 
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 TIME_GLOB = "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z*"

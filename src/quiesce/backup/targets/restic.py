@@ -36,9 +36,9 @@ from quiesce.backup.targets.base import (
     tagged_source,
 )
 from quiesce.errors import UsageError
+from quiesce.host import pids
 from quiesce.state.retention import as_datetime
-from quiesce.sys import pids
-from quiesce.sys.redact import redact, register_url_secrets
+from quiesce.util.redact import redact, register_url_secrets
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 

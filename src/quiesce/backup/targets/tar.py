@@ -34,10 +34,10 @@ from quiesce.backup.targets.base import (
 )
 from quiesce.backup.targets.borg import TIME_FORMAT, archive_name
 from quiesce.errors import UsageError
+from quiesce.host import proc
+from quiesce.host.kernel import fsync_dir as _fsync_dir
+from quiesce.host.trust import make_private_dirs
 from quiesce.state.retention import as_datetime
-from quiesce.sys import proc
-from quiesce.sys.kernel import fsync_dir as _fsync_dir
-from quiesce.sys.trust import make_private_dirs
 
 CHUNK = 1 << 20
 COMPRESSORS = {

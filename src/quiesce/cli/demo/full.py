@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from quiesce.errors import QuiesceError, UsageError
-from quiesce.sys import proc
-from quiesce.sys.units import human_bytes, human_duration
+from quiesce.host import proc
+from quiesce.util.units import human_bytes, human_duration
 
 WRITER = r"""
 import sqlite3, sys, time

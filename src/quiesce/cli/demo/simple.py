@@ -19,7 +19,7 @@ from rich.console import Console
 
 from quiesce.errors import QuiesceError, UsageError
 from quiesce.freezing.freezer import freeze
-from quiesce.sys import proc
+from quiesce.host import proc
 
 MKFS = {
     "ext4": (["mkfs.ext4", "-q", "-F"], 64, "e2fsprogs"),

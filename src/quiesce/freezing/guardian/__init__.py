@@ -19,7 +19,7 @@ from quiesce.freezing.guardian.protocol import (
     check_seconds,
     socket_path,
 )
-from quiesce.sys.lazy import lazy_exports
+from quiesce.util.lazy import lazy_exports
 
 __all__ = [
     "DEFAULT_LEASE",

@@ -31,7 +31,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_path,
 )
-from quiesce.sys import proc
+from quiesce.host import proc
 
 VolumeState = Literal[
     "idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost"
@@ -47,7 +47,7 @@ class VolumeStatus(TypedDict):
     someone else thawed (and maybe refroze) it (``lost``: why): never thawed by quiesce
     again. ``blockers`` is added by the client, not
     the guardian: the processes that keep a pending FIFREEZE waiting
-    (:func:`quiesce.sys.blockers.find_blockers`, ``Blocker.to_dict()``)."""
+    (:func:`quiesce.host.blockers.find_blockers`, ``Blocker.to_dict()``)."""
 
     mount_point: str
     dev: str

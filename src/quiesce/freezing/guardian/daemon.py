@@ -75,7 +75,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_file,
 )
 from quiesce.freezing.guardian.second import SecondLine
-from quiesce.sys import freezetrace, kernel
+from quiesce.host import freezetrace, kernel
 
 LINGER_AFTER_EXPIRY = 600.0  # a finished guardian keeps its story for `status`/`thaw`
 MAX_CLIENTS = 32  # beyond this, the oldest client connection is dropped

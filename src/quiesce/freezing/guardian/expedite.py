@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quiesce.freezing.guardian.protocol import RUN_DIR, open_run_dir, run_dir_path
-from quiesce.sys import proc
+from quiesce.host import proc
 
 SYSFS_DIR = "/sys/kernel"
 TEST_DIR_ENV = "QUIESCE_TEST_RCU_DIR"  # a directory standing for /sys/kernel; only under pytest

@@ -32,8 +32,8 @@ from quiesce.freezing.guardian.second import (
     settled_name,
     write_private,
 )
-from quiesce.sys import kernel, proc
-from quiesce.sys.mounts import MountTable
+from quiesce.host import kernel, proc
+from quiesce.host.mounts import MountTable
 
 _NAME = re.compile(rf"{RECORD_PREFIX}([1-9][0-9]{{0,9}}){re.escape(RECORD_SUFFIX)}")
 _DEV = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")

@@ -50,7 +50,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from quiesce.sys import kernel
+from quiesce.host import kernel
 
 STATES = ("freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost")
 AT_STAKE = frozenset({"freezing", "frozen", "thawing"})  # the guardian's death leaves a job

@@ -195,7 +195,7 @@ class Agent:
     def prepare(self, msg: dict[str, Any]) -> None:
         """Resolve the plan, check and prepare the provider, syncfs: nothing frozen."""
         from quiesce.freezing.plan import make_plan
-        from quiesce.sys import kernel
+        from quiesce.host import kernel
 
         self.name = str(msg.get("name") or "fleet")
         self.deadline_s = float(msg.get("deadline_s", 30.0))

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quiesce.errors import ControllerGone, QuiesceError
+from quiesce.host import pids, proc
 from quiesce.integrations.fleet.agent import check_writers
 from quiesce.integrations.fleet.clock import Offset
 from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
 from quiesce.integrations.fleet.wire import LineReader, write
-from quiesce.sys import pids, proc
 
 PINGS = 8
 

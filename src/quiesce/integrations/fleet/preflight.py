@@ -34,7 +34,7 @@ def check_host(volumes: list[str]) -> dict[str, Any]:
 def thaw_host(volumes: list[str]) -> tuple[list[str], list[str]]:
     """Ask every guardian holding one of ``volumes`` frozen to thaw it: (thawed, errors)."""
     from quiesce.freezing.guardian import ask, survey
-    from quiesce.sys.mounts import MountTable
+    from quiesce.host.mounts import MountTable
 
     table = MountTable.read()
     devs = {v.dev for p in volumes if (v := table.volume_of_path(p)) is not None}

@@ -10,7 +10,7 @@ short_description: Report the host's quiesce version and its volumes
 version_added: "0.1.0"
 description:
   - Imports the quiesce library with the host's C(ansible_python_interpreter) and reads
-    the mount table through C(quiesce.sys.mounts.MountTable), the same view of volumes
+    the mount table through C(quiesce.host.mounts.MountTable), the same view of volumes
     (one per superblock, with every place it is mounted) that a freeze would use.
   - Changes nothing; supports check mode. The first step of any fleet run, so that a host
     that cannot import quiesce fails before anything is frozen anywhere.
@@ -88,7 +88,7 @@ def main():
     )
     try:
         import quiesce
-        from quiesce.sys.mounts import MountTable
+        from quiesce.host.mounts import MountTable
     except ImportError as e:
         module.fail_json(
             msg=f"quiesce is not importable by {sys.executable}: {e}",

@@ -53,11 +53,11 @@ from typing import IO, Any, Literal, Protocol
 
 from quiesce.errors import QuiesceError, ToolTimedOut, UsageError
 
-# Moved to their own modules (sys/pids.py, sys/signals.py); kept here for the guardian's
+# Moved to their own modules (host/pids.py, host/signals.py); kept here for the guardian's
 # modules until they import from there.
-from quiesce.sys.pids import pid_alive, start_time, stat_fields  # noqa: F401
-from quiesce.sys.redact import is_secret_name, known_secrets
-from quiesce.sys.signals import signals_deferred
+from quiesce.host.pids import pid_alive, start_time, stat_fields  # noqa: F401
+from quiesce.host.signals import signals_deferred
+from quiesce.util.redact import is_secret_name, known_secrets
 
 OUTPUT_LIMIT = 8192  # bytes kept per stream by default (head and tail)
 TOOL_OUTPUT_LIMIT = 64 << 20  # an admin tool's listing (zfs list, lvs) is parsed: keep it all
@@ -91,7 +91,7 @@ def child_env(
     from ``environ`` (default: ours), those starting with one of ``inherit`` (a backup
     tool's own settings and cloud credentials: ``RESTIC_``, ``AWS_``), then ``extra``
     (what this call needs). An inherited variable holding a secret quiesce read
-    (a writer's or another tool's password: :func:`~quiesce.sys.redact.register_secret`)
+    (a writer's or another tool's password: :func:`~quiesce.util.redact.register_secret`)
     is left out whatever its name; only ``extra`` may pass a secret, on purpose."""
     env = os.environ if environ is None else environ
     secrets = set(known_secrets({}))

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from quiesce.sys import pids
+from quiesce.host import pids
 
 TRACEFS = "/sys/kernel/tracing"
 EVENT = "events/block/block_rq_complete"

@@ -20,7 +20,7 @@ from quiesce.errors import (
     PermissionDenied,
     QuiesceError,
 )
-from quiesce.sys import kernel
+from quiesce.host import kernel
 
 MOUNTINFO = "/proc/self/mountinfo"
 _ESCAPE = re.compile(r"\\([0-7]{3})")
