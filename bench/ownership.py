@@ -5,7 +5,7 @@ else thawed its freeze, when that someone refreezes it G ms later?
 A throwaway ext4 loop filesystem is frozen by quiesce (with its guardian); a third party
 (this process, with its own fd) runs FITHAW, waits G ms, runs FIFREEZE. quiesce caught it
 if its guardian calls the volume ``lost`` (or the third party's FIFREEZE met quiesce's
-probe: EBUSY). Missed ones are the residual that docs/kernel.md describes. Also timed:
+probe: EBUSY). Missed ones are the residual that docs/kernel.md §11 describes. Also timed:
 `fsfreeze -f; -u; -f` from a shell. Both ways quiesce can tell are measured, interleaved:
 probes alone (the portable fallback) and probes with the kernel trace of every call.
 Run as root: ``python3 bench/ownership.py [--n 30]``.

@@ -295,14 +295,14 @@ def test_an_unreadable_manifest_is_reported_not_dropped(tmp_path):
     and `cleanup` show it (JSON and text) instead of acting as if it were not there."""
     import json
 
-    from quiesce.providers.base import Consistency
+    from quiesce.snapshot.consistency import Consistency
     from quiesce.snapshot.manifest import Manifest
 
     state = tmp_path / "state"
     (state / "snapshots").mkdir(parents=True, mode=0o700)
     state.chmod(0o700)
     good = Manifest("app-1", "app", "reflink", "2026-01-01T00:00:00Z", [], [], None,
-                    FreezeMode.NONE, Consistency.CRASH, "test", [])  # fmt: skip
+                    FreezeMode.NONE, Consistency.PER_VOLUME, "test", [])  # fmt: skip
     (state / "snapshots" / "app-1.json").write_text(good.to_json())
     (state / "snapshots" / "app-2.json").write_text('{"id": "app-2", "job"')
     for p in (state / "snapshots").iterdir():

@@ -299,7 +299,7 @@ class Freezer:
         trace: bool = True,
     ) -> None:
         """``trace``: the guardian watches everyone's FIFREEZE/FITHAW calls besides probing
-        its freezes (docs/kernel.md, "Who owns a freeze"). ``expedite``: expedited RCU grace
+        its freezes (docs/kernel.md §11). ``expedite``: expedited RCU grace
         periods while the group freezes (machine-wide,
         restored at once; see guardian/expedite.py). ``concurrent``: freeze volumes with
         no order between them at once (False: one after another, in plan order)."""

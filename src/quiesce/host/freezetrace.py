@@ -2,7 +2,7 @@
 
 The kernel records no owner for a freeze, but it can tell us about every freeze and thaw
 *call*: the ``syscalls:sys_enter_ioctl`` tracepoint, filtered in the kernel to the two
-commands, in a tracefs instance of quiesce's own (docs/kernel.md, "Who owns a freeze").
+commands, in a tracefs instance of quiesce's own (docs/kernel.md §11).
 Each event carries the caller's thread id, the fd and a CLOCK_MONOTONIC timestamp
 (``trace_clock = mono``, comparable with ``time.monotonic_ns()``). Which filesystem the
 fd is on is read from ``/proc/TID/fdinfo/FD`` (``mnt_id``) and that task's mountinfo

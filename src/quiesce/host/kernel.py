@@ -197,7 +197,7 @@ def freeze_errno(fd: int) -> int:
 
 
 def checked_thaw_errno(fd: int) -> tuple[int, int]:
-    """FITHAW only a freeze the kernel still holds (docs/kernel.md, "Who owns a freeze").
+    """FITHAW only a freeze the kernel still holds (docs/kernel.md §11).
 
     A FIFREEZE probe first: EBUSY means still frozen, then FITHAW. A probe that froze
     means someone else had thawed the freeze: the probe's own freeze is undone at once.

@@ -25,11 +25,11 @@ from quiesce.freezing.freezer import Freezer, Window
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, resolve_group
 from quiesce.host import kernel
 from quiesce.host.mounts import MountTable
-from quiesce.providers.base import Consistency, FreezeMode, Provider, Snapshot
+from quiesce.providers.base import FreezeMode, Provider, Snapshot
 from quiesce.providers.options import ProviderOptions
 from quiesce.providers.registry import get_provider
 from quiesce.snapshot.cleanup import UNDO
-from quiesce.snapshot.consistency import consistency, prove_on_group
+from quiesce.snapshot.consistency import Consistency, consistency, prove_on_group
 from quiesce.snapshot.manifest import Manifest, WindowRecord
 from quiesce.snapshot.quiescers import (
     Quiescer,

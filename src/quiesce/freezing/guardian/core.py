@@ -8,7 +8,7 @@ and freezer.py's in-process executor) performs the ioctls this class asks for an
 their results back; a hypothesis state machine (tests/test_guardian_core.py) drives it
 over every interleaving against a model of the kernel.
 
-Ownership (docs/kernel.md, "Who owns a freeze"):
+Ownership (docs/kernel.md §11):
 
 * FIFREEZE answering ``EBUSY`` is a freeze that is not ours: ``foreign``, never thawed.
 * While a volume is ``frozen`` the shell probes it every ``probe_interval``: a FIFREEZE
@@ -19,7 +19,7 @@ Ownership (docs/kernel.md, "Who owns a freeze"):
   ``lost``: quiesce never issues FITHAW for it again, and says so.
 
 The residual: a thaw *and* a refreeze by someone else between two probes looks like our
-own freeze still standing. Measured bounds are in docs/kernel.md.
+own freeze still standing. Measured bounds are in docs/kernel.md §11.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ class GuardianCore:
         between that thaw and our probe: that freeze is theirs, not ours (lost). A call the
         trace could not attribute does not count here (on a busy machine most are another
         filesystem's, and a false "lost" would leave our own freeze standing); it only
-        made the probe come at once. docs/kernel.md gives the residual this leaves."""
+        made the probe come at once. docs/kernel.md §11 gives the residual this leaves."""
         acts: list[Action] = []
         for j, v in enumerate(self.vols):
             if v.state != VolState.FROZEN or v.suspect_ns is None or v.clear_at_ns is None:

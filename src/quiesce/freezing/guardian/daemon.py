@@ -940,7 +940,7 @@ class _Guardian:
         except (OSError, AttributeError):
             pidfd = None
         # Before anything is frozen: everyone else's freeze and thaw calls, as the kernel
-        # sees them (docs/kernel.md, "Who owns a freeze"); None where the kernel has none.
+        # sees them (docs/kernel.md §11); None where the kernel has none.
         own = {threading.get_native_id()} | {t.native_id or 0 for t in self.crew.threads}
         with contextlib.suppress(Exception):
             freezetrace.sweep_stale(set())
