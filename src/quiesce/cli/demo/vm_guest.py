@@ -67,12 +67,9 @@ def write_job(rw: Path, deadline: float, lease: float) -> None:
     script = HOOK_DIR / "10-stock-script"
     script.write_text(f'#!/bin/sh\necho "$1" >> {rw}/hookdir.log\n')
     script.chmod(0o755)
-    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    HOOK.write_text(
-        "#!/bin/sh\n"
-        f"export PYTHONPATH={src} PYTHONDONTWRITEBYTECODE=1\n"
-        f'exec {sys.executable} -B -s -m quiesce.integrations.qga "$@" --job {JOB}\n'
-    )
+    from quiesce.integrations.qga.install import hook_script
+
+    HOOK.write_text(hook_script(JOB))
     HOOK.chmod(0o755)
 
 

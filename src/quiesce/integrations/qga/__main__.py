@@ -1,8 +1,14 @@
-"""``python3 -B -m quiesce.integrations.qga freeze|thaw``: the hook without the CLI's
-start-up (typer and rich are never imported: the agent waits for this process)."""
+"""``python3 -B -m quiesce.integrations.qga freeze|thaw [--job PATH]``: the hook without
+the CLI's start-up. ``thaw`` imports the standard library only (it may run under
+``python -S``): the agent waits for it, and its start-up counts in the window."""
 
 import sys
 
-from quiesce.integrations.qga.hook import main
+if sys.argv[1:2] == ["thaw"]:
+    from quiesce.integrations.qga.thaw import main as thaw_main
 
-sys.exit(main())
+    sys.exit(thaw_main(sys.argv[2:]))
+else:
+    from quiesce.integrations.qga.hook import main
+
+    sys.exit(main())

@@ -29,13 +29,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, ValidationError
 
 from quiesce.errors import UsageError
+from quiesce.integrations.qga.paths import RUN_DIR
 from quiesce.job.schema import JobConfig, JobConfigError, Problem
 from quiesce.job.validate import _problem_from, job_from_config
 from quiesce.sys.trust import TrustError, open_checked, read_all
 
 DEFAULT_JOB = Path("/etc/quiesce/qga.toml")
 STOCK_HOOK_DIR = Path("/etc/qemu/fsfreeze-hook.d")
-RUN_DIR = Path("/run/quiesce/qga")  # tmpfs: writable while the guest's disks are frozen
 _JOB_KEYS = ("name", "on_hook_failure", "timeouts", "hooks", "writers")
 
 

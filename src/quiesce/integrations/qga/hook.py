@@ -8,9 +8,7 @@ the host ``fsfreeze hook has failed with status N``; the message is in the kerne
 in ``/run/quiesce/qga/last.json``, which the host reads through the agent). The watchdog
 runs on after the hook exits: qemu-ga waits for the hook process only.
 
-``thaw`` tells the watchdog over its root-only socket; when the watchdog is gone (it thawed
-the guest itself) it prints the watchdog's record. It always exits 0 once the filesystems
-are thawed: a failing thaw hook makes the agent answer the host's thaw with an error.
+``thaw`` is thaw.py (standard library only, so it starts fast while the agent waits).
 """
 
 from __future__ import annotations
@@ -18,13 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
-from pathlib import Path
 
 from quiesce.errors import ExitCode, QuiesceError
-from quiesce.integrations.qga.config import RUN_DIR, load_guest_job
-from quiesce.integrations.qga.watchdog import RECORD, SOCKET, Watchdog, kmsg
+from quiesce.integrations.qga.config import load_guest_job
+from quiesce.integrations.qga.watchdog import Watchdog, kmsg
 
 USAGE = "usage: quiesce-qga-hook freeze|thaw [--job PATH]"
 
@@ -79,35 +75,6 @@ def freeze(job_path: str | None) -> int:
     return code if code > 0 else ExitCode.HOOK
 
 
-def thaw(job_path: str | None) -> int:
-    """Tell the watchdog the agent thawed; or report what the watchdog did alone."""
-    try:
-        run_dir = Path(load_guest_job(job_path).guest.run_dir)
-    except QuiesceError:
-        run_dir = RUN_DIR
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(60)
-    try:
-        s.connect(str(run_dir / SOCKET))
-    except OSError:
-        s.close()
-        try:
-            rec = json.loads((run_dir / RECORD).read_bytes())
-        except (OSError, ValueError):
-            kmsg("thaw hook: no watchdog was armed (the freeze hook did not run?)")
-            return 0
-        if rec.get("event") == "watchdog":
-            print(f"quiesce: the guest had already thawed itself: {rec.get('reason')}")
-        return 0
-    with s:
-        s.sendall(b"thaw\n")
-        try:
-            print(s.makefile("rb").readline().decode().strip())
-        except OSError as e:
-            kmsg(f"thaw hook: no answer from the watchdog: {e}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     job = None
@@ -121,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["freeze"]:
         return freeze(job)
     if args == ["thaw"]:
+        from quiesce.integrations.qga.thaw import thaw
+
         return thaw(job)
     print(USAGE, file=sys.stderr)
     return ExitCode.USAGE
 
 
-__all__ = ["freeze", "main", "thaw"]
+__all__ = ["freeze", "main"]

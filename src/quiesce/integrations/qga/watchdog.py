@@ -45,13 +45,13 @@ from typing import Any
 from quiesce.apps.hooks.context import HookContext
 from quiesce.errors import ExitCode, QuiesceError
 from quiesce.integrations.qga.config import GuestJob
+from quiesce.integrations.qga.paths import PIDFILE, RECORD, SOCKET
 from quiesce.job.build import build_quiescers, build_writers
 from quiesce.sys import kernel
 from quiesce.sys.files import write_atomic
 from quiesce.sys.mounts import read_mountinfo
 from quiesce.sys.trust import make_private_dirs
 
-SOCKET, PIDFILE, RECORD = "watchdog.sock", "watchdog.pid", "last.json"
 TICK = 0.1  # how often the lease (agent stopped?) is looked at
 
 
