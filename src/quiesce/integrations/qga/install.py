@@ -41,11 +41,12 @@ def hook_script(job: Path, python: str = sys.executable, src: str | None = None)
 
     src = src or str(Path(quiesce.__file__).resolve().parents[1])
     mod = "-m quiesce.integrations.qga"
+    py, job_arg = shlex.quote(python), shlex.quote(str(job))
     return (
         "#!/bin/sh\n# qemu-guest-agent fsfreeze hook: quiesce (quiesce install-qga-hook)\n"
         f"export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH={shlex.quote(src)}\n"
-        f'if [ "$1" = thaw ]; then exec {shlex.quote(python)} -B -S {mod} "$@" --job {shlex.quote(str(job))}; fi\n'
-        f'exec {shlex.quote(python)} -B -s {mod} "$@" --job {shlex.quote(str(job))}\n'
+        f'if [ "$1" = thaw ]; then exec {py} -B -S {mod} "$@" --job {job_arg}; fi\n'
+        f'exec {py} -B -s {mod} "$@" --job {job_arg}\n'
     )
 
 
