@@ -28,6 +28,7 @@ MNT = Path("/tmp/qd")
 JOB = Path("/run/quiesce-guest.toml")
 HOOK = Path("/run/quiesce-fsfreeze-hook")
 HOOK_DIR = Path("/run/fsfreeze-hook.d")
+QGA = os.environ.get("QUIESCE_QGA_BIN", "/usr/sbin/qemu-ga")
 
 
 def sh(*argv: str) -> None:
@@ -118,8 +119,9 @@ def main() -> int:
         (MNT / d).mkdir(parents=True, exist_ok=True)
         sh("mount", "-t", "ext4", disk_by_serial(f"q{d}"), str(MNT / d))
     write_job(rw, deadline, lease)
+    Path("/run/qga-state").mkdir(mode=0o700, exist_ok=True)
     agent = subprocess.Popen(
-        ["/usr/sbin/qemu-ga", "-m", "virtio-serial", "-p", agent_port(), "-t", "/run/qga-state",
+        [QGA, "-m", "virtio-serial", "-p", agent_port(), "-t", "/run/qga-state",
          "--fsfreeze-hook", str(HOOK)],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from quiesce.errors import UsageError
 from quiesce.providers.options import QemuGuest, QemuOptions
 from quiesce.sys import kernel
 
+QGA_BIN = os.environ.get("QUIESCE_QGA_BIN", "/usr/sbin/qemu-ga")  # Debian's qemu-guest-agent
 VM_DIR = Path(os.environ.get("QUIESCE_VM_DIR", "/opt/quiesce-vm"))
 SETUP = (
     "run `bash scripts/vm-setup.sh` as root (qemu, Debian's kernel, virtme-ng, qemu-guest-agent)"
@@ -59,7 +60,7 @@ def missing() -> str | None:
     for tool in ("qemu-system-x86_64", "mkfs.xfs", "mkfs.ext4", "losetup"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             return f"{tool} is not installed; {SETUP}"
-    if not Path("/usr/sbin/qemu-ga").exists():
+    if not Path(QGA_BIN).exists():
         return f"qemu-guest-agent is not installed; {SETUP}"
     if kernel_image() is None:
         return f"Debian's 6.1 kernel is not installed; {SETUP}"
@@ -250,15 +251,17 @@ def _start(g: Guest, deadline: float, lease: float, memory: str) -> None:
         "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
     ]  # fmt: skip
     for d, disk in zip("ab", g.disks, strict=True):
-        qemu += ["-drive", f"file={disk},format=raw,if=virtio,serial=q{d},cache=writeback"]
+        qemu += ["-drive", f"file={disk},format=raw,if=none,id=d{d},cache=writeback"]
+        qemu += ["-device", f"virtio-blk-pci,drive=d{d},serial=q{d}"]
     guest_cmd = (
         f"env PYTHONPATH={shlex.quote(src)} PYTHONDONTWRITEBYTECODE=1 "
+        f"QUIESCE_QGA_BIN={shlex.quote(QGA_BIN)} "
         f"{shlex.quote(_guest_python())} -B -s -m quiesce.cli.demo.vm_guest "
         f"{shlex.quote(str(g.rw))} {deadline} {lease}"
     )
     argv = [
         str(vng), "--force-9p", *([] if _kvm_works() else ["--disable-kvm"]),
-        "--memory", memory, "--rwdir", str(g.rw), "--qemu-opts", shlex.join(qemu),
+        "--memory", memory, "--rwdir", str(g.rw), f"--qemu-opts={shlex.join(qemu)}",
         "--cwd", "/", "--run", str(image), "--exec", guest_cmd,
     ]  # fmt: skip
     env = dict(os.environ)
