@@ -81,7 +81,7 @@ def test_snapshot_holds_every_acknowledged_record_and_the_control_is_caught(
         assert ok, why
         extra = snaps[0].extra
         assert extra["thawed_by"] == "agent" and extra["frozen"] is True
-        assert 0 < extra["guest_window_s"] and 0 < extra["host_window_s"]
+        assert extra["guest_window_s"] > 0 and extra["host_window_s"] > 0
         print(
             f"RESULT host_window_s={extra['host_window_s']:.3f} "
             f"guest_window_s={extra['guest_window_s']:.3f} {why}"

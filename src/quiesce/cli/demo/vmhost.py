@@ -175,17 +175,32 @@ class Guest:
 
     def close(self) -> None:
         """Stop qemu (by pid), unmount and detach what was made, delete the directory."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.command("cont-agent", timeout=5)
+        if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)  # vng and its qemu: one session
             self.proc.wait()
+            t0 = time.monotonic()  # qemu holds the images until it is gone
+            while _group_alive(self.proc.pid) and time.monotonic() - t0 < 30:
+                time.sleep(0.05)
         if self.mounted:
-            subprocess.run(["umount", str(self.xfs)], check=False, capture_output=True)
+            for _ in range(100):
+                if subprocess.run(["umount", str(self.xfs)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
         if self.loop:
             subprocess.run(["losetup", "-d", self.loop], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still there."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(stat, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                return True
+    return False
 
 
 def check_cut(cut: list[list[int]], acked_before: int) -> tuple[bool, str]:

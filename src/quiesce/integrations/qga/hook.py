@@ -47,6 +47,12 @@ def freeze(job_path: str | None) -> int:
     if pid == 0:  # the watchdog: its own session, outlives this hook
         os.close(r)
         os.setsid()
+        # Let go of the hook's stdio: whoever reads the hook's output (an agent that logs
+        # it, a test) must see EOF when the hook exits, not when the watchdog does.
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(null, std)
+        os.close(null)
         code = ExitCode.FAILURE
         try:
             dog = Watchdog(gj, agent_pid, w)
