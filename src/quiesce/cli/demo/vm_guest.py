@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from quiesce.sys import proc
 
 MNT = Path("/tmp/qd")
 JOB = Path("/run/quiesce-guest.toml")
@@ -31,8 +32,10 @@ HOOK_DIR = Path("/run/fsfreeze-hook.d")
 QGA = os.environ.get("QUIESCE_QGA_BIN", "/usr/sbin/qemu-ga")
 
 
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+def sh(*argv: str, check: bool = True) -> None:
+    done = proc.run_bounded(argv, timeout=120, merge_stderr=True)
+    if check and done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)}: {done.stdout.decode()}")
 
 
 def disk_by_serial(serial: str) -> str:
@@ -114,16 +117,16 @@ def main() -> int:
     deadline = float(sys.argv[2]) if len(sys.argv) > 2 else 10.0
     lease = float(sys.argv[3]) if len(sys.argv) > 3 else 2.0
     for mod in ("virtio_blk", "virtio_console", "ext4"):
-        subprocess.run(["modprobe", mod], check=False)
+        sh("modprobe", mod, check=False)
     for d in "ab":
         (MNT / d).mkdir(parents=True, exist_ok=True)
         sh("mount", "-t", "ext4", disk_by_serial(f"q{d}"), str(MNT / d))
     write_job(rw, deadline, lease)
     Path("/run/qga-state").mkdir(mode=0o700, exist_ok=True)
-    agent = subprocess.Popen(
+    agent = proc.spawn(
         [QGA, "-m", "virtio-serial", "-p", agent_port(), "-t", "/run/qga-state",
-         "--fsfreeze-hook", str(HOOK)],
-        stdin=subprocess.DEVNULL,
+         f"--fsfreeze-hook={HOOK}"],
+        stdout=None, stderr=None,
     )  # fmt: skip
     (rw / "agent.pid").write_text(f"{agent.pid}\n")
     stop = threading.Event()
@@ -141,8 +144,7 @@ def main() -> int:
                 os.kill(agent.pid, signal.SIGCONT)
             elif name == "quit":
                 stop.set()
-                agent.kill()
-                agent.wait()
+                proc.kill_group(agent)
                 (rw / "done-quit").write_text("")
                 return 0
             (rw / f"done-{name}").write_text("")

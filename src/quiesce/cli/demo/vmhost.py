@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from quiesce.errors import UsageError
 from quiesce.providers.options import QemuGuest, QemuOptions
-from quiesce.sys import kernel
+from quiesce.sys import kernel, proc
 
 QGA_BIN = os.environ.get("QUIESCE_QGA_BIN", "/usr/sbin/qemu-ga")  # Debian's qemu-guest-agent
 VM_DIR = Path(os.environ.get("QUIESCE_VM_DIR", "/opt/quiesce-vm"))
@@ -72,8 +71,11 @@ def _kvm_works() -> bool:
     return os.environ.get("QUIESCE_VM_KVM") == "1" and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-def _run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+def _run(*argv: str, check: bool = True, timeout: float = 120) -> str:
+    done = proc.run_bounded(argv, timeout=timeout, merge_stderr=True)
+    if check and (done.returncode != 0 or done.timed_out):
+        raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}: {done.stdout.decode()}")
+    return done.stdout.decode().strip()
 
 
 @dataclass
@@ -160,12 +162,11 @@ class Guest:
         for img in images:
             mnt = Path(tempfile.mkdtemp(prefix="check-", dir=self.root))
             try:
-                argv = ["mount", "-t", "ext4", "-o", "loop", str(img), str(mnt)]
-                subprocess.run(argv, check=True, capture_output=True)
+                _run("mount", "-t", "ext4", "-o", "loop", str(img), str(mnt))
                 try:
                     text = (mnt / "records").read_text()
                 finally:
-                    subprocess.run(["umount", "-d", str(mnt)], check=True, capture_output=True)
+                    _run("umount", "-d", str(mnt))
             finally:
                 mnt.rmdir()
             out.append([int(x) for x in text.split()])
@@ -176,19 +177,18 @@ class Guest:
     def close(self) -> None:
         """Stop qemu (by pid), unmount and detach what was made, delete the directory."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # vng and its qemu: one session
+            proc.kill_group(self.proc)  # vng and its qemu: one process group
             self.proc.wait()
             t0 = time.monotonic()  # qemu holds the images until it is gone
             while _group_alive(self.proc.pid) and time.monotonic() - t0 < 30:
                 time.sleep(0.05)
         if self.mounted:
             for _ in range(100):
-                if subprocess.run(["umount", str(self.xfs)], capture_output=True).returncode == 0:
+                if proc.run_bounded(["umount", str(self.xfs)], timeout=60).returncode == 0:
                     break
                 time.sleep(0.1)
         if self.loop:
-            subprocess.run(["losetup", "-d", self.loop], check=False, capture_output=True)
+            _run("losetup", "-d", self.loop, check=False)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -282,10 +282,7 @@ def _start(g: Guest, deadline: float, lease: float, memory: str) -> None:
     env = dict(os.environ)
     env["PATH"] = f"{vng.parent}:{env.get('PATH', '/usr/bin:/bin')}"
     g.boot_s = time.monotonic()
-    g.proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=env, cwd="/", start_new_session=True,
-    )  # fmt: skip
+    g.proc = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
     def pump() -> None:
         assert g.proc is not None and g.proc.stdout is not None
@@ -299,11 +296,8 @@ def _guest_python() -> str:
     """Debian's python3 starts in ~3 s under emulation; a pyenv one takes ~15 s over 9p."""
     system = "/usr/bin/python3"
     if os.path.exists(system):
-        p = subprocess.run(
-            [system, "-c", "import sys, pydantic; print(sys.version_info >= (3, 11))"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if p.stdout.strip() == "True":
+        code = "import sys, pydantic; print(sys.version_info >= (3, 11))"
+        if _run(system, "-c", code, check=False) == "True":
             return system
     return os.path.realpath(sys.executable)
 
