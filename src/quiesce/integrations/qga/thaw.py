@@ -42,7 +42,19 @@ def run_dir_of(job_path: str | None) -> Path:
     return RUN_DIR
 
 
+def started() -> float:
+    """When this process started, on CLOCK_BOOTTIME (/proc/self/stat: ticks since boot)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rfind(b")") + 2 :].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def thaw(job_path: str | None) -> int:
+    start = started()
     run_dir = run_dir_of(job_path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(60)
@@ -59,7 +71,7 @@ def thaw(job_path: str | None) -> int:
             print(f"quiesce: the guest had already thawed itself: {rec.get('reason')}")
         return 0
     with s:
-        s.sendall(b"thaw\n")
+        s.sendall(f"thaw {start:.3f}\n".encode())
         try:
             print(s.makefile("rb").readline().decode().strip())
         except OSError as e:

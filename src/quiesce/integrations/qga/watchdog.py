@@ -53,6 +53,12 @@ from quiesce.sys.mounts import read_mountinfo
 from quiesce.sys.trust import make_private_dirs
 
 TICK = 0.1  # how often the lease (agent stopped?) is looked at
+HOOK_EXIT_WAIT = 300.0  # the hook exits right after "ready"; then the agent freezes
+
+
+def boottime() -> float:
+    """CLOCK_BOOTTIME: the clock of /proc/<pid>/stat start times (the thaw hook's)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass
@@ -159,6 +165,10 @@ class Watchdog:
         self.held: list[Any] = []
         self.cands: list[Candidate] = []
         self.listener: socket.socket | None = None
+        try:  # our parent is the hook: the agent freezes once it has exited
+            self.hook_pidfd = os.pidfd_open(os.getppid())
+        except OSError:
+            self.hook_pidfd = -1
 
     # -- before the agent's freeze ---------------------------------------------------------
 
@@ -232,14 +242,20 @@ class Watchdog:
             pidfd = os.pidfd_open(self.agent_pid)
         except OSError:
             pidfd = -1
-        frozen_at, t0 = time.time(), time.monotonic()
+        self._answer({"ok": True, "pid": os.getpid(), "deadline_s": self.gj.guest.deadline})
+        # The window (and the deadline) starts when the hook has exited: the agent runs
+        # its FIFREEZE loop right after (on a slow guest the hook's exit alone can take
+        # seconds, and a deadline counted from "ready" could pass before the freeze).
+        if self.hook_pidfd >= 0:
+            select.select([self.hook_pidfd], [], [], HOOK_EXIT_WAIT)
+            os.close(self.hook_pidfd)
+        frozen_at, t0 = time.time(), boottime()
         deadline = t0 + self.gj.guest.deadline
         lease = self.gj.guest.lease
         stopped_since: float | None = None
-        self._answer({"ok": True, "pid": os.getpid(), "deadline_s": self.gj.guest.deadline})
         reason = ""
         while True:
-            now = time.monotonic()
+            now = boottime()
             if now >= deadline:
                 reason = f"deadline of {self.gj.guest.deadline:g}s passed without a thaw"
                 break
@@ -253,8 +269,8 @@ class Watchdog:
                 if self._thaw_request(conn, frozen_at, t0):
                     return 0
             if lease > 0 and _agent_stopped(self.agent_pid):
-                stopped_since = stopped_since or time.monotonic()
-                if time.monotonic() - stopped_since >= lease:
+                stopped_since = stopped_since or boottime()
+                if boottime() - stopped_since >= lease:
                     reason = f"the guest agent (pid {self.agent_pid}) was stopped for {lease:g}s"
                     break
             else:
@@ -270,9 +286,16 @@ class Watchdog:
                 word = conn.recv(64).strip()
             except OSError:
                 return False
-            if uid != 0 or word != b"thaw":
+            if uid != 0 or not word.startswith(b"thaw"):
                 return False
-            window = time.monotonic() - t0
+            # The thaw hook's start (its /proc start time, sent with the request) is the
+            # agent's FITHAW's end, to the clock tick: its interpreter's start-up is not
+            # part of the window.
+            window = boottime() - t0
+            with contextlib.suppress(ValueError, IndexError):
+                started = float(word.split()[1])
+                if t0 < started < t0 + window:
+                    window = started - t0
             self._release(True)
             rec = Record(
                 event="thaw", thawed_by="agent", guest_window_s=round(window, 6),
@@ -294,7 +317,7 @@ class Watchdog:
             c.after = "thawed" if code == 0 else ("not-frozen" if code == errno.EINVAL else "error")
             if code == 0:
                 thawed.append(c.mount_point)
-        window = time.monotonic() - t0
+        window = boottime() - t0
         kmsg(
             f"{reason}: quiesce thawed {', '.join(thawed) or 'nothing (already thawed)'} "
             f"after {window:.1f}s; the host's snapshot of this freeze is not consistent"
