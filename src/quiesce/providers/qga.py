@@ -101,24 +101,42 @@ class GuestAgent:
             raise AgentError(f"guest agent of {self.name}: the channel closed")
         self._buf += chunk
 
+    def _next_object(self) -> dict[str, Any] | None:
+        """Take one JSON object off the front of the buffer (None: not all there yet).
+        Offsets are found on a latin-1 view (one char per byte, so a 0xFF delimiter after
+        the object survives), the object itself is decoded as UTF-8."""
+        raw = self._buf.lstrip(b"\xff \r\n\t")
+        self._buf = raw
+        if not raw:
+            return None
+        if not raw.startswith(b"{"):
+            raise ValueError("not a JSON object")
+        try:
+            _, end = json.JSONDecoder().raw_decode(raw.decode("latin-1"))
+        except json.JSONDecodeError:
+            if b"\xff" in raw:
+                raise ValueError("a broken object before a delimiter") from None
+            return None
+        obj = json.loads(raw[:end].decode("utf-8", errors="replace"))
+        self._buf = raw[end:]
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        return obj
+
     def _read_object(self, deadline: float, what: str) -> dict[str, Any]:
         """The next JSON object on the channel (objects are not newline-delimited)."""
-        dec = json.JSONDecoder()
         while True:
-            text = self._buf.lstrip(b"\xff \r\n\t").decode(errors="replace")
-            if text:
-                try:
-                    obj, end = dec.raw_decode(text)
-                except json.JSONDecodeError:
-                    pass
-                else:
-                    self._buf = text[end:].encode()
-                    if isinstance(obj, dict):
-                        return obj
+            try:
+                obj = self._next_object()
+            except ValueError as e:
+                raise AgentError(f"guest agent of {self.name}: unreadable answer: {e}") from None
+            if obj is not None:
+                return obj
             self._recv_more(deadline, what)
 
     def sync(self) -> None:
-        """guest-sync-delimited: drop whatever a former client left on the channel."""
+        """guest-sync-delimited: drop whatever a former client left on the channel (stale
+        answers, half an answer); our answer follows a 0xFF byte and carries our id."""
         ident = random.randrange(1, 2**31)
         deadline = time.monotonic() + self.timeout
         self._buf = b""
@@ -130,9 +148,18 @@ class GuestAgent:
                 self._recv_more(deadline, "guest-sync-delimited")
                 continue
             self._buf = self._buf[pos + 1 :]
-            obj = self._read_object(deadline, "guest-sync-delimited")
-            if obj.get("return") == ident:
-                return
+            while True:  # the objects after this delimiter, up to the next one
+                try:
+                    obj = self._next_object()
+                except ValueError:
+                    break  # garbage: look for the next delimiter
+                if obj is None:
+                    if b"\xff" in self._buf:
+                        break
+                    self._recv_more(deadline, "guest-sync-delimited")
+                    continue
+                if obj.get("return") == ident:
+                    return
 
     def call(self, command: str, timeout: float | None = None, **arguments: Any) -> Any:
         """Run one command; its ``return`` value, or AgentError with the agent's message."""
