@@ -10,6 +10,7 @@ thawed, with its agent running. Missing tooling skips with a reason naming vm-se
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -105,10 +106,10 @@ def test_snapshot_holds_every_acknowledged_record_and_the_control_is_caught(
 
 
 _CONTROLLER = """
-import sys, time
+import json, sys, time
 from quiesce.providers.options import QemuOptions
 from quiesce.providers.qemu import GuestGroup
-grp = GuestGroup(QemuOptions.model_validate_json(sys.argv[1]))
+grp = GuestGroup(QemuOptions.parse(json.loads(sys.argv[1])))
 grp.connect()
 grp.freeze()
 print("frozen", flush=True)
@@ -123,7 +124,7 @@ def test_host_killed_inside_the_window_guest_writable_by_its_deadline(
     thaws it by its deadline (writes resume), says so in the kernel log, and a later
     thaw from the host finds nothing frozen."""
     g = settled
-    opts = g.options(agent_timeout=AGENT_TIMEOUT).model_dump_json()
+    opts = json.dumps(g.options(agent_timeout=AGENT_TIMEOUT).model_dump(mode="json"))
     env = dict(os.environ, PYTHONPATH=str(Path(vmhost.__file__).resolve().parents[3]))
     ctl = subprocess.Popen(
         [sys.executable, "-c", _CONTROLLER, opts], stdout=subprocess.PIPE, env=env, text=True
@@ -148,8 +149,6 @@ def test_host_killed_inside_the_window_guest_writable_by_its_deadline(
 
 
 def json_record(a: GuestAgent) -> dict[str, object]:
-    import json
-
     data = a.read_file("/run/quiesce/qga/last.json")
     assert data is not None
     return dict(json.loads(data))
