@@ -263,7 +263,9 @@ class QemuProvider(Provider):
                 "frozen": bool(self.config.freeze),
                 "host_window_s": group.host_window_s,
                 "guest_window_s": st.record.get("guest_window_s"),
-                "thawed_by": st.record.get("thawed_by") or ("host" if self.config.freeze else ""),
+                # the host's thaw found every filesystem still frozen: the agent thawed
+                "thawed_by": "agent" if self.config.freeze else "",
+                "guest_event": st.record.get("event", ""),
                 "guest_quiescers": [q.get("name") for q in st.record.get("quiescers", [])],
             }
         return snaps

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from quiesce.errors import QuiesceError
 
-DEADLINE, LEASE = 10.0, 2.0
+DEADLINE, LEASE = 60.0, 2.0  # above the thaw hook's start-up under emulation
 
 
 def run_vm_demo(console: Console | None) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def run_vm_demo(console: Console | None) -> dict[str, Any]:
         try:
             grp.freeze()
             before, t_freeze = g.acks(), time.monotonic()
-            g.wait_for(lambda: g.acks() > before, DEADLINE + 120, "the guest's own thaw")
+            g.wait_for(lambda: g.acks() > before, DEADLINE + 600, "the guest's own thaw")
             writable_after = time.monotonic() - t_freeze
             grp.thaw()  # the agent still believes it froze; resets it
         finally:
