@@ -268,3 +268,28 @@ def test_the_guest_job_examples_in_docs_vm_md_load():
     for text in examples:
         assert problems(text) == []
     assert problems(examples[0].replace("deadline = 60", "dedline = 60"))
+
+
+@pytest.mark.timeout(120)
+def test_a_late_thaw_hook_still_records_the_agents_thaw(tmp_path, loopfs):
+    """The agent thawed in time but its thaw hook starts after the deadline (a slow
+    interpreter): the watchdog thaws nothing, releases the applications, and the late
+    hook still records the agent's thaw with the window."""
+    fs = loopfs("ext4")
+    marker = tmp_path / "released"
+    extra = f'[[hooks.post_thaw]]\nname = "release"\ncommand = ["/bin/touch", "{marker}"]\n'
+    job = _job(tmp_path, fs, deadline=2, extra=extra)
+    try:
+        assert _hook(job, "freeze").returncode == 0
+        _agent_freeze(fs.path)
+        fs.thaw_externally()  # the agent's FITHAW; its thaw hook comes late
+        rec = _wait_record(tmp_path, "watchdog")
+        assert rec["thawed_by"] == "" and "nothing was frozen" in str(rec["reason"])
+        assert marker.exists()  # released at the deadline
+        out = _hook(job, "thaw")
+        assert out.returncode == 0
+        late = json.loads(out.stdout)
+        assert late["event"] == "thaw" and late["thawed_by"] == "agent"
+        assert late["guest_window_s"] > 0
+    finally:
+        thaw_quietly(fs.path)

@@ -318,9 +318,11 @@ class Watchdog:
             if code == 0:
                 thawed.append(c.mount_point)
         window = boottime() - t0
+        if not thawed:
+            return self._late(reason, frozen_at, t0)
         kmsg(
-            f"{reason}: quiesce thawed {', '.join(thawed) or 'nothing (already thawed)'} "
-            f"after {window:.1f}s; the host's snapshot of this freeze is not consistent"
+            f"{reason}: quiesce thawed {', '.join(thawed)} after {window:.1f}s; "
+            "the host's snapshot of this freeze is not consistent"
         )
         self._release(False)
         self._record(
@@ -329,6 +331,28 @@ class Watchdog:
                 guest_window_s=round(window, 6), frozen_at=frozen_at, thawed_at=time.time(),
             )
         )  # fmt: skip
+        self._cleanup()
+        return ExitCode.EXPIRED
+
+    def _late(self, reason: str, frozen_at: float, t0: float) -> int:
+        """Nothing was frozen at the deadline: the agent already thawed and its thaw hook
+        is late (a slow interpreter start), or it never froze. Release the applications
+        now (the promise), then wait one more deadline for the thaw hook to record the
+        window; without it, the record says nobody needed to thaw."""
+        assert self.listener is not None
+        kmsg(f"{reason}, but nothing was frozen any more: applications released")
+        self._release(False)
+        self._record(
+            Record(event="watchdog", thawed_by="", reason=reason + "; nothing was frozen",
+                   frozen_at=frozen_at, thawed_at=time.time())
+        )  # fmt: skip
+        end = boottime() + self.gj.guest.deadline
+        while (left := end - boottime()) > 0:
+            ready, _, _ = select.select([self.listener], [], [], left)
+            if ready:
+                conn, _ = self.listener.accept()
+                if self._thaw_request(conn, frozen_at, t0):
+                    return 0
         self._cleanup()
         return ExitCode.EXPIRED
 
