@@ -281,8 +281,11 @@ def test_a_late_thaw_hook_still_records_the_agents_thaw(tmp_path, loopfs):
     job = _job(tmp_path, fs, deadline=2, extra=extra)
     try:
         assert _hook(job, "freeze").returncode == 0
-        _agent_freeze(fs.path)
-        fs.thaw_externally()  # the agent's FITHAW; its thaw hook comes late
+        fd = os.open(fs.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the agent's FIFREEZE and FITHAW, back to back; its thaw hook comes late
+            assert kernel.freeze_errno(fd) == 0 and kernel.thaw_errno(fd) == 0
+        finally:
+            os.close(fd)
         rec = _wait_record(tmp_path, "watchdog")
         assert rec["thawed_by"] == "" and "nothing was frozen" in str(rec["reason"])
         assert marker.exists()  # released at the deadline
