@@ -95,6 +95,7 @@ def writer(rw: Path, stop: threading.Event) -> None:
         os.write(fd, b"%d\n" % n)
         os.fsync(fd)
         os.write(acks, b"%d\n" % n)
+        os.fsync(acks)  # through 9p to the host now: the host waits on these
         time.sleep(0.02)
 
 
