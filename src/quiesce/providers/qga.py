@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import socket
 import time
@@ -201,12 +200,4 @@ class GuestAgent:
             self.call("guest-file-close", handle=handle)
 
 
-def agent_available(path: str) -> bool:
-    """Whether ``path`` is a socket we could connect to (not whether the agent answers)."""
-    try:
-        return os.path.exists(path) and not os.path.isdir(path)
-    except OSError:
-        return False
-
-
-__all__ = ["AgentError", "AgentTimeout", "GuestAgent", "agent_available"]
+__all__ = ["AgentError", "AgentTimeout", "GuestAgent"]
