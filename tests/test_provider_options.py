@@ -167,7 +167,7 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
             ),
             min_size=1,
             max_size=2,
-        ),  # fmt: skip
+        ),
         "dest": _path,
         "agent_timeout": _pos,
         "timeout": _pos,
