@@ -17,7 +17,7 @@ from rich.console import Console
 
 from quiesce.errors import QuiesceError
 
-DEADLINE, LEASE = 60.0, 2.0  # above the thaw hook's start-up under emulation
+DEADLINE, LEASE = 30.0, 2.0  # a late thaw hook (slow start-up) is still recorded
 
 
 def run_vm_demo(console: Console | None) -> dict[str, Any]:
