@@ -40,7 +40,10 @@ TYPOS = {
     "ebs": ("regoin", "region", "eu-west-1"),
     "command": ("creat", "create", "/bin/true"),
 }
-REQUIRED = {"command": {"create": ["/bin/true"]}}
+REQUIRED = {
+    "command": {"create": ["/bin/true"]},
+    "qemu": {"guests": [{"name": "vm", "agent": "/run/qga.sock", "images": ["/vm/a.raw"]}]},
+}
 
 # -- Python ------------------------------------------------------------------------------------
 
@@ -160,6 +163,20 @@ VALID: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "wait_attempts": st.integers(1, 10_000),
     },
     "command": {"create": _argv, "delete": _argv, "list": _argv, "timeout": _pos},
+    "qemu": {
+        "guests": st.lists(
+            st.fixed_dictionaries(
+                {"name": _word, "agent": _path, "images": st.lists(_path, min_size=1, max_size=2)},
+                optional={"mountpoints": st.lists(_path, max_size=2)},
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+        "dest": _path,
+        "agent_timeout": _pos,
+        "timeout": _pos,
+        "freeze": st.booleans(),
+    },
 }
 
 

@@ -420,6 +420,14 @@ def demo_cmd(
         ),
     ] = False,
     hosts: Annotated[int, typer.Option("--hosts", help="With --fleet: how many hosts")] = 3,
+    vm: Annotated[
+        bool,
+        typer.Option(
+            "--vm",
+            help="Snapshot a running guest through its agent (quiesce is its fsfreeze hook), "
+            "then leave a freeze unthawed: the guest thaws itself.",
+        ),
+    ] = False,
     directory: Annotated[
         Path | None,
         typer.Option(
@@ -431,7 +439,15 @@ def demo_cmd(
     """The whole job on a throwaway filesystem: an SQLite writer, freeze, reflink snapshot,
     thaw, restic backup, verify, retention, restore and check. Removes all it made."""
     try:
-        if fleet:
+        if vm:
+            from quiesce.cli.demo.vm import run_vm_demo
+
+            result = run_vm_demo(console(markup=True) if not as_json else None)
+            if as_json:
+                emit_json(result)
+            if not result["consistent"]:
+                raise typer.Exit(1)
+        elif fleet:
             from quiesce.cli.demo.fleet import run_fleet_demo
 
             result = run_fleet_demo(console(markup=True) if not as_json else None, as_json, hosts)
@@ -449,6 +465,41 @@ def demo_cmd(
             run_full_demo(styled if not as_json else None, as_json, directory)
     except QuiesceError as e:
         raise fail(e, as_json) from None
+
+
+@app.command("install-qga-hook")
+def install_qga_hook_cmd(
+    job: Annotated[
+        str, typer.Option("--job", help="The guest job (written with defaults if missing)")
+    ] = "/etc/quiesce/qga.toml",
+    root: Annotated[str, typer.Option("--root", help="Install under this root")] = "/",
+    systemd: Annotated[
+        bool, typer.Option(help="Write the qemu-guest-agent.service drop-in")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make quiesce qemu-guest-agent's fsfreeze hook on this guest (docs/vm.md).
+
+    The stock hook's scripts (/etc/qemu/fsfreeze-hook.d) keep running, in order, each
+    with a deadline; a watchdog thaws the agent's freeze if the thaw never comes. Then:
+    systemctl daemon-reload && systemctl restart qemu-guest-agent."""
+    from pathlib import Path
+
+    from quiesce.integrations.qga.install import install
+
+    try:
+        done = install(root, job=Path(job), systemd=systemd)
+    except OSError as e:
+        raise fail(QuiesceError(f"cannot install the hook: {e}"), as_json) from None
+    if as_json:
+        emit_json({"written": [str(p) for p in done.written], "kept": [str(p) for p in done.kept]})
+        return
+    for path in done.written:
+        out.print(f"wrote {path}")
+    for path in done.kept:
+        out.print(f"kept {path}")
+    if systemd:
+        out.print("now: systemctl daemon-reload && systemctl restart qemu-guest-agent")
 
 
 @app.command("version")

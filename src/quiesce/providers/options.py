@@ -210,9 +210,46 @@ class CommandOptions(ProviderOptions):
     timeout: PositiveFloat = Field(10.0, description="seconds the create command may take")
 
 
+class QemuGuest(BaseModel):
+    """One running guest of the ``qemu`` provider: its agent's socket and its disk images."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="the guest's name in snapshot ids and reports")
+    agent: FsPath = Field(
+        description="host end of the guest's org.qemu.guest_agent.0 channel (unix socket)"
+    )
+    images: Annotated[list[FsPath], Field(min_length=1)] = Field(
+        description="the guest's raw disk image files, on a reflink filesystem of this host"
+    )
+    mountpoints: list[str] = Field(
+        [], description="guest mount points to freeze (guest-fsfreeze-freeze-list); [] = all"
+    )
+
+
+class QemuOptions(ProviderOptions):
+    """``qemu``: freeze running guests through their agent, reflink-clone their images."""
+
+    provider: ClassVar[str] = "qemu"
+    guests: Annotated[list[QemuGuest], Field(min_length=1)] = Field(
+        description="the guests frozen together (one consistency group)",
+        examples=[[{"name": "db", "agent": "/run/qga-db.sock", "images": ["/vm/db.raw"]}]],
+    )
+    dest: FsPath | None = Field(None, description="clone directory (default: beside the image)")
+    agent_timeout: PositiveFloat = Field(
+        60.0, description="seconds an agent may take to answer (its freeze runs the guest's hooks)"
+    )
+    timeout: PositiveFloat = Field(
+        30.0, description="host deadline: seconds from the last guest frozen to the thaw"
+    )
+    freeze: bool = Field(True, description="false: clone without freezing (crash-consistent)")
+
+
 OPTIONS: dict[str, type[ProviderOptions]] = {
     m.provider: m
-    for m in (ReflinkOptions, BtrfsOptions, CommandOptions, LvmOptions, ZfsOptions, EbsOptions)
+    for m in (
+        *(ReflinkOptions, BtrfsOptions, CommandOptions, LvmOptions, ZfsOptions, EbsOptions),
+        QemuOptions,
+    )
 }
 
 # -- errors -----------------------------------------------------------------------------------
@@ -305,6 +342,8 @@ __all__ = [
     "LvmOptions",
     "ProviderOptions",
     "ProviderOptionsError",
+    "QemuGuest",
+    "QemuOptions",
     "ReflinkOptions",
     "ZfsOptions",
     "options_error",

@@ -16,6 +16,7 @@ _BUILTIN = {
     "lvm": "quiesce.providers.lvm:LvmProvider",
     "zfs": "quiesce.providers.zfs:ZfsProvider",
     "ebs": "quiesce.providers.ebs:EbsProvider",
+    "qemu": "quiesce.providers.qemu:QemuProvider",
 }
 PROVIDERS: tuple[str, ...] = tuple(sorted(_BUILTIN))  # the names a job's [provider] type takes
 

@@ -1,0 +1,285 @@
+"""``qemu``: snapshot running guests from the host, frozen by their own guest agent.
+
+For each guest of the group: ``guest-fsfreeze-freeze`` through its agent (which runs the
+guest's fsfreeze hook: quiesce's, integrations/qga, quiesces the guest's applications and
+arms the guest's own watchdog), then a reflink clone (FICLONE) of every disk image of every
+guest, then ``guest-fsfreeze-thaw``. Two independent deadlines guard the window:
+
+- the host's (``timeout``): past it the host thaws and fails the run; every agent call
+  has ``agent_timeout``, so a hung or stopped agent fails the run cleanly;
+- the guest's (``[guest] deadline`` of the guest job): if the host dies or never sends
+  the thaw, the guest's watchdog thaws itself.
+
+A snapshot is consistent only if every guest's thaw thawed as many filesystems as its
+freeze froze: a smaller count means something thawed them before the host's thaw (the
+guest's watchdog, an operator), maybe before the clone. The guest's own record (its
+measured window, who thawed) is read back through the agent after the thaw.
+
+The host's filesystem holding the images is not frozen (``FreezeMode.NONE``): the
+guest's filesystems are. With libvirt, ``virsh domfsfreeze``/``domfsthaw`` send the same
+commands (docs/vm.md); this provider talks to the agent's socket itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.freezing.plan import GroupMember
+from quiesce.host import kernel
+from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.options import QemuGuest, QemuOptions
+from quiesce.providers.qga import AgentError, GuestAgent
+
+GUEST_RECORD = "/run/quiesce/qga/last.json"  # the guest watchdog's record (integrations/qga)
+
+
+class GuestRefused(QuiesceError):
+    """A guest's fsfreeze hook failed: the guest did not freeze, nothing was made."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = "see the guest's kernel log (journalctl -k | grep quiesce-qga) and its job"
+
+
+class GuestWindowBroken(QuiesceError):
+    """A guest was thawed before the host's thaw: its clone may not be consistent."""
+
+    exit_code = ExitCode.EXPIRED
+    default_hint = (
+        "the guest's watchdog deadline ([guest] deadline) must exceed the host's timeout; "
+        "see the guest's kernel log"
+    )
+
+
+@dataclass
+class GuestState:
+    """One guest's side of one freeze."""
+
+    guest: QemuGuest
+    agent: GuestAgent
+    frozen: int | None = None  # filesystems the agent froze
+    thawed: int | None = None  # filesystems the agent's thaw found frozen
+    record: dict[str, Any] = field(default_factory=dict)  # the guest watchdog's record
+    error: str = ""
+
+
+def guest_record(agent: GuestAgent) -> dict[str, Any]:
+    """The guest watchdog's last record, read through the agent ({} if there is none)."""
+    with contextlib.suppress(AgentError, ValueError):
+        data = agent.read_file(GUEST_RECORD)
+        if data:
+            return dict(json.loads(data))
+    return {}
+
+
+class GuestGroup:
+    """Freeze, clone and thaw a group of guests, step by step (the provider runs all three;
+    tests and the demo stop between them to play a host that dies or never thaws)."""
+
+    def __init__(self, options: QemuOptions) -> None:
+        self.options = options
+        self.guests = [
+            GuestState(g, GuestAgent(str(g.agent), timeout=options.agent_timeout, name=g.name))
+            for g in options.guests
+        ]
+        self.t_frozen: float | None = None
+        self.t_thawed: float | None = None
+
+    def connect(self) -> None:
+        for g in self.guests:
+            g.agent.connect()
+
+    def close(self) -> None:
+        for g in self.guests:
+            g.agent.close()
+
+    def freeze(self) -> None:
+        """Freeze every guest; on any failure thaw those frozen and raise."""
+        for g in self.guests:
+            try:
+                g.frozen = g.agent.freeze(list(g.guest.mountpoints) or None)
+            except AgentError as e:
+                g.error = e.message
+                self.thaw(quiet=True)
+                rec = guest_record(g.agent) if "hook" in e.message else {}
+                if rec.get("event") == "failed":
+                    why = rec.get("error", "")
+                    named = "; ".join(rec.get("not_ok", []))
+                    raise GuestRefused(
+                        f"guest {g.guest.name} refused the freeze: {why}"
+                        + (f" ({named})" if named else "")
+                        + "; no guest was left frozen, nothing was snapshotted"
+                    ) from None
+                raise AgentError(
+                    f"guest {g.guest.name}: freeze failed: {e.message}; the other guests "
+                    "were thawed, nothing was snapshotted"
+                ) from None
+        self.t_frozen = time.monotonic()
+
+    def thaw(self, *, quiet: bool = False) -> None:
+        """Thaw every guest the group froze (each agent call bounded)."""
+        errors = []
+        for g in self.guests:
+            if g.frozen is None or g.thawed is not None:
+                continue
+            try:
+                g.thawed = g.agent.thaw()
+            except AgentError as e:
+                errors.append(e.message)
+        self.t_thawed = time.monotonic()
+        for g in self.guests:
+            if g.frozen is not None and g.thawed is not None:
+                g.record = guest_record(g.agent)
+        if errors and not quiet:
+            raise AgentError(
+                "; ".join(errors) + "; the guest's own watchdog thaws it at its deadline"
+            )
+
+    @property
+    def host_window_s(self) -> float | None:
+        if self.t_frozen is None or self.t_thawed is None:
+            return None
+        return self.t_thawed - self.t_frozen
+
+    def broken(self) -> list[str]:
+        """Guests whose freeze ended before the host's thaw."""
+        return [
+            f"{g.guest.name} (froze {g.frozen}, the host's thaw found {g.thawed} frozen)"
+            for g in self.guests
+            if g.frozen is not None and (g.thawed or 0) < g.frozen
+        ]
+
+
+@dataclass
+class _Clone:
+    guest: str
+    image: str
+    dest: str
+    created: bool = False
+
+
+class QemuProvider(Provider):
+    name: ClassVar[str] = "qemu"
+    Options = QemuOptions
+    config: QemuOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clones: list[_Clone] = []
+        self._name = "qemu"
+        self.group: GuestGroup | None = None
+
+    def freeze_mode(self, members: Sequence[GroupMember]) -> FreezeMode:
+        return FreezeMode.NONE  # the guests freeze; the host's filesystem must not
+
+    def check(self, members: Sequence[GroupMember]) -> None:
+        for g in self.config.guests:
+            if not Path(g.agent).exists():
+                raise UsageError(
+                    f"guest {g.name}: no agent socket at {g.agent}",
+                    "give the host end of the guest's org.qemu.guest_agent.0 channel",
+                )
+            for img in g.images:
+                if not Path(img).is_file():
+                    raise UsageError(f"guest {g.name}: no image file {img}", "fix guests.images")
+
+    def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        self._clones, self._name = [], name
+        for g in self.config.guests:
+            for img in g.images:
+                d = str(self.config.dest) if self.config.dest else os.path.dirname(img)
+                dest = os.path.join(d, f"{name}--{volume_slug(g.name)}--{Path(img).name}")
+                self._clones.append(_Clone(g.name, str(img), dest))
+        self.group = GuestGroup(self.config)
+
+    def _clone_all(self) -> list[Snapshot]:
+        out = []
+        for c in self._clones:
+            if self.journal is not None:
+                self.journal.intent("file", path=c.dest)
+            src = os.open(c.image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                dst = os.open(c.dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                c.created = True
+                try:
+                    kernel.ficlone(dst, src)
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            st = os.stat(c.image)
+            out.append(
+                Snapshot(
+                    id=f"{self._name}/{volume_slug(c.guest)}-{Path(c.image).name}",
+                    provider=self.name,
+                    volume=c.image,
+                    dev=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+                    fstype="image",
+                    created=time.time(),
+                    location=c.dest,
+                    extra={"guest": c.guest, "image": c.image},
+                )
+            )
+        return out
+
+    def snapshot(self, members: Sequence[GroupMember]) -> list[Snapshot]:
+        assert self.group is not None, "prepare() first"
+        group = self.group
+        snaps: list[Snapshot] = []
+        try:
+            group.connect()
+            if self.config.freeze:
+                group.freeze()
+            snaps = self._clone_all()
+            if self.config.freeze and group.t_frozen is not None:
+                took = time.monotonic() - group.t_frozen
+                if took > self.config.timeout:
+                    raise GuestWindowBroken(
+                        f"the clones took {took:.1f}s, past the host's deadline "
+                        f"({self.config.timeout:g}s)"
+                    )
+        finally:
+            try:
+                group.thaw()
+            finally:
+                group.close()
+        broken = group.broken()
+        if broken:
+            raise GuestWindowBroken(
+                "the freeze ended before the host's thaw, the clones are not consistent: "
+                + ", ".join(broken)
+            )
+        for s in snaps:
+            st = next(g for g in group.guests if g.guest.name == s.extra["guest"])
+            s.extra |= {
+                "frozen": bool(self.config.freeze),
+                "host_window_s": group.host_window_s,
+                "guest_window_s": st.record.get("guest_window_s"),
+                # the host's thaw found every filesystem still frozen: the agent thawed
+                "thawed_by": "agent" if self.config.freeze else "",
+                "guest_event": st.record.get("event", ""),
+                "guest_quiescers": [q.get("name") for q in st.record.get("quiescers", [])],
+            }
+        return snaps
+
+    def abort(self) -> None:
+        for c in self._clones:
+            if c.created:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(c.dest)
+        self._clones = []
+
+    def delete(self, snap: Snapshot) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(snap.location)
+
+
+__all__ = ["GuestGroup", "GuestRefused", "GuestWindowBroken", "QemuProvider", "guest_record"]
