@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from quiesce.errors import (
+    AgentError,
+    AgentTimeout,
     AlreadyFrozen,
     BackupError,
     ControllerGone,
@@ -31,6 +33,8 @@ from quiesce.errors import (
     FreezeExpired,
     FreezePending,
     GuardianError,
+    GuestRefused,
+    GuestWindowBroken,
     HookFailed,
     Interrupted,
     JobBusy,
@@ -91,6 +95,8 @@ __getattr__ = lazy_exports(
 )
 
 __all__ = [
+    "AgentError",
+    "AgentTimeout",
     "AlreadyFrozen",
     "BackupError",
     "Consistency",
@@ -103,6 +109,8 @@ __all__ = [
     "FreezePending",
     "Freezer",
     "GuardianError",
+    "GuestRefused",
+    "GuestWindowBroken",
     "HookFailed",
     "Interrupted",
     "JobBusy",

@@ -9,7 +9,7 @@ its message is a typed attribute (``UnsafePlan.hazards``, ``WriterError.code``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 # What errors carry from higher layers, as protocols: errors is the lowest layer and
@@ -88,12 +88,6 @@ class QuiesceError(Exception):
         self.window = window
         self.outcomes: dict[str, str] | None = None
 
-    @property
-    def details(self) -> MutableMapping[str, Any]:
-        """Deprecated: the typed attributes as a mapping, for code written before them
-        (freezing/freezer.py until its rewrite). Use the attributes."""
-        return _Details(self)
-
     def add_context(self, note: str) -> None:
         """Append what happened around the error (``"; rolled back: /srv/a"``) to its
         one-line message, keeping its type, hint and exit code."""
@@ -107,39 +101,6 @@ class QuiesceError(Exception):
             "hint": self.hint,
             "exit_code": self.exit_code,
         }
-
-
-class _Details(MutableMapping[str, Any]):
-    """An error's typed attributes seen as a mapping (``QuiesceError.details``): a key is
-    present when its attribute is set (not None); setting a key sets the attribute."""
-
-    _KEYS = ("window", "outcomes", "option", "manifest", "hazards", "fstype", "code", "result",
-             "stdout", "stderr", "culprit")  # fmt: skip
-
-    def __init__(self, error: QuiesceError) -> None:
-        self._error = error
-
-    def _present(self) -> list[str]:
-        return [k for k in self._KEYS if getattr(self._error, k, None) is not None]
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._present():
-            raise KeyError(key)
-        return getattr(self._error, key)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if key not in self._KEYS:
-            raise KeyError(f"{type(self._error).__name__} has no attribute {key!r}")
-        setattr(self._error, key, value)
-
-    def __delitem__(self, key: str) -> None:
-        setattr(self._error, key, None)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._present())
-
-    def __len__(self) -> int:
-        return len(self._present())
 
 
 class UsageError(QuiesceError):
@@ -241,6 +202,36 @@ class DrillFailed(QuiesceError):
         "an application did not recover (or failed its check) on a copy of the snapshot: "
         "the snapshot is not counted as good and nothing was pruned; see the drill's "
         "details (--json), and `quiesce verify --app SNAPSHOT` to try it again"
+    )
+
+
+class AgentError(QuiesceError):
+    """The guest agent answered with an error, or did not answer in time."""
+
+    default_hint = (
+        "check that qemu-guest-agent runs in the guest (systemctl status qemu-guest-agent) "
+        "and that the socket is the guest's org.qemu.guest_agent.0 channel"
+    )
+
+
+class AgentTimeout(AgentError):
+    """No answer before the deadline: the agent is hung, stopped or not running."""
+
+
+class GuestRefused(QuiesceError):
+    """A guest's fsfreeze hook failed: the guest did not freeze, nothing was made."""
+
+    exit_code = ExitCode.HOOK
+    default_hint = "see the guest's kernel log (journalctl -k | grep quiesce-qga) and its job"
+
+
+class GuestWindowBroken(QuiesceError):
+    """A guest was thawed before the host's thaw: its clone may not be consistent."""
+
+    exit_code = ExitCode.EXPIRED
+    default_hint = (
+        "the guest's watchdog deadline ([guest] deadline) must exceed the host's timeout; "
+        "see the guest's kernel log"
     )
 
 

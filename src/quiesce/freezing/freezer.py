@@ -44,7 +44,7 @@ from quiesce.freezing.guardian.expedite import Expedite
 from quiesce.freezing.plan import GroupMember, Plan, make_plan, waves
 from quiesce.host import kernel
 from quiesce.host.mounts import MountTable
-from quiesce.host.proc import signals_deferred
+from quiesce.host.signals import signals_deferred
 
 FAULT_ENV = "QUIESCE_FAULT"
 """Fault injection for tests: ``QUIESCE_FAULT=<phase>`` makes the controller SIGSTOP
@@ -481,7 +481,7 @@ class Freezer:
         try:
             yield
         except QuiesceError as e:
-            if "outcomes" not in e.details:  # not already rolled back by _fail
+            if e.outcomes is None:  # not already rolled back by _fail
                 self._emergency_unwind()
             raise
         except BaseException:
@@ -577,8 +577,8 @@ class Freezer:
             r.error = cause.message
         if rolled:
             cause.add_context("rolled back: " + ", ".join(rolled))
-        cause.details["window"] = self.window
-        cause.details["outcomes"] = {v.mount_point: v.state for v in self.results}
+        cause.window = self.window
+        cause.outcomes = {v.mount_point: v.state for v in self.results}
         raise cause
 
     def _thaw_wave(self, ks: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -698,6 +698,20 @@ class Freezer:
         sys.dont_write_bytecode = self._saved_bytecode
         return self.window
 
+    def __enter__(self) -> Window:
+        """``with Freezer(plan) as window:`` freezes; leaving the block thaws."""
+        return self.freeze()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.thaw()  # ThawFailed, FreezeExpired, FreezeBroken propagate
+            return
+        try:
+            self.thaw(raise_errors=False)
+        finally:
+            if any(r.state == "thaw-failed" for r in self.window.volumes):
+                exc.add_note("quiesce: some volumes could not be thawed; see quiesce status")
+
     def _finish(self) -> None:
         if self._exec is not None:
             self._exec.close()
@@ -727,8 +741,9 @@ def freeze(
     """
     if isinstance(paths, str | os.PathLike):
         paths = [os.fspath(paths)]
-    with make_plan([os.fspath(p) for p in paths], allow_self=allow_self) as plan:
-        freezer = Freezer(
+    with (
+        make_plan([os.fspath(p) for p in paths], allow_self=allow_self) as plan,
+        Freezer(
             plan,
             timeout=timeout,
             lease=lease,
@@ -737,15 +752,6 @@ def freeze(
             expedite=expedite,
             concurrent=concurrent,
             trace=trace,
-        )
-        window = freezer.freeze()
-        try:
-            yield window
-        except BaseException as exc:
-            try:
-                freezer.thaw(raise_errors=False)
-            finally:
-                if any(r.state == "thaw-failed" for r in window.volumes):
-                    exc.add_note("quiesce: some volumes could not be thawed; see quiesce status")
-            raise
-        freezer.thaw()
+        ) as window,
+    ):
+        yield window

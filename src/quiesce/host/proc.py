@@ -52,10 +52,6 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from quiesce.errors import QuiesceError, ToolTimedOut, UsageError
-
-# Moved to their own modules (host/pids.py, host/signals.py); kept here for the guardian's
-# modules until they import from there.
-from quiesce.host.pids import pid_alive, start_time, stat_fields  # noqa: F401
 from quiesce.host.signals import signals_deferred
 from quiesce.util.redact import is_secret_name, known_secrets
 

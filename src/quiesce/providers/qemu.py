@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import ExitCode, QuiesceError, UsageError
+from quiesce.errors import GuestRefused, GuestWindowBroken, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.host import kernel
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
@@ -39,23 +39,6 @@ from quiesce.providers.options import QemuGuest, QemuOptions
 from quiesce.providers.qga import AgentError, GuestAgent
 
 GUEST_RECORD = "/run/quiesce/qga/last.json"  # the guest watchdog's record (integrations/qga)
-
-
-class GuestRefused(QuiesceError):
-    """A guest's fsfreeze hook failed: the guest did not freeze, nothing was made."""
-
-    exit_code = ExitCode.HOOK
-    default_hint = "see the guest's kernel log (journalctl -k | grep quiesce-qga) and its job"
-
-
-class GuestWindowBroken(QuiesceError):
-    """A guest was thawed before the host's thaw: its clone may not be consistent."""
-
-    exit_code = ExitCode.EXPIRED
-    default_hint = (
-        "the guest's watchdog deadline ([guest] deadline) must exceed the host's timeout; "
-        "see the guest's kernel log"
-    )
 
 
 @dataclass

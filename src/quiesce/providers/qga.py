@@ -21,22 +21,9 @@ import socket
 import time
 from typing import Any
 
-from quiesce.errors import QuiesceError
+from quiesce.errors import AgentError, AgentTimeout
 
 _SYNC = 0xFF
-
-
-class AgentError(QuiesceError):
-    """The guest agent answered with an error, or did not answer in time."""
-
-    default_hint = (
-        "check that qemu-guest-agent runs in the guest (systemctl status qemu-guest-agent) "
-        "and that the socket is the guest's org.qemu.guest_agent.0 channel"
-    )
-
-
-class AgentTimeout(AgentError):
-    """No answer before the deadline: the agent is hung, stopped or not running."""
 
 
 class GuestAgent:

@@ -31,7 +31,6 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_path,
 )
-from quiesce.host import proc
 
 VolumeState = Literal[
     "idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost"
@@ -105,7 +104,7 @@ def list_guardians() -> list[int]:
         pids = []
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
-            if pid is None or not proc.pid_alive(pid):
+            if pid is None or not pids.pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
@@ -125,7 +124,7 @@ def gone_guardians() -> list[int]:
         pids = []
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
-            if pid is None or proc.pid_alive(pid):
+            if pid is None or pids.pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):

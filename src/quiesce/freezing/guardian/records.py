@@ -32,7 +32,7 @@ from quiesce.freezing.guardian.second import (
     settled_name,
     write_private,
 )
-from quiesce.host import kernel, proc
+from quiesce.host import kernel, pids
 from quiesce.host.mounts import MountTable
 
 _NAME = re.compile(rf"{RECORD_PREFIX}([1-9][0-9]{{0,9}}){re.escape(RECORD_SUFFIX)}")
@@ -110,7 +110,7 @@ def _spared(dir_fd: int, gpid: int) -> set[str]:
 def _guardian(rec: dict[str, Any]) -> str:
     """Alive, dying (killed, a thread still inside an ioctl) or gone."""
     pid = rec["guardian_pid"]
-    fields = proc.stat_fields(pid)
+    fields = pids.stat_fields(pid)
     if fields is None or fields[0] == "X":
         return "gone"
     with contextlib.suppress(IndexError, ValueError):
@@ -140,7 +140,7 @@ def _sigkill_pending(pid: int) -> bool:
 
 
 def _watchdog_alive(rec: dict[str, Any]) -> bool:
-    start = proc.start_time(rec["watchdog_pid"])
+    start = pids.start_time(rec["watchdog_pid"])
     return start is not None and start == rec.get("watchdog_start", start)
 
 
@@ -278,7 +278,7 @@ def clean_stale(*, dry_run: bool = False) -> tuple[list[dict[str, Any]], list[st
     try:
         for name in os.listdir(dir_fd):
             m = _TMP.fullmatch(name)
-            if m and not dry_run and not proc.pid_alive(int(m.group(1))):
+            if m and not dry_run and not pids.pid_alive(int(m.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)  # its writer was killed mid-write
         recs, _ = scan(dir_fd)
