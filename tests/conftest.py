@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -70,18 +71,34 @@ def thaw_quietly(path: str) -> None:
             os.close(fd)
 
 
-def is_writable(path: str | Path, timeout: float = 2.0) -> bool:
-    """True if a file can be created and fsync'd under ``path`` within ``timeout``.
+PROBE_START_S = 120.0  # a Python start-up on a loaded machine: bounded, never the verdict
+
+
+def is_writable(path: str | Path, timeout: float = 30.0) -> bool:
+    """True if a file can be created and fsync'd under ``path`` within ``timeout`` s of the
+    probe being ready to write.
 
     Runs in a child process: a write to a frozen filesystem blocks in D state and cannot
-    be interrupted, so the test must not do it itself.
+    be interrupted, so the test must not do it itself. The child says "ready" first: its
+    start-up (seconds on a busy machine) is not counted, so a short ``timeout`` says
+    "frozen" only when the write itself did not complete, and the generous default only
+    costs time when the answer is False (pass a short one where False is expected).
     """
     code = (
         "import os,sys; p=os.path.join(sys.argv[1], '.probe-%d' % os.getpid()); "
+        "print('ready', flush=True); "
         "fd=os.open(p, os.O_CREAT|os.O_WRONLY); os.write(fd,b'x'); os.fsync(fd); "
         "os.close(fd); os.unlink(p)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)])
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", code, str(path)], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    ready = select.select([proc.stdout], [], [], PROBE_START_S)[0]
+    if not ready or proc.stdout.readline() != b"ready\n":
+        proc.kill()
+        raise AssertionError(f"the write probe did not start in {PROBE_START_S:g}s")
+    proc.stdout.close()
     try:
         return proc.wait(timeout=timeout) == 0
     except subprocess.TimeoutExpired:
