@@ -395,5 +395,6 @@ def _rcu_held_by_a_live_run() -> bool:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if RCU_LEAKS:
         terminalreporter.write_line(
-            "rcu_expedited was left changed (restored) after: " + ", ".join(RCU_LEAKS)
+            "rcu_expedited was at 1 with no live holder recorded (restored to 0) after: "
+            + ", ".join(RCU_LEAKS)
         )
