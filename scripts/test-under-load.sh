@@ -64,6 +64,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM HUP
+PYTEST_PID="" STOP=""
+stop_pytest() {  # Ctrl-C, SIGTERM, SIGHUP: pytest stops as on Ctrl-C (its teardown runs)
+  STOP=${STOP:-$1}
+  [ -n "$PYTEST_PID" ] && kill -INT "$PYTEST_PID" 2>/dev/null
+}
 
 cd "$REPO" || exit 1
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -94,8 +99,20 @@ stress-ng --cpu "$CPU" --quiet &
 STRESS_PID=$!
 log "load: stress-ng --cpu $CPU (pid $STRESS_PID); python3 -m pytest $*"
 T0=$SECONDS
-python3 -m pytest "$@"
+# In its own session (a Ctrl-C reaches it once, from stop_pytest) with SIGINT at its
+# default (a background job's is ignored): the script's traps run while pytest runs.
+trap 'stop_pytest 130' INT
+trap 'stop_pytest 143' TERM HUP
+setsid env --default-signal=INT python3 -m pytest "$@" &
+PYTEST_PID=$!
+while kill -0 "$PYTEST_PID" 2>/dev/null; do
+  wait "$PYTEST_PID"  # returns > 128 when a trap interrupted it: then wait again
+done
+wait "$PYTEST_PID"  # pytest's own exit code (bash keeps it for a reaped job)
 RC=$?
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
+[ -z "$STOP" ] || { log "stopped by a signal; pytest exited $RC"; exit "$STOP"; }
 log "pytest exited $RC after $((SECONDS - T0)) s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$BESIDE" = 1 ]; then
   read -r runs bad <"$WORK/beside.count" 2>/dev/null || runs=0 bad=0
