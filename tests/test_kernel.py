@@ -30,8 +30,10 @@ def wait_for_acks(w: Writer, above: int, timeout: float = 15.0) -> bool:
 @pytest.mark.parametrize("expedite", [True, False], ids=["expedited", "normal-rcu"])
 @pytest.mark.parametrize("fstype", FSTYPES)
 def test_writer_blocks_while_frozen_and_loses_nothing(
-    loopfs, writer_factory, fstype: str, expedite: bool
+    loopfs, writer_factory, rcu_knob: Path, fstype: str, expedite: bool
 ) -> None:
+    """The expedite knob is a stand-in of the test's own (conftest.rcu_knob): the real one
+    may be held by another run, or set by an admin ("already-on"), on a shared machine."""
     fs: LoopFS = loopfs(fstype)
     w: Writer = writer_factory(fs.path)
     assert wait_for_acks(w, 5), "writer did not start"

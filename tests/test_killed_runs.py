@@ -164,7 +164,7 @@ def test_thaw_of_two_bind_mounts_of_one_volume_thaws_once_and_succeeds(loopfs) -
     try:
         p = _quiesce("freeze", "--timeout", "60", str(b1), str(b2))
         assert p.returncode == 0, p.stderr
-        assert not is_writable(fs.path)
+        assert not is_writable(fs.path, timeout=0.5)
         p = _quiesce("thaw", "--json", str(b1), str(b2))
         assert p.returncode == 0, p.stdout + p.stderr
         results = json.loads(p.stdout)["results"]

@@ -102,8 +102,10 @@ class Group:
         attempts: int = 3,
         stagger_s: float = 0.0,
     ) -> None:
-        """``stagger_s`` (a negative control's knob) offsets host i's agreed instant by
-        i × stagger_s (mode hosts: freezes that do not overlap)."""
+        """``stagger_s`` > 0 (a negative control's knob; mode hosts) arms the hosts one at a
+        time, each only once the previous one has thawed, to freeze stagger_s + lead_s
+        later: frozen spans that cannot overlap, however slow the machine (a clock offset
+        of i × stagger_s overlapped under load)."""
         if mode not in ("hosts", "command"):
             raise QuiesceError(f"unknown mode {mode!r}", "use mode: hosts or mode: command")
         for m in members:
@@ -245,18 +247,36 @@ class Group:
     def window_hosts(self) -> None:
         if not self.ready():  # the instant is picked after: no host starts late
             return
+        if self.stagger_s > 0:
+            self._window_one_after_another()
+            return
         t = time.monotonic_ns() + int(self.lead_s * 1e9)
         hold = int(self.hold_s * 1e9)
         self.agreed_ns = t
-        for i, lk in enumerate(self.links):
+        for lk in self.links:
             assert lk.before is not None
-            at = t + int(i * self.stagger_s * 1e9)
-            lk.send({"op": "arm", "freeze_at": lk.before.to_host(at),
-                     "thaw_at": lk.before.to_host(at + hold)})  # fmt: skip
+            lk.send({"op": "arm", "freeze_at": lk.before.to_host(t),
+                     "thaw_at": lk.before.to_host(t + hold)})  # fmt: skip
         budget = self.lead_s + self.hold_s + self.deadline_s
         got = self.collect(self.links, {"thawed"}, budget)
         if self.failures:
             self.abort(exclude=set(got))
+
+    def _window_one_after_another(self) -> None:
+        """The negative control: host i is armed only after host i-1's "thawed" came
+        back, so its freeze begins after that thaw ended (by causality, not by a clock)."""
+        hold = int(self.hold_s * 1e9)
+        done: set[str] = set()
+        for lk in self.links:
+            assert lk.before is not None
+            at = time.monotonic_ns() + int((self.lead_s + self.stagger_s) * 1e9)
+            lk.send({"op": "arm", "freeze_at": lk.before.to_host(at),
+                     "thaw_at": lk.before.to_host(at + hold)})  # fmt: skip
+            budget = self.lead_s + self.stagger_s + self.hold_s + self.deadline_s
+            done |= set(self.collect([lk], {"thawed"}, budget))
+            if self.failures:
+                self.abort(exclude=done)
+                return
 
     def window_command(self) -> None:
         if not self.ready():  # then every host's freeze is only its ioctls
