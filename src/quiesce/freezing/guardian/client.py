@@ -31,6 +31,7 @@ from quiesce.freezing.guardian.protocol import (
     socket_address,
     socket_path,
 )
+from quiesce.host.pids import pid_alive
 
 VolumeState = Literal[
     "idle", "freezing", "frozen", "thawing", "thawed", "foreign", "failed", "lost"
@@ -104,7 +105,7 @@ def list_guardians() -> list[int]:
         pids = []
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
-            if pid is None or not pids.pid_alive(pid):
+            if pid is None or not pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
@@ -124,7 +125,7 @@ def gone_guardians() -> list[int]:
         pids = []
         for name in os.listdir(dir_fd):
             pid = pid_of(name)
-            if pid is None or pids.pid_alive(pid):
+            if pid is None or pid_alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):

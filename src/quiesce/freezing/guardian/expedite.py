@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quiesce.freezing.guardian.protocol import RUN_DIR, open_run_dir, run_dir_path
-from quiesce.host import pids
+from quiesce.host.pids import start_time
 
 SYSFS_DIR = "/sys/kernel"
 TEST_DIR_ENV = "QUIESCE_TEST_RCU_DIR"  # a directory standing for /sys/kernel; only under pytest
@@ -62,7 +62,7 @@ def _write(name: str, value: str) -> None:
 
 def _alive(holder: dict[str, Any]) -> bool:
     pid, start = holder.get("pid"), holder.get("start")
-    return isinstance(pid, int) and pid > 0 and pids.start_time(pid) == start
+    return isinstance(pid, int) and pid > 0 and start_time(pid) == start
 
 
 def _holders_file() -> str:
@@ -213,7 +213,7 @@ class Expedite:
                 return
             else:
                 original = current
-            me = {"pid": self.pid, "start": pids.start_time(self.pid)}
+            me = {"pid": self.pid, "start": start_time(self.pid)}
             save({"original": original, "holders": [*live, me]})  # recorded first
             self.original = original if original in ("0", "1") else "0"
             try:

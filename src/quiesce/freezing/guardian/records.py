@@ -32,8 +32,9 @@ from quiesce.freezing.guardian.second import (
     settled_name,
     write_private,
 )
-from quiesce.host import kernel, pids
+from quiesce.host import kernel
 from quiesce.host.mounts import MountTable
+from quiesce.host.pids import pid_alive, start_time, stat_fields
 
 _NAME = re.compile(rf"{RECORD_PREFIX}([1-9][0-9]{{0,9}}){re.escape(RECORD_SUFFIX)}")
 _DEV = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
@@ -110,7 +111,7 @@ def _spared(dir_fd: int, gpid: int) -> set[str]:
 def _guardian(rec: dict[str, Any]) -> str:
     """Alive, dying (killed, a thread still inside an ioctl) or gone."""
     pid = rec["guardian_pid"]
-    fields = pids.stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None or fields[0] == "X":
         return "gone"
     with contextlib.suppress(IndexError, ValueError):
@@ -140,7 +141,7 @@ def _sigkill_pending(pid: int) -> bool:
 
 
 def _watchdog_alive(rec: dict[str, Any]) -> bool:
-    start = pids.start_time(rec["watchdog_pid"])
+    start = start_time(rec["watchdog_pid"])
     return start is not None and start == rec.get("watchdog_start", start)
 
 
@@ -278,7 +279,7 @@ def clean_stale(*, dry_run: bool = False) -> tuple[list[dict[str, Any]], list[st
     try:
         for name in os.listdir(dir_fd):
             m = _TMP.fullmatch(name)
-            if m and not dry_run and not pids.pid_alive(int(m.group(1))):
+            if m and not dry_run and not pid_alive(int(m.group(1))):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)  # its writer was killed mid-write
         recs, _ = scan(dir_fd)
