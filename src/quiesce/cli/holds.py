@@ -14,7 +14,7 @@ import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from quiesce.cli.plain import emit_json, line, print_error, say, table
 from quiesce.errors import (
@@ -236,7 +236,9 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
                 "cannot tell what quiesce has frozen: only root can ask its guardians",
                 "run `quiesce status` as root",
             )
-        jobs = running(state)  # refused (exit 2) like cleanup: a dir others could write
+        jobs = running(
+            Path(state) if state is not None else None
+        )  # refused (exit 2) like cleanup: a dir others could write
         seen = guardian.survey()
         gone, refused = records.survey_gone()
         recorded = {g["pid"] for g in gone}
@@ -291,14 +293,15 @@ def status(as_json: bool = False, *, state: str | Path | None = None) -> int:
             ctl = f"{s['controller_pid']}" + ("" if s["controller_alive"] else " (gone)")
             if s["detached"]:
                 ctl += " (held)"
-            for v in s["volumes"]:
+            st = cast(GuardianStatus, s)  # checked by protocol.check_status
+            for v in st["volumes"]:
                 rows.append((
-                    v["mount_point"], state_text(s, v, now), str(s["pid"]), ctl,
+                    v["mount_point"], state_text(st, v, now), str(s["pid"]), ctl,
                     f"{v['frozen_for_s']:.1f}s" if v["frozen_for_s"] is not None else "-",
                     f"{s['deadline_remaining_s']:.1f}s" if s["deadline_remaining_s"] else "-",
                     f"{s['lease_remaining_s']:.1f}s" if s["lease_remaining_s"] else "-",
                 ))  # fmt: skip
-                details += detail_lines(s, v, now)
+                details += detail_lines(st, v, now)
         line(table(STATUS_COLUMNS, rows))
         for d in details:
             line(d)

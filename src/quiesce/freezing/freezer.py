@@ -161,7 +161,12 @@ class _InProcess:
         t1 = time.monotonic_ns()
         with self.lock:
             self.core.thaw_returned(idx, probe, code, t1)
-        res = {"ok": v.state == VolState.THAWED, "errno": code, "start": t0, "end": t1}
+        res: dict[str, Any] = {
+            "ok": v.state == VolState.THAWED,
+            "errno": code,
+            "start": t0,
+            "end": t1,
+        }
         if v.state == VolState.LOST:
             res["lost"] = v.lost_why
         return res
@@ -392,6 +397,7 @@ class Freezer:
             for w, wave in enumerate(self.waves):
                 first, last = w == 0, w == n - 1
                 how = _EXPEDITE_STEP.get((first, last), "") if self.expedite else ""
+                assert self._exec is not None  # armed above
                 reply = self._exec.freeze_wave(wave, how)
                 self._note_expedite(reply)
                 failures = []
@@ -519,7 +525,7 @@ class Freezer:
             note = f"the guardian was lost ({e.message}): {m.name} thawed with quiesce's own FITHAW"
             if note not in self.window.warnings:
                 self.window.warnings.append(note)
-            res = {"ok": probe == errno.EBUSY and code == 0, "errno": code}
+            res: dict[str, Any] = {"ok": probe == errno.EBUSY and code == 0, "errno": code}
             if self.window.guardian_pid is not None:  # its watchdog must leave it alone now
                 with contextlib.suppress(Exception):
                     records.mark_thawed(self.window.guardian_pid, [m.volume.dev])

@@ -319,12 +319,12 @@ def make_plan(
                 )
             )
     plan.hazards.extend(_self_hazards(table, set(members)))
-    for dev, holder in backing_of.items():
-        if holder in members and dev not in members:
+    for dev, holder_dev in backing_of.items():
+        if holder_dev in members and dev not in members:
             inner = table.volumes[dev]
             plan.warnings.append(
                 f"{inner.mount_point} ({inner.fstype}) is a loop image stored on "
-                f"{members[holder].name} but is not in the group: its copy in the snapshot is "
+                f"{members[holder_dev].name} but is not in the group: its copy in the snapshot is "
                 "only crash-consistent; add it to the group"
             )
     return plan

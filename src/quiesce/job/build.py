@@ -207,7 +207,11 @@ def hook_files(job: Job) -> dict[str, list[tuple[str, str]]]:
     they lie on the group."""
     h = job.config.hooks
     out: dict[str, list[tuple[str, str]]] = {}
-    for kind, hooks in (("pre_freeze", h.pre_freeze), ("session", h.session)):
+    named: list[tuple[str, Sequence[CommandHookConfig | SessionHookConfig]]] = [
+        ("pre_freeze", h.pre_freeze),
+        ("session", h.session),
+    ]
+    for kind, hooks in named:
         for i, x in enumerate(hooks):
             if x.depends_on:
                 out[f"hook {hook_name(x, kind, i)!r}"] = [(p, "depends_on") for p in x.depends_on]

@@ -73,9 +73,9 @@ def bin_dir(data: Path) -> Path | None:
     """The server binaries of the data directory's major version (Debian's layout, then
     pg_config's)."""
     major = (data / "PG_VERSION").read_text().strip()
-    for d in (f"/usr/lib/postgresql/{major}/bin", f"/usr/pgsql-{major}/bin"):
-        if os.path.exists(os.path.join(d, "postgres")):
-            return Path(d)
+    for cand in (f"/usr/lib/postgresql/{major}/bin", f"/usr/pgsql-{major}/bin"):
+        if os.path.exists(os.path.join(cand, "postgres")):
+            return Path(cand)
     p = proc.run_tool("pg_config", "--bindir") if os.path.exists("/usr/bin/pg_config") else None
     if p is not None and p.returncode == 0:
         d = Path(p.stdout.strip())

@@ -960,7 +960,7 @@ class _Guardian:
                 elif tag == "listen":
                     self._accept()
                 elif tag == "client" and key.fileobj in self.clients:
-                    self._on_client(key.fileobj)  # type: ignore[arg-type]
+                    self._on_client(key.fileobj)
                 elif tag == "trace":
                     self._read_trace()
                 elif tag == "wake":

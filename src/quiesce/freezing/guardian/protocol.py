@@ -265,7 +265,7 @@ def parse_request(data: bytes, ops: dict[str, frozenset[str]]) -> Request:
         vol, devs = None, ()
         if "vol" in ops[op]:
             vol = msg.get("vol")
-            if not _is_int(vol) or not 0 <= vol < 4096:
+            if not isinstance(vol, int) or isinstance(vol, bool) or not 0 <= vol < 4096:
                 raise ProtocolError("vol must be a volume index")
         if "devs" in ops[op]:
             raw = msg.get("devs")

@@ -100,7 +100,7 @@ def guest_job_from_raw(raw: dict[str, Any], shown: str, path: Path | None = None
         try:
             job = job_from_config(config, check_volumes=False)
         except JobConfigError as e:
-            problems += e.problems
+            problems += e.problems  # type: ignore[arg-type]  # Problems, by construction
     if problems or job is None:
         raise JobConfigError(shown, problems)
     job.name = raw.get("name") or "qga"
