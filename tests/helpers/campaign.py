@@ -201,6 +201,15 @@ class Campaign:
         self.violations.append(Violation(self.n, kind, invariant, detail))
         self.log(f"step {self.n} {kind}: VIOLATION {invariant}: {detail}")
 
+    def _check_exit(self, kind: str, p: subprocess.Popen[bytes]) -> int:
+        """Wait for a quiesce process; an internal error (exit 1: a traceback, a bug) is a
+        violation whatever the fault: every failure quiesce expects has its own code."""
+        rc = p.wait(timeout=60)
+        if rc == 1:
+            tail = (p.stderr.read() if p.stderr else b"").decode(errors="replace").strip()
+            self._violate(kind, "internal-error", tail.splitlines()[-1] if tail else "exit 1")
+        return rc
+
     def _subset(self, k: int | None = None) -> list[str]:
         k = k or self.rng.randint(1, len(self.volumes))
         return sorted(self.rng.sample(self.volumes, k))
@@ -233,14 +242,14 @@ class Campaign:
             self.effective["controller_kill"] += 1
         with contextlib.suppress(ProcessLookupError):
             p.kill()
-        p.wait(timeout=60)
+        self._check_exit("controller_kill", p)
         return 0.0  # the guardian thaws at once when its controller dies
 
     def guardian_kill(self) -> float:
         """``quiesce freeze`` (the guardian holds it), then SIGKILL of that guardian."""
         vols = self._subset()
         p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", *vols)
-        rc = p.wait(timeout=60)
+        rc = self._check_exit("guardian_kill", p)
         pids, left = self._guardians_of(vols)
         t0 = time.monotonic() - (FREEZE_S - left)  # when the deadline's clock started
         self.log(f"step {self.n} guardian_kill {vols}: freeze exit {rc}, guardians {pids}")
@@ -257,7 +266,7 @@ class Campaign:
         thaw that second freeze (it is not its own)."""
         [vol] = self._subset(1)
         p = self._spawn("freeze", "--timeout", str(FREEZE_S), "--lease", "0", vol)
-        if (rc := p.wait(timeout=60)) != 0:
+        if (rc := self._check_exit("outside_thaw", p)) != 0:
             self.log(f"step {self.n} outside_thaw {vol}: freeze exit {rc}")
             return 0.0
         _pids, left = self._guardians_of([vol])
@@ -276,7 +285,7 @@ class Campaign:
             self.effective["outside_freeze"] += 1
         vols = sorted({vol, *self._subset()})
         p = self._spawn("exec", "--timeout", "3", *vols, "--", "true")
-        p.wait(timeout=60)
+        self._check_exit("outside_freeze", p)
         return 0.0
 
     def concurrent(self) -> float:
@@ -290,7 +299,7 @@ class Campaign:
             with contextlib.suppress(ProcessLookupError):
                 self.rng.choice(ps).kill()
         for p in ps:
-            p.wait(timeout=60)
+            self._check_exit("concurrent", p)
         return 0.0  # both controllers have ended
 
     FAULTS = ("controller_kill", "guardian_kill", "outside_thaw", "outside_freeze", "concurrent")
