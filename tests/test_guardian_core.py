@@ -99,6 +99,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.queued: list[Thaw | Probe] = []  # actions the shell has not run yet
         self.needs_probe = [False] * N  # a third party thawed a freeze of ours
         self.lost_told: set[int] = set()
+        self.tid = 0  # the third party's calls, one thread each
 
     # -- the shell ------------------------------------------------------------------------
     def run(self, acts: list) -> None:
@@ -113,6 +114,9 @@ class CoreMachine(RuleBasedStateMachine):
     def shell_runs_an_action(self, data: st.DataObject) -> None:
         a = self.queued.pop(data.draw(st.integers(0, len(self.queued) - 1)))
         if isinstance(a, Thaw):
+            if not self.core.thaw_go(a.idx):
+                self.run(self.core.thaw_skipped(a.idx))
+                return
             probe, code = self.kernel.checked_thaw(a.idx)
             self.needs_probe[a.idx] = False
             self.run(self.core.thaw_returned(a.idx, probe, code, self.now))
@@ -137,8 +141,12 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, N - 1))
     def controller_calls_thaw(self, i: int) -> None:
+        """The shell issues a controller's checked thaw right after the core allowed it,
+        on the same thread: modelled as one step."""
         if i not in self.in_flight and self.core.thaw_called(i):
-            self.in_flight[i] = "thaw"
+            probe, code = self.kernel.checked_thaw(i)
+            self.needs_probe[i] = False
+            self.run(self.core.thaw_returned(i, probe, code, self.now))
 
     @rule(data=st.data())
     @precondition(lambda self: self.in_flight)
@@ -175,6 +183,7 @@ class CoreMachine(RuleBasedStateMachine):
         if self.kernel.holder[i] == "quiesce" and i not in self.in_flight and not self.traced:
             self.needs_probe[i] = True
         self.kernel.fithaw(i, "other")
+        self.now += 1  # calls are stamped apart, as the trace's clock does
         if self.traced:
             who = i if attributed else None
             self.run(self.core.outside_call("thaw", who, self.now, "x", self.now))
@@ -184,9 +193,13 @@ class CoreMachine(RuleBasedStateMachine):
     def someone_freezes(self, i: int) -> None:
         if self.assume_probe_between and self.needs_probe[i]:
             return  # the residual: a refreeze before quiesce's next probe
-        self.kernel.fifreeze(i, "other")
-        if self.traced:
-            self.run(self.core.outside_call("freeze", i, self.now, "x", self.now))
+        code = self.kernel.fifreeze(i, "other")
+        self.now += 1
+        if self.traced:  # the call, and its EBUSY answer if it froze nothing
+            self.tid += 1
+            self.run(self.core.outside_call("freeze", i, self.now, "x", self.now, self.tid))
+            if code == errno.EBUSY:
+                self.run(self.core.outside_call("ebusy", None, self.now, "", self.now, self.tid))
             self.run(self.core.trace_caught_up(self.now))
 
     # -- the rules ------------------------------------------------------------------------
@@ -233,7 +246,9 @@ class CoreMachine(RuleBasedStateMachine):
                     self.run(self.core.thaw_returned(i, probe, code, self.now))
             while self.queued:
                 a = self.queued.pop(0)
-                if isinstance(a, Thaw):
+                if isinstance(a, Thaw) and not self.core.thaw_go(a.idx):
+                    self.run(self.core.thaw_skipped(a.idx))
+                elif isinstance(a, Thaw):
                     probe, code = self.kernel.checked_thaw(a.idx)
                     self.run(self.core.thaw_returned(a.idx, probe, code, self.now))
                 elif self.core.probe_started(a.idx):
@@ -268,7 +283,8 @@ class ResidualMachine(CoreMachine):
 class TraceMachine(CoreMachine):
     """The kernel's trace reports every FIFREEZE/FITHAW call by someone else: a thaw
     attributed to its volume or not (its caller may be gone before it is read), a freeze
-    that succeeds attributed (it lasts milliseconds: its caller is there to be read).
+    that succeeds attributed (it lasts milliseconds: its caller is there to be read), and
+    a freeze that answered EBUSY with that answer (the trace keeps EBUSY exits).
     Then no assumption is needed: a thaw and a refreeze between two probes is caught."""
 
     assume_probe_between = False

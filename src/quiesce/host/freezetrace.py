@@ -26,6 +26,11 @@ FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 TRACEFS = "/sys/kernel/tracing"
 _EVENT = "events/syscalls/sys_enter_ioctl"
+_EXIT = "events/syscalls/sys_exit_ioctl"  # only EBUSY answers: a FIFREEZE that froze nothing
+_EXIT_LINE = re.compile(
+    r"-(?P<tid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+):\s+"
+    r"sys_ioctl -> (?:0x)?(?P<ret>[0-9a-f]+)"
+)
 _LINE = re.compile(
     r"-(?P<tid>\d+)\s+(?:\(\s*[-\d]+\)\s+)?\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+):\s+"
     r"sys_ioctl\(fd: (?:0x)?(?P<fd>[0-9a-f]+), cmd: (?:0x)?(?P<cmd>[0-9a-f]+)"
@@ -37,11 +42,16 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 class FreezeCall:
     """One FIFREEZE or FITHAW call by someone other than the caller of :meth:`read`."""
 
-    op: str  # "freeze" | "thaw"
+    op: str  # "freeze" | "thaw" | "ebusy" (an ioctl of that thread answered EBUSY)
     tid: int
     ts_ns: int  # CLOCK_MONOTONIC of the call's entry
     dev: str | None  # major:minor of the filesystem, or None (the caller is gone)
     comm: str
+
+
+def _ns(stamp: str) -> int:
+    whole, frac = stamp.split(".")
+    return int(whole) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
 
 
 def _dev_of(tid: int, fd: int) -> str | None:
@@ -81,6 +91,8 @@ class FreezeTrace:
             self._write("buffer_size_kb", "64")
             self._write(f"{_EVENT}/filter", f"cmd == {FIFREEZE:#x} || cmd == {FITHAW:#x}")
             self._write(f"{_EVENT}/enable", "1")
+            self._write(f"{_EXIT}/filter", "ret == -16")
+            self._write(f"{_EXIT}/enable", "1")
             self.fd = os.open(os.path.join(self.inst, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
         except BaseException:
             self._remove()
@@ -109,8 +121,12 @@ class FreezeTrace:
         self._partial = lines.pop()
         out = []
         for raw in lines:
-            m = _LINE.search(raw.decode(errors="replace"))
+            text = raw.decode(errors="replace")
+            m = _LINE.search(text)
             if m is None:
+                e = _EXIT_LINE.search(text)
+                if e is not None and int(e["tid"]) not in self.own:
+                    out.append(FreezeCall("ebusy", int(e["tid"]), _ns(e["ts"]), None, ""))
                 continue
             tid = int(m["tid"])
             if tid in self.own:
@@ -119,14 +135,14 @@ class FreezeTrace:
             op = "freeze" if cmd == FIFREEZE else "thaw" if cmd == FITHAW else ""
             if not op:
                 continue
-            whole, frac = m["ts"].split(".")
-            ts = int(whole) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+            ts = _ns(m["ts"])
             out.append(FreezeCall(op, tid, ts, _dev_of(tid, int(m["fd"], 16)), _comm(tid)))
         return out
 
     def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self._write(f"{_EVENT}/enable", "0")
+        for ev in (_EVENT, _EXIT):
+            with contextlib.suppress(OSError):
+                self._write(f"{ev}/enable", "0")
         with contextlib.suppress(OSError):
             os.rmdir(self.inst)
 
@@ -164,7 +180,8 @@ def sweep_stale(alive: set[int]) -> None:
         if m is None or int(m[1]) in alive or os.path.exists(f"/proc/{m[1]}"):
             continue
         inst = os.path.join(base, name)
-        with contextlib.suppress(OSError), open(os.path.join(inst, _EVENT, "enable"), "w") as f:
-            f.write("0")
+        for ev in (_EVENT, _EXIT):
+            with contextlib.suppress(OSError), open(os.path.join(inst, ev, "enable"), "w") as f:
+                f.write("0")
         with contextlib.suppress(OSError):
             os.rmdir(inst)

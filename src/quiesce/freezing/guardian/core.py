@@ -135,7 +135,10 @@ class GuardianCore:
     controller_gone: bool = field(init=False, default=False)
     done: bool = field(init=False, default=False)
     next_probe_ns: int | None = field(init=False, default=None)
-    foreign_freezes: list[tuple[int, int | None, str]] = field(init=False, default_factory=list)
+    # someone else's FIFREEZE calls: (ts, volume or None, who, thread id)
+    foreign_freezes: list[tuple[int, int | None, str, int]] = field(
+        init=False, default_factory=list
+    )
 
     def __post_init__(self) -> None:
         self.vols = [Volume(inners=frozenset(i)) for i in self.inners]
@@ -217,6 +220,22 @@ class GuardianCore:
         v.state, v.busy, v.busy_op = VolState.THAWING, True, "thaw"
         return True
 
+    def thaw_go(self, i: int) -> bool:
+        """Right before a decided thaw's probe: False if someone else's thaw has made the
+        volume suspect since it was decided (then call :meth:`thaw_skipped`)."""
+        return self.vols[i].suspect_ns is None
+
+    def thaw_skipped(self, i: int) -> list[Action]:
+        """A decided thaw was not issued (suspect): back to frozen, probed at once; the
+        trace's verdict decides whether it is still ours to thaw."""
+        v = self.vols[i]
+        v.state, v.busy, v.busy_op = VolState.FROZEN, False, ""
+        v.deferred_thaw = v.deferred_thaw or self.expiry is not None
+        if v.probe_due:
+            return []
+        v.probe_due = True
+        return [Probe(i)]
+
     def thaw_returned(self, i: int, probe: int | None, code: int, now: int) -> list[Action]:
         """A checked thaw returned: ``probe`` is its FIFREEZE probe's errno (None: no probe
         was possible), ``code`` the FITHAW's (after a probe that froze: the undo's)."""
@@ -280,23 +299,32 @@ class GuardianCore:
         return acts + self._release_deferred()
 
     # -- the trace (the kernel's word on every freeze and thaw call) -------------------
-    def outside_call(self, op: str, i: int | None, ts: int, who: str, now: int) -> list[Action]:
+    def outside_call(
+        self, op: str, i: int | None, ts: int, who: str, now: int, tid: int = 0
+    ) -> list[Action]:
         """Someone else called FIFREEZE/FITHAW at ``ts`` on volume ``i`` (None: on a
         filesystem the trace could not name). A thaw that may be ours makes the volume
-        suspect and probes it at once; a freeze is kept to judge the probe by."""
+        suspect and probes it at once; a freeze is kept to judge the probe by, until
+        the same thread's EBUSY answer (``op == "ebusy"``) shows it froze nothing."""
         targets = [i] if i is not None else range(len(self.vols))
+        if op == "ebusy":
+            for k in range(len(self.foreign_freezes) - 1, -1, -1):
+                if self.foreign_freezes[k][3] == tid and self.foreign_freezes[k][0] <= ts:
+                    del self.foreign_freezes[k]  # it answered EBUSY: it froze nothing
+                    break
+            return []
         if op == "freeze":
-            self.foreign_freezes.append((ts, i, who))
+            self.foreign_freezes.append((ts, i, who, tid))
             del self.foreign_freezes[:-256]
             return []
         acts: list[Action] = []
         for j in targets:
             v = self.vols[j]
-            if v.state != VolState.FROZEN:
-                continue
+            if v.state not in (VolState.FROZEN, VolState.THAWING):
+                continue  # (a thaw decided but not yet issued checks thaw_go first)
             if v.suspect_ns is None:
                 v.suspect_ns = ts
-            if not v.busy and not v.probe_due:
+            if v.state == VolState.FROZEN and not v.busy and not v.probe_due:
                 v.probe_due = True
                 acts.append(Probe(j))
         return acts
@@ -315,7 +343,7 @@ class GuardianCore:
             if v.clear_at_ns > now:
                 continue  # calls up to its probe are not all in yet
             refrozen = [
-                who for ts, k, who in self.foreign_freezes
+                who for ts, k, who, _tid in self.foreign_freezes
                 if k == j and v.suspect_ns <= ts <= v.clear_at_ns
             ]  # fmt: skip
             if refrozen:

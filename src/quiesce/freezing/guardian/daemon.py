@@ -318,7 +318,15 @@ class _Guardian:
         with self.lock:
             if self.final:
                 return  # the main thread thaws it
-            self.in_kernel.add(i)
+            if not self.core.thaw_go(i):  # someone else's thaw since it was decided
+                acts = self.core.thaw_skipped(i)
+                skipped = True
+            else:
+                skipped = False
+                self.in_kernel.add(i)
+        if skipped:
+            self._do(acts)
+            return
         try:
             probe, code = checked_thaw(v.fd)
         finally:
@@ -386,6 +394,9 @@ class _Guardian:
         acts: list[Action] = []
         with self.lock:
             for c in calls:
+                if c.op == "ebusy":
+                    acts += self.core.outside_call("ebusy", None, c.ts_ns, "", now, c.tid)
+                    continue
                 if c.dev is not None and c.dev not in self.dev_index:
                     continue  # another filesystem's
                 idx = self.dev_index.get(c.dev) if c.dev is not None else None
@@ -395,7 +406,7 @@ class _Guardian:
                     volume=self.specs[idx].name if idx is not None else None,
                     who=who,
                 )
-                acts += self.core.outside_call(c.op, idx, c.ts_ns, who, now)
+                acts += self.core.outside_call(c.op, idx, c.ts_ns, who, now, c.tid)
             acts += self.core.trace_caught_up(now)
         self._do(acts)
 
