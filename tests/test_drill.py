@@ -25,6 +25,7 @@ from test_writers_postgresql import Cluster
 
 from quiesce import snapshot as snapshots
 from quiesce.apps.drills import AppTarget, drill_mounted, drill_snapshot
+from quiesce.errors import OutsideGroup
 from quiesce.host.mounts import MountTable
 
 pytestmark = pytest.mark.timeout(300)
@@ -229,10 +230,17 @@ def test_drill_passes_on_a_group_snapshot_and_catches_a_torn_copy(tmp_path: Path
         assert "checkpoint" in app.detail.lower(), app.detail
         _assert_nothing_left(scratch)
 
-        # the WAL volume left out of the group: pg_wal points outside the snapshot
+        # the WAL volume left out of the group: with its writer, quiesce refuses the job
+        # (the writer's files are not all on the group); without one, the snapshot is
+        # made, and the drill catches that pg_wal points outside it
+        with pytest.raises(OutsideGroup):
+            snapshots.create(
+                [str(data_mp)], "reflink", job="pg", options={"dest": str(loops.outer)},
+                state_dir=state, quiescers=[PostgresWriter(db.dsn)], allow_self=False,
+            )  # fmt: skip
         data_only = snapshots.create(
             [str(data_mp)], "reflink", job="pg", options={"dest": str(loops.outer)},
-            state_dir=state, quiescers=[PostgresWriter(db.dsn)], allow_self=False,
+            state_dir=state, quiescers=[], allow_self=False,
         )  # fmt: skip
         missing = drill_snapshot(data_only, state=state, targets=target, scratch_root=scratch,
                                  mount_root=tmp_path / "run", timeout=60)  # fmt: skip

@@ -74,7 +74,7 @@ BAD = [
     (
         'volumes = ["/v"]\n[provider]\ntype = "reflinc"\n',
         ("provider.type", "unknown provider 'reflinc'",
-         "did you mean 'reflink'? one of: btrfs, command, ebs, lvm, reflink, zfs"),
+         "did you mean 'reflink'? one of: btrfs, command, ebs, lvm, qemu, reflink, zfs"),
     ),
     (
         '[provider]\ntype = "reflink"\n',
@@ -338,7 +338,7 @@ def test_unfreezable_volume_is_refused_only_when_the_provider_freezes(loopfs, tm
 # -- provider options: the provider's typed model, at their TOML keys -------------------------
 
 PROVIDER_TYPOS = {  # provider: (typo, meant, value, allowed keys)
-    "reflink": ("dset", "dest", '"/x"', "dest, mode"),
+    "reflink": ("dset", "dest", '"/x"', "base, dest, mode"),
     "btrfs": ("dst", "dest", '"/x"', "dest"),
     "lvm": ("lvcreate_timout", "lvcreate_timeout", "30", "kernel, lvcreate_timeout, size"),
     "zfs": ("timout", "timeout", "30", "timeout"),

@@ -173,7 +173,7 @@ def test_the_command_is_started_before_the_freeze_and_runs_inside_it(loopfs, tmp
     fs = loopfs("ext4")
     prov = Watched({"create": _py(PID_AND_TIME)})
     man = snapshots.create([fs.path], prov, state_dir=tmp_path)
-    pid, t = map(int, man.snapshots[0]["extra"]["stdout"].splitlines()[1].split())
+    pid, t = map(int, man.snapshots[0].extra["stdout"].splitlines()[1].split())
     assert prov.seen is not None
     held_pid, cmdline = prov.seen
     assert pid == held_pid  # the process that ran it existed before the window

@@ -79,7 +79,8 @@ def test_create_snapshots_of_the_group_only(ec2, loopfs, tmp_path):
     state = tmp_path / "state"
     man = snapshots.create([a.path, b.path], "ebs", job="aws", options=options, state_dir=state)
 
-    assert man.window["thawed_by"] == "controller" and man.consistency == "filesystem"
+    assert man.window is not None and man.window["thawed_by"] == "controller"
+    assert man.consistency == "atomic"  # the group frozen together: one instant
     got = {s.volume: s for s in man.snapshots}
     assert {v: got[v].extra["volume_id"] for v in got} == {a.path: vols[0], b.path: vols[1]}
     assert {s.extra["state"] for s in man.snapshots} == {"completed"}

@@ -364,7 +364,7 @@ def test_consecutive_snapshots_from_the_base_equal_the_frozen_image(loopfs, tmp_
             writer.burst(200)  # between snapshots: only the extent comparison sees these
             prov = WithReference()
             snap, clone, ref = _take(pair, tmp_path, prov, writer, n)
-            extra = snap["extra"]
+            extra = snap.extra
             assert extra["mode"] == "delta", extra
             assert _sha(clone) == _sha(ref), f"snapshot {n} differs from the frozen image"
             if n == 0:
@@ -394,7 +394,7 @@ def test_negative_control_a_base_without_the_comparison_misses_writes(
         monkeypatch.setattr(reflink_mod.extents, "changed", lambda *a, **k: [])
         writer.burst(200)
         snap, clone, ref = _take(pair, tmp_path, WithReference(), writer, 1)
-        assert snap["extra"]["prepare"]["base"]["changed_ranges"] == 0
+        assert snap.extra["prepare"]["base"]["changed_ranges"] == 0
         assert _sha(clone) != _sha(ref)
 
 
@@ -406,7 +406,7 @@ def test_a_base_of_another_size_is_not_used(loopfs, tmp_path):
         [base] = _bases(pair)
         os.truncate(base, 4096)  # someone's, or a stale one: whole-image clone instead
         snap, clone, ref = _take(pair, tmp_path, WithReference(), writer, 1)
-        assert "base" not in snap["extra"]["prepare"]
+        assert "base" not in snap.extra["prepare"]
         assert _sha(clone) == _sha(ref)
         assert base.stat().st_size == pair.inner.image.stat().st_size  # made anew
 
@@ -464,6 +464,6 @@ def test_base_false_keeps_no_base_and_clones_the_whole_image(loopfs, tmp_path):
     with writer.running():
         for n in range(2):
             snap, clone, ref = _take(pair, tmp_path, WithReference(base=False), writer, n)
-            assert "base" not in snap["extra"]["prepare"] and "base_update" not in snap["extra"]
+            assert "base" not in snap.extra["prepare"] and "base_update" not in snap.extra
             assert _sha(clone) == _sha(ref)
     assert _bases(pair) == []

@@ -542,10 +542,11 @@ class Freezer:
         for k, res in failures:
             m, r = self.members[k], self.results[k]
             if res.get("expired"):
-                err: QuiesceError = FreezeExpired(
-                    f"the guardian thawed the group while {m.name} was being frozen "
-                    f"({res['expired'].get('reason')})"
-                )
+                why = str(res["expired"].get("reason"))
+                err: QuiesceError = (GuardianError if why.startswith("guardian-error") else
+                                     FreezeExpired)(
+                    f"the guardian thawed the group while {m.name} was being frozen ({why})"
+                )  # fmt: skip
             else:
                 code = res.get("errno", errno.EIO)
                 err = kernel.error_for(code, "freeze", m.name, m.volume.fstype)
