@@ -74,6 +74,24 @@ def thaw_quietly(path: str) -> None:
 PROBE_START_S = 120.0  # a Python start-up on a loaded machine: bounded, never the verdict
 
 
+def is_frozen(path: str | Path) -> bool:
+    """The kernel's word: FIFREEZE answers EBUSY while frozen; a probe that froze the
+    filesystem instead thaws it at once (it was not frozen). Only where no FIFREEZE can
+    wait (no writer holding one in the kernel)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return True
+            raise
+        fcntl.ioctl(fd, FITHAW, 0)
+        return False
+    finally:
+        os.close(fd)
+
+
 def is_writable(path: str | Path, timeout: float = 30.0) -> bool:
     """True if a file can be created and fsync'd under ``path`` within ``timeout`` s of the
     probe being ready to write.

@@ -7,8 +7,6 @@ The third party is `fsfreeze` (util-linux) or a plain FIFREEZE/FITHAW from the t
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import LoopFS, thaw_quietly
+from conftest import LoopFS, is_frozen, thaw_quietly
 
 import quiesce
 from quiesce.errors import ExitCode, FreezeBroken
@@ -26,22 +24,6 @@ from quiesce.freezing import guardian
 FIFREEZE = 0xC0045877
 FITHAW = 0xC0045878
 WAIT_S = 30.0
-
-
-def is_frozen(path: str) -> bool:
-    """The kernel's word: FIFREEZE answers EBUSY. A probe that froze is undone at once."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.ioctl(fd, FIFREEZE, 0)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                return True
-            raise
-        fcntl.ioctl(fd, FITHAW, 0)
-        return False
-    finally:
-        os.close(fd)
 
 
 def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -28,8 +28,6 @@ Invariants, after every step once its processes have ended and its deadlines pas
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import random
@@ -41,6 +39,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from conftest import is_frozen as probe  # the one FIFREEZE probe of the tests
 
 HELPERS = Path(__file__).parent
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
@@ -70,22 +70,6 @@ while True:
 
 def quiesce_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "quiesce", *args]
-
-
-def probe(path: str) -> bool:
-    """The kernel's word: frozen (EBUSY). A probe that froze the volume thaws it at once."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.ioctl(fd, FIFREEZE, 0)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                return True
-            raise
-        fcntl.ioctl(fd, FITHAW, 0)
-        return False
-    finally:
-        os.close(fd)
 
 
 def fsfreeze(flag: str, path: str) -> int:

@@ -5,13 +5,13 @@ waits for it in the kernel. The test itself never blocks: it watches /proc."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from conftest import is_frozen as probe_frozen  # noqa: F401  (re-exported: the one probe)
 
 HELPERS = Path(__file__).parent
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
@@ -98,21 +98,3 @@ class PendingFreeze:
         self.proc.wait(timeout=timeout)
         _, err, took = self.proc.stdout.readline().split()
         return int(err), float(took)
-
-
-def probe_frozen(mountpoint: str | Path) -> bool:
-    """The kernel's word: FIFREEZE answers EBUSY while frozen; if it froze the filesystem
-    instead, thaw it at once (it was not frozen). Only where no FIFREEZE can wait (no
-    writer holding it)."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.ioctl(fd, FIFREEZE, 0)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                return True
-            raise
-        fcntl.ioctl(fd, FITHAW, 0)
-        return False
-    finally:
-        os.close(fd)
