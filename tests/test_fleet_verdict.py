@@ -1,4 +1,4 @@
-"""The fleet's proof of one instant (clock.py, verdict.py), as properties.
+"""The fleet's proof of one instant (freezing/instant.py), as properties.
 
 A model of what really happened: each host's clock runs ``o`` ns ahead of the
 controller's, the controller measured ``o`` within its error bound, and each host was
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quiesce.integrations.fleet.clock import Offset
-from quiesce.integrations.fleet.verdict import HostSpan, judge
+from quiesce.freezing.instant import FrozenSpan, Offset, judge
 
 NS = st.integers(min_value=0, max_value=10**9)
 
@@ -31,8 +30,8 @@ class TrueHost:
     seen_after: int | None  # the controller saw "frozen" this long after f
     told_before: int | None  # the controller sent "thaw" this long before t (told to)
 
-    def span(self, name: str) -> HostSpan:
-        return HostSpan(
+    def span(self, name: str) -> FrozenSpan:
+        return FrozenSpan(
             name, self.f + self.o, self.t + self.o, self.f + self.o - 1000, self.t + self.o + 1000,
             self.offset, None,
             None if self.seen_after is None else self.f + self.seen_after,
@@ -88,8 +87,8 @@ def test_a_thaw_bound_given_for_a_host_that_thawed_unasked_would_hide_it() -> No
     host that thawed at 100 (before the other froze at 200) is caught from its own record;
     the controller's later "thaw" (at 500) as its bound would prove a false instant."""
     exact = Offset(0, 0)
-    a = HostSpan("a", 50, 100, 40, 110, exact)
-    b = HostSpan("b", 200, 600, 190, 610, exact)
+    a = FrozenSpan("a", 50, 100, 40, 110, exact)
+    b = FrozenSpan("b", 200, 600, 190, 610, exact)
     assert not judge([a, b], ["a", "b"]).consistent
     a.thaw_sent = 500
     assert judge([a, b], ["a", "b"]).consistent  # unsound: hence the coordinator's rule

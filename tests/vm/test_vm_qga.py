@@ -84,8 +84,13 @@ def test_snapshot_holds_every_acknowledged_record_and_the_control_is_caught(
         extra = snaps[0].extra
         assert extra["thawed_by"] == "agent" and extra["frozen"] is True
         assert extra["guest_window_s"] > 0 and extra["host_window_s"] > 0
+        # the host saw the guest frozen for part of what the guest measured (the guest's
+        # thaw time is its thaw hook's start, in clock ticks: 10 ms), and waited longer
+        assert extra["host_window_s"] <= extra["guest_window_s"] + 0.011
+        assert extra["guest_window_s"] <= extra["host_wait_s"]
         print(
             f"RESULT host_window_s={extra['host_window_s']:.3f} "
+            f"host_wait_s={extra['host_wait_s']:.3f} "
             f"guest_window_s={extra['guest_window_s']:.3f} {why}"
         )
         # the stock hook directory's script ran on both sides of the freeze
@@ -174,6 +179,8 @@ def test_host_never_thaws_guest_thaws_itself_and_the_snapshot_is_refused(
     finally:
         grp.close()
     assert grp.broken(), "the host did not notice the guest thawed before its thaw"
+    instant = grp.verdict()
+    assert not instant.consistent and "thawed early" in " ".join(instant.reasons)
     assert grp.guests[0].record["thawed_by"] == "guest-watchdog"
     g.wait_acks(2, timeout=60)
 

@@ -12,7 +12,10 @@ guest, then ``guest-fsfreeze-thaw``. Two independent deadlines guard the window:
 
 A snapshot is consistent only if every guest's thaw thawed as many filesystems as its
 freeze froze: a smaller count means something thawed them before the host's thaw (the
-guest's watchdog, an operator), maybe before the clone. The guest's own record (its
+guest's watchdog, an operator), maybe before the clone. Several guests form one group
+with one proven instant (:mod:`quiesce.freezing.instant`, the fleet's verdict), from causal
+bounds on the host's own clock: every guest's freeze had returned before the first clone
+began, and no thaw was sent before the last clone ended. The guest's own record (its
 measured window, who thawed) is read back through the agent after the thaw.
 
 The host's filesystem holding the images is not frozen (``FreezeMode.NONE``): the
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quiesce.errors import GuestRefused, GuestWindowBroken, UsageError
+from quiesce.freezing.instant import FrozenSpan, Offset, Verdict, judge
 from quiesce.freezing.plan import GroupMember
 from quiesce.host import kernel
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
@@ -51,6 +55,11 @@ class GuestState:
     thawed: int | None = None  # filesystems the agent's thaw found frozen
     record: dict[str, Any] = field(default_factory=dict)  # the guest watchdog's record
     error: str = ""
+    # the host's monotonic clock (ns): freeze sent, freeze answered, thaw sent, thaw answered
+    freeze_sent_ns: int | None = None
+    frozen_ns: int | None = None
+    thaw_sent_ns: int | None = None
+    thawed_ns: int | None = None
 
 
 def guest_record(agent: GuestAgent) -> dict[str, Any]:
@@ -87,7 +96,9 @@ class GuestGroup:
         """Freeze every guest; on any failure thaw those frozen and raise."""
         for g in self.guests:
             try:
+                g.freeze_sent_ns = time.monotonic_ns()
                 g.frozen = g.agent.freeze(list(g.guest.mountpoints) or None)
+                g.frozen_ns = time.monotonic_ns()
             except AgentError as e:
                 g.error = e.message
                 self.thaw(quiet=True)
@@ -113,7 +124,9 @@ class GuestGroup:
             if g.frozen is None or g.thawed is not None:
                 continue
             try:
+                g.thaw_sent_ns = time.monotonic_ns()
                 g.thawed = g.agent.thaw()
+                g.thawed_ns = time.monotonic_ns()
             except AgentError as e:
                 errors.append(e.message)
         self.t_thawed = time.monotonic()
@@ -127,9 +140,60 @@ class GuestGroup:
 
     @property
     def host_window_s(self) -> float | None:
-        if self.t_frozen is None or self.t_thawed is None:
+        """How long the host saw every guest frozen: from the last freeze's answer to the
+        first thaw sent (the guests' real window is longer; the clones lie inside it)."""
+        frozen = [g.frozen_ns for g in self.guests]
+        sent = [g.thaw_sent_ns for g in self.guests]
+        if not frozen or None in frozen or None in sent:
             return None
-        return self.t_thawed - self.t_frozen
+        return (
+            min(t for t in sent if t is not None) - max(t for t in frozen if t is not None)
+        ) / 1e9
+
+    @property
+    def host_wait_s(self) -> float | None:
+        """The first freeze sent to the last thaw answered: the window and the guests'
+        fsfreeze hooks on both sides of it (the agent answers after its hook ran)."""
+        sent = [g.freeze_sent_ns for g in self.guests]
+        done = [g.thawed_ns for g in self.guests]
+        if not sent or None in sent or None in done:
+            return None
+        return (max(t for t in done if t is not None) - min(t for t in sent if t is not None)) / 1e9
+
+    def verdict(self, made: tuple[int, int] | None = None) -> Verdict:
+        """One instant for the whole group, or why not: each guest frozen from its freeze's
+        answer to its thaw's sending (the host's clock, no mapping), none thawed early (its
+        thaw found all it froze still frozen), and ``made`` (the clones' first start and
+        last end, host ns) inside the instant's neighbourhood."""
+        spans = []
+        for g in self.guests:
+            if g.frozen is None or g.frozen_ns is None or g.thaw_sent_ns is None:
+                continue
+            early = None
+            if (g.thawed or 0) < g.frozen:
+                early = f"froze {g.frozen}, the host's thaw found {g.thawed} frozen"
+            spans.append(
+                FrozenSpan(
+                    host=g.guest.name,
+                    frozen_at=g.frozen_ns,
+                    thaw_from=g.thaw_sent_ns,
+                    start_ns=g.freeze_sent_ns or g.frozen_ns,
+                    end_ns=g.thawed_ns or g.thaw_sent_ns,
+                    offset=Offset(0, 0),
+                    thawed_early=early,
+                    frozen_seen=g.frozen_ns,
+                    thaw_sent=g.thaw_sent_ns,
+                )
+            )
+        v = judge(spans, [g.guest.name for g in self.guests])
+        if made is not None and v.overlap_ctrl_ns is not None:
+            all_frozen, first_thaw = v.overlap_ctrl_ns
+            if made[0] < all_frozen or made[1] > first_thaw:
+                v.consistent = False
+                v.reasons.append(
+                    "the clones were not made inside the instant every guest was frozen"
+                )
+        return v
 
     def broken(self) -> list[str]:
         """Guests whose freeze ended before the host's thaw."""
@@ -221,7 +285,9 @@ class QemuProvider(Provider):
             group.connect()
             if self.config.freeze:
                 group.freeze()
+            made0 = time.monotonic_ns()
             snaps = self._clone_all()
+            made = (made0, time.monotonic_ns())
             if self.config.freeze and group.t_frozen is not None:
                 took = time.monotonic() - group.t_frozen
                 if took > self.config.timeout:
@@ -240,11 +306,17 @@ class QemuProvider(Provider):
                 "the freeze ended before the host's thaw, the clones are not consistent: "
                 + ", ".join(broken)
             )
+        instant = group.verdict(made) if self.config.freeze else None
+        if instant is not None and not instant.consistent:
+            raise GuestWindowBroken(
+                "no proven instant across the guests: " + "; ".join(instant.reasons)
+            )
         for s in snaps:
             st = next(g for g in group.guests if g.guest.name == s.extra["guest"])
             s.extra |= {
                 "frozen": bool(self.config.freeze),
                 "host_window_s": group.host_window_s,
+                "host_wait_s": group.host_wait_s,
                 "guest_window_s": st.record.get("guest_window_s"),
                 # the host's thaw found every filesystem still frozen: the agent thawed
                 "thawed_by": "agent" if self.config.freeze else "",

@@ -44,8 +44,9 @@ def run_vm_demo(console: Console | None) -> dict[str, Any]:
         ok, why = vmhost.check_cut(g.records([Path(s.location) for s in snaps]), acked)
         extra = snaps[0].extra
         say(
-            f"snapshot: guest window {extra['guest_window_s']:.2f}s (guest-measured), "
-            f"{extra['host_window_s']:.2f}s (host-measured); "
+            f"snapshot: guest window {extra['guest_window_s']:.3f}s (guest-measured), "
+            f"at least {extra['host_window_s']:.3f}s (host-measured: freeze answered to "
+            f"thaw sent; {extra['host_wait_s']:.2f}s with the guest's hooks); "
             f"{'[green]consistent[/]' if ok else '[red]NOT consistent[/]'}: {why}"
         )
         for s in snaps:
@@ -68,6 +69,7 @@ def run_vm_demo(console: Console | None) -> dict[str, Any]:
             "consistent": ok,
             "guest_window_s": extra["guest_window_s"],
             "host_window_s": extra["host_window_s"],
+            "host_wait_s": extra["host_wait_s"],
             "thawed_by": extra["thawed_by"],
             "abandoned_freeze": {"thawed_by": abandoned, "writable_after_s": writable_after},
             "detail": why,

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quiesce.errors import ControllerGone, QuiesceError
+from quiesce.freezing.instant import FrozenSpan, Offset, Verdict, judge
 from quiesce.host import pids, proc
 from quiesce.integrations.fleet.agent import check_writers
-from quiesce.integrations.fleet.clock import Offset
-from quiesce.integrations.fleet.verdict import HostSpan, Verdict, judge
 from quiesce.integrations.fleet.wire import LineReader, write
 
 PINGS = 8
@@ -331,7 +330,7 @@ class Group:
                     break
                 lk.last[str(msg.get("op"))] = msg
 
-    def spans(self) -> list[HostSpan]:
+    def spans(self) -> list[FrozenSpan]:
         out = []
         for lk in self.links:
             rec = lk.last.get("thawed") or {}
@@ -344,7 +343,7 @@ class Group:
             # "No thaw before the controller sent thaw" holds only for a host that thawed
             # because it was told to; one that thawed by itself is judged by its record.
             told = self.thaw_sent if rec.get("thaw_reason") == "thaw" else None
-            out.append(HostSpan(lk.name, int(rec["frozen_at"]), int(rec["thaw_from"]),
+            out.append(FrozenSpan(lk.name, int(rec["frozen_at"]), int(rec["thaw_from"]),
                                 int(rec["start_ns"]), int(rec["end_ns"]), off, early,
                                 seen, told))  # fmt: skip
         return out

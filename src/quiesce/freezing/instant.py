@@ -1,20 +1,58 @@
-"""Was there one instant at which every volume of every host was frozen? From the hosts'
-own records, each mapped onto the controller's clock with its error bound."""
+"""One instant at which every member of a group was frozen, proven from their records.
+
+Members are fleet hosts (docs/fleet.md) or a job's guests (docs/vm.md): each recorded its
+frozen span in its own clock, mapped onto the controller's with an error bound
+(:class:`Offset`: NTP-style round trips; both clocks CLOCK_MONOTONIC), or bounded causally
+by what the controller itself saw (``frozen_seen``: its freeze had returned; ``thaw_sent``:
+no thaw began before it sent one), which needs no clock mapping at all.
+
+A ping sent at controller time ``c0`` and answered at ``c1`` with host time ``h`` says that
+``h`` happened within ``[c0, c1]``: the host's clock reads ``offset = h - (c0+c1)/2`` ahead
+of the controller's, give or take ``(c1-c0)/2``. The round trip with the least delay gives
+the tightest bound; measured before and after the window, the bound also covers the drift.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from quiesce.integrations.fleet.clock import Offset
+
+@dataclass(frozen=True)
+class Offset:
+    offset_ns: int  # host clock minus controller clock
+    error_ns: int  # |true offset - offset_ns| <= error_ns
+
+    @classmethod
+    def from_samples(cls, samples: list[tuple[int, int, int]]) -> Offset:
+        """Best of ``(c0, h, c1)`` round trips: the one with the least delay."""
+        if not samples:
+            raise ValueError("no clock samples")
+        c0, h, c1 = min(samples, key=lambda s: s[2] - s[0])
+        return cls(h - (c0 + c1) // 2, (c1 - c0 + 1) // 2)
+
+    def combine(self, later: Offset) -> Offset:
+        """One bound for a span between two measurements (drift included)."""
+        drift = abs(later.offset_ns - self.offset_ns)
+        return Offset(self.offset_ns, max(self.error_ns, later.error_ns) + drift)
+
+    def earliest(self, host_ns: int) -> int:
+        """The earliest controller time that host time ``host_ns`` can be."""
+        return host_ns - self.offset_ns - self.error_ns
+
+    def latest(self, host_ns: int) -> int:
+        return host_ns - self.offset_ns + self.error_ns
+
+    def to_host(self, ctrl_ns: int) -> int:
+        return ctrl_ns + self.offset_ns
 
 
 @dataclass
-class HostSpan:
-    """One host's frozen span in its own clock: all frozen from ``frozen_at`` (or later)
+class FrozenSpan:
+    """One member's frozen span in its own clock: all frozen from ``frozen_at`` (or later)
     until ``thaw_from`` (or sooner), as it recorded them; and its whole window."""
 
-    host: str
+    host: str  # the member's name: a fleet host, or a guest
     frozen_at: int
     thaw_from: int
     start_ns: int  # first FIFREEZE issued
@@ -58,7 +96,7 @@ class Verdict:
         }
 
 
-def judge(spans: list[HostSpan], expected: list[str]) -> Verdict:
+def judge(spans: list[FrozenSpan], expected: list[str]) -> Verdict:
     """Consistent only if every expected host has a span, none was thawed by its guardian
     early, and the latest possible "all frozen" precedes the earliest possible thaw."""
     reasons = []
