@@ -30,14 +30,14 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import GuestRefused, GuestWindowBroken, UsageError
+from quiesce.errors import GuestRefused, GuestWindowBroken, MountError, UsageError
 from quiesce.freezing.instant import FrozenSpan, Offset, Verdict, judge
 from quiesce.freezing.plan import GroupMember
-from quiesce.host import kernel
+from quiesce.host import images, kernel
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import QemuGuest, QemuOptions
 from quiesce.providers.qga import AgentError, GuestAgent
@@ -335,6 +335,31 @@ class QemuProvider(Provider):
     def delete(self, snap: Snapshot) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(snap.location)
+
+    def mount_view(self, snap: Snapshot) -> Snapshot:
+        """A disk clone that holds one bare filesystem is mounted like any clone (its
+        ``fstype`` found in its superblock); anything else is refused, before any mount:
+        the backup is file by file (docs/vm.md, "Backing up guest snapshots")."""
+        if snap.fstype != "image":
+            return snap
+        found = images.contents(snap.location)
+        if found.fstype is None:
+            guest, image = snap.extra.get("guest", "?"), snap.extra.get("image", snap.volume)
+            raise MountError(
+                f"guest {guest}: the clone of {image} holds {found.what}, not a filesystem "
+                "the host can mount read-only, so it cannot be backed up file by file",
+                "back up disks that hold one filesystem each (mkfs on the whole raw disk: "
+                "no partition table, LVM, LUKS or qcow2), or back this disk up from inside "
+                "the guest; the snapshot was kept",
+                option="guests.images",
+            )
+        return replace(snap, fstype=found.fstype)
+
+    def mount_options(self, snap: Snapshot) -> list[str]:
+        # As a reflink clone of a frozen filesystem: the guest's frozen XFS log is covered,
+        # not clean, and the clone has the guest's UUID. A frozen ext4 mounts plain ro; an
+        # unfrozen clone (freeze = false) gets readonly.py's no-replay retry and a warning.
+        return ["nouuid", "norecovery"] if snap.fstype == "xfs" else []
 
 
 __all__ = ["GuestGroup", "GuestRefused", "GuestWindowBroken", "QemuProvider", "guest_record"]
