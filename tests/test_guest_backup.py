@@ -34,7 +34,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def _sfdisk(image: Path, label: str) -> None:
     if shutil.which("sfdisk") is None:
-        pytest.skip("sfdisk is not installed (Debian: apt-get install fdisk)")
+        pytest.skip(
+            "sfdisk is not installed (scripts/backup-setup.sh; Debian: apt-get install fdisk)"
+        )
     subprocess.run(
         ["sfdisk", "-q", str(image)], input=f"label: {label}\n,\n", text=True, check=True,
         capture_output=True, timeout=60,
