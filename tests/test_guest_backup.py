@@ -126,6 +126,16 @@ def test_a_guest_job_snapshots_backs_up_verifies_restores_and_prunes(guest_disks
     assert (tmp_path / "restored" / slug / "data" / rel).read_bytes() == (
         disks[0].mountpoint / "data" / rel
     ).read_bytes()
+    # `quiesce snapshot mount` sees the disks as the backup does: their filesystems
+    at = tmp_path / "look"
+    points = snapshots.mount(second.manifest_id, at, state)
+    try:
+        assert len(points) == 2
+        assert (Path(points[0]) / "data" / rel).read_bytes() == (
+            disks[0].mountpoint / "data" / rel
+        ).read_bytes()
+    finally:
+        snapshots.umount(str(at), state)
     # nothing left: mounts, loop devices of the clones, journal entries
     assert not any((tmp_path / "run" / "vms").glob("*"))
     assert list(journal_dir(state).iterdir()) == []
