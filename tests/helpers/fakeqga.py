@@ -4,7 +4,10 @@ guest's: FIFREEZE on ``guest-fsfreeze-freeze``, FITHAW on ``guest-fsfreeze-thaw`
 
 For the job path of the ``qemu`` provider outside the VM tier (the disk images are
 mounted here, not in a guest); what a real agent and guest do is the VM tier's
-(tests/vm/test_vm_qga.py). The guest's watchdog record does not exist (``guest-file-open``
+(tests/vm/test_vm_qga.py). A stand-in, not Debian's qemu-ga, because a real agent cannot
+run safely on a host: its ``guest-fsfreeze-thaw`` thaws every frozen filesystem of its
+mount namespace, other users' freezes included, and its freeze without a list freezes
+``/``. The guest's watchdog record does not exist (``guest-file-open``
 answers an error, as an agent without quiesce's hook does).
 """
 
