@@ -394,6 +394,10 @@ def main() -> None:
         e0, e1 = r0["extents"]
         print(f"| {m} | {agg(m, 'tps'):,.0f} | {agg(m, 'p999'):.1f} ms | {agg(m, 'max'):,.1f} ms"
               f" | {cmd} | {win} | {cpu} | {e0:,} → {e1:,} |")  # fmt: skip
+    for m in [m for m in methods if m.startswith("quiesce") and len(results[m][0]["cmd"]) >= 100]:
+        c1, c100 = first_nth(m, "cmd", 100)
+        w1, w100 = first_nth(m, "windows", 100)
+        print(f"  {m} 100th/1st: command {c100 / c1:.2f}, window {w100 / w1:.2f} [<= 1.5]")
     if {"script", "quiesce"} <= set(methods):
         q, sc = "quiesce", "script"
         print("\nratios (targets in brackets):")
