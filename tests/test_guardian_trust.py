@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import is_writable
+from conftest import is_frozen, is_writable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_guardian import Rig, cli, is_gone, kmsg_lines, status, wait_for, wait_gone
@@ -638,3 +638,37 @@ def test_absurd_durations_are_refused_naming_the_flag(rig: Rig, flag: str, value
         assert first.startswith(f"quiesce: {flag} must be a number of seconds from "), first
         assert hint.startswith("hint: ")
         assert is_writable(vol.path)
+
+
+def test_a_thaw_asked_while_the_ownership_probe_is_in_flight_waits_for_it(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """`quiesce thaw` that arrives while the guardian's FIFREEZE probe of the volume is in
+    flight (or while the trace judges someone else's FITHAW: load run 2 met it beside a
+    concurrent quiesce user, and the thaw failed with a made-up EIO) is answered
+    "checking", thaws nothing, and succeeds once the probe has returned. The probe is held
+    in flight by a fault (it waits for a file), so the order is by construction."""
+    vol = rig.volumes(1)[0]
+    gate = tmp_path / "release-probe"
+    env = {**os.environ, FAULT_ENV: f"guardian:probe-parks={gate}"}
+    gpid = hold(rig, vol.path, env=env)
+    wait_for(lambda: Path(f"{gate}.parked").exists(), "the probe in flight")
+    # asked directly: one answer, no retry
+    dev = status(gpid)["volumes"][0]["dev"]
+    reply = guardian.ask(gpid, {"op": "thaw", "devs": [dev]})
+    assert reply["ok"] is False and reply.get("checking") is True, reply
+    assert is_frozen(vol.path), "a thaw answered 'checking' thawed"
+    # `quiesce thaw` asks again until the probe returns (released from here meanwhile)
+    thaw = subprocess.Popen(
+        [sys.executable, "-m", "quiesce", "thaw", vol.path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        gate.touch()
+        out, err = thaw.communicate(timeout=60)
+    finally:
+        if thaw.poll() is None:
+            thaw.kill()
+    assert thaw.returncode == 0, err
+    assert not is_frozen(vol.path)
+    assert f"guardian {gpid}" in out + err

@@ -112,3 +112,29 @@ def _iso(t: str) -> float:
     if t == "9999":
         return 4e9
     return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+
+
+def test_runs_within_one_second_are_ordered(tmp_path):
+    """Load run 2 (a busy machine): a failed run and the next complete one made their
+    snapshots in the same second; with second-resolution times the complete run was not
+    "newer" and the failed run's snapshot was kept. Times now carry milliseconds; a
+    manifest written before (seconds) still sorts and compares."""
+    from quiesce.backup.phase import apply_snapshot_retention
+    from quiesce.snapshot.store import save_manifest
+
+    def man(snap_id: str, created: str, ok: bool) -> Manifest:
+        return Manifest(
+            id=snap_id, job="j", provider="reflink", created=created, volumes=[],
+            snapshots=[], window=None, freeze_mode="fifreeze", consistency="atomic",
+            consistency_reason="", phases=[],
+            backup={"ok": True, "verified": None} if ok else {"ok": False},
+        )  # fmt: skip
+
+    state = tmp_path / "state"
+    save_manifest(state, man("j-old", "2026-01-01T00:00:14Z", True))  # the old format
+    save_manifest(state, man("j-failed", "2026-01-01T00:00:15.200Z", False))
+    save_manifest(state, man("j-good", "2026-01-01T00:00:15.900Z", True))
+    assert [m.id for m in snapshots.list_manifests(state)] == ["j-old", "j-failed", "j-good"]
+    out = apply_snapshot_retention("j", RetentionPolicy(keep_last=2), state)
+    assert out["incomplete"]["deleted"] == ["j-failed"], out
+    assert {m.id for m in snapshots.list_manifests(state)} == {"j-old", "j-good"}

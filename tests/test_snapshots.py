@@ -81,7 +81,7 @@ def test_phases_hooks_and_manifest(loopfs, tmp_path):
     ]  # fmt: skip
     assert prov.writable_inside is False  # the snapshot ran inside the freeze
     assert re.fullmatch(r"nightly-\d{8}T\d{6}Z", man.id)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", man.created)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", man.created)
     assert (
         man.consistency == "atomic"
         and "hook 'db': ran before the freeze" in man.consistency_reason

@@ -151,7 +151,9 @@ def newest_snapshot(job: str, state: str | Path | None = None) -> Any:
 
 
 def _created(man: Any) -> datetime:
-    return datetime.fromisoformat(str(man.created).replace("Z", "+00:00"))
+    from quiesce.snapshot.store import created_at
+
+    return created_at(man)
 
 
 def _held(state: Path, manifests: list[Any]) -> set[str]:

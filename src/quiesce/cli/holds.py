@@ -93,7 +93,7 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
                 continue
             pid = st["pid"]
             try:
-                reply = guardian.ask(pid, {"op": "thaw", "devs": [dev]}, timeout=THAW_S)
+                reply = guardian.thaw(pid, [dev], timeout=THAW_S)
             except GuardianError as e:
                 return _own_fithaw(path, target, f"guardian {pid} did not answer: {e.message}")
             if reply.get("ok"):
@@ -107,7 +107,19 @@ def thaw_one_volume(path: str, mounts: MountTable) -> dict[str, Any]:
                     f"it waits for writes in flight); guardian {pid} thaws it the moment it "
                     "completes"
                 )
-            raise kernel.error_for(reply.get("errno") or errno.EIO, "thaw", name, fstype)
+            if reply.get("checking"):
+                raise GuardianError(
+                    f"{name}: guardian {pid} is still checking that the freeze is its own "
+                    f"({THAW_S:g} s: someone else's FITHAW on this machine is being judged)",
+                    "run `quiesce thaw` again in a moment; the guardian's deadline thaws it "
+                    "in any case",
+                )
+            if "errno" not in reply:
+                raise GuardianError(
+                    f"{name}: guardian {pid} did not thaw it: {reply.get('error')}",
+                    "run `quiesce status` to see who holds it",
+                )
+            raise kernel.error_for(reply["errno"] or errno.EIO, "thaw", name, fstype)
         why = "no guardian held it"
         dead = records.holder_gone(dev)
         if dead is not None:

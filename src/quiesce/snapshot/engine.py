@@ -284,7 +284,9 @@ def create(
                 id=snap_id,
                 job=job,
                 provider=prov.name,
-                created=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                # milliseconds: two runs within one second must still be ordered (which
+                # complete run is newer than an incomplete one decides its retention)
+                created=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 volumes=[_volume_dict(m) for m in members],
                 snapshots=list(made),
                 window=_window_dict(window, snapshot_s) if window is not None else None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,7 +83,7 @@ def scan_manifests(state_dir: str | Path | None = None) -> ManifestScan:
             continue  # deleted meanwhile
         except (OSError, ValueError, TypeError, KeyError) as e:
             bad.append(UnreadableManifest(p, f"{type(e).__name__}: {e}"))
-    return ManifestScan(sorted(out, key=lambda m: (m.created, m.id)), bad)
+    return ManifestScan(sorted(out, key=lambda m: (created_at(m), m.id)), bad)
 
 
 def list_manifests(state_dir: str | Path | None = None) -> list[Manifest]:
@@ -131,6 +131,15 @@ def resolve_id(
         f"no snapshot {prefix!r} in {_manifest_dir(state_dir_path(state_dir))}",
         "see `quiesce snapshot list`",
     )
+
+
+def created_at(man: Manifest) -> datetime:
+    """When a snapshot was made, comparable across the manifest's formats (seconds, then
+    milliseconds since the same second's runs had to be ordered)."""
+    try:
+        return datetime.fromisoformat(str(man.created).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 # -- create ------------------------------------------------------------------------------

@@ -8,7 +8,14 @@ and the handle's are loaded on first use (``quiesce status`` and ``thaw`` need n
 
 from typing import TYPE_CHECKING
 
-from quiesce.freezing.guardian.client import Survey, ask, holder_of, list_guardians, survey
+from quiesce.freezing.guardian.client import (
+    Survey,
+    ask,
+    holder_of,
+    list_guardians,
+    survey,
+    thaw,
+)
 from quiesce.freezing.guardian.protocol import (
     DEFAULT_LEASE,
     DEFAULT_TIMEOUT,
@@ -38,6 +45,7 @@ __all__ = [
     "list_guardians",
     "socket_path",
     "survey",
+    "thaw",
 ]
 
 

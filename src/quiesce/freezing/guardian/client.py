@@ -242,6 +242,19 @@ def supersede(devs: list[str], *, exclude: int) -> None:
             _exchange(pids, {"op": "forget", "devs": devs}, ANSWER_S / 2)
 
 
+def thaw(pid: int, devs: list[str], timeout: float = THAW_S) -> dict[str, Any]:
+    """Ask guardian ``pid`` to thaw ``devs``. While it is still checking that a freeze is
+    its own (a probe, or the kernel's trace after someone else's FITHAW on the machine:
+    milliseconds), it answers ``checking`` and thaws nothing; ask again until ``timeout``.
+    The last answer is returned (``checking`` still set if the check outlasted it)."""
+    end = time.monotonic() + timeout
+    while True:
+        reply = ask(pid, {"op": "thaw", "devs": devs}, timeout=max(0.1, end - time.monotonic()))
+        if not reply.get("checking") or time.monotonic() >= end:
+            return reply
+        time.sleep(0.005)  # a retry's pace, not a synchronisation: the guardian decides
+
+
 def ask(pid: int, msg: dict[str, Any], timeout: float = ANSWER_S) -> dict[str, Any]:
     """One request to guardian ``pid``; its reply checked against the request's schema.
     GuardianError if no trustworthy answer came within ``timeout``."""

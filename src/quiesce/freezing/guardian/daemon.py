@@ -234,6 +234,10 @@ class _Guardian:
         faults = os.environ.get(FAULT_ENV, "").split(",")
         self.fault = "guardian:raise" in faults
         self.fault_worker = "guardian:worker-raise" in faults
+        # "guardian:probe-parks=PATH": the first ownership probe writes PATH.parked and
+        # waits for PATH to exist (a probe in flight, for as long as a test needs)
+        parks = [f.split("=", 1)[1] for f in faults if f.startswith("guardian:probe-parks=")]
+        self.fault_probe_parks = parks[0] if parks else None
         self.syslog = _Syslog()
         self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -366,6 +370,9 @@ class _Guardian:
             if self.final or not self.core.probe_started(i):
                 return
             self.in_kernel.add(i)
+        if self.fault_probe_parks is not None:
+            _park(self.fault_probe_parks)
+            self.fault_probe_parks = None
         started = _now()
         try:
             code = kernel.freeze_errno(self.specs[i].fd)
@@ -765,6 +772,24 @@ class _Guardian:
             pending = [i for i in mine if self.core.vols[i].state == VolState.FREEZING]
             for i in pending:  # an expiry thaws it on return anyway
                 self.core.thaw_when_frozen(i)
+        with self.lock:  # frozen by us, but a probe or the trace's verdict is in flight
+            checking = [i for i in mine if self.core.vols[i].state == VolState.FROZEN]
+            checking = [i for i in checking if i not in idxs]
+        if checking and self.expired is None:
+            # Not refused: the ownership check takes milliseconds (a probe) or until the
+            # trace catches up; the client asks again (client.thaw). Nothing is thawed
+            # meanwhile, so a group's volumes are thawed together or not at all.
+            self._answer(
+                conn,
+                {
+                    "id": req.id,
+                    "ok": False,
+                    "checking": True,
+                    "error": f"{self.specs[checking[0]].name}: its ownership is being "
+                    "checked (a probe or the kernel's trace is in flight); ask again",
+                },
+            )
+            return
         if pending and not idxs:
             v = self.core.vols[pending[0]]
             self._answer(
@@ -1012,6 +1037,16 @@ class _Guardian:
         """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
         with contextlib.suppress(OSError):
             os.unlink(socket_file(os.getpid()), dir_fd=self.dir_fd)
+
+
+def _park(path: str) -> None:
+    """Fault injection only (QUIESCE_FAULT=guardian:probe-parks=PATH): say so, then wait
+    for PATH (bounded: a test that never releases it still ends)."""
+    with open(path + ".parked", "w"):
+        pass
+    end = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def _sweep_stale(dir_fd: int) -> None:

@@ -354,4 +354,6 @@ def check_thaw(reply: dict[str, Any]) -> dict[str, Any]:
     ex = reply.get("expired")
     if ex is not None and not (isinstance(ex, dict) and isinstance(ex.get("reason"), str)):
         raise ProtocolError("thaw reply with a malformed expiry")
+    if "checking" in reply and not isinstance(reply["checking"], bool):
+        raise ProtocolError("thaw reply with a bad checking flag")
     return reply

@@ -33,7 +33,7 @@ def check_host(volumes: list[str]) -> dict[str, Any]:
 
 def thaw_host(volumes: list[str]) -> tuple[list[str], list[str]]:
     """Ask every guardian holding one of ``volumes`` frozen to thaw it: (thawed, errors)."""
-    from quiesce.freezing.guardian import ask, survey
+    from quiesce.freezing.guardian import survey, thaw
     from quiesce.host.mounts import MountTable
 
     table = MountTable.read()
@@ -44,7 +44,7 @@ def thaw_host(volumes: list[str]) -> tuple[list[str], list[str]]:
         if not mine:
             continue
         try:
-            reply = ask(st["pid"], {"op": "thaw", "devs": [v["dev"] for v in mine]})
+            reply = thaw(st["pid"], [v["dev"] for v in mine])
         except Exception as e:
             errors.append(f"guardian {st['pid']}: {e}")
             continue
