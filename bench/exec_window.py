@@ -60,15 +60,36 @@ def ungated(mnt: str) -> float:
     return float(w.duration or 0)
 
 
+LAST_GUARDIAN: list[int | None] = [None]
+
+
 def guardian(mnt: str) -> float:
     with make_plan([mnt]) as plan:
         f = Freezer(plan, timeout=10, lease=5)
         f.freeze()
         w = f.thaw()
+    LAST_GUARDIAN[0] = w.guardian_pid
     return float(w.duration or 0)
 
 
 def gated(mnt: str) -> float:
+    """As ``quiesce exec`` does it: the guardian releases the command."""
+    with make_plan([mnt]) as plan:
+        f = Freezer(plan, timeout=10, lease=5)
+        g = proc.Gated(["/usr/bin/true"])
+        f.freeze(gate_fd=g.gate)
+        if f.gate_released_ns is not None:
+            g.released_elsewhere(f.gate_released_ns / 1e9)
+        else:
+            g.release()
+        g.wait(5)
+        w = f.thaw()
+    LAST_GUARDIAN[0] = w.guardian_pid
+    return float(w.duration or 0)
+
+
+def gated_by_controller(mnt: str) -> float:
+    """The path before: the controller releases the command after the guardian's answer."""
     with make_plan([mnt]) as plan:
         f = Freezer(plan, timeout=10, lease=5)
         g = proc.Gated(["/usr/bin/true"])
@@ -76,6 +97,7 @@ def gated(mnt: str) -> float:
         g.release()
         g.wait(5)
         w = f.thaw()
+    LAST_GUARDIAN[0] = w.guardian_pid
     return float(w.duration or 0)
 
 
@@ -91,9 +113,43 @@ def floor(mnt: str) -> float:
         os.close(fd)
 
 
+def hop_table(mnt: str, n: int) -> None:
+    """Where the window goes: every hop from the first FIFREEZE to the last FITHAW
+    (bench/hops.py wraps quiesce's functions in this process and the guardian it forks),
+    for ``guardian`` (no command) and ``gated`` (the command released by the freeze);
+    interleaved, medians over ``n`` runs of each."""
+    import hops
+
+    hops.install()
+    runs = (("guardian", guardian), ("gated", gated), ("gated-by-controller", gated_by_controller))
+    per: dict[str, dict[str, list[float]]] = {name: {} for name, _ in runs}
+    order: dict[str, list[str]] = {}
+    totals: dict[str, list[float]] = {}
+    for _ in range(n):
+        for name, fn in runs:
+            hops.MARKS.clear()
+            fn(mnt)
+            marks = hops.collect(LAST_GUARDIAN[0], hops.MARKS)
+            seq = hops.window_hops(marks)
+            totals.setdefault(name, []).append(sum(ms for _, ms in seq))
+            order.setdefault(name, [h for h, _ in seq])
+            for h, ms in seq:
+                per[name].setdefault(h, []).append(ms)
+    for name, rows in per.items():
+        total = statistics.median(totals[name])
+        print(f"\nhops of `{name}` (first FIFREEZE issued -> last FITHAW returned), {n} runs")
+        print("| hop | median ms | runs with it |\n| --- | --- | --- |")
+        names = order[name] + [h for h in rows if h not in order[name]]
+        for h in names:
+            xs = rows[h]
+            print(f"| {h} | {statistics.median(xs):.3f} | {len(xs)} |")
+        print(f"| whole window (median, marks included) | {total:.3f} | {n} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--hops", type=int, default=0, help="also N runs with every hop timed")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-exec-"))
     img, mnt = work / "fs.img", work / "mnt"
@@ -108,6 +164,7 @@ def main() -> None:
         methods = {
             "quiesce": quiesce_exec,
             "gated": gated,
+            "gated-by-controller": gated_by_controller,
             "ungated": ungated,
             "guardian": guardian,
             "floor": floor,
@@ -127,6 +184,8 @@ def main() -> None:
         for base in ("ungated", "guardian", "floor"):
             print(f"quiesce / {base}: {med['quiesce'] / med[base]:.2f}x")
         print(f"target quiesce <= 2 ms: {ok}")
+        if args.hops:
+            hop_table(str(mnt), args.hops)
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             sh("umount", str(mnt))

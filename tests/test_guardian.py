@@ -12,9 +12,11 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import HELPERS, LoopFS, Writer, is_writable, thaw_quietly
 
-from quiesce.errors import FreezeExpired, GuardianError
+from quiesce.errors import AlreadyFrozen, FreezeExpired, GuardianError
 from quiesce.freezing import guardian
 from quiesce.freezing.freezer import FAULT_ENV, freeze
 
@@ -792,3 +794,83 @@ def test_a_thaw_of_several_volumes_is_answered_once_all_are_thawed(rig: Rig) -> 
     assert all(is_writable(v.path) for v in (a, b, c))
     assert wait_gone(gpid)
     rig.check_writers(min_stall=0.1)
+
+
+# -- the command's gate: released by the guardian, never before the group is frozen -----------
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_the_gate_opens_only_once_every_fifreeze_of_the_group_returned(rig: Rig) -> None:
+    """`exec`'s command waits on a pipe the guardian writes one byte to. Two volumes in one
+    wave, one FIFREEZE stuck in the kernel (its loop image's fs frozen by a third party):
+    with its wave-mate frozen, the gate stays shut; it opens once the stuck FIFREEZE
+    returned, after every FIFREEZE's return, and the guardian lets go of it (EOF after the
+    byte). Negative control: the pipe is watched by the same select that sees the byte."""
+    outer, inner, other = stuck_wave(rig)
+    r, w = os.pipe()
+    got: list[Any] = []
+    try:
+        from quiesce.freezing.freezer import Freezer
+        from quiesce.freezing.plan import make_plan
+
+        with make_plan([inner.path, other.path]) as plan:
+            f = Freezer(plan, timeout=60, lease=60, syncfs=False)
+            f.arm()
+            gpid = rig.track(f.window.guardian_pid or 0)
+            t = threading.Thread(target=lambda: got.append(f.freeze(gate_fd=w)), daemon=True)
+            t.start()
+            want = {inner.path: "freezing", other.path: "frozen"}
+            wait_for(
+                lambda: {v["mount_point"]: v["state"] for v in status(gpid)["volumes"]} == want,
+                "one volume frozen, the other's FIFREEZE stuck",
+                10,
+            )
+            assert not _readable(r, 0.3), "the gate opened while a FIFREEZE was in the kernel"
+            thaw_quietly(outer.path)  # the stuck FIFREEZE completes
+            t.join(30)
+            assert got, "the freeze did not return"
+            assert _readable(r, 5.0) and os.read(r, 16) == b"\n"
+            os.close(w)
+            w = -1
+            assert os.read(r, 16) == b"", "the guardian kept the gate open"
+            frozen_at = [res._frozen_ns for res in f.results]
+            assert f.gate_released_ns is not None and all(
+                x is not None and x <= f.gate_released_ns for x in frozen_at
+            ), (f.gate_released_ns, frozen_at)
+            f.thaw()
+    finally:
+        thaw_quietly(outer.path)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert is_writable(inner.path, timeout=5.0) and is_writable(other.path, timeout=5.0)
+
+
+def test_a_failed_group_never_opens_the_gate(rig: Rig) -> None:
+    """One volume of the group is frozen by someone else (its FIFREEZE answers EBUSY):
+    the freeze fails and rolls back, and the gate is closed without a byte: the command
+    never runs (its shell sees EOF)."""
+    a, b = rig.volumes(2)
+    b.freeze_externally()
+    r, w = os.pipe()
+    try:
+        from quiesce.freezing.freezer import Freezer
+        from quiesce.freezing.plan import make_plan
+
+        with make_plan([a.path, b.path]) as plan:
+            f = Freezer(plan, timeout=30, lease=30, syncfs=False)
+            with pytest.raises(AlreadyFrozen):
+                f.freeze(gate_fd=w)
+            assert f.gate_released_ns is None
+        os.close(w)
+        w = -1
+        assert _readable(r, 5.0) and os.read(r, 16) == b"", "the gate opened on a failed group"
+    finally:
+        b.thaw_externally()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert is_writable(a.path, timeout=5.0)

@@ -112,6 +112,8 @@ class _Job:
     subs: list[_Job] = field(default_factory=list)  # one per volume (a single op: one)
     left: int = 0  # volumes whose ioctl has not returned yet
     chain: bool = False  # its volumes one after another, in order (a client's thaw)
+    gate_fd: int = -1  # a freeze wave: a command's gate, released once the group is frozen
+    gate_ns: int | None = None  # when that byte was written
 
 
 class _InjectedFault(RuntimeError):
@@ -498,6 +500,8 @@ class _Guardian:
                 else:
                     acts = self.core.thaw_returned(i, probe, code, t1)
                 new = self._note_expiry()
+                if job.gate_fd >= 0:
+                    self._open_gate(job)  # first thing: the command runs while we note
                 vol = self.core.vols[i]
                 ok = code == 0 and probe in (None, errno.EBUSY) and vol.state != VolState.LOST
                 sub.result = {"ok": ok, "errno": code, "start": t0, "end": t1}
@@ -523,6 +527,31 @@ class _Guardian:
         if last:
             self._finish(job)
 
+    def _open_gate(self, job: _Job) -> None:
+        """Under the lock, as a FIFREEZE of a gated wave is recorded: release the command
+        (one byte on its gate) if, and only if, every volume of the group is frozen by us
+        now and nothing has expired; then let go of the gate either way. The controller
+        learns of it from the wave's answer (``gate_ns``); a gate never released is closed
+        (the command sees EOF and does not run)."""
+        if self.expired is not None or self.core.expiry is not None or self.final:
+            self._close_gate(job)
+            return
+        if any(v.state != VolState.FROZEN for v in self.core.vols):
+            return  # a wave-mate is still in the kernel: its thread decides
+        try:
+            os.write(job.gate_fd, b"\n")
+            job.gate_ns = _now()
+        except OSError:
+            pass  # the command is gone already: the controller's wait says how
+        self._close_gate(job)
+
+    @staticmethod
+    def _close_gate(job: _Job) -> None:
+        if job.gate_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(job.gate_fd)
+            job.gate_fd = -1
+
     def _refusal(self, i: int, op: str) -> dict[str, Any]:
         """Why the core would not let this ioctl happen (call under the lock)."""
         if self.expired is not None or self.core.expiry is not None or self.final:
@@ -543,6 +572,7 @@ class _Guardian:
         wave = job.op in ("freeze_wave", "thaw_wave")
         ok = all(s.result.get("ok") for s in subs)
         with self.lock:
+            self._close_gate(job)  # not released by now: never
             if wave:
                 job.result = {
                     "ok": ok,
@@ -550,6 +580,8 @@ class _Guardian:
                     "expedite": self.rcu.state,
                     "expedite_reason": self.rcu.reason,
                 }
+                if job.gate_ns is not None:
+                    job.result["gate_ns"] = job.gate_ns
             else:  # a single op, or a client's thaw: its last volume's (as always)
                 job.result = dict(subs[-1].result)
                 lost = [s.result["lost"] for s in subs if s.result.get("lost")]
@@ -650,16 +682,18 @@ class _Guardian:
         idxs: Sequence[int] = (),
         expedite: str = "",
         chain: bool = False,
+        gate_fd: int = -1,
     ) -> None:
         bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.specs)]
-        if bad:
-            self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {bad[0]}"})
-            return
-        if self.expired is not None:
-            self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
+        if bad or self.expired is not None:
+            if gate_fd >= 0:
+                os.close(gate_fd)
+            no = {"error": f"no volume {bad[0]}"} if bad else {"expired": self.expired}
+            self._answer(reply, {"id": req_id, "ok": False, **no})
             return
         job = _Job(op, idx, reply, req_id, idxs=tuple(idxs) or (idx,), expedite=expedite)
         job.chain = chain
+        job.gate_fd = gate_fd
         base = op.removesuffix("_wave")
         job.subs = [_Job(base, i, None, None) for i in job.idxs]
         job.left = len(job.subs)
@@ -670,24 +704,36 @@ class _Guardian:
     def _on_controller(self) -> None:
         assert self.ctl is not None
         try:
-            data = self.ctl.recv(MAX_MSG)
+            # A gated freeze wave carries one fd (the command's gate); any other is closed.
+            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MSG, 1)
         except OSError:
-            data = b""
+            data, fds = b"", []
+        gate_fd = fds[0] if fds else -1
+        for fd in fds[1:]:
+            os.close(fd)
         if not data:
+            if gate_fd >= 0:
+                os.close(gate_fd)
             self._controller_died()
             return
         with self.lock:  # any message is a sign of life
             self.core.renew(_now())
         try:
             req = parse_request(data, CONTROLLER_OPS)
+            if req.gate != (gate_fd >= 0) or (req.gate and not _is_pipe(gate_fd)):
+                raise ProtocolError("gate: true comes with one fd, a pipe, and only then")
         except ProtocolError as e:
+            if gate_fd >= 0:
+                os.close(gate_fd)
             self._answer(self.ctl, error_reply(e))
             return
         if req.op in ("freeze", "thaw"):
             assert req.vol is not None
             self._submit(req.op, req.vol, self.ctl, req.id)
         elif req.op in ("freeze_wave", "thaw_wave"):
-            self._submit(req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite)
+            self._submit(
+                req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite, gate_fd=gate_fd
+            )
         elif req.op == "detach":
             with self.lock:
                 self.core.detach()
@@ -1012,6 +1058,13 @@ class _Guardian:
         """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
         with contextlib.suppress(OSError):
             os.unlink(socket_file(os.getpid()), dir_fd=self.dir_fd)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _sweep_stale(dir_fd: int) -> None:
