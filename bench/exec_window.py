@@ -77,7 +77,7 @@ def gated(mnt: str) -> float:
     with make_plan([mnt]) as plan:
         f = Freezer(plan, timeout=10, lease=5)
         g = proc.Gated(["/usr/bin/true"])
-        f.freeze(gate_fd=g.gate)
+        f.freeze(gate_fd=g.gate, exit_fd=g.pidfd)
         if f.gate_released_ns is not None:
             g.released_elsewhere(f.gate_released_ns / 1e9)
         else:
@@ -114,36 +114,40 @@ def floor(mnt: str) -> float:
 
 
 def hop_table(mnt: str, n: int) -> None:
-    """Where the window goes: every hop from the first FIFREEZE to the last FITHAW
-    (bench/hops.py wraps quiesce's functions in this process and the guardian it forks),
-    for ``guardian`` (no command) and ``gated`` (the command released by the freeze);
-    interleaved, medians over ``n`` runs of each."""
+    """Where the window goes: each hop from the first FIFREEZE issued to the last FITHAW
+    returned (bench/hops.py wraps quiesce's functions in this process and the guardian it
+    forks), for ``guardian`` (no command), ``gated`` (the guardian releases the command
+    and thaws at its exit) and ``gated-by-controller`` (the path before: both through
+    this process); interleaved, medians over ``n`` runs each. The ioctls' own times swing
+    with the machine's load (RCU grace periods): ``hops`` is the window without them."""
     import hops
 
     hops.install()
     runs = (("guardian", guardian), ("gated", gated), ("gated-by-controller", gated_by_controller))
     per: dict[str, dict[str, list[float]]] = {name: {} for name, _ in runs}
-    order: dict[str, list[str]] = {}
-    totals: dict[str, list[float]] = {}
+    whole: dict[str, list[float]] = {name: [] for name, _ in runs}
+    rest: dict[str, list[float]] = {name: [] for name, _ in runs}
     for _ in range(n):
         for name, fn in runs:
             hops.MARKS.clear()
-            fn(mnt)
+            window = fn(mnt)
             marks = hops.collect(LAST_GUARDIAN[0], hops.MARKS)
-            seq = hops.window_hops(marks)
-            totals.setdefault(name, []).append(sum(ms for _, ms in seq))
-            order.setdefault(name, [h for h, _ in seq])
+            seq = hops.window_hops(marks, hops.CHAINS[name])
             for h, ms in seq:
                 per[name].setdefault(h, []).append(ms)
+            if len(seq) == len(hops.CHAINS[name]) - 1:
+                whole[name].append(window * 1e3)
+                kernel_ms = sum(ms for h, ms in seq if tuple(h.split(" -> ")) in hops.IOCTLS)
+                rest[name].append(window * 1e3 - kernel_ms)
     for name, rows in per.items():
-        total = statistics.median(totals[name])
         print(f"\nhops of `{name}` (first FIFREEZE issued -> last FITHAW returned), {n} runs")
-        print("| hop | median ms | runs with it |\n| --- | --- | --- |")
-        names = order[name] + [h for h in rows if h not in order[name]]
-        for h in names:
-            xs = rows[h]
+        print("| hop | median ms | runs |\n| --- | --- | --- |")
+        for h, xs in rows.items():
             print(f"| {h} | {statistics.median(xs):.3f} | {len(xs)} |")
-        print(f"| whole window (median, marks included) | {total:.3f} | {n} |")
+        if whole[name]:
+            print(f"| window | {statistics.median(whole[name]):.3f} | {len(whole[name])} |")
+            print(f"| window - ioctls (hops) | {statistics.median(rest[name]):.3f} | "
+                  f"{len(rest[name])} |")  # fmt: skip
 
 
 def main() -> None:

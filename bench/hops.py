@@ -9,7 +9,9 @@ microsecond per mark: small next to the hops it measures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import os
 import time
@@ -68,6 +70,8 @@ def install() -> None:
     _wrap(daemon._Guardian, "_finish", "g.finish>", None)
     if hasattr(daemon._Guardian, "_open_gate"):  # the guardian releases the command
         _wrap(daemon._Guardian, "_open_gate", None, "g.gate<")
+    if hasattr(daemon._Guardian, "_command_exited"):  # ... and thaws when it exits
+        _wrap(daemon._Guardian, "_command_exited", "g.cmd.exited>", None)
     _wrap(handle, "send", "c.send>", "c.send<")
     _wrap(handle, "recv", None, "c.recv<")
     _wrap(proc.Gated, "release", "c.gate.release>", None)
@@ -114,19 +118,41 @@ def collect(guardian_pid: int | None, ours: list[tuple[int, str]]) -> list[tuple
                 except ValueError:
                     pass
             time.sleep(0.002)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return sorted(got)
 
 
-def window_hops(marks: list[tuple[int, str]]) -> list[tuple[str, float]]:
-    """From the first FIFREEZE issued to the last FITHAW returned: each gap between two
-    consecutive marks, named ``a -> b``, in ms."""
-    first = next(i for i, (_, w) in enumerate(marks) if w == "FIFREEZE>")
-    last = max(i for i, (_, w) in enumerate(marks) if w == "FITHAW<")
-    span = marks[first : last + 1]
-    return [
-        (f"{a[1]} -> {b[1]}", (b[0] - a[0]) / 1e6) for a, b in zip(span, span[1:], strict=False)
-    ]
+# Each method's path from the first FIFREEZE issued to the last FITHAW returned, as marks
+# in the order they must happen (each found after the one before it).
+CHAINS = {
+    "guardian": [
+        "FIFREEZE>", "FIFREEZE<", "rcu.release>", "rcu.release<", "g.send<", "c.recv<",
+        "c.send>", "g.main.recv>", "crew.run", "FIFREEZE>", "FIFREEZE<16", "FITHAW>", "FITHAW<",
+    ],
+    "gated-by-controller": [
+        "FIFREEZE>", "FIFREEZE<", "rcu.release>", "rcu.release<", "g.send<", "c.recv<",
+        "c.gate.release>", "c.gate.waited<", "c.send>", "g.main.recv>", "crew.run",
+        "FIFREEZE>", "FIFREEZE<16", "FITHAW>", "FITHAW<",
+    ],
+    "gated": [
+        "FIFREEZE>", "FIFREEZE<", "g.gate<", "g.cmd.exited>", "crew.run", "FIFREEZE>",
+        "FIFREEZE<16", "FITHAW>", "FITHAW<",
+    ],
+}  # fmt: skip
+IOCTLS = {("FIFREEZE>", "FIFREEZE<"), ("FIFREEZE>", "FIFREEZE<16"), ("FITHAW>", "FITHAW<")}
+
+
+def window_hops(marks: list[tuple[int, str]], chain: list[str]) -> list[tuple[str, float]]:
+    """The gaps between consecutive marks of ``chain`` (ms), each named ``a -> b``; a
+    mark missing from this run ends the list early (the caller counts the runs)."""
+    start = next(i for i, (_, w) in enumerate(marks) if w == chain[0])
+    at = [marks[start]]
+    j = start
+    for want in chain[1:]:
+        k = next((k for k in range(j + 1, len(marks)) if marks[k][1] == want), None)
+        if k is None:
+            break
+        at.append(marks[k])
+        j = k
+    return [(f"{a[1]} -> {b[1]}", (b[0] - a[0]) / 1e6) for a, b in itertools.pairwise(at)]

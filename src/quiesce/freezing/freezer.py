@@ -382,7 +382,7 @@ class Freezer:
         self._finish()
         self._exec = None
 
-    def freeze(self, gate_fd: int | None = None) -> Window:
+    def freeze(self, gate_fd: int | None = None, exit_fd: int | None = None) -> Window:
         """Arm (guardian, syncfs) unless armed, then freeze the group wave by wave (plan
         order).
 
@@ -390,6 +390,9 @@ class Freezer:
         writes one byte to it the moment the last FIFREEZE of the group has returned and
         every volume is frozen, with no hop through this process; ``gate_released_ns``
         then says when (None: not released, e.g. without a guardian: release it yourself).
+        ``exit_fd``: that command's pidfd: once released, its exit makes the guardian thaw
+        the last wave at once (the checked thaw :meth:`thaw` would ask for; ``thaw`` then
+        gets its answer), with no hop through this process.
 
         On failure, the volumes frozen so far are thawed at once and the typed error of
         the failing volume is raised, naming every volume's outcome.
@@ -405,7 +408,7 @@ class Freezer:
                 how = _EXPEDITE_STEP.get((first, last), "") if self.expedite else ""
                 assert self._exec is not None  # armed above
                 if last and gate_fd is not None and isinstance(self._exec, GuardianHandle):
-                    reply = self._exec.freeze_wave(wave, how, gate_fd=gate_fd)
+                    reply = self._exec.freeze_wave(wave, how, gate_fd=gate_fd, exit_fd=exit_fd)
                     gate = reply.get("gate_ns")
                     self.gate_released_ns = gate if isinstance(gate, int) else None
                 else:

@@ -535,6 +535,11 @@ class Gated:
         when there is ``input`` to feed (only :meth:`release` does that)."""
         return None if self.input or self._gate < 0 else self._gate
 
+    @property
+    def pidfd(self) -> int | None:
+        """Its pidfd (readable once it exited), until :meth:`wait` returns."""
+        return self._pidfd if self._pidfd >= 0 else None
+
     def released_elsewhere(self, at: float) -> None:
         """The byte was written through :attr:`gate` at ``at`` (``time.monotonic()``'s
         clock): the command runs; our end of the gate closes (its stdin sees EOF once the

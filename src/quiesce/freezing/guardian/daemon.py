@@ -114,6 +114,7 @@ class _Job:
     chain: bool = False  # its volumes one after another, in order (a client's thaw)
     gate_fd: int = -1  # a freeze wave: a command's gate, released once the group is frozen
     gate_ns: int | None = None  # when that byte was written
+    exit_fd: int = -1  # with the gate: the command's pidfd; its exit starts the thaw
 
 
 class _InjectedFault(RuntimeError):
@@ -238,6 +239,12 @@ class _Guardian:
         self.fault_worker = "guardian:worker-raise" in faults
         self.syslog = _Syslog()
         self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
+        # exec: a released command's pidfd and the wave its exit thaws; that thaw's job,
+        # its result and the controller's request id waiting for it
+        self.exit_watch: tuple[int, tuple[int, ...]] | None = None
+        self.exit_job: _Job | None = None
+        self.exit_result: dict[str, Any] | None = None
+        self.exit_asked: Any = None
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
         self.dir_fd = dir_fd
@@ -572,6 +579,9 @@ class _Guardian:
         wave = job.op in ("freeze_wave", "thaw_wave")
         ok = all(s.result.get("ok") for s in subs)
         with self.lock:
+            if job.gate_ns is None and job.exit_fd >= 0:  # no command runs: nothing to watch
+                os.close(job.exit_fd)
+                job.exit_fd = -1
             self._close_gate(job)  # not released by now: never
             if wave:
                 job.result = {
@@ -601,8 +611,55 @@ class _Guardian:
         """Main thread: a finished request (answer it unless its last thread did)."""
         with self.lock:
             self.pending -= 1
+        if job.exit_fd >= 0:  # a gated wave that released its command: watch it
+            self.exit_watch = (job.exit_fd, job.idxs)
+            job.exit_fd = -1
+            self.sel.register(self.exit_watch[0], selectors.EVENT_READ, "exit")
+        if job is self.exit_job:  # the thaw its command's exit started
+            self.exit_result = job.result
+            if self.exit_asked is not None and self.ctl is not None:
+                self._answer(self.ctl, {"id": self.exit_asked, **job.result})
+                self.exit_asked, self.exit_job = None, None
         if job.reply is not None and not job.answered:
             self._answer(job.reply, {"id": job.req_id, **job.result})
+
+    # -- the thaw at the command's exit (exec) ---------------------------------------------
+    def _end_exit_watch(self) -> tuple[int, ...]:
+        """Stop watching the command (it exited, or the controller asks first)."""
+        if self.exit_watch is None:
+            return ()
+        fd, idxs = self.exit_watch
+        self.exit_watch = None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(fd)
+        os.close(fd)
+        return idxs
+
+    def _command_exited(self) -> None:
+        """Main thread: the gated command exited. Thaw the wave it was released by (the
+        controller's next request, made in advance: the same checked thaw, on the crew);
+        its answer waits for that request."""
+        idxs = self._end_exit_watch()
+        self.exit_result, self.exit_asked = None, None
+        self.exit_job = self._submit("thaw_wave", idxs[0], None, None, idxs)
+
+    def _thaw_request(self, req: Request) -> bool:
+        """The controller's thaw of the wave a command's exit thaws: answered with that
+        thaw (now, or when it returns). False: not that wave, or its command still runs
+        (then the watch ends and the thaw is the controller's, as asked)."""
+        watched = self.exit_watch[1] if self.exit_watch is not None else None
+        if watched is not None and tuple(req.vols) == watched:
+            self._end_exit_watch()  # still running (killed, Ctrl-C): thaw as asked
+            return False
+        job = self.exit_job
+        if job is None or tuple(req.vols) != job.idxs:
+            return False
+        if self.exit_result is not None:
+            self._answer(self.ctl, {"id": req.id, **self.exit_result})  # type: ignore[arg-type]
+            self.exit_job, self.exit_result = None, None
+        else:
+            self.exit_asked = req.id
+        return True
 
     # -- the last line of defence --------------------------------------------------------
     def last_resort(self, exc: BaseException) -> None:
@@ -683,56 +740,72 @@ class _Guardian:
         expedite: str = "",
         chain: bool = False,
         gate_fd: int = -1,
-    ) -> None:
+        exit_fd: int = -1,
+    ) -> _Job | None:
         bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.specs)]
         if bad or self.expired is not None:
-            if gate_fd >= 0:
-                os.close(gate_fd)
+            for fd in (gate_fd, exit_fd):
+                if fd >= 0:
+                    os.close(fd)
             no = {"error": f"no volume {bad[0]}"} if bad else {"expired": self.expired}
-            self._answer(reply, {"id": req_id, "ok": False, **no})
-            return
+            if reply is not None:
+                self._answer(reply, {"id": req_id, "ok": False, **no})
+            else:  # a command's exit: whoever asks for this thaw is told
+                self.exit_result = {"ok": False, **no}
+            return None
         job = _Job(op, idx, reply, req_id, idxs=tuple(idxs) or (idx,), expedite=expedite)
         job.chain = chain
-        job.gate_fd = gate_fd
+        job.gate_fd, job.exit_fd = gate_fd, exit_fd
         base = op.removesuffix("_wave")
         job.subs = [_Job(base, i, None, None) for i in job.idxs]
         job.left = len(job.subs)
         with self.lock:
             self.pending += 1
         self._dispatch(job)
+        return job
 
     def _on_controller(self) -> None:
         assert self.ctl is not None
         try:
-            # A gated freeze wave carries one fd (the command's gate); any other is closed.
-            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MSG, 1)
+            # A gated freeze wave carries the command's gate and, optionally, its pidfd
+            # (SCM_RIGHTS); any other fd is closed.
+            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MSG, 2)
         except OSError:
             data, fds = b"", []
-        gate_fd = fds[0] if fds else -1
-        for fd in fds[1:]:
-            os.close(fd)
         if not data:
-            if gate_fd >= 0:
-                os.close(gate_fd)
+            for fd in fds:
+                os.close(fd)
             self._controller_died()
             return
         with self.lock:  # any message is a sign of life
             self.core.renew(_now())
         try:
             req = parse_request(data, CONTROLLER_OPS)
-            if req.gate != (gate_fd >= 0) or (req.gate and not _is_pipe(gate_fd)):
-                raise ProtocolError("gate: true comes with one fd, a pipe, and only then")
+            if req.gate != bool(fds) or (fds and not _is_pipe(fds[0])):
+                raise ProtocolError("gate: true comes with a pipe's fd, and only then")
+            if len(fds) > 1 and not _is_pidfd(fds[1]):
+                raise ProtocolError("a gate's second fd must be the command's pidfd")
         except ProtocolError as e:
-            if gate_fd >= 0:
-                os.close(gate_fd)
+            for fd in fds:
+                os.close(fd)
             self._answer(self.ctl, error_reply(e))
             return
         if req.op in ("freeze", "thaw"):
             assert req.vol is not None
             self._submit(req.op, req.vol, self.ctl, req.id)
+        elif req.op == "thaw_wave" and self._thaw_request(req):
+            pass  # the command's exit thaws (or thawed) this wave: answered from there
         elif req.op in ("freeze_wave", "thaw_wave"):
+            gate_fd, exit_fd = [*fds, -1, -1][:2]
             self._submit(
-                req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite, gate_fd=gate_fd
+                req.op,
+                req.vols[0],
+                self.ctl,
+                req.id,
+                req.vols,
+                req.expedite,
+                gate_fd=gate_fd,
+                exit_fd=exit_fd,
             )
         elif req.op == "detach":
             with self.lock:
@@ -1020,6 +1093,8 @@ class _Guardian:
                     self._on_client(key.fileobj)
                 elif tag == "trace":
                     self._read_trace()
+                elif tag == "exit" and self.exit_watch is not None:
+                    self._command_exited()
                 elif tag == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
@@ -1063,6 +1138,13 @@ class _Guardian:
 def _is_pipe(fd: int) -> bool:
     try:
         return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _is_pidfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
     except OSError:
         return False
 

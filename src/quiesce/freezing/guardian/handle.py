@@ -170,17 +170,23 @@ class GuardianHandle:
         return self.request("thaw", within=THAW_REPLY_S, vol=idx)
 
     def freeze_wave(
-        self, idxs: Sequence[int], expedite: str = "", gate_fd: int | None = None
+        self,
+        idxs: Sequence[int],
+        expedite: str = "",
+        gate_fd: int | None = None,
+        exit_fd: int | None = None,
     ) -> dict[str, Any]:
         """Freeze volumes with no order between them at once; ``expedite`` ("set",
         "restore", "set-restore") brackets the group with expedited RCU grace periods.
         ``gate_fd`` (the last wave): the guardian writes one byte to it the moment every
-        volume of the group is frozen (the reply's ``gate_ns`` says when), never else."""
+        volume of the group is frozen (the reply's ``gate_ns`` says when), never else.
+        ``exit_fd`` (with it): the released command's pidfd; when it exits, the guardian
+        thaws this wave at once, and the next ``thaw_wave`` of these volumes is answered
+        with that thaw (asked before the command exited: the watch ends, thawed as asked)."""
         if gate_fd is None:
             return self.request("freeze_wave", vols=list(idxs), expedite=expedite)
-        return self.request(
-            "freeze_wave", vols=list(idxs), expedite=expedite, gate=True, fds=[gate_fd]
-        )
+        fds = [gate_fd] if exit_fd is None else [gate_fd, exit_fd]
+        return self.request("freeze_wave", vols=list(idxs), expedite=expedite, gate=True, fds=fds)
 
     def thaw_wave(self, idxs: Sequence[int]) -> dict[str, Any]:
         return self.request("thaw_wave", within=THAW_REPLY_S, vols=list(idxs))
