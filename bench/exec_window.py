@@ -150,10 +150,42 @@ def hop_table(mnt: str, n: int) -> None:
                   f"{len(rest[name])} |")  # fmt: skip
 
 
+def c_floor(mnt: str, work: Path, n: int) -> None:
+    """bench/exec_floor.c: the same window with no Python at all (fork before, FIFREEZE,
+    one byte, the child execs true and exits, pidfd, FIFREEZE probe, FITHAW), with quiesce's
+    gate shell and with a child that execs true itself; rcu_expedited off, and on (held
+    through quiesce's own record, as the guardian holds it: never written by hand).
+    Interleaved in rounds of 10."""
+    from quiesce.freezing.guardian.expedite import Expedite
+
+    exe = work / "exec_floor"
+    sh("cc", "-O2", "-o", str(exe), str(Path(__file__).resolve().parent / "exec_floor.c"))
+    rows: dict[tuple[str, str], list[list[float]]] = {}
+    for _ in range(max(1, n // 10)):
+        for mode in ("sh", "direct"):
+            for rcu in ("off", "on"):
+                hold = Expedite(os.getpid())
+                state = hold.acquire() if rcu == "on" else "off"
+                try:
+                    out = sh(str(exe), mnt, "10", mode)
+                finally:
+                    hold.release()
+                key = (mode, rcu if state in ("on", "off") else state)
+                lines = [[float(x) for x in ln.split()] for ln in out.splitlines()]
+                rows.setdefault(key, []).extend(lines)
+    print("\nC floor (bench/exec_floor.c), medians in ms")
+    print("| child | rcu_expedited | window | FIFREEZE | gate -> exit | probe + FITHAW | runs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (mode, rcu), xs in rows.items():
+        cols = [statistics.median(c) for c in zip(*xs, strict=True)]
+        print(f"| {mode} | {rcu} | " + " | ".join(f"{c:.3f}" for c in cols) + f" | {len(xs)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--hops", type=int, default=0, help="also N runs with every hop timed")
+    ap.add_argument("--floor-c", type=int, default=0, help="also N runs of bench/exec_floor.c")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-exec-"))
     img, mnt = work / "fs.img", work / "mnt"
@@ -190,6 +222,8 @@ def main() -> None:
         print(f"target quiesce <= 2 ms: {ok}")
         if args.hops:
             hop_table(str(mnt), args.hops)
+        if args.floor_c:
+            c_floor(str(mnt), work, args.floor_c)
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             sh("umount", str(mnt))
@@ -197,6 +231,7 @@ def main() -> None:
             with contextlib.suppress(subprocess.CalledProcessError):
                 sh("losetup", "-d", loop)
         img.unlink(missing_ok=True)
+        (work / "exec_floor").unlink(missing_ok=True)
         mnt.rmdir()
         work.rmdir()
 

@@ -874,3 +874,65 @@ def test_a_failed_group_never_opens_the_gate(rig: Rig) -> None:
         if w >= 0:
             os.close(w)
     assert is_writable(a.path, timeout=5.0)
+
+
+def test_exec_thaws_when_the_command_exits_without_the_controller(rig: Rig) -> None:
+    """`exec`: the guardian thaws (a checked thaw) the moment the command exits, with no
+    round trip through the controller: here the controller is stopped (SIGSTOP at fault
+    point 'window', right after the freeze) when the command exits, and the volume is
+    writable all the same. Let go, the controller's thaw gets that thaw's answer: exit 0,
+    the window ends at that FITHAW."""
+    (vol,) = rig.volumes(1)
+    proc = rig.cli_bg("exec", "--json", "--lease", "60", vol.path, "--", "true", fault="window")
+    wait_stopped(proc)
+    gpid = rig.track(guardian_of(proc.pid))
+    assert is_writable(vol.path, timeout=10.0), "still frozen: the thaw waited for the controller"
+    assert states(gpid) == ["thawed"]
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, (out, err)
+    data = json.loads(out)
+    assert data["thawed_by"] == "controller" and data["returncode"] == 0, data
+    assert [v["state"] for v in data["volumes"]] == ["thawed"], data
+    assert 0 < data["window_s"] < 10, data
+    assert wait_gone(gpid)
+    rig.check_writers(min_stall=0.0)
+
+
+def test_the_thaw_at_the_commands_exit_keeps_the_ownership_verdict(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The thaw a command's exit starts is the guardian's checked thaw, with its ownership
+    rules: while the command runs someone else thaws the volume and freezes it again;
+    when the command exits, that foreign freeze is left alone (not ours: lost), and the
+    controller reports the window broken. Negative control: the volume is still frozen
+    (the third party's) after quiesce exited."""
+    (vol,) = rig.volumes(1)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    proc = rig.cli_bg(
+        "exec", "--json", "--lease", "60", vol.path, "--", "/bin/sh", "-c", f"read _ < {fifo}",
+        fault="window",
+    )  # fmt: skip
+    wait_stopped(proc)
+    gpid = rig.track(guardian_of(proc.pid))
+    try:
+        assert states(gpid) == ["frozen"]
+        vol.thaw_externally()
+        for _ in range(100):  # EBUSY while the guardian's probe of that thaw holds it
+            if subprocess.run(["fsfreeze", "-f", vol.path], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("could not freeze the volume as a third party")
+        with open(fifo, "w") as f:  # the command exits
+            f.write("\n")
+        wait_for(lambda: states(gpid) == ["lost"], "the foreign freeze judged not ours", 10)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0, (out, err)
+        assert json.loads(out).get("error") == "FreezeBroken", (out, err)
+        assert not is_writable(vol.path, timeout=0.5), "quiesce thawed someone else's freeze"
+    finally:
+        thaw_quietly(vol.path)
+    rig.check_writers()
