@@ -607,7 +607,7 @@ def test_guardian_answers_only_root_peers(rig: Rig) -> None:
 # -- 7. the report says who thawed and why -----------------------------------------------------
 
 
-def test_report_names_who_thawed(rig: Rig) -> None:
+def test_report_names_who_thawed(rig: Rig, tmp_path: Path) -> None:
     vol = rig.volumes(1)[0]
     ok = cli("exec", "--json", vol.path, "--", "true")
     assert ok.returncode == 0, ok.stderr
@@ -615,11 +615,17 @@ def test_report_names_who_thawed(rig: Rig) -> None:
     assert report["thawed_by"] == "controller" and report["expired_reason"] is None
     assert report["volumes"][0]["thawed_by"] == "controller"
 
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
     for as_json in (True, False):
+        # The command runs until we let it (its exit would thaw): the lease thaws first.
         args = ["exec", *(["--json"] if as_json else []), "--lease", "1", "--timeout", "60"]
-        proc = rig.cli_bg(*args, vol.path, "--", "true", fault="window")
+        cmd = ["/bin/sh", "-c", f"read _ < {fifo}"]
+        proc = rig.cli_bg(*args, vol.path, "--", *cmd, fault="window")
         wait_stopped(proc)
         assert is_writable(vol.path, timeout=5.0)
+        with open(fifo, "w") as f:
+            f.write("\n")
         os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 9, err

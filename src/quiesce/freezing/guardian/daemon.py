@@ -245,6 +245,7 @@ class _Guardian:
         self.exit_job: _Job | None = None
         self.exit_result: dict[str, Any] | None = None
         self.exit_asked: Any = None
+        self.thaws_asked: set[tuple[int, ...]] = set()  # waves the controller asked to thaw
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
         self.dir_fd = dir_fd
@@ -611,6 +612,9 @@ class _Guardian:
         """Main thread: a finished request (answer it unless its last thread did)."""
         with self.lock:
             self.pending -= 1
+        if job.exit_fd >= 0 and job.idxs in self.thaws_asked:  # thawed as asked already
+            os.close(job.exit_fd)
+            job.exit_fd = -1
         if job.exit_fd >= 0:  # a gated wave that released its command: watch it
             self.exit_watch = (job.exit_fd, job.idxs)
             job.exit_fd = -1
@@ -796,6 +800,12 @@ class _Guardian:
         elif req.op == "thaw_wave" and self._thaw_request(req):
             pass  # the command's exit thaws (or thawed) this wave: answered from there
         elif req.op in ("freeze_wave", "thaw_wave"):
+            # A thaw asked before the gated wave's answer was completed here: that
+            # wave's command is not watched (its thaw is under way as asked).
+            if req.op == "thaw_wave":
+                self.thaws_asked.add(tuple(req.vols))
+            else:
+                self.thaws_asked.discard(tuple(req.vols))
             gate_fd, exit_fd = [*fds, -1, -1][:2]
             self._submit(
                 req.op,
