@@ -9,12 +9,19 @@ ext4 loop filesystem and, interleaved N times each:
   issued -> last FITHAW returned);
 - ``ungated``: the same freezer, with ``true`` forked and exec'd from this Python process
   inside the window (what ``exec`` did before);
-- ``gated``: the same as ``quiesce`` from this process (no CLI start-up around it);
+- ``gated``: the same as ``quiesce`` from this process (no CLI start-up around it): the
+  guardian releases the command as the last FIFREEZE returns and thaws as it exits;
+- ``gated-by-controller``: the path before, both through this process (its round trips);
+- ``quiesce-before`` (``--before-src DIR``): ``quiesce exec`` from another checkout;
 - ``guardian``: the same freezer with no command at all (the guardian's round trips);
 - ``floor``: FIFREEZE + FITHAW back to back in this process (no guardian, no command).
 
 Prints median and p90 of each and the ratios quiesce / floor and quiesce / ungated. The
-target: quiesce's median window <= 2 ms.
+target: quiesce's median window <= 2 ms. ``--hops N``: N more runs of the in-process paths
+with every hop timed (bench/hops.py), a table of medians per hop. ``--floor-c N``: the
+same window in C (bench/exec_floor.c), with rcu_expedited off and held through quiesce's
+record. Run it under ``chrt -f 50`` on a loaded machine (the ioctls' own times still swing
+with the load: compare within one run).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -42,8 +50,11 @@ def sh(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def quiesce_exec(mnt: str) -> float:
-    env = os.environ | {"PYTHONPATH": str(SRC)}
+BEFORE: list[str] = []  # --before-src: another checkout's src/ (e.g. main's, exported)
+
+
+def quiesce_exec(mnt: str, src: str = str(SRC)) -> float:
+    env = os.environ | {"PYTHONPATH": src, "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "quiesce", "exec", "--json", mnt, "--", "true"],
         check=True, capture_output=True, text=True, env=env,
@@ -150,6 +161,10 @@ def hop_table(mnt: str, n: int) -> None:
                   f"{len(rest[name])} |")  # fmt: skip
 
 
+def _before(src: str) -> Callable[[str], float]:
+    return lambda mnt: quiesce_exec(mnt, src)
+
+
 def c_floor(mnt: str, work: Path, n: int) -> None:
     """bench/exec_floor.c: the same window with no Python at all (fork before, FIFREEZE,
     one byte, the child execs true and exits, pidfd, FIFREEZE probe, FITHAW), with quiesce's
@@ -186,6 +201,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--hops", type=int, default=0, help="also N runs with every hop timed")
     ap.add_argument("--floor-c", type=int, default=0, help="also N runs of bench/exec_floor.c")
+    ap.add_argument(
+        "--before-src",
+        help="also `quiesce exec` from this src/ (say, main's: git archive main src), "
+        "interleaved with this checkout's, as quiesce-before",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="quiesce-bench-exec-"))
     img, mnt = work / "fs.img", work / "mnt"
@@ -199,6 +219,7 @@ def main() -> None:
         sh("mount", loop, str(mnt))
         methods = {
             "quiesce": quiesce_exec,
+            **({"quiesce-before": _before(args.before_src)} if args.before_src else {}),
             "gated": gated,
             "gated-by-controller": gated_by_controller,
             "ungated": ungated,
@@ -217,7 +238,7 @@ def main() -> None:
             med[name] = statistics.median(xs)
             print(f"| {name} | {med[name] * 1e3:.2f} | {xs[int(len(xs) * 0.9)] * 1e3:.2f} |")
         ok = "met" if med["quiesce"] <= 0.002 else "missed"
-        for base in ("ungated", "guardian", "floor"):
+        for base in ("ungated", "guardian", "floor", *(["quiesce-before"] * bool(args.before_src))):
             print(f"quiesce / {base}: {med['quiesce'] / med[base]:.2f}x")
         print(f"target quiesce <= 2 ms: {ok}")
         if args.hops:

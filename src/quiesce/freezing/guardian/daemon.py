@@ -643,9 +643,11 @@ class _Guardian:
         """Main thread: the gated command exited. Thaw the wave it was released by (the
         controller's next request, made in advance: the same checked thaw, on the crew);
         its answer waits for that request."""
-        idxs = self._end_exit_watch()
+        assert self.exit_watch is not None
+        idxs = self.exit_watch[1]
         self.exit_result, self.exit_asked = None, None
         self.exit_job = self._submit("thaw_wave", idxs[0], None, None, idxs)
+        self._end_exit_watch()  # after: its syscalls let the woken thread run
 
     def _thaw_request(self, req: Request) -> bool:
         """The controller's thaw of the wave a command's exit thaws: answered with that
