@@ -14,7 +14,10 @@ seconds and deletes each snapshot before the next:
 - ``script``: ``fsfreeze -f M; cp --reflink=always IMG SNAP; fsfreeze -u M`` (one shell);
 - ``quiesce``: ``quiesce.snapshots.create(..., "reflink")``, mode delta (the default);
 - ``quiesce-clone``: the same with ``mode = "clone"`` (the old in-window FICLONE; not
-  in the default ``--methods``).
+  in the default ``--methods``);
+- ``quiesce-nobase``: delta with ``base = false`` (no base kept between snapshots: the
+  live image's blocks are shared only while a snapshot exists, as with the script, but
+  every pre-clone is of the whole image; not in the default ``--methods``).
 
 ``--warmup SECONDS`` first runs pgbench with fsfreeze-script snapshots, unmeasured: every
 write after a clone is copied on write, so this ages the image as nights of snapshots would.
@@ -56,7 +59,7 @@ from quiesce import snapshot as snapshots
 from quiesce.host import extents, kernel
 
 PORT = 54471
-METHODS = ("none", "quiesce", "script")  # also: quiesce-clone
+METHODS = ("none", "quiesce", "script")  # also: quiesce-clone, quiesce-nobase
 
 
 def sh(*cmd: str, user: str | None = None, cwd: str | None = None) -> str:
@@ -113,11 +116,14 @@ class Snapshotter:
             snap.unlink()
             return
         mode = "clone" if self.method == "quiesce-clone" else "delta"
+        options: dict[str, object] = {"mode": mode}
+        if self.method == "quiesce-nobase":
+            options["base"] = False
         t, t0 = time.time(), time.monotonic()
         man = snapshots.create(
             [str(self.mnt)],
             "reflink",
-            options={"mode": mode},
+            options=options,
             job=f"pgb{i}",
             state_dir=self.state,
         )
@@ -327,6 +333,11 @@ def main() -> None:
                 print(f"  aged the image: {args.warmup} s of pgbench with snapshots", flush=True)
             for r in range(args.rounds):
                 for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
+                    # Every phase starts with the image shared with nothing: a base the
+                    # quiesce phase kept would make every write of the next phase a copy
+                    # on write (the quiesce phase makes its base anew at its 1st snapshot).
+                    for old in image.parent.glob(".quiesce-base-*"):
+                        old.unlink()
                     res = run_method(m, args, pgb, mnt, image, work)
                     settle(host)
                     results[m].append(res)
@@ -383,6 +394,10 @@ def main() -> None:
         e0, e1 = r0["extents"]
         print(f"| {m} | {agg(m, 'tps'):,.0f} | {agg(m, 'p999'):.1f} ms | {agg(m, 'max'):,.1f} ms"
               f" | {cmd} | {win} | {cpu} | {e0:,} → {e1:,} |")  # fmt: skip
+    for m in [m for m in methods if m.startswith("quiesce") and len(results[m][0]["cmd"]) >= 100]:
+        c1, c100 = first_nth(m, "cmd", 100)
+        w1, w100 = first_nth(m, "windows", 100)
+        print(f"  {m} 100th/1st: command {c100 / c1:.2f}, window {w100 / w1:.2f} [<= 1.5]")
     if {"script", "quiesce"} <= set(methods):
         q, sc = "quiesce", "script"
         print("\nratios (targets in brackets):")

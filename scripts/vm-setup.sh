@@ -18,10 +18,11 @@ VM_DIR=${QUIESCE_VM_DIR:-/opt/quiesce-vm}
 SUITE=${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}
 
 # kmod: depmod/modinfo; python3-venv: the virtme-ng venv; file, busybox-static: virtme-ng;
-# qemu-guest-agent: the agent inside the VM tier's guests (the host's root is their root)
+# qemu-guest-agent: the agent inside the VM tier's guests (the host's root is their root);
+# qemu-utils: qemu-img and qemu-io (the qemu provider's qcow2 backing chains and their tests)
 pkgs=(kmod python3 python3-venv ca-certificates qemu-system-x86 busybox-static file
   linux-image-amd64 linux-headers-amd64 lvm2 thin-provisioning-tools zfs-dkms zfsutils-linux
-  qemu-guest-agent)
+  qemu-guest-agent qemu-utils)
 have_612() { compgen -G "$VM_DIR/kernel-6.12/boot/vmlinuz-6.12.*" >/dev/null; }
 have_vng() { [ -x "$VM_DIR/venv/bin/vng" ]; }
 

@@ -539,10 +539,18 @@ def test_guardian_is_idle_after_it_thawed_on_its_own(rig: Rig) -> None:
     r = cli("freeze", "--json", "--timeout", "0.5", vol.path)
     gpid = rig.track(json.loads(r.stdout)["guardian_pid"])
     wait_for(lambda: status(gpid)["expired"] is not None, "the deadline")
-    before = cpu_seconds(gpid)
-    time.sleep(1.5)
-    used = cpu_seconds(gpid) - before
-    assert used < 0.15, f"the lingering guardian used {used:.2f} s CPU in 1.5 s"
+    # The expiry's own work (the thaw's checks, records, the second line's end) takes some
+    # CPU after "expired" is set, more on a busy machine (under stress-ng it crossed the
+    # old 0.15 s bound). Idle means that a 1.5 s stretch with (next to) no CPU comes: one
+    # that spins, or polls, never has one (10 ms clock ticks: 0.02 s is two of them).
+    end, seen = time.monotonic() + WAIT_S, []
+    while time.monotonic() < end:
+        before = cpu_seconds(gpid)
+        time.sleep(1.5)  # the span measured, not a synchronisation
+        seen.append(round(cpu_seconds(gpid) - before, 2))
+        if seen[-1] <= 0.02:
+            return
+    pytest.fail(f"the lingering guardian never went idle: CPU s per 1.5 s: {seen}")
 
 
 def test_expired_held_freeze_does_not_pin_the_mount(rig: Rig) -> None:

@@ -4,6 +4,8 @@ This host's kernel has no device-mapper and cannot load ZFS, so each kernel is b
 once with virtme-ng (software emulation, the host root read-only over 9p) and runs the
 scenario scripts beside this file; each test asserts one scenario's exit code and shows
 its output on failure. Missing tooling skips with a reason naming scripts/vm-setup.sh.
+The VMs start when the session's collection ends (tests/vm/conftest.py), one after
+another, while the rest of the suite runs; a test waits for its kernel's run.
 """
 
 from __future__ import annotations
@@ -34,14 +36,24 @@ def _why_not(series: str, script: str) -> str | None:
     return vmrun.missing(series, modules=need["modules"], tools=need["tools"])
 
 
+def runnable(series: str) -> list[str]:
+    return [s for s in SCENARIOS[series] if _why_not(series, s) is None]
+
+
+def start_in_background() -> None:
+    """Boot every series with its runnable scenarios, in turn, beside the suite."""
+    for series in SCENARIOS:
+        vmrun.background.start(series, runnable(series))
+
+
 def _scenario(series: str, script: str) -> vmrun.VmResult:
     """Boot ``series`` once (on first use) with every runnable scenario, return ``script``'s."""
     why = _why_not(series, script)
     if why:
         pytest.skip(why)
     if series not in _runs:
-        runnable = [s for s in SCENARIOS[series] if _why_not(series, s) is None]
-        _runs[series] = vmrun.run_scenarios(series, runnable)
+        started = vmrun.background.result(series)
+        _runs[series] = started or vmrun.run_scenarios(series, runnable(series))
     res = _runs[series][script]
     print(res.output)
     print(f"VM run with {len(_runs[series])} scenario(s): {res.boot_seconds:.0f}s; {res.results}")

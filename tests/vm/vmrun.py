@@ -8,12 +8,16 @@ without touching the host. Everything the tier needs is installed by
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import glob
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,24 +162,30 @@ def run_scenarios(
     env = dict(os.environ)
     env["PATH"] = f"{vng.parent}:{env.get('PATH', '/usr/bin:/bin')}"
     t0 = time.monotonic()
+    # Output through a pipe: vng garbles a redirect to a file (test-infra.md). Its own
+    # session, so that a timeout or the end of the test session ends vng and its qemu.
+    p = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd="/",
+        start_new_session=True,
+    )
+    with _lock:
+        _live.add(p)
     try:
-        # Output through a pipe: vng garbles a redirect to a file (test-infra.md).
-        p = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            env=env,
-            cwd="/",
-        )
-        out = p.stdout
-    except subprocess.TimeoutExpired as e:
-        raw = e.stdout or b""
-        out = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(p)
+        out, _ = p.communicate()
         out += f"\n=== VM timed out after {timeout:g}s"
+    finally:
+        with _lock:
+            _live.discard(p)
     seconds = time.monotonic() - t0
     codes = {m.group(1): int(m.group(2)) for m in _END.finditer(out)}
     results = {}
@@ -186,3 +196,48 @@ def run_scenarios(
         kv = dict(m.groups() for m in re.finditer(r"^RESULT (\S+)=(.*?)\s*$", part, re.MULTILINE))
         results[script] = VmResult(script, codes.get(script, -1), part, image.name, seconds, kv)
     return results
+
+
+_live: set[subprocess.Popen[str]] = set()
+_lock = threading.Lock()
+
+
+def _kill(p: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)  # vng and the qemu it started: a throwaway guest
+
+
+def stop_all() -> None:
+    """End every VM run still going (the test session ends or was interrupted)."""
+    with _lock:
+        live = list(_live)
+    for p in live:
+        _kill(p)
+        p.wait()
+
+
+class Background:
+    """VM runs started when the session begins, one after another, so that the slow tier
+    runs beside the rest of the suite (which passes on a busy machine: scripts/
+    test-under-load.sh) instead of after it; a test waits for its series' run."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vm-tier")
+        self._runs: dict[str, concurrent.futures.Future[dict[str, VmResult]]] = {}
+
+    def start(self, series: str, scripts: list[str]) -> None:
+        if series not in self._runs and scripts:
+            self._runs[series] = self._pool.submit(run_scenarios, series, scripts)
+
+    def result(self, series: str) -> dict[str, VmResult] | None:
+        run = self._runs.get(series)
+        return None if run is None else run.result()
+
+    def shutdown(self) -> None:
+        for run in self._runs.values():
+            run.cancel()
+        stop_all()
+        self._pool.shutdown(wait=True)
+
+
+background = Background()

@@ -47,10 +47,15 @@ def mounted_snapshots(
     provider: Provider | None = None,
     holds: str | None = None,
 ) -> Iterator[list[MountedVolume]]:
-    """Mount every volume of a snapshot at ``<root>/<job>/<slug>``; unmount on exit."""
+    """Mount every volume of a snapshot at ``<root>/<job>/<slug>``; unmount on exit.
+
+    The provider's ``mount_view`` first, for every volume: one it refuses (a guest disk
+    holding a partition table) fails the whole backup before anything is mounted."""
     base = Path(root)
     done: list[MountedVolume] = []
     slugs: set[str] = set()
+    if provider is not None:
+        snaps = [provider.mount_view(s) for s in snaps]
     try:
         for snap in snaps:
             slug = snap.id.split("/", 1)[-1] if "/" in snap.id else volume_slug(snap.volume)

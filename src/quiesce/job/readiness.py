@@ -21,6 +21,7 @@ from pathlib import Path
 
 from quiesce.backup.config import BackupConfig
 from quiesce.errors import QuiesceError
+from quiesce.host import images
 from quiesce.host.trust import TrustError, open_checked
 from quiesce.job.schema import Job, Problem
 from quiesce.util.redact import redact
@@ -177,6 +178,36 @@ def _backup_problems(job: Job, b: BackupConfig) -> list[Problem]:
     return problems
 
 
+def _guest_disk_problems(job: Job) -> list[Problem]:
+    """``qemu`` with ``[backup]``: each guest disk must hold one bare filesystem, which
+    the backup mounts read-only (providers/qemu.py ``mount_view``); found here from the
+    live image's superblock (read only), not first at night after the snapshot."""
+    opts = job.config.provider.settings
+    out = []
+    for i, guest in enumerate(getattr(opts, "guests", [])):
+        for j, image in enumerate(guest.images):
+            if not Path(image).is_file():
+                continue  # the provider's own check says so
+            try:
+                found = images.contents(str(image))
+            except (OSError, QuiesceError) as e:
+                out.append(
+                    Problem(f"provider.guests[{i}].images[{j}]", f"cannot read {image}: {e}")
+                )
+                continue
+            if found.fstype is None:
+                out.append(
+                    Problem(
+                        f"provider.guests[{i}].images[{j}]",
+                        f"guest {guest.name}: {image} holds {found.what}: the backup mounts "
+                        "each disk clone read-only as one filesystem",
+                        "back up disks that hold one filesystem each (mkfs on the whole raw "
+                        "disk), or this disk from inside the guest (docs/vm.md)",
+                    )
+                )
+    return out
+
+
 def _writer_keys(job: Job) -> list[str]:
     """Each writer's TOML key, in build_writers' order."""
     w = job.config.writers
@@ -239,6 +270,8 @@ def readiness_problems(job: Job) -> list[Problem]:
     problems = _writer_problems(job)
     problems += trust_problems(job)
     problems += _backup_problems(job, c.backup) if c.backup is not None else []
+    if c.backup is not None and c.provider.type == "qemu":
+        problems += _guest_disk_problems(job)
     if c.metrics_file:
         parent = str(Path(c.metrics_file).parent)
         problem = _directory_problem("metrics_file", parent, "the metrics file", create=True)

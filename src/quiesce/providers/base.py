@@ -109,6 +109,14 @@ class Provider(ABC):
     def delete(self, snap: Snapshot) -> None:
         raise UsageError(f"the {self.name} provider cannot delete snapshots")
 
+    def mount_view(self, snap: Snapshot) -> Snapshot:
+        """The snapshot as a read-only mount sees it (the backup, ``quiesce snapshot
+        mount``): by default itself. A provider whose snapshots are not filesystems by
+        construction (``qemu``: a guest's disk image) finds what the snapshot holds and
+        returns it with its real ``fstype``, or raises a MountError saying what it holds
+        and what to do, before anything is mounted."""
+        return snap
+
     def mount_options(self, snap: Snapshot) -> list[str]:
         """Extra mount options the snapshot's filesystem needs (XFS: nouuid,norecovery)."""
         return []

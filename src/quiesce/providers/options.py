@@ -219,7 +219,7 @@ class QemuGuest(BaseModel):
         description="host end of the guest's org.qemu.guest_agent.0 channel (unix socket)"
     )
     images: Annotated[list[FsPath], Field(min_length=1)] = Field(
-        description="the guest's raw disk image files, on a reflink filesystem of this host"
+        description="the guest's raw or qcow2 image files, on a reflink filesystem of this host"
     )
     mountpoints: list[str] = Field(
         [], description="guest mount points to freeze (guest-fsfreeze-freeze-list); [] = all"

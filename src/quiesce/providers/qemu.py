@@ -26,18 +26,20 @@ commands (docs/vm.md); this provider talks to the agent's socket itself.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from quiesce.errors import GuestRefused, GuestWindowBroken, UsageError
+from quiesce.errors import GuestRefused, GuestWindowBroken, MountError, UsageError
 from quiesce.freezing.instant import FrozenSpan, Offset, Verdict, judge
 from quiesce.freezing.plan import GroupMember
-from quiesce.host import kernel
+from quiesce.host import images, kernel
+from quiesce.providers import chain
 from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
 from quiesce.providers.options import QemuGuest, QemuOptions
 from quiesce.providers.qga import AgentError, GuestAgent
@@ -210,6 +212,9 @@ class _Clone:
     image: str
     dest: str
     created: bool = False
+    # a guest image (top of its chain): the clones of the files below it, top first, and
+    # their formats; empty for a raw image. None: a backing file's clone, not a snapshot.
+    backing: list[tuple[str, str]] | None = field(default_factory=list)
 
 
 class QemuProvider(Provider):
@@ -236,14 +241,52 @@ class QemuProvider(Provider):
             for img in g.images:
                 if not Path(img).is_file():
                     raise UsageError(f"guest {g.name}: no image file {img}", "fix guests.images")
+                self._check_chain(g.name, str(img))
+
+    def _dest_dir(self, image: str) -> str:
+        return str(self.config.dest) if self.config.dest else os.path.dirname(image)
+
+    def _check_chain(self, guest: str, image: str) -> None:
+        """Every file of a qcow2 image's backing chain must be reflink-clonable into the
+        clone directory: on its filesystem."""
+        links = chain.backing_chain(image)[1:]
+        where = self._dest_dir(image)
+        dev = os.stat(where).st_dev if links else None
+        for f in links:
+            if os.stat(f.path).st_dev != dev:
+                raise UsageError(
+                    f"guest {guest}: {image}'s backing file {f.path} is not on the filesystem "
+                    f"of the clone directory {where}: a reflink clone cannot reach it",
+                    "keep the whole backing chain on the filesystem of the images' clones",
+                    option="guests.images",
+                )
 
     def prepare(self, members: Sequence[GroupMember], name: str) -> None:
+        """Name every clone: each image's, and each file of its backing chain once (two
+        images over one base share its clone). The chains are read here, outside the
+        window."""
         self._clones, self._name = [], name
+        below: dict[str, str] = {}  # a backing file's real path -> its clone
+        used: set[str] = set()
         for g in self.config.guests:
             for img in g.images:
-                d = str(self.config.dest) if self.config.dest else os.path.dirname(img)
-                dest = os.path.join(d, f"{name}--{volume_slug(g.name)}--{Path(img).name}")
-                self._clones.append(_Clone(g.name, str(img), dest))
+                d, slug = self._dest_dir(str(img)), volume_slug(g.name)
+                dest = os.path.join(d, f"{name}--{slug}--{Path(img).name}")
+                top = _Clone(g.name, str(img), dest)
+                used.add(dest)
+                self._clones.append(top)
+                assert top.backing is not None
+                for f in chain.backing_chain(str(img))[1:]:
+                    if f.path not in below:
+                        bdest = os.path.join(d, f"{name}--{slug}--{Path(f.path).name}")
+                        n = 1
+                        while bdest in used:
+                            n += 1
+                            bdest = os.path.join(d, f"{name}--{slug}--{n}-{Path(f.path).name}")
+                        used.add(bdest)
+                        below[f.path] = bdest
+                        self._clones.append(_Clone(g.name, f.path, bdest, backing=None))
+                    top.backing.append((below[f.path], f.format))
         self.group = GuestGroup(self.config)
 
     def _clone_all(self) -> list[Snapshot]:
@@ -262,6 +305,8 @@ class QemuProvider(Provider):
                     os.close(dst)
             finally:
                 os.close(src)
+            if c.backing is None:
+                continue  # a backing file's clone: part of an image's snapshot
             st = os.stat(c.image)
             out.append(
                 Snapshot(
@@ -272,7 +317,8 @@ class QemuProvider(Provider):
                     fstype="image",
                     created=time.time(),
                     location=c.dest,
-                    extra={"guest": c.guest, "image": c.image},
+                    extra={"guest": c.guest, "image": c.image}
+                    | ({"backing": [b for b, _ in c.backing]} if c.backing else {}),
                 )
             )
         return out
@@ -332,9 +378,48 @@ class QemuProvider(Provider):
                     os.unlink(c.dest)
         self._clones = []
 
+    def after_thaw(self, snaps: list[Snapshot]) -> None:
+        """Point each clone of a backing chain at the clone below it (header only), so the
+        snapshot depends on no live file."""
+        done: set[str] = set()
+        for c in self._clones:
+            if not c.backing:
+                continue
+            files = [(c.dest, "qcow2"), *c.backing]
+            for (upper, _), (lower, fmt) in itertools.pairwise(files):
+                if upper not in done:
+                    chain.rebase(upper, lower, fmt)
+                    done.add(upper)
+
     def delete(self, snap: Snapshot) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(snap.location)
+        for path in [snap.location, *snap.extra.get("backing", [])]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def mount_view(self, snap: Snapshot) -> Snapshot:
+        """A disk clone that holds one bare filesystem is mounted like any clone (its
+        ``fstype`` found in its superblock); anything else is refused, before any mount:
+        the backup is file by file (docs/vm.md, "Backing up guest snapshots")."""
+        if snap.fstype != "image":
+            return snap
+        found = images.contents(snap.location)
+        if found.fstype is None:
+            guest, image = snap.extra.get("guest", "?"), snap.extra.get("image", snap.volume)
+            raise MountError(
+                f"guest {guest}: the clone of {image} holds {found.what}, not a filesystem "
+                "the host can mount read-only, so it cannot be backed up file by file",
+                "back up disks that hold one filesystem each (mkfs on the whole raw disk: "
+                "no partition table, LVM, LUKS or qcow2), or back this disk up from inside "
+                "the guest; the snapshot was kept",
+                option="guests.images",
+            )
+        return replace(snap, fstype=found.fstype)
+
+    def mount_options(self, snap: Snapshot) -> list[str]:
+        # As a reflink clone of a frozen filesystem: the guest's frozen XFS log is covered,
+        # not clean, and the clone has the guest's UUID. A frozen ext4 mounts plain ro; an
+        # unfrozen clone (freeze = false) gets readonly.py's no-replay retry and a warning.
+        return ["nouuid", "norecovery"] if snap.fstype == "xfs" else []
 
 
 __all__ = ["GuestGroup", "GuestRefused", "GuestWindowBroken", "QemuProvider", "guest_record"]

@@ -99,6 +99,7 @@ def mount(snap_id: str, directory: str | Path, state_dir: str | Path | None = No
                 f"{snap.id} is already mounted at {where[0]}",
                 f"unmount it first: quiesce snapshot umount {where[0]}",
             )
+    snaps = [prov.mount_view(s) for s in snaps]  # a guest disk: its filesystem, or refused
     done: list[MountedVolume] = []
     with Journal.open(state_dir, job=man.job) as journal:
         seen: set[str] = set()
