@@ -12,9 +12,11 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import HELPERS, LoopFS, Writer, is_writable, thaw_quietly
 
-from quiesce.errors import FreezeExpired, GuardianError
+from quiesce.errors import AlreadyFrozen, FreezeExpired, GuardianError
 from quiesce.freezing import guardian
 from quiesce.freezing.freezer import FAULT_ENV, freeze
 
@@ -613,7 +615,7 @@ def test_guardian_answers_only_root_peers(rig: Rig) -> None:
 # -- 7. the report says who thawed and why -----------------------------------------------------
 
 
-def test_report_names_who_thawed(rig: Rig) -> None:
+def test_report_names_who_thawed(rig: Rig, tmp_path: Path) -> None:
     vol = rig.volumes(1)[0]
     ok = cli("exec", "--json", vol.path, "--", "true")
     assert ok.returncode == 0, ok.stderr
@@ -621,11 +623,17 @@ def test_report_names_who_thawed(rig: Rig) -> None:
     assert report["thawed_by"] == "controller" and report["expired_reason"] is None
     assert report["volumes"][0]["thawed_by"] == "controller"
 
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
     for as_json in (True, False):
+        # The command runs until we let it (its exit would thaw): the lease thaws first.
         args = ["exec", *(["--json"] if as_json else []), "--lease", "1", "--timeout", "60"]
-        proc = rig.cli_bg(*args, vol.path, "--", "true", fault="window")
+        cmd = ["/bin/sh", "-c", f"read _ < {fifo}"]
+        proc = rig.cli_bg(*args, vol.path, "--", *cmd, fault="window")
         wait_stopped(proc)
         assert is_writable(vol.path, timeout=5.0)
+        with open(fifo, "w") as f:
+            f.write("\n")
         os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 9, err
@@ -800,3 +808,145 @@ def test_a_thaw_of_several_volumes_is_answered_once_all_are_thawed(rig: Rig) -> 
     assert all(is_writable(v.path) for v in (a, b, c))
     assert wait_gone(gpid)
     rig.check_writers(min_stall=0.1)
+
+
+# -- the command's gate: released by the guardian, never before the group is frozen -----------
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_the_gate_opens_only_once_every_fifreeze_of_the_group_returned(rig: Rig) -> None:
+    """`exec`'s command waits on a pipe the guardian writes one byte to. Two volumes in one
+    wave, one FIFREEZE stuck in the kernel (its loop image's fs frozen by a third party):
+    with its wave-mate frozen, the gate stays shut; it opens once the stuck FIFREEZE
+    returned, after every FIFREEZE's return, and the guardian lets go of it (EOF after the
+    byte). Negative control: the pipe is watched by the same select that sees the byte."""
+    outer, inner, other = stuck_wave(rig)
+    r, w = os.pipe()
+    got: list[Any] = []
+    try:
+        from quiesce.freezing.freezer import Freezer
+        from quiesce.freezing.plan import make_plan
+
+        with make_plan([inner.path, other.path]) as plan:
+            f = Freezer(plan, timeout=60, lease=60, syncfs=False)
+            f.arm()
+            gpid = rig.track(f.window.guardian_pid or 0)
+            t = threading.Thread(target=lambda: got.append(f.freeze(gate_fd=w)), daemon=True)
+            t.start()
+            want = {inner.path: "freezing", other.path: "frozen"}
+            wait_for(
+                lambda: {v["mount_point"]: v["state"] for v in status(gpid)["volumes"]} == want,
+                "one volume frozen, the other's FIFREEZE stuck",
+                10,
+            )
+            assert not _readable(r, 0.3), "the gate opened while a FIFREEZE was in the kernel"
+            thaw_quietly(outer.path)  # the stuck FIFREEZE completes
+            t.join(30)
+            assert got, "the freeze did not return"
+            assert _readable(r, 5.0) and os.read(r, 16) == b"\n"
+            os.close(w)
+            w = -1
+            assert os.read(r, 16) == b"", "the guardian kept the gate open"
+            frozen_at = [res._frozen_ns for res in f.results]
+            assert f.gate_released_ns is not None and all(
+                x is not None and x <= f.gate_released_ns for x in frozen_at
+            ), (f.gate_released_ns, frozen_at)
+            f.thaw()
+    finally:
+        thaw_quietly(outer.path)
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert is_writable(inner.path, timeout=5.0) and is_writable(other.path, timeout=5.0)
+
+
+def test_a_failed_group_never_opens_the_gate(rig: Rig) -> None:
+    """One volume of the group is frozen by someone else (its FIFREEZE answers EBUSY):
+    the freeze fails and rolls back, and the gate is closed without a byte: the command
+    never runs (its shell sees EOF)."""
+    a, b = rig.volumes(2)
+    b.freeze_externally()
+    r, w = os.pipe()
+    try:
+        from quiesce.freezing.freezer import Freezer
+        from quiesce.freezing.plan import make_plan
+
+        with make_plan([a.path, b.path]) as plan:
+            f = Freezer(plan, timeout=30, lease=30, syncfs=False)
+            with pytest.raises(AlreadyFrozen):
+                f.freeze(gate_fd=w)
+            assert f.gate_released_ns is None
+        os.close(w)
+        w = -1
+        assert _readable(r, 5.0) and os.read(r, 16) == b"", "the gate opened on a failed group"
+    finally:
+        b.thaw_externally()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert is_writable(a.path, timeout=5.0)
+
+
+def test_exec_thaws_when_the_command_exits_without_the_controller(rig: Rig) -> None:
+    """`exec`: the guardian thaws (a checked thaw) the moment the command exits, with no
+    round trip through the controller: here the controller is stopped (SIGSTOP at fault
+    point 'window', right after the freeze) when the command exits, and the volume is
+    writable all the same. Let go, the controller's thaw gets that thaw's answer: exit 0,
+    the window ends at that FITHAW."""
+    (vol,) = rig.volumes(1)
+    proc = rig.cli_bg("exec", "--json", "--lease", "60", vol.path, "--", "true", fault="window")
+    wait_stopped(proc)
+    gpid = rig.track(guardian_of(proc.pid))
+    assert is_writable(vol.path, timeout=10.0), "still frozen: the thaw waited for the controller"
+    assert states(gpid) == ["thawed"]
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, (out, err)
+    data = json.loads(out)
+    assert data["thawed_by"] == "controller" and data["returncode"] == 0, data
+    assert [v["state"] for v in data["volumes"]] == ["thawed"], data
+    assert 0 < data["window_s"] < 10, data
+    assert wait_gone(gpid)
+    rig.check_writers(min_stall=0.0)
+
+
+def test_the_thaw_at_the_commands_exit_keeps_the_ownership_verdict(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The thaw a command's exit starts is the guardian's checked thaw, with its ownership
+    rules: while the command runs someone else thaws the volume and freezes it again;
+    when the command exits, that foreign freeze is left alone (not ours: lost), and the
+    controller reports the window broken. Negative control: the volume is still frozen
+    (the third party's) after quiesce exited."""
+    (vol,) = rig.volumes(1)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    proc = rig.cli_bg(
+        "exec", "--json", "--lease", "60", vol.path, "--", "/bin/sh", "-c", f"read _ < {fifo}",
+        fault="window",
+    )  # fmt: skip
+    wait_stopped(proc)
+    gpid = rig.track(guardian_of(proc.pid))
+    try:
+        assert states(gpid) == ["frozen"]
+        vol.thaw_externally()
+        for _ in range(100):  # EBUSY while the guardian's probe of that thaw holds it
+            if subprocess.run(["fsfreeze", "-f", vol.path], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("could not freeze the volume as a third party")
+        with open(fifo, "w") as f:  # the command exits
+            f.write("\n")
+        wait_for(lambda: states(gpid) == ["lost"], "the foreign freeze judged not ours", 10)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0, (out, err)
+        assert json.loads(out).get("error") == "FreezeBroken", (out, err)
+        assert not is_writable(vol.path, timeout=0.5), "quiesce thawed someone else's freeze"
+    finally:
+        thaw_quietly(vol.path)
+    rig.check_writers()

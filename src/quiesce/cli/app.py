@@ -266,7 +266,11 @@ def status_cmd(
 
 
 def _freeze_ending_blockers(
-    freezer: Freezer, plan: Plan, after: float | None
+    freezer: Freezer,
+    plan: Plan,
+    after: float | None,
+    gate_fd: int | None = None,
+    exit_fd: int | None = None,
 ) -> tuple[Window, list[str]]:
     """``freezer.freeze()``, with the opt-in blocker policy (--end-blockers-after) from
     the first FIFREEZE on: what it ended, one line each, to print after the window."""
@@ -278,7 +282,7 @@ def _freeze_ending_blockers(
     freezer.arm()  # guardian and pre-flush first: the bound counts from the first FIFREEZE
     devs = [m.volume.dev for m in plan.members if not m.skip]
     with ending_blockers(devs, after) as watch:
-        window = freezer.freeze()
+        window = freezer.freeze(gate_fd=gate_fd, exit_fd=exit_fd)
     return window, watch.ended
 
 
@@ -339,12 +343,20 @@ def exec_cmd(
             )
             gated = _start_gated(exe, cmd, env, buffer_out, buffer_err)  # before the freeze
             try:
-                window, ended = _freeze_ending_blockers(freezer, plan, end_blockers_after)
+                window, ended = _freeze_ending_blockers(
+                    freezer, plan, end_blockers_after, gate_fd=gated.gate, exit_fd=gated.pidfd
+                )
             except BaseException:
                 gated.cancel()
                 raise
             try:
-                gated.release()  # the command runs now: the window holds its run alone
+                # The command runs now: the window holds its run alone. The guardian
+                # released it as the last FIFREEZE returned and thaws as it exits (no hop
+                # through us; our thaw below gets that thaw's answer), or we do both.
+                if freezer.gate_released_ns is not None:
+                    gated.released_elsewhere(freezer.gate_released_ns / 1e9)
+                else:
+                    gated.release()
                 done = gated.wait(timeout - (window.duration or 0))
                 rc, killed = done.returncode, done.timed_out
                 cmd_out, cmd_err = done.stdout or None, done.stderr or None

@@ -336,6 +336,7 @@ class Freezer:
         )
         self.window.waves = [[self.members[k].name for k in w] for w in self.waves]
         self._exec: GuardianHandle | _InProcess | None = None
+        self.gate_released_ns: int | None = None  # the guardian released freeze()'s gate
         self._fault = os.environ.get(FAULT_ENV) or None
         self._saved_bytecode = sys.dont_write_bytecode
 
@@ -381,9 +382,17 @@ class Freezer:
         self._finish()
         self._exec = None
 
-    def freeze(self) -> Window:
+    def freeze(self, gate_fd: int | None = None, exit_fd: int | None = None) -> Window:
         """Arm (guardian, syncfs) unless armed, then freeze the group wave by wave (plan
         order).
+
+        ``gate_fd``: the write end of a waiting command's gate (proc.Gated). The guardian
+        writes one byte to it the moment the last FIFREEZE of the group has returned and
+        every volume is frozen, with no hop through this process; ``gate_released_ns``
+        then says when (None: not released, e.g. without a guardian: release it yourself).
+        ``exit_fd``: that command's pidfd: once released, its exit makes the guardian thaw
+        the last wave at once (the checked thaw :meth:`thaw` would ask for; ``thaw`` then
+        gets its answer), with no hop through this process.
 
         On failure, the volumes frozen so far are thawed at once and the typed error of
         the failing volume is raised, naming every volume's outcome.
@@ -398,7 +407,12 @@ class Freezer:
                 first, last = w == 0, w == n - 1
                 how = _EXPEDITE_STEP.get((first, last), "") if self.expedite else ""
                 assert self._exec is not None  # armed above
-                reply = self._exec.freeze_wave(wave, how)
+                if last and gate_fd is not None and isinstance(self._exec, GuardianHandle):
+                    reply = self._exec.freeze_wave(wave, how, gate_fd=gate_fd, exit_fd=exit_fd)
+                    gate = reply.get("gate_ns")
+                    self.gate_released_ns = gate if isinstance(gate, int) else None
+                else:
+                    reply = self._exec.freeze_wave(wave, how)
                 self._note_expedite(reply)
                 failures = []
                 for k in wave:

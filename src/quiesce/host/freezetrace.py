@@ -89,9 +89,18 @@ class FreezeTrace:
         try:
             self._write("trace_clock", "mono")
             self._write("buffer_size_kb", "64")
-            self._write(f"{_EVENT}/filter", f"cmd == {FIFREEZE:#x} || cmd == {FITHAW:#x}")
+            # Our own threads' calls are dropped in the kernel too (read() drops them
+            # anyway): each would wake the reader inside our own window, and its parsing
+            # would hold the interpreter while our next ioctl returns.
+            mine = "".join(f" && common_pid != {t}" for t in sorted(own_tids) if t > 0)
+            calls = f"cmd == {FIFREEZE:#x} || cmd == {FITHAW:#x}"
+            try:
+                self._write(f"{_EVENT}/filter", f"({calls}){mine}")
+                self._write(f"{_EXIT}/filter", f"ret == -16{mine}")
+            except OSError:  # a kernel that filters on no common field: read() drops them
+                self._write(f"{_EVENT}/filter", calls)
+                self._write(f"{_EXIT}/filter", "ret == -16")
             self._write(f"{_EVENT}/enable", "1")
-            self._write(f"{_EXIT}/filter", "ret == -16")
             self._write(f"{_EXIT}/enable", "1")
             self.fd = os.open(os.path.join(self.inst, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
         except BaseException:

@@ -528,6 +528,25 @@ class Gated:
         else:
             self._close_gate()
 
+    @property
+    def gate(self) -> int | None:
+        """The gate's write end, for another releaser (the guardian writes the one byte
+        the moment every FIFREEZE returned; then call :meth:`released_elsewhere`); None
+        when there is ``input`` to feed (only :meth:`release` does that)."""
+        return None if self.input or self._gate < 0 else self._gate
+
+    @property
+    def pidfd(self) -> int | None:
+        """Its pidfd (readable once it exited), until :meth:`wait` returns."""
+        return self._pidfd if self._pidfd >= 0 else None
+
+    def released_elsewhere(self, at: float) -> None:
+        """The byte was written through :attr:`gate` at ``at`` (``time.monotonic()``'s
+        clock): the command runs; our end of the gate closes (its stdin sees EOF once the
+        other end is closed too)."""
+        self.released_at = at
+        self._close_gate()
+
     def _close_gate(self) -> None:
         if self._gate >= 0:
             os.close(self._gate)

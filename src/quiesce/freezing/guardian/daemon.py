@@ -112,6 +112,9 @@ class _Job:
     subs: list[_Job] = field(default_factory=list)  # one per volume (a single op: one)
     left: int = 0  # volumes whose ioctl has not returned yet
     chain: bool = False  # its volumes one after another, in order (a client's thaw)
+    gate_fd: int = -1  # a freeze wave: a command's gate, released once the group is frozen
+    gate_ns: int | None = None  # when that byte was written
+    exit_fd: int = -1  # with the gate: the command's pidfd; its exit starts the thaw
 
 
 class _InjectedFault(RuntimeError):
@@ -240,6 +243,13 @@ class _Guardian:
         self.fault_probe_parks = parks[0] if parks else None
         self.syslog = _Syslog()
         self.clients: dict[socket.socket, int] = {}  # connection -> accepted at
+        # exec: a released command's pidfd and the wave its exit thaws; that thaw's job,
+        # its result and the controller's request id waiting for it
+        self.exit_watch: tuple[int, tuple[int, ...]] | None = None
+        self.exit_job: _Job | None = None
+        self.exit_result: dict[str, Any] | None = None
+        self.exit_asked: Any = None
+        self.thaws_asked: set[tuple[int, ...]] = set()  # waves the controller asked to thaw
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel = selectors.DefaultSelector()
         self.dir_fd = dir_fd
@@ -505,6 +515,8 @@ class _Guardian:
                 else:
                     acts = self.core.thaw_returned(i, probe, code, t1)
                 new = self._note_expiry()
+                if job.gate_fd >= 0:
+                    self._open_gate(job)  # first thing: the command runs while we note
                 vol = self.core.vols[i]
                 ok = code == 0 and probe in (None, errno.EBUSY) and vol.state != VolState.LOST
                 sub.result = {"ok": ok, "errno": code, "start": t0, "end": t1}
@@ -530,6 +542,31 @@ class _Guardian:
         if last:
             self._finish(job)
 
+    def _open_gate(self, job: _Job) -> None:
+        """Under the lock, as a FIFREEZE of a gated wave is recorded: release the command
+        (one byte on its gate) if, and only if, every volume of the group is frozen by us
+        now and nothing has expired; then let go of the gate either way. The controller
+        learns of it from the wave's answer (``gate_ns``); a gate never released is closed
+        (the command sees EOF and does not run)."""
+        if self.expired is not None or self.core.expiry is not None or self.final:
+            self._close_gate(job)
+            return
+        if any(v.state != VolState.FROZEN for v in self.core.vols):
+            return  # a wave-mate is still in the kernel: its thread decides
+        try:
+            os.write(job.gate_fd, b"\n")
+            job.gate_ns = _now()
+        except OSError:
+            pass  # the command is gone already: the controller's wait says how
+        self._close_gate(job)
+
+    @staticmethod
+    def _close_gate(job: _Job) -> None:
+        if job.gate_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(job.gate_fd)
+            job.gate_fd = -1
+
     def _refusal(self, i: int, op: str) -> dict[str, Any]:
         """Why the core would not let this ioctl happen (call under the lock)."""
         if self.expired is not None or self.core.expiry is not None or self.final:
@@ -550,6 +587,10 @@ class _Guardian:
         wave = job.op in ("freeze_wave", "thaw_wave")
         ok = all(s.result.get("ok") for s in subs)
         with self.lock:
+            if job.gate_ns is None and job.exit_fd >= 0:  # no command runs: nothing to watch
+                os.close(job.exit_fd)
+                job.exit_fd = -1
+            self._close_gate(job)  # not released by now: never
             if wave:
                 job.result = {
                     "ok": ok,
@@ -557,6 +598,8 @@ class _Guardian:
                     "expedite": self.rcu.state,
                     "expedite_reason": self.rcu.reason,
                 }
+                if job.gate_ns is not None:
+                    job.result["gate_ns"] = job.gate_ns
             else:  # a single op, or a client's thaw: its last volume's (as always)
                 job.result = dict(subs[-1].result)
                 lost = [s.result["lost"] for s in subs if s.result.get("lost")]
@@ -576,8 +619,60 @@ class _Guardian:
         """Main thread: a finished request (answer it unless its last thread did)."""
         with self.lock:
             self.pending -= 1
+        if job.exit_fd >= 0 and job.idxs in self.thaws_asked:  # thawed as asked already
+            os.close(job.exit_fd)
+            job.exit_fd = -1
+        if job.exit_fd >= 0:  # a gated wave that released its command: watch it
+            self.exit_watch = (job.exit_fd, job.idxs)
+            job.exit_fd = -1
+            self.sel.register(self.exit_watch[0], selectors.EVENT_READ, "exit")
+        if job is self.exit_job:  # the thaw its command's exit started
+            self.exit_result = job.result
+            if self.exit_asked is not None and self.ctl is not None:
+                self._answer(self.ctl, {"id": self.exit_asked, **job.result})
+                self.exit_asked, self.exit_job = None, None
         if job.reply is not None and not job.answered:
             self._answer(job.reply, {"id": job.req_id, **job.result})
+
+    # -- the thaw at the command's exit (exec) ---------------------------------------------
+    def _end_exit_watch(self) -> tuple[int, ...]:
+        """Stop watching the command (it exited, or the controller asks first)."""
+        if self.exit_watch is None:
+            return ()
+        fd, idxs = self.exit_watch
+        self.exit_watch = None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(fd)
+        os.close(fd)
+        return idxs
+
+    def _command_exited(self) -> None:
+        """Main thread: the gated command exited. Thaw the wave it was released by (the
+        controller's next request, made in advance: the same checked thaw, on the crew);
+        its answer waits for that request."""
+        assert self.exit_watch is not None
+        idxs = self.exit_watch[1]
+        self.exit_result, self.exit_asked = None, None
+        self.exit_job = self._submit("thaw_wave", idxs[0], None, None, idxs)
+        self._end_exit_watch()  # after: its syscalls let the woken thread run
+
+    def _thaw_request(self, req: Request) -> bool:
+        """The controller's thaw of the wave a command's exit thaws: answered with that
+        thaw (now, or when it returns). False: not that wave, or its command still runs
+        (then the watch ends and the thaw is the controller's, as asked)."""
+        watched = self.exit_watch[1] if self.exit_watch is not None else None
+        if watched is not None and tuple(req.vols) == watched:
+            self._end_exit_watch()  # still running (killed, Ctrl-C): thaw as asked
+            return False
+        job = self.exit_job
+        if job is None or tuple(req.vols) != job.idxs:
+            return False
+        if self.exit_result is not None:
+            self._answer(self.ctl, {"id": req.id, **self.exit_result})  # type: ignore[arg-type]
+            self.exit_job, self.exit_result = None, None
+        else:
+            self.exit_asked = req.id
+        return True
 
     # -- the last line of defence --------------------------------------------------------
     def last_resort(self, exc: BaseException) -> None:
@@ -657,44 +752,80 @@ class _Guardian:
         idxs: Sequence[int] = (),
         expedite: str = "",
         chain: bool = False,
-    ) -> None:
+        gate_fd: int = -1,
+        exit_fd: int = -1,
+    ) -> _Job | None:
         bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.specs)]
-        if bad:
-            self._answer(reply, {"id": req_id, "ok": False, "error": f"no volume {bad[0]}"})
-            return
-        if self.expired is not None:
-            self._answer(reply, {"id": req_id, "ok": False, "expired": self.expired})
-            return
+        if bad or self.expired is not None:
+            for fd in (gate_fd, exit_fd):
+                if fd >= 0:
+                    os.close(fd)
+            no = {"error": f"no volume {bad[0]}"} if bad else {"expired": self.expired}
+            if reply is not None:
+                self._answer(reply, {"id": req_id, "ok": False, **no})
+            else:  # a command's exit: whoever asks for this thaw is told
+                self.exit_result = {"ok": False, **no}
+            return None
         job = _Job(op, idx, reply, req_id, idxs=tuple(idxs) or (idx,), expedite=expedite)
         job.chain = chain
+        job.gate_fd, job.exit_fd = gate_fd, exit_fd
         base = op.removesuffix("_wave")
         job.subs = [_Job(base, i, None, None) for i in job.idxs]
         job.left = len(job.subs)
         with self.lock:
             self.pending += 1
         self._dispatch(job)
+        return job
 
     def _on_controller(self) -> None:
         assert self.ctl is not None
         try:
-            data = self.ctl.recv(MAX_MSG)
+            # A gated freeze wave carries the command's gate and, optionally, its pidfd
+            # (SCM_RIGHTS); any other fd is closed.
+            data, fds, _, _ = socket.recv_fds(self.ctl, MAX_MSG, 2)
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
+            for fd in fds:
+                os.close(fd)
             self._controller_died()
             return
         with self.lock:  # any message is a sign of life
             self.core.renew(_now())
         try:
             req = parse_request(data, CONTROLLER_OPS)
+            if req.gate != bool(fds) or (fds and not _is_pipe(fds[0])):
+                raise ProtocolError("gate: true comes with a pipe's fd, and only then")
+            if len(fds) > 1 and not _is_pidfd(fds[1]):
+                raise ProtocolError("a gate's second fd must be the command's pidfd")
         except ProtocolError as e:
+            for fd in fds:
+                os.close(fd)
             self._answer(self.ctl, error_reply(e))
             return
         if req.op in ("freeze", "thaw"):
             assert req.vol is not None
             self._submit(req.op, req.vol, self.ctl, req.id)
+        elif req.op == "thaw_wave" and self._thaw_request(req):
+            pass  # the command's exit thaws (or thawed) this wave: answered from there
         elif req.op in ("freeze_wave", "thaw_wave"):
-            self._submit(req.op, req.vols[0], self.ctl, req.id, req.vols, req.expedite)
+            # A thaw asked before the gated wave's answer was completed here: that
+            # wave's command is not watched (its thaw is under way as asked).
+            if req.op == "thaw_wave":
+                self.thaws_asked.add(tuple(req.vols))
+            else:
+                self.thaws_asked.discard(tuple(req.vols))
+            gate_fd, exit_fd = [*fds, -1, -1][:2]
+            self._submit(
+                req.op,
+                req.vols[0],
+                self.ctl,
+                req.id,
+                req.vols,
+                req.expedite,
+                gate_fd=gate_fd,
+                exit_fd=exit_fd,
+            )
         elif req.op == "detach":
             with self.lock:
                 self.core.detach()
@@ -999,6 +1130,8 @@ class _Guardian:
                     self._on_client(key.fileobj)
                 elif tag == "trace":
                     self._read_trace()
+                elif tag == "exit" and self.exit_watch is not None:
+                    self._command_exited()
                 elif tag == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake_r, 4096)
@@ -1047,6 +1180,20 @@ def _park(path: str) -> None:
     end = time.monotonic() + 60
     while not os.path.exists(path) and time.monotonic() < end:
         time.sleep(0.01)
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _is_pidfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    except OSError:
+        return False
 
 
 def _sweep_stale(dir_fd: int) -> None:

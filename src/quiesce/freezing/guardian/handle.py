@@ -103,14 +103,17 @@ class GuardianHandle:
         elif msg.get("event") == "lost" and isinstance(msg.get("dev"), str):
             self.lost_volumes.append(msg)
 
-    def request(self, op: str, *, within: float | None = None, **kw: Any) -> dict[str, Any]:
+    def request(
+        self, op: str, *, within: float | None = None, fds: Sequence[int] = (), **kw: Any
+    ) -> dict[str, Any]:
         """One request and its reply; ``within`` seconds at most (None: as long as it takes,
-        for a FIFREEZE that must flush). GuardianError if the guardian is lost."""
+        for a FIFREEZE that must flush). ``fds`` go with it (SCM_RIGHTS). GuardianError if
+        the guardian is lost."""
         if self.lost is not None:
             raise GuardianError(f"the guardian is lost: {self.lost}", "check `dmesg`")
         self._ids += 1
         rid = self._ids
-        if not send(self.sock, {"id": rid, "op": op, **kw}):
+        if not send(self.sock, {"id": rid, "op": op, **kw}, fds=fds):
             self.lost = "its socket is closed"
             raise GuardianError("the guardian is gone (socket closed)", "check `dmesg`")
         end = None if within is None else time.monotonic() + within
@@ -166,10 +169,24 @@ class GuardianHandle:
     def thaw(self, idx: int) -> dict[str, Any]:
         return self.request("thaw", within=THAW_REPLY_S, vol=idx)
 
-    def freeze_wave(self, idxs: Sequence[int], expedite: str = "") -> dict[str, Any]:
+    def freeze_wave(
+        self,
+        idxs: Sequence[int],
+        expedite: str = "",
+        gate_fd: int | None = None,
+        exit_fd: int | None = None,
+    ) -> dict[str, Any]:
         """Freeze volumes with no order between them at once; ``expedite`` ("set",
-        "restore", "set-restore") brackets the group with expedited RCU grace periods."""
-        return self.request("freeze_wave", vols=list(idxs), expedite=expedite)
+        "restore", "set-restore") brackets the group with expedited RCU grace periods.
+        ``gate_fd`` (the last wave): the guardian writes one byte to it the moment every
+        volume of the group is frozen (the reply's ``gate_ns`` says when), never else.
+        ``exit_fd`` (with it): the released command's pidfd; when it exits, the guardian
+        thaws this wave at once, and the next ``thaw_wave`` of these volumes is answered
+        with that thaw (asked before the command exited: the watch ends, thawed as asked)."""
+        if gate_fd is None:
+            return self.request("freeze_wave", vols=list(idxs), expedite=expedite)
+        fds = [gate_fd] if exit_fd is None else [gate_fd, exit_fd]
+        return self.request("freeze_wave", vols=list(idxs), expedite=expedite, gate=True, fds=fds)
 
     def thaw_wave(self, idxs: Sequence[int]) -> dict[str, Any]:
         return self.request("thaw_wave", within=THAW_REPLY_S, vols=list(idxs))

@@ -24,6 +24,7 @@ import re
 import socket
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,9 +173,15 @@ def decode(data: bytes) -> dict[str, Any]:
     return msg
 
 
-def send(sock: socket.socket, msg: dict[str, Any], *, wait: bool = True) -> bool:
-    """One message; False if the peer is gone (or, with ``wait=False``, not reading)."""
+def send(
+    sock: socket.socket, msg: dict[str, Any], *, wait: bool = True, fds: Sequence[int] = ()
+) -> bool:
+    """One message (with ``fds``, SCM_RIGHTS); False if the peer is gone (or, with
+    ``wait=False``, not reading)."""
     try:
+        if fds:
+            socket.send_fds(sock, [encode(msg)], list(fds), 0 if wait else socket.MSG_DONTWAIT)
+            return True
         sock.send(encode(msg), 0 if wait else socket.MSG_DONTWAIT)
         return True
     except (OSError, ValueError):
@@ -213,14 +220,18 @@ class Request:
     devs: tuple[str, ...] = ()
     vols: tuple[int, ...] = ()  # freeze_wave: volumes with no order between them
     expedite: str = ""  # freeze_wave: "", "set", "restore" or "set-restore"
+    gate: bool = False  # freeze_wave: the message carries a gate fd (SCM_RIGHTS) to release
 
 
 # op -> the fields it takes besides "id" and "op"
 CONTROLLER_OPS: dict[str, frozenset[str]] = {
     "freeze": frozenset({"vol"}),
     "thaw": frozenset({"vol"}),
-    # volumes frozen concurrently; "expedite" (optional) brackets the group's freezes
-    "freeze_wave": frozenset({"vols", "expedite"}),
+    # volumes frozen concurrently; "expedite" (optional) brackets the group's freezes;
+    # "gate" (optional, true): the message carries one fd (SCM_RIGHTS), the write end of
+    # a command's gate: one byte is written to it the moment every volume of the group is
+    # frozen (never before), then it is closed
+    "freeze_wave": frozenset({"vols", "expedite", "gate"}),
     "thaw_wave": frozenset({"vols"}),
     "detach": frozenset(),
     "done": frozenset(),
@@ -290,10 +301,13 @@ def parse_request(data: bytes, ops: dict[str, frozenset[str]]) -> Request:
         expedite = msg.get("expedite", "") if "expedite" in ops[op] else ""
         if not isinstance(expedite, str) or expedite not in EXPEDITE_VALUES:
             raise ProtocolError("expedite must be one of set, restore, set-restore")
+        gate = msg.get("gate", False) if "gate" in ops[op] else False
+        if not isinstance(gate, bool):
+            raise ProtocolError("gate must be true or false")
     except ProtocolError as e:
         e.id = rid  # type: ignore[attr-defined]
         raise
-    return Request(op=op, id=rid, vol=vol, devs=devs, vols=vols, expedite=expedite)
+    return Request(op=op, id=rid, vol=vol, devs=devs, vols=vols, expedite=expedite, gate=gate)
 
 
 def error_reply(e: ProtocolError) -> dict[str, Any]:
