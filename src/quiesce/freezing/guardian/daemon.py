@@ -493,6 +493,11 @@ class _Guardian:
                 self._note_changes()  # "freezing"/"thawing" before the ioctl, not after
             else:
                 sub.result = self._refusal(i, sub.op)
+        if go and freeze:
+            # The deadline runs from this call: the main thread, maybe asleep with no
+            # timer, must learn of it now (a FIFREEZE may never return; nothing else is
+            # sure to wake it: not the trace, which leaves out our own calls).
+            self._wake()
         if go:
             t0 = _now()
             try:
@@ -533,6 +538,8 @@ class _Guardian:
                 self._note_changes()
             if not final:
                 self._do(acts, new)
+                if freeze and code == 0:
+                    self._wake()  # the ownership probes' timer starts now: the main thread's
         with self.lock:
             job.left -= 1
             last = job.left == 0
