@@ -301,8 +301,24 @@ def writer_factory() -> Iterator[Callable[..., Writer]]:
                     w.proc.wait(timeout=30)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The VM tier's kernels boot in the background as soon as the session knows it will
+    run them (tests/vm/test_vm_tier.py), beside the rest of the suite. (Here, not in a
+    tests/vm/conftest.py: a second module named conftest shadows this one for the tests'
+    own `from conftest import ...`: load run 3.)"""
+    if session.config.option.collectonly:
+        return
+    tier = sys.modules.get("test_vm_tier")  # imported by its collection (tests/vm)
+    if tier is not None and any(item.path.name == "test_vm_tier.py" for item in session.items):
+        tier.start_in_background()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail loudly if the suite left a loop device or mount of its own behind."""
+    """End the VM tier's runs still going; fail loudly if the suite left a loop device or
+    mount of its own behind."""
+    vmrun = sys.modules.get("vmrun")
+    if vmrun is not None:
+        vmrun.background.shutdown()
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
         return

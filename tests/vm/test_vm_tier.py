@@ -4,7 +4,7 @@ This host's kernel has no device-mapper and cannot load ZFS, so each kernel is b
 once with virtme-ng (software emulation, the host root read-only over 9p) and runs the
 scenario scripts beside this file; each test asserts one scenario's exit code and shows
 its output on failure. Missing tooling skips with a reason naming scripts/vm-setup.sh.
-The VMs start when the session's collection ends (tests/vm/conftest.py), one after
+The VMs start when the session's collection ends (tests/conftest.py), one after
 another, while the rest of the suite runs; a test waits for its kernel's run.
 """
 
