@@ -89,10 +89,7 @@ def gated(mnt: str) -> float:
         f = Freezer(plan, timeout=10, lease=5)
         g = proc.Gated(["/usr/bin/true"])
         f.freeze(gate_fd=g.gate, exit_fd=g.pidfd)
-        if f.gate_released_ns is not None:
-            g.released_elsewhere(f.gate_released_ns / 1e9)
-        else:
-            g.release()
+        g.released_by(f.gate_released_ns)
         g.wait(5)
         w = f.thaw()
     LAST_GUARDIAN[0] = w.guardian_pid

@@ -353,10 +353,7 @@ def exec_cmd(
                 # The command runs now: the window holds its run alone. The guardian
                 # released it as the last FIFREEZE returned and thaws as it exits (no hop
                 # through us; our thaw below gets that thaw's answer), or we do both.
-                if freezer.gate_released_ns is not None:
-                    gated.released_elsewhere(freezer.gate_released_ns / 1e9)
-                else:
-                    gated.release()
+                gated.released_by(freezer.gate_released_ns)
                 done = gated.wait(timeout - (window.duration or 0))
                 rc, killed = done.returncode, done.timed_out
                 cmd_out, cmd_err = done.stdout or None, done.stderr or None

@@ -18,9 +18,11 @@ from quiesce.host import proc
 # Filesystems the read-only snapshot mount knows the options of (snapshot/readonly.py).
 MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
 
+QCOW2_MAGIC = b"QFI\xfb"
+
 # Container formats blkid does not report, by their first bytes.
 _MAGIC = {
-    b"QFI\xfb": "a qcow2 image",
+    QCOW2_MAGIC: "a qcow2 image",
     b"KDMV": "a VMDK image",
     b"conectix": "a VHD image",
     b"vhdxfile": "a VHDX image",
@@ -41,6 +43,11 @@ class ImageContents:
 
     fstype: str | None  # ext4, xfs, btrfs, ...: mountable as is
     what: str  # for a message: "an ext4 filesystem", "a partition table (gpt)", ...
+
+
+def is_qcow2(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC
 
 
 def contents(path: str) -> ImageContents:
@@ -66,4 +73,4 @@ def contents(path: str) -> ImageContents:
     return ImageContents(None, "no filesystem or partition table blkid knows")
 
 
-__all__ = ["MOUNTABLE", "ImageContents", "contents"]
+__all__ = ["MOUNTABLE", "QCOW2_MAGIC", "ImageContents", "contents", "is_qcow2"]

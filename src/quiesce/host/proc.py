@@ -531,7 +531,7 @@ class Gated:
     @property
     def gate(self) -> int | None:
         """The gate's write end, for another releaser (the guardian writes the one byte
-        the moment every FIFREEZE returned; then call :meth:`released_elsewhere`); None
+        the moment every FIFREEZE returned; then call :meth:`released_by`); None
         when there is ``input`` to feed (only :meth:`release` does that)."""
         return None if self.input or self._gate < 0 else self._gate
 
@@ -540,11 +540,15 @@ class Gated:
         """Its pidfd (readable once it exited), until :meth:`wait` returns."""
         return self._pidfd if self._pidfd >= 0 else None
 
-    def released_elsewhere(self, at: float) -> None:
-        """The byte was written through :attr:`gate` at ``at`` (``time.monotonic()``'s
-        clock): the command runs; our end of the gate closes (its stdin sees EOF once the
-        other end is closed too)."""
-        self.released_at = at
+    def released_by(self, released_ns: int | None) -> None:
+        """After the freeze: the byte was written through :attr:`gate` at ``released_ns``
+        (``time.monotonic_ns()``'s clock: the command runs; our end of the gate closes, its
+        stdin sees EOF once the other end is closed too), or, None, nobody released it:
+        :meth:`release` now."""
+        if released_ns is None:
+            self.release()
+            return
+        self.released_at = released_ns / 1e9
         self._close_gate()
 
     def _close_gate(self) -> None:

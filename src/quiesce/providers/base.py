@@ -122,6 +122,14 @@ class Provider(ABC):
         return []
 
 
+def block_copy_mount_options(fstype: str) -> list[str]:
+    """What a block-level copy of a frozen filesystem (a reflink clone, an LVM snapshot, a
+    guest disk's clone) needs to mount read-only next to its origin."""
+    if fstype == "xfs":
+        return ["nouuid", "norecovery"]  # duplicate UUID; frozen XFS log is covered, not clean
+    return []  # ext4: a frozen copy has no needs_recovery and mounts plain ro
+
+
 def volume_slug(mount_point: str) -> str:
     """A file-name-safe name for a volume: ``/srv/db`` -> ``srv-db``, ``/`` -> ``root``."""
     text = re.sub(r"[^A-Za-z0-9._]+", "-", mount_point.strip("/")).strip("-.")

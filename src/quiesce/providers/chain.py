@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 
 from quiesce.errors import ToolFailed, UsageError
 from quiesce.host import proc
-
-QCOW2_MAGIC = b"QFI\xfb"
+from quiesce.host.images import is_qcow2
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class ChainFile:
 
     path: str
     format: str
-
-
-def is_qcow2(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(len(QCOW2_MAGIC)) == QCOW2_MAGIC
 
 
 def _qemu_img() -> str:
@@ -46,6 +41,11 @@ def _qemu_img() -> str:
     return found
 
 
+def _why(p: subprocess.CompletedProcess[str]) -> str:
+    """qemu-img's own last word on a failure."""
+    return (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+
+
 def backing_chain(image: str) -> list[ChainFile]:
     """``image`` and every file below it, top first. A raw image (or any non-qcow2 file):
     itself alone, as the provider always cloned it."""
@@ -55,9 +55,8 @@ def backing_chain(image: str) -> list[ChainFile]:
     argv = (_qemu_img(), "info", "-U", "--backing-chain", "--output=json", real)
     p = proc.run_tool(*argv, timeout=60)
     if p.returncode != 0:
-        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
         raise UsageError(
-            f"cannot read the backing chain of {image}: {why}",
+            f"cannot read the backing chain of {image}: {_why(p)}",
             "every file of the chain must exist and be readable on this host",
         )
     out = []
@@ -76,12 +75,11 @@ def rebase(clone: str, backing_clone: str, backing_format: str) -> None:
     argv = (_qemu_img(), "rebase", "-u", "-f", "qcow2", "-F", backing_format, "-b", rel, clone)
     p = proc.run_tool(*argv, timeout=60)
     if p.returncode != 0:
-        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
         raise ToolFailed(
-            f"cannot rebase the clone {clone} onto {backing_clone}: {why}",
+            f"cannot rebase the clone {clone} onto {backing_clone}: {_why(p)}",
             "the half-made snapshot was removed; check the clone directory and retry",
             stderr=p.stderr,
         )
 
 
-__all__ = ["ChainFile", "backing_chain", "is_qcow2", "rebase"]
+__all__ = ["ChainFile", "backing_chain", "rebase"]

@@ -25,7 +25,13 @@ from typing import Any, ClassVar
 from quiesce.errors import QuiesceError, ToolFailed, UnsafePlan, UsageError
 from quiesce.freezing.plan import GroupMember
 from quiesce.host import proc
-from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.base import (
+    FreezeMode,
+    Provider,
+    Snapshot,
+    block_copy_mount_options,
+    volume_slug,
+)
 from quiesce.providers.options import LvmOptions
 
 TAG = "quiesce"  # every snapshot LV quiesce makes carries this tag; delete() insists on it
@@ -194,11 +200,7 @@ def snapshot_bytes(size: str, origin: LvInfo) -> int | None:
     return None
 
 
-def mount_options_for(fstype: str) -> list[str]:
-    """What a block-level copy of a frozen filesystem needs to mount next to its origin."""
-    if fstype == "xfs":
-        return ["nouuid", "norecovery"]  # duplicate UUID; frozen XFS log is covered, not clean
-    return []  # ext4: a frozen copy has no needs_recovery and mounts plain ro
+mount_options_for = block_copy_mount_options  # an LVM snapshot is a block-level copy
 
 
 @dataclass

@@ -40,7 +40,13 @@ from quiesce.freezing.instant import FrozenSpan, Offset, Verdict, judge
 from quiesce.freezing.plan import GroupMember
 from quiesce.host import images, kernel
 from quiesce.providers import chain
-from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.base import (
+    FreezeMode,
+    Provider,
+    Snapshot,
+    block_copy_mount_options,
+    volume_slug,
+)
 from quiesce.providers.options import QemuGuest, QemuOptions
 from quiesce.providers.qga import AgentError, GuestAgent
 
@@ -84,7 +90,6 @@ class GuestGroup:
             for g in options.guests
         ]
         self.t_frozen: float | None = None
-        self.t_thawed: float | None = None
 
     def connect(self) -> None:
         for g in self.guests:
@@ -131,7 +136,6 @@ class GuestGroup:
                 g.thawed_ns = time.monotonic_ns()
             except AgentError as e:
                 errors.append(e.message)
-        self.t_thawed = time.monotonic()
         for g in self.guests:
             if g.frozen is not None and g.thawed is not None:
                 g.record = guest_record(g.agent)
@@ -144,23 +148,15 @@ class GuestGroup:
     def host_window_s(self) -> float | None:
         """How long the host saw every guest frozen: from the last freeze's answer to the
         first thaw sent (the guests' real window is longer; the clones lie inside it)."""
-        frozen = [g.frozen_ns for g in self.guests]
-        sent = [g.thaw_sent_ns for g in self.guests]
-        if not frozen or None in frozen or None in sent:
-            return None
-        return (
-            min(t for t in sent if t is not None) - max(t for t in frozen if t is not None)
-        ) / 1e9
+        return _span([g.frozen_ns for g in self.guests], [g.thaw_sent_ns for g in self.guests])
 
     @property
     def host_wait_s(self) -> float | None:
         """The first freeze sent to the last thaw answered: the window and the guests'
         fsfreeze hooks on both sides of it (the agent answers after its hook ran)."""
-        sent = [g.freeze_sent_ns for g in self.guests]
-        done = [g.thawed_ns for g in self.guests]
-        if not sent or None in sent or None in done:
-            return None
-        return (max(t for t in done if t is not None) - min(t for t in sent if t is not None)) / 1e9
+        return _span(
+            [g.freeze_sent_ns for g in self.guests], [g.thawed_ns for g in self.guests], outer=True
+        )
 
     def verdict(self, made: tuple[int, int] | None = None) -> Verdict:
         """One instant for the whole group, or why not: each guest frozen from its freeze's
@@ -204,6 +200,16 @@ class GuestGroup:
             for g in self.guests
             if g.frozen is not None and (g.thawed or 0) < g.frozen
         ]
+
+
+def _span(starts: list[int | None], ends: list[int | None], outer: bool = False) -> float | None:
+    """Seconds from the last start to the first end (``outer``: the first start to the last
+    end), host ns; None unless every guest has both."""
+    if not starts or None in starts or None in ends:
+        return None
+    s = [t for t in starts if t is not None]
+    e = [t for t in ends if t is not None]
+    return ((max(e) - min(s)) if outer else (min(e) - max(s))) / 1e9
 
 
 @dataclass
@@ -416,10 +422,8 @@ class QemuProvider(Provider):
         return replace(snap, fstype=found.fstype)
 
     def mount_options(self, snap: Snapshot) -> list[str]:
-        # As a reflink clone of a frozen filesystem: the guest's frozen XFS log is covered,
-        # not clean, and the clone has the guest's UUID. A frozen ext4 mounts plain ro; an
-        # unfrozen clone (freeze = false) gets readonly.py's no-replay retry and a warning.
-        return ["nouuid", "norecovery"] if snap.fstype == "xfs" else []
+        # An unfrozen clone (freeze = false) gets readonly.py's no-replay retry, with a warning.
+        return block_copy_mount_options(snap.fstype)
 
 
 __all__ = ["GuestGroup", "GuestRefused", "GuestWindowBroken", "QemuProvider", "guest_record"]

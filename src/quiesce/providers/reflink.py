@@ -35,7 +35,13 @@ from quiesce.freezing.plan import GroupMember
 from quiesce.host import extents, kernel
 from quiesce.host.mounts import MountTable, Volume, loop_backing_file
 from quiesce.host.writetrace import WriteTrace, merge
-from quiesce.providers.base import FreezeMode, Provider, Snapshot, volume_slug
+from quiesce.providers.base import (
+    FreezeMode,
+    Provider,
+    Snapshot,
+    block_copy_mount_options,
+    volume_slug,
+)
 from quiesce.providers.options import ReflinkOptions
 from quiesce.providers.pacing import Pacer
 
@@ -411,9 +417,7 @@ class ReflinkProvider(Provider):
             os.unlink(snap.location)
 
     def mount_options(self, snap: Snapshot) -> list[str]:
-        # A frozen XFS log is covered but has no unmount record: a read-only mount
-        # must skip recovery, and the copy carries the origin's UUID.
-        return ["nouuid", "norecovery"] if snap.fstype == "xfs" else []
+        return block_copy_mount_options(snap.fstype)
 
 
 BASE_PREFIX = ".quiesce-base-"

@@ -275,6 +275,13 @@ class _Guardian:
         _kmsg(line)
         self.syslog.write(line)
 
+    def _sooner(self, before: int | None, now: int) -> bool:
+        """Under the lock, after a core call on a crew thread: did it bring the main
+        thread's next timer forward? Then the main thread, maybe asleep without it, must be
+        woken: nothing else is sure to (the trace leaves out our own calls)."""
+        after = self.core.next_timer(now)
+        return after is not None and (before is None or after < before)
+
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"x")
@@ -430,10 +437,7 @@ class _Guardian:
     @staticmethod
     def _release(v: GuardedVolume) -> None:
         """Close a thawed volume's fd: a lingering guardian must not keep it busy (umount)."""
-        if v.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(v.fd)
-            v.fd = -1
+        v.fd = _closed(v.fd)
 
     # -- the requests' ioctls --------------------------------------------------------------
     def _crashed(self, i: int, exc: BaseException) -> None:
@@ -471,9 +475,11 @@ class _Guardian:
         with self.lock:
             now = _now()
             freeze = sub.op == "freeze"
+            timer = self.core.next_timer(now)
             go = not self.final and (
                 self.core.freeze_called(i, now) if freeze else self.core.thaw_called(i)
             )
+            sooner = self._sooner(timer, now)  # the group's first call starts the deadline
         if not go and not freeze:  # a verdict on someone else's thaw may be due: wait a bit
             for _ in range(200):
                 with self.lock:
@@ -493,11 +499,8 @@ class _Guardian:
                 self._note_changes()  # "freezing"/"thawing" before the ioctl, not after
             else:
                 sub.result = self._refusal(i, sub.op)
-        if go and freeze:
-            # The deadline runs from this call: the main thread, maybe asleep with no
-            # timer, must learn of it now (a FIFREEZE may never return; nothing else is
-            # sure to wake it: not the trace, which leaves out our own calls).
-            self._wake()
+        if sooner:
+            self._wake()  # before the ioctl: a FIFREEZE may never return
         if go:
             t0 = _now()
             try:
@@ -515,6 +518,7 @@ class _Guardian:
                 self._do(acts)
                 raise _InjectedFault("injected by QUIESCE_FAULT=guardian:worker-raise")
             with self.lock:
+                timer = self.core.next_timer(t1)
                 if sub.op == "freeze":
                     acts = self.core.freeze_returned(i, code, t1)
                 else:
@@ -536,10 +540,11 @@ class _Guardian:
                 self._event(sub.op, volume=spec.name, errno=code)
                 final = self.final
                 self._note_changes()
+                sooner = self._sooner(timer, t1)  # the first FIFREEZE back starts the probes
             if not final:
                 self._do(acts, new)
-                if freeze and code == 0:
-                    self._wake()  # the ownership probes' timer starts now: the main thread's
+                if sooner and not acts and not new:
+                    self._wake()  # (_do woke it already otherwise)
         with self.lock:
             job.left -= 1
             last = job.left == 0
@@ -569,10 +574,7 @@ class _Guardian:
 
     @staticmethod
     def _close_gate(job: _Job) -> None:
-        if job.gate_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(job.gate_fd)
-            job.gate_fd = -1
+        job.gate_fd = _closed(job.gate_fd)
 
     def _refusal(self, i: int, op: str) -> dict[str, Any]:
         """Why the core would not let this ioctl happen (call under the lock)."""
@@ -594,9 +596,8 @@ class _Guardian:
         wave = job.op in ("freeze_wave", "thaw_wave")
         ok = all(s.result.get("ok") for s in subs)
         with self.lock:
-            if job.gate_ns is None and job.exit_fd >= 0:  # no command runs: nothing to watch
-                os.close(job.exit_fd)
-                job.exit_fd = -1
+            if job.gate_ns is None:  # no command runs: nothing to watch
+                job.exit_fd = _closed(job.exit_fd)
             self._close_gate(job)  # not released by now: never
             if wave:
                 job.result = {
@@ -626,9 +627,8 @@ class _Guardian:
         """Main thread: a finished request (answer it unless its last thread did)."""
         with self.lock:
             self.pending -= 1
-        if job.exit_fd >= 0 and job.idxs in self.thaws_asked:  # thawed as asked already
-            os.close(job.exit_fd)
-            job.exit_fd = -1
+        if job.idxs in self.thaws_asked:  # thawed as asked already: nothing to watch
+            job.exit_fd = _closed(job.exit_fd)
         if job.exit_fd >= 0:  # a gated wave that released its command: watch it
             self.exit_watch = (job.exit_fd, job.idxs)
             job.exit_fd = -1
@@ -764,9 +764,8 @@ class _Guardian:
     ) -> _Job | None:
         bad = [i for i in (idxs or [idx]) if not 0 <= i < len(self.specs)]
         if bad or self.expired is not None:
-            for fd in (gate_fd, exit_fd):
-                if fd >= 0:
-                    os.close(fd)
+            _closed(gate_fd)
+            _closed(exit_fd)
             no = {"error": f"no volume {bad[0]}"} if bad else {"expired": self.expired}
             if reply is not None:
                 self._answer(reply, {"id": req_id, "ok": False, **no})
@@ -794,7 +793,7 @@ class _Guardian:
             data, fds = b"", []
         if not data:
             for fd in fds:
-                os.close(fd)
+                _closed(fd)
             self._controller_died()
             return
         with self.lock:  # any message is a sign of life
@@ -807,7 +806,7 @@ class _Guardian:
                 raise ProtocolError("a gate's second fd must be the command's pidfd")
         except ProtocolError as e:
             for fd in fds:
-                os.close(fd)
+                _closed(fd)
             self._answer(self.ctl, error_reply(e))
             return
         if req.op in ("freeze", "thaw"):
@@ -1177,6 +1176,14 @@ class _Guardian:
         """Last thing before exit (after every thaw: /run may be on a frozen volume)."""
         with contextlib.suppress(OSError):
             os.unlink(socket_file(os.getpid()), dir_fd=self.dir_fd)
+
+
+def _closed(fd: int) -> int:
+    """Close ``fd`` if it is one (errors ignored: it is ours to drop); -1, to store."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return -1
 
 
 def _park(path: str) -> None:
